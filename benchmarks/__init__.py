@@ -1,0 +1,1 @@
+"""Speed and quality benchmarks (not tests); results go to docs/."""

@@ -1,0 +1,1 @@
+"""Volumes in, tensors out: NIfTI I/O and validation, manifests, preprocessing, cache, crops, splits, synthetic cohort."""

@@ -1,0 +1,1 @@
+"""mimfm stage two: fine-tuning, evaluation, prediction, baselines."""

@@ -1,0 +1,1 @@
+"""nn.Modules and their configs: ViT3D, MiM, fusion + heads, HF-format save/load."""

@@ -1,0 +1,1 @@
+"""mimfm stage one: MiM hierarchical masked pretraining."""
