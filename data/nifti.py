@@ -1,0 +1,130 @@
+"""NIfTI in and out: load a volume in RAS+ as float32, check it, and save atomically.
+
+Every check raises `NiftiError` with a one-line message that names the file. Volumes are
+reoriented with `nibabel.as_closest_canonical`, so array axes run Right, Anterior, Superior
+and `affine` maps those voxel indices to world millimetres.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.affines import voxel_sizes
+from nibabel.funcs import squeeze_image
+
+from data.errors import NiftiError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclass
+class Volume:
+    array: np.ndarray  # [X, Y, Z] float32, RAS+
+    affine: np.ndarray  # [4, 4] float64, voxel index -> world mm, after reorientation
+    path: Path
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(s) for s in voxel_sizes(self.affine))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape)
+
+
+def load_volume(path, *, role: str = "image") -> Volume:
+    """Load a 3D NIfTI (.nii or .nii.gz) as float32 in RAS+; `role` names the file in errors."""
+    path = Path(path)
+    where = f"{role} {path}"
+    if not path.is_file():
+        raise NiftiError(f"{where}: file not found")
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.shape)
+        # A 4D file holding a single volume is common (exported series); trailing 1s are dropped.
+        if len(shape) < 3 or (len(shape) > 3 and any(s != 1 for s in shape[3:])):
+            raise NiftiError(f"{where}: expected a 3D volume, got shape {shape}")
+        affine = np.asarray(img.affine, dtype=np.float64)
+        if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+            raise NiftiError(f"{where}: affine is not finite and invertible: {_one_line(affine)}")
+        img = nib.as_closest_canonical(squeeze_image(img))
+        array = np.ascontiguousarray(img.get_fdata(dtype=np.float32))  # [X, Y, Z]
+    except NiftiError:
+        raise
+    except Exception as e:  # truncated gzip (EOFError, zlib.error), bad header, wrong format...
+        raise NiftiError(f"{where}: cannot read NIfTI ({type(e).__name__}: {_first_line(e)})") from None
+    n_bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if n_bad:
+        raise NiftiError(f"{where}: {n_bad} of {array.size} voxels are not finite (NaN or inf)")
+    return Volume(array=array, affine=np.asarray(img.affine, dtype=np.float64), path=path)
+
+
+def load_mask(path, image: Volume, *, require_lesion: bool = True, atol: float = 1e-3) -> Volume:
+    """Load a binary lesion mask on the same grid as `image`; returned as float32 0/1."""
+    mask = load_volume(path, role="mask")
+    check_same_grid(image, mask, atol=atol)
+    other = (mask.array != 0) & (mask.array != 1)  # [X, Y, Z] bool
+    if other.any():
+        values = np.unique(mask.array[other])
+        shown = ", ".join(f"{v:g}" for v in values[:5]) + (f" and {len(values) - 5} more" if len(values) > 5 else "")
+        raise NiftiError(
+            f"mask {mask.path}: expected binary 0/1 values, found {shown} in {int(other.sum())} voxels"
+        )
+    if require_lesion and not mask.array.any():
+        raise NiftiError(f"mask {mask.path}: empty (no voxel is 1); expected a lesion")
+    mask.array = (mask.array > 0.5).astype(np.float32)  # also turns -0.0 into 0.0
+    return mask
+
+
+def load_pair(image_path, mask_path, *, require_lesion: bool = True) -> tuple[Volume, Volume]:
+    image = load_volume(image_path, role="image")
+    return image, load_mask(mask_path, image, require_lesion=require_lesion)
+
+
+def check_same_grid(a: Volume, b: Volume, atol: float = 1e-3) -> None:
+    """Raise if `b` is not on `a`'s voxel grid (shape, or affine beyond `atol` mm)."""
+    if a.shape != b.shape:
+        raise NiftiError(f"{b.path}: shape {b.shape} does not match {a.path} shape {a.shape}")
+    diff = float(np.max(np.abs(a.affine - b.affine)))
+    if not diff <= atol:
+        raise NiftiError(
+            f"{b.path}: affine differs from {a.path} by up to {diff:.4g} (atol {atol:g}); "
+            f"{b.path.name} affine {_one_line(b.affine)} vs {a.path.name} affine {_one_line(a.affine)}"
+        )
+
+
+def save_volume(path, array: np.ndarray, affine: np.ndarray, dtype=np.float32) -> None:
+    """Write a NIfTI atomically: a temporary sibling with the same suffix, then `os.replace`."""
+    path = Path(path)
+    suffix = next((s for s in NIFTI_SUFFIXES if path.name.endswith(s)), None)
+    if suffix is None:
+        raise NiftiError(f"{path}: expected a .nii or .nii.gz file name")
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise NiftiError(f"{path}: expected a 4x4 affine, got shape {affine.shape}")
+    img = nib.Nifti1Image(np.asarray(array).astype(dtype, copy=False), affine)
+    img.header.set_data_dtype(dtype)
+    img.header.set_xyzt_units("mm")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temp keeps the .nii/.nii.gz suffix because nibabel chooses compression from the name.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[: -len(suffix)]}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _one_line(a: np.ndarray) -> str:
+    return " ".join(np.array2string(a, precision=4, suppress_small=True, max_line_width=10**6).split())
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "no details"
