@@ -107,9 +107,10 @@ def _coerce(tp, value, where: str):
         raise ConfigError(f"{where}: {value!r} is not a boolean")
     if tp in (int, float):
         try:
-            if tp is int and isinstance(value, float) and not value.is_integer():
+            number = float(value)
+            if tp is int and not number.is_integer():
                 raise ValueError
-            return tp(float(value)) if tp is int else float(value)
+            return int(number) if tp is int else number
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: {value!r} is not a number ({tp.__name__})") from None
     if tp is str:

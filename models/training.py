@@ -1,0 +1,293 @@
+"""Training-loop plumbing shared by pretraining and fine-tuning (never copied into either).
+
+- `OptimConfig` / `LoopConfig`: the knobs both loops share.
+- `make_accelerator`: bf16 on GPU, fp32 on CPU — same code path otherwise.
+- `build_optimizer` / `build_scheduler`: AdamW + linear warmup + cosine (timm's scheduler honours
+  the per-group `lr_scale` that layer-wise lr decay sets).
+- `RunLogger`: metrics.jsonl + TensorBoard, main process only.
+- `Checkpointer`: atomic, rotated checkpoints that `--resume auto` can find.
+- `NonFiniteGuard`: skip a step whose loss is NaN/inf on any rank; stop after too many in a row.
+- `step_seed`: every step reseeds torch from (seed, step, rank), so a resumed run replays the same
+  dropout / masks / augmentation as an uninterrupted one without restoring RNG state.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save_file
+
+from data.atomic import write_json
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite losses in a row); the message says why."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.5e-4            # peak learning rate (after warmup)
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 20
+    clip_grad: float = 1.0        # max grad norm; 0 disables clipping
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int = 200
+    grad_accum: int = 1
+    mixed_precision: str = "auto"   # "auto" (bf16 on CUDA, fp32 on CPU) | "no" | "bf16"
+    log_every: int = 10
+    ckpt_every: int = 100
+    keep_ckpts: int = 2
+    max_nonfinite: int = 5          # consecutive non-finite losses before the run stops
+    seed: int = 0
+    resume: str = ""                # "" (fresh), "auto" (newest complete checkpoint), or a checkpoint path
+
+
+def make_accelerator(loop: LoopConfig) -> Accelerator:
+    mp = loop.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() else "no"
+    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=loop.grad_accum)
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A distinct, reproducible 63-bit seed for each (seed, step, rank)."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def seed_step(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """Reseed torch's global RNG for this step and return a matching private generator."""
+    s = step_seed(seed, step, rank)
+    torch.manual_seed(s)
+    g = torch.Generator()
+    g.manual_seed(s)
+    return g
+
+
+def build_optimizer(params: Iterable | list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    fused = torch.cuda.is_available()
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                             fused=fused or None)
+
+
+def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms and position embeddings (as MAE/timm)."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name in skip or name.endswith("pos_embed") or "mask_token" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class WarmupCosine:
+    """Linear warmup then cosine decay, per optimiser step; honours each group's `lr_scale`.
+
+    Stateless apart from the step, so resuming only needs the step number.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
+        self.optimizer, self.cfg, self.max_steps = optimizer, cfg, max(1, max_steps)
+
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        if step < c.warmup_steps:
+            return c.lr * (step + 1) / c.warmup_steps
+        t = min(1.0, (step - c.warmup_steps) / max(1, self.max_steps - c.warmup_steps))
+        return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * t))
+
+    def set_step(self, step: int) -> float:
+        lr = self.lr_at(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        return lr
+
+
+class RunLogger:
+    """Scalars to `metrics.jsonl` and TensorBoard, from the main process only."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+    def log(self, step: int, scalars: dict[str, float], **extra: Any) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **{k: float(v) for k, v in scalars.items()}, **extra}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, float(v), step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows logged after the checkpoint so the log has no duplicate steps."""
+        if not self.enabled or not self.path.exists():
+            return
+        rows = [r for r in self.path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(r + "\n" for r in rows))
+        os.replace(tmp, self.path)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class NonFiniteGuard:
+    """Decides, identically on every rank, whether this step's loss is usable."""
+
+    def __init__(self, max_in_row: int):
+        self.max_in_row = max_in_row
+        self.in_row = 0
+        self.total = 0
+
+    def ok(self, loss: torch.Tensor, accelerator: Accelerator) -> bool:
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        bad = accelerator.reduce(bad, reduction="sum") if accelerator.num_processes > 1 else bad
+        if bad.item() == 0:
+            self.in_row = 0
+            return True
+        self.in_row += 1
+        self.total += 1
+        if self.in_row >= self.max_in_row:
+            raise TrainingStopped(
+                f"{self.in_row} non-finite losses in a row ({self.total} in total); stopping. "
+                "The last good checkpoint is kept: lower the learning rate or check the data, then --resume auto.")
+        return False
+
+    def state_dict(self) -> dict:
+        return {"in_row": self.in_row, "total": self.total}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.in_row, self.total = int(d.get("in_row", 0)), int(d.get("total", 0))
+
+
+_CKPT = re.compile(r"^ckpt-(\d+)$")
+
+
+class Checkpointer:
+    """Atomic, rotated checkpoints under `output_dir/checkpoints/ckpt-<step>`.
+
+    A checkpoint is written to a temporary folder (accelerate's state for model, optimizer and
+    any DeepSpeed shards, plus `model.safetensors` with the full unwrapped weights and
+    `trainer_state.json`), then renamed; `trainer_state.json` marks it complete.
+    """
+
+    def __init__(self, output_dir: str | Path, keep: int):
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep = max(1, keep)
+
+    def complete(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir()
+                 if (m := _CKPT.match(p.name)) and (p / "trainer_state.json").is_file()]
+        return [p for _, p in sorted(found)]
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def resolve(self, resume: str) -> Path | None:
+        if not resume:
+            return None
+        if resume == "auto":
+            return self.latest()
+        p = Path(resume)
+        if not (p / "trainer_state.json").is_file():
+            from data.errors import InputError
+            raise InputError(f"{p}: not a complete checkpoint (no trainer_state.json)")
+        return p
+
+    def save(self, accelerator: Accelerator, model: torch.nn.Module, step: int, state: dict,
+             files: dict[str, Any]) -> Path:
+        final = self.root / f"ckpt-{step:07d}"
+        tmp = self.root / f".tmp-ckpt-{step:07d}"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        full = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards when configured to
+        if accelerator.is_main_process:
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in full.items()}, str(tmp / "model.safetensors"))
+            for name, obj in files.items():
+                write_json(tmp / name, obj)
+            write_json(tmp / "trainer_state.json", {"step": step, **state})
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in self.complete()[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    def load(self, accelerator: Accelerator, path: Path) -> dict:
+        accelerator.load_state(str(path))
+        return json.loads((path / "trainer_state.json").read_text())
+
+
+def progress(total: int, initial: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
+
+
+class ResumableBatches:
+    """Micro-batches indexed by a global counter, so a resumed run continues mid-epoch exactly.
+
+    Batch `m` is batch `m % per_epoch` of epoch `m // per_epoch`, with the sampler's order and the
+    dataset's augmentation both seeded by the epoch. Nothing before the resume point is loaded.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int, num_replicas: int, rank: int,
+                 num_workers: int = 0, drop_last: bool = True, shuffle: bool = True):
+        from torch.utils.data.distributed import DistributedSampler
+        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+        self.sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
+                                          seed=seed, drop_last=False)
+        n = len(self.sampler)
+        self.per_epoch = n // batch_size if drop_last else math.ceil(n / batch_size)
+        if self.per_epoch == 0:
+            from data.errors import InputError
+            raise InputError(f"{len(dataset)} items cannot fill one batch of {batch_size} per process "
+                             f"on {num_replicas} process(es): lower the batch size or add data")
+
+    def iterate(self, start: int):
+        """Yield (m, batch) for m = start, start + 1, ... forever."""
+        import monai.data
+        from torch.utils.data import Subset
+        m = start
+        while True:
+            epoch, pos = divmod(m, self.per_epoch)
+            self.sampler.set_epoch(epoch)
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
+            order = list(self.sampler)[pos * self.batch_size: self.per_epoch * self.batch_size]
+            loader = monai.data.DataLoader(Subset(self.dataset, order), batch_size=self.batch_size,
+                                           shuffle=False, num_workers=self.num_workers,
+                                           persistent_workers=False)
+            for batch in loader:
+                yield m, batch
+                m += 1
