@@ -1,0 +1,212 @@
+"""Export the pretrained ViT3D encoder from a training checkpoint as an HF-format folder or as MONAI ViT weights.
+
+    python -m models.export --checkpoint runs/pretrain/checkpoint-final --out exports/vit3d [--format hf|monai]
+
+The checkpoint is a folder from the pretraining loop (model.safetensors with "encoder."-prefixed keys,
+encoder_config.json, optional preprocessing.json and summary.json) or a single weights file (.safetensors, or
+.bin/.pt such as DeepSpeed's zero_to_fp32 output, read with weights_only=True) next to an encoder_config.json.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from data.atomic import atomic_dir
+from data.config import parse_config
+from data.errors import ConfigError, InputError, cli_entry
+from models.hf import check_replaceable, load_safetensors_file, load_safetensors_weights, load_state_dict_strict, \
+    model_card, read_json
+from models.vit3d import ViT3D, ViT3DConfig, vit3d_config_from_dict
+
+ENCODER_PREFIX = "encoder."
+# Wrappers that prefix every key: DDP / DeepSpeed ("module.") and torch.compile ("_orig_mod.").
+WRAPPER_PARTS = ("module", "_orig_mod")
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = ""  # training checkpoint folder, or a .safetensors/.bin/.pt weights file
+    out: str = ""  # output folder (replaced as a whole)
+    format: Literal["hf", "monai"] = "hf"
+    max_shard_size: str = "2GB"  # HF format only: larger weights are split into shards
+
+
+# --- reading a training checkpoint -----------------------------------------------------------------------
+
+def _load_weights_file(path: Path) -> dict[str, Tensor]:
+    if path.suffix == ".safetensors":
+        return load_safetensors_file(path)
+    if path.suffix not in (".bin", ".pt", ".pth"):
+        raise InputError(f"{path}: expected a .safetensors, .bin or .pt weights file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise InputError(f"{path}: not a loadable torch weights file ({str(e).splitlines()[0]})") from None
+    # Some savers wrap the state dict: {"module": ...} (DeepSpeed), {"state_dict"|"model": ...}.
+    while isinstance(obj, dict) and not all(isinstance(v, Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in ("module", "state_dict", "model") if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            raise InputError(f"{path}: not a state dict (keys {sorted(obj)[:10]})")
+        obj = inner
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    return obj
+
+
+def _load_checkpoint_dir(folder: Path) -> dict[str, Tensor]:
+    if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+        return load_safetensors_weights(folder)
+    if (folder / "pytorch_model.bin").is_file():  # accelerate save_state(safe_serialization=False)
+        return _load_weights_file(folder / "pytorch_model.bin")
+    hint = " (a DeepSpeed checkpoint? consolidate it with zero_to_fp32.py first)" \
+        if any(folder.glob("global_step*")) else ""
+    raise InputError(f"{folder}: no model.safetensors or pytorch_model.bin{hint}")
+
+
+def unwrap_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop DDP/DeepSpeed "module." prefixes and torch.compile "_orig_mod." parts from every key."""
+    out = {}
+    for key, t in state_dict.items():
+        parts = key.split(".")
+        while parts and parts[0] in WRAPPER_PARTS:
+            parts = parts[1:]
+        out[".".join(p for p in parts if p != "_orig_mod")] = t
+    return out
+
+
+def encoder_state_dict(state_dict: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+    """The encoder's weights: the "encoder."-prefixed keys (or a bare encoder state dict)."""
+    state_dict = unwrap_keys(state_dict)
+    encoder = {k[len(ENCODER_PREFIX):]: v for k, v in state_dict.items() if k.startswith(ENCODER_PREFIX)}
+    if encoder:
+        return encoder
+    if "patch_embed.weight" in state_dict:  # already a bare ViT3D state dict
+        return state_dict
+    raise InputError(f"{where}: no '{ENCODER_PREFIX}*' keys (found e.g. {sorted(state_dict)[:5]})")
+
+
+def read_checkpoint(path: str | Path) -> tuple[ViT3D, dict | None, dict]:
+    """(encoder loaded strictly, preprocessing or None, summary) from a checkpoint folder or weights file."""
+    path = Path(path)
+    if path.is_dir():
+        folder, weights = path, _load_checkpoint_dir(path)
+    elif path.is_file():
+        folder, weights = path.parent, _load_weights_file(path)
+    else:
+        raise InputError(f"{path}: checkpoint not found")
+    config = vit3d_config_from_dict(read_json(folder / "encoder_config.json"),
+                                    where=str(folder / "encoder_config.json"))
+    model = ViT3D(config)
+    load_state_dict_strict(model, encoder_state_dict(weights, str(path)), what=str(path))
+    preprocessing = read_json(folder / "preprocessing.json") if (folder / "preprocessing.json").is_file() else None
+    summary = read_json(folder / "summary.json") if (folder / "summary.json").is_file() else {}
+    model.preprocessing = preprocessing
+    return model.eval(), preprocessing, summary
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def card_from_summary(summary: dict, source: Path) -> dict:
+    """model_card arguments from a training summary: loss-like values are metrics, the rest training facts."""
+    flat = _flat(summary)
+    metrics = {k: v for k, v in flat.items() if "loss" in k.lower()}
+    training = {"source checkpoint": source.name, **{k: v for k, v in flat.items() if k not in metrics}}
+    return {"title": "mimfm ViT3D encoder (MiM pretrained)", "training": training, "metrics": metrics}
+
+
+# --- MONAI ViT key names ------------------------------------------------------------------------------
+
+def monai_key(key: str) -> str:
+    """timm Block names -> monai.networks.blocks.TransformerBlock names.
+
+    The qkv rows need no reordering: timm reshapes them to (3, heads, head_dim) and MONAI rearranges
+    "b h (qkv l d)" -- both have q/k/v outermost, then heads, then the head dimension.
+    """
+    if key == "pos_embed":
+        return "patch_embedding.position_embeddings"
+    if key.startswith("patch_embed."):
+        return "patch_embedding.patch_embeddings." + key[len("patch_embed."):]
+    return (key.replace(".attn.proj.", ".attn.out_proj.")
+               .replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2."))
+
+
+def monai_config(config: ViT3DConfig) -> dict:
+    """Constructor arguments of monai.networks.nets.ViT that match the encoder."""
+    return dict(
+        in_channels=config.in_channels, img_size=config.img_size, patch_size=config.patch_size,
+        hidden_size=config.dim, mlp_dim=int(config.dim * config.mlp_ratio), num_layers=config.depth,
+        num_heads=config.heads, proj_type="conv",
+        pos_embed_type="sincos" if config.pos_embed == "sincos" else "learnable",
+        qkv_bias=True, classification=False, spatial_dims=3,
+    )
+
+
+def to_monai_state_dict(model: ViT3D) -> dict[str, Tensor]:
+    out = {monai_key(k): t.detach().clone() for k, t in model.state_dict().items()}
+    # MONAI's TransformerBlock always owns a cross-attention LayerNorm, unused without cross-attention.
+    for i in range(model.config.depth):
+        out[f"blocks.{i}.norm_cross_attn.weight"] = torch.ones(model.config.dim)
+        out[f"blocks.{i}.norm_cross_attn.bias"] = torch.zeros(model.config.dim)
+    return out
+
+
+def export_monai(model: ViT3D, out: Path, preprocessing: dict | None, summary: dict, source: Path) -> None:
+    from monai.networks.nets import ViT
+
+    cfg, weights = monai_config(model.config), to_monai_state_dict(model)
+    ViT(**cfg).load_state_dict(weights, strict=True)  # fail here, not in the user's hands
+    card = card_from_summary(summary, source)
+    text = model_card({**model.hf_config(preprocessing), "architectures": ["monai.networks.nets.ViT"]},
+                      title=card["title"] + ", MONAI ViT weights", training=card["training"],
+                      metrics=card["metrics"], intended_use=(
+                          "Research backbone for 3D medical volumes. Load it into MONAI:\n\n```python\n"
+                          "import json\nfrom safetensors.torch import load_file\n"
+                          "from monai.networks.nets import ViT\n"
+                          "vit = ViT(**json.load(open('monai_config.json')))\n"
+                          "vit.load_state_dict(load_file('model.safetensors'), strict=True)\n```\n\n"
+                          "UNETR builds the same ViT as `unetr.vit` (12 layers, patch 16): "
+                          "`unetr.vit.load_state_dict(load_file('model.safetensors'))`."))
+    check_replaceable(out, marker="monai_config.json")
+    with atomic_dir(out) as tmp:
+        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "monai_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if preprocessing is not None:
+            (tmp / "preprocessing.json").write_text(json.dumps(preprocessing, indent=2) + "\n")
+        (tmp / "README.md").write_text(text)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    cfg, _ = parse_config(ExportConfig, argv, description=__doc__.splitlines()[0])
+    if not cfg.checkpoint or not cfg.out:
+        raise ConfigError("--checkpoint and --out are required")
+    source, out = Path(cfg.checkpoint), Path(cfg.out)
+    if source.resolve() == out.resolve() or source.resolve() in out.resolve().parents:
+        raise ConfigError(f"--out {out} must not be the checkpoint or lie inside it")
+    model, preprocessing, summary = read_checkpoint(source)
+    if cfg.format == "hf":
+        model.save_pretrained(out, preprocessing=preprocessing, card=card_from_summary(summary, source),
+                              max_shard_size=cfg.max_shard_size)
+    else:
+        export_monai(model, out, preprocessing, summary, source)
+    print(f"exported {source} -> {out} ({cfg.format}, {sum(p.numel() for p in model.parameters()):,} parameters)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
