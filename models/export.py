@@ -190,23 +190,28 @@ def export_monai(model: ViT3D, out: Path, preprocessing: dict | None, summary: d
         (tmp / "README.md").write_text(text)
 
 
+def export_checkpoint(source: str | Path, out: str | Path, fmt: str = "hf", max_shard_size: str = "2GB") -> Path:
+    """Export the encoder of a training checkpoint (folder or weights file) to `out`."""
+    source, out = Path(source), Path(out)
+    if source.resolve() == out.resolve() or source.resolve() in out.resolve().parents:
+        raise ConfigError(f"--out {out} must not be the checkpoint or lie inside it")
+    model, preprocessing, summary = read_checkpoint(source)
+    if fmt == "hf":
+        model.save_pretrained(out, preprocessing=preprocessing, card=card_from_summary(summary, source),
+                              max_shard_size=max_shard_size)
+    else:
+        export_monai(model, out, preprocessing, summary, source)
+    print(f"exported {source} -> {out} ({fmt}, {sum(p.numel() for p in model.parameters()):,} parameters)")
+    return out
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_config(ExportConfig, argv, description=__doc__.splitlines()[0])
     if not cfg.checkpoint or not cfg.out:
         raise ConfigError("--checkpoint and --out are required")
-    source, out = Path(cfg.checkpoint), Path(cfg.out)
-    if source.resolve() == out.resolve() or source.resolve() in out.resolve().parents:
-        raise ConfigError(f"--out {out} must not be the checkpoint or lie inside it")
-    model, preprocessing, summary = read_checkpoint(source)
-    if cfg.format == "hf":
-        model.save_pretrained(out, preprocessing=preprocessing, card=card_from_summary(summary, source),
-                              max_shard_size=cfg.max_shard_size)
-    else:
-        export_monai(model, out, preprocessing, summary, source)
-    print(f"exported {source} -> {out} ({cfg.format}, {sum(p.numel() for p in model.parameters()):,} parameters)")
+    export_checkpoint(cfg.checkpoint, cfg.out, cfg.format, cfg.max_shard_size)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

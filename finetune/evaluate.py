@@ -1,0 +1,312 @@
+"""Evaluate predictions against outcomes: metrics.json, ROC / Kaplan-Meier / calibration figures, a table.
+
+    python -m finetune.evaluate --predictions run/predictions.csv --manifest manifest.csv \\
+        [--external external.csv] [--compare other/predictions.csv] [--out DIR] [--n_boot 1000] [--seed 0]
+
+predictions.csv: subject_id, split ("val", "test", "external", ...), fold (-1 = fold ensemble),
+and prob and/or risk. Per split one row per subject is evaluated: the fold ensemble if present,
+else all rows when each subject appears once (out-of-fold "val" pooled over folds), else the mean
+over folds. Splits with several folds also get per-fold point estimates. Rows of split "train",
+if present, are the reference for Uno's C, time-dependent AUC, the integrated Brier score's
+Breslow baseline, and the Kaplan-Meier risk cut.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from data.atomic import write_json
+from data.errors import InputError, cli_entry
+from data.manifest import read_manifest
+from finetune.figures import plot_calibration, plot_km, plot_roc
+from finetune.metrics import classification_report, delong_paired_test, survival_report, try_metric
+
+KEY_COLUMNS = ("subject_id", "split", "fold")
+SCORE_COLUMNS = ("prob", "risk")
+REFERENCE_SPLIT = "train"
+MAX_LISTED = 5
+
+
+# ---------------------------------------------------------------- input
+
+def _head(items) -> str:
+    items = list(items)
+    shown = ", ".join(str(x) for x in items[:MAX_LISTED])
+    return shown + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
+
+
+def read_predictions(path) -> pd.DataFrame:
+    """Read and check a predictions CSV (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"predictions {path}: file not found")
+    try:
+        df = pd.read_csv(path, dtype={"subject_id": str, "split": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise InputError(f"predictions {path}: cannot parse CSV ({str(e).strip().splitlines()[0]})") from None
+    return check_predictions(df, f"predictions {path}")
+
+
+def check_predictions(df: pd.DataFrame, where: str = "predictions") -> pd.DataFrame:
+    """Typed copy of a predictions table; InputError naming the column and rows on anything wrong."""
+    df = df.copy()
+    missing = [c for c in KEY_COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(f"{where}: missing column(s) {missing}; found {list(df.columns)}")
+    scores = [c for c in SCORE_COLUMNS if c in df.columns]
+    if not scores:
+        raise InputError(f"{where}: needs a 'prob' and/or a 'risk' column; found {list(df.columns)}")
+    if df.empty:
+        raise InputError(f"{where}: no rows")
+
+    def rows(mask) -> str:  # 1-based data rows, header excluded
+        return _head(f"row {i + 1} (subject {df['subject_id'].iloc[i]})" for i in np.flatnonzero(mask))
+
+    for col in ("subject_id", "split"):
+        df[col] = df[col].astype("string").str.strip()
+        empty = df[col].isna() | (df[col] == "")
+        if empty.any():
+            raise InputError(f"{where}: empty '{col}' in {rows(empty)}")
+    df["subject_id"], df["split"] = df["subject_id"].astype(str), df["split"].astype(str)
+    fold = pd.to_numeric(df["fold"], errors="coerce")
+    bad = fold.isna() | (fold != fold.round()) | (fold < -1)
+    if bad.any():
+        raise InputError(f"{where}: 'fold' must be an integer >= 0, or -1 for the fold ensemble; bad {rows(bad)}")
+    df["fold"] = fold.astype(int)
+    for col in scores:
+        raw = df[col]
+        values = pd.to_numeric(raw, errors="coerce")
+        blank = raw.isna()
+        if blank.any():
+            raise InputError(f"{where}: '{col}' is empty (NaN) in {rows(blank)}")
+        not_number = values.isna() | ~np.isfinite(values)
+        if not_number.any():
+            raise InputError(f"{where}: '{col}' must be a finite number; bad {rows(not_number)}")
+        df[col] = values.astype(float)
+    if "prob" in scores:
+        outside = (df["prob"] < 0) | (df["prob"] > 1)
+        if outside.any():
+            raise InputError(f"{where}: 'prob' must be a probability in [0, 1]; bad {rows(outside)}")
+    dupes = df.duplicated(list(KEY_COLUMNS), keep=False)
+    if dupes.any():
+        raise InputError(f"{where}: the same (subject_id, split, fold) appears more than once: {rows(dupes)}")
+    return df
+
+
+def read_outcomes(manifest, external=None, scores=("prob", "risk")) -> pd.DataFrame:
+    """Outcomes (label and/or time, event, patient_id) from the manifest and an optional external one."""
+    task = {("prob",): "classification", ("risk",): "survival"}.get(tuple(scores), "multitask")
+    frames = [read_manifest(p, task=task, check_files=False) for p in [manifest, external] if p is not None]
+    outcomes = pd.concat(frames, ignore_index=True)
+    both = outcomes["subject_id"][outcomes["subject_id"].duplicated()]
+    if len(both):
+        raise InputError(f"subject_id(s) in both --manifest and --external: {_head(sorted(set(both)))}")
+    return outcomes
+
+
+def join_outcomes(pred: pd.DataFrame, outcomes: pd.DataFrame) -> pd.DataFrame:
+    """Predictions with their subjects' outcomes; InputError listing subjects the outcomes lack."""
+    if "subject_id" not in outcomes.columns:
+        raise InputError(f"outcomes: missing column 'subject_id'; found {list(outcomes.columns)}")
+    needed = (["label"] if "prob" in pred.columns else []) + (["time", "event"] if "risk" in pred.columns else [])
+    missing = [c for c in needed if c not in outcomes.columns]
+    if missing:
+        raise InputError(f"outcomes: missing column(s) {missing} needed for the predictions' "
+                         f"{[c for c in SCORE_COLUMNS if c in pred.columns]}")
+    outcomes = outcomes.assign(subject_id=outcomes["subject_id"].astype(str))
+    unknown = sorted(set(pred["subject_id"]) - set(outcomes["subject_id"]))
+    if unknown:
+        raise InputError(f"predictions: {len(unknown)} subject_id(s) not found in the outcomes: {_head(unknown)}")
+    keep = ["subject_id"] + needed + (["patient_id"] if "patient_id" in outcomes.columns else [])
+    joined = pred.merge(outcomes[keep], on="subject_id", how="left", validate="many_to_one")
+    for col in needed:
+        bad = joined[col].isna()
+        if bad.any():
+            raise InputError(f"outcomes: '{col}' is missing for subject(s) {_head(joined['subject_id'][bad].unique())}")
+    return joined
+
+
+# ---------------------------------------------------------------- selection
+
+def one_row_per_subject(rows: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The rows that stand for a split (or fold), and a phrase saying which."""
+    folds = sorted(int(f) for f in rows["fold"].unique())
+    if -1 in folds:
+        return rows[rows["fold"] == -1], "fold ensemble (fold -1)"
+    if rows["subject_id"].is_unique:
+        return rows, f"fold {folds[0]}" if len(folds) == 1 else f"pooled over folds {folds}"
+    scores = [c for c in SCORE_COLUMNS if c in rows.columns]
+    # Several fold models scored the same subjects: average them, as the fold ensemble would.
+    first = rows.drop(columns=scores).drop_duplicates("subject_id").set_index("subject_id")
+    mean = rows.groupby("subject_id", sort=False)[scores].mean()
+    return first.join(mean).reset_index(), f"mean over folds {folds}"
+
+
+def _arrays(rows: pd.DataFrame, *cols) -> list[np.ndarray]:
+    return [rows[c].to_numpy() for c in cols]
+
+
+def _report(rows: pd.DataFrame, reference: pd.DataFrame | None, n_boot: int, seed: int) -> dict:
+    out = {"n": int(len(rows))}
+    groups = rows["patient_id"].to_numpy() if "patient_id" in rows.columns else None
+    if "prob" in rows.columns:
+        out["classification"] = classification_report(*_arrays(rows, "label", "prob"), n_boot=n_boot, seed=seed,
+                                                      groups=groups)
+    if "risk" in rows.columns:
+        train = None if reference is None else tuple(_arrays(reference, "time", "event", "risk"))
+        cut = "median" if reference is None else float(np.median(reference["risk"]))
+        rep = survival_report(*_arrays(rows, "time", "event", "risk"), train=train, n_boot=n_boot, seed=seed,
+                              groups=groups, km_cut=cut)
+        rep["km"]["cut"] = "median risk of the evaluated rows" if reference is None else "median training risk"
+        out["survival"] = rep
+    return out
+
+
+def _safe_name(split: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", split)
+
+
+# ---------------------------------------------------------------- evaluate
+
+def evaluate(pred_df: pd.DataFrame, outcomes_df: pd.DataFrame, compare_df: pd.DataFrame | None = None,
+             out_dir=None, n_boot: int = 1000, seed: int = 0, names=("model", "compare")) -> dict:
+    """Metrics per split (pooled, and per fold where there are several), optional paired DeLong
+    against `compare_df`; with `out_dir`, writes metrics.json and roc/km/calibration PNGs there."""
+    pred = join_outcomes(check_predictions(pred_df), outcomes_df)
+    compare = None if compare_df is None else join_outcomes(check_predictions(compare_df, "compare predictions"),
+                                                            outcomes_df)
+    result = {"n_boot": n_boot, "seed": seed, "splits": {}}
+    reference_rows = pred[pred["split"] == REFERENCE_SPLIT]
+    reference = one_row_per_subject(reference_rows)[0] if len(reference_rows) else None
+
+    selected = {}
+    for split in pred["split"].unique():
+        rows = pred[pred["split"] == split]
+        chosen, source = one_row_per_subject(rows)
+        selected[split] = chosen
+        entry = {"rows": source, **_report(chosen, reference, n_boot, seed)}
+        folds = sorted(int(f) for f in rows["fold"].unique() if f >= 0)
+        if len(folds) > 1:
+            # Per-fold point estimates (DeLong CI only): the spread over folds shows the variability.
+            entry["folds"] = {}
+            for fold in folds:
+                fold_ref = reference_rows[reference_rows["fold"] == fold]
+                ref = fold_ref if len(fold_ref) else reference
+                entry["folds"][str(fold)] = _report(rows[rows["fold"] == fold], ref, 0, seed)
+        result["splits"][split] = entry
+
+    if compare is not None:
+        result["comparison"] = _compare(selected, compare, names)
+    if out_dir is not None:
+        result["figures"] = _figures(selected, compare, reference, Path(out_dir), n_boot, seed, names)
+        write_json(Path(out_dir) / "metrics.json", result)
+    return result
+
+
+def _compare(selected: dict, compare: pd.DataFrame, names) -> dict:
+    """Paired DeLong per split on the subjects both prediction sets scored."""
+    out = {}
+    for split, rows in selected.items():
+        other = compare[compare["split"] == split]
+        if "prob" not in rows.columns or "prob" not in other.columns or other.empty:
+            out[split] = {"p": None, "note": f"no 'prob' for split {split!r} in both prediction sets"}
+            continue
+        other = one_row_per_subject(other)[0]
+        both = rows.merge(other[["subject_id", "prob"]], on="subject_id", suffixes=("", "_other"))
+        test, reason = try_metric(delong_paired_test, *_arrays(both, "label", "prob", "prob_other"))
+        out[split] = {"models": list(names), "n_common": int(len(both))}
+        out[split].update(test if test is not None else {"p": None, "note": reason})
+    return out
+
+
+def _figures(selected: dict, compare, reference, out_dir: Path, n_boot: int, seed: int, names) -> list[str]:
+    written = []
+    for split, rows in selected.items():
+        name = _safe_name(split)
+        if "prob" in rows.columns:
+            curves = {names[0]: tuple(_arrays(rows, "label", "prob"))}
+            if compare is not None and "prob" in compare.columns and (compare["split"] == split).any():
+                other = one_row_per_subject(compare[compare["split"] == split])[0]
+                curves[names[1]] = tuple(_arrays(other, "label", "prob"))
+            plot_roc(curves, out_dir / f"roc_{name}.png", n_boot=min(n_boot, 500), seed=seed, title=f"ROC: {split}")
+            plot_calibration(*_arrays(rows, "label", "prob"), out_dir / f"calibration_{name}.png",
+                             title=f"Calibration: {split}")
+            written += [f"roc_{name}.png", f"calibration_{name}.png"]
+        if "risk" in rows.columns:
+            cut = "median" if reference is None else float(np.median(reference["risk"]))
+            plot_km(*_arrays(rows, "time", "event", "risk"), out_dir / f"km_{name}.png", cut=cut,
+                    title=f"Kaplan-Meier by predicted risk: {split}")
+            written.append(f"km_{name}.png")
+    return written
+
+
+# ---------------------------------------------------------------- table
+
+def _fmt(value, ci=None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def format_table(result: dict) -> str:
+    """A short plain-text table: one line per split, n/a where a metric is undefined."""
+    header = f"{'split':<10} {'n':>5}  {'AUC [95% CI]':<24} {'Brier':>6}  {'Harrell C [95% CI]':<24} " \
+             f"{'Uno C':>6} {'IBS':>6} {'log-rank p':>10}"
+    lines = [header, "-" * len(header)]
+    for split, entry in result["splits"].items():
+        c, s = entry.get("classification", {}), entry.get("survival", {})
+        p = s.get("km", {}).get("logrank_p")
+        lines.append(f"{split:<10} {entry['n']:>5}  {_fmt(c.get('auc'), c.get('auc_ci')):<24} "
+                     f"{_fmt(c.get('brier')):>6}  {_fmt(s.get('harrell_c'), s.get('harrell_c_ci')):<24} "
+                     f"{_fmt(s.get('uno_c')):>6} {_fmt(s.get('ibs')):>6} {'n/a' if p is None else f'{p:.3g}':>10}")
+    for split, cmp in result.get("comparison", {}).items():
+        if cmp.get("p") is None:
+            lines.append(f"paired DeLong {split}: n/a ({cmp.get('note')})")
+        else:
+            lines.append(f"paired DeLong {split}: {cmp['models'][0]} {cmp['auc_a']:.3f} vs {cmp['models'][1]} "
+                         f"{cmp['auc_b']:.3f}, diff {cmp['diff']:+.3f}, p = {cmp['p']:.3g} (n = {cmp['n_common']})")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- CLI
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m finetune.evaluate", description=__doc__.split("\n")[0])
+    ap.add_argument("--predictions", required=True, help="predictions CSV: subject_id, split, fold, prob/risk")
+    ap.add_argument("--manifest", required=True, help="manifest CSV with the outcomes (label and/or time, event)")
+    ap.add_argument("--external", help="manifest CSV of an external cohort")
+    ap.add_argument("--compare", help="second predictions CSV: paired DeLong per split on common subjects")
+    ap.add_argument("--out", help="output folder (default: the predictions file's folder)")
+    ap.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for CIs (0: none)")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+@cli_entry
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.n_boot < 0:
+        raise InputError(f"--n_boot must be >= 0, got {args.n_boot}")
+    pred = read_predictions(args.predictions)
+    compare = read_predictions(args.compare) if args.compare else None
+    scores = [c for c in SCORE_COLUMNS if c in pred.columns]
+    outcomes = read_outcomes(args.manifest, args.external, scores)
+    out_dir = Path(args.out) if args.out else Path(args.predictions).parent
+    names = ("model", "compare")
+    if args.compare:  # name the two models after their run folders (or files, if those match)
+        pair = [Path(args.predictions), Path(args.compare)]
+        names = tuple(p.parent.name for p in pair)
+        if names[0] == names[1] or not all(names):
+            names = tuple(str(p) for p in pair)
+    result = evaluate(pred, outcomes, compare, out_dir=out_dir, n_boot=args.n_boot, seed=args.seed, names=names)
+    print(format_table(result))
+    print(f"wrote {out_dir / 'metrics.json'} and {len(result['figures'])} figure(s) in {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""Evaluation figures as PNG: ROC with bootstrap bands, Kaplan-Meier by risk group, reliability diagram.
+
+Each is written atomically. Where a figure is undefined (one class, no events) a figure saying why
+is written instead, so a run directory always has the file and the reader knows the reason.
+"""
+from __future__ import annotations
+
+import numpy as np
+# Figure objects (not pyplot) render with Agg and touch no global backend or figure registry.
+from matplotlib import transforms
+from matplotlib.figure import Figure
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import roc_curve
+
+from data.atomic import atomic_path
+from finetune.metrics import auc_delong, km_by_risk_group, labels_and_scores, try_metric
+
+FPR_GRID = np.linspace(0, 1, 101)
+
+
+def _subplots(*args, **kwargs):
+    fig = Figure(figsize=kwargs.pop("figsize"))
+    return fig, fig.subplots(*args, **kwargs)
+
+
+def _save(fig, path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+
+def _write_message(path, title: str, message: str) -> None:
+    fig, ax = _subplots(figsize=(5, 4))
+    ax.axis("off")
+    ax.set_title(title)
+    ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True, fontsize=11)
+    _save(fig, path)
+
+
+def _roc_band(y, score, n_boot: int, seed: int, alpha: float = 0.05):
+    """Pointwise percentile band of TPR on a fixed FPR grid, from class-stratified resamples."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    tprs = []
+    for _ in range(n_boot):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        fpr, tpr, _ = roc_curve(y[idx], score[idx])
+        tprs.append(np.interp(FPR_GRID, fpr, tpr))
+    return np.quantile(tprs, [alpha / 2, 1 - alpha / 2], axis=0)
+
+
+def plot_roc(curves: dict, path, ci_band: bool = True, n_boot: int = 200, seed: int = 0, title: str = "ROC") -> None:
+    """ROC of several models on one axis: curves = {name: (y, score)}; legend gives AUC [DeLong 95% CI]."""
+    fig, ax = _subplots(figsize=(5.5, 5))
+    drawn = 0
+    for i, (name, (y, score)) in enumerate(curves.items()):
+        y, score = labels_and_scores(y, score)
+        delong, reason = try_metric(auc_delong, y, score)
+        if delong is None:
+            ax.plot([], [], " ", label=f"{name}: undefined ({reason})")
+            continue
+        colour = f"C{i}"
+        fpr, tpr, _ = roc_curve(y, score)
+        ci = "" if delong["var"] is None else f" [{delong['ci_low']:.2f}, {delong['ci_high']:.2f}]"
+        ax.plot(fpr, tpr, color=colour, lw=2, label=f"{name}: AUC {delong['auc']:.3f}{ci} (n={len(y)})")
+        if ci_band and n_boot > 0:
+            low, high = _roc_band(y, score, n_boot, seed)
+            ax.fill_between(FPR_GRID, low, high, color=colour, alpha=0.2, lw=0)
+        drawn += 1
+    if drawn == 0:
+        reasons = "; ".join(f"{n}: {try_metric(auc_delong, *labels_and_scores(*c))[1]}" for n, c in curves.items())
+        _write_message(path, title, f"ROC undefined\n{reasons}")
+        return
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="chance")
+    band = " (shaded: bootstrap 95% band)" if ci_band and n_boot > 0 else ""
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate (1 - specificity)",
+           ylabel="True positive rate (sensitivity)", title=title + band)
+    ax.set_aspect("equal")
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)
+
+
+def _n_at_risk(time: np.ndarray, ticks: np.ndarray) -> list[int]:
+    return [int((time >= t).sum()) for t in ticks]
+
+
+def _draw_at_risk(ax, time, groups, names, colours) -> None:
+    """Number-at-risk rows under the x axis, one number under each tick."""
+    ticks = [t for t in ax.get_xticks() if 0 <= t <= ax.get_xlim()[1]]
+    below = transforms.blended_transform_factory(ax.transData, ax.transAxes)
+    ax.text(0, -0.2, "Number at risk", transform=ax.transAxes, fontsize=8, fontweight="bold")
+    for row, name in enumerate(names):
+        y = -0.27 - 0.07 * row
+        ax.text(-0.06, y, name, transform=ax.transAxes, ha="right", fontsize=8, color=colours[name])
+        for t, n in zip(ticks, _n_at_risk(time[groups == name], ticks)):
+            ax.text(t, y, str(n), transform=below, ha="center", fontsize=8, color=colours[name])
+
+
+def plot_km(time, event, risk, path, cut="median", at_risk: bool = True, title: str = "Kaplan-Meier by predicted risk",
+            time_unit: str = "") -> None:
+    """Kaplan-Meier curves of the low/high predicted-risk groups with the log-rank p in the title."""
+    time, event, risk = np.asarray(time, float), np.asarray(event).astype(bool), np.asarray(risk, float)
+    if len(time) == 0:
+        _write_message(path, title, "Kaplan-Meier undefined\nno samples")
+        return
+    km = km_by_risk_group(time, event, risk, cut=cut)
+    if km["logrank_p"] is None and not event.any():
+        _write_message(path, title, f"Kaplan-Meier undefined\n{km.get('note', 'no events')}")
+        return
+    fig, ax = _subplots(figsize=(6, 4.8))
+    colours = {"low": "C0", "high": "C3"}
+    for name, curve in km["curves"].items():
+        t = np.concatenate([[0.0], curve["time"]])
+        s = np.concatenate([[1.0], curve["survival"]])
+        ax.step(t, s, where="post", color=colours[name], lw=2,
+                label=f"{name} risk (n={curve['n']}, events={curve['events']})")
+    p = km["logrank_p"]
+    subtitle = f"log-rank p = {p:.3g}" if p is not None else f"log-rank undefined: {km.get('note')}"
+    ax.set(ylim=(0, 1.02), xlim=(0, None), xlabel=f"Time{f' ({time_unit})' if time_unit else ''}",
+           ylabel="Survival probability", title=f"{title}\n{subtitle} (cut at risk {km['threshold']:.3g})")
+    ax.legend(loc="lower left", fontsize=8)
+    if at_risk:
+        _draw_at_risk(ax, time, np.asarray(km["groups"]), list(km["curves"]), colours)
+    _save(fig, path)
+
+
+def plot_calibration(y, prob, path, n_bins: int = 10, title: str = "Calibration") -> None:
+    """Reliability diagram (quantile bins) above a histogram of the predicted probabilities."""
+    y, prob = labels_and_scores(y, prob)
+    if len(y) == 0:
+        _write_message(path, title, "Calibration undefined\nno samples")
+        return
+    if (prob < 0).any() or (prob > 1).any():
+        _write_message(path, title, "Calibration undefined\nscores are not probabilities in [0, 1]")
+        return
+    try:
+        observed, predicted = calibration_curve(y, prob, n_bins=min(n_bins, len(y)), strategy="quantile")
+    except ValueError as e:  # e.g. sklearn refusing a single label
+        _write_message(path, title, f"Calibration undefined\n{str(e).splitlines()[0]}")
+        return
+    fig, (ax, hist) = _subplots(2, 1, figsize=(5.5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfect calibration")
+    ax.plot(predicted, observed, "o-", color="C0", label=f"model (n={len(y)}, {len(predicted)} quantile bins)")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="Observed fraction positive", title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    hist.hist(prob[y == 0], bins=20, range=(0, 1), alpha=0.6, color="C0", label="negative")
+    hist.hist(prob[y == 1], bins=20, range=(0, 1), alpha=0.6, color="C3", label="positive")
+    hist.set(xlabel="Predicted probability", ylabel="Count")
+    hist.legend(fontsize=8)
+    _save(fig, path)
+

@@ -1,0 +1,168 @@
+"""finetune.evaluate end to end on a small synthetic cohort; values checked against sklearn / sksurv."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+from sksurv.metrics import concordance_index_censored, concordance_index_ipcw
+from sksurv.util import Surv
+
+from finetune.evaluate import evaluate, main
+from finetune.metrics import delong_paired_test
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_cohort(tmp_path: Path, seed: int = 0):
+    """Manifest (60 subjects) + one-class external manifest (10) + predictions over train/val/test/external."""
+    rng = np.random.default_rng(seed)
+    n = 60
+    ids = [f"s{i:03d}" for i in range(n)]
+    label = rng.integers(0, 2, n)
+    label[:4] = [0, 1, 0, 1]
+    signal = label * 1.2 + rng.normal(size=n)
+    time = rng.exponential(np.exp(-0.8 * signal)) * 100 + 1
+    event = (rng.uniform(size=n) < 0.7).astype(int)
+    manifest = pd.DataFrame({"subject_id": ids, "patient_id": [f"p{i // 2}" for i in range(n)],
+                             "image": [f"img/{s}.nii.gz" for s in ids], "mask": [f"img/{s}_mask.nii.gz" for s in ids],
+                             "label": label, "time": time.round(2), "event": event, "age": rng.integers(40, 80, n)})
+    ext_ids = [f"e{i}" for i in range(10)]
+    external = pd.DataFrame({"subject_id": ext_ids, "image": "x.nii.gz", "mask": "m.nii.gz", "label": 0,
+                             "time": rng.uniform(5, 50, 10).round(2), "event": [1, 0] * 5})
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    external.to_csv(tmp_path / "external.csv", index=False)
+
+    prob = lambda s: 1 / (1 + np.exp(-s))  # noqa: E731
+    rows = []
+    train, val, test = np.arange(0, 24), np.arange(24, 44), np.arange(44, 60)
+    for fold in (0, 1):
+        fold_val = val[fold::2]
+        for split, idx in (("train", train), ("val", fold_val), ("test", test)):
+            noise = rng.normal(scale=0.3, size=len(idx))
+            for i, e in zip(idx, noise):
+                rows.append({"subject_id": ids[i], "split": split, "fold": fold, "prob": prob(signal[i] + e),
+                             "risk": signal[i] + e})
+    pred = pd.DataFrame(rows)
+    ens = pred[pred.split == "test"].groupby("subject_id", as_index=False)[["prob", "risk"]].mean()
+    ens["split"], ens["fold"] = "test", -1
+    ext = pd.DataFrame({"subject_id": ext_ids, "split": "external", "fold": -1,
+                        "prob": rng.uniform(size=10), "risk": rng.normal(size=10)})
+    pred = pd.concat([pred, ens, ext], ignore_index=True)
+    (tmp_path / "run").mkdir()
+    pred.to_csv(tmp_path / "run" / "predictions.csv", index=False)
+    return manifest, external, pred
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    manifest, external, pred = make_cohort(tmp_path)
+    out = tmp_path / "eval"
+    main(["--predictions", str(tmp_path / "run" / "predictions.csv"), "--manifest", str(tmp_path / "manifest.csv"),
+          "--external", str(tmp_path / "external.csv"), "--out", str(out), "--n_boot", "20"])
+    printed = capsys.readouterr().out
+    assert "split" in printed and "val" in printed and "external" in printed
+    result = json.loads((out / "metrics.json").read_text())
+    outcomes = pd.concat([manifest, external]).set_index("subject_id")
+
+    val = pred[pred.split == "val"]
+    y = outcomes.loc[val.subject_id, "label"].to_numpy()
+    entry = result["splits"]["val"]
+    assert entry["rows"] == "pooled over folds [0, 1]" and entry["n"] == 20
+    assert entry["classification"]["auc"] == pytest.approx(roc_auc_score(y, val.prob))
+    assert entry["classification"]["auc_ci_bootstrap"] is not None
+    assert set(entry["folds"]) == {"0", "1"}
+    fold0 = val[val.fold == 0]
+    assert entry["folds"]["0"]["classification"]["auc"] == pytest.approx(
+        roc_auc_score(outcomes.loc[fold0.subject_id, "label"], fold0.prob))
+
+    test = pred[(pred.split == "test") & (pred.fold == -1)]
+    t, e = outcomes.loc[test.subject_id, "time"].to_numpy(), outcomes.loc[test.subject_id, "event"].to_numpy()
+    surv = result["splits"]["test"]["survival"]
+    assert result["splits"]["test"]["rows"] == "fold ensemble (fold -1)"
+    assert surv["harrell_c"] == pytest.approx(concordance_index_censored(e.astype(bool), t, test.risk.to_numpy())[0])
+    # Uno's C uses the training rows (mean over the two fold models) as the censoring reference.
+    train = pred[pred.split == "train"].groupby("subject_id")["risk"].mean()
+    y_train = Surv.from_arrays(outcomes.loc[train.index, "event"], outcomes.loc[train.index, "time"])
+    expected_uno = concordance_index_ipcw(y_train, Surv.from_arrays(e, t), test.risk.to_numpy(),
+                                          tau=outcomes.loc[train.index, "time"].max())[0]
+    assert surv["reference"] == "training rows" and surv["uno_c"] == pytest.approx(expected_uno)
+    assert surv["km"]["cut"] == "median training risk"
+    assert surv["km"]["threshold"] == pytest.approx(np.median(train.to_numpy()))
+
+    ext = result["splits"]["external"]["classification"]
+    assert ext["auc"] is None and ext["auc_ci"] is None and ext["notes"]["auc"] == "only one class present"
+    assert result["splits"]["external"]["survival"]["harrell_c"] is not None
+
+    for split in ("train", "val", "test", "external"):
+        for kind in ("roc", "km", "calibration"):
+            png = out / f"{kind}_{split}.png"
+            assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert len(result["figures"]) == 12
+
+
+def test_compare_gives_paired_delong(tmp_path, capsys):
+    manifest, _, pred = make_cohort(tmp_path)
+    other = pred.copy()
+    other["prob"] = np.random.default_rng(9).uniform(size=len(other))
+    other = other[(other.split != "external") & ~other.subject_id.isin(["s050", "s051"])]  # common subjects only
+    result = evaluate(pred[pred.split != "external"], manifest, other, out_dir=None, n_boot=0)
+    cmp = result["comparison"]["test"]
+    test = pred[(pred.split == "test") & (pred.fold == -1) & ~pred.subject_id.isin(["s050", "s051"])]
+    other_test = other[(other.split == "test") & (other.fold == -1)].set_index("subject_id").loc[test.subject_id]
+    y = manifest.set_index("subject_id").loc[test.subject_id, "label"]
+    expected = delong_paired_test(y, test.prob, other_test.prob)
+    assert cmp["n_common"] == 14
+    assert cmp["p"] == pytest.approx(expected["p"]) and cmp["diff"] == pytest.approx(expected["diff"])
+    assert "figures" not in result
+
+
+def test_outcomes_dataframe_and_one_class_split(tmp_path):
+    manifest, _, pred = make_cohort(tmp_path)
+    only_neg = manifest.assign(label=0)
+    result = evaluate(pred[pred.split == "val"][["subject_id", "split", "fold", "prob"]], only_neg, n_boot=5)
+    c = result["splits"]["val"]["classification"]
+    assert c["auc"] is None and c["notes"]["auc"] == "only one class present" and c["brier"] is not None
+    assert "survival" not in result["splits"]["val"]
+
+
+def _run_bad(tmp_path, capsys, pred: pd.DataFrame, extra=()):
+    path = tmp_path / "bad.csv"
+    pred.to_csv(path, index=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["--predictions", str(path), "--manifest", str(tmp_path / "manifest.csv"), "--out", str(tmp_path / "o"),
+              "--n_boot", "0", *extra])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("error:") and "\n" not in err
+    return err
+
+
+def test_bad_predictions_exit_2_with_one_line(tmp_path, capsys):
+    _, _, pred = make_cohort(tmp_path)
+    pred = pred[pred.split != "external"].reset_index(drop=True)
+    assert "'fold'" in _run_bad(tmp_path, capsys, pred.drop(columns="fold"))
+    text = pred.astype({"prob": object})
+    text.loc[3, "prob"] = "high"
+    err = _run_bad(tmp_path, capsys, text)
+    assert "'prob'" in err and "row 4" in err
+    nan = pred.copy()
+    nan.loc[[5, 7], "risk"] = np.nan
+    err = _run_bad(tmp_path, capsys, nan)
+    assert "'risk'" in err and "row 6" in err and "row 8" in err
+    unknown = pd.concat([pred, pd.DataFrame([{"subject_id": "ghost", "split": "test", "fold": 0, "prob": 0.5,
+                                              "risk": 0.0}])])
+    assert "ghost" in _run_bad(tmp_path, capsys, unknown)
+    assert "more than once" in _run_bad(tmp_path, capsys, pd.concat([pred, pred.head(1)]))
+    assert "[0, 1]" in _run_bad(tmp_path, capsys, pred.assign(prob=pred.prob + 1))
+    assert "not found" in _run_bad(tmp_path, capsys, pred, ["--compare", str(tmp_path / "missing.csv")])
+
+
+def test_module_entry_point_exit_code(tmp_path):
+    make_cohort(tmp_path)
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"subject_id": ["s000"], "split": ["val"], "fold": [0]}).to_csv(bad, index=False)
+    proc = subprocess.run([sys.executable, "-m", "finetune.evaluate", "--predictions", str(bad),
+                           "--manifest", str(tmp_path / "manifest.csv")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "'prob'" in proc.stderr
