@@ -1,0 +1,69 @@
+"""Fusion blocks that bring the clinical vector into the image model.
+
+Each block maps an encoded clinical vector `[B, F]` into the form one fusion mode needs:
+an embedding to concatenate (`ClinicalEmbedding`), per-channel gamma/beta that modulate the
+image tokens (`FiLM`), or tokens that join the transformer sequence (`ClinicalTokens`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def clinical_mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """Linear -> GELU -> Linear; a single Linear when hidden == 0 (keeps a purely linear path available)."""
+    if hidden == 0:
+        return nn.Sequential(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+
+class ClinicalEmbedding(nn.Module):
+    """Late fusion: an embedding of the clinical vector, concatenated with the pooled image features.
+
+    With hidden == 0 the raw clinical vector is passed through unchanged, so the head sees it linearly.
+    """
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.out_dim = hidden if hidden > 0 else in_dim
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU()) if hidden > 0 else nn.Identity()
+
+    def forward(self, clinical: Tensor) -> Tensor:  # [B, F] -> [B, out_dim]
+        return self.net(clinical)
+
+
+class FiLM(nn.Module):
+    """Feature-wise linear modulation of image tokens by the clinical vector: tokens * (1 + gamma) + beta.
+
+    The last layer is zero-initialised so the block starts as the identity: fine-tuning begins from
+    the pretrained image features and learns how much the clinical data should bend them.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, dim: int):
+        super().__init__()
+        self.net = clinical_mlp(in_dim, hidden, 2 * dim)
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, tokens: Tensor, clinical: Tensor) -> Tensor:
+        gamma, beta = self.net(clinical).chunk(2, dim=-1)  # [B, D] each
+        return tokens * (1 + gamma[:, None]) + beta[:, None]  # [B, N, D]
+
+
+class ClinicalTokens(nn.Module):
+    """The clinical vector as `n_tokens` tokens that join the transformer sequence.
+
+    Each token is a learned projection of the whole vector; a shared type embedding marks them as
+    clinical (they get no position embedding, since they have no place in the volume).
+    """
+
+    def __init__(self, in_dim: int, hidden: int, dim: int, n_tokens: int):
+        super().__init__()
+        self.n_tokens, self.dim = n_tokens, dim
+        self.proj = clinical_mlp(in_dim, hidden, n_tokens * dim)
+        self.type_embed = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.type_embed, std=0.02)
+
+    def forward(self, clinical: Tensor) -> Tensor:
+        tokens = self.proj(clinical).view(clinical.shape[0], self.n_tokens, self.dim)  # [B, T, D]
+        return tokens + self.type_embed  # [B, T, D]

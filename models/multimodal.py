@@ -1,0 +1,269 @@
+"""The fine-tuning model: a two-channel ViT3D ([image, lesion mask]) fused with clinical data, plus task heads.
+
+    x [B, 2, S, S, S] -> ViT3D (patch embed inflated 1 -> 2 ch) -> tokens [B, N, D]
+    clinical [B, F]   -> fusion (none | concat | film | tokens | clinical_only)
+    fused features [B, D_fused] -> dropout -> heads: "logit" [B] and/or "risk" [B] / "hazard_logits" [B, T]
+
+Losses live in the training loop; this module only returns raw scores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from timm.optim import param_groups_layer_decay
+from torch import Tensor, nn
+
+from data.config import from_dict, to_dict
+from data.errors import ClinicalError, ConfigError, InputError
+from models.fusion import ClinicalEmbedding, ClinicalTokens, FiLM
+from models.hf import load_hf_folder, load_state_dict_strict, model_card, save_hf_folder
+from models.vit3d import ViT3D, ViT3DConfig, inflate_patch_embed
+
+TASKS = ("classification", "survival", "multitask")
+FUSIONS = ("none", "concat", "film", "tokens", "clinical_only")
+MODEL_TYPE = "mimfm-multimodal"
+# Encoder settings that only affect training, not the weights: they may differ from the pretrained folder.
+TRAINING_ONLY_KEYS = ("in_channels", "drop_path", "grad_checkpointing")
+
+
+@dataclass
+class MultimodalConfig:
+    encoder: ViT3DConfig = field(default_factory=lambda: ViT3DConfig(in_channels=2))  # [image, lesion mask]
+    task: str = "classification"  # classification | survival | multitask
+    fusion: str = "concat"  # none | concat | film | tokens | clinical_only
+    clinical_dim: int = 0  # clinical features after encoding (one-hot, indicators); 0 only for fusion none
+    clinical_hidden: int = 64  # 0 = no hidden layer (linear clinical path)
+    n_clinical_tokens: int = 4
+    head_dropout: float = 0.1
+    survival_head: str = "cox"  # cox (one risk score) | discrete (hazard logits over n_time_bins)
+    n_time_bins: int = 0
+    mask_channel_init: str = "zero"  # zero | mean, for inflating a 1-channel patch embedding
+    pool: str = "mean"  # mean over image tokens
+
+    def __post_init__(self):
+        if isinstance(self.encoder, dict):
+            self.encoder = from_dict(ViT3DConfig, self.encoder, "encoder")
+        choices = {"task": TASKS, "fusion": FUSIONS, "survival_head": ("cox", "discrete"),
+                   "mask_channel_init": ("zero", "mean"), "pool": ("mean",)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
+        if self.fusion not in ("none",) and self.clinical_dim < 1:
+            raise ConfigError(f"fusion={self.fusion!r} needs clinical_dim >= 1, got {self.clinical_dim}")
+        if self.clinical_dim < 0 or self.clinical_hidden < 0:
+            raise ConfigError("clinical_dim and clinical_hidden must be >= 0")
+        if self.fusion == "tokens" and self.n_clinical_tokens < 1:
+            raise ConfigError(f"fusion='tokens' needs n_clinical_tokens >= 1, got {self.n_clinical_tokens}")
+        if self.task != "classification" and self.survival_head == "discrete" and self.n_time_bins < 1:
+            raise ConfigError(f"survival_head='discrete' needs n_time_bins >= 1, got {self.n_time_bins}")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ConfigError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+
+    @property
+    def uses_image(self) -> bool:
+        return self.fusion != "clinical_only"
+
+    @property
+    def uses_clinical(self) -> bool:
+        return self.fusion != "none"
+
+
+class MultimodalModel(nn.Module):
+    def __init__(self, config: MultimodalConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.encoder = ViT3D(c.encoder) if c.uses_image else None
+        d = c.encoder.hidden_size
+        self.clinical_embed = self.film = self.clinical_tokens = None
+        if c.fusion == "none":
+            self.feature_dim = d
+        elif c.fusion == "concat":
+            self.clinical_embed = ClinicalEmbedding(c.clinical_dim, c.clinical_hidden)
+            self.feature_dim = d + self.clinical_embed.out_dim
+        elif c.fusion == "film":
+            self.film = FiLM(c.clinical_dim, c.clinical_hidden, d)
+            self.feature_dim = d
+        elif c.fusion == "tokens":
+            self.clinical_tokens = ClinicalTokens(c.clinical_dim, c.clinical_hidden, d, c.n_clinical_tokens)
+            self.feature_dim = 2 * d  # pooled image tokens ++ mean of clinical tokens
+        else:  # clinical_only
+            self.clinical_embed = ClinicalEmbedding(c.clinical_dim, c.clinical_hidden)
+            self.feature_dim = self.clinical_embed.out_dim
+        # The clinical-only linear path must be exactly a linear model (compared with a linear Cox fit).
+        linear_baseline = c.fusion == "clinical_only" and c.clinical_hidden == 0
+        self.head_drop = nn.Identity() if linear_baseline else nn.Dropout(c.head_dropout)
+        self.cls_head = nn.Linear(self.feature_dim, 1) if c.task in ("classification", "multitask") else None
+        self.surv_head = None
+        if c.task in ("survival", "multitask"):
+            # Cox partial likelihood is invariant to an additive constant, so the risk has no bias.
+            self.surv_head = (nn.Linear(self.feature_dim, 1, bias=False) if c.survival_head == "cox"
+                              else nn.Linear(self.feature_dim, c.n_time_bins))
+
+    # ---- forward -------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor | None, clinical: Tensor | None) -> dict[str, Tensor]:
+        c = self.config
+        clinical = self._check_clinical(clinical) if c.uses_clinical else None
+        if c.uses_image:
+            if x is None or x.ndim != 5 or x.shape[1] != c.encoder.in_channels:
+                got = None if x is None else tuple(x.shape)
+                raise InputError(f"image input: expected [B, {c.encoder.in_channels}, S, S, S], got {got}")
+        if c.fusion == "clinical_only":
+            features = self.clinical_embed(clinical)  # [B, F_hidden]
+        elif c.fusion == "tokens":
+            extra = self.extra_tokens(clinical)  # [B, T, D]
+            tokens = self.encoder(x, extra_tokens=extra)  # [B, N + T, D]
+            n = tokens.shape[1] - extra.shape[1]  # N follows the input size, not necessarily img_size
+            features = torch.cat([tokens[:, :n].mean(1), tokens[:, n:].mean(1)], dim=-1)  # [B, 2D]
+        else:
+            tokens = self.encoder(x)  # [B, N, D]
+            if c.fusion == "film":
+                tokens = self.film(tokens, clinical)  # [B, N, D]
+            features = tokens.mean(1)  # [B, D]
+            if c.fusion == "concat":
+                features = torch.cat([features, self.clinical_embed(clinical)], dim=-1)  # [B, D + H]
+        out = {"features": features}
+        h = self.head_drop(features)  # [B, D_fused]
+        if self.cls_head is not None:
+            out["logit"] = self.cls_head(h).squeeze(-1)  # [B]
+        if self.surv_head is not None:
+            if c.survival_head == "cox":
+                out["risk"] = self.surv_head(h).squeeze(-1)  # [B]
+            else:
+                out["hazard_logits"] = self.surv_head(h)  # [B, T]
+        return out
+
+    def extra_tokens(self, clinical: Tensor | None) -> Tensor | None:
+        """The tokens this model appends to the encoder sequence: clinical tokens [B, T, D] for fusion
+        'tokens', else None (also used by attention rollout, so it sees the same sequence)."""
+        if self.clinical_tokens is None:
+            return None
+        return self.clinical_tokens(self._check_clinical(clinical))  # [B, T, D]
+
+    def _check_clinical(self, clinical: Tensor | None) -> Tensor:
+        want = self.config.clinical_dim
+        if clinical is None or clinical.ndim != 2 or clinical.shape[1] != want:
+            got = None if clinical is None else tuple(clinical.shape)
+            raise ClinicalError(f"clinical input: expected [B, {want}] for fusion={self.config.fusion!r}, got {got}")
+        return clinical
+
+    # ---- optimisation --------------------------------------------------------------------------
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return [] if self.encoder is None else list(self.encoder.parameters())
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Everything outside the encoder: fusion blocks and task heads."""
+        return [p for n, p in self.named_parameters() if not n.startswith("encoder.")]
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm layer groups: the encoder's, under "encoder."; fusion and heads fall in the last group."""
+        return dict(stem=r"^encoder\.(?:pos_embed|patch_embed)",
+                    blocks=r"^encoder\.blocks\.(\d+)" if coarse
+                    else [(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.norm", (99999,))])
+
+    def no_weight_decay(self) -> set[str]:
+        names = {"clinical_tokens.type_embed"}
+        if self.encoder is not None:
+            names |= {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+        return names
+
+    def param_groups(self, lr: float, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+        """Optimizer groups with layer-wise lr decay over the encoder (timm.optim.param_groups_layer_decay).
+
+        As for a timm ViT, fusion and heads form the top layer (full lr), the last block and final norm
+        get lr * layer_decay, and the patch embedding lr * layer_decay ** (depth + 1). Each group carries
+        its final "lr" (lr * lr_scale) and its "lr_scale", so it works with a plain torch optimizer and with
+        schedulers that rescale by lr_scale. 1-D parameters and no_weight_decay() names get no weight decay;
+        frozen parameters are left out.
+        """
+        if self.encoder is None:  # one layer only: layer decay has nothing to act on
+            params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+            no_decay = [p for n, p in params if p.ndim <= 1 or n in self.no_weight_decay()]
+            decay = [p for n, p in params if not (p.ndim <= 1 or n in self.no_weight_decay())]
+            return [{"params": ps, "lr": lr, "lr_scale": 1.0, "weight_decay": wd}
+                    for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
+        groups = param_groups_layer_decay(self, weight_decay=weight_decay,
+                                          no_weight_decay_list=self.no_weight_decay(), layer_decay=layer_decay)
+        return [{**g, "lr": lr * g["lr_scale"]} for g in groups]
+
+    def freeze_encoder(self, linear_probe: bool = True) -> None:
+        """linear_probe=True: the encoder is frozen (no grads, kept in eval mode so drop-path is off);
+        only fusion and heads train. linear_probe=False: everything trains (full fine-tuning).
+
+        With a frozen encoder and mask_channel_init="zero" the mask channel has no effect on the
+        image features; use "mean" if a probe should see the mask.
+        """
+        self._encoder_frozen = bool(linear_probe) and self.encoder is not None
+        for p in self.encoder_parameters():
+            p.requires_grad = not linear_probe
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "_encoder_frozen", False):
+            self.encoder.eval()
+        return self
+
+    # ---- save / load ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained_encoder(cls, config: MultimodalConfig, folder: str | Path | None) -> "MultimodalModel":
+        """A fresh model whose encoder holds the pretrained ViT3D in `folder` (None: random init).
+
+        The 1-channel patch embedding is inflated to config.encoder.in_channels; any other difference
+        between the folder and config.encoder (dim, depth, heads, patch size, image size, ...) is an
+        InputError naming the mismatched keys, never a silent partial load.
+        """
+        model = cls(config)
+        if folder is None:
+            return model
+        if not config.uses_image:
+            raise InputError(f"{folder}: fusion='clinical_only' has no image encoder; do not pass a pretrained encoder")
+        pretrained = ViT3D.from_pretrained(folder)
+        mine, theirs = to_dict(config.encoder), to_dict(pretrained.config)
+        diff = [f"{k}: folder {theirs.get(k)!r} vs config {mine.get(k)!r}"
+                for k in sorted(set(mine) | set(theirs))
+                if k not in TRAINING_ONLY_KEYS and mine.get(k) != theirs.get(k)]
+        if diff:
+            raise InputError(f"{folder}: pretrained encoder does not match the fine-tuning encoder config: "
+                             + "; ".join(diff))
+        state = pretrained.state_dict()
+        key = "patch_embed.weight"
+        state[key] = inflate_patch_embed(state[key], config.encoder.in_channels, config.mask_channel_init)
+        load_state_dict_strict(model.encoder, state, f"{folder} (pretrained encoder)")
+        model.encoder.preprocessing = pretrained.preprocessing  # what pretraining inputs looked like
+        return model
+
+    def save_pretrained(self, folder: str | Path, *, extra_config: dict, card: dict) -> None:
+        """An HF-format folder: config.json = {"model_type", "architectures", "multimodal": MultimodalConfig,
+        **extra_config}.
+
+        `card` holds model_card's keyword arguments (title, intended_use, training, metrics).
+        """
+        reserved = {"model_type", "architectures", "multimodal"} & set(extra_config)
+        if reserved:
+            raise InputError(f"extra_config may not use the reserved key(s) {sorted(reserved)}")
+        config = {"model_type": MODEL_TYPE, "architectures": ["MultimodalModel"],
+                  "multimodal": to_dict(self.config), **extra_config}
+        card = {"title": "mimfm multimodal model",
+                "intended_use": "Research model: [image, lesion mask] crops and clinical data to "
+                                f"{self.config.task} scores (fusion: {self.config.fusion}).",
+                "training": {}, "metrics": {}, **card}
+        # The card lists the encoder's shape, which model_card reads from top-level keys.
+        card_config = {**to_dict(self.config.encoder), **config}
+        save_hf_folder(folder, self.state_dict(), config, model_card(card_config, **card))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> tuple["MultimodalModel", dict]:
+        """Load a folder written by save_pretrained, with strict key and shape matching."""
+        config, state = load_hf_folder(folder)
+        if config.get("model_type") != MODEL_TYPE or not isinstance(config.get("multimodal"), dict):
+            raise InputError(f"{folder}: config.json is not a {MODEL_TYPE} model "
+                             f"(model_type={config.get('model_type')!r})")
+        model = cls(from_dict(MultimodalConfig, config["multimodal"], f"{folder}/config.json:multimodal"))
+        load_state_dict_strict(model, state, str(folder))
+        return model, config

@@ -1,0 +1,202 @@
+"""The fine-tuning model: patch-embed inflation, fusion modes, heads, optimizer groups, save/load."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from data.errors import InputError
+from models.multimodal import MultimodalConfig, MultimodalModel, inflate_patch_embed
+from models.vit3d import ViT3D, ViT3DConfig
+
+S, F = 32, 5
+
+
+def encoder_config(**overrides) -> ViT3DConfig:
+    base = dict(in_channels=2, img_size=S, patch_size=8, dim=24, depth=2, heads=2)
+    return ViT3DConfig(**{**base, **overrides})
+
+
+def make(fusion="concat", task="classification", **kw) -> MultimodalModel:
+    torch.manual_seed(0)
+    cfg = MultimodalConfig(encoder=kw.pop("encoder", encoder_config()), fusion=fusion, task=task,
+                           clinical_dim=kw.pop("clinical_dim", 0 if fusion == "none" else F), **kw)
+    return MultimodalModel(cfg)
+
+
+def inputs(b=2):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, 2, S, S, S, generator=g)  # [B, 2, S, S, S]
+    x[:, 1] = (x[:, 1] > 1).float()  # a binary "mask" channel
+    return x, torch.randn(b, F, generator=g)  # [B, F]
+
+
+def save_pretrained_encoder(folder, **overrides):
+    torch.manual_seed(3)
+    enc = ViT3D(encoder_config(in_channels=1, **overrides)).eval()
+    enc.save_pretrained(folder)
+    return enc
+
+
+# ---- inflation -------------------------------------------------------------------------------------
+
+
+def test_zero_inflation_gives_the_pretrained_features(tmp_path):
+    pretrained = save_pretrained_encoder(tmp_path / "enc")
+    model = MultimodalModel.from_pretrained_encoder(make().config, tmp_path / "enc").eval()
+    x, _ = inputs()
+    with torch.no_grad():
+        want = pretrained(x[:, :1])  # [B, N, D] on the image alone
+        got = model.encoder(x)  # [B, N, D] on [image, mask]
+    assert torch.allclose(got, want, atol=1e-5)
+    w = model.encoder.patch_embed.weight
+    assert torch.equal(w[:, :1], pretrained.patch_embed.weight) and not w[:, 1].any()
+
+
+def test_mean_inflation_sets_the_mask_kernel_to_the_channel_mean(tmp_path):
+    pretrained = save_pretrained_encoder(tmp_path / "enc")
+    cfg = make(mask_channel_init="mean").config
+    w = MultimodalModel.from_pretrained_encoder(cfg, tmp_path / "enc").encoder.patch_embed.weight
+    assert torch.equal(w[:, 1], pretrained.patch_embed.weight[:, 0])
+    three = torch.randn(6, 3, 2, 2, 2)
+    wide = inflate_patch_embed(three, 5, "mean")  # [6, 5, 2, 2, 2]
+    assert torch.equal(wide[:, :3], three)
+    for c in (3, 4):
+        assert torch.allclose(wide[:, c], (three[:, 0] + three[:, 1] + three[:, 2]) / 3)
+    with pytest.raises(InputError, match="shrink"):
+        inflate_patch_embed(three, 2)
+
+
+@pytest.mark.parametrize("override, key", [({"dim": 48}, "dim"), ({"depth": 3}, "depth"),
+                                           ({"patch_size": 16}, "patch_size")])
+def test_architecture_mismatch_is_an_error_naming_the_key(tmp_path, override, key):
+    save_pretrained_encoder(tmp_path / "enc", **override)
+    with pytest.raises(InputError, match=rf"{key}: folder {list(override.values())[0]} vs config"):
+        MultimodalModel.from_pretrained_encoder(make().config, tmp_path / "enc")
+
+
+def test_no_folder_is_training_from_scratch():
+    a = MultimodalModel.from_pretrained_encoder(make().config, None)
+    assert a.encoder.patch_embed.weight.shape == (24, 2, 8, 8, 8)
+
+
+# ---- fusion modes and heads ------------------------------------------------------------------------
+
+FEATURE_DIM = {"none": 24, "concat": 24 + 16, "film": 24, "tokens": 48, "clinical_only": 16}
+
+
+@pytest.mark.parametrize("fusion", list(FEATURE_DIM))
+def test_every_fusion_runs_forward_and_backward(fusion):
+    model = make(fusion, "multitask", survival_head="discrete", n_time_bins=3, clinical_hidden=16)
+    x, clin = inputs()
+    out = model(x, clin if fusion != "none" else None)
+    assert out["features"].shape == (2, FEATURE_DIM[fusion])
+    assert out["logit"].shape == (2,) and out["hazard_logits"].shape == (2, 3)
+    (out["logit"].sum() + out["hazard_logits"].sum()).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name
+    if fusion != "none":  # the clinical branch learns (for FiLM, through its zero-initialised last layer)
+        heads = {id(p) for p in [*model.cls_head.parameters(), *model.surv_head.parameters()]}
+        fusion_params = [p for p in model.head_parameters() if id(p) not in heads]
+        assert fusion_params and any(p.grad.abs().sum() > 0 for p in fusion_params)
+
+
+@pytest.mark.parametrize("task, head, keys", [("classification", "cox", {"logit"}), ("survival", "cox", {"risk"}),
+                                              ("survival", "discrete", {"hazard_logits"}),
+                                              ("multitask", "cox", {"logit", "risk"})])
+def test_heads_match_the_task(task, head, keys):
+    model = make("concat", task, survival_head=head, n_time_bins=4)
+    out = model(*inputs())
+    assert set(out) == keys | {"features"}
+    if "risk" in keys:
+        assert model.surv_head.bias is None  # Cox is shift-invariant
+
+
+def test_clinical_tokens_join_the_sequence():
+    model = make("tokens").eval()
+    x, clin = inputs()
+    with torch.no_grad():
+        a, b = model(x, clin)["features"], model(x, clin + 1)["features"]
+    # The clinical tokens are attended to, so even the pooled image tokens change with the clinical data.
+    assert not torch.allclose(a[:, :24], b[:, :24])
+
+
+def test_film_starts_as_identity():
+    film, none = make("film").eval(), make("none").eval()
+    none.encoder.load_state_dict(film.encoder.state_dict())
+    x, clin = inputs()
+    with torch.no_grad():
+        assert torch.allclose(film(x, clin)["features"], none(x, None)["features"], atol=1e-6)
+        torch.nn.init.normal_(film.film.net[-1].weight)
+        assert not torch.allclose(film(x, clin)["features"], none(x, None)["features"], atol=1e-3)
+
+
+def test_clinical_only_is_a_linear_model_without_encoder():
+    model = make("clinical_only", "survival", clinical_hidden=0, head_dropout=0.5).train()
+    assert model.encoder is None and model.encoder_parameters() == []
+    assert len(model.head_parameters()) == len(list(model.parameters())) == 1
+    _, clin = inputs(8)
+    risk = model(None, clin)["risk"]
+    assert torch.allclose(risk, clin @ model.surv_head.weight[0])  # exactly linear, even in train mode
+
+
+def test_bad_clinical_input_names_the_shape():
+    with pytest.raises(InputError, match=r"expected \[B, 5\]"):
+        make("concat")(inputs()[0], torch.zeros(2, 4))
+    with pytest.raises(InputError, match="clinical_dim"):
+        MultimodalConfig(encoder=encoder_config(), fusion="concat", clinical_dim=0)
+
+
+# ---- optimisation ----------------------------------------------------------------------------------
+
+
+def test_param_groups_decay_the_encoder_layers():
+    model = make("concat")
+    groups = model.param_groups(lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) == len(trainable) == len(lr_of)
+    depth = model.config.encoder.depth
+    assert lr_of[id(model.encoder.patch_embed.weight)] == 0.5 ** (depth + 1)
+    assert lr_of[id(model.encoder.blocks[0].attn.qkv.weight)] == 0.5 ** depth
+    assert lr_of[id(model.encoder.blocks[-1].attn.qkv.weight)] == 0.5
+    assert lr_of[id(model.cls_head.weight)] == 1.0
+    wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert wd_of[id(model.cls_head.weight)] == 0.05 and wd_of[id(model.cls_head.bias)] == 0.0
+
+
+def test_linear_probe_freezes_the_encoder():
+    model = make("concat")
+    model.freeze_encoder(linear_probe=True)
+    model.train()
+    assert not model.encoder.training and model.cls_head.training
+    in_groups = {id(p) for g in model.param_groups(1e-3, 0.05, 0.75) for p in g["params"]}
+    assert in_groups == {id(p) for p in model.head_parameters()}
+    model.freeze_encoder(linear_probe=False)
+    model.train()
+    assert model.encoder.training and model.encoder.blocks[0].attn.qkv.weight.requires_grad
+
+
+# ---- save / load -----------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_is_exact_and_strict(tmp_path):
+    model = make("tokens", "multitask", survival_head="discrete", n_time_bins=3).eval()
+    extra = {"clinical_schema": {"age": "numeric"}, "time_bins": [0.0, 12.0, 24.0], "crop_size": S}
+    model.save_pretrained(tmp_path / "mm", extra_config=extra, card={"title": "test", "metrics": {"auc": 0.5}})
+    loaded, config = MultimodalModel.from_pretrained(tmp_path / "mm")
+    assert dataclasses.asdict(loaded.config) == dataclasses.asdict(model.config)
+    assert {k: config[k] for k in extra} == extra
+    x, clin = inputs()
+    with torch.no_grad():
+        a, b = model(x, clin), loaded.eval()(x, clin)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "auc" in (tmp_path / "mm" / "README.md").read_text()
+
+    path = tmp_path / "mm" / "config.json"
+    saved = json.loads(path.read_text())
+    saved["multimodal"]["fusion"] = "concat"
+    path.write_text(json.dumps(saved))
+    with pytest.raises(InputError, match="unexpected keys: clinical_tokens"):
+        MultimodalModel.from_pretrained(tmp_path / "mm")
