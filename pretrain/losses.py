@@ -1,0 +1,61 @@
+"""MiM losses: per-level masked reconstruction (MAE's normalised-pixel MSE) and cross-level alignment.
+
+Patches are flattened as MAE does: tokens in row-major (d, h, w) grid order, the same order as
+`Conv3d(...).flatten(2).transpose(1, 2)`, and each patch's voxels as (pd, ph, pw, C).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from data.errors import InputError
+
+NORM_EPS = 1e-6  # MAE's epsilon in the per-patch normalisation
+
+
+def patchify(x: Tensor, p: int) -> Tensor:
+    """[B, C, S, S, S] -> [B, N, p^3 * C] with N = (S / p)^3."""
+    b, c, *spatial = x.shape
+    if len(spatial) != 3 or len(set(spatial)) != 1 or spatial[0] % p:
+        raise InputError(f"patchify: need a cubic [B, C, S, S, S] volume with S divisible by {p}, "
+                         f"got {tuple(x.shape)}")
+    g = spatial[0] // p
+    x = x.reshape(b, c, g, p, g, p, g, p)
+    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # [B, g, g, g, p, p, p, C]
+    return x.reshape(b, g**3, p**3 * c)    # [B, N, p^3 C]
+
+
+def unpatchify(patches: Tensor, p: int) -> Tensor:
+    """[B, N, p^3 * C] -> [B, C, S, S, S]; the exact inverse of `patchify`."""
+    b, n, dim = patches.shape
+    g = round(n ** (1 / 3))
+    if g**3 != n or dim % p**3:
+        raise InputError(f"unpatchify: {n} tokens of {dim} values are not a cubic grid of {p}^3 patches")
+    c = dim // p**3
+    x = patches.reshape(b, g, g, g, p, p, p, c)
+    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)      # [B, C, g, p, g, p, g, p]
+    return x.reshape(b, c, g * p, g * p, g * p)  # [B, C, S, S, S]
+
+
+def patch_stats(patches: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-patch mean and (unbiased, as MAE) variance of [B, N, P]: two [B, N, 1] tensors."""
+    return patches.mean(dim=-1, keepdim=True), patches.var(dim=-1, keepdim=True)
+
+
+def masked_reconstruction_loss(pred: Tensor, target_patches: Tensor, mask: Tensor, norm_pix: bool = True) -> Tensor:
+    """MSE per patch, averaged over masked tokens only. pred, target [B, N, P]; mask [B, N] bool."""
+    target = target_patches.float()
+    if norm_pix:
+        mean, var = patch_stats(target)
+        target = (target - mean) / (var + NORM_EPS) ** 0.5  # [B, N, P]
+    per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # [B, N]
+    m = mask.float()                                          # [B, N]
+    return (per_patch * m).sum() / m.sum()
+
+
+def alignment_loss(child_feat: Tensor, parent_feat: Tensor) -> Tensor:
+    """2 - 2 cos(child, parent), mean over pairs; the parent side is a stop-gradient target. [M, D] each."""
+    child = F.normalize(child_feat.float(), dim=-1)              # [M, D]
+    parent = F.normalize(parent_feat.detach().float(), dim=-1)   # [M, D]
+    return (2 - 2 * (child * parent).sum(dim=-1)).mean()

@@ -1,0 +1,284 @@
+"""MiM model and losses: patch layout, loss values, L=1 == MAE, batched passes, real parent pairing, training."""
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from data.config import from_dict, to_dict
+from data.errors import ConfigError
+from models.mim import MiMConfig, MiMModel, grid_sincos, reconstruct_volumes
+from models.pos_embed import sincos_3d
+from models.vit3d import ViT3DConfig
+from pretrain.losses import alignment_loss, masked_reconstruction_loss, patchify, unpatchify
+from pretrain.masks import MaskConfig, build_hierarchy
+
+P = 4  # patch edge; img 16 -> a 4^3 grid of 64 tokens
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Two intra-op threads on 2 cores shared with other jobs thrash (20x slower here); one does not.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(levels=3, ratios=(0.75,), **kw) -> MiMConfig:
+    enc = ViT3DConfig(img_size=16, patch_size=P, dim=24, depth=2, heads=2)
+    masks = MaskConfig(levels=levels, mask_ratio=ratios)
+    return MiMConfig(encoder=enc, masks=masks, decoder_dim=16, decoder_depth=1, decoder_heads=2, proj_dim=8,
+                     level_weights=(1.0,), **kw)
+
+
+def levels_for(cfg: MiMConfig, batch=2, seed=0, crops=None):
+    if crops is None:
+        crops = torch.randn(batch, 1, 32, 32, 32, generator=torch.Generator().manual_seed(seed + 50))
+    return build_hierarchy(crops, cfg.masks, P, 16, torch.Generator().manual_seed(seed))
+
+
+# --- patches ------------------------------------------------------------------------------------------------
+
+def test_patchify_matches_conv3d_token_order_and_patch_layout():
+    c, p, s = 2, 2, 6
+    x = torch.randn(3, c, s, s, s)
+    # A Conv3d whose output channel k copies voxel (i, j, l, ch) of the patch, with k = ((i*p + j)*p + l)*C + ch.
+    conv = torch.nn.Conv3d(c, p**3 * c, kernel_size=p, stride=p, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        for i in range(p):
+            for j in range(p):
+                for l in range(p):
+                    for ch in range(c):
+                        conv.weight[((i * p + j) * p + l) * c + ch, ch, i, j, l] = 1.0
+    expected = conv(x).flatten(2).transpose(1, 2)  # [B, N, p^3 C]
+    torch.testing.assert_close(patchify(x, p), expected)
+    # Token 1 is the patch one step along w.
+    torch.testing.assert_close(patchify(x, p)[0, 1, :c], x[0, :, 0, 0, p])
+
+
+def test_unpatchify_is_the_exact_inverse():
+    x = torch.randn(2, 3, 8, 8, 8)
+    assert torch.equal(unpatchify(patchify(x, 4), 4), x)
+    t = torch.randn(2, 27, 2 * 8)
+    assert torch.equal(patchify(unpatchify(t, 2), 2), t)
+
+
+# --- losses ---------------------------------------------------------------------------------------------------
+
+def test_reconstruction_loss_on_hand_values():
+    target = torch.tensor([[[0.0, 0.0, 0.0, 4.0], [1.0, 2.0, 3.0, 4.0]]])  # [1, 2 tokens, 4 values]
+    mask = torch.tensor([[True, False]])
+    pred = torch.zeros(1, 2, 4)
+    # Raw pixels: only token 0 counts, mean(0, 0, 0, 16) = 4.
+    assert masked_reconstruction_loss(pred, target, mask, norm_pix=False).item() == pytest.approx(4.0)
+    # Normalised: token 0 has mean 1 and unbiased var 4 -> [-0.5, -0.5, -0.5, 1.5]; MSE vs 0 is 0.75.
+    assert masked_reconstruction_loss(pred, target, mask).item() == pytest.approx(0.75, rel=1e-5)
+    pred[0, 0, 0] = 1.0  # errors [1.5, 0.5, 0.5, -1.5] -> MSE 1.25
+    assert masked_reconstruction_loss(pred, target, mask).item() == pytest.approx(1.25, rel=1e-5)
+    pred[0, 1] = 100.0  # the visible token's prediction does not count
+    assert masked_reconstruction_loss(pred, target, mask).item() == pytest.approx(1.25, rel=1e-5)
+    # Both tokens masked: the mean of the two per-patch MSEs. Token 1: mean 2.5, var 5/3, prediction 1.
+    t1 = torch.tensor([-1.5, -0.5, 0.5, 1.5]) / (5 / 3) ** 0.5
+    expected = (1.25 + ((1 - t1) ** 2).mean().item()) / 2
+    pred[0, 1] = 1.0
+    both = torch.tensor([[True, True]])
+    assert masked_reconstruction_loss(pred, target, both).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_alignment_loss_values_and_stop_gradient():
+    a = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    assert alignment_loss(a, 3 * a).item() == pytest.approx(0.0, abs=1e-6)
+    assert alignment_loss(a, -a).item() == pytest.approx(4.0)
+    assert alignment_loss(a, a.flip(0)).item() == pytest.approx(2.0)  # rows are orthogonal
+    child = torch.randn(5, 8, requires_grad=True)
+    parent = torch.randn(5, 8, requires_grad=True)
+    alignment_loss(child, parent).backward()
+    assert parent.grad is None
+    assert child.grad is not None and child.grad.abs().sum() > 0
+
+
+# --- L = 1 is MAE ---------------------------------------------------------------------------------------------
+
+def mae_reference_loss(model: MiMModel, x: torch.Tensor, noise: torch.Tensor, ratio: float):
+    """models_mae.py's forward, written out again: random_masking, unshuffle with ids_restore, norm-pix MSE."""
+    b, n = noise.shape
+    len_keep = int(n * (1 - ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    mask = torch.ones(b, n)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    latent = model.encoder(x, ids_keep)  # visible tokens in shuffled order
+    y = model.decoder_embed(latent)
+    y = torch.cat([y, model.mask_token.repeat(b, n - len_keep, 1)], dim=1)
+    y = torch.gather(y, 1, ids_restore[..., None].repeat(1, 1, y.shape[2]))
+    y = y + model.decoder_pos_embed
+    for blk in model.decoder_blocks:
+        y = blk(y)
+    pred = model.decoder_pred(model.decoder_norm(y))
+    target = rearrange(x, "b c (d p1) (h p2) (w p3) -> b (d h w) (p1 p2 p3 c)", p1=P, p2=P, p3=P)
+    mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+    target = (target - mean) / (var + 1.0e-6) ** 0.5
+    loss = ((pred - target) ** 2).mean(dim=-1)
+    return (loss * mask).sum() / mask.sum(), mask
+
+
+def test_single_level_equals_mae():
+    torch.manual_seed(0)
+    cfg = tiny_config(levels=1)
+    model = MiMModel(cfg).eval()
+    assert model.projector is None
+    crops = torch.randn(3, 1, 32, 32, 32)
+    levels = build_hierarchy(crops, cfg.masks, P, 16, torch.Generator().manual_seed(11))
+    out = model(levels)
+    assert sorted(out) == ["loss", "pred_l1", "rec_l1"]
+
+    x = F.interpolate(crops, size=(16, 16, 16), mode="trilinear", align_corners=False)
+    noise = torch.rand(3, 64, generator=torch.Generator().manual_seed(11))
+    ref_loss, ref_mask = mae_reference_loss(model, x, noise, 0.75)
+    assert torch.equal(levels[0].mask, ref_mask.bool())
+    torch.testing.assert_close(out["loss"], ref_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["rec_l1"], ref_loss, atol=1e-5, rtol=1e-5)
+
+
+# --- batching ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ratios,passes", [((0.75,), 1), ((0.75, 0.5, 0.75), 2)])
+def test_batched_passes_equal_each_level_alone(ratios, passes):
+    torch.manual_seed(0)
+    cfg = tiny_config(levels=3, ratios=ratios)
+    model = MiMModel(cfg).eval()
+    levels = levels_for(cfg)
+    calls = []
+    hook = model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    latents = model.forward_encoder(levels)
+    hook.remove()
+    assert len(calls) == passes
+    feats, preds = model.forward_decoder(levels, latents)
+    for lvl, latent, feat, pred in zip(levels, latents, feats, preds):
+        alone = model.encoder(lvl.x, lvl.visible_idx)
+        torch.testing.assert_close(latent, alone, atol=1e-5, rtol=1e-5)
+        (feat1,), (pred1,) = model.forward_decoder([lvl], [alone])
+        torch.testing.assert_close(feat, feat1, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pred, pred1, atol=1e-5, rtol=1e-5)
+        assert pred.shape == (lvl.x.shape[0], 64, P**3)
+
+
+# --- cross-level pairing ------------------------------------------------------------------------------------------
+
+def test_alignment_pairs_each_child_with_its_real_parent_region():
+    torch.manual_seed(0)
+    cfg = tiny_config(levels=3)
+    model = MiMModel(cfg).eval()
+    levels = levels_for(cfg)
+    with torch.no_grad():
+        feats, preds = model.forward_decoder(levels, model.forward_encoder(levels))
+        out = model.forward_loss(levels, feats, preds)
+        for i in (1, 2):
+            child, par_feats = levels[i], feats[i - 1]
+            terms = []
+            for row in range(child.x.shape[0]):
+                parent_row = par_feats[int(child.parent[row])]                      # [N, Dd]
+                region = parent_row[child.parent_tokens[row]].mean(dim=0)          # [Dd]
+                a = model.projector(feats[i][row].mean(dim=0))
+                b = model.projector(region)
+                terms.append(2 - 2 * F.cosine_similarity(a, b, dim=0))
+            torch.testing.assert_close(out[f"align_l{i + 1}"], torch.stack(terms).mean(), atol=1e-5, rtol=1e-5)
+
+        # Pair children with an index neighbour's parent instead: the term changes.
+        wrong = levels[1]
+        shifted = dataclasses.replace(wrong, parent=wrong.parent.roll(1))
+        mispaired = model.cross_level_loss(shifted, feats[1], feats[0])
+        assert not torch.isclose(mispaired, out["align_l2"], atol=1e-4)
+
+    expected_total = sum(out[f"rec_l{i}"] for i in (1, 2, 3)) + out["align_l2"] + out["align_l3"]
+    torch.testing.assert_close(out["loss"], expected_total)
+
+
+def test_loss_weights_scale_their_terms():
+    torch.manual_seed(0)
+    base = tiny_config(levels=2)
+    weighted = dataclasses.replace(base, level_weights=(2.0, 3.0), align_weight=0.5)
+    model = MiMModel(base).eval()
+    levels = levels_for(base)
+    with torch.no_grad():
+        out = model(levels)
+        model.config = weighted
+        out_w = model(levels)
+    expected = 2 * out["rec_l1"] + 3 * out["rec_l2"] + 0.5 * out["align_l2"]
+    torch.testing.assert_close(out_w["loss"], expected)
+
+
+def test_alignment_gradient_reaches_child_side_only():
+    torch.manual_seed(0)
+    cfg = tiny_config(levels=2)
+    model = MiMModel(cfg)
+    levels = levels_for(cfg)
+    feats, _ = model.forward_decoder(levels, model.forward_encoder(levels))
+    parent_feats = feats[0].detach().requires_grad_(True)
+    model.cross_level_loss(levels[1], feats[1], parent_feats).backward()
+    assert parent_feats.grad is None
+    assert model.projector.fc1.weight.grad.abs().sum() > 0
+
+
+# --- previews, config -----------------------------------------------------------------------------------------------
+
+def test_reconstruct_volumes_keeps_visible_and_unnormalises_masked():
+    cfg = tiny_config(levels=1)
+    (lvl,) = levels_for(cfg)
+    target = patchify(lvl.x, P)  # [B, N, P^3]
+    mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+    perfect = (target - mean) / (var + 1e-6) ** 0.5
+    torch.testing.assert_close(reconstruct_volumes(lvl, perfect, P), lvl.x, atol=1e-5, rtol=1e-5)
+    zeros = reconstruct_volumes(lvl, torch.zeros_like(target), P)  # masked patches -> their own mean
+    got = patchify(zeros, P)
+    m = lvl.mask
+    torch.testing.assert_close(got[~m], target[~m])
+    torch.testing.assert_close(got[m], mean.expand_as(target)[m])
+
+
+def test_decoder_sincos_matches_pos_embed_module_and_handles_dim_128():
+    assert torch.equal(grid_sincos(96, 4), sincos_3d(96, 4))
+    emb = grid_sincos(128, 4)
+    assert emb.shape == (1, 64, 128) and len({tuple(r) for r in emb[0].tolist()}) == 64  # distinct rows
+
+
+def test_config_validation_and_round_trip():
+    cfg = tiny_config(levels=3)
+    assert from_dict(MiMConfig, to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError):
+        MiMConfig(encoder=cfg.encoder, masks=cfg.masks, level_weights=(1.0, 1.0))
+    with pytest.raises(ConfigError):
+        from_dict(MiMConfig, {**to_dict(cfg), "decoder_heads": 3})
+    with pytest.raises(ConfigError):  # 3 children of 2^3 patches do not fit 0.25 * 64 = 16 masked patches
+        from_dict(MiMConfig, {**to_dict(cfg), "masks": {"children": 3, "mask_ratio": [0.25]}})
+
+
+# --- it learns ------------------------------------------------------------------------------------------
+
+def test_loss_decreases_when_overfitting_a_fixed_batch():
+    torch.manual_seed(0)
+    cfg = tiny_config(levels=3)
+    model = MiMModel(cfg)
+    # One smooth plane wave: normalised patches share a shape, so a tiny model learns them in seconds.
+    axis = torch.linspace(0, 2 * math.pi, 32)
+    d, h, w = torch.meshgrid(axis, axis, axis, indexing="ij")
+    crops = torch.sin(d + 2 * h + w)[None, None]  # [1, 1, 32, 32, 32]
+    levels = levels_for(cfg, crops=crops)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = []
+    for _ in range(30):
+        out = model(levels)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        history.append({k: v.item() for k, v in out.items() if v.ndim == 0})
+    assert all(math.isfinite(h["loss"]) for h in history)
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"], [h["loss"] for h in history]
+    # Predicting each patch's own mean scores (P - 1) / P = 63/64 on normalised targets: beat it.
+    assert history[-1]["rec_l3"] < 0.92, history[-1]
