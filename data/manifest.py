@@ -163,8 +163,12 @@ def read_any(path) -> pd.DataFrame:
     raise ManifestError(f"{path}: expected a folder of NIfTIs, a .csv manifest or a .json datalist")
 
 
+# Columns that data.prepare adds (cache paths): never clinical features.
+DERIVED_COLUMNS = ("cache_image", "cache_mask")
+
+
 def clinical_columns(df: pd.DataFrame) -> list[str]:
-    return [c for c in df.columns if c not in STANDARD_COLUMNS]
+    return [c for c in df.columns if c not in STANDARD_COLUMNS and c not in DERIVED_COLUMNS]
 
 
 def _read_csv(path: Path, where: str) -> pd.DataFrame:

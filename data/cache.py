@@ -1,0 +1,139 @@
+"""The preprocessed-volume cache: uncompressed .npy files read back memory-mapped.
+
+An entry's key is sha256(image bytes digest, mask bytes digest or "", preprocessing key), so a
+changed source file or a changed parameter never serves a stale entry. Layout:
+
+    cache_dir/<key[:2]>/<key>/image.npy   [1, X, Y, Z] float32
+                              mask.npy    [1, X, Y, Z] uint8 (absent without a mask)
+                              meta.json   written last: its presence means the entry is complete
+
+Entries are built in a temporary directory and moved into place whole (`atomic_dir`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data.atomic import atomic_dir, write_json
+
+_CHUNK = 1 << 20
+# A file modified this recently may still change within the same timestamp tick, so its digest
+# is not memoised (the "racy git" rule): size and mtime alone could then hide an edit.
+_RACY_SECONDS = 2.0
+HASH_INDEX = "hash-index.json"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class HashIndex:
+    """Memoised file digests keyed by (resolved path, size, mtime_ns, inode), kept in cache_dir/hash-index.json.
+
+    Only a speed-up: a file whose stat changed, or that was modified within the last
+    `_RACY_SECONDS` when hashed, is hashed again.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None):
+        self.path = Path(cache_dir) / HASH_INDEX if cache_dir is not None else None
+        self.table: dict[str, list] = {}
+        self.dirty = False
+        if self.path is not None and self.path.is_file():
+            try:
+                self.table = json.loads(self.path.read_text())
+            except (OSError, json.JSONDecodeError):
+                self.table = {}  # a damaged index only costs a rehash
+
+    def digest(self, path: str | os.PathLike) -> str:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        known = self.table.get(real)
+        if known is not None and known[:3] == stamp:
+            return known[3]
+        digest = file_digest(real)
+        if time.time() - st.st_mtime_ns / 1e9 > _RACY_SECONDS:
+            self.table[real] = stamp + [digest]
+            self.dirty = True
+        return digest
+
+    def save(self) -> None:
+        if self.path is not None and self.dirty:
+            # Concurrent writers each replace the whole file; a lost update only costs a rehash.
+            write_json(self.path, self.table)
+            self.dirty = False
+
+
+def entry_key(image_digest: str, mask_digest: str | None, prep_key: str) -> str:
+    payload = json.dumps([image_digest, mask_digest or "", prep_key])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def entry_dir(cache_dir: str | os.PathLike, key: str) -> Path:
+    return Path(cache_dir) / key[:2] / key
+
+
+@dataclass
+class CacheEntry:
+    """One preprocessed subject; arrays are opened memory-mapped on each call (cheap, and picklable)."""
+
+    dir: Path
+    meta: dict = field(repr=False)
+
+    @property
+    def image_path(self) -> Path:
+        return self.dir / "image.npy"
+
+    @property
+    def mask_path(self) -> Path | None:
+        return self.dir / "mask.npy" if self.meta.get("has_mask") else None
+
+    def image(self) -> np.ndarray:
+        return np.load(self.image_path, mmap_mode="r")  # [1, X, Y, Z] float32
+
+    def mask(self) -> np.ndarray | None:
+        return np.load(self.mask_path, mmap_mode="r") if self.mask_path else None  # [1, X, Y, Z] uint8
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike) -> "CacheEntry":
+        directory = Path(directory)
+        return cls(dir=directory, meta=json.loads((directory / "meta.json").read_text()))
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike) -> "CacheEntry":
+        """The entry holding `path`: its directory, or a file in it such as the index CSV's cache_image."""
+        path = Path(path)
+        return cls.open(path if path.is_dir() else path.parent)
+
+
+def lookup(cache_dir: str | os.PathLike, key: str) -> CacheEntry | None:
+    """The complete entry for `key`, or None (a directory without meta.json is not an entry)."""
+    d = entry_dir(cache_dir, key)
+    if not (d / "meta.json").is_file():
+        return None
+    return CacheEntry.open(d)
+
+
+def write_entry(cache_dir: str | os.PathLike, key: str, image: np.ndarray, mask: np.ndarray | None,
+                meta: dict) -> CacheEntry:
+    """Write image [1,X,Y,Z] float32, optional mask [1,X,Y,Z] (stored uint8) and meta, all or nothing."""
+    final = entry_dir(cache_dir, key)
+    meta = {**meta, "key": key, "has_mask": mask is not None}
+    with atomic_dir(final) as tmp:
+        np.save(tmp / "image.npy", np.ascontiguousarray(image, dtype=np.float32))
+        if mask is not None:
+            np.save(tmp / "mask.npy", np.ascontiguousarray(mask > 0.5, dtype=np.uint8))
+        # meta.json last: a reader treats its presence as "entry complete".
+        write_json(tmp / "meta.json", meta)
+    return CacheEntry(dir=final, meta=meta)

@@ -1,0 +1,128 @@
+"""Torch datasets over the cache: random crops for pretraining, lesion-centred crops for fine-tuning.
+
+Every random draw comes from (seed, epoch, item index), never from worker or global state, so a
+resumed run or a different number of workers sees exactly the same data. Call `set_epoch(epoch)`
+before each epoch; load with `monai.data.DataLoader`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.transforms import (
+    Compose,
+    RandAffined,
+    RandFlipd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+)
+from monai.utils import convert_to_tensor
+from torch.utils.data import Dataset
+
+from data.cache import CacheEntry
+from data.crops import crop_with_pad, lesion_crop, random_crop_boxes
+from data.errors import InputError
+
+
+def _pad_value(image_path: Path) -> float:
+    """Background value stored by data.prepare next to image.npy; else the volume's minimum."""
+    meta = image_path.parent / "meta.json"
+    if meta.is_file():
+        value = json.loads(meta.read_text()).get("pad_value")
+        if value is not None:
+            return float(value)
+    return float(np.load(image_path, mmap_mode="r").min())
+
+
+def _item_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])  # fits a uint32
+
+
+class PretrainCrops(Dataset):
+    """Item i -> [crops_per_volume, 1, S, S, S] float32: random crops of volume i (padded if it is smaller)."""
+
+    def __init__(self, entries: Sequence[CacheEntry | str | Path], crop_size: int, crops_per_volume: int, seed: int):
+        # Paths, not memory maps: a np.memmap would be pickled whole into every worker.
+        self.paths = [e.image_path if isinstance(e, CacheEntry) else Path(e) for e in entries]
+        missing = [str(p) for p in self.paths if not p.is_file()]
+        if missing:
+            raise InputError(f"PretrainCrops: {len(missing)} cached image(s) not found, e.g. {missing[0]}; rerun data.prepare")
+        self.pad_values = [_pad_value(p) for p in self.paths]
+        self.crop_size = int(crop_size)
+        self.crops_per_volume = int(crops_per_volume)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        volume = np.load(self.paths[i], mmap_mode="r")  # [1, X, Y, Z]
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        boxes = random_crop_boxes(volume.shape[1:], self.crop_size, self.crops_per_volume, rng)
+        crops = [crop_with_pad(volume, start, size, self.pad_values[i]) for start, size in boxes]  # each [1, S, S, S]
+        return torch.from_numpy(np.stack(crops).astype(np.float32, copy=False))  # [K, 1, S, S, S]
+
+
+def lesion_augment() -> Compose:
+    """Joint image/mask augmentation: flips, a small rotation/scale, intensity scale/shift and noise."""
+    keys = ["image", "mask"]
+    return Compose([
+        RandFlipd(keys, prob=0.5, spatial_axis=0),
+        RandFlipd(keys, prob=0.5, spatial_axis=1),
+        RandFlipd(keys, prob=0.5, spatial_axis=2),
+        RandAffined(keys, prob=0.5, rotate_range=(0.26, 0.26, 0.26), scale_range=(0.1, 0.1, 0.1),
+                    mode=("bilinear", "nearest"), padding_mode=("border", "zeros")),
+        RandScaleIntensityd("image", factors=0.1, prob=0.5),
+        RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        RandGaussianNoised("image", prob=0.3, std=0.05),
+    ])
+
+
+class LesionCrops(Dataset):
+    """Item i -> {"x": [2, S, S, S] float32 (image, mask), "index": i}: the lesion-centred crop of row i.
+
+    `df` needs cache_image and cache_mask (the index CSV written by data.prepare).
+    """
+
+    def __init__(self, df: pd.DataFrame, crop_size: int, margin_vox: int, augment: bool, seed: int):
+        for col in ("cache_image", "cache_mask"):
+            if col not in df.columns:
+                raise InputError(f"LesionCrops: column {col!r} missing; use the index CSV written by data.prepare")
+        no_mask = [str(s) for s, m in zip(df.get("subject_id", df.index), df["cache_mask"]) if not isinstance(m, str) or not m]
+        if no_mask:
+            raise InputError(f"LesionCrops: subject(s) {no_mask[:5]} have no cached mask; lesion crops need one")
+        self.images = [Path(p) for p in df["cache_image"]]
+        self.masks = [Path(p) for p in df["cache_mask"]]
+        self.pad_values = [_pad_value(p) for p in self.images]
+        self.crop_size = int(crop_size)
+        self.margin_vox = int(margin_vox)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.transform = lesion_augment() if augment else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        image = np.load(self.images[i], mmap_mode="r")  # [1, X, Y, Z] float32
+        mask = np.load(self.masks[i], mmap_mode="r")  # [1, X, Y, Z] uint8
+        x = lesion_crop(image, mask, self.crop_size, self.margin_vox, pad_value=self.pad_values[i])  # [2, S, S, S]
+        if self.transform is not None:
+            self.transform.set_random_state(seed=_item_seed(self.seed, self.epoch, i))
+            out = self.transform({"image": torch.from_numpy(x[:1]), "mask": torch.from_numpy(x[1:])})
+            x = torch.cat([convert_to_tensor(out["image"], track_meta=False),
+                           convert_to_tensor(out["mask"], track_meta=False)])  # [2, S, S, S]
+        x = torch.as_tensor(x, dtype=torch.float32)
+        return {"x": x, "index": i}

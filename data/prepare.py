@@ -1,0 +1,385 @@
+"""Preprocess subjects into the cache: load and check, resample, normalise intensity, crop foreground.
+
+    python -m data.prepare --manifest cohort/manifest.csv --cache cache/ [--spacing 2 2 2] [--modality mri] [--workers 4]
+
+writes one cache entry per subject (see data/cache.py) and cache/index-<name>.csv: the input
+table plus `cache_image` and `cache_mask` columns, which the datasets read.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.data import MetaTensor
+from monai.transforms import ScaleIntensityRange, Spacingd
+from monai.transforms.utils import generate_spatial_bounding_box
+from scipy.ndimage import binary_fill_holes
+from tqdm import tqdm
+
+from data import cache
+from data.atomic import write_text
+from data.config import parse_config, to_dict
+from data.errors import ConfigError, InputError, NiftiError, cli_entry
+from data.manifest import read_datalist, read_manifest, scan_folder
+from data.nifti import Volume, load_pair, load_volume
+
+# Bump when the preprocessing code changes its output, so old cache entries are not served.
+PREP_VERSION = 1
+CT_BODY_HU = -500.0  # above air and lung, below fat: voxels inside the body for the foreground box
+
+
+@dataclass
+class PrepConfig:
+    spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)  # target voxel size, mm
+    modality: Literal["mri", "ct"] = "mri"  # mri: percentile clip + z-score in the foreground; ct: HU window -> [0, 1]
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)  # HU mapped to 0 and 1
+    mri_percentiles: tuple[float, float] = (0.5, 99.5)  # clip range, computed in the foreground
+    crop_foreground: bool = True
+    foreground_margin: int = 4  # voxels kept around the foreground box (the box always contains the whole mask)
+
+    def __post_init__(self):
+        if len(self.spacing) != 3 or not all(s > 0 and math.isfinite(s) for s in self.spacing):
+            raise ConfigError(f"spacing: expected 3 positive mm values, got {self.spacing}")
+        if self.modality not in ("mri", "ct"):
+            raise ConfigError(f"modality: expected 'mri' or 'ct', got {self.modality!r}")
+        if not self.ct_window[0] < self.ct_window[1]:
+            raise ConfigError(f"ct_window: expected low < high HU, got {self.ct_window}")
+        if not 0 <= self.mri_percentiles[0] < self.mri_percentiles[1] <= 100:
+            raise ConfigError(f"mri_percentiles: expected 0 <= low < high <= 100, got {self.mri_percentiles}")
+        if self.foreground_margin < 0:
+            raise ConfigError(f"foreground_margin: expected >= 0 voxels, got {self.foreground_margin}")
+
+    def key(self) -> str:
+        """Stable short hash of every parameter and PREP_VERSION: part of each cache key."""
+        text = json.dumps({"prep_version": PREP_VERSION, **to_dict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---- volume operations -------------------------------------------------------------------------
+
+def resample(image: Volume, mask: Volume | None, spacing) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Resample to `spacing` mm: image trilinear, mask nearest then re-binarised.
+
+    Returns image [X,Y,Z] float32, mask [X,Y,Z] float32 0/1 or None, and the new affine. MONAI keeps
+    the axis directions and the first voxel's world position, so every voxel of the new grid maps
+    to the same world point as the matching position of the old one.
+    """
+    if np.allclose(image.spacing, spacing, rtol=1e-4, atol=0):
+        return image.array, (mask.array if mask else None), image.affine
+    affine = torch.as_tensor(image.affine, dtype=torch.float64)
+    data = {"image": MetaTensor(torch.from_numpy(image.array)[None], affine=affine)}  # [1, X, Y, Z]
+    keys, modes = ["image"], ["bilinear"]
+    if mask is not None:
+        data["mask"] = MetaTensor(torch.from_numpy(mask.array)[None], affine=affine.clone())
+        keys.append("mask")
+        modes.append("nearest")
+    out = Spacingd(keys, pixdim=tuple(spacing), mode=modes, padding_mode="border", dtype=np.float32)(data)
+    new_affine = out["image"].affine.numpy().astype(np.float64)
+    img = out["image"].as_tensor()[0].numpy().astype(np.float32, copy=False)  # [X', Y', Z']
+    msk = (out["mask"].as_tensor()[0].numpy() > 0.5).astype(np.float32) if mask is not None else None
+    return img, msk, new_affine
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold on a histogram (hand-written: MONAI's ForegroundMask needs scikit-image).
+
+    The histogram spans min..99.9th percentile so a few very bright voxels do not squash it.
+    """
+    lo, hi = float(values.min()), float(np.percentile(values, 99.9))
+    if hi <= lo:
+        hi = float(values.max())
+    counts, edges = np.histogram(np.clip(values, lo, hi), bins=bins, range=(lo, hi))
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(counts)  # voxels at or below each bin
+    w1 = w0[-1] - w0
+    s0 = np.cumsum(counts * centres)
+    m0 = s0 / np.maximum(w0, 1)
+    m1 = (s0[-1] - s0) / np.maximum(w1, 1)
+    between = w0 * w1 * (m0 - m1) ** 2  # between-class variance for a cut after each bin
+    return float(edges[int(np.argmax(between[:-1])) + 1])
+
+
+def foreground_mask(image: np.ndarray, modality: str) -> np.ndarray:
+    """Head/body voxels of `image` [X,Y,Z] as bool: CT above CT_BODY_HU; MRI above Otsu, holes filled."""
+    if modality == "ct":
+        return image > CT_BODY_HU
+    # Filling holes keeps dark structures enclosed by tissue (ventricles, necrotic cores) in the foreground.
+    return binary_fill_holes(image > otsu_threshold(image))
+
+
+def normalise(image: np.ndarray, fg: np.ndarray, cfg: PrepConfig) -> tuple[np.ndarray, dict]:
+    """Intensity normalisation -> (image [X,Y,Z] float32, stats incl. the background/pad value).
+
+    CT: HU window -> [0, 1] (MONAI ScaleIntensityRange). MRI: clip to percentiles of the
+    foreground, then z-score with the foreground mean/std; background is set to the clipped minimum.
+    MONAI's NormalizeIntensity(nonzero=True) would use nonzero voxels, not this foreground, hence by hand.
+    """
+    if cfg.modality == "ct":
+        lo, hi = cfg.ct_window
+        out = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(image)
+        return np.asarray(out, dtype=np.float32), {"window": [lo, hi], "pad_value": 0.0}
+    lo, hi = np.percentile(image[fg], cfg.mri_percentiles)
+    clipped = np.clip(image, lo, hi)
+    mean, std = float(clipped[fg].mean()), float(clipped[fg].std())
+    if not std > 1e-6 * max(abs(mean), 1.0):
+        raise InputError(f"foreground intensity is constant ({mean:g}); nothing to normalise")
+    out = ((clipped - mean) / std).astype(np.float32)
+    background = float((lo - mean) / std)
+    out[~fg] = background
+    return out, {"clip": [float(lo), float(hi)], "mean": mean, "std": std, "pad_value": background}
+
+
+def foreground_box(fg: np.ndarray, mask: np.ndarray | None, margin: int) -> tuple[list[int], list[int]]:
+    """Box [start, end) around foreground ∪ lesion, grown by `margin` and clipped to the volume."""
+    keep = fg if mask is None else (fg | (mask > 0))
+    start, end = generate_spatial_bounding_box(keep[None], margin=margin, allow_smaller=True)
+    start, end = [int(s) for s in start], [int(e) for e in end]
+    if any(e <= s for s, e in zip(start, end)):  # nothing selected: keep the whole volume
+        return [0, 0, 0], list(fg.shape)
+    return start, end
+
+
+# ---- one subject -------------------------------------------------------------------------------
+
+def _source_paths(row: Mapping) -> tuple[str, str, str | None]:
+    mask = row.get("mask")
+    if mask is None or (isinstance(mask, float) and math.isnan(mask)) or str(mask).strip() == "":
+        mask = None
+    return str(row["subject_id"]), str(row["image"]), (str(mask) if mask is not None else None)
+
+
+def _digest(hashes: cache.HashIndex, path: str, role: str) -> str:
+    try:
+        return hashes.digest(path)
+    except FileNotFoundError:
+        raise NiftiError(f"{role} {path}: file not found") from None
+    except OSError as e:
+        raise NiftiError(f"{role} {path}: cannot read ({e.strerror})") from None
+
+
+def subject_key(row: Mapping, cfg: PrepConfig, hashes: cache.HashIndex) -> str:
+    """Cache key of a subject: content of its image and mask files plus the preprocessing parameters."""
+    _, image_path, mask_path = _source_paths(row)
+    mask_digest = _digest(hashes, mask_path, "mask") if mask_path else None
+    return cache.entry_key(_digest(hashes, image_path, "image"), mask_digest, cfg.key())
+
+
+def _check_lesion(entry: cache.CacheEntry, subject: str, require_lesion: bool) -> cache.CacheEntry:
+    # An entry built with require_lesion=False may hold an empty mask; a later strict call must still fail.
+    if require_lesion and entry.meta.get("has_mask") and entry.meta.get("mask_voxels", 0) == 0:
+        raise NiftiError(f"subject {subject}: mask {entry.meta['source_mask']} is empty; expected a lesion")
+    return entry
+
+
+def build_entry(row: Mapping, cfg: PrepConfig, cache_dir, key: str, *, require_lesion: bool = True) -> cache.CacheEntry:
+    """Do the work for one subject and write its cache entry (no cache lookup)."""
+    subject, image_path, mask_path = _source_paths(row)
+    if mask_path:
+        image, mask = load_pair(image_path, mask_path, require_lesion=require_lesion)
+    else:
+        image, mask = load_volume(image_path), None
+    if float(image.array.min()) == float(image.array.max()):
+        raise NiftiError(f"image {image_path}: constant intensity {float(image.array.min()):g}; nothing to normalise")
+
+    img, msk, affine = resample(image, mask, cfg.spacing)  # [X', Y', Z'] each
+    if require_lesion and mask is not None and not msk.any():
+        raise NiftiError(f"subject {subject}: the lesion in mask {mask_path} ({int(mask.array.sum())} voxels) "
+                         f"vanishes when resampled to {list(cfg.spacing)} mm; use a finer spacing")
+    fg = foreground_mask(img, cfg.modality)  # [X', Y', Z'] bool
+    try:
+        img, stats = normalise(img, fg, cfg)
+    except InputError as e:
+        raise NiftiError(f"image {image_path}: {e}") from None
+
+    if cfg.crop_foreground:
+        start, end = foreground_box(fg, msk, cfg.foreground_margin)
+    else:
+        start, end = [0, 0, 0], list(img.shape)
+    window = tuple(slice(s, e) for s, e in zip(start, end))
+    img = img[window]
+    msk = msk[window] if msk is not None else None
+    crop_affine = affine.copy()
+    crop_affine[:3, 3] = affine[:3, :3] @ np.array(start, dtype=np.float64) + affine[:3, 3]  # voxel `start` is the new origin
+
+    meta = {
+        "subject_id": subject,
+        "source_image": image_path,
+        "source_mask": mask_path,
+        "source_shape": list(image.shape),
+        "source_spacing": list(image.spacing),
+        "resampled_shape": [int(s) for s in fg.shape],
+        "crop_start": start,
+        "crop_end": end,
+        "shape": [int(s) for s in img.shape],
+        "spacing": [float(s) for s in np.linalg.norm(crop_affine[:3, :3], axis=0)],
+        "affine": crop_affine.tolist(),
+        "mask_voxels": int(msk.sum()) if msk is not None else None,
+        "intensity": stats,
+        "pad_value": stats["pad_value"],
+        "prep": to_dict(cfg),
+        "prep_key": cfg.key(),
+        "prep_version": PREP_VERSION,
+    }
+    return cache.write_entry(cache_dir, key, img[None], None if msk is None else msk[None], meta)
+
+
+def prepare_subject(row: Mapping, cfg: PrepConfig, cache_dir, *, require_lesion: bool = True) -> cache.CacheEntry:
+    """Cache entry for one manifest row (subject_id, image, optional mask); a cache hit returns at once."""
+    hashes = cache.HashIndex(cache_dir)
+    key = subject_key(row, cfg, hashes)
+    hashes.save()
+    entry = cache.lookup(cache_dir, key)
+    if entry is None:
+        entry = build_entry(row, cfg, cache_dir, key, require_lesion=require_lesion)
+    return _check_lesion(entry, str(row["subject_id"]), require_lesion)
+
+
+# ---- a table -----------------------------------------------------------------------------------
+
+def _build_in_worker(args) -> tuple[cache.CacheEntry | None, InputError | None]:
+    row, cfg, cache_dir, key, require_lesion = args
+    try:
+        return build_entry(row, cfg, cache_dir, key, require_lesion=require_lesion), None
+    except InputError as e:  # returned, not raised, so one bad subject does not stop the pool
+        return None, e
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # the parallelism is across subjects
+
+
+def prepare_table(df: pd.DataFrame, cfg: PrepConfig, cache_dir, *, require_lesion: bool = True,
+                  on_error: str = "raise", workers: int = 0, progress: bool = True
+                  ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """Prepare every row; returns (df + cache_image, cache_mask columns, rejected [(subject_id, reason)]).
+
+    on_error="raise" re-raises the first InputError (in table order); "collect" drops bad rows from the
+    returned table and lists them with the reason. Subjects with identical files and parameters share
+    one entry and are built once.
+    """
+    if on_error not in ("raise", "collect"):
+        raise ConfigError(f"on_error: expected 'raise' or 'collect', got {on_error!r}")
+    cache_dir = Path(cache_dir)
+    rows = [dict(r) for r in df.to_dict(orient="records")]
+    entries: dict[int, cache.CacheEntry] = {}
+    errors: dict[int, InputError] = {}
+    todo: dict[str, list[int]] = {}  # key -> row positions that need it
+
+    hashes = cache.HashIndex(cache_dir)
+    for i, row in enumerate(tqdm(rows, desc="hash", unit="subject", disable=not progress, leave=False)):
+        try:
+            key = subject_key(row, cfg, hashes)
+        except InputError as e:
+            errors[i] = e
+            if on_error == "raise":
+                hashes.save()
+                raise
+            continue
+        hit = cache.lookup(cache_dir, key)
+        if hit is not None:
+            entries[i] = hit
+        else:
+            todo.setdefault(key, []).append(i)
+    hashes.save()
+
+    jobs = [(rows[idx[0]], cfg, cache_dir, key, require_lesion) for key, idx in todo.items()]
+    bar = tqdm(total=len(jobs), desc="prepare", unit="subject", disable=not progress or not jobs)
+    if workers > 0 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+            results = pool.map(_build_in_worker, jobs)
+            outcomes = []
+            for r in results:
+                outcomes.append(r)
+                bar.update()
+    else:
+        outcomes = []
+        for job in jobs:
+            if on_error == "raise":  # serial: fail at the first bad subject, with its own exception
+                outcomes.append((build_entry(job[0], cfg, cache_dir, job[3], require_lesion=require_lesion), None))
+            else:
+                outcomes.append(_build_in_worker(job))
+            bar.update()
+    bar.close()
+    for (key, idx), (entry, err) in zip(todo.items(), outcomes):
+        for i in idx:
+            if err is None:
+                entries[i] = entry
+            else:
+                errors[i] = err
+
+    for i, entry in list(entries.items()):
+        try:
+            _check_lesion(entry, str(rows[i]["subject_id"]), require_lesion)
+        except InputError as e:
+            errors[i] = e
+            del entries[i]
+    if errors and on_error == "raise":
+        raise errors[min(errors)]
+
+    ok = sorted(entries)
+    out = df.iloc[ok].copy().reset_index(drop=True)
+    out["cache_image"] = [str(entries[i].image_path) for i in ok]
+    out["cache_mask"] = [str(entries[i].mask_path) if entries[i].mask_path else None for i in ok]
+    rejected = [(str(rows[i]["subject_id"]), str(errors[i])) for i in sorted(errors)]
+    return out, rejected
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", help="manifest CSV (subject_id, image, optional mask, ...)")
+    src.add_argument("--folder", help="folder of NIfTI volumes (no masks), e.g. unlabeled pretraining data")
+    src.add_argument("--datalist", help="MSD/MONAI JSON datalist")
+    p.add_argument("--datalist-key", default="training", help="section of the datalist to read")
+    p.add_argument("--cache", required=True, help="cache folder (entries plus index-<name>.csv)")
+    p.add_argument("--name", help="index name; default: the manifest/folder/datalist name")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (0: in this process)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip subjects that fail a check and list them in rejected-<name>.csv, instead of stopping")
+    p.add_argument("--allow-empty-mask", action="store_true", help="accept masks without a lesion")
+    return p
+
+
+def _read_source(ns) -> tuple[pd.DataFrame, str]:
+    if ns.manifest:
+        return read_manifest(ns.manifest, task="pretrain"), Path(ns.manifest).stem
+    if ns.folder:
+        return scan_folder(ns.folder), Path(ns.folder).absolute().name
+    return read_datalist(ns.datalist, key=ns.datalist_key), Path(ns.datalist).stem
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    cfg, ns = parse_config(PrepConfig, argv, parser=_parser())
+    if ns.workers < 0:
+        raise ConfigError(f"--workers: expected >= 0, got {ns.workers}")
+    df, default_name = _read_source(ns)
+    name = ns.name or default_name
+    cache_dir = Path(ns.cache)
+    out, rejected = prepare_table(df, cfg, cache_dir, require_lesion=not ns.allow_empty_mask,
+                                  on_error="collect" if ns.skip_bad else "raise", workers=ns.workers)
+    index = cache_dir / f"index-{name}.csv"
+    write_text(index, out.to_csv(index=False))
+    msg = f"prepared {len(out)} of {len(df)} subjects ({cfg.modality}, {list(cfg.spacing)} mm, prep {cfg.key()}) -> {index}"
+    if rejected:
+        bad = cache_dir / f"rejected-{name}.csv"
+        write_text(bad, pd.DataFrame(rejected, columns=["subject_id", "reason"]).to_csv(index=False))
+        msg += f"; {len(rejected)} rejected, see {bad}"
+    print(msg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Crops and datasets: bounds, padding, lesion boxes containing mask + margin, exact geometry, determinism."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from monai.data import DataLoader
+
+from data.cache import CacheEntry
+from data.crops import crop_with_pad, lesion_box, lesion_crop, lesion_crop_with_affine, random_crop_boxes
+from data.datasets import LesionCrops, PretrainCrops
+from data.errors import InputError
+
+
+def _reference_crop(a, start, size, pad):
+    """Independent reference: pad the whole array generously, then slice."""
+    p = max(size) + max(abs(s) for s in start) + max(a.shape)
+    big = np.pad(a, [(0, 0)] + [(p, p)] * 3, constant_values=pad)
+    return big[(slice(None), *[slice(s + p, s + p + z) for s, z in zip(start, size)])]
+
+
+def test_random_boxes_stay_in_bounds_and_cover_all_positions():
+    rng = np.random.default_rng(0)
+    boxes = random_crop_boxes((10, 6, 8), (4, 6, 11), 400, rng)
+    starts = np.array([b[0] for b in boxes])
+    assert all(b[1] == (4, 6, 11) for b in boxes)
+    # Larger axis: inside the volume and every start reached; equal: 0; smaller: the volume inside the crop.
+    assert starts[:, 0].min() == 0 and starts[:, 0].max() == 6 and len(set(starts[:, 0])) == 7
+    assert np.all(starts[:, 1] == 0)
+    assert starts[:, 2].min() == -3 and starts[:, 2].max() == 0
+
+
+def test_crop_with_pad_matches_reference_numpy_and_torch():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(2, 7, 5, 6)).astype(np.float32)
+    for start, size in [((0, 0, 0), (7, 5, 6)), ((-3, 2, 4), (5, 5, 5)), ((5, -2, -1), (6, 9, 3)), ((9, 0, 0), (2, 2, 2))]:
+        ref = _reference_crop(a, start, size, -7.0)
+        np.testing.assert_array_equal(crop_with_pad(a, start, size, -7.0), ref)
+        np.testing.assert_array_equal(crop_with_pad(torch.from_numpy(a), start, size, -7.0).numpy(), ref)
+
+
+def test_lesion_box_contains_mask_plus_margin_and_is_centred():
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        m = np.zeros((20, 18, 16), np.uint8)
+        lo = rng.integers(0, 10, 3)
+        hi = lo + rng.integers(1, 8, 3)
+        m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 1
+        margin, min_size = int(rng.integers(0, 4)), int(rng.integers(1, 16))
+        start, size = lesion_box(m, margin, min_size)
+        start, size = np.array(start), np.array(size)
+        assert size[0] == size[1] == size[2] >= min_size
+        assert np.all(start <= lo - margin) and np.all(start + size >= hi + margin)
+        grown_centre = (lo - margin + hi + margin - 1) / 2
+        assert np.all(np.abs(start + (size - 1) / 2 - grown_centre) <= 0.5)
+        assert size[0] == max(min_size, int((hi - lo + 2 * margin).max()))  # as small as allowed
+    with pytest.raises(InputError, match="empty"):
+        lesion_box(np.zeros((4, 4, 4)), 1, 4)
+
+
+def test_lesion_crop_without_resize_is_the_exact_box():
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(1, 20, 18, 16)).astype(np.float32)
+    mask = np.zeros((1, 20, 18, 16), np.uint8)
+    mask[0, 1:4, 14:17, 5:8] = 1  # near two edges: the crop pads there
+    x = lesion_crop(image, mask, 10, margin_vox=2, pad_value=-5.0)
+    assert x.shape == (2, 10, 10, 10) and x.dtype == np.float32
+    assert x[1].sum() == mask.sum()  # the whole lesion is inside
+    start, size = lesion_box(mask[0], 2, 10)
+    np.testing.assert_array_equal(x[0], _reference_crop(image, start, size, -5.0)[0])
+    np.testing.assert_array_equal(x[1], _reference_crop(mask.astype(np.float32), start, size, 0)[0])
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_lesion_crop_resize_geometry_is_exact(axis):
+    # A linear ramp is reproduced exactly by trilinear interpolation, so output voxel j must hold the
+    # input coordinate of its centre: start + (j + 0.5) * side / out - 0.5 (align_corners=False).
+    shape = (40, 40, 40)
+    ramp = np.broadcast_to(np.arange(40, dtype=np.float32).reshape([-1 if k == axis else 1 for k in range(3)]), shape)
+    mask = np.zeros(shape, np.uint8)
+    mask[12:27, 14:25, 13:26] = 1  # 15 x 11 x 13 voxels; + margin 3 -> a cube of side 21
+    out = 8
+    x = lesion_crop(ramp[None].copy(), mask[None], out, margin_vox=3, min_size=1)
+    start, size = lesion_box(mask, 3, 1)
+    assert size == (21, 21, 21)
+    j = np.arange(out)
+    expected = start[axis] + (j + 0.5) * size[axis] / out - 0.5
+    profile = x[0].transpose([axis] + [k for k in range(3) if k != axis])[:, 0, 0]
+    np.testing.assert_allclose(profile, expected, atol=1e-4)
+    # The resized mask: its centroid maps back onto the lesion centre within one output voxel.
+    centroid = np.argwhere(x[1] > 0).mean(0)
+    back = np.array(start) + (centroid + 0.5) * np.array(size) / out - 0.5
+    assert np.all(np.abs(back - np.array([19.0, 19.0, 19.0])) <= size[0] / out)
+    assert set(np.unique(x[1])) == {0.0, 1.0}
+    # The crop's affine sends output voxel j to the world point of the input position it sampled.
+    affine = np.array([[0, 0, 1.5, -20], [-2, 0, 0, 33], [0, 1.2, 0, 7], [0, 0, 0, 1.0]])
+    same, crop_affine = lesion_crop_with_affine(ramp[None].copy(), mask[None], out, 3, affine, min_size=1)
+    np.testing.assert_array_equal(same, x)
+    for jj in ([0, 0, 0], [7, 3, 5], [2, 6, 1]):
+        sampled = np.array(start) + (np.array(jj) + 0.5) * np.array(size) / out - 0.5
+        np.testing.assert_allclose(crop_affine @ np.r_[jj, 1.0], affine @ np.r_[sampled, 1.0], atol=1e-9)
+
+
+def _write_entry(root, name, image, mask=None, pad=None):
+    d = root / name
+    d.mkdir(parents=True)
+    np.save(d / "image.npy", image)
+    if mask is not None:
+        np.save(d / "mask.npy", mask)
+    (d / "meta.json").write_text(json.dumps({"has_mask": mask is not None, "pad_value": pad}))
+    return CacheEntry.open(d)
+
+
+def test_pretrain_crops_are_real_subvolumes_and_deterministic(tmp_path):
+    # Every voxel holds its own flat index, so a crop reveals exactly where it came from.
+    shapes = [(12, 10, 9), (5, 14, 6)]
+    entries = [_write_entry(tmp_path, f"v{k}", np.arange(np.prod(s), dtype=np.float32).reshape(1, *s), pad=-1.0)
+               for k, s in enumerate(shapes)]
+    ds = PretrainCrops(entries, crop_size=6, crops_per_volume=3, seed=7)
+    for i, s in enumerate(shapes):
+        crops = ds[i]
+        assert crops.shape == (3, 1, 6, 6, 6) and crops.dtype == torch.float32
+        vol = np.arange(np.prod(s), dtype=np.float32).reshape(1, *s)
+        for c in crops.numpy():
+            inside = c[c >= 0]
+            first = np.unravel_index(int(inside.min()), s)  # the in-bounds corner of the crop
+            start = [f if n >= 6 else f - int(np.argmax((c[0] >= 0).any(axis=tuple(a for a in range(3) if a != k))))
+                     for k, (f, n) in enumerate(zip(first, s))]
+            np.testing.assert_array_equal(c, _reference_crop(vol, start, (6, 6, 6), -1.0))
+    again = PretrainCrops([e.image_path for e in entries], 6, 3, seed=7)
+    assert torch.equal(ds[1], again[1])
+    ds.set_epoch(1)
+    assert not torch.equal(ds[0], again[0])
+    again.set_epoch(1)
+    assert torch.equal(ds[0], again[0])
+    # Worker processes draw the same crops as the main process.
+    serial = torch.cat(list(DataLoader(ds, batch_size=1, num_workers=0)))
+    parallel = torch.cat(list(DataLoader(ds, batch_size=1, num_workers=2)))
+    assert torch.equal(serial, parallel)
+
+
+def _lesion_table(tmp_path, n=3):
+    rng = np.random.default_rng(4)
+    rows = []
+    for k in range(n):
+        img = rng.normal(size=(1, 24, 22, 20)).astype(np.float32)
+        mask = np.zeros((1, 24, 22, 20), np.uint8)
+        mask[0, 8 + k:14, 6:12 + k, 7:13] = 1
+        e = _write_entry(tmp_path, f"s{k}", img, mask, pad=-3.0)
+        rows.append({"subject_id": f"s{k}", "cache_image": str(e.image_path), "cache_mask": str(e.mask_path)})
+    return pd.DataFrame(rows)
+
+
+def test_lesion_crops_dataset_matches_lesion_crop_and_augments_deterministically(tmp_path):
+    df = _lesion_table(tmp_path)
+    plain = LesionCrops(df, crop_size=12, margin_vox=2, augment=False, seed=0)
+    item = plain[1]
+    assert item["index"] == 1 and item["x"].shape == (2, 12, 12, 12) and item["x"].dtype == torch.float32
+    ref = lesion_crop(np.load(df["cache_image"][1]), np.load(df["cache_mask"][1]), 12, 2, pad_value=-3.0)
+    np.testing.assert_array_equal(item["x"].numpy(), ref)
+
+    aug = LesionCrops(df, crop_size=12, margin_vox=2, augment=True, seed=0)
+    a0 = [aug[i]["x"] for i in range(3)]
+    assert all(set(torch.unique(x[1]).tolist()) <= {0.0, 1.0} for x in a0)
+    assert torch.equal(aug[2]["x"], a0[2])  # same (seed, epoch, i): same draw, whatever came before
+    assert any(not torch.equal(x, plain[i]["x"]) for i, x in enumerate(a0))
+    aug.set_epoch(1)
+    assert any(not torch.equal(aug[i]["x"], a0[i]) for i in range(3))
+    aug.set_epoch(0)
+    batches = list(DataLoader(aug, batch_size=3, num_workers=2))
+    assert torch.equal(batches[0]["x"], torch.stack(a0))
+
+    with pytest.raises(InputError, match="cache_mask"):
+        LesionCrops(df.drop(columns="cache_mask"), 12, 2, False, 0)
