@@ -50,16 +50,22 @@ class MultimodalConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
-        if self.fusion not in ("none",) and self.clinical_dim < 1:
-            raise ConfigError(f"fusion={self.fusion!r} needs clinical_dim >= 1, got {self.clinical_dim}")
         if self.clinical_dim < 0 or self.clinical_hidden < 0:
             raise ConfigError("clinical_dim and clinical_hidden must be >= 0")
         if self.fusion == "tokens" and self.n_clinical_tokens < 1:
             raise ConfigError(f"fusion='tokens' needs n_clinical_tokens >= 1, got {self.n_clinical_tokens}")
-        if self.task != "classification" and self.survival_head == "discrete" and self.n_time_bins < 1:
-            raise ConfigError(f"survival_head='discrete' needs n_time_bins >= 1, got {self.n_time_bins}")
         if not 0.0 <= self.head_dropout < 1.0:
             raise ConfigError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+
+    def check_buildable(self) -> None:
+        """Sizes that come from the data (clinical width, time bins) must be set before building a model.
+
+        Kept out of __post_init__ so a YAML preset can name a fusion mode before the data is seen.
+        """
+        if self.fusion != "none" and self.clinical_dim < 1:
+            raise ConfigError(f"fusion={self.fusion!r} needs clinical_dim >= 1, got {self.clinical_dim}")
+        if self.task != "classification" and self.survival_head == "discrete" and self.n_time_bins < 1:
+            raise ConfigError(f"survival_head='discrete' needs n_time_bins >= 1, got {self.n_time_bins}")
 
     @property
     def uses_image(self) -> bool:
@@ -73,6 +79,7 @@ class MultimodalConfig:
 class MultimodalModel(nn.Module):
     def __init__(self, config: MultimodalConfig):
         super().__init__()
+        config.check_buildable()
         self.config = config
         c = config
         self.encoder = ViT3D(c.encoder) if c.uses_image else None

@@ -66,7 +66,9 @@ def make_accelerator(loop: LoopConfig) -> Accelerator:
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """A distinct, reproducible 63-bit seed for each (seed, step, rank)."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
+    # negative steps name set-up phases (e.g. -1 = weight init); wrap them into uint32 words
+    words = [v % 2**32 for v in (seed, step, rank)]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
 
 
 def seed_step(seed: int, step: int, rank: int = 0) -> torch.Generator:
@@ -233,6 +235,10 @@ class Checkpointer:
         accelerator.save_state(str(tmp))
         full = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards when configured to
         if accelerator.is_main_process:
+            # Every step reseeds from (seed, step, rank), so accelerate's pickled RNG states are not
+            # needed; dropping them means resuming never unpickles anything.
+            for rng in tmp.glob("random_states_*.pkl"):
+                rng.unlink()
             save_file({k: v.detach().float().cpu().contiguous() for k, v in full.items()}, str(tmp / "model.safetensors"))
             for name, obj in files.items():
                 write_json(tmp / name, obj)

@@ -7,3 +7,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def synth_cohort(tmp_path_factory):
+    """A small built-in synthetic cohort shared by the end-to-end tests (generated, never downloaded)."""
+    from data.synth import generate_cohort
+    out = tmp_path_factory.mktemp("cohort") / "cohort"
+    generate_cohort(out, n_unlabeled=4, n_labeled=30, n_external=8, seed=0)
+    return out

@@ -1,0 +1,188 @@
+"""Stage one: MiM hierarchical masked pretraining of a 3D ViT.
+
+    accelerate launch -m pretrain --config launch/pretrain_tiny_cpu.yaml --data DIR --output_dir runs/pt
+
+Data -> cache (data.prepare) -> random level-1 crops (data.datasets.PretrainCrops) -> hierarchical
+masks (pretrain.masks) -> MiMModel -> per-level reconstruction + cross-level alignment losses.
+Checkpoints are atomic and rotated; `--resume auto` continues exactly; at the end the encoder is
+exported as a Hugging Face-format folder in `output_dir/encoder`.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from data.config import parse_config, save_config, to_dict
+from data.errors import InputError, cli_entry
+from data.prepare import PrepConfig
+from models.mim import MiMConfig, MiMModel
+from models.training import (Checkpointer, LoopConfig, NonFiniteGuard, OptimConfig, ResumableBatches,
+                             RunLogger, TrainingStopped, WarmupCosine, build_optimizer, make_accelerator,
+                             param_groups_weight_decay, progress, seed_step)
+from models.vit3d import ViT3DConfig
+from pretrain.losses import mim_step
+from pretrain.masks import MaskConfig, build_hierarchy
+
+
+def _default_model() -> MiMConfig:
+    return MiMConfig(encoder=ViT3DConfig(), masks=MaskConfig())
+
+
+@dataclass
+class PretrainConfig(LoopConfig):
+    data: str = ""                 # folder of NIfTIs, manifest CSV, or MSD/MONAI datalist JSON
+    cache_dir: str = ""            # default: <output_dir>/../cache
+    output_dir: str = "runs/pretrain"
+    crop_size: int = 96            # level-1 crop edge in voxels at the prepared spacing
+    crops_per_volume: int = 2
+    batch_size: int = 2            # volumes per process per micro-batch (x crops_per_volume crops)
+    num_workers: int = 0
+    preview_every: int = 100       # reconstruction PNGs every N steps (0: only at the end)
+    stop_at: int = 0               # stop cleanly after this step (time-sliced jobs); 0 = run to max_steps
+    prep: PrepConfig = field(default_factory=PrepConfig)
+    model: MiMConfig = field(default_factory=_default_model)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def load_training_volumes(cfg: PretrainConfig, show_progress: bool):
+    from data.datasets import PretrainCrops
+    from data.manifest import read_any
+    from data.prepare import prepare_table
+
+    if not cfg.data:
+        raise InputError("--data is required: a folder of NIfTI files, a manifest CSV or a datalist JSON")
+    table = read_any(cfg.data)
+    if len(table) == 0:
+        raise InputError(f"{cfg.data}: no volumes found")
+    cache = cfg.cache_dir or str(Path(cfg.output_dir).parent / "cache")
+    table = table.drop(columns=[c for c in ("mask",) if c in table.columns])  # pretraining uses images only
+    prepared, _ = prepare_table(table, cfg.prep, cache, require_lesion=False, on_error="raise",
+                                progress=show_progress)
+    dataset = PretrainCrops(list(prepared["cache_image"]), crop_size=cfg.crop_size,
+                            crops_per_volume=cfg.crops_per_volume, seed=cfg.seed)
+    return dataset, len(prepared)
+
+
+def checkpoint_files(cfg: PretrainConfig, summary: dict) -> dict:
+    enc = cfg.model.encoder
+    return {
+        "encoder_config.json": to_dict(enc),
+        "preprocessing.json": {**to_dict(cfg.prep), "orientation": "RAS", "input_size": enc.img_size,
+                               "channels": ["image"], "crop_size_voxels": cfg.crop_size},
+        "summary.json": summary,
+        "run_config.json": to_dict(cfg),
+    }
+
+
+def train(cfg: PretrainConfig) -> Path:
+    accelerator = make_accelerator(cfg)
+    main = accelerator.is_main_process
+    out = Path(cfg.output_dir)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+    dataset, n_volumes = load_training_volumes(cfg, show_progress=main)
+    batches = ResumableBatches(dataset, cfg.batch_size, cfg.seed, accelerator.num_processes,
+                               accelerator.process_index, cfg.num_workers)
+
+    seed_step(cfg.seed, -1)  # identical initial weights on every rank and every (re)start
+    model = MiMModel(cfg.model)
+    if cfg.model.encoder.grad_checkpointing:
+        model.encoder.set_grad_checkpointing(True)
+    optimizer = build_optimizer(param_groups_weight_decay(model, cfg.optim.weight_decay), cfg.optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    schedule = WarmupCosine(optimizer, cfg.optim, cfg.max_steps)
+    guard = NonFiniteGuard(cfg.max_nonfinite)
+    ckpt = Checkpointer(out, cfg.keep_ckpts)
+    logger = RunLogger(out, enabled=main)
+
+    step = 0
+    resume_from = ckpt.resolve(cfg.resume)
+    if resume_from is not None:
+        state = ckpt.load(accelerator, resume_from)
+        step = state["step"]
+        guard.load_state_dict(state.get("nonfinite", {}))
+        logger.truncate_after(step)
+        if main:
+            print(f"resumed from {resume_from} at step {step}")
+
+    last_stop = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
+    summary = {"volumes": n_volumes, "world_size": accelerator.num_processes}
+    bar = progress(cfg.max_steps, step, main, "pretrain")
+    stream = batches.iterate(step * cfg.grad_accum)
+    last = {}
+    levels = outputs = None
+    t0 = time.time()
+    try:
+        while step < last_stop:
+            lr = schedule.set_step(step)
+            sums: dict[str, float] = {}
+            step_ok = True
+            for micro in range(cfg.grad_accum):
+                m, crops = next(stream)
+                # [B, n_crops, C, S, S, S] -> [B * n_crops, C, S, S, S]
+                crops = crops.reshape(-1, *crops.shape[2:]).to(accelerator.device, non_blocking=True)
+                gen = seed_step(cfg.seed, m, accelerator.process_index)
+                levels = build_hierarchy(crops, cfg.model.masks, cfg.model.encoder.patch_size,
+                                         cfg.model.encoder.img_size, gen)
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        outputs = mim_step(model, levels)
+                    loss = outputs["loss"]
+                    if guard.ok(loss, accelerator):
+                        accelerator.backward(loss)
+                    else:
+                        step_ok = False
+                    if accelerator.sync_gradients:
+                        if step_ok and cfg.optim.clip_grad > 0:
+                            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                        if step_ok:
+                            optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                for k, v in outputs.items():
+                    if v.ndim == 0:
+                        sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            step += 1
+            bar.update(1)
+            if step_ok:
+                last = sums
+                bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}")
+            if step % cfg.log_every == 0 or step == last_stop:
+                logger.log(step, {**{f"train/{k}": v for k, v in sums.items()}, "train/lr": lr,
+                                  "train/nonfinite_skipped": guard.total})
+            if main and cfg.preview_every and (step % cfg.preview_every == 0 or step == last_stop):
+                from pretrain.preview import save_previews
+                save_previews(levels, outputs, cfg.model.encoder.patch_size, cfg.model.norm_pix_loss,
+                              out / "previews" / f"step{step:07d}.png")
+            if step % cfg.ckpt_every == 0 or step == last_stop:
+                summary.update(step=step, losses=last, nonfinite_skipped=guard.total,
+                               seconds=round(time.time() - t0, 1))
+                ckpt.save(accelerator, model, step, {"nonfinite": guard.state_dict()},
+                          checkpoint_files(cfg, summary))
+    finally:
+        bar.close()
+        logger.close()
+
+    final = ckpt.latest()
+    if main and step >= cfg.max_steps and final is not None:
+        from models.export import export_checkpoint
+        export_checkpoint(final, out / "encoder")
+        print(f"pretraining done: {step} steps; encoder exported to {out / 'encoder'}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out
+
+
+@cli_entry
+def main(argv=None) -> int:
+    cfg, _ = parse_config(PretrainConfig, argv, description=__doc__.splitlines()[0])
+    try:
+        train(cfg)
+    except TrainingStopped as e:
+        raise SystemExit(f"error: {e}")
+    return 0

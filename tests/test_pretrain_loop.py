@@ -1,0 +1,108 @@
+"""The pretraining loop on the built-in synthetic cohort: loss goes down, resume is exact,
+two real CPU processes, non-finite losses, and the exported encoder loads strictly."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data.config import load_config
+from models.training import TrainingStopped
+from pretrain.train import PretrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(cohort, out, **over) -> PretrainConfig:
+    cfg = load_config(PretrainConfig, ROOT / "launch" / "pretrain_tiny_cpu.yaml")
+    cfg.data = str(cohort / "unlabeled")
+    cfg.cache_dir = str(out.parent / "cache")
+    cfg.output_dir = str(out)
+    cfg.mixed_precision = "no"
+    cfg.log_every, cfg.preview_every = 1, 0
+    cfg.crop_size, cfg.crops_per_volume, cfg.batch_size = 64, 1, 2
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def losses(out):
+    return [json.loads(line)["train/loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_goes_down_and_encoder_exports(synth_cohort, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(synth_cohort, out, max_steps=40, ckpt_every=40))
+    ls = losses(out)
+    assert len(ls) == 40
+    first, last = sum(ls[:5]) / 5, sum(ls[-5:]) / 5
+    assert last < 0.85 * first, (first, last)
+    # the exported HF folder loads strictly and holds exactly the trained encoder weights
+    from models.vit3d import ViT3D
+    enc = ViT3D.from_pretrained(out / "encoder")
+    full = load_file(str(out / "checkpoints" / "ckpt-0000040" / "model.safetensors"))
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, full["encoder." + k]), k
+    cfg = json.loads((out / "encoder" / "config.json").read_text())
+    assert cfg["model_type"] and cfg["preprocessing"]["spacing"] == [2.0, 2.0, 2.0]
+
+
+def test_resume_equals_uninterrupted(synth_cohort, tmp_path):
+    # grad_accum 2 with 4 volumes / batch 2 makes the resume point fall mid-epoch
+    kw = dict(max_steps=6, ckpt_every=3, grad_accum=2, batch_size=1)
+    train(tiny_cfg(synth_cohort, tmp_path / "full", **kw))
+    train(tiny_cfg(synth_cohort, tmp_path / "cut", stop_at=3, **kw))            # "crashes" after step 3
+    assert not (tmp_path / "cut" / "encoder").exists()
+    train(tiny_cfg(synth_cohort, tmp_path / "cut", resume="auto", **kw))
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "ckpt-0000006" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "checkpoints" / "ckpt-0000006" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert losses(tmp_path / "full") == losses(tmp_path / "cut")  # log has no duplicate steps either
+
+
+def test_nonfinite_losses_stop_the_run_and_keep_the_last_good_checkpoint(synth_cohort, tmp_path, monkeypatch):
+    import pretrain.losses as mim
+    out = tmp_path / "nan"
+    train(tiny_cfg(synth_cohort, out, max_steps=2, ckpt_every=2))
+    real_forward = mim.mim_losses
+
+    def nan_forward(outputs, levels, config):
+        res = real_forward(outputs, levels, config)
+        res["loss"] = res["loss"] * float("nan")
+        return res
+    monkeypatch.setattr(mim, "mim_losses", nan_forward)
+    with pytest.raises(TrainingStopped, match="3 non-finite losses in a row"):
+        train(tiny_cfg(synth_cohort, out, max_steps=10, ckpt_every=1, max_nonfinite=3, resume="auto"))
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts[-1] == "ckpt-0000004"  # steps 3-4 were skipped (counted), step 5 stopped the run
+    state = json.loads((out / "checkpoints" / "ckpt-0000004" / "trainer_state.json").read_text())
+    assert state["nonfinite"]["total"] == 2
+
+
+def test_two_process_cpu_run(synth_cohort, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", "29533",
+           "-m", "pretrain", "--config", str(ROOT / "launch" / "pretrain_tiny_cpu.yaml"),
+           "--data", str(synth_cohort / "unlabeled"), "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"),
+           "--max_steps", "2", "--ckpt_every", "2", "--batch_size", "1", "--crops_per_volume", "1",
+           "--crop_size", "64", "--preview_every", "0", "--mixed_precision", "no"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "checkpoints" / "ckpt-0000002" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert (out / "encoder" / "model.safetensors").is_file()
+
+
+def test_bad_data_path_is_one_line_exit_2(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "pretrain", "--data", str(tmp_path / "nope"),
+                          "--output_dir", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "nope" in res.stderr
