@@ -1,0 +1,144 @@
+"""Fine-tuning end to end on the built-in synthetic cohort, the clinical-only Cox path against
+scikit-survival, and predict on a manifest with bad rows."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from data.config import load_config
+from finetune.train import FinetuneConfig, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(cohort, out, **over) -> FinetuneConfig:
+    cfg = load_config(FinetuneConfig, ROOT / "launch" / "finetune_tiny_cpu.yaml")
+    cfg.manifest, cfg.external = str(cohort / "manifest.csv"), str(cohort / "external.csv")
+    cfg.output_dir, cfg.cache_dir = str(out), str(out.parent / "cache")
+    cfg.mixed_precision, cfg.n_boot, cfg.explain, cfg.epochs, cfg.folds = "no", 20, 1, 2, 2
+    cfg.model.encoder.depth = 2
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def classification_run(synth_cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft") / "cls"
+    metrics = run(tiny_cfg(synth_cohort, out, task="classification", fusion="concat"))
+    return out, metrics
+
+
+def test_classification_run_writes_everything(classification_run, synth_cohort):
+    out, metrics = classification_run
+    pred = pd.read_csv(out / "predictions.csv", dtype={"subject_id": str})
+    manifest = pd.read_csv(synth_cohort / "manifest.csv", dtype={"subject_id": str})
+    splits = json.loads((out / "splits.json").read_text())
+    # every non-test subject is predicted out-of-fold exactly once; test and external by the ensemble
+    val = pred[pred.split == "val"]
+    assert sorted(val.subject_id) == sorted(set(manifest.subject_id) - set(splits["test"]))
+    assert sorted(pred[(pred.split == "test") & (pred.fold == -1)].subject_id) == sorted(splits["test"])
+    assert (pred[pred.split == "external"].fold == -1).any()
+    assert pred["prob"].between(0, 1).all()
+    for split in ("val", "test", "external"):
+        assert split in metrics["splits"]
+        assert (out / f"roc_{split}.png").is_file()
+    assert len(metrics["folds"]) == 2
+    # each fold's HF folder carries its clinical schema and preprocessing
+    cfg = json.loads((out / "model" / "fold0" / "config.json").read_text())
+    assert cfg["clinical_schema"]["numeric"] and cfg["preprocessing"]["spacing"] == [2.0, 2.0, 2.0]
+    assert list((out / "explain").glob("*.nii.gz")) and list((out / "explain").glob("*.png"))
+
+
+def test_finished_folds_are_reused(classification_run, synth_cohort):
+    out, _ = classification_run
+    before = {p: p.stat().st_mtime_ns for p in (out / "model").rglob("model.safetensors")}
+    run(tiny_cfg(synth_cohort, out, task="classification", fusion="concat", explain=0))
+    after = {p: p.stat().st_mtime_ns for p in (out / "model").rglob("model.safetensors")}
+    assert before == after
+
+
+def test_predict_keeps_good_rows_and_lists_bad_ones(classification_run, synth_cohort, tmp_path):
+    out, _ = classification_run
+    m = pd.read_csv(synth_cohort / "external.csv", dtype={"subject_id": str})
+    m["image"] = [str(synth_cohort / p) for p in m["image"]]
+    m["mask"] = [str(synth_cohort / p) for p in m["mask"]]
+    m = m.drop(columns=["label", "time", "event"])
+    m.loc[1, "image"] = str(tmp_path / "missing.nii.gz")
+    m["age"] = m["age"].astype(object)
+    m.loc[2, "age"] = "abc"
+    m.loc[3, "histology"] = "never-seen-before"   # unseen category: handled as in training, kept
+    m.to_csv(tmp_path / "new.csv", index=False)
+    res = subprocess.run([sys.executable, "-m", "finetune.predict", "--model", str(out / "model"),
+                          "--manifest", str(tmp_path / "new.csv"), "--out", str(tmp_path / "pred.csv")],
+                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    pred = pd.read_csv(tmp_path / "pred.csv", dtype={"subject_id": str})
+    rejected = pd.read_csv(tmp_path / "pred.rejected.csv", dtype={"subject_id": str})
+    bad = {m.loc[1, "subject_id"], m.loc[2, "subject_id"]}
+    assert set(rejected.subject_id) == bad
+    assert set(pred.subject_id) == set(m.subject_id) - bad
+    assert rejected.set_index("subject_id").loc[m.loc[2, "subject_id"], "reason"].count("age") >= 1
+    # the ensemble's prediction for a good row equals the mean over the fold models
+    assert pred["prob"].between(0, 1).all()
+
+
+def test_clinical_only_cox_matches_sksurv_coefficients():
+    """The clinical-only survival path is an exact linear Cox model: same coefficients as
+    scikit-survival's CoxPHSurvivalAnalysis(ties='efron') on a real bundled dataset."""
+    from sksurv.datasets import load_veterans_lung_cancer
+    from sksurv.linear_model import CoxPHSurvivalAnalysis
+    from finetune.clinical import ClinicalSchema
+    from finetune.survival_losses import cox_efron_loss
+    from models.multimodal import MultimodalConfig, MultimodalModel
+    from models.vit3d import ViT3DConfig
+
+    X, y = load_veterans_lung_cancer()
+    df = X.copy()
+    df["Prior_therapy"] = df["Prior_therapy"].astype(str)
+    schema = ClinicalSchema.fit(df, ["Age_in_years", "Karnofsky_score", "Months_from_Diagnosis", "Celltype"])
+    Z = schema.transform(df)
+    keep = [i for i, n in enumerate(schema.feature_names) if not n.endswith("__missing")]
+    Z = Z[:, keep]  # no value is missing here, so the indicator columns are all zero
+    # one-hot columns are collinear with the (implicit) baseline hazard: drop one category
+    names = [schema.feature_names[i] for i in keep]
+    drop = names.index("Celltype=adeno")
+    Z = np.delete(Z, drop, axis=1)
+
+    cfg = MultimodalConfig(encoder=ViT3DConfig(), task="survival", fusion="clinical_only",
+                           clinical_dim=Z.shape[1], clinical_hidden=0, head_dropout=0.0)
+    model = MultimodalModel(cfg).double()
+    time_ = torch.tensor(np.ascontiguousarray(y["Survival_in_days"]))
+    event = torch.tensor(np.ascontiguousarray(y["Status"])).double()
+    z = torch.tensor(Z, dtype=torch.float64)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.LBFGS(params, lr=1, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = cox_efron_loss(model(None, z)["risk"], time_, event, reduction="sum")
+        loss.backward()
+        return loss
+    opt.step(closure)
+    ours = model(None, torch.eye(Z.shape[1], dtype=torch.float64))["risk"] - model(None, torch.zeros(1, Z.shape[1], dtype=torch.float64))["risk"]
+    ref = CoxPHSurvivalAnalysis(ties="efron", alpha=0).fit(Z, y).coef_
+    np.testing.assert_allclose(ours.detach().numpy(), ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("task, fusion, head", [("survival", "tokens", "discrete"), ("multitask", "film", "cox")])
+def test_survival_and_multitask_runs(synth_cohort, tmp_path, task, fusion, head):
+    cfg = tiny_cfg(synth_cohort, tmp_path / "run", task=task, fusion=fusion, epochs=1, explain=0)
+    cfg.model.survival_head = head
+    metrics = run(cfg)
+    pred = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    assert pred["risk"].notna().all() and np.isfinite(pred["risk"]).all()
+    assert ("prob" in pred) == (task == "multitask")
+    surv = metrics["splits"]["test"]["survival"]
+    assert surv["harrell_c"] is None or 0.0 <= surv["harrell_c"] <= 1.0
