@@ -9,37 +9,15 @@ With levels=1 this is MAE's `random_masking`: the same draw of noise gives the s
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from data.errors import ConfigError, InputError
+from models.mim import MaskConfig, check_fits, masked_count  # the config is part of MiMConfig
 
-
-@dataclass
-class MaskConfig:
-    levels: int = 3
-    mask_ratio: tuple[float, ...] = (0.75, 0.75, 0.75)  # per level; a single value applies to all
-    children: int = 2        # K: sub-volumes per parent sample
-    child_patches: int = 2   # c: a child covers c x c x c of its parent's patches
-
-    def __post_init__(self):
-        self.mask_ratio = tuple(float(r) for r in self.mask_ratio)
-        if self.levels < 1:
-            raise ConfigError(f"masks.levels must be >= 1, got {self.levels}")
-        if len(self.mask_ratio) not in (1, self.levels):
-            raise ConfigError(f"masks.mask_ratio needs 1 or {self.levels} (= levels) values, "
-                              f"got {len(self.mask_ratio)}: {self.mask_ratio}")
-        if not all(0.0 < r < 1.0 for r in self.mask_ratio):
-            raise ConfigError(f"masks.mask_ratio values must lie in (0, 1), got {self.mask_ratio}")
-        if self.children < 1 or self.child_patches < 1:
-            raise ConfigError(f"masks.children and masks.child_patches must be >= 1, "
-                              f"got {self.children} and {self.child_patches}")
-
-    def ratios(self) -> tuple[float, ...]:
-        return self.mask_ratio * self.levels if len(self.mask_ratio) == 1 else self.mask_ratio
+__all__ = ["MaskConfig", "Level", "build_hierarchy", "check_fits", "cut_and_resize", "masked_count"]
 
 
 @dataclass
@@ -52,29 +30,6 @@ class Level:
     root: Tensor                  # [B_l] long: the row of `crops` this sample was cut from
     parent: Tensor | None = None          # [B_l] long: row of the previous level (None at level 1)
     parent_tokens: Tensor | None = None   # [B_l, c^3] long: parent-grid tokens this child covers
-
-
-def masked_count(ratio: float, num_patches: int) -> int:
-    """How many of a sample's patches are masked: exactly round(ratio * N)."""
-    return int(round(ratio * num_patches))
-
-
-def check_fits(cfg: MaskConfig, grid: int) -> None:
-    """K non-overlapping c^3 cubes must fit the grid and each non-final level's masked budget."""
-    n = grid**3
-    c, k = cfg.child_patches, cfg.children
-    for lvl, ratio in enumerate(cfg.ratios(), start=1):
-        n_mask = masked_count(ratio, n)
-        if not 1 <= n_mask <= n - 1:
-            raise ConfigError(f"masks.mask_ratio {ratio} at level {lvl} masks {n_mask} of {n} patches; "
-                              "need at least one masked and one visible")
-        if lvl < cfg.levels:
-            if c > grid or k > (grid // c) ** 3:
-                raise ConfigError(f"masks: {k} children of {c}^3 patches do not fit a {grid}^3 patch grid "
-                                  f"(at most {(grid // c) ** 3 if c <= grid else 0})")
-            if k * c**3 > n_mask:
-                raise ConfigError(f"masks: {k} children of {c}^3 patches need {k * c**3} masked patches "
-                                  f"but level {lvl} masks only {n_mask} of {n} (mask_ratio {ratio})")
 
 
 def _rand(shape: tuple[int, ...], gen: torch.Generator, device) -> Tensor:

@@ -218,3 +218,9 @@ def test_crop_too_small_and_bad_shape_are_input_errors():
 
 def test_single_ratio_applies_to_every_level():
     assert MaskConfig(levels=3, mask_ratio=(0.6,)).ratios() == (0.6, 0.6, 0.6)
+
+
+def test_mask_config_is_the_one_mim_config_holds():
+    # It lives in models.mim (MiMConfig embeds it; models/ imports nothing from pretrain/), re-exported here.
+    from models.mim import MaskConfig as ModelsMaskConfig
+    assert MaskConfig is ModelsMaskConfig

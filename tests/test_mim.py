@@ -1,6 +1,9 @@
-"""MiM model and losses: patch layout, loss values, L=1 == MAE, batched passes, real parent pairing, training."""
+"""MiM model and losses: patch layout, loss values, L=1 == MAE, batched passes, real parent pairing, training,
+no alignment collapse, models/ importing nothing from pretrain/."""
+import ast
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,11 +11,12 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from data.config import from_dict, to_dict
-from data.errors import ConfigError
-from models.mim import MiMConfig, MiMModel, grid_sincos, reconstruct_volumes
+from data.errors import ConfigError, InputError
+from models.mim import MiMConfig, MiMModel, grid_sincos
 from models.pos_embed import sincos_3d
 from models.vit3d import ViT3DConfig
-from pretrain.losses import alignment_loss, masked_reconstruction_loss, patchify, unpatchify
+from pretrain.losses import (alignment_loss, masked_reconstruction_loss, mim_losses, mim_step, patchify,
+                             reconstruct_volumes, unpatchify)
 from pretrain.masks import MaskConfig, build_hierarchy
 
 P = 4  # patch edge; img 16 -> a 4^3 grid of 64 tokens
@@ -135,7 +139,8 @@ def test_single_level_equals_mae():
     assert model.projector is None
     crops = torch.randn(3, 1, 32, 32, 32)
     levels = build_hierarchy(crops, cfg.masks, P, 16, torch.Generator().manual_seed(11))
-    out = model(levels)
+    assert sorted(model(levels)) == ["pred_l1"]  # the model returns tensors only
+    out = mim_step(model, levels)
     assert sorted(out) == ["loss", "pred_l1", "rec_l1"]
 
     x = F.interpolate(crops, size=(16, 16, 16), mode="trilinear", align_corners=False)
@@ -175,25 +180,31 @@ def test_alignment_pairs_each_child_with_its_real_parent_region():
     torch.manual_seed(0)
     cfg = tiny_config(levels=3)
     model = MiMModel(cfg).eval()
+    # The head maps the child's pooled decoder feature back to decoder width; proj_dim is its hidden width.
+    assert (model.projector.fc1.out_features, model.projector.fc2.out_features) == (cfg.proj_dim, cfg.decoder_dim)
     levels = levels_for(cfg)
     with torch.no_grad():
-        feats, preds = model.forward_decoder(levels, model.forward_encoder(levels))
-        out = model.forward_loss(levels, feats, preds)
+        feats, _ = model.forward_decoder(levels, model.forward_encoder(levels))
+        raw = model(levels)
+        out = mim_losses(raw, levels, cfg)
         for i in (1, 2):
             child, par_feats = levels[i], feats[i - 1]
-            terms = []
-            for row in range(child.x.shape[0]):
-                parent_row = par_feats[int(child.parent[row])]                      # [N, Dd]
-                region = parent_row[child.parent_tokens[row]].mean(dim=0)          # [Dd]
-                a = model.projector(feats[i][row].mean(dim=0))
-                b = model.projector(region)
-                terms.append(2 - 2 * F.cosine_similarity(a, b, dim=0))
-            torch.testing.assert_close(out[f"align_l{i + 1}"], torch.stack(terms).mean(), atol=1e-5, rtol=1e-5)
+            rows = range(child.x.shape[0])
+            # The parent's own decoder features over the patches the child covers (no head), centred
+            # over the level's children; the child's mean decoder feature through the head.
+            regions = torch.stack([par_feats[int(child.parent[r])][child.parent_tokens[r]].mean(dim=0) for r in rows])
+            targets = regions - regions.mean(dim=0)                                         # [B_c, Dd]
+            projected = torch.stack([model.projector(feats[i][r].mean(dim=0)) for r in rows])  # [B_c, Dd]
+            torch.testing.assert_close(raw[f"align_target_l{i + 1}"], targets, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(raw[f"align_pred_l{i + 1}"], projected, atol=1e-5, rtol=1e-5)
+            terms = 2 - 2 * F.cosine_similarity(projected, targets, dim=1)
+            torch.testing.assert_close(out[f"align_l{i + 1}"], terms.mean(), atol=1e-5, rtol=1e-5)
 
         # Pair children with an index neighbour's parent instead: the term changes.
         wrong = levels[1]
         shifted = dataclasses.replace(wrong, parent=wrong.parent.roll(1))
-        mispaired = model.cross_level_loss(shifted, feats[1], feats[0])
+        _, wrong_target = model.align_features(shifted, feats[1], feats[0])
+        mispaired = alignment_loss(raw["align_pred_l2"], wrong_target)
         assert not torch.isclose(mispaired, out["align_l2"], atol=1e-4)
 
     expected_total = sum(out[f"rec_l{i}"] for i in (1, 2, 3)) + out["align_l2"] + out["align_l3"]
@@ -207,9 +218,8 @@ def test_loss_weights_scale_their_terms():
     model = MiMModel(base).eval()
     levels = levels_for(base)
     with torch.no_grad():
-        out = model(levels)
-        model.config = weighted
-        out_w = model(levels)
+        raw = model(levels)
+    out, out_w = mim_losses(raw, levels, base), mim_losses(raw, levels, weighted)
     expected = 2 * out["rec_l1"] + 3 * out["rec_l2"] + 0.5 * out["align_l2"]
     torch.testing.assert_close(out_w["loss"], expected)
 
@@ -221,9 +231,53 @@ def test_alignment_gradient_reaches_child_side_only():
     levels = levels_for(cfg)
     feats, _ = model.forward_decoder(levels, model.forward_encoder(levels))
     parent_feats = feats[0].detach().requires_grad_(True)
-    model.cross_level_loss(levels[1], feats[1], parent_feats).backward()
+    projected, target = model.align_features(levels[1], feats[1], parent_feats)
+    assert projected.requires_grad and not target.requires_grad
+    alignment_loss(projected, target).backward()
     assert parent_feats.grad is None
     assert model.projector.fc1.weight.grad.abs().sum() > 0
+    # Through the whole model too: the target that forward returns carries no graph.
+    raw = model(levels)
+    assert raw["align_pred_l2"].requires_grad and not raw["align_target_l2"].requires_grad
+
+
+def test_mim_step_unwraps_a_ddp_style_wrapper_and_returns_the_losses_dict():
+    torch.manual_seed(0)
+    cfg = tiny_config(levels=2)
+    model = MiMModel(cfg).eval()
+
+    class Wrapped(torch.nn.Module):  # what DDP / accelerate.prepare look like from outside: .module, no .config
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+        def forward(self, levels):
+            return self.module(levels)
+
+    levels = levels_for(cfg)
+    with torch.no_grad():
+        got = mim_step(Wrapped(model), levels)
+        ref = mim_losses(model(levels), levels, cfg)
+    assert sorted(got) == ["align_l2", "loss", "pred_l1", "pred_l2", "rec_l1", "rec_l2"]
+    for k in got:
+        torch.testing.assert_close(got[k], ref[k])
+    assert got["pred_l2"].shape == (levels[1].x.shape[0], 64, P**3)
+    with pytest.raises(InputError, match="levels"):
+        mim_losses(model(levels[:1]), levels[:1], cfg)
+
+
+def test_models_import_nothing_from_the_training_stages():
+    """DESIGN.md: data <- models <- pretrain, finetune."""
+    for path in sorted((Path(__file__).resolve().parents[1] / "models").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            bad = [n for n in names if n.split(".")[0] in ("pretrain", "finetune")]
+            assert not bad, f"models/{path.name} imports {bad}"
 
 
 # --- previews, config -----------------------------------------------------------------------------------------------
@@ -273,7 +327,7 @@ def test_loss_decreases_when_overfitting_a_fixed_batch():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     history = []
     for _ in range(30):
-        out = model(levels)
+        out = mim_step(model, levels)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
@@ -282,3 +336,36 @@ def test_loss_decreases_when_overfitting_a_fixed_batch():
     assert history[-1]["loss"] < 0.7 * history[0]["loss"], [h["loss"] for h in history]
     # Predicting each patch's own mean scores (P - 1) / P = 63/64 on normalised targets: beat it.
     assert history[-1]["rec_l3"] < 0.92, history[-1]
+
+
+def test_alignment_does_not_collapse_while_overfitting_a_fixed_batch():
+    """A head on both sides (the old target) went constant within ~15 steps: alignment ~0.001 with any
+    pairing while reconstruction had learned nothing. The target is now the parent's own decoder feature,
+    centred over the level's children, so a constant head output scores 2: the loss only falls by telling
+    children apart, and each child matches its own parent region better than a neighbour's."""
+    torch.manual_seed(0)
+    cfg = tiny_config(levels=3)
+    model = MiMModel(cfg)
+    levels = levels_for(cfg, batch=2)  # 2 crops -> 4 children at level 2, 8 at level 3
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        out = mim_step(model, levels)
+        assert all(math.isfinite(out[f"align_l{i}"].item()) for i in (2, 3)), out
+        first = first or {i: out[f"align_l{i}"].item() for i in (2, 3)}
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    with torch.no_grad():
+        raw = model(levels)
+    out = mim_losses(raw, levels, cfg)
+    for i in (2, 3):
+        projected, target = raw[f"align_pred_l{i}"], raw[f"align_target_l{i}"]  # [B_c, Dd] each
+        # Spread across children of unit-norm vectors (0: all the same direction).
+        spread = F.normalize(projected, dim=-1).std(dim=0).norm().item()
+        assert spread > 0.05, (i, spread)
+        assert F.normalize(target, dim=-1).std(dim=0).norm().item() > 0.05
+        align = out[f"align_l{i}"].item()
+        neighbour = alignment_loss(projected, target.roll(1, dims=0)).item()  # each child vs another's target
+        assert align < first[i] - 0.3, (i, first[i], align)
+        assert neighbour > align + 0.3, (i, align, neighbour)
