@@ -72,15 +72,19 @@ class PretrainCrops(Dataset):
         return torch.from_numpy(np.stack(crops).astype(np.float32, copy=False))  # [K, 1, S, S, S]
 
 
-def lesion_augment() -> Compose:
-    """Joint image/mask augmentation: flips, a small rotation/scale, intensity scale/shift and noise."""
+def lesion_augment(size: int | None = None) -> Compose:
+    """Joint image/mask augmentation: flips, a small rotation/scale, intensity scale/shift and noise.
+
+    With the crop `size` known, RandAffine caches its sampling grid (several times faster per item).
+    """
     keys = ["image", "mask"]
     return Compose([
         RandFlipd(keys, prob=0.5, spatial_axis=0),
         RandFlipd(keys, prob=0.5, spatial_axis=1),
         RandFlipd(keys, prob=0.5, spatial_axis=2),
         RandAffined(keys, prob=0.5, rotate_range=(0.26, 0.26, 0.26), scale_range=(0.1, 0.1, 0.1),
-                    mode=("bilinear", "nearest"), padding_mode=("border", "zeros")),
+                    mode=("bilinear", "nearest"), padding_mode=("border", "zeros"),
+                    spatial_size=(size,) * 3 if size else None, cache_grid=size is not None),
         RandScaleIntensityd("image", factors=0.1, prob=0.5),
         RandShiftIntensityd("image", offsets=0.1, prob=0.5),
         RandGaussianNoised("image", prob=0.3, std=0.05),
@@ -107,7 +111,7 @@ class LesionCrops(Dataset):
         self.margin_vox = int(margin_vox)
         self.seed = int(seed)
         self.epoch = 0
-        self.transform = lesion_augment() if augment else None
+        self.transform = lesion_augment(self.crop_size) if augment else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
