@@ -30,8 +30,13 @@ class ConfigError(InputError):
     """A run configuration (YAML or flags) is invalid."""
 
 
+class RunStopped(RuntimeError):
+    """A run stopped on purpose mid-way (e.g. too many non-finite losses); the message says why and what to do."""
+
+
 def cli_entry(main: Callable[..., int | None]) -> Callable[..., int | None]:
-    """Wrap a CLI `main` so bad input prints one line (no traceback) and exits with code 2."""
+    """Wrap a CLI `main` so bad input prints one line (no traceback) and exits with code 2,
+    and a deliberately stopped run prints one line and exits with code 1."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -40,5 +45,8 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int | None]:
         except InputError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+        except RunStopped as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
 
     return wrapper

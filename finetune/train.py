@@ -27,7 +27,7 @@ from data.errors import ConfigError, InputError, cli_entry
 from data.prepare import PrepConfig
 from finetune.cohort import TASK_NEEDS, make_dataset
 from models.multimodal import MultimodalConfig, MultimodalModel
-from models.training import (NonFiniteGuard, OptimConfig, ResumableBatches, RunLogger, TrainingStopped,
+from models.training import (NonFiniteGuard, OptimConfig, ResumableBatches, RunLogger,
                              WarmupCosine, build_optimizer, make_accelerator, progress, seed_step)
 from models.vit3d import ViT3DConfig
 
@@ -383,8 +383,5 @@ def explain_subjects(cfg: FinetuneConfig, folder: str, rows: pd.DataFrame, out_d
 @cli_entry
 def main(argv=None) -> int:
     cfg, _ = parse_config(FinetuneConfig, argv, description=__doc__.splitlines()[0])
-    try:
-        run(cfg)
-    except TrainingStopped as e:
-        raise SystemExit(f"error: {e}")
+    run(cfg)
     return 0

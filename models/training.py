@@ -28,9 +28,10 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 
 from data.atomic import write_json
+from data.errors import RunStopped
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(RunStopped):
     """The run cannot go on (e.g. too many non-finite losses in a row); the message says why."""
 
 

@@ -21,7 +21,7 @@ from data.errors import InputError, cli_entry
 from data.prepare import PrepConfig
 from models.mim import MiMConfig, MiMModel
 from models.training import (Checkpointer, LoopConfig, NonFiniteGuard, OptimConfig, ResumableBatches,
-                             RunLogger, TrainingStopped, WarmupCosine, build_optimizer, make_accelerator,
+                             RunLogger, WarmupCosine, build_optimizer, make_accelerator,
                              param_groups_weight_decay, progress, seed_step)
 from models.vit3d import ViT3DConfig
 from pretrain.losses import mim_step
@@ -181,8 +181,5 @@ def train(cfg: PretrainConfig) -> Path:
 @cli_entry
 def main(argv=None) -> int:
     cfg, _ = parse_config(PretrainConfig, argv, description=__doc__.splitlines()[0])
-    try:
-        train(cfg)
-    except TrainingStopped as e:
-        raise SystemExit(f"error: {e}")
+    train(cfg)
     return 0

@@ -10,13 +10,6 @@ from data.errors import ConfigError, InputError
 from pretrain.masks import MaskConfig, build_hierarchy, cut_and_resize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two intra-op threads on 2 cores shared with other jobs thrash; one does not.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # (crop edge S, encoder img_size I, patch p, children K, child_patches c, ratios)

@@ -22,13 +22,6 @@ from pretrain.masks import MaskConfig, build_hierarchy
 P = 4  # patch edge; img 16 -> a 4^3 grid of 64 tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two intra-op threads on 2 cores shared with other jobs thrash (20x slower here); one does not.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_config(levels=3, ratios=(0.75,), **kw) -> MiMConfig:
