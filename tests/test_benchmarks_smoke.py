@@ -1,0 +1,75 @@
+"""Smoke tests of the speed benchmarks: each main runs at a toy size with one timed step and returns its
+table with the expected rows and columns. No timing is asserted (2 shared cores)."""
+from benchmarks import common, pretrain_speed, throughput
+
+
+def test_pretrain_speed_table():
+    table = pretrain_speed.main(["--preset", "tiny", "--repeats", "1", "--warmup", "0", "--batch", "1",
+                                 "--crop-size", "48", "--no-isolate", "--quiet"])
+    assert table.columns == ["model", "levels", "sub-vols/step", "masks ms", "step ms", "sub-vol/s",
+                             "ours ÷ MONAI", "model FLOP/s", "peak memory MiB"]
+    assert table.column("model") == [pretrain_speed.MONAI, pretrain_speed.MONAI_SDPA, "mimfm MiM",
+                                     "mimfm MiM L=1 (MAE)"]
+    assert table.column("levels") == ["1", "1", "3", "1"]
+    # One level-1 crop with L=3, K=2 is 1 + 2 + 4 sub-volumes; every row trains on that many.
+    assert table.column("sub-vols/step") == ["7"] * 4
+    assert table.column("ours ÷ MONAI")[0] == "1.00x"
+    assert table.column("masks ms")[:2] == ["—", "—"]
+    for cell in table.column("step ms") + table.column("sub-vol/s"):
+        assert float(cell) > 0
+    assert "| model | levels |" in table.markdown()
+
+
+def test_throughput_table():
+    table = throughput.main(["--device", "cpu", "--repeats", "1", "--warmup", "0", "--pretrain-batch", "1",
+                             "--crop-size", "48", "--batch", "2", "--loader-size", "16", "--loader-n", "2",
+                             "--loader-repeats", "1", "--loader-workers", "1", "--no-isolate", "--quiet"])
+    assert table.columns == ["stage", "what is timed", "batch", "median ms", "throughput", "peak memory MiB"]
+    assert table.column("stage") == ["pretraining (MiM, L=3)", "fine-tuning", "inference",
+                                     "data: cache (.npy), 1 process", "data: .nii.gz, 1 process",
+                                     "data: cache (.npy), DataLoader", "data: .nii.gz, DataLoader"]
+    assert table.column("throughput")[0].endswith("sub-vol/s")
+    assert all(c.endswith("vol/s") for c in table.column("throughput"))
+    assert "7 sub-vols" in table.column("batch")[0]
+
+
+def test_update_section_keeps_other_sections(tmp_path):
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\n## Data loader\n\nkeep me\n")
+    common.update_section(doc, "Speed table (CPU)", "first")
+    common.update_section(doc, "Other", "other body")
+    common.update_section(doc, "Speed table (CPU)", "second")
+    text = doc.read_text()
+    assert "keep me" in text and "other body" in text and "second" in text and "first" not in text
+    assert text.count("## Speed table (CPU)") == 1
+
+
+def test_flops_count():
+    # One block on N tokens: 2N(4D^2 + 2DM) + 4N^2 D.
+    assert common.block_flops(10, 6, 24) == 2 * 10 * (4 * 36 + 2 * 6 * 24) + 4 * 100 * 6
+
+
+def test_largest_batch_bisection(monkeypatch):
+    # The GPU-only search, with OOM simulated above 37.
+    monkeypatch.setattr(pretrain_speed, "fits", lambda spec: spec["batch"] <= 37)
+    assert pretrain_speed.largest_batch({"batch": 1}) == 37
+    monkeypatch.setattr(pretrain_speed, "fits", lambda spec: False)
+    assert pretrain_speed.largest_batch({"batch": 1}) == 0
+
+
+def test_gpu_table_columns():
+    # The CUDA table (MFU, checkpointing rows, largest batch) from made-up measurements.
+    args = pretrain_speed.parse_args(["--preset", "base", "--repeats", "2", "--warmup", "0"])
+    args.device, args.checkpointing = "cuda", "both"
+    model = pretrain_speed.load_preset(args.config).model
+    rows = pretrain_speed.rows_for(model, "both")
+    results = {}
+    for r in rows:
+        results[r.name] = common.Measured(samples=[{"step": 0.5, "masks": 0.01}] * 2,
+                                          info={"subvolumes": 224, "flops": 1e14}, memory={"peak_mib": 1000.0})
+    table = pretrain_speed.build_table(args, model, rows, results, {pretrain_speed.MONAI: (448, 300.0)})
+    assert table.columns[-3:] == ["peak memory MiB", "largest batch (sub-vols)", "sub-vol/s at largest"]
+    assert "MFU" in table.columns
+    assert table.column("model") == [pretrain_speed.MONAI, pretrain_speed.MONAI_SDPA, "mimfm MiM",
+                                     "mimfm MiM L=1 (MAE)", "mimfm MiM, grad ckpt", "mimfm MiM L=1 (MAE), grad ckpt"]
+    assert table.column("largest batch (sub-vols)")[:2] == ["448", "—"]
