@@ -130,7 +130,9 @@ class ViT3D(nn.Module):
             raise InputError(f"ViT3D expects [B, {c.in_channels}, D, H, W], got {tuple(x.shape)}")
         if min(x.shape[2:]) < c.patch_size:
             raise InputError(f"input {tuple(x.shape[2:])} is smaller than one {c.patch_size}^3 patch")
-        x = self.patch_embed(x)  # [B, D, gd, gh, gw]
+        # Channels-last input makes the patch conv's weight gradient several times faster on CPU
+        # (measured in benchmarks/pretrain_speed.py); the values are identical.
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last_3d))  # [B, D, gd, gh, gw]
         grid = tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2)  # [B, N, D]
         return x + resize_pos_embed(self.pos_embed, c.grid, grid)  # [B, N, D]

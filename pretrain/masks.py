@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from data.errors import ConfigError, InputError
@@ -99,6 +100,10 @@ def cut_and_resize(crops: Tensor, root: Tensor, boxes: Tensor, size: int) -> Ten
     for integer boxes, done separably for all rows at once (no per-box loop).
     """
     start, extent = boxes[:, 0], boxes[:, 1]  # [R, 3] each
+    spatial_f = torch.tensor(crops.shape[2:], dtype=boxes.dtype, device=boxes.device)
+    if bool((start == 0).all()) and bool((extent == spatial_f).all()):
+        # Whole crops (level 1): the library kernel is the same arithmetic and ~10x faster on CPU.
+        return F.interpolate(crops[root], size=(size,) * 3, mode="trilinear", align_corners=False)
     # First gather a fixed-length window of whole voxels around each box, so the interpolation passes
     # touch only the box, not the whole crop (children are small and many). One host sync per call.
     spatial = torch.tensor(crops.shape[2:], device=crops.device)                         # [3]
