@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -130,11 +131,19 @@ class ViT3D(nn.Module):
             raise InputError(f"ViT3D expects [B, {c.in_channels}, D, H, W], got {tuple(x.shape)}")
         if min(x.shape[2:]) < c.patch_size:
             raise InputError(f"input {tuple(x.shape[2:])} is smaller than one {c.patch_size}^3 patch")
-        # Channels-last input makes the patch conv's weight gradient several times faster on CPU
-        # (measured in benchmarks/pretrain_speed.py); the values are identical.
-        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last_3d))  # [B, D, gd, gh, gw]
-        grid = tuple(x.shape[2:])
-        x = x.flatten(2).transpose(1, 2)  # [B, N, D]
+        # The Conv3d (kernel = stride = patch) is computed as one matmul over non-overlapping patches:
+        # identical values, but its weight gradient is a GEMM instead of a slow strided-conv backward
+        # (58% of a CPU pretraining step before; see docs/BENCHMARKS.md). The Conv3d module keeps
+        # the weights, so checkpoints and the MONAI export are unchanged.
+        p = c.patch_size
+        b, ch = x.shape[:2]
+        grid = tuple(s // p for s in x.shape[2:])
+        gd, gh, gw = grid
+        x = x[:, :, :gd * p, :gh * p, :gw * p]  # Conv3d drops a remainder the same way
+        x = x.reshape(b, ch, gd, p, gh, p, gw, p).permute(0, 2, 4, 6, 1, 3, 5, 7)  # [B, gd, gh, gw, C, p, p, p]
+        x = x.reshape(b, gd * gh * gw, ch * p**3)  # [B, N, C p^3], token order = Conv3d flatten order
+        w = self.patch_embed.weight.reshape(self.patch_embed.weight.shape[0], -1)  # [D, C p^3]
+        x = F.linear(x, w, self.patch_embed.bias)  # [B, N, D]
         return x + resize_pos_embed(self.pos_embed, c.grid, grid)  # [B, N, D]
 
     def _tokens(self, x: Tensor, visible_idx: Tensor | None, extra_tokens: Tensor | None) -> Tensor:
