@@ -53,9 +53,10 @@ def subject_inputs(row, meta: dict) -> tuple[torch.Tensor, torch.Tensor, np.ndar
     prep = meta["prep"]
     size = meta["preprocessing"]["input_size"]
     margin = int(round(meta["preprocessing"]["margin_mm"] / float(np.mean(prep.spacing))))
-    x, affine = lesion_crop_with_affine(entry.image(), entry.mask(), size, margin, np.asarray(entry.meta["affine"]))
+    x, affine = lesion_crop_with_affine(entry.image(), entry.mask(), size, margin, np.asarray(entry.meta["affine"]),
+                                        pad_value=entry.meta.get("pad_value"))
     schema = meta["schema"]
-    clin = schema.transform(pd.DataFrame([row])) [0] if schema is not None else np.zeros(0, np.float32)
+    clin = schema.transform(pd.DataFrame([row]))[0] if schema is not None else np.zeros(0, np.float32)
     return torch.as_tensor(x), torch.as_tensor(clin), affine
 
 
@@ -93,7 +94,8 @@ def predict_table(folders: list[Path], df: pd.DataFrame, cache_dir: str) -> tupl
             if "risk" in out:
                 risks.append(out["risk"].item())
             elif "hazard_logits" in out:
-                risks.append(survival_risk_from_hazards(out["hazard_logits"]).item())
+                edges = torch.tensor(meta["time_bins"]) if meta.get("time_bins") else None
+                risks.append(survival_risk_from_hazards(out["hazard_logits"], edges).item())
         per_model.append((probs, risks))
     res = pd.DataFrame({"subject_id": good["subject_id"].to_numpy()})
     if per_model and per_model[0][0]:

@@ -28,7 +28,8 @@ from data.prepare import PrepConfig
 from finetune.cohort import TASK_NEEDS, make_dataset
 from models.multimodal import MultimodalConfig, MultimodalModel
 from models.training import (NonFiniteGuard, OptimConfig, ResumableBatches, RunLogger,
-                             WarmupCosine, build_optimizer, make_accelerator, progress, seed_step)
+                             WarmupCosine, build_optimizer, make_accelerator, progress, seed_step,
+                             set_deepspeed_micro_batch)
 from models.vit3d import ViT3DConfig
 
 TASKS = tuple(TASK_NEEDS)
@@ -114,6 +115,10 @@ def load_cohort(cfg: FinetuneConfig, prep: PrepConfig, show_progress: bool):
     ext = None
     if cfg.external:
         ext, _ = prepare_table(read_manifest(cfg.external, task=cfg.task), prep, cache, progress=show_progress)
+        clash = sorted(set(ext["subject_id"]) & set(df["subject_id"]))
+        if clash:
+            raise InputError(f"{cfg.external}: subject_id(s) {clash[:5]} also appear in {cfg.manifest}; "
+                             "ids must be unique across both cohorts")
     cols = list(cfg.clinical_columns) or clinical_columns(df)
     missing = [c for c in cols if c not in df.columns]
     if missing:
@@ -151,7 +156,7 @@ def task_loss(out: dict, batch: dict, cfg: FinetuneConfig, pos_weight: torch.Ten
 
 
 @torch.no_grad()
-def predict(model: MultimodalModel, dataset, batch_size: int, device) -> dict[str, np.ndarray]:
+def predict(model: MultimodalModel, dataset, batch_size: int, device, time_bins=None) -> dict[str, np.ndarray]:
     from finetune.survival_losses import survival_risk_from_hazards
     import monai.data
     model.eval()
@@ -164,7 +169,7 @@ def predict(model: MultimodalModel, dataset, batch_size: int, device) -> dict[st
         if "risk" in out:
             risks.append(out["risk"].float().cpu())
         elif "hazard_logits" in out:
-            risks.append(survival_risk_from_hazards(out["hazard_logits"].float()).cpu())
+            risks.append(survival_risk_from_hazards(out["hazard_logits"].float(), time_bins).cpu())
     model.train()
     res = {}
     if probs:
@@ -217,10 +222,13 @@ def train_fold(cfg: FinetuneConfig, model_cfg: MultimodalConfig, prep: PrepConfi
         model.freeze_encoder(linear_probe=True)
     optimizer = build_optimizer(model.param_groups(cfg.optim.lr, cfg.optim.weight_decay, cfg.layer_decay), cfg.optim)
     batch_size = min(cfg.batch_size, len(train_ds) // accelerator.num_processes)
+    if batch_size < 1:
+        raise InputError(f"fold {fold}: {len(train_ds)} training subject(s) for {accelerator.num_processes} processes")
     batches = ResumableBatches(train_ds, batch_size, cfg.seed + fold, accelerator.num_processes,
                                accelerator.process_index, cfg.num_workers)
     steps_per_epoch = math.ceil(batches.per_epoch / cfg.grad_accum)
     schedule = WarmupCosine(optimizer, cfg.optim, cfg.epochs * steps_per_epoch)
+    set_deepspeed_micro_batch(accelerator, batch_size)
     model, optimizer = accelerator.prepare(model, optimizer)
     pos_weight = None
     if cfg.class_weighting and cfg.task in ("classification", "multitask"):
@@ -229,7 +237,8 @@ def train_fold(cfg: FinetuneConfig, model_cfg: MultimodalConfig, prep: PrepConfi
 
     guard = NonFiniteGuard(cfg.max_nonfinite)
     stream = batches.iterate(0)
-    best = {"score": -math.inf, "epoch": 0, "state": None}
+    best = {"score": None, "key": -math.inf, "epoch": 0,
+            "state": copy.deepcopy(accelerator.unwrap_model(model).state_dict())}
     step = 0
     bar = progress(cfg.epochs, 0, main, f"fold {fold}")
     for epoch in range(cfg.epochs):
@@ -253,17 +262,23 @@ def train_fold(cfg: FinetuneConfig, model_cfg: MultimodalConfig, prep: PrepConfi
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
-            for k, v in terms.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach()) / (steps_per_epoch * cfg.grad_accum)
+            if ok:  # a skipped (non-finite) step does not poison the epoch's mean
+                for k, v in terms.items():
+                    totals[k] = totals.get(k, 0.0) + float(v.detach()) / (steps_per_epoch * cfg.grad_accum)
         unwrapped = accelerator.unwrap_model(model)
-        val_pred = predict(unwrapped, val_ds, cfg.batch_size, accelerator.device)
+        val_pred = predict(unwrapped, val_ds, cfg.batch_size, accelerator.device, bins)
         score = validation_score(val_pred, val_ds, cfg.task)
-        # An undefined score (one-class fold, no events) falls back to the training loss trend.
-        key = score if score is not None else -totals.get("loss", 0.0)
+        # An undefined score (one-class fold, no events) falls back to the training loss trend,
+        # averaged over ranks so every rank takes the same early-stopping decision.
+        if score is None:
+            loss = torch.tensor(totals.get("loss", math.inf), device=accelerator.device)
+            key = -float(accelerator.reduce(loss, reduction="mean")) if accelerator.num_processes > 1 else -float(loss)
+        else:
+            key = score
         logger.log(step, {f"fold{fold}/train_{k}": v for k, v in totals.items()}
                    | ({f"fold{fold}/val_score": score} if score is not None else {}), epoch=epoch)
-        if key > best["score"]:
-            best = {"score": key, "epoch": epoch, "state": copy.deepcopy(unwrapped.state_dict())}
+        if key > best["key"]:
+            best = {"score": score, "key": key, "epoch": epoch, "state": copy.deepcopy(unwrapped.state_dict())}
         bar.update(1)
         bar.set_postfix(loss=f"{totals.get('loss', 0):.3f}", val=f"{score:.3f}" if score is not None else "n/a")
         if epoch - best["epoch"] >= cfg.patience:
@@ -272,10 +287,10 @@ def train_fold(cfg: FinetuneConfig, model_cfg: MultimodalConfig, prep: PrepConfi
 
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.load_state_dict(best["state"])
-    preds = {"val": (val_df, predict(unwrapped, val_ds, cfg.batch_size, accelerator.device))}
+    preds = {"val": (val_df, predict(unwrapped, val_ds, cfg.batch_size, accelerator.device, bins))}
     for name, df in eval_sets.items():
         ds = make_dataset(df, cfg.task, schema, augment=False, seed=0, **kw)
-        preds[name] = (df, predict(unwrapped, ds, cfg.batch_size, accelerator.device))
+        preds[name] = (df, predict(unwrapped, ds, cfg.batch_size, accelerator.device, bins))
     folder = Path(cfg.output_dir) / "model" / f"fold{fold}"
     if main:
         extra = {"clinical_schema": schema.to_dict() if schema else None, "clinical_columns": columns,
@@ -321,11 +336,12 @@ def run(cfg: FinetuneConfig) -> dict:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(replace(cfg, model=model_cfg, prep=prep), out / "config.yaml")
-    df, ext, columns = load_cohort(cfg, prep, show_progress=main)
+    with accelerator.main_process_first():  # one rank fills the cache; the others then hit it
+        df, ext, columns = load_cohort(cfg, prep, show_progress=main)
     splits = load_splits(cfg, df)
     by_id = df.set_index("subject_id", drop=False)
     test_df = by_id.loc[splits["test"]].reset_index(drop=True)
-    eval_sets = {"test": test_df} | ({"external": ext} if ext is not None else {})
+    eval_sets = ({"test": test_df} if len(test_df) else {}) | ({"external": ext} if ext is not None else {})
     logger = RunLogger(out, enabled=main)
 
     frames, fold_info = [], []

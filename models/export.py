@@ -61,6 +61,8 @@ def _load_weights_file(path: Path) -> dict[str, Tensor]:
 
 
 def _load_checkpoint_dir(folder: Path) -> dict[str, Tensor]:
+    if (folder / "weights.safetensors").is_file():  # the training loop's full, unwrapped weights
+        return _load_weights_file(folder / "weights.safetensors")
     if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
         return load_safetensors_weights(folder)
     if (folder / "pytorch_model.bin").is_file():  # accelerate save_state(safe_serialization=False)

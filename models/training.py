@@ -65,6 +65,14 @@ def make_accelerator(loop: LoopConfig) -> Accelerator:
     return Accelerator(mixed_precision=mp, gradient_accumulation_steps=loop.grad_accum)
 
 
+def set_deepspeed_micro_batch(accelerator: Accelerator, micro_batch: int) -> None:
+    """DeepSpeed's "auto" micro-batch is normally read from a prepared DataLoader; ours is not prepared
+    (ResumableBatches owns the order), so tell DeepSpeed the per-process micro-batch directly."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch
+
+
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """A distinct, reproducible 63-bit seed for each (seed, step, rank)."""
     # negative steps name set-up phases (e.g. -1 = weight init); wrap them into uint32 words
@@ -195,7 +203,7 @@ class Checkpointer:
     """Atomic, rotated checkpoints under `output_dir/checkpoints/ckpt-<step>`.
 
     A checkpoint is written to a temporary folder (accelerate's state for model, optimizer and
-    any DeepSpeed shards, plus `model.safetensors` with the full unwrapped weights and
+    any DeepSpeed shards, plus `weights.safetensors` with the full unwrapped weights and
     `trainer_state.json`), then renamed; `trainer_state.json` marks it complete.
     """
 
@@ -234,13 +242,15 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every rank's files are in tmp before it is renamed
         full = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards when configured to
         if accelerator.is_main_process:
             # Every step reseeds from (seed, step, rank), so accelerate's pickled RNG states are not
             # needed; dropping them means resuming never unpickles anything.
             for rng in tmp.glob("random_states_*.pkl"):
                 rng.unlink()
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in full.items()}, str(tmp / "model.safetensors"))
+            # Not model.safetensors: accelerate wrote that one (wrapped keys) and load_state needs it.
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in full.items()}, str(tmp / "weights.safetensors"))
             for name, obj in files.items():
                 write_json(tmp / name, obj)
             write_json(tmp / "trainer_state.json", {"step": step, **state})

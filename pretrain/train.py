@@ -9,19 +9,16 @@ exported as a Hugging Face-format folder in `output_dir/encoder`.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from data.config import parse_config, save_config, to_dict
 from data.errors import InputError, cli_entry
 from data.prepare import PrepConfig
 from models.mim import MiMConfig, MiMModel
 from models.training import (Checkpointer, LoopConfig, NonFiniteGuard, OptimConfig, ResumableBatches,
-                             RunLogger, WarmupCosine, build_optimizer, make_accelerator,
+                             RunLogger, WarmupCosine, build_optimizer, make_accelerator, set_deepspeed_micro_batch,
                              param_groups_weight_decay, progress, seed_step)
 from models.vit3d import ViT3DConfig
 from pretrain.losses import mim_step
@@ -86,7 +83,8 @@ def train(cfg: PretrainConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
 
-    dataset, n_volumes = load_training_volumes(cfg, show_progress=main)
+    with accelerator.main_process_first():  # one rank fills the cache; the others then hit it
+        dataset, n_volumes = load_training_volumes(cfg, show_progress=main)
     batches = ResumableBatches(dataset, cfg.batch_size, cfg.seed, accelerator.num_processes,
                                accelerator.process_index, cfg.num_workers)
 
@@ -95,6 +93,7 @@ def train(cfg: PretrainConfig) -> Path:
     if cfg.model.encoder.grad_checkpointing:
         model.encoder.set_grad_checkpointing(True)
     optimizer = build_optimizer(param_groups_weight_decay(model, cfg.optim.weight_decay), cfg.optim)
+    set_deepspeed_micro_batch(accelerator, cfg.batch_size * cfg.crops_per_volume)
     model, optimizer = accelerator.prepare(model, optimizer)
     schedule = WarmupCosine(optimizer, cfg.optim, cfg.max_steps)
     guard = NonFiniteGuard(cfg.max_nonfinite)

@@ -48,7 +48,7 @@ def test_loss_goes_down_and_encoder_exports(synth_cohort, tmp_path):
     # the exported HF folder loads strictly and holds exactly the trained encoder weights
     from models.vit3d import ViT3D
     enc = ViT3D.from_pretrained(out / "encoder")
-    full = load_file(str(out / "checkpoints" / "ckpt-0000040" / "model.safetensors"))
+    full = load_file(str(out / "checkpoints" / "ckpt-0000040" / "weights.safetensors"))
     for k, v in enc.state_dict().items():
         assert torch.equal(v, full["encoder." + k]), k
     cfg = json.loads((out / "encoder" / "config.json").read_text())
@@ -62,8 +62,8 @@ def test_resume_equals_uninterrupted(synth_cohort, tmp_path):
     train(tiny_cfg(synth_cohort, tmp_path / "cut", stop_at=3, **kw))            # "crashes" after step 3
     assert not (tmp_path / "cut" / "encoder").exists()
     train(tiny_cfg(synth_cohort, tmp_path / "cut", resume="auto", **kw))
-    a = load_file(str(tmp_path / "full" / "checkpoints" / "ckpt-0000006" / "model.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "checkpoints" / "ckpt-0000006" / "model.safetensors"))
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "ckpt-0000006" / "weights.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "checkpoints" / "ckpt-0000006" / "weights.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -103,6 +103,12 @@ def test_two_process_cpu_run(synth_cohort, tmp_path):
     summary = json.loads((out / "checkpoints" / "ckpt-0000002" / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert (out / "encoder" / "model.safetensors").is_file()
+    # both ranks resume from the DDP checkpoint (accelerate's wrapped-key state loads strictly)
+    cmd[cmd.index("--max_steps") + 1] = "3"
+    res = subprocess.run(cmd + ["--resume", "auto"], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout
+    assert json.loads((out / "checkpoints" / "ckpt-0000003" / "summary.json").read_text())["step"] == 3
 
 
 def test_bad_data_path_is_one_line_exit_2(tmp_path):
