@@ -328,6 +328,24 @@ def fold_ensemble(frames: list[pd.DataFrame], name: str) -> pd.DataFrame:
     return ens
 
 
+def fold_fingerprint(cfg: FinetuneConfig, splits: dict) -> str:
+    """What a finished fold depends on; a fold saved under another fingerprint is retrained, not reused."""
+    import hashlib
+    d = to_dict(cfg)
+    for k in ("output_dir", "cache_dir", "n_boot", "explain", "num_workers", "resume", "external", "splits"):
+        d.pop(k, None)
+    d["folds_content"] = splits["folds"]
+    d["pretrained_weights"] = _folder_stamp(cfg.pretrained)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _folder_stamp(folder: str) -> str:
+    if not folder:
+        return ""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    return ",".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
 def run(cfg: FinetuneConfig) -> dict:
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
@@ -345,16 +363,19 @@ def run(cfg: FinetuneConfig) -> dict:
     logger = RunLogger(out, enabled=main)
 
     frames, fold_info = [], []
+    fingerprint = fold_fingerprint(cfg, splits)
     for k, fold in enumerate(splits["folds"]):
         done = out / "folds" / f"fold{k}.csv"
-        if cfg.resume == "auto" and done.is_file():
+        saved = json.loads(done.with_suffix(".json").read_text()) if done.with_suffix(".json").is_file() else {}
+        if cfg.resume == "auto" and done.is_file() and saved.get("fingerprint") == fingerprint:
             frames.append(pd.read_csv(done, dtype={"subject_id": str}))
-            fold_info.append(json.loads(done.with_suffix(".json").read_text()))
+            fold_info.append(saved)
             continue
         res = train_fold(cfg, model_cfg, prep, k, by_id.loc[fold["train"]].reset_index(drop=True),
                          by_id.loc[fold["val"]].reset_index(drop=True), eval_sets, columns, accelerator, logger)
         fr = pd.concat([prediction_rows(name, k, d, p) for name, (d, p) in res["preds"].items()])
-        info = {"fold": k, "best_epoch": res["best_epoch"], "val_score": res["val_score"], "folder": res["folder"]}
+        info = {"fold": k, "best_epoch": res["best_epoch"], "val_score": res["val_score"], "folder": res["folder"],
+                "fingerprint": fingerprint}
         if main:
             with atomic_path(done) as tmp:
                 fr.to_csv(tmp, index=False)

@@ -64,6 +64,17 @@ def test_finished_folds_are_reused(classification_run, synth_cohort):
     assert before == after
 
 
+def test_fold_fingerprint_tracks_what_a_fold_depends_on(synth_cohort, tmp_path):
+    from dataclasses import replace
+    from finetune.train import fold_fingerprint
+    cfg = tiny_cfg(synth_cohort, tmp_path / "x")
+    splits = {"folds": [{"train": ["a"], "val": ["b"]}]}
+    base = fold_fingerprint(cfg, splits)
+    assert fold_fingerprint(replace(cfg, n_boot=5, explain=0, output_dir="elsewhere"), splits) == base
+    assert fold_fingerprint(replace(cfg, fusion="film"), splits) != base
+    assert fold_fingerprint(cfg, {"folds": [{"train": ["b"], "val": ["a"]}]}) != base
+
+
 def test_predict_keeps_good_rows_and_lists_bad_ones(classification_run, synth_cohort, tmp_path):
     out, _ = classification_run
     m = pd.read_csv(synth_cohort / "external.csv", dtype={"subject_id": str})
