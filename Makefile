@@ -25,6 +25,8 @@ test: $(STAMP)
 
 # The whole pipeline on the built-in synthetic cohort: synth -> prepare -> pretrain -> export ->
 # fine-tune (classification and survival) -> evaluate -> predict. Minutes on 2 CPU cores.
+# One intra-op thread: on 2 cores beside data workers, two OpenMP threads thrash (4-7x slower, measured).
+demo: export OMP_NUM_THREADS ?= 1
 demo: $(STAMP)
 	$(PY) -m data.synth --out $(DEMO)/cohort --n-unlabeled 24 --n-labeled 48 --n-external 12 --seed 0 --overwrite
 	$(PY) -m data.prepare --folder $(DEMO)/cohort/unlabeled --cache $(DEMO)/cache
