@@ -111,7 +111,7 @@ PRESETS = {
         name="cpu", n_unlabeled=300, n_labeled=109, n_external=28, pretrain_steps=1000,
         folds=3, epochs=20, patience=6, finetune_n_boot=50, fusions=FUSIONS, survival="multitask",
         n_boot=500, seeds=(0, 1, 2),
-        note="tiny ViT, 1000 MiM / MAE steps of 2 volumes x 2 crops, 3 folds x <= 20 epochs, 3 seeds"),
+        note="tiny ViT, 1000 MiM / MAE steps of 2 volumes x 2 crops, 40 mm lesion crops, 3 folds x <= 20 epochs, 3 seeds"),
     # One H100: ViT-B (dim 768, depth 12, 96^3 input, 16^3 patches), bf16, a real pretraining budget.
     "gpu": Preset(
         name="gpu", n_unlabeled=3000, n_labeled=109, n_external=28, workers=16,

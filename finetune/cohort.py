@@ -71,8 +71,8 @@ def clinical_matrix(schema: ClinicalSchema | None, df: pd.DataFrame) -> np.ndarr
 
 def make_dataset(df: pd.DataFrame, task: str, schema: ClinicalSchema | None, *, use_images: bool,
                  crop_size: int, margin_vox: int, augment: bool, seed: int,
-                 time_bins: np.ndarray | None = None) -> CohortDataset:
+                 min_side_vox: int | None = None, time_bins: np.ndarray | None = None) -> CohortDataset:
     from data.datasets import LesionCrops
     crops = LesionCrops(df.reset_index(drop=True), crop_size=crop_size, margin_vox=margin_vox,
-                        augment=augment, seed=seed) if use_images else None
+                        augment=augment, seed=seed, min_side_vox=min_side_vox) if use_images else None
     return CohortDataset(crops, clinical_matrix(schema, df), Targets.from_table(df, task), time_bins)

@@ -54,6 +54,10 @@ class FinetuneConfig:
     test_fraction: float = 0.2
     clinical_columns: list[str] = field(default_factory=list)   # empty: every non-standard column
     margin_mm: float = 10.0         # peritumoral margin kept around the lesion box
+    # Smallest side of the lesion-centred cube, in mm. The cube (lesion box + margin, at least this)
+    # is resized to the encoder input, so a value below input size x spacing magnifies the lesion.
+    # 0: input size x spacing (native scale, no magnification).
+    crop_mm: float = 0.0
     batch_size: int = 8
     epochs: int = 30
     patience: int = 8               # epochs without validation improvement before stopping
@@ -82,6 +86,13 @@ class FinetuneConfig:
 
 # --------------------------------------------------------------------------------------------
 # set-up
+
+
+def min_side_vox(crop_mm: float, spacing: float) -> int | None:
+    """The lesion cube's smallest side in voxels for `crop_mm`; None (native scale) when crop_mm is 0."""
+    if crop_mm < 0:
+        raise ConfigError(f"--crop_mm must be >= 0, got {crop_mm}")
+    return max(1, int(round(crop_mm / spacing))) if crop_mm > 0 else None
 
 
 def encoder_from_pretrained(cfg: FinetuneConfig) -> tuple[MultimodalConfig, PrepConfig]:
@@ -212,7 +223,8 @@ def train_fold(cfg: FinetuneConfig, model_cfg: MultimodalConfig, prep: PrepConfi
                    n_time_bins=cfg.n_time_bins if bins is not None else model_cfg.n_time_bins)
     spacing = float(np.mean(prep.spacing))
     kw = dict(use_images=cfg.fusion != "clinical_only", crop_size=mcfg.encoder.img_size,
-              margin_vox=int(round(cfg.margin_mm / spacing)), time_bins=bins)
+              margin_vox=int(round(cfg.margin_mm / spacing)), min_side_vox=min_side_vox(cfg.crop_mm, spacing),
+              time_bins=bins)
     train_ds = make_dataset(train_df, cfg.task, schema, augment=True, seed=cfg.seed + fold, **kw)
     val_ds = make_dataset(val_df, cfg.task, schema, augment=False, seed=0, **kw)
 
@@ -295,7 +307,8 @@ def train_fold(cfg: FinetuneConfig, model_cfg: MultimodalConfig, prep: PrepConfi
     if main:
         extra = {"clinical_schema": schema.to_dict() if schema else None, "clinical_columns": columns,
                  "preprocessing": {**to_dict(prep), "orientation": "RAS", "channels": ["image", "lesion_mask"],
-                                   "input_size": mcfg.encoder.img_size, "margin_mm": cfg.margin_mm},
+                                   "input_size": mcfg.encoder.img_size, "margin_mm": cfg.margin_mm,
+                                   "crop_mm": cfg.crop_mm},
                  "time_bins": bins.tolist() if bins is not None else None,
                  "pretrained": cfg.pretrained or None, "fold": fold}
         card = {"training": {"fold": fold, "train_subjects": len(train_df), "best_epoch": best["epoch"],

@@ -173,3 +173,42 @@ def test_lesion_crops_dataset_matches_lesion_crop_and_augments_deterministically
 
     with pytest.raises(InputError, match="cache_mask"):
         LesionCrops(df.drop(columns="cache_mask"), 12, 2, False, 0)
+
+
+def test_bright_crops_are_centred_on_the_brightest_voxels(tmp_path):
+    # Dim noise with three bright blobs: every bright-sampled crop must be centred on a blob voxel,
+    # while uniform crops land on a blob centre only by chance.
+    rng = np.random.default_rng(0)
+    vol = rng.uniform(0.0, 1.0, size=(1, 40, 36, 32)).astype(np.float32)
+    blobs = [(10, 10, 10), (28, 20, 12), (18, 26, 22)]
+    for x, y, z in blobs:
+        vol[0, x - 1:x + 2, y - 1:y + 2, z - 1:z + 2] = 5.0
+    bright = vol[0] >= 5.0  # 81 voxels, 0.18% of the volume: the 0.999 quantile lies inside the blobs
+    entry = _write_entry(tmp_path, "v", vol, pad=0.0)
+    ds = PretrainCrops([entry], crop_size=8, crops_per_volume=6, seed=3, bright_fraction=1.0, bright_quantile=0.999)
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        for c in ds[0].numpy():
+            assert c[0, 4, 4, 4] == 5.0  # the centre voxel (size // 2) of each crop is a blob voxel
+    # The crops still are exact sub-volumes, and the draw is deterministic per (seed, epoch, index).
+    again = PretrainCrops([entry], 8, 6, seed=3, bright_fraction=1.0, bright_quantile=0.999)
+    again.set_epoch(3)
+    assert torch.equal(ds[0], again[0])
+    mixed = PretrainCrops([entry], 8, 200, seed=3, bright_fraction=0.5, bright_quantile=0.999)
+    centred = float((mixed[0][:, 0, 4, 4, 4] == 5.0).float().mean())
+    assert 0.35 < centred < 0.65  # about half the crops are bright-centred; uniform ones rarely hit
+    assert bright.mean() < 0.01
+    with pytest.raises(InputError, match="bright_fraction"):
+        PretrainCrops([entry], 8, 2, seed=0, bright_fraction=1.5)
+
+
+def test_lesion_crops_magnify_with_a_smaller_minimum_side(tmp_path):
+    df = _lesion_table(tmp_path)
+    native = LesionCrops(df, crop_size=24, margin_vox=1, augment=False, seed=0)
+    zoomed = LesionCrops(df, crop_size=24, margin_vox=1, augment=False, seed=0, min_side_vox=4)
+    image, mask = np.load(df["cache_image"][0]), np.load(df["cache_mask"][0])
+    # The zoomed cube is the lesion box + margin (8 voxels here), resized to 24: the mask fills more of it.
+    start, size = lesion_box(mask[0], 1, 4)
+    assert size == (8, 8, 8)
+    np.testing.assert_array_equal(zoomed[0]["x"].numpy(), lesion_crop(image, mask, 24, 1, min_size=4, pad_value=-3.0))
+    assert zoomed[0]["x"][1].mean() > 5 * native[0]["x"][1].mean()
