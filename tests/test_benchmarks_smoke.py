@@ -73,3 +73,14 @@ def test_gpu_table_columns():
     assert table.column("model") == [pretrain_speed.MONAI, pretrain_speed.MONAI_SDPA, "mimfm MiM",
                                      "mimfm MiM L=1 (MAE)", "mimfm MiM, grad ckpt", "mimfm MiM L=1 (MAE), grad ckpt"]
     assert table.column("largest batch (sub-vols)")[:2] == ["448", "—"]
+
+
+def test_crop_scale_probe_runs_both_models(synth_cohort, tmp_path):
+    import numpy as np
+    from benchmarks import crop_scale_probe
+    common_args = ["--cohort", str(synth_cohort), "--cache", str(tmp_path / "cache"), "--folds", "2"]
+    feats = crop_scale_probe.main(common_args + ["--model", "features", "--labels", "latent"])
+    assert len(feats["fold_aucs"]) == 2 and 0.0 <= feats["oof_auc"] <= 1.0
+    assert abs(feats["labels"].mean() - 0.5) <= 1 / len(feats["labels"])  # latent labels split at the median
+    vit = crop_scale_probe.main(common_args + ["--model", "vit", "--epochs", "1", "--crop", "native"])
+    assert len(vit["fold_aucs"]) == 2 and np.isfinite(vit["oof_auc"])
