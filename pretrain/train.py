@@ -36,6 +36,10 @@ class PretrainConfig(LoopConfig):
     output_dir: str = "runs/pretrain"
     crop_size: int = 96            # level-1 crop edge in voxels at the prepared spacing
     crops_per_volume: int = 2
+    # Share of crops centred on the brightest voxels (above this quantile) instead of uniformly:
+    # on contrast-enhanced scans that is where the lesions are. 0 = uniform crops only.
+    bright_crop_fraction: float = 0.0
+    bright_quantile: float = 0.995
     batch_size: int = 2            # volumes per process per micro-batch (x crops_per_volume crops)
     num_workers: int = 0
     preview_every: int = 100       # reconstruction PNGs every N steps (0: only at the end)
@@ -60,7 +64,8 @@ def load_training_volumes(cfg: PretrainConfig, show_progress: bool):
     prepared, _ = prepare_table(table, cfg.prep, cache, require_lesion=False, on_error="raise",
                                 progress=show_progress)
     dataset = PretrainCrops(list(prepared["cache_image"]), crop_size=cfg.crop_size,
-                            crops_per_volume=cfg.crops_per_volume, seed=cfg.seed)
+                            crops_per_volume=cfg.crops_per_volume, seed=cfg.seed,
+                            bright_fraction=cfg.bright_crop_fraction, bright_quantile=cfg.bright_quantile)
     return dataset, len(prepared)
 
 
