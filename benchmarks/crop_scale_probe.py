@@ -13,6 +13,9 @@ model selection on validation). Prints per-fold train/validation AUC and the poo
   oracle.csv), so only what the image shows decides it: a learnability ceiling for the image model.
 - `--model features`: mean / SD / enhancing share / 90th percentile inside the mask and log volume,
   with logistic regression: what a few hand-made numbers reach on the same folds.
+- `--model linear`: a linear probe of the frozen encoder (`--pretrained`, or a random one): the mean
+  token and the mask-weighted mean token, with L2 logistic regression. No fine-tuning noise, so it
+  compares what different pretraining runs put into the features.
 
 This is a probe of the recipe, not the benchmark: `benchmarks.ssl_gain` runs the real CLI.
 """
@@ -65,12 +68,27 @@ def features(x: torch.Tensor) -> np.ndarray:
     return np.asarray(rows, dtype=float)
 
 
-def tiny_vit(pretrained: str | None):
+@torch.no_grad()
+def frozen_features(x: torch.Tensor, pretrained: str | None, patch: int = 12) -> np.ndarray:
+    """[N, 2D]: mean token ++ mask-weighted mean token of the frozen encoder (mask channel: the mean kernel)."""
+    torch.manual_seed(0)
+    model = tiny_vit(pretrained, mask_channel_init="mean").eval()
+    rows = []
+    for i in range(0, len(x), 16):
+        xb = x[i:i + 16]
+        tokens = model.encoder(xb)  # [B, N, D]
+        weight = F.avg_pool3d(xb[:, 1:], patch).flatten(1)  # [B, N]: the mask share of each patch
+        weight = weight / weight.sum(1, keepdim=True).clamp_min(1e-6)
+        rows.append(torch.cat([tokens.mean(1), (weight[..., None] * tokens).sum(1)], dim=1))  # [B, 2D]
+    return torch.cat(rows).numpy()
+
+
+def tiny_vit(pretrained: str | None, mask_channel_init: str = "zero"):
     from models.multimodal import MultimodalConfig, MultimodalModel
     from models.vit3d import ViT3DConfig
     enc = ViT3DConfig(in_channels=2, img_size=48, patch_size=12, dim=96, depth=4, heads=3, drop_path=0.1)
-    return MultimodalModel.from_pretrained_encoder(MultimodalConfig(encoder=enc, task="classification",
-                                                                    fusion="none"), pretrained)
+    return MultimodalModel.from_pretrained_encoder(MultimodalConfig(encoder=enc, task="classification", fusion="none",
+                                                                    mask_channel_init=mask_channel_init), pretrained)
 
 
 def fit_vit(x, y, tr, va, epochs, lr, pretrained, seed):
@@ -108,7 +126,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--cache", required=True, type=Path)
     ap.add_argument("--crop", choices=("native", "zoom"), default="zoom")
     ap.add_argument("--labels", choices=("real", "latent"), default="real")
-    ap.add_argument("--model", choices=("vit", "features"), default="vit")
+    ap.add_argument("--model", choices=("vit", "features", "linear"), default="vit")
     ap.add_argument("--pretrained", default=None, help="HF-format encoder folder (default: from scratch)")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -119,11 +137,13 @@ def main(argv=None) -> dict:
     y = df["label"].to_numpy().astype(int) if args.labels == "real" else latent_labels(args.cohort, df["subject_id"])
     print(f"{len(y)} patients, crops {tuple(x.shape)}, mask share of the crop {float(x[:, 1].mean()):.3f}")
     oof, fold_aucs = np.zeros(len(y)), []
-    feats = features(x) if args.model == "features" else None
+    feats = {"features": features, "linear": lambda v: frozen_features(v, args.pretrained)}.get(args.model)
+    feats = feats(x) if feats else None
     folds = StratifiedKFold(args.folds, shuffle=True, random_state=0).split(np.zeros(len(y)), y)
     for k, (tr, va) in enumerate(folds):
         if feats is not None:
-            clf = make_pipeline(StandardScaler(), LogisticRegression()).fit(feats[tr], y[tr])
+            c = 1.0 if args.model == "features" else 0.05  # 2D = 192 probe features for ~87 patients
+            clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000)).fit(feats[tr], y[tr])
             s_tr, s_va = clf.decision_function(feats[tr]), clf.decision_function(feats[va])
         else:
             s_tr, s_va = fit_vit(x, y, tr, va, args.epochs, args.lr, args.pretrained, seed=k)

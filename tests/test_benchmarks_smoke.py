@@ -75,7 +75,7 @@ def test_gpu_table_columns():
     assert table.column("largest batch (sub-vols)")[:2] == ["448", "—"]
 
 
-def test_crop_scale_probe_runs_both_models(synth_cohort, tmp_path):
+def test_crop_scale_probe_runs_every_model(synth_cohort, tmp_path):
     import numpy as np
     from benchmarks import crop_scale_probe
     common_args = ["--cohort", str(synth_cohort), "--cache", str(tmp_path / "cache"), "--folds", "2"]
@@ -84,3 +84,5 @@ def test_crop_scale_probe_runs_both_models(synth_cohort, tmp_path):
     assert abs(feats["labels"].mean() - 0.5) <= 1 / len(feats["labels"])  # latent labels split at the median
     vit = crop_scale_probe.main(common_args + ["--model", "vit", "--epochs", "1", "--crop", "native"])
     assert len(vit["fold_aucs"]) == 2 and np.isfinite(vit["oof_auc"])
+    linear = crop_scale_probe.main(common_args + ["--model", "linear"])
+    assert len(linear["fold_aucs"]) == 2 and 0.0 <= linear["oof_auc"] <= 1.0
