@@ -27,7 +27,7 @@ from data.errors import ConfigError, InputError, cli_entry
 from data.prepare import PrepConfig
 from finetune.cohort import TASK_NEEDS, make_dataset
 from models.multimodal import MultimodalConfig, MultimodalModel
-from models.training import (NonFiniteGuard, OptimConfig, ResumableBatches, RunLogger,
+from models.training import (NonFiniteGuard, backward_and_step, OptimConfig, ResumableBatches, RunLogger,
                              WarmupCosine, build_optimizer, make_accelerator, progress, seed_step,
                              set_deepspeed_micro_batch)
 from models.vit3d import ViT3DConfig
@@ -249,6 +249,7 @@ def train_fold(cfg: FinetuneConfig, model_cfg: MultimodalConfig, prep: PrepConfi
 
     guard = NonFiniteGuard(cfg.max_nonfinite)
     stream = batches.iterate(0)
+    step_ok = True
     best = {"score": None, "key": -math.inf, "epoch": 0,
             "state": copy.deepcopy(accelerator.unwrap_model(model).state_dict())}
     step = 0
@@ -264,16 +265,11 @@ def train_fold(cfg: FinetuneConfig, model_cfg: MultimodalConfig, prep: PrepConfi
                 with accelerator.autocast():
                     out = model(batch.get("x"), batch["clinical"])
                 terms = task_loss(out, batch, cfg, pos_weight)
-                ok = guard.ok(terms["loss"], accelerator)
-                if ok:
-                    accelerator.backward(terms["loss"])
+                ok, step_ok = backward_and_step(accelerator, model, optimizer, terms["loss"], guard,
+                                                cfg.optim.clip_grad, step_ok)
                 if accelerator.sync_gradients:
-                    if ok and cfg.optim.clip_grad > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                    if ok:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
                     step += 1
+                    step_ok = True  # the next optimizer step starts clean
             if ok:  # a skipped (non-finite) step does not poison the epoch's mean
                 for k, v in terms.items():
                     totals[k] = totals.get(k, 0.0) + float(v.detach()) / (steps_per_epoch * cfg.grad_accum)

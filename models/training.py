@@ -196,6 +196,28 @@ class NonFiniteGuard:
         self.in_row, self.total = int(d.get("in_row", 0)), int(d.get("total", 0))
 
 
+def backward_and_step(accelerator: Accelerator, model, optimizer, loss: torch.Tensor, guard: NonFiniteGuard,
+                      clip_grad: float, step_ok: bool = True) -> tuple[bool, bool]:
+    """One micro-batch, called inside `accelerator.accumulate(model)`; both stages' loops use it.
+
+    Backpropagates a finite loss; a non-finite one (decided alike on every rank) is skipped and
+    spoils the whole optimizer step it belongs to, which is then not taken. On the accumulation
+    boundary: clip, step (if the step is still good) and zero the gradients.
+    Returns (this micro-batch's loss was finite, the optimizer step is still good).
+    """
+    finite = guard.ok(loss, accelerator)
+    if finite:
+        accelerator.backward(loss)
+    step_ok = step_ok and finite
+    if accelerator.sync_gradients:
+        if step_ok and clip_grad > 0:
+            accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+        if step_ok:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return finite, step_ok
+
+
 _CKPT = re.compile(r"^ckpt-(\d+)$")
 
 

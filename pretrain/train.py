@@ -17,7 +17,7 @@ from data.config import parse_config, save_config, to_dict
 from data.errors import InputError, cli_entry
 from data.prepare import PrepConfig
 from models.mim import MiMConfig, MiMModel
-from models.training import (Checkpointer, LoopConfig, NonFiniteGuard, OptimConfig, ResumableBatches,
+from models.training import (Checkpointer, LoopConfig, backward_and_step, NonFiniteGuard, OptimConfig, ResumableBatches,
                              RunLogger, WarmupCosine, build_optimizer, make_accelerator, set_deepspeed_micro_batch,
                              param_groups_weight_decay, progress, seed_step)
 from models.vit3d import ViT3DConfig
@@ -137,17 +137,8 @@ def train(cfg: PretrainConfig) -> Path:
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         outputs = mim_step(model, levels)
-                    loss = outputs["loss"]
-                    if guard.ok(loss, accelerator):
-                        accelerator.backward(loss)
-                    else:
-                        step_ok = False
-                    if accelerator.sync_gradients:
-                        if step_ok and cfg.optim.clip_grad > 0:
-                            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                        if step_ok:
-                            optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+                    _, step_ok = backward_and_step(accelerator, model, optimizer, outputs["loss"], guard,
+                                                   cfg.optim.clip_grad, step_ok)
                 for k, v in outputs.items():
                     if v.ndim == 0:
                         sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum

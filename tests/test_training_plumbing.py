@@ -90,3 +90,30 @@ def test_checkpointer_rotation_and_latest(tmp_path):
 def test_step_seed_distinct_and_stable():
     assert step_seed(0, 1) == step_seed(0, 1)
     assert len({step_seed(0, s, r) for s in range(50) for r in range(2)}) == 100
+
+
+def test_backward_and_step_skips_a_step_spoiled_by_one_nonfinite_micro_batch():
+    from accelerate import Accelerator
+    from models.training import NonFiniteGuard, backward_and_step
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    torch.manual_seed(0)
+    model = acc.prepare(torch.nn.Linear(3, 1))
+    opt = acc.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    guard, x = NonFiniteGuard(5), torch.ones(2, 3)
+    w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
+
+    def optimizer_step(scales):
+        step_ok, finite = True, []
+        for scale in scales:
+            with acc.accumulate(model):
+                f, step_ok = backward_and_step(acc, model, opt, model(x).sum() * scale, guard, 1.0, step_ok)
+                finite.append(f)
+        return finite, step_ok
+
+    assert optimizer_step([float("nan"), 1.0]) == ([False, True], False)
+    assert torch.equal(model.weight, w0) and torch.equal(model.bias, b0) and guard.total == 1
+    assert model.weight.grad is None  # zeroed on the boundary: nothing leaks into the next step
+    assert optimizer_step([1.0, 1.0]) == ([True, True], True)
+    # Mean gradient over the 2 micro-batches: 2 for each weight and for the bias, norm 4, clipped to 1.
+    torch.testing.assert_close(model.weight, w0 - 0.1 * 0.5)
+    torch.testing.assert_close(model.bias, b0 - 0.1 * 0.5)
