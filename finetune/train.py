@@ -355,8 +355,18 @@ def _folder_stamp(folder: str) -> str:
     return ",".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
+def refuse_zero3(accelerator) -> None:
+    """Fine-tuning keeps the best epoch's weights and saves each fold model from full state dicts
+    held by one process; ZeRO-3 shards the parameters themselves, so those would be empty."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
+        raise ConfigError("fine-tuning does not support DeepSpeed ZeRO-3 (it shards the weights the best-epoch "
+                          "snapshot and the fold export read); use launch/accelerate/deepspeed_zero2.yaml or DDP")
+
+
 def run(cfg: FinetuneConfig) -> dict:
     accelerator = make_accelerator(cfg)
+    refuse_zero3(accelerator)
     main = accelerator.is_main_process
     out = Path(cfg.output_dir)
     model_cfg, prep = encoder_from_pretrained(cfg)

@@ -153,3 +153,14 @@ def test_survival_and_multitask_runs(synth_cohort, tmp_path, task, fusion, head)
     assert ("prob" in pred) == (task == "multitask")
     surv = metrics["splits"]["test"]["survival"]
     assert surv["harrell_c"] is None or 0.0 <= surv["harrell_c"] <= 1.0
+
+
+def test_zero3_is_refused_with_a_clear_error():
+    from types import SimpleNamespace
+    from data.errors import ConfigError
+    from finetune.train import refuse_zero3
+    state = lambda plugin: SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))  # noqa: E731
+    refuse_zero3(state(None))  # DDP / single process
+    refuse_zero3(state(SimpleNamespace(zero_stage=2)))
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        refuse_zero3(state(SimpleNamespace(zero_stage=3)))
