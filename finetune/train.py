@@ -82,6 +82,7 @@ class FinetuneConfig:
             raise ConfigError(f"--task {self.task!r}: expected one of {TASKS}")
         if self.fusion not in FUSIONS:
             raise ConfigError(f"--fusion {self.fusion!r}: expected one of {FUSIONS}")
+        min_side_vox(self.crop_mm, 1.0)  # a negative crop_mm fails here, at parse time
 
 
 # --------------------------------------------------------------------------------------------

@@ -164,3 +164,11 @@ def test_zero3_is_refused_with_a_clear_error():
     refuse_zero3(state(SimpleNamespace(zero_stage=2)))
     with pytest.raises(ConfigError, match="ZeRO-3"):
         refuse_zero3(state(SimpleNamespace(zero_stage=3)))
+
+
+def test_negative_crop_mm_is_a_config_error():
+    from data.errors import ConfigError
+    from finetune.train import min_side_vox
+    with pytest.raises(ConfigError, match="crop_mm"):
+        FinetuneConfig(crop_mm=-5.0)
+    assert min_side_vox(0.0, 2.0) is None and min_side_vox(40.0, 2.0) == 20 and min_side_vox(0.4, 2.0) == 1
