@@ -111,6 +111,23 @@ def reset_peak_memory(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+class Runner:
+    """What every benchmark runner shares: its device, thread count and seed, and the memory baseline
+    that `memory()` reports growth against. Subclasses call `start(spec)` once their imports are done."""
+
+    def start(self, spec: dict) -> None:
+        self.device = torch.device(spec["device"])
+        if spec.get("threads"):
+            torch.set_num_threads(spec["threads"])
+        torch.manual_seed(spec.get("seed", 0))
+        self.idle_mib = current_rss_mib()
+        reset_peak_memory(spec["device"])
+
+    def memory(self) -> dict[str, float]:
+        idle = float("nan") if self.device.type == "cuda" else self.idle_mib
+        return {"peak_mib": peak_memory_mib(str(self.device)), "idle_mib": idle}
+
+
 def peak_memory_mib(device: str) -> float:
     """CUDA: peak allocated tensor memory since the last reset. CPU: peak RSS of this process (ru_maxrss)."""
     if torch.device(device).type == "cuda":

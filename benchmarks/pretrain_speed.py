@@ -28,8 +28,7 @@ import torch
 
 from benchmarks.common import (DOC, TRAIN_FLOPS_PER_FORWARD, Measured, Table, command_line, format_flops,
                                format_memory, load_average, machine, mae_forward_flops, measure, memory_note,
-                               paired_ratio, peak_bf16_flops, peak_memory_mib, release_memory, reset_peak_memory,
-                               current_rss_mib, resolve_device, sync, today, update_section)
+                               paired_ratio, peak_bf16_flops, release_memory, Runner, resolve_device, sync, today, update_section)
 from data.config import load_config
 from data.errors import cli_entry
 
@@ -90,7 +89,7 @@ def forward_flops(model, monai: bool) -> float:
         decoder_mlp_dim=int(model.decoder_dim * enc.mlp_ratio), extra_tokens=1 if monai else 0)
 
 
-class PretrainRunner:
+class PretrainRunner(Runner):
     """One contender, built from a picklable spec:
     config (preset path), kind ("mim" | "monai" | "monai_sdpa"), levels, batch (level-1 crops for "mim",
     volumes for MONAI), crop_size, device, amp, grad_checkpointing, threads, seed."""
@@ -103,12 +102,7 @@ class PretrainRunner:
         import pretrain.masks  # noqa: F401
         from models.mim import MiMModel
         from models.training import build_optimizer, param_groups_weight_decay
-        self.device = torch.device(spec["device"])
-        if spec.get("threads"):
-            torch.set_num_threads(spec["threads"])
-        torch.manual_seed(spec.get("seed", 0))
-        self.idle_mib = current_rss_mib()
-        reset_peak_memory(spec["device"])
+        self.start(spec)
         cfg = load_preset(spec["config"])
         self.kind = spec["kind"]
         self.model_cfg = mim_config(cfg.model, spec.get("levels", cfg.model.masks.levels),
@@ -168,10 +162,6 @@ class PretrainRunner:
     def info(self) -> dict:
         return {"subvolumes": self.subvolumes, "flops": self.flops,
                 "params": sum(p.numel() for p in self.model.parameters() if p.requires_grad)}
-
-    def memory(self) -> dict[str, float]:
-        idle = float("nan") if self.device.type == "cuda" else self.idle_mib
-        return {"peak_mib": peak_memory_mib(str(self.device)), "idle_mib": idle}
 
 
 # --- contenders, largest batch, table ------------------------------------------------------------------

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import loader_speed
-from benchmarks.common import (DOC, Table, command_line, current_rss_mib, format_memory, load_average, machine,
-                               measure, memory_note, peak_memory_mib, reset_peak_memory, resolve_device, sync,
+from benchmarks.common import (DOC, Runner, Table, command_line, format_memory, load_average, machine,
+                               measure, memory_note, resolve_device, sync,
                                today, update_section)
 from benchmarks.pretrain_speed import PRESETS as PRETRAIN_PRESETS
 from benchmarks.pretrain_speed import RUNNER as PRETRAIN_RUNNER
@@ -41,7 +41,7 @@ FINETUNE_RUNNER = "benchmarks.throughput:FinetuneRunner"
 CLINICAL_DIM = 10  # clinical features after encoding (a handful of columns, one-hot and missing indicators)
 
 
-class FinetuneRunner:
+class FinetuneRunner(Runner):
     """Fine-tuning ("train") or inference ("infer") steps of MultimodalModel on random data.
     Spec: config (fine-tuning YAML), mode, batch, device, threads, seed."""
 
@@ -49,12 +49,7 @@ class FinetuneRunner:
         from finetune.train import FinetuneConfig
         from models.multimodal import MultimodalModel
         from models.training import build_optimizer, param_groups_weight_decay
-        self.device = torch.device(spec["device"])
-        if spec.get("threads"):
-            torch.set_num_threads(spec["threads"])
-        torch.manual_seed(spec.get("seed", 0))
-        self.idle_mib = current_rss_mib()
-        reset_peak_memory(spec["device"])
+        self.start(spec)
         cfg = load_config(FinetuneConfig, spec["config"])
         self.model_cfg = dataclasses.replace(cfg.model, fusion="concat", task="classification",
                                              clinical_dim=CLINICAL_DIM)
@@ -94,10 +89,6 @@ class FinetuneRunner:
 
     def info(self) -> dict:
         return {"volumes": self.batch}
-
-    def memory(self) -> dict[str, float]:
-        idle = float("nan") if self.device.type == "cuda" else self.idle_mib
-        return {"peak_mib": peak_memory_mib(str(self.device)), "idle_mib": idle}
 
 
 def loader_rows(size: int, n: int, repeats: int, workers: int) -> list[tuple[str, str, float]]:

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from data.errors import ConfigError
 from finetune.clinical import ClinicalSchema
 
 TASK_NEEDS = {"classification": ("label",), "survival": ("time", "event"), "multitask": ("label", "time", "event")}
@@ -67,6 +68,18 @@ def clinical_matrix(schema: ClinicalSchema | None, df: pd.DataFrame) -> np.ndarr
     if schema is None:
         return np.zeros((len(df), 0), np.float32)
     return schema.transform(df)
+
+
+def min_side_vox(crop_mm: float, spacing: float) -> int | None:
+    """The lesion cube's smallest side in voxels for `crop_mm`; None (native scale) when crop_mm is 0."""
+    if crop_mm < 0:
+        raise ConfigError(f"--crop_mm must be >= 0, got {crop_mm}")
+    return max(1, int(round(crop_mm / spacing))) if crop_mm > 0 else None
+
+
+def lesion_crop_voxels(margin_mm: float, crop_mm: float, spacing: float) -> dict:
+    """The lesion crop's margin and smallest cube side in voxels at `spacing` mm (make_dataset's keywords)."""
+    return {"margin_vox": int(round(margin_mm / spacing)), "min_side_vox": min_side_vox(crop_mm, spacing)}
 
 
 def make_dataset(df: pd.DataFrame, task: str, schema: ClinicalSchema | None, *, use_images: bool,

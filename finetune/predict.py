@@ -49,15 +49,15 @@ def subject_inputs(row, meta: dict) -> tuple[torch.Tensor, torch.Tensor, np.ndar
     """x [2, S, S, S] (image, mask), clinical [F], and the crop's voxel-to-world affine."""
     from data.crops import lesion_crop_with_affine
     from data.cache import CacheEntry
-    from finetune.train import min_side_vox
+    from finetune.cohort import lesion_crop_voxels
     entry = CacheEntry.from_path(row["cache_image"])
     prep = meta["prep"]
     size = meta["preprocessing"]["input_size"]
-    spacing = float(np.mean(prep.spacing))
-    margin = int(round(meta["preprocessing"]["margin_mm"] / spacing))
-    min_side = min_side_vox(float(meta["preprocessing"].get("crop_mm", 0.0)), spacing)
-    x, affine = lesion_crop_with_affine(entry.image(), entry.mask(), size, margin, np.asarray(entry.meta["affine"]),
-                                        min_size=min_side, pad_value=entry.meta.get("pad_value"))
+    pre = meta["preprocessing"]
+    crop = lesion_crop_voxels(pre["margin_mm"], float(pre.get("crop_mm", 0.0)), float(np.mean(prep.spacing)))
+    x, affine = lesion_crop_with_affine(entry.image(), entry.mask(), size, crop["margin_vox"],
+                                        np.asarray(entry.meta["affine"]), min_size=crop["min_side_vox"],
+                                        pad_value=entry.meta.get("pad_value"))
     schema = meta["schema"]
     clin = schema.transform(pd.DataFrame([row]))[0] if schema is not None else np.zeros(0, np.float32)
     return torch.as_tensor(x), torch.as_tensor(clin), affine

@@ -25,7 +25,7 @@ from data.atomic import atomic_path, write_json
 from data.config import parse_config, save_config, to_dict
 from data.errors import ConfigError, InputError, cli_entry
 from data.prepare import PrepConfig
-from finetune.cohort import TASK_NEEDS, make_dataset
+from finetune.cohort import TASK_NEEDS, lesion_crop_voxels, make_dataset, min_side_vox
 from models.multimodal import MultimodalConfig, MultimodalModel
 from models.training import (NonFiniteGuard, backward_and_step, OptimConfig, ResumableBatches, RunLogger,
                              WarmupCosine, build_optimizer, make_accelerator, progress, seed_step,
@@ -87,13 +87,6 @@ class FinetuneConfig:
 
 # --------------------------------------------------------------------------------------------
 # set-up
-
-
-def min_side_vox(crop_mm: float, spacing: float) -> int | None:
-    """The lesion cube's smallest side in voxels for `crop_mm`; None (native scale) when crop_mm is 0."""
-    if crop_mm < 0:
-        raise ConfigError(f"--crop_mm must be >= 0, got {crop_mm}")
-    return max(1, int(round(crop_mm / spacing))) if crop_mm > 0 else None
 
 
 def encoder_from_pretrained(cfg: FinetuneConfig) -> tuple[MultimodalConfig, PrepConfig]:
@@ -224,8 +217,7 @@ def train_fold(cfg: FinetuneConfig, model_cfg: MultimodalConfig, prep: PrepConfi
                    n_time_bins=cfg.n_time_bins if bins is not None else model_cfg.n_time_bins)
     spacing = float(np.mean(prep.spacing))
     kw = dict(use_images=cfg.fusion != "clinical_only", crop_size=mcfg.encoder.img_size,
-              margin_vox=int(round(cfg.margin_mm / spacing)), min_side_vox=min_side_vox(cfg.crop_mm, spacing),
-              time_bins=bins)
+              time_bins=bins, **lesion_crop_voxels(cfg.margin_mm, cfg.crop_mm, spacing))
     train_ds = make_dataset(train_df, cfg.task, schema, augment=True, seed=cfg.seed + fold, **kw)
     val_ds = make_dataset(val_df, cfg.task, schema, augment=False, seed=0, **kw)
 
