@@ -28,7 +28,7 @@ def _save(fig, path) -> None:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
-def _write_message(path, title: str, message: str) -> None:
+def write_message(path, title: str, message: str) -> None:
     fig, ax = _subplots(figsize=(5, 4))
     ax.axis("off")
     ax.set_title(title)
@@ -68,7 +68,7 @@ def plot_roc(curves: dict, path, ci_band: bool = True, n_boot: int = 200, seed: 
         drawn += 1
     if drawn == 0:
         reasons = "; ".join(f"{n}: {try_metric(auc_delong, *labels_and_scores(*c))[1]}" for n, c in curves.items())
-        _write_message(path, title, f"ROC undefined\n{reasons}")
+        write_message(path, title, f"ROC undefined\n{reasons}")
         return
     ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="chance")
     band = " (shaded: bootstrap 95% band)" if ci_band and n_boot > 0 else ""
@@ -100,11 +100,11 @@ def plot_km(time, event, risk, path, cut="median", at_risk: bool = True, title: 
     """Kaplan-Meier curves of the low/high predicted-risk groups with the log-rank p in the title."""
     time, event, risk = np.asarray(time, float), np.asarray(event).astype(bool), np.asarray(risk, float)
     if len(time) == 0:
-        _write_message(path, title, "Kaplan-Meier undefined\nno samples")
+        write_message(path, title, "Kaplan-Meier undefined\nno samples")
         return
     km = km_by_risk_group(time, event, risk, cut=cut)
     if km["logrank_p"] is None and not event.any():
-        _write_message(path, title, f"Kaplan-Meier undefined\n{km.get('note', 'no events')}")
+        write_message(path, title, f"Kaplan-Meier undefined\n{km.get('note', 'no events')}")
         return
     fig, ax = _subplots(figsize=(6, 4.8))
     colours = {"low": "C0", "high": "C3"}
@@ -127,15 +127,15 @@ def plot_calibration(y, prob, path, n_bins: int = 10, title: str = "Calibration"
     """Reliability diagram (quantile bins) above a histogram of the predicted probabilities."""
     y, prob = labels_and_scores(y, prob)
     if len(y) == 0:
-        _write_message(path, title, "Calibration undefined\nno samples")
+        write_message(path, title, "Calibration undefined\nno samples")
         return
     if (prob < 0).any() or (prob > 1).any():
-        _write_message(path, title, "Calibration undefined\nscores are not probabilities in [0, 1]")
+        write_message(path, title, "Calibration undefined\nscores are not probabilities in [0, 1]")
         return
     try:
         observed, predicted = calibration_curve(y, prob, n_bins=min(n_bins, len(y)), strategy="quantile")
     except ValueError as e:  # e.g. sklearn refusing a single label
-        _write_message(path, title, f"Calibration undefined\n{str(e).splitlines()[0]}")
+        write_message(path, title, f"Calibration undefined\n{str(e).splitlines()[0]}")
         return
     fig, (ax, hist) = _subplots(2, 1, figsize=(5.5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfect calibration")
