@@ -46,7 +46,7 @@ import pandas as pd
 from data.atomic import write_json, write_text
 from data.errors import InputError, cli_entry
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
 
 # ---------------------------------------------------------------- models and published numbers
@@ -863,6 +863,3 @@ def main(argv=None) -> int:
     run_benchmark(preset, out, command)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
