@@ -1,0 +1,118 @@
+"""The config CLIs explain themselves: --help text, no prefix matching, bad values blamed on their source."""
+import argparse
+import re
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from data.config import parse_config
+from data.errors import ConfigError
+from finetune.train import FinetuneConfig
+
+
+def _help_text(cls, capsys, **kwargs) -> str:
+    with pytest.raises(SystemExit) as e:
+        parse_config(cls, ["--help"], **kwargs)
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # one line: argparse wraps at the terminal width
+
+
+def _entry(text: str, flag: str) -> str:
+    """The help of one flag: from `--flag` up to the next flag's entry."""
+    m = re.search(rf"(?<![\w.-]){re.escape(flag)} (.*?)(?= --[a-z]|$)", text)
+    assert m, f"{flag} missing from --help"
+    return m.group(1)
+
+
+def test_finetune_help_shows_description_default_and_choices(capsys):
+    text = _help_text(FinetuneConfig, capsys, prog="python -m finetune")
+    assert text.startswith("usage: python -m finetune ")
+    # description from the trailing comment, default, and the Literal's choices as the metavar
+    modality = _entry(text, "--prep.modality")
+    assert modality.startswith("{mri,ct} mri: percentile clip") and "(default: mri)" in modality
+    patience = _entry(text, "--patience")
+    assert patience.startswith("INT epochs without validation improvement") and "(default: 8)" in patience
+    # a fixed-length tuple shows how many numbers it takes; a nested default_factory's value is shown
+    spacing = _entry(text, "--prep.spacing")
+    assert spacing.startswith("FLOAT FLOAT FLOAT target voxel size, mm") and "(default: 2.0 2.0 2.0)" in spacing
+    assert "(default: 0.0003)" in _entry(text, "--optim.lr")
+    # a bool takes true/false; a comment block above the field (crop_mm) is its description
+    assert _entry(text, "--freeze_encoder").startswith("{true,false} linear probe")
+    assert "Smallest side of the lesion-centred cube" in _entry(text, "--crop_mm")
+    assert "V [V ...]" not in text
+
+
+@dataclass
+class Small:
+    epochs: int = 3
+    mode: str = field(default="a", metadata={"help": "how to run", "choices": ("a", "b")})
+    kind: Literal["x", "y"] = "x"  # which kind
+    ratios: tuple[float, ...] = (0.5,)
+    on: bool = False
+
+
+@dataclass
+class Derived(Small):
+    extra: int = 1  # only here
+
+
+def test_metadata_help_and_choices_win(capsys):
+    text = _help_text(Derived, capsys, prog="prog")
+    assert _entry(text, "--extra").startswith("INT only here")
+    assert _entry(text, "--mode").startswith("{a,b} how to run (default: a)")
+    assert _entry(text, "--kind").startswith("{x,y} which kind (default: x)")
+    assert _entry(text, "--ratios").startswith("FLOAT [FLOAT ...]")
+    assert _entry(text, "--epochs").startswith("INT epochs (default: 3)")  # no comment: the field's name
+
+
+def test_prog_is_the_module_the_user_ran(monkeypatch, capsys):
+    fake = types.ModuleType("__main__")
+    fake.__spec__ = types.SimpleNamespace(name="finetune.__main__")
+    monkeypatch.setitem(sys.modules, "__main__", fake)
+    assert _help_text(Small, capsys).startswith("usage: python -m finetune ")
+    given = argparse.ArgumentParser(prog="__main__.py")
+    assert _help_text(Small, capsys, parser=given).startswith("usage: python -m finetune ")
+
+
+def test_bools_take_true_false_or_nothing():
+    assert parse_config(Small, ["--on"])[0].on is True
+    assert parse_config(Small, ["--on", "false"])[0].on is False
+
+
+@pytest.mark.parametrize("parser", [None, argparse.ArgumentParser(prog="p")])
+def test_no_prefix_matching(parser, capsys):
+    with pytest.raises(SystemExit):
+        parse_config(Small, ["--epoch", "2"], parser=parser)
+    assert "unrecognized arguments: --epoch 2" in capsys.readouterr().err
+
+
+def test_bad_flag_value_is_blamed_on_the_flag(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("epochs: 5\n")
+    with pytest.raises(ConfigError) as e:
+        parse_config(FinetuneConfig, ["--config", str(y), "--epochs", "two"])
+    assert str(e.value) == "--epochs: 'two' is not a number (int)"
+    with pytest.raises(ConfigError, match=r"^--prep\.modality: 'pet' is not one of \['mri', 'ct'\]"):
+        parse_config(FinetuneConfig, ["--config", str(y), "--prep.modality", "pet"])
+
+
+def test_bad_file_value_is_blamed_on_the_file_and_key(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("epochs: two\n")
+    with pytest.raises(ConfigError) as e:
+        parse_config(FinetuneConfig, ["--config", str(y), "--folds", "3"])
+    assert str(e.value) == f"{y}.epochs: 'two' is not a number (int)"
+
+
+def test_a_check_that_only_the_flags_break_is_blamed_on_the_flags(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("task: survival\n")
+    with pytest.raises(ConfigError) as e:
+        parse_config(FinetuneConfig, ["--config", str(y), "--task", "bogus"])
+    assert str(e.value).startswith("flags: ") and str(y) not in str(e.value)
+    y.write_text("task: bogus\n")
+    with pytest.raises(ConfigError, match=re.escape(str(y))):
+        parse_config(FinetuneConfig, ["--config", str(y), "--folds", "3"])
