@@ -24,6 +24,7 @@ from monai.data import MetaTensor
 from monai.transforms import ScaleIntensityRange, Spacingd
 from monai.transforms.utils import generate_spatial_bounding_box
 from scipy.ndimage import binary_fill_holes
+from skimage.filters import threshold_otsu
 from tqdm import tqdm
 
 from data import cache
@@ -44,7 +45,7 @@ class PrepConfig:
     modality: Literal["mri", "ct"] = "mri"  # mri: percentile clip + z-score in the foreground; ct: HU window -> [0, 1]
     ct_window: tuple[float, float] = (-1000.0, 1000.0)  # HU mapped to 0 and 1
     mri_percentiles: tuple[float, float] = (0.5, 99.5)  # clip range, computed in the foreground
-    crop_foreground: bool = True
+    crop_foreground: bool = True  # crop to the foreground box (+ margin); false keeps the whole resampled volume
     foreground_margin: int = 4  # voxels kept around the foreground box (the box always contains the whole mask)
 
     def __post_init__(self):
@@ -91,22 +92,15 @@ def resample(image: Volume, mask: Volume | None, spacing) -> tuple[np.ndarray, n
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold on a histogram (hand-written: MONAI's ForegroundMask needs scikit-image).
+    """Otsu's threshold (scikit-image) on values clipped to min..99.9th percentile.
 
-    The histogram spans min..99.9th percentile so a few very bright voxels do not squash it.
+    The clip keeps a few very bright voxels (vessels, fat, artefacts) from squashing the histogram
+    into a handful of bins, where Otsu would cut inside the background.
     """
     lo, hi = float(values.min()), float(np.percentile(values, 99.9))
     if hi <= lo:
         hi = float(values.max())
-    counts, edges = np.histogram(np.clip(values, lo, hi), bins=bins, range=(lo, hi))
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(counts)  # voxels at or below each bin
-    w1 = w0[-1] - w0
-    s0 = np.cumsum(counts * centres)
-    m0 = s0 / np.maximum(w0, 1)
-    m1 = (s0[-1] - s0) / np.maximum(w1, 1)
-    between = w0 * w1 * (m0 - m1) ** 2  # between-class variance for a cut after each bin
-    return float(edges[int(np.argmax(between[:-1])) + 1])
+    return float(threshold_otsu(np.clip(values, lo, hi), nbins=bins))
 
 
 def foreground_mask(image: np.ndarray, modality: str) -> np.ndarray:
@@ -258,6 +252,51 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # the parallelism is across subjects
 
 
+def _hash_rows(rows: list[dict], cfg: PrepConfig, cache_dir: Path, on_error: str, progress: bool,
+               entries: dict, errors: dict) -> dict[str, list[int]]:
+    """Fill `entries` with cache hits and `errors` with unreadable rows; return key -> rows still to build."""
+    todo: dict[str, list[int]] = {}
+    hashes = cache.HashIndex(cache_dir)
+    # `with`: a raise closes (and, leave=False, clears) the bar, so the CLI's error gets a line of its own.
+    with tqdm(rows, desc="hash", unit="subject", disable=not progress, leave=False) as bar:
+        for i, row in enumerate(bar):
+            try:
+                key = subject_key(row, cfg, hashes)
+            except InputError as e:
+                errors[i] = e
+                if on_error == "raise":
+                    hashes.save()
+                    raise
+                continue
+            hit = cache.lookup(cache_dir, key)
+            if hit is not None:
+                entries[i] = hit
+            else:
+                todo.setdefault(key, []).append(i)
+    hashes.save()
+    return todo
+
+
+def _build_jobs(jobs: list[tuple], on_error: str, workers: int, progress: bool) -> list[tuple]:
+    """(entry, error) per job, in job order; serial on_error="raise" stops at the first bad subject."""
+    outcomes = []
+    with tqdm(total=len(jobs), desc="prepare", unit="subject", disable=not progress or not jobs) as bar:
+        if workers > 0 and len(jobs) > 1:
+            with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+                for r in pool.map(_build_in_worker, jobs):
+                    outcomes.append(r)
+                    bar.update()
+            return outcomes
+        for job in jobs:
+            if on_error == "raise":  # serial: fail at the first bad subject, with its own exception
+                row, cfg, cache_dir, key, require_lesion = job
+                outcomes.append((build_entry(row, cfg, cache_dir, key, require_lesion=require_lesion), None))
+            else:
+                outcomes.append(_build_in_worker(job))
+            bar.update()
+    return outcomes
+
+
 def prepare_table(df: pd.DataFrame, cfg: PrepConfig, cache_dir, *, require_lesion: bool = True,
                   on_error: str = "raise", workers: int = 0, progress: bool = True
                   ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
@@ -265,7 +304,7 @@ def prepare_table(df: pd.DataFrame, cfg: PrepConfig, cache_dir, *, require_lesio
 
     on_error="raise" re-raises the first InputError (in table order); "collect" drops bad rows from the
     returned table and lists them with the reason. Subjects with identical files and parameters share
-    one entry and are built once.
+    one entry and are built once. Progress bars are closed before anything is raised.
     """
     if on_error not in ("raise", "collect"):
         raise ConfigError(f"on_error: expected 'raise' or 'collect', got {on_error!r}")
@@ -273,44 +312,10 @@ def prepare_table(df: pd.DataFrame, cfg: PrepConfig, cache_dir, *, require_lesio
     rows = [dict(r) for r in df.to_dict(orient="records")]
     entries: dict[int, cache.CacheEntry] = {}
     errors: dict[int, InputError] = {}
-    todo: dict[str, list[int]] = {}  # key -> row positions that need it
-
-    hashes = cache.HashIndex(cache_dir)
-    for i, row in enumerate(tqdm(rows, desc="hash", unit="subject", disable=not progress, leave=False)):
-        try:
-            key = subject_key(row, cfg, hashes)
-        except InputError as e:
-            errors[i] = e
-            if on_error == "raise":
-                hashes.save()
-                raise
-            continue
-        hit = cache.lookup(cache_dir, key)
-        if hit is not None:
-            entries[i] = hit
-        else:
-            todo.setdefault(key, []).append(i)
-    hashes.save()
+    todo = _hash_rows(rows, cfg, cache_dir, on_error, progress, entries, errors)
 
     jobs = [(rows[idx[0]], cfg, cache_dir, key, require_lesion) for key, idx in todo.items()]
-    bar = tqdm(total=len(jobs), desc="prepare", unit="subject", disable=not progress or not jobs)
-    if workers > 0 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
-            results = pool.map(_build_in_worker, jobs)
-            outcomes = []
-            for r in results:
-                outcomes.append(r)
-                bar.update()
-    else:
-        outcomes = []
-        for job in jobs:
-            if on_error == "raise":  # serial: fail at the first bad subject, with its own exception
-                outcomes.append((build_entry(job[0], cfg, cache_dir, job[3], require_lesion=require_lesion), None))
-            else:
-                outcomes.append(_build_in_worker(job))
-            bar.update()
-    bar.close()
-    for (key, idx), (entry, err) in zip(todo.items(), outcomes):
+    for (key, idx), (entry, err) in zip(todo.items(), _build_jobs(jobs, on_error, workers, progress)):
         for i in idx:
             if err is None:
                 entries[i] = entry
@@ -368,14 +373,21 @@ def main(argv: list[str] | None = None) -> int:
     df, default_name = _read_source(ns)
     name = ns.name or default_name
     cache_dir = Path(ns.cache)
-    out, rejected = prepare_table(df, cfg, cache_dir, require_lesion=not ns.allow_empty_mask,
-                                  on_error="collect" if ns.skip_bad else "raise", workers=ns.workers)
+    try:
+        out, rejected = prepare_table(df, cfg, cache_dir, require_lesion=not ns.allow_empty_mask,
+                                      on_error="collect" if ns.skip_bad else "raise", workers=ns.workers)
+    except InputError as e:
+        # The first bad subject stops the run; say how to get past it (and to see every bad one at once).
+        raise type(e)(f"{e} (to skip bad subjects and list each in {cache_dir / f'rejected-{name}.csv'}, "
+                      "rerun with --skip-bad)") from None
     index = cache_dir / f"index-{name}.csv"
     write_text(index, out.to_csv(index=False))
     msg = f"prepared {len(out)} of {len(df)} subjects ({cfg.modality}, {list(cfg.spacing)} mm, prep {cfg.key()}) -> {index}"
     if rejected:
         bad = cache_dir / f"rejected-{name}.csv"
         write_text(bad, pd.DataFrame(rejected, columns=["subject_id", "reason"]).to_csv(index=False))
+        for subject, reason in rejected:  # the bars are closed by now: one clean line per subject
+            print(f"skipped {subject}: {reason}", file=sys.stderr)
         msg += f"; {len(rejected)} rejected, see {bad}"
     print(msg)
     return 0

@@ -256,3 +256,32 @@ def test_cli_writes_index_and_fails_in_one_line(tmp_path, subject, capsys):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert e.value.code == 2 and "Traceback" not in err
     assert len(errors) == 1 and "s1_mask.nii.gz" in errors[0]
+
+
+def _cli_cohort(tmp_path):
+    manifest = tmp_path / "cohort.csv"
+    df = _bad_cohort(tmp_path)
+    df[df["subject_id"] != "missing"].to_csv(manifest, index=False)  # a missing file fails the manifest itself
+    return ["--manifest", str(manifest), "--cache", str(tmp_path / "cache")]
+
+
+def test_cli_error_has_its_own_line_and_names_skip_bad(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        prep.main(_cli_cohort(tmp_path))
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    # The bars are closed before the error is printed: it starts a line, and nothing is drawn after it.
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("error: ") and "empty_m.nii.gz" in last
+    assert "--skip-bad" in last and "rejected-cohort.csv" in last
+
+
+def test_cli_skip_bad_reports_every_bad_subject(tmp_path, capsys):
+    assert prep.main(_cli_cohort(tmp_path) + ["--skip-bad"]) == 0
+    out, err = capsys.readouterr()
+    skipped = [line for line in err.split("\n") if line.startswith("skipped ")]
+    assert [line.split(":")[0] for line in skipped] == ["skipped empty", "skipped grid", "skipped flat"]
+    assert "empty_m.nii.gz" in skipped[0] and "small_m.nii.gz" in skipped[1] and "constant" in skipped[2]
+    assert "prepared 2 of 5 subjects" in out and "3 rejected" in out
+    rejected = pd.read_csv(tmp_path / "cache" / "rejected-cohort.csv")
+    assert list(rejected["subject_id"]) == ["empty", "grid", "flat"]
