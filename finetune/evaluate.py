@@ -1,7 +1,7 @@
 """Evaluate predictions against outcomes: metrics.json, ROC / Kaplan-Meier / calibration figures, a table.
 
     python -m finetune.evaluate --predictions run/predictions.csv --manifest manifest.csv \\
-        [--external external.csv] [--compare other/predictions.csv] [--out DIR] [--n_boot 1000] [--seed 0]
+        [--external external.csv] [--compare other/predictions.csv] [--out DIR] [--n_boot N] [--seed S]
 
 predictions.csv: subject_id, split ("val", "test", "external", ...), fold (-1 = fold ensemble),
 and prob and/or risk. Per split one row per subject is evaluated: the fold ensemble if present,
@@ -9,6 +9,9 @@ else all rows when each subject appears once (out-of-fold "val" pooled over fold
 over folds. Splits with several folds also get per-fold point estimates. Rows of split "train",
 if present, are the reference for Uno's C, time-dependent AUC, the integrated Brier score's
 Breslow baseline, and the Kaplan-Meier risk cut.
+
+--n_boot and --seed default to the fine-tuning run's own (its config.yaml next to the predictions),
+else 1000 and 0, so re-evaluating a run reproduces the CIs of the metrics.json it wrote.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from data.atomic import write_json
+from data.config import load_file
 from data.errors import InputError, cli_entry
 from data.manifest import read_manifest
 from finetune.figures import plot_calibration, plot_km, plot_roc
@@ -29,6 +33,8 @@ KEY_COLUMNS = ("subject_id", "split", "fold")
 SCORE_COLUMNS = ("prob", "risk")
 REFERENCE_SPLIT = "train"
 MAX_LISTED = 5
+RUN_CONFIG = "config.yaml"  # what fine-tuning writes next to its predictions.csv
+DEFAULT_N_BOOT, DEFAULT_SEED = 1000, 0
 
 
 # ---------------------------------------------------------------- input
@@ -86,6 +92,10 @@ def check_predictions(df: pd.DataFrame, where: str = "predictions") -> pd.DataFr
         not_number = values.isna() | ~np.isfinite(values)
         if not_number.any():
             raise InputError(f"{where}: '{col}' must be a finite number; bad {rows(not_number)}")
+        if values.dtype.kind == "f" and values.dtype.itemsize < 8:
+            # A float32 score counts at the decimal it prints as, which is what predictions.csv
+            # holds: in-memory predictions (fine-tuning's own evaluation) and the file then agree.
+            values = values.astype(str)
         df[col] = values.astype(float)
     if "prob" in scores:
         outside = (df["prob"] < 0) | (df["prob"] > 1)
@@ -152,7 +162,9 @@ def _arrays(rows: pd.DataFrame, *cols) -> list[np.ndarray]:
 
 def _report(rows: pd.DataFrame, reference: pd.DataFrame | None, n_boot: int, seed: int) -> dict:
     out = {"n": int(len(rows))}
-    groups = rows["patient_id"].to_numpy() if "patient_id" in rows.columns else None
+    # Bootstrap units are patients, else subjects (as read_manifest fills patient_id): units are
+    # ordered by id, never by row, so the CIs do not depend on the order of the predictions.
+    groups = rows["patient_id" if "patient_id" in rows.columns else "subject_id"].astype(str).to_numpy()
     if "prob" in rows.columns:
         out["classification"] = classification_report(*_arrays(rows, "label", "prob"), n_boot=n_boot, seed=seed,
                                                       groups=groups)
@@ -200,27 +212,38 @@ def evaluate(pred_df: pd.DataFrame, outcomes_df: pd.DataFrame, compare_df: pd.Da
         result["splits"][split] = entry
 
     if compare is not None:
-        result["comparison"] = _compare(selected, compare, names)
+        result["comparison"] = compare_models(selected, compare, names)
     if out_dir is not None:
         result["figures"] = _figures(selected, compare, reference, Path(out_dir), n_boot, seed, names)
         write_json(Path(out_dir) / "metrics.json", result)
     return result
 
 
-def _compare(selected: dict, compare: pd.DataFrame, names) -> dict:
-    """Paired DeLong per split on the subjects both prediction sets scored."""
+def compare_models(selected: dict, compare: pd.DataFrame, names) -> dict:
+    """Paired DeLong per split on the subjects both prediction sets scored.
+
+    selected: split -> one row per subject (with 'label'); compare: joined predictions of the
+    second model, any folds (the same row choice is made for it)."""
     out = {}
     for split, rows in selected.items():
         other = compare[compare["split"] == split]
         if "prob" not in rows.columns or "prob" not in other.columns or other.empty:
             out[split] = {"p": None, "note": f"no 'prob' for split {split!r} in both prediction sets"}
             continue
-        other = one_row_per_subject(other)[0]
-        both = rows.merge(other[["subject_id", "prob"]], on="subject_id", suffixes=("", "_other"))
-        test, reason = try_metric(delong_paired_test, *_arrays(both, "label", "prob", "prob_other"))
-        out[split] = {"models": list(names), "n_common": int(len(both))}
-        out[split].update(test if test is not None else {"p": None, "note": reason})
+        out[split] = {"models": list(names), **paired_delong(rows, one_row_per_subject(other)[0])}
     return out
+
+
+def paired_delong(rows: pd.DataFrame, other: pd.DataFrame, score: str = "prob") -> dict:
+    """Paired DeLong test of two models' `score` on the subjects both scored; labels come from `rows`.
+
+    {"n_common", "auc_a" (rows), "auc_b" (other), "diff", "p", ...}, or "p": None and a "note"."""
+    both = rows[["subject_id", "label", score]].merge(other[["subject_id", score]], on="subject_id",
+                                                      suffixes=("", "_other"))
+    if both.empty:
+        return {"n_common": 0, "p": None, "note": "no common subjects"}
+    test, reason = try_metric(delong_paired_test, *_arrays(both, "label", score, f"{score}_other"))
+    return {"n_common": int(len(both)), **(test if test is not None else {"p": None, "note": reason})}
 
 
 def _figures(selected: dict, compare, reference, out_dir: Path, n_boot: int, seed: int, names) -> list[str]:
@@ -281,16 +304,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--external", help="manifest CSV of an external cohort")
     ap.add_argument("--compare", help="second predictions CSV: paired DeLong per split on common subjects")
     ap.add_argument("--out", help="output folder (default: the predictions file's folder)")
-    ap.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for CIs (0: none)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n_boot", type=int, help=f"bootstrap resamples for CIs (0: none); default: the run's "
+                    f"{RUN_CONFIG} next to the predictions, else {DEFAULT_N_BOOT}")
+    ap.add_argument("--seed", type=int, help=f"bootstrap seed; default: the run's {RUN_CONFIG}, else {DEFAULT_SEED}")
     return ap.parse_args(argv)
+
+
+def bootstrap_settings(predictions, n_boot: int | None, seed: int | None) -> tuple[int, int, str]:
+    """(n_boot, seed, where they came from): flags first, then the fine-tuning run's config.yaml.
+
+    Fine-tuning evaluates with its own --n_boot and --seed; taking them from its saved config is
+    what makes the CLI give the CIs of that run's metrics.json for the same predictions file."""
+    path = Path(predictions).parent / RUN_CONFIG
+    run = load_file(path) if (n_boot is None or seed is None) and path.is_file() else {}
+    run = run if isinstance(run, dict) else {}  # some other config.yaml: ignore it
+    picked, source = {}, []
+    for name, flag, default in (("n_boot", n_boot, DEFAULT_N_BOOT), ("seed", seed, DEFAULT_SEED)):
+        if flag is not None:
+            picked[name] = flag
+        elif type(run.get(name)) is int:
+            picked[name] = run[name]
+            source.append(f"{name} from {path}")
+        else:
+            picked[name] = default
+    return picked["n_boot"], picked["seed"], "; ".join(source) or "flags / defaults"
 
 
 @cli_entry
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.n_boot < 0:
-        raise InputError(f"--n_boot must be >= 0, got {args.n_boot}")
+    n_boot, seed, source = bootstrap_settings(args.predictions, args.n_boot, args.seed)
+    if n_boot < 0:
+        raise InputError(f"--n_boot must be >= 0, got {n_boot} ({source})")
     pred = read_predictions(args.predictions)
     compare = read_predictions(args.compare) if args.compare else None
     scores = [c for c in SCORE_COLUMNS if c in pred.columns]
@@ -302,7 +347,8 @@ def main(argv=None) -> int:
         names = tuple(p.parent.name for p in pair)
         if names[0] == names[1] or not all(names):
             names = tuple(str(p) for p in pair)
-    result = evaluate(pred, outcomes, compare, out_dir=out_dir, n_boot=args.n_boot, seed=args.seed, names=names)
+    result = evaluate(pred, outcomes, compare, out_dir=out_dir, n_boot=n_boot, seed=seed, names=names)
+    print(f"bootstrap: n_boot {n_boot}, seed {seed} ({source})")
     print(format_table(result))
     print(f"wrote {out_dir / 'metrics.json'} and {len(result['figures'])} figure(s) in {out_dir}")
     return 0

@@ -166,3 +166,44 @@ def test_module_entry_point_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "finetune.evaluate", "--predictions", str(bad),
                            "--manifest", str(tmp_path / "manifest.csv")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "'prob'" in proc.stderr
+
+
+def test_same_cis_from_fine_tuning_and_from_the_cli(tmp_path, capsys):
+    """Fine-tuning evaluates its in-memory predictions (float32 scores) with its own --n_boot and
+    --seed; the CLI, given only the predictions file it wrote, must report the very same numbers."""
+    from data.manifest import read_manifest
+    make_cohort(tmp_path)
+    run = tmp_path / "run"
+    pred = pd.read_csv(run / "predictions.csv", dtype={"subject_id": str}).astype({"prob": "float32",
+                                                                                   "risk": "float32"})
+    pred.to_csv(run / "predictions.csv", index=False)
+    (run / "config.yaml").write_text("seed: 7\nn_boot: 20\ntask: multitask\n")  # as fine-tuning saves it
+    outcomes = pd.concat([read_manifest(tmp_path / f, task="multitask", check_files=False)
+                          for f in ("manifest.csv", "external.csv")], ignore_index=True)
+    by_function = evaluate(pred, outcomes, n_boot=20, seed=7)  # what finetune.train calls
+
+    def by_cli(*flags):
+        out = tmp_path / f"cli{len(list(tmp_path.glob('cli*')))}"
+        main(["--predictions", str(run / "predictions.csv"), "--manifest", str(tmp_path / "manifest.csv"),
+              "--external", str(tmp_path / "external.csv"), "--out", str(out), *flags])
+        return json.loads((out / "metrics.json").read_text())
+
+    from_config = by_cli()
+    assert "n_boot 20, seed 7" in capsys.readouterr().out
+    assert from_config["splits"] == json.loads(json.dumps(by_function["splits"]))
+    test_ci = from_config["splits"]["test"]["classification"]["auc_ci_bootstrap"]
+    assert test_ci is not None
+    (run / "config.yaml").unlink()
+    assert by_cli("--n_boot", "20", "--seed", "7")["splits"] == from_config["splits"]
+    assert by_cli("--n_boot", "20")["seed"] == 0  # no run config: the documented default
+
+
+def test_bootstrap_cis_do_not_depend_on_row_order(tmp_path):
+    manifest, _, pred = make_cohort(tmp_path)
+    pred, outcomes = pred[pred.split != "external"], manifest.drop(columns="patient_id")
+    shuffled = pred.sample(frac=1.0, random_state=3)
+    a, b = evaluate(pred, outcomes, n_boot=20, seed=1), evaluate(shuffled, outcomes, n_boot=20, seed=1)
+    for split in ("val", "test"):
+        assert a["splits"][split]["classification"]["auc_ci_bootstrap"] == \
+            b["splits"][split]["classification"]["auc_ci_bootstrap"]
+        assert a["splits"][split]["survival"]["harrell_c_ci"] == b["splits"][split]["survival"]["harrell_c_ci"]

@@ -1,0 +1,135 @@
+"""The benchmark's models, the published numbers, the cpu / gpu / toy presets, and the runs each preset implies."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from data.errors import InputError
+
+# ---------------------------------------------------------------- models and published numbers
+
+# key -> (label in tables, published (same-site test AUC, external AUC) or None)
+MODELS: dict[str, tuple[str, tuple[float, float] | None]] = {
+    "mim": ("MiM-pretrained ViT (image + mask)", (0.916, 0.764)),
+    "multimodal": ("MiM ViT + clinical fusion (best on val)", (0.947, 0.821)),
+    "scratch": ("ViT from scratch (image + mask)", (0.624, 0.496)),
+    "mae": ("plain MAE (L = 1) ViT (image + mask)", None),
+    "radiomics": ("radiomics + linear model", (0.807, 0.691)),
+    "clinical_only": ("clinical variables only", None),
+    "oracle": ("oracle (true generative probability / risk)", None),
+}
+REFERENCE = "mim"              # paired DeLong tests are against this model
+TEST_SETS = ("test", "external")
+FUSIONS = ("concat", "film", "tokens")
+RING_MM, BINS = 5.0, 32         # radiomics: peritumoral ring width and grey levels (the CLI's defaults)
+PUBLISHED_SOURCE = "the published study's Table (SSL ViT, scratch ViT, radiomics, multimodal SSL ViT)"
+
+
+@dataclass
+class Preset:
+    name: str
+    # cohort (data.synth); the cohort is drawn once (cohort_seed), the seeds vary pretraining + splits
+    n_unlabeled: int
+    n_labeled: int
+    n_external: int
+    cohort_seed: int = 0
+    workers: int = 2                      # synth / preprocessing processes
+    # pretraining (pretrain.train.PretrainConfig loaded from pretrain_config, then these)
+    pretrain_config: str = "pretrain_tiny_cpu.yaml"
+    pretrain_steps: int = 200
+    pretrain_batch_size: int | None = None
+    pretrain_crops_per_volume: int | None = None
+    # fine-tuning (finetune.train.FinetuneConfig loaded from finetune_config, then these)
+    finetune_config: str = "finetune_tiny_cpu.yaml"
+    folds: int = 3
+    test_fraction: float = 0.2
+    epochs: int = 10
+    patience: int = 4
+    finetune_n_boot: int = 100            # bootstrap inside each fine-tuning run's own metrics.json
+    fusions: tuple[str, ...] = FUSIONS
+    survival: str = "multitask"           # multitask | separate
+    # evaluation
+    n_boot: int = 1000                    # bootstrap resamples for the C-index CIs here
+    roc_band_boot: int = 0                # bootstrap bands on the summary ROC figures (0: none)
+    seeds: tuple[int, ...] = (0, 1)
+    note: str = ""
+
+    def __post_init__(self):
+        bad = [f for f in self.fusions if f not in FUSIONS]
+        if bad or not self.fusions:
+            raise InputError(f"preset {self.name}: fusions {self.fusions} must be a non-empty subset of {FUSIONS}")
+        if self.survival not in ("multitask", "separate"):
+            raise InputError(f"preset {self.name}: survival must be 'multitask' or 'separate', got {self.survival!r}")
+
+
+PRESETS = {
+    # 2 CPU cores, < 60 min end to end: tiny ViT (dim 96, depth 4, 48^3 input, 12^3 patches).
+    "cpu": Preset(
+        name="cpu", n_unlabeled=300, n_labeled=109, n_external=28, pretrain_steps=1000,
+        folds=3, epochs=20, patience=6, finetune_n_boot=50, fusions=FUSIONS, survival="multitask",
+        n_boot=500, seeds=(0, 1, 2),
+        note="tiny ViT, 1000 MiM / MAE steps of 2 volumes x 2 crops, 40 mm lesion crops, 3 folds x <= 20 epochs, 3 seeds"),
+    # One H100: ViT-B (dim 768, depth 12, 96^3 input, 16^3 patches), bf16, a real pretraining budget.
+    "gpu": Preset(
+        name="gpu", n_unlabeled=3000, n_labeled=109, n_external=28, workers=16,
+        pretrain_config="pretrain_base_gpu.yaml", pretrain_steps=20000,
+        finetune_config="finetune_base_gpu.yaml", folds=5, epochs=100, patience=20, finetune_n_boot=500,
+        fusions=FUSIONS, survival="separate", n_boot=2000, roc_band_boot=200, seeds=(0, 1, 2),
+        note="ViT-B, 20k MiM / MAE steps of 8 volumes x 4 crops, 5 folds x <= 100 epochs, 3 seeds"),
+}
+# --toy: the pipeline's plumbing in a few minutes on 2 cores (tests); numbers mean nothing.
+TOY = Preset(
+    name="toy", n_unlabeled=4, n_labeled=20, n_external=6, pretrain_steps=2, pretrain_batch_size=1,
+    pretrain_crops_per_volume=1, folds=2, epochs=1, patience=1, finetune_n_boot=0, fusions=("concat", "tokens"),
+    survival="multitask", n_boot=50, seeds=(0,), note="toy size: plumbing only")
+
+
+def resolve_preset(name: str, toy: bool = False, seeds=None) -> Preset:
+    if name not in PRESETS:
+        raise InputError(f"--preset {name!r}: expected one of {sorted(PRESETS)}")
+    preset = replace(TOY, name=f"{name}+toy") if toy else PRESETS[name]
+    if seeds:
+        preset = replace(preset, seeds=tuple(int(s) for s in seeds))
+    if len(set(preset.seeds)) != len(preset.seeds):
+        raise InputError(f"--seeds {list(preset.seeds)}: repeated seed")
+    return preset
+
+
+# ---------------------------------------------------------------- the runs of a preset
+
+@dataclass
+class Run:
+    """One fine-tuning run of one seed."""
+    name: str
+    pretrained: str    # "mim" | "mae" | "" (scratch / clinical only)
+    fusion: str
+    task: str
+    splits: str        # "cls" | "surv"
+
+
+def finetune_runs(preset: Preset) -> list[Run]:
+    task = "multitask" if preset.survival == "multitask" else "classification"
+    runs = [Run("ft_mim_none", "mim", "none", task, "cls")]
+    runs += [Run(f"ft_mim_{f}", "mim", f, task, "cls") for f in preset.fusions]
+    runs += [Run("ft_scratch_none", "", "none", task, "cls"), Run("ft_mae_none", "mae", "none", task, "cls"),
+             Run("ft_clinical_only", "", "clinical_only", task, "cls")]
+    if preset.survival == "separate":
+        runs += [Run("surv_mim_none", "mim", "none", "survival", "surv"),
+                 Run("surv_scratch_none", "", "none", "survival", "surv"),
+                 Run("surv_clinical_only", "", "clinical_only", "survival", "surv")]
+    return runs
+
+
+# which run gives each model's classification / survival scores (multimodal: chosen per seed)
+CLS_RUN = {"mim": "ft_mim_none", "scratch": "ft_scratch_none", "mae": "ft_mae_none",
+           "clinical_only": "ft_clinical_only", "radiomics": "radiomics_classification"}
+
+
+def surv_run(model: str, preset: Preset, chosen_fusion: str | None) -> str | None:
+    if model == "radiomics":
+        return "radiomics_survival"
+    if preset.survival == "separate":
+        return {"mim": "surv_mim_none", "scratch": "surv_scratch_none",
+                "clinical_only": "surv_clinical_only"}.get(model)
+    if model == "multimodal":
+        return f"ft_mim_{chosen_fusion}" if chosen_fusion else None
+    return CLS_RUN.get(model)

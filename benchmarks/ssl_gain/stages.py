@@ -1,0 +1,282 @@
+"""The benchmark's stages: config builders, one function per stage, the skip-if-done bookkeeping, and the driver."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, replace
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from benchmarks.ssl_gain.evaluation import evaluate_seed
+from benchmarks.ssl_gain.presets import BINS, RING_MM, Preset, Run, finetune_runs
+from benchmarks.ssl_gain.report import write_results
+from data.atomic import write_json
+from data.errors import InputError
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH = REPO / "launch"
+
+# ---------------------------------------------------------------- stage bookkeeping
+
+def log(msg: str) -> None:
+    print(f"[ssl_gain {datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its finished child processes (synth / prep workers)."""
+    import resource
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class Stages:
+    """Run a stage unless its outputs exist; remember what ran, what was skipped and how long it took."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.times_path = out / "stage_times.json"
+        self.times: dict[str, float] = json.loads(self.times_path.read_text()) if self.times_path.is_file() else {}
+        self.cpu_path = out / "stage_cpu_seconds.json"
+        self.cpu: dict[str, float] = json.loads(self.cpu_path.read_text()) if self.cpu_path.is_file() else {}
+        self.status: dict[str, str] = {}
+
+    def run(self, name: str, outputs: list[Path], fn, *, force: bool = False):
+        if not force and outputs and all(p.exists() for p in outputs):
+            self.status[name] = "skipped"
+            log(f"{name}: skipped (outputs exist)")
+            return None
+        log(f"{name}: running")
+        t0, c0 = time.time(), _cpu_seconds()
+        result = fn()
+        seconds, cpu = round(time.time() - t0, 1), round(_cpu_seconds() - c0, 1)
+        self.status[name] = "ran"
+        self.times[name] = seconds
+        self.cpu[name] = cpu
+        write_json(self.times_path, self.times)
+        write_json(self.cpu_path, self.cpu)
+        log(f"{name}: done in {seconds:.0f} s ({cpu:.0f} CPU-s)")
+        return result
+
+    def ran_any(self, prefix: str = "") -> bool:
+        return any(v == "ran" for k, v in self.status.items() if k.startswith(prefix))
+
+
+# ---------------------------------------------------------------- configs
+
+def pretrain_config(preset: Preset, out: Path, seed: int, levels: int):
+    from data.config import load_config
+    from pretrain.train import PretrainConfig
+    cfg = load_config(PretrainConfig, LAUNCH / preset.pretrain_config)
+    cfg.data = str(out / "cohort" / "unlabeled")
+    cfg.cache_dir = str(out / "cache")
+    cfg.output_dir = str(out / f"seed{seed}" / ("pretrain_mim" if levels > 1 else "pretrain_mae"))
+    cfg.max_steps = preset.pretrain_steps
+    cfg.seed = seed
+    cfg.resume = "auto"
+    cfg.preview_every = 0                        # one preview at the end
+    cfg.ckpt_every = max(1, min(cfg.ckpt_every, math.ceil(preset.pretrain_steps / 4)))
+    cfg.log_every = max(1, min(cfg.log_every, preset.pretrain_steps))
+    cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, max(1, preset.pretrain_steps // 10))
+    if preset.pretrain_batch_size:
+        cfg.batch_size = preset.pretrain_batch_size
+    if preset.pretrain_crops_per_volume:
+        cfg.crops_per_volume = preset.pretrain_crops_per_volume
+    if levels == 1:  # L = 1: exactly a plain MAE (same encoder, decoder, data, steps)
+        cfg.model.masks = replace(cfg.model.masks, levels=1, mask_ratio=(cfg.model.masks.mask_ratio[0],))
+        cfg.model = replace(cfg.model, level_weights=(1.0,))
+    cfg.model = replace(cfg.model)  # re-run the config's own checks after the edits
+    return cfg
+
+
+def finetune_config(preset: Preset, out: Path, seed: int, name: str, *, pretrained: str, fusion: str, task: str,
+                    splits: Path):
+    from data.config import load_config
+    from finetune.train import FinetuneConfig
+    cfg = load_config(FinetuneConfig, LAUNCH / preset.finetune_config)
+    cohort = out / "cohort"
+    return replace(cfg, manifest=str(cohort / "manifest.csv"), external=str(cohort / "external.csv"),
+                   pretrained=pretrained, task=task, fusion=fusion, output_dir=str(out / f"seed{seed}" / name),
+                   cache_dir=str(out / "cache"), splits=str(splits), folds=preset.folds,
+                   test_fraction=preset.test_fraction, epochs=preset.epochs, patience=preset.patience, seed=seed,
+                   n_boot=preset.finetune_n_boot, explain=0, resume="auto")
+
+
+def prep_config(preset: Preset):
+    """The preprocessing every stage shares (pretraining's; fine-tuning takes it from the encoder)."""
+    from data.config import load_config
+    from finetune.train import FinetuneConfig
+    from pretrain.train import PretrainConfig
+    pre = load_config(PretrainConfig, LAUNCH / preset.pretrain_config).prep
+    fin = load_config(FinetuneConfig, LAUNCH / preset.finetune_config).prep
+    if pre != fin:  # scratch and radiomics would then see other voxels than the pretrained models
+        raise InputError(f"preset {preset.name}: {preset.pretrain_config} and {preset.finetune_config} "
+                         f"preprocess differently ({pre} vs {fin})")
+    return pre
+
+
+
+# ---------------------------------------------------------------- stages
+
+def make_cohort(preset: Preset, out: Path) -> None:
+    from data.synth import generate_cohort
+    generate_cohort(out / "cohort", preset.n_unlabeled, preset.n_labeled, preset.n_external, seed=preset.cohort_seed,
+                    workers=preset.workers, overwrite=(out / "cohort" / "cohort.json").is_file())
+
+
+def prepare_all(preset: Preset, out: Path) -> None:
+    """Fill the shared cache once, in parallel; every later stage then only hits the cache."""
+    from data.manifest import read_any, read_manifest
+    from data.prepare import prepare_table
+    prep, cohort, cache = prep_config(preset), out / "cohort", out / "cache"
+    workers = preset.workers if preset.workers > 1 else 0
+    for csv in ("manifest.csv", "external.csv"):
+        prepare_table(read_manifest(cohort / csv, task="multitask"), prep, cache, workers=workers)
+    if preset.n_unlabeled:
+        table = read_any(cohort / "unlabeled")  # exactly what pretraining reads
+        prepare_table(table.drop(columns=[c for c in ("mask",) if c in table.columns]), prep, cache,
+                      require_lesion=False, workers=workers)
+    write_json(cache / "ssl_gain_prepared.json", {"prep": asdict(prep), "preset": preset.name})
+
+
+def make_splits(preset: Preset, out: Path, seed: int, stratify: str, path: Path) -> None:
+    from data.manifest import read_manifest
+    from data.splits import load_or_make_splits
+    df = read_manifest(out / "cohort" / "manifest.csv", task="multitask")
+    load_or_make_splits(path, df, test_fraction=preset.test_fraction, folds=preset.folds, stratify=stratify, seed=seed)
+
+
+def run_pretrain(preset: Preset, out: Path, seed: int, levels: int) -> None:
+    from pretrain.train import train
+    cfg = pretrain_config(preset, out, seed, levels)
+    train(cfg)
+    if not (Path(cfg.output_dir) / "encoder" / "config.json").is_file():
+        raise RuntimeError(f"pretraining {cfg.output_dir} finished without exporting an encoder")
+
+
+def run_config(preset: Preset, out: Path, seed: int, run: Run):
+    sd = out / f"seed{seed}"
+    pretrained = str(sd / f"pretrain_{run.pretrained}" / "encoder") if run.pretrained else ""
+    splits = sd / ("splits.json" if run.splits == "cls" else "splits_survival.json")
+    return finetune_config(preset, out, seed, run.name, pretrained=pretrained, fusion=run.fusion, task=run.task,
+                           splits=splits)
+
+
+def run_finetune(preset: Preset, out: Path, seed: int, run: Run) -> None:
+    from finetune.train import run as finetune
+    finetune(run_config(preset, out, seed, run))
+
+
+def radiomics_features(preset: Preset, out: Path) -> None:
+    from data.manifest import read_manifest
+    from data.prepare import prepare_table
+    from finetune.radiomics import extract_table
+    prep, cohort, cache = prep_config(preset), out / "cohort", out / "cache"
+    target = out / "radiomics" / "features.csv"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for name, csv in (("internal", "manifest.csv"), ("external", "external.csv")):
+        df, _ = prepare_table(read_manifest(cohort / csv, task="multitask"), prep, cache, progress=False)
+        extract_table(df, name, RING_MM, BINS, target)
+    write_json(target.parent / "done.json", {"ring_mm": RING_MM, "bins": BINS})
+
+
+def radiomics_predict(preset: Preset, out: Path, seed: int, task: str) -> None:
+    from data.atomic import atomic_path
+    from data.manifest import read_manifest
+    from finetune.radiomics import predict_splits
+    feats = pd.read_csv(out / "radiomics" / "features.csv", dtype={"subject_id": str})
+    key_cols = [c for c in ("cohort", "subject_id", "cache_image", "extraction") if c in feats.columns]
+
+    def table(cohort):
+        rows = feats[feats["cohort"] == cohort]
+        return rows.drop(columns=key_cols).set_index(pd.Index(rows["subject_id"].astype(str), name="subject_id"))
+
+    internal, external = table("internal"), table("external")
+    df = read_manifest(out / "cohort" / "manifest.csv", task="multitask")
+    targets = df.set_index(df["subject_id"].astype(str))[["label", "time", "event"]]
+    sd = out / f"seed{seed}"
+    split_file = sd / ("splits_survival.json" if task == "survival" and preset.survival == "separate" else "splits.json")
+    splits = json.loads(split_file.read_text())
+    pred, params = predict_splits(internal, targets, splits, task, seed, external)
+    folder = sd / f"radiomics_{task}"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "radiomics.json", {"task": task, "seed": seed, "splits": str(split_file),
+                                           "n_features": internal.shape[1], "models": params})
+    with atomic_path(folder / "predictions.csv") as tmp:
+        pred.to_csv(tmp, index=False)
+
+
+
+# ---------------------------------------------------------------- driver
+
+def run_benchmark(preset: Preset, out: Path, command: str = "") -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(out)
+    log(f"preset {preset.name}: {preset.note}; seeds {list(preset.seeds)}; output {out}")
+    check_same_preset(preset, out)
+
+    stages.run("cohort", [out / "cohort" / "cohort.json"], lambda: make_cohort(preset, out))
+    stages.run("prepare", [out / "cache" / "ssl_gain_prepared.json"], lambda: prepare_all(preset, out))
+    stages.run("radiomics_features", [out / "radiomics" / "done.json"], lambda: radiomics_features(preset, out))
+    per_seed = [run_seed(preset, out, seed, stages) for seed in preset.seeds]
+
+    outputs = [out / "results.json", out / "results.md", out / "roc_test.png", out / "roc_external.png"]
+    stages.run("report", outputs, lambda: write_results(preset, per_seed, stages.times, stages.cpu, command, out),
+               force=stages.ran_any())
+    results = json.loads((out / "results.json").read_text())
+    results["stage_status"] = dict(stages.status)
+    write_json(out / "last_invocation.json", {"stage_status": stages.status, "command": command,
+                                              "date": datetime.now().strftime("%Y-%m-%d %H:%M")})
+    log(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'roc_test.png'}, {out / 'roc_external.png'}")
+    return results
+
+
+def run_seed(preset: Preset, out: Path, seed: int, stages: Stages) -> dict:
+    """Every stage of one seed (splits, both pretrainings, all fine-tuning and radiomics runs), then its evaluation."""
+    sd = out / f"seed{seed}"
+    sd.mkdir(parents=True, exist_ok=True)
+    tag = f"seed {seed} · "
+    stages.run(tag + "splits", [sd / "splits.json"], lambda: make_splits(preset, out, seed, "label", sd / "splits.json"))
+    if preset.survival == "separate":
+        stages.run(tag + "splits_survival", [sd / "splits_survival.json"],
+                   lambda: make_splits(preset, out, seed, "event", sd / "splits_survival.json"))
+    for levels, name in ((preset_levels(preset), "mim"), (1, "mae")):
+        stages.run(tag + f"pretrain_{name} ({preset.pretrain_steps} steps)",
+                   [sd / f"pretrain_{name}" / "encoder" / "model.safetensors"],
+                   lambda lv=levels: run_pretrain(preset, out, seed, lv))
+    for run in finetune_runs(preset):
+        stages.run(tag + f"{run.name} ({run.task})", [sd / run.name / "predictions.csv", sd / run.name / "metrics.json"],
+                   lambda r=run: run_finetune(preset, out, seed, r))
+    for task in ("classification", "survival"):
+        stages.run(tag + f"radiomics_{task}", [sd / f"radiomics_{task}" / "predictions.csv"],
+                   lambda t=task: radiomics_predict(preset, out, seed, t))
+    # Re-evaluate whenever anything it reads was (re)made in this invocation.
+    res = stages.run(tag + "evaluate", [sd / "evaluation.json"], lambda: evaluate_seed(preset, out, seed),
+                     force=stages.ran_any(tag) or stages.status.get("radiomics_features") == "ran")
+    if res is None:
+        return json.loads((sd / "evaluation.json").read_text())
+    write_json(sd / "evaluation.json", res)
+    return res
+
+
+def check_same_preset(preset: Preset, out: Path) -> None:
+    """A rerun may add seeds, but must not mix stage outputs of different presets in one folder."""
+    path = out / "preset.json"
+    now = json.loads(json.dumps(asdict(preset)))
+    if path.is_file():
+        before = json.loads(path.read_text())
+        diff = sorted(k for k in set(now) | set(before) if k != "seeds" and now.get(k) != before.get(k))
+        if diff:
+            raise InputError(f"--out {out}: holds a run of another preset (differs in {diff}); "
+                             f"use a new --out folder or delete this one")
+    write_json(path, now)
+
+
+def preset_levels(preset: Preset) -> int:
+    from data.config import load_config
+    from pretrain.train import PretrainConfig
+    return load_config(PretrainConfig, LAUNCH / preset.pretrain_config).model.masks.levels
+
