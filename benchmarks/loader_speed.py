@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import re
 import statistics
 import sys
@@ -28,7 +27,9 @@ from monai.data import DataLoader
 from scipy.ndimage import zoom
 from torch.utils.data import Dataset
 
+from benchmarks.common import cpu_model
 from data.atomic import write_text
+from data.nifti import save_volume
 
 HEADING = "## Data loader"
 
@@ -77,8 +78,7 @@ def make_files(root: Path, size: int, n: int) -> tuple[list[str], list[str]]:
     nii, npy = [], []
     for k in range(n):
         vol = (base + rng.normal(0, 20, base.shape)).clip(0, 32767).astype(np.int16)  # distinct noise per file
-        img = nib.Nifti1Image(vol, np.diag([1.0, 1.0, 1.0, 1.0]))
-        nib.save(img, root / f"v{k}.nii.gz")
+        save_volume(root / f"v{k}.nii.gz", vol, np.eye(4), dtype=np.int16)
         np.save(root / f"v{k}.npy", vol.astype(np.float32)[None])
         nii.append(str(root / f"v{k}.nii.gz"))
         npy.append(str(root / f"v{k}.npy"))
@@ -108,16 +108,6 @@ def loader_rate(paths, read, repeats, workers) -> float:
             pass
         rates.append(len(paths) / (time.perf_counter() - t))
     return statistics.median(rates)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def update_doc(doc: Path, subsection: str, body: str) -> None:

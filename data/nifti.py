@@ -6,8 +6,7 @@ and `affine` maps those voxel indices to world millimetres.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import gzip
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 from nibabel.affines import voxel_sizes
 from nibabel.funcs import squeeze_image
 
+from data.atomic import atomic_path
 from data.errors import NiftiError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -97,11 +97,14 @@ def check_same_grid(a: Volume, b: Volume, atol: float = 1e-3) -> None:
         )
 
 
-def save_volume(path, array: np.ndarray, affine: np.ndarray, dtype=np.float32) -> None:
-    """Write a NIfTI atomically: a temporary sibling with the same suffix, then `os.replace`."""
+def save_volume(path, array: np.ndarray, affine: np.ndarray, dtype=np.float32, compresslevel: int = 1) -> None:
+    """Write a NIfTI atomically (temporary sibling, then `os.replace`); equal inputs give equal bytes.
+
+    `compresslevel` (1-9) applies to .nii.gz only; 1 is nibabel's own default. qform and sform both
+    hold `affine` with code 1 (scanner), as dcm2niix writes them, so every viewer reads the same grid.
+    """
     path = Path(path)
-    suffix = next((s for s in NIFTI_SUFFIXES if path.name.endswith(s)), None)
-    if suffix is None:
+    if not path.name.endswith(NIFTI_SUFFIXES):
         raise NiftiError(f"{path}: expected a .nii or .nii.gz file name")
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
@@ -109,16 +112,14 @@ def save_volume(path, array: np.ndarray, affine: np.ndarray, dtype=np.float32) -
     img = nib.Nifti1Image(np.asarray(array).astype(dtype, copy=False), affine)
     img.header.set_data_dtype(dtype)
     img.header.set_xyzt_units("mm")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temp keeps the .nii/.nii.gz suffix because nibabel chooses compression from the name.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[: -len(suffix)]}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    data = img.to_bytes()
+    if path.name.endswith(".gz"):
+        # mtime 0 and no stored file name: a rerun (e.g. the synthetic cohort) is byte-identical.
+        data = gzip.compress(data, compresslevel=compresslevel, mtime=0)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _one_line(a: np.ndarray) -> str:

@@ -5,23 +5,24 @@ crop's affine (open them over the crop in any viewer) and as PNG overlays throug
 """
 from __future__ import annotations
 
-import gzip
 import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib import patheffects
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from monai.visualize import OcclusionSensitivity
+from nibabel.orientations import io_orientation
 from torch import Tensor, nn
 
 from data.atomic import atomic_path
 from data.errors import InputError
+from data.nifti import save_volume
 from finetune.survival_losses import survival_risk_from_hazards
 from models.multimodal import MultimodalModel
 
@@ -143,18 +144,19 @@ def occlusion_sensitivity(model: nn.Module, x: Tensor, clinical: Tensor | None, 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 _VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # name, axis held fixed (RAS array axes)
+# What the colour means, by map name (finetune.train writes "attention_rollout" and "occlusion").
+_COLOUR_MEANING = {
+    "attention_rollout": "attention received (share of total)",
+    "rollout": "attention received (share of total)",
+    "occlusion": "score drop when hidden (> 0: region raised it)",
+}
+_WORLD_ENDS = (("L", "R"), ("P", "A"), ("I", "S"))  # nibabel's RAS+ world axes: (negative end, positive end)
+_EDGE_TEXT = dict(color="white", fontsize=11, fontweight="bold",
+                  path_effects=[patheffects.withStroke(linewidth=2.5, foreground="black")])
 
 
 def _numpy(a) -> np.ndarray:
     return a.detach().cpu().float().numpy() if isinstance(a, Tensor) else np.asarray(a, dtype=np.float32)
-
-
-def _save_nifti(path: Path, volume: np.ndarray, affine: np.ndarray) -> None:
-    img = nib.Nifti1Image(volume.astype(np.float32), affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(gzip.compress(img.to_bytes()))
 
 
 def _centre(mask: np.ndarray | None, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -169,8 +171,24 @@ def _slice(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
     return np.take(vol, index, axis=axis).T
 
 
+def _axis_ends(affine: np.ndarray) -> list[tuple[str, str]]:
+    """Anatomical letter at the (low-index, high-index) end of each array axis: ('L', 'R') for RAS axis 0."""
+    ends = []
+    for world, direction in io_orientation(affine):  # per array axis: nearest world axis and its sign
+        ends.append(("", "") if np.isnan(world) else _WORLD_ENDS[int(world)][:: int(direction)])
+    return ends
+
+
+def _mark_orientation(ax, horizontal: tuple[str, str], vertical: tuple[str, str]) -> None:
+    # Letters on the panel edges (radiologists read orientation there); origin="lower", so low index is left/bottom.
+    for (x, y, ha, va), letter in zip(((0.02, 0.5, "left", "center"), (0.98, 0.5, "right", "center"),
+                                       (0.5, 0.02, "center", "bottom"), (0.5, 0.98, "center", "top")),
+                                      horizontal + vertical):
+        ax.text(x, y, letter, transform=ax.transAxes, ha=ha, va=va, **_EDGE_TEXT)
+
+
 def _save_overlay(path: Path, title: str, image: np.ndarray, mask: np.ndarray | None, heat: np.ndarray,
-                  centre: tuple[int, ...], spacing: np.ndarray) -> None:
+                  centre: tuple[int, ...], affine: np.ndarray, meaning: str) -> None:
     if heat.min() < 0 < heat.max():  # signed (occlusion: helped vs hurt): diverging, centred on 0
         cmap, vmax = "RdBu_r", float(np.abs(heat).max())
         vmin = -vmax
@@ -178,6 +196,8 @@ def _save_overlay(path: Path, title: str, image: np.ndarray, mask: np.ndarray | 
         cmap, vmin, vmax = "inferno", float(heat.min()), float(heat.max())
         vmax = vmax if vmax > vmin else vmin + 1.0
     lo, hi = np.percentile(image, [1, 99])
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)  # voxel size along each array axis
+    ends = _axis_ends(affine)
     fig = Figure(figsize=(12, 4.4), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
@@ -195,7 +215,8 @@ def _save_overlay(path: Path, title: str, image: np.ndarray, mask: np.ndarray | 
                 ax.contour(m, levels=[0.5], colors="lime", linewidths=1.0)
         ax.set_title(f"{view} {'xyz'[axis]}={centre[axis]}")
         ax.set_axis_off()
-    fig.colorbar(shown, ax=list(axes), shrink=0.8)
+        _mark_orientation(ax, ends[rest[0]], ends[rest[1]])
+    fig.colorbar(shown, ax=list(axes), shrink=0.8, label=meaning)
     fig.suptitle(title)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -206,7 +227,9 @@ def save_explanations(out_dir: str | Path, subject_id: str, x, maps: dict, affin
 
     x: [C, D, H, W] model input (channel 0 image, channel 1 lesion mask when present); maps: name ->
     [D, H, W]; affine: the crop's 4x4 voxel-to-world matrix. The PNG shows the three orthogonal slices
-    through the lesion centre of mass: image in grey, map as a semi-transparent heatmap, mask contour.
+    through the lesion centre of mass: image in grey, map as a semi-transparent heatmap, mask contour,
+    a colour bar saying what the map's values mean, and anatomical letters (R/L, A/P, S/I, from the
+    affine) on each panel's edges. For a RAS crop the patient's right is on the right (neurological view).
     """
     out_dir = Path(out_dir)
     x = _numpy(x)
@@ -220,7 +243,6 @@ def save_explanations(out_dir: str | Path, subject_id: str, x, maps: dict, affin
     image = x[0]
     mask = x[1] > 0.5 if x.shape[0] > 1 else None
     centre = _centre(mask, image.shape)
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)  # voxel size along each array axis
     written = []
     for name, heat in maps.items():
         heat = _numpy(heat)
@@ -230,7 +252,8 @@ def save_explanations(out_dir: str | Path, subject_id: str, x, maps: dict, affin
             raise InputError(f"{subject_id}: map {name!r} has shape {heat.shape}, the input crop {image.shape}")
         nii = out_dir / f"{subject_id}_{name}.nii.gz"
         png = out_dir / f"{subject_id}_{name}.png"
-        _save_nifti(nii, heat, affine)
-        _save_overlay(png, f"{subject_id}: {name}", image, mask, heat, centre, spacing)
+        save_volume(nii, heat, affine)
+        _save_overlay(png, f"{subject_id}: {name}", image, mask, heat, centre, affine,
+                      _COLOUR_MEANING.get(name, f"{name} (map value)"))
         written += [nii, png]
     return written

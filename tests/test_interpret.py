@@ -157,3 +157,10 @@ def test_save_explanations_writes_aligned_nifti_and_png(tmp_path):
 def test_save_explanations_rejects_a_misaligned_map(tmp_path):
     with pytest.raises(InputError, match="'bad' has shape"):
         save_explanations(tmp_path, "s1", volume()[0], {"bad": np.zeros((S, S, S - 1))}, np.eye(4))
+
+
+def test_orientation_letters_follow_the_affine():
+    from finetune.interpret import _axis_ends
+    assert _axis_ends(np.diag([1.5, 1.0, 2.0, 1.0])) == [("L", "R"), ("P", "A"), ("I", "S")]
+    # LPS storage (DICOM-style): index 0 runs towards the patient's left, index 1 towards posterior.
+    assert _axis_ends(np.diag([-1.0, -1.0, 1.0, 1.0])) == [("R", "L"), ("A", "P"), ("I", "S")]

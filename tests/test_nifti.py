@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -227,16 +228,25 @@ def test_failed_save_leaves_existing_file_intact_and_no_temp(tmp_path, monkeypat
     save_volume(target, random_volume(seed=1), RAS)
     before = target.read_bytes()
 
-    def disk_full(img, filename):
-        with open(filename, "wb") as f:
+    def disk_full(tmp, data):
+        with open(tmp, "wb") as f:
             f.write(b"half a file")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(nib, "save", disk_full)
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
     with pytest.raises(OSError, match="No space"):
         save_volume(target, random_volume(seed=2), RAS)
     assert target.read_bytes() == before
     assert os.listdir(tmp_path) == ["out.nii.gz"]
+
+
+def test_save_volume_is_byte_identical_on_rerun_and_sets_scanner_codes(tmp_path):
+    save_volume(tmp_path / "a.nii.gz", random_volume(), PERMUTED, compresslevel=6)
+    save_volume(tmp_path / "b.nii.gz", random_volume(), PERMUTED, compresslevel=6)
+    assert (tmp_path / "a.nii.gz").read_bytes() == (tmp_path / "b.nii.gz").read_bytes()
+    header = nib.load(str(tmp_path / "a.nii.gz")).header
+    assert (int(header["qform_code"]), int(header["sform_code"])) == (1, 1)
+    np.testing.assert_allclose(header.get_qform(), PERMUTED, atol=1e-6)
 
 
 def test_save_volume_rejects_unknown_suffix(tmp_path):

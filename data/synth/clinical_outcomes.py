@@ -13,9 +13,8 @@ import pandas as pd
 from scipy.special import expit
 
 from data.synth.lesions import physical, sample_latents
-from data.synth.params import HISTOLOGIES, LATENTS, CaseMix, LesionParams, OutcomeParams
+from data.synth.params import CLINICAL_COLUMNS, HISTOLOGIES, LATENTS, CaseMix, LesionParams, OutcomeParams
 
-CLINICAL_COLUMNS = ("age", "sex", "kps", "histology", "dose_gy", "months_since_srs", "steroid_use")
 LESION_COLUMNS = ("dose_gy",)  # the rest belong to the patient
 
 

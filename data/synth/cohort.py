@@ -17,11 +17,10 @@ from data.atomic import atomic_dir
 from data.config import from_dict, to_dict
 from data.errors import InputError
 from data.synth.anatomy import TEMPLATE_FILES, load_template
-from data.synth.clinical_outcomes import CLINICAL_COLUMNS, observed_clinical, sample_subjects
+from data.synth.clinical_outcomes import observed_clinical, sample_subjects
 from data.synth.lesions import physical, sample_latents
-from data.synth.params import GENERATOR_VERSION, LATENTS, CohortParams, validate
+from data.synth.params import CLINICAL_COLUMNS, GENERATOR_VERSION, LATENTS, CohortParams, validate
 from data.synth.render import ScanJob, render_scan
-from data.synth.writer import write_csv
 
 MANIFEST_COLUMNS = ("subject_id", "patient_id", "site", "image", "mask", "label", "time", "event") + CLINICAL_COLUMNS
 PHYSICAL = ("radius_mm", "rim_mm", "nodularity", "core_fraction", "oedema_mm", "peritumoral", "irregularity",
@@ -173,10 +172,15 @@ def _manifest(df: pd.DataFrame, folder: str, rng, p: CohortParams) -> pd.DataFra
     return pd.concat([m, observed_clinical(df, rng, p.outcome)], axis=1)[list(MANIFEST_COLUMNS)]
 
 
+def _write_csv(path: Path, df: pd.DataFrame) -> None:
+    # Missing values are empty cells and lines end in "\n" on every OS, so reruns are byte-identical.
+    df.to_csv(path, index=False, na_rep="", lineterminator="\n")
+
+
 def _write_tables(root: Path, lab, ext, unlabeled, volumes, rng, p: CohortParams) -> None:
-    write_csv(root / "manifest.csv", _manifest(lab, "labeled", rng, p))
-    write_csv(root / "external.csv", _manifest(ext, "external", rng, p))
-    write_csv(root / "unlabeled.csv", unlabeled)
+    _write_csv(root / "manifest.csv", _manifest(lab, "labeled", rng, p))
+    _write_csv(root / "external.csv", _manifest(ext, "external", rng, p))
+    _write_csv(root / "unlabeled.csv", unlabeled)
     oracle = pd.concat([lab.assign(cohort="internal", mask=[f"labeled/{s}_mask.nii.gz" for s in lab["subject_id"]]),
                         ext.assign(cohort="external", mask=[f"external/{s}_mask.nii.gz" for s in ext["subject_id"]])])
     oracle["lesion_volume_ml"] = oracle["mask"].map(volumes).round(3)
@@ -186,7 +190,7 @@ def _write_tables(root: Path, lab, ext, unlabeled, volumes, rng, p: CohortParams
     oracle = oracle[cols].copy()
     floats = oracle.select_dtypes("float").columns.difference(["time", "dose_gy", "months_since_srs", "lesion_volume_ml"])
     oracle[floats] = oracle[floats].round(6)
-    write_csv(root / "oracle.csv", oracle)
+    _write_csv(root / "oracle.csv", oracle)
 
 
 def _stats(df: pd.DataFrame) -> dict:

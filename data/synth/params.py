@@ -12,6 +12,8 @@ GENERATOR_VERSION = 1  # bump when the same seed and parameters would give diffe
 HISTOLOGIES = ("lung", "breast", "melanoma", "renal", "other")
 # Standardised image latents of one lesion; positive = more of the named feature.
 LATENTS = ("rim", "nodularity", "core", "oedema", "peritumoral", "irregularity", "septation")
+# Clinical variables of every subject row, in manifest order; `outcome.missing_columns` names some of them.
+CLINICAL_COLUMNS = ("age", "sex", "kps", "histology", "dose_gy", "months_since_srs", "steroid_use")
 
 
 @dataclass
@@ -171,7 +173,6 @@ def validate(p: CohortParams) -> None:
     for name, v in (("outcome.second_lesion_fraction", op.second_lesion_fraction), ("outcome.missing_rate", op.missing_rate),
                     ("unlabeled_site_b_fraction", p.unlabeled_site_b_fraction)):
         need(0 <= v <= 1, name, f"must be a fraction in [0, 1], got {v}")
-    from data.synth.clinical_outcomes import CLINICAL_COLUMNS
     unknown = sorted(set(op.missing_columns) - set(CLINICAL_COLUMNS))
     need(not unknown, "outcome.missing_columns", f"has unknown column(s) {unknown}; known: {list(CLINICAL_COLUMNS)}")
     need(op.weibull_shape > 0 and op.weibull_scale_months > 0, "outcome.weibull_shape/weibull_scale_months", "must be > 0")

@@ -5,17 +5,18 @@ how many workers run or in which order.
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from data.errors import InputError
+from data.nifti import save_volume
 from data.synth.anatomy import SubjectWarp, load_template
 from data.synth.lesions import physical, reach_mm, render_lesion, sample_latents
 from data.synth.params import CohortParams, SiteParams
 from data.synth.scanner import acquire, jitter, scan_grid, to_storage
-from data.synth.writer import nifti_bytes
 
 MASK_THRESHOLD = 0.5  # lesion occupancy above which a voxel belongs to the index-lesion mask
 
@@ -98,12 +99,12 @@ def render_scan(job: ScanJob, root: Path, params: CohortParams) -> dict:
 
     image = acquire(truth, job.site, acq, rng)
     stored, stored_affine = to_storage(image, affine, job.site.orientation)
-    data = nifti_bytes(stored, stored_affine, params.gzip_level)
-    for rel in job.images:
-        (root / rel).write_bytes(data)
+    save_volume(root / job.images[0], stored, stored_affine, dtype=stored.dtype, compresslevel=params.gzip_level)
+    for rel in job.images[1:]:  # a scan with several index lesions: one identical image file per subject row
+        shutil.copyfile(root / job.images[0], root / rel)
     out = {}
     for rel, m in volumes.items():
         m_stored, _ = to_storage(m, affine, job.site.orientation)
-        (root / rel).write_bytes(nifti_bytes(m_stored, stored_affine, params.gzip_level))
+        save_volume(root / rel, m_stored, stored_affine, dtype=m_stored.dtype, compresslevel=params.gzip_level)
         out[rel] = float(m.sum() * np.prod(spacing) / 1000.0)
     return out
