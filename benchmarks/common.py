@@ -9,6 +9,7 @@ this process, each with freshly reset `torch.cuda.max_memory_allocated`.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import datetime
@@ -70,6 +71,19 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+def add_run_args(p: argparse.ArgumentParser, rows: str = "row") -> None:
+    """The flags every speed benchmark takes: device, timing, threads, isolation, docs, quiet."""
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--repeats", type=int, default=5, help=f"timed steps per {rows}; the median is reported")
+    p.add_argument("--warmup", type=int, default=2, help=f"untimed steps per {rows} first")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"CPU: each {rows} in its own process (clean peak RSS)")
+    p.add_argument("--write-docs", action="store_true", help="put the table in docs/BENCHMARKS.md")
+    p.add_argument("--doc", default=str(DOC))
+    p.add_argument("--quiet", action="store_true")
+
+
 def resolve_device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no CUDA device")
@@ -81,20 +95,6 @@ def resolve_device(name: str) -> str:
 def sync(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
-
-def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1, device: str = "cpu") -> tuple[float, list[float]]:
-    """Median wall time of `fn()` in seconds over `repeats` calls after `warmup` untimed ones (and all times)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), times
 
 
 def current_rss_mib() -> float:
@@ -163,11 +163,6 @@ def mae_forward_flops(*, num_patches: int, visible: int, patch_values: int, dim:
                  + 2 * enc_tokens * dim * decoder_dim
                  + decoder_depth * block_flops(dec_tokens, decoder_dim, decoder_mlp_dim)
                  + 2 * dec_tokens * decoder_dim * patch_values)
-
-
-def vit_forward_flops(*, num_patches: int, patch_values: int, dim: int, depth: int, mlp_dim: int) -> float:
-    """Forward FLOPs of a plain ViT encoder on one volume (all tokens)."""
-    return float(2 * num_patches * patch_values * dim + depth * block_flops(num_patches, dim, mlp_dim))
 
 
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward ~ 3x forward (model FLOPs; recomputation is not counted)
@@ -406,3 +401,30 @@ def update_section(doc: str | os.PathLike, heading: str, body: str) -> None:
     else:
         text = text[: match.start()] + block + ("\n" if match.end() < len(text) else "") + text[match.end():]
     write_text(doc, text.rstrip("\n") + "\n")
+
+
+def run_and_report(args, run: Callable[[Any], Table], command: str, heading: str, load_note: str = "") -> Table:
+    """A speed benchmark's main once its arguments are parsed: `run(args)`, print the table and its notes,
+    and with `args.write_docs` put them, with the command, machine, date, load and wall time, under
+    `## heading` of `args.doc`. Returns the table (the smoke tests read it)."""
+    load_start, t = load_average(), time.perf_counter()
+    table = run(args)
+    seconds = time.perf_counter() - t
+    print(table.markdown())
+    for n in table.notes:
+        print(f"- {n}")
+    if args.write_docs:
+        body = "\n".join([
+            f"- command: `{command}`",
+            f"- machine: {machine(args.device)}",
+            f"- date: {today()}",
+            f"- load: 1-minute load average {load_start:.1f} at the start, {load_average():.1f} at the end; "
+            f"other jobs shared this machine, so absolute times are noisy{load_note}",
+            f"- whole command: {seconds / 60:.1f} min",
+            *[f"- {n}" for n in table.notes],
+            "",
+            table.markdown(),
+        ])
+        update_section(args.doc, heading, body)
+        print(f"updated {args.doc}")
+    return table

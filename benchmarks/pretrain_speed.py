@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (DOC, TRAIN_FLOPS_PER_FORWARD, Measured, Table, command_line, format_flops,
-                               format_memory, load_average, machine, mae_forward_flops, measure, memory_note,
-                               paired_ratio, peak_bf16_flops, release_memory, Runner, resolve_device, sync, today, update_section)
+from benchmarks.common import (TRAIN_FLOPS_PER_FORWARD, Measured, Runner, Table, add_run_args, command_line,
+                               format_flops, format_memory, mae_forward_flops, measure, memory_note, paired_ratio,
+                               peak_bf16_flops, release_memory, resolve_device, run_and_report, sync)
 from data.config import load_config
 from data.errors import cli_entry
 
@@ -100,8 +100,10 @@ class PretrainRunner(Runner):
         import monai.networks.nets  # noqa: F401
         import pretrain.losses  # noqa: F401
         import pretrain.masks  # noqa: F401
+        from timm.optim import param_groups_weight_decay
+
         from models.mim import MiMModel
-        from models.training import build_optimizer, param_groups_weight_decay
+        from models.training import build_optimizer
         self.start(spec)
         cfg = load_preset(spec["config"])
         self.kind = spec["kind"]
@@ -127,7 +129,11 @@ class PretrainRunner(Runner):
             self.x = x.permute(0, 4, 1, 2, 3)  # [B, C, I, I, I], channels-last strides
             self.subvolumes = batch
         self.model.to(self.device).train()
-        self.optimizer = build_optimizer(param_groups_weight_decay(self.model, cfg.optim.weight_decay), cfg.optim)
+        # MONAI's MAE has no no_weight_decay(); its mask token is exempt as ours is (its sincos position
+        # embeddings are frozen). Biases and norms are exempt for both (timm's 1-D rule).
+        skip = self.model.no_weight_decay() if self.kind == "mim" else {"mask_tokens"}
+        groups = param_groups_weight_decay(self.model, cfg.optim.weight_decay, no_weight_decay_list=skip)
+        self.optimizer = build_optimizer(groups, cfg.optim)
         self.flops = TRAIN_FLOPS_PER_FORWARD * forward_flops(self.model_cfg, self.kind != "mim") * self.subvolumes
 
     def _loss(self) -> tuple[torch.Tensor, float]:
@@ -293,11 +299,9 @@ def build_table(args, model, rows: list[Row], results: dict[str, Measured],
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.pretrain_speed", description=__doc__.split("\n\n")[0])
+    add_run_args(p)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--config", default=None, help="a pretraining YAML instead of --preset")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--repeats", type=int, default=5, help="timed steps per row; the median is reported")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
     p.add_argument("--batch", type=int, default=0, help="level-1 crops per step (default: the preset's "
                    "batch_size x crops_per_volume)")
     p.add_argument("--crop-size", type=int, default=0, help="level-1 crop edge in voxels (default: the preset's)")
@@ -305,12 +309,6 @@ def parse_args(argv=None):
                    help="our rows with gradient checkpointing (default: both on CUDA, off on CPU)")
     p.add_argument("--largest-batch", action=argparse.BooleanOptionalAction, default=None,
                    help="search the largest batch that fits (CUDA only; default on there)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
-    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
-                   help="CPU: each row in its own process (clean peak RSS)")
-    p.add_argument("--write-docs", action="store_true", help="put the table in docs/BENCHMARKS.md")
-    p.add_argument("--doc", default=str(DOC))
-    p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     args.device = resolve_device(args.device)
     args.label = Path(args.config).stem if args.config else args.preset
@@ -355,36 +353,11 @@ def heading(args) -> str:
     return f"Pretraining throughput ({'GPU' if args.device == 'cuda' else 'CPU'}, {args.label})"
 
 
-def doc_body(args, table: Table, command: str, load_start: float, load_end: float, seconds: float) -> str:
-    lines = [
-        f"- command: `{command}`",
-        f"- machine: {machine(args.device)}",
-        f"- date: {today()}",
-        f"- load: 1-minute load average {load_start:.1f} at the start, {load_end:.1f} at the end; other jobs "
-        f"shared this machine, so absolute times are noisy (the ratios come from steps timed in the same rounds)",
-        f"- whole command: {seconds / 60:.1f} min",
-        *[f"- {n}" for n in table.notes],
-        "",
-        table.markdown(),
-    ]
-    return "\n".join(lines)
-
-
 @cli_entry
 def main(argv=None) -> Table:
     args = parse_args(argv)
-    load_start, t = load_average(), time.perf_counter()
-    table = run(args)
-    seconds = time.perf_counter() - t
-    print(table.markdown())
-    for n in table.notes:
-        print(f"- {n}")
-    if args.write_docs:
-        body = doc_body(args, table, command_line("benchmarks.pretrain_speed", argv), load_start, load_average(),
-                        seconds)
-        update_section(args.doc, heading(args), body)
-        print(f"updated {args.doc}")
-    return table
+    return run_and_report(args, run, command_line("benchmarks.pretrain_speed", argv), heading(args),
+                          load_note=" (the ratios come from steps timed in the same rounds)")
 
 
 if __name__ == "__main__":

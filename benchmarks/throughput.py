@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import loader_speed
-from benchmarks.common import (DOC, Runner, Table, command_line, format_memory, load_average, machine,
-                               measure, memory_note, resolve_device, sync,
-                               today, update_section)
+from benchmarks.common import (Runner, Table, add_run_args, command_line, format_memory, measure, memory_note,
+                               resolve_device, run_and_report, sync)
 from benchmarks.pretrain_speed import PRESETS as PRETRAIN_PRESETS
 from benchmarks.pretrain_speed import RUNNER as PRETRAIN_RUNNER
 from benchmarks.pretrain_speed import Row, load_preset, spec_for, subvolumes_per_crop
@@ -47,8 +46,10 @@ class FinetuneRunner(Runner):
 
     def __init__(self, spec: dict):
         from finetune.train import FinetuneConfig
+        from timm.optim import param_groups_weight_decay
+
         from models.multimodal import MultimodalModel
-        from models.training import build_optimizer, param_groups_weight_decay
+        from models.training import build_optimizer
         self.start(spec)
         cfg = load_config(FinetuneConfig, spec["config"])
         self.model_cfg = dataclasses.replace(cfg.model, fusion="concat", task="classification",
@@ -64,8 +65,9 @@ class FinetuneRunner(Runner):
         self.y = (torch.arange(b, device=self.device) % 2).float()            # [B]
         if self.mode == "train":
             self.model.train()
-            self.optimizer = build_optimizer(param_groups_weight_decay(self.model, cfg.optim.weight_decay),
-                                             cfg.optim)
+            groups = param_groups_weight_decay(self.model, cfg.optim.weight_decay,
+                                               no_weight_decay_list=self.model.no_weight_decay())
+            self.optimizer = build_optimizer(groups, cfg.optim)
         else:
             self.model.eval()
 
@@ -111,11 +113,9 @@ def loader_rows(size: int, n: int, repeats: int, workers: int) -> list[tuple[str
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    add_run_args(p, rows="model row")
     p.add_argument("--preset", choices=sorted(PRETRAIN_PRESETS), default=None,
                    help="model sizes (default: tiny on CPU, base on CUDA)")
-    p.add_argument("--repeats", type=int, default=5, help="timed steps per model row; the median is reported")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model row first")
     p.add_argument("--pretrain-batch", type=int, default=0,
                    help="level-1 crops per pretraining step (default: the preset's)")
     p.add_argument("--crop-size", type=int, default=0, help="pretraining level-1 crop edge (default: the preset's)")
@@ -124,12 +124,6 @@ def parse_args(argv=None):
     p.add_argument("--loader-n", type=int, default=8, help="data rows: number of volumes")
     p.add_argument("--loader-repeats", type=int, default=3)
     p.add_argument("--loader-workers", type=int, default=None, help="data rows: DataLoader workers (default nproc)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
-    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
-                   help="CPU: each model row in its own process (clean peak RSS)")
-    p.add_argument("--write-docs", action="store_true", help="put the table in docs/BENCHMARKS.md")
-    p.add_argument("--doc", default=str(DOC))
-    p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     args.device = resolve_device(args.device)
     args.preset = args.preset or ("base" if args.device == "cuda" else "tiny")
@@ -195,27 +189,8 @@ def run(args) -> Table:
 @cli_entry
 def main(argv=None) -> Table:
     args = parse_args(argv)
-    load_start, t = load_average(), time.perf_counter()
-    table = run(args)
-    seconds = time.perf_counter() - t
-    print(table.markdown())
-    for n in table.notes:
-        print(f"- {n}")
-    if args.write_docs:
-        body = "\n".join([
-            f"- command: `{command_line('benchmarks.throughput', argv)}`",
-            f"- machine: {machine(args.device)}",
-            f"- date: {today()}",
-            f"- load: 1-minute load average {load_start:.1f} at the start, {load_average():.1f} at the end; "
-            f"other jobs shared this machine, so absolute times are noisy",
-            f"- whole command: {seconds / 60:.1f} min",
-            *[f"- {n}" for n in table.notes],
-            "",
-            table.markdown(),
-        ])
-        update_section(args.doc, f"Speed table ({'GPU' if args.device == 'cuda' else 'CPU'})", body)
-        print(f"updated {args.doc}")
-    return table
+    heading = f"Speed table ({'GPU' if args.device == 'cuda' else 'CPU'})"
+    return run_and_report(args, run, command_line("benchmarks.throughput", argv), heading)
 
 
 if __name__ == "__main__":

@@ -66,13 +66,6 @@ def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
-def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Save an uncompressed .npy atomically (it can then be opened with mmap_mode='r')."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-
-
 def _json_default(o):
     if isinstance(o, (np.integer,)):
         return int(o)

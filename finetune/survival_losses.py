@@ -136,9 +136,3 @@ def survival_risk_from_hazards(hazard_logits: torch.Tensor, edges=None) -> torch
     # Survival over bin k is between S(start) and S(end); the end value is the conservative choice.
     return -(surv * widths).sum(dim=1)
 
-
-def bce_loss(logit: torch.Tensor, label, pos_weight: float | None = None) -> torch.Tensor:
-    """Binary cross-entropy on logits; pos_weight (n_neg / n_pos) rebalances a rare positive class."""
-    label = torch.as_tensor(label, device=logit.device).to(logit.dtype).reshape(logit.shape)
-    weight = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=logit.dtype, device=logit.device)
-    return F.binary_cross_entropy_with_logits(logit, label, pos_weight=weight)

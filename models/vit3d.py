@@ -63,7 +63,6 @@ class ViT3DConfig:
 
 
 PRESETS: dict[str, ViT3DConfig] = {
-    "tiny": ViT3DConfig(dim=96, depth=4, heads=3, img_size=64, patch_size=16),
     "small": ViT3DConfig(dim=384, depth=12, heads=6, img_size=96, patch_size=16),
     "base": ViT3DConfig(dim=768, depth=12, heads=12, img_size=96, patch_size=16),
     # 1024 is not divisible by 6, so ViT-L cannot take the 3-axis sin-cos embedding.

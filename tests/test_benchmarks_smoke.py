@@ -86,3 +86,14 @@ def test_crop_scale_probe_runs_every_model(synth_cohort, tmp_path):
     assert len(vit["fold_aucs"]) == 2 and np.isfinite(vit["oof_auc"])
     linear = crop_scale_probe.main(common_args + ["--model", "linear"])
     assert len(linear["fold_aucs"]) == 2 and 0.0 <= linear["oof_auc"] <= 1.0
+
+
+def test_run_and_report_writes_the_section(tmp_path):
+    import argparse
+    doc = tmp_path / "BENCHMARKS.md"
+    table = common.Table(["a"], rows=[["1"]], notes=["a note"])
+    args = argparse.Namespace(write_docs=True, doc=doc, device="cpu")
+    assert common.run_and_report(args, lambda a: table, "python -m x --y", "X (CPU)", load_note=" (why)") is table
+    text = doc.read_text()
+    assert "## X (CPU)" in text and "- command: `python -m x --y`" in text and "so absolute times are noisy (why)" in text
+    assert "- a note" in text and "| a |" in text

@@ -7,7 +7,6 @@ from sksurv.linear_model import CoxPHSurvivalAnalysis
 
 from data.errors import InputError
 from finetune.survival_losses import (
-    bce_loss,
     cox_efron_loss,
     discrete_time_nll,
     survival_from_hazards,
@@ -152,10 +151,3 @@ def test_risk_from_hazards_orders_by_hazard():
     widths_risk = survival_risk_from_hazards(logits, edges=[0.0, 1.0, 3.0, 6.0])
     assert widths_risk[1].item() == pytest.approx(-(expected_surv * torch.tensor([1.0, 2.0, 3.0])).sum().item())
 
-
-def test_bce_loss_pos_weight():
-    logit = torch.tensor([0.2, -1.0, 3.0])
-    label = [1, 0, 1]
-    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
-    expected = -(2 * np.log(sig(0.2)) + np.log(1 - sig(-1.0)) + 2 * np.log(sig(3.0))) / 3
-    assert bce_loss(logit, label, pos_weight=2.0).item() == pytest.approx(expected, rel=1e-6)
