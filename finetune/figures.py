@@ -9,7 +9,6 @@ import numpy as np
 # Figure objects (not pyplot) render with Agg and touch no global backend or figure registry.
 from matplotlib import transforms
 from matplotlib.figure import Figure
-from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_curve
 
 from data.atomic import atomic_path
@@ -95,36 +94,92 @@ def _draw_at_risk(ax, time, groups, names, colours) -> None:
             ax.text(t, y, str(n), transform=below, ha="center", fontsize=8, color=colours[name])
 
 
-def plot_km(time, event, risk, path, cut="median", at_risk: bool = True, title: str = "Kaplan-Meier by predicted risk",
-            time_unit: str = "") -> None:
-    """Kaplan-Meier curves of the low/high predicted-risk groups with the log-rank p in the title."""
-    time, event, risk = np.asarray(time, float), np.asarray(event).astype(bool), np.asarray(risk, float)
-    if len(time) == 0:
-        write_message(path, title, "Kaplan-Meier undefined\nno samples")
+def _censor_marks(ax, curve: dict, time, event, colour) -> None:
+    """'+' on the curve at each censoring time: where a subject left follow-up without an event."""
+    censored = np.sort(time[~event])
+    if len(censored) == 0:
         return
-    km = km_by_risk_group(time, event, risk, cut=cut)
-    if km["logrank_p"] is None and not event.any():
-        write_message(path, title, f"Kaplan-Meier undefined\n{km.get('note', 'no events')}")
-        return
-    fig, ax = _subplots(figsize=(6, 4.8))
+    t, s = np.asarray(curve["time"]), np.asarray(curve["survival"])
+    idx = np.searchsorted(t, censored, side="right") - 1  # the step in force at each censoring time
+    ax.plot(censored, np.where(idx >= 0, s[np.maximum(idx, 0)], 1.0), "+", color=colour, ms=8, mew=1.5)
+
+
+def _km_axes(ax, km: dict, time, event, unit: str, title: str, source: str) -> dict:
     colours = {"low": "C0", "high": "C3"}
+    groups = np.asarray(km["groups"])
     for name, curve in km["curves"].items():
         t = np.concatenate([[0.0], curve["time"]])
         s = np.concatenate([[1.0], curve["survival"]])
         ax.step(t, s, where="post", color=colours[name], lw=2,
                 label=f"{name} risk (n={curve['n']}, events={curve['events']})")
+        _censor_marks(ax, curve, time[groups == name], event[groups == name], colours[name])
+    ax.plot([], [], "+", color="grey", ms=8, mew=1.5, label="censored")
     p = km["logrank_p"]
     subtitle = f"log-rank p = {p:.3g}" if p is not None else f"log-rank undefined: {km.get('note')}"
-    ax.set(ylim=(0, 1.02), xlim=(0, None), xlabel=f"Time{f' ({time_unit})' if time_unit else ''}",
-           ylabel="Survival probability", title=f"{title}\n{subtitle} (cut at risk {km['threshold']:.3g})")
+    ax.set(ylim=(0, 1.02), xlim=(0, None), xlabel=f"Time{f' ({unit})' if unit else ''}",
+           ylabel="Survival probability",
+           title=f"{title}\n{subtitle}; high risk: > {km['threshold']:.3g} ({source})")
     ax.legend(loc="lower left", fontsize=8)
+    return colours
+
+
+def plot_km(time, event, risk, path, cut="median", at_risk: bool = True, title: str = "Kaplan-Meier by predicted risk",
+            time_unit: str = "months", threshold: float | None = None) -> None:
+    """Kaplan-Meier curves of the low/high predicted-risk groups ('+': censored) with the log-rank p.
+
+    `threshold` cuts the groups (high: risk > threshold). Fix it on training data (e.g. the median
+    training risk) for a test set: its own median would guarantee two equal groups and peek at the
+    test risks. Default: `cut` ("median" of these risks, or a number; kept for older callers).
+    """
+    time, event, risk = np.asarray(time, float), np.asarray(event).astype(bool), np.asarray(risk, float)
+    if len(time) == 0:
+        write_message(path, title, "Kaplan-Meier undefined\nno samples")
+        return
+    cut = cut if threshold is None else float(threshold)
+    km = km_by_risk_group(time, event, risk, cut=cut)
+    if km["logrank_p"] is None and not event.any():
+        write_message(path, title, f"Kaplan-Meier undefined\n{km.get('note', 'no events')}")
+        return
+    fig, ax = _subplots(figsize=(6, 4.8))
+    source = "median of these risks" if isinstance(cut, str) else "fixed threshold"
+    colours = _km_axes(ax, km, time, event, time_unit, title, source)
     if at_risk:
         _draw_at_risk(ax, time, np.asarray(km["groups"]), list(km["curves"]), colours)
     _save(fig, path)
 
 
-def plot_calibration(y, prob, path, n_bins: int = 10, title: str = "Calibration") -> None:
-    """Reliability diagram (quantile bins) above a histogram of the predicted probabilities."""
+def calibration_bins(n: int) -> int:
+    """Quantile bins for n samples: about sqrt(n)/2, 2..10, so a bin holds enough patients to mean
+    something (2 bins of 6 for 12 patients, 5 of 20 for 100; 10 bins only from 400)."""
+    return int(np.clip(round(np.sqrt(n) / 2), 2, 10))
+
+
+def _wilson(k: np.ndarray, m: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson 95% interval of a binomial fraction k/m (sensible at m of a few, unlike the normal one)."""
+    p = k / m
+    centre = (p + z**2 / (2 * m)) / (1 + z**2 / m)
+    half = z * np.sqrt(p * (1 - p) / m + z**2 / (4 * m**2)) / (1 + z**2 / m)
+    return centre - half, centre + half
+
+
+def _quantile_bins(y, prob, n_bins: int) -> dict:
+    """Per non-empty quantile bin: mean predicted, observed fraction, count, Wilson interval."""
+    edges = np.quantile(prob, np.linspace(0, 1, n_bins + 1))
+    ids = np.searchsorted(edges[1:-1], prob)  # as sklearn's calibration_curve(strategy="quantile")
+    used = [b for b in range(n_bins) if (ids == b).any()]
+    m = np.array([(ids == b).sum() for b in used], float)
+    k = np.array([y[ids == b].sum() for b in used], float)
+    low, high = _wilson(k, m)
+    return {"predicted": np.array([prob[ids == b].mean() for b in used]), "observed": k / m,
+            "count": m.astype(int), "low": low, "high": high}
+
+
+def plot_calibration(y, prob, path, n_bins: int | None = None, title: str = "Calibration") -> None:
+    """Reliability diagram above a histogram of the predicted probabilities.
+
+    Quantile bins, `n_bins` of them (default: `calibration_bins(n)`), each with its Wilson 95%
+    interval, so a few patients per bin show as wide bars rather than a zig-zag that looks precise.
+    """
     y, prob = labels_and_scores(y, prob)
     if len(y) == 0:
         write_message(path, title, "Calibration undefined\nno samples")
@@ -132,19 +187,18 @@ def plot_calibration(y, prob, path, n_bins: int = 10, title: str = "Calibration"
     if (prob < 0).any() or (prob > 1).any():
         write_message(path, title, "Calibration undefined\nscores are not probabilities in [0, 1]")
         return
-    try:
-        observed, predicted = calibration_curve(y, prob, n_bins=min(n_bins, len(y)), strategy="quantile")
-    except ValueError as e:  # e.g. sklearn refusing a single label
-        write_message(path, title, f"Calibration undefined\n{str(e).splitlines()[0]}")
-        return
+    b = _quantile_bins(y, prob, min(n_bins or calibration_bins(len(y)), len(y)))
     fig, (ax, hist) = _subplots(2, 1, figsize=(5.5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfect calibration")
-    ax.plot(predicted, observed, "o-", color="C0", label=f"model (n={len(y)}, {len(predicted)} quantile bins)")
-    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="Observed fraction positive", title=title)
+    per_bin = f"~{int(round(b['count'].mean()))}" if len(set(b["count"])) > 1 else str(b["count"][0])
+    ax.errorbar(b["predicted"], b["observed"], yerr=[b["observed"] - b["low"], b["high"] - b["observed"]],
+                fmt="o-", color="C0", capsize=3,
+                label=f"model: {len(b['count'])} quantile bins of {per_bin} (bars: Wilson 95% CI)")
+    ax.set(xlim=(0, 1), ylim=(-0.02, 1.02), ylabel="Observed fraction positive",
+           title=f"{title} (n={len(y)}, {int(y.sum())} positive)")
     ax.legend(loc="upper left", fontsize=8)
     hist.hist(prob[y == 0], bins=20, range=(0, 1), alpha=0.6, color="C0", label="negative")
     hist.hist(prob[y == 1], bins=20, range=(0, 1), alpha=0.6, color="C3", label="positive")
     hist.set(xlabel="Predicted probability", ylabel="Count")
     hist.legend(fontsize=8)
     _save(fig, path)
-
