@@ -4,8 +4,18 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mimfm-installed
 DEMO   ?= demo_out
-# The CPU wheel of torch 2.13.0 lies on disk on our machines; timm's torchvision may move it to 2.14.1.
-TORCH  ?= torch==2.13.0
+# torch and torchvision go in first, as a matching pair, before timm can pull in an unpinned
+# torchvision (0.29.1 needs torch 2.14.1, the CUDA build: 3.2 GB of NVIDIA libraries on a CPU host).
+# - With a GPU (a working nvidia-smi): PyPI's default, CUDA builds.
+# - Without one: CPU_TORCH, the CPU builds of a matching pair, from a wheel folder on pip's find-links
+#   or from CPU_INDEX. PyPI has no CPU torchvision: its Linux wheels link CUDA torch (libc10_cuda.so),
+#   so beside a CPU torch they fail to import ("operator torchvision::nms does not exist"), and so
+#   does timm. Where no CPU pair can be had (offline, no wheels), the CUDA pair goes in, with a note.
+# TORCH="torch==X torchvision==Y" overrides the choice.
+HAS_GPU   := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+CPU_TORCH ?= torch==2.13.0+cpu torchvision==0.28.0+cpu
+CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH     ?=
 
 .PHONY: install test demo clean
 
@@ -14,8 +24,15 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	@if [ -n "$(TORCH)" ]; then $(PY) -m pip install -q $(TORCH); \
+	elif [ "$(HAS_GPU)" = 1 ]; then $(PY) -m pip install -q torch torchvision; \
+	elif $(PY) -m pip install -q --timeout 20 --retries 1 --extra-index-url $(CPU_INDEX) $(CPU_TORCH); then \
+	    echo "no GPU: installed the CPU builds $(CPU_TORCH)"; \
+	else echo "no GPU, but no CPU build of $(CPU_TORCH) to be had: installing PyPI's CUDA build" \
+	    "(runs on CPU; ~3 GB of NVIDIA libraries)"; $(PY) -m pip install -q torch torchvision; fi
 	$(PY) -m pip install -q -e ".[test]"
+	@# A mismatched pair fails here, once, rather than in every test that imports timm.
+	@$(PY) -c "import torch, torchvision" || { echo "torch and torchvision do not match; set TORCH to a pair"; exit 1; }
 	@touch $(STAMP)
 
 install: $(STAMP)
