@@ -79,7 +79,7 @@ def monai_mae(model, sdpa: bool = False):
 
 def forward_flops(model, monai: bool) -> float:
     """Analytic forward FLOPs per sub-volume (MONAI carries a class token through encoder and decoder)."""
-    from models.mim import masked_count
+    from models.mim_masks import masked_count
     enc = model.encoder
     n = enc.num_patches
     return mae_forward_flops(
@@ -98,8 +98,7 @@ class PretrainRunner(Runner):
         # Everything either kind needs is imported before the idle RSS is read, so "growth" is the same
         # thing (weights, optimizer state, data, activations) for every row.
         import monai.networks.nets  # noqa: F401
-        import pretrain.losses  # noqa: F401
-        import pretrain.masks  # noqa: F401
+        import models.mim_masks  # noqa: F401
         from timm.optim import param_groups_weight_decay
 
         from models.mim import MiMModel
@@ -137,9 +136,10 @@ class PretrainRunner(Runner):
         self.flops = TRAIN_FLOPS_PER_FORWARD * forward_flops(self.model_cfg, self.kind != "mim") * self.subvolumes
 
     def _loss(self) -> tuple[torch.Tensor, float]:
-        from pretrain.losses import masked_reconstruction_loss, mim_step, patchify
+        from models.mim import masked_reconstruction_loss
+        from models.vit3d import patchify
         if self.kind == "mim":
-            from pretrain.masks import build_hierarchy
+            from models.mim_masks import build_hierarchy
             sync(self.device)
             t = time.perf_counter()
             enc = self.model_cfg.encoder
@@ -147,10 +147,10 @@ class PretrainRunner(Runner):
             sync(self.device)
             masks_s = time.perf_counter() - t
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                return mim_step(self.model, levels)["loss"], masks_s
+                return self.model(levels)["loss"], masks_s
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            pred, mask = self.model(self.x)  # [B, N, p^3 C], [B, N] int (1 = masked)
-            target = patchify(self.x, self.model_cfg.encoder.patch_size)  # [B, N, p^3 C]
+            pred, mask = self.model(self.x)  # [B, N, C p^3], [B, N] int (1 = masked)
+            target = patchify(self.x, self.model_cfg.encoder.patch_size)  # [B, N, C p^3]
             return masked_reconstruction_loss(pred, target, mask.bool(), self.model_cfg.norm_pix_loss), 0.0
 
     def step(self) -> dict[str, float]:

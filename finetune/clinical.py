@@ -9,8 +9,10 @@ model folder, and nothing from such a folder is ever unpickled.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -225,3 +227,20 @@ def _name_rows(df: pd.DataFrame, rows: list[int]) -> str:
         what = "row(s)"
     more = f" and {len(ids) - _MAX_LISTED} more" if len(ids) > _MAX_LISTED else ""
     return f"{what} {', '.join(ids[:_MAX_LISTED])}{more}"
+
+
+@contextlib.contextmanager
+def unseen_categories_reported_once():
+    """Collect UnseenCategoryWarnings (one per fold model and row otherwise) and print each distinct
+    message once, plainly, on stderr, without Python's source line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnseenCategoryWarning)
+        try:
+            yield
+        finally:
+            others = [w for w in caught if not issubclass(w.category, UnseenCategoryWarning)]
+            for w in others:  # everything else goes on as it would have
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            for message in dict.fromkeys(str(w.message) for w in caught if w not in others):
+                print(f"warning: {message}", file=sys.stderr)
+

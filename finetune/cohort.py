@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from data.errors import ConfigError
+from data.errors import InputError
 from finetune.clinical import ClinicalSchema
 
 TASK_NEEDS = {"classification": ("label",), "survival": ("time", "event"), "multitask": ("label", "time", "event")}
@@ -39,8 +39,7 @@ class CohortDataset(Dataset):
         self.crops, self.clinical, self.targets = crops, clinical.astype(np.float32), targets
         self.bins = None
         if time_bins is not None and targets.time is not None:
-            from finetune.survival_losses import to_bin
-            self.bins = np.asarray(to_bin(torch.as_tensor(targets.time), torch.as_tensor(time_bins)))
+            self.bins = to_bin(targets.time, time_bins)  # [N] the discrete-time bin of each subject
 
     def __len__(self) -> int:
         return len(self.clinical)
@@ -70,16 +69,28 @@ def clinical_matrix(schema: ClinicalSchema | None, df: pd.DataFrame) -> np.ndarr
     return schema.transform(df)
 
 
-def min_side_vox(crop_mm: float, spacing: float) -> int | None:
-    """The lesion cube's smallest side in voxels for `crop_mm`; None (native scale) when crop_mm is 0."""
-    if crop_mm < 0:
-        raise ConfigError(f"--crop_mm must be >= 0, got {crop_mm}")
-    return max(1, int(round(crop_mm / spacing))) if crop_mm > 0 else None
+def time_bins(times, events, n_bins: int) -> np.ndarray:
+    """Bin edges [n_bins + 1] for the discrete-time model: 0, event-time quantiles, the largest time.
+
+    Bin k covers (edges[k], edges[k+1]]. Quantiles of *event* times put equal numbers of events
+    in each bin, which keeps every hazard estimable. Tied quantiles give empty bins rather than
+    fewer bins, so the head size stays `n_bins`.
+    """
+    times = np.asarray(times, dtype=float)
+    events = np.asarray(events).astype(bool)
+    if n_bins < 1:
+        raise InputError(f"n_bins must be >= 1, got {n_bins}")
+    if not events.any():
+        raise InputError("time_bins: no events among the training times, cannot place bin edges")
+    inner = np.quantile(times[events], np.arange(1, n_bins) / n_bins)
+    return np.concatenate([[0.0], inner, [times.max()]])
 
 
-def lesion_crop_voxels(margin_mm: float, crop_mm: float, spacing: float) -> dict:
-    """The lesion crop's margin and smallest cube side in voxels at `spacing` mm (make_dataset's keywords)."""
-    return {"margin_vox": int(round(margin_mm / spacing)), "min_side_vox": min_side_vox(crop_mm, spacing)}
+def to_bin(time, edges) -> np.ndarray:
+    """Index of the bin (edges[k], edges[k+1]] holding each time; times past the last edge go to the last bin."""
+    edges = np.asarray(edges, dtype=float)
+    idx = np.searchsorted(edges, np.asarray(time, dtype=float), side="left") - 1
+    return np.clip(idx, 0, len(edges) - 2)
 
 
 def make_dataset(df: pd.DataFrame, task: str, schema: ClinicalSchema | None, *, use_images: bool,

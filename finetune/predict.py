@@ -2,8 +2,11 @@
 
     python -m finetune.predict --model runs/ft/model --manifest new.csv --out predictions.csv
 
-Every row is validated on its own (files, grids, mask, clinical values against the saved schema);
-bad rows are listed with their reasons in `<out>.rejected.csv` and the good ones are still predicted.
+The manifest is checked as a whole first (the clinical columns the model was trained on): a missing
+column is one line and exit code 2, before any preprocessing, and no output file is written. Then every
+row is validated on its own (files, grids, mask, clinical values against the saved schema); bad rows are
+named on the console and listed with their reasons in `<out>.rejected.csv`, and the good ones are still
+predicted. The crops follow the model's input contract (input_spec.json).
 """
 from __future__ import annotations
 
@@ -17,8 +20,12 @@ import torch
 
 from data.atomic import atomic_path
 from data.errors import InputError, cli_entry
-from data.prepare import PrepConfig
+from finetune.clinical import unseen_categories_reported_once
+from finetune.scores import output_scores
+from models.input_spec import load_input_spec
 from models.multimodal import MultimodalModel
+
+MAX_NAMED = 5  # rejected rows named on the console before "and N more"
 
 
 def model_folders(path: str | Path) -> list[Path]:
@@ -33,40 +40,44 @@ def model_folders(path: str | Path) -> list[Path]:
 
 
 def load_model(folder: str | Path) -> tuple[MultimodalModel, dict]:
+    """The model in eval mode, and its saved config plus "schema" (ClinicalSchema or None) and "spec"
+    (the input contract)."""
     model, config = MultimodalModel.from_pretrained(folder)
     model.eval()
     schema = None
     if config.get("clinical_schema"):
         from finetune.clinical import ClinicalSchema
         schema = ClinicalSchema.from_dict(config["clinical_schema"])
-    pre = config["preprocessing"]
-    prep = PrepConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in pre.items()
-                         if k in PrepConfig.__dataclass_fields__})
-    return model, {**config, "schema": schema, "prep": prep}
+    return model, {**config, "schema": schema, "spec": load_input_spec(folder)}
 
 
 def subject_inputs(row, meta: dict) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """x [2, S, S, S] (image, mask), clinical [F], and the crop's voxel-to-world affine."""
-    from data.crops import lesion_crop_with_affine
     from data.cache import CacheEntry
-    from finetune.cohort import lesion_crop_voxels
+    from data.crops import lesion_crop_with_affine
     entry = CacheEntry.from_path(row["cache_image"])
-    prep = meta["prep"]
-    size = meta["preprocessing"]["input_size"]
-    pre = meta["preprocessing"]
-    crop = lesion_crop_voxels(pre["margin_mm"], float(pre.get("crop_mm", 0.0)), float(np.mean(prep.spacing)))
-    x, affine = lesion_crop_with_affine(entry.image(), entry.mask(), size, crop["margin_vox"],
-                                        np.asarray(entry.meta["affine"]), min_size=crop["min_side_vox"],
+    spec, view = meta["spec"], meta["spec"].view_voxels()
+    x, affine = lesion_crop_with_affine(entry.image(), entry.mask(), spec.input_size, view["margin_vox"],
+                                        np.asarray(entry.meta["affine"]), min_size=view["min_side_vox"],
                                         pad_value=entry.meta.get("pad_value"))
     schema = meta["schema"]
     clin = schema.transform(pd.DataFrame([row]))[0] if schema is not None else np.zeros(0, np.float32)
     return torch.as_tensor(x), torch.as_tensor(clin), affine
 
 
+def check_manifest(df: pd.DataFrame, meta: dict, manifest: str) -> None:
+    """Whole-manifest checks that need no image: the clinical columns the model was trained on."""
+    needed = list(meta["schema"].columns) if meta["schema"] is not None else []
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise InputError(f"{manifest}: clinical column(s) {missing} missing; the model was trained on "
+                         f"{needed}")
+
+
 def validate_rows(df: pd.DataFrame, meta: dict, cache_dir: str) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Prepare each row on its own; a bad file or clinical value rejects only that row."""
     from data.prepare import prepare_table
-    good, rejected = prepare_table(df, meta["prep"], cache_dir, require_lesion=True, on_error="collect")
+    good, rejected = prepare_table(df, meta["spec"].prep, cache_dir, require_lesion=True, on_error="collect")
     schema = meta["schema"]
     if schema is not None and len(good):
         keep = []
@@ -82,58 +93,61 @@ def validate_rows(df: pd.DataFrame, meta: dict, cache_dir: str) -> tuple[pd.Data
 
 @torch.no_grad()
 def predict_table(folders: list[Path], df: pd.DataFrame, cache_dir: str) -> tuple[pd.DataFrame, list]:
-    from finetune.survival_losses import survival_risk_from_hazards
     first_model, first_meta = load_model(folders[0])
     good, rejected = validate_rows(df, first_meta, cache_dir)
-    per_model = []
+    per_model: list[dict[str, list[float]]] = []
     for folder in folders:
         model, meta = (first_model, first_meta) if folder == folders[0] else load_model(folder)
-        probs, risks = [], []
+        scores: dict[str, list[float]] = {}
         for _, row in good.iterrows():
             x, clin, _ = subject_inputs(row, meta)
             out = model(x[None] if model.config.fusion != "clinical_only" else None, clin[None])
-            if "logit" in out:
-                probs.append(torch.sigmoid(out["logit"]).item())
-            if "risk" in out:
-                risks.append(out["risk"].item())
-            elif "hazard_logits" in out:
-                edges = torch.tensor(meta["time_bins"]) if meta.get("time_bins") else None
-                risks.append(survival_risk_from_hazards(out["hazard_logits"], edges).item())
-        per_model.append((probs, risks))
+            for k, v in output_scores(out, meta.get("time_bins")).items():
+                scores.setdefault(k, []).append(v.item())
+        per_model.append(scores)
     res = pd.DataFrame({"subject_id": good["subject_id"].to_numpy()})
-    if per_model and per_model[0][0]:
-        res["prob"] = np.mean([p for p, _ in per_model], axis=0)
-    if per_model and per_model[0][1]:
-        res["risk"] = np.mean([r for _, r in per_model], axis=0)
+    for k in per_model[0] if len(good) else []:
+        res[k] = np.mean([m[k] for m in per_model], axis=0)  # the fold ensemble: mean prob / mean risk
     return res, rejected
+
+
+def rejected_summary(rejected: list[tuple[str, str]]) -> str:
+    named = "; ".join(f"{sid}: {reason}" for sid, reason in rejected[:MAX_NAMED])
+    more = f"; and {len(rejected) - MAX_NAMED} more" if len(rejected) > MAX_NAMED else ""
+    return f"rejected {len(rejected)} row(s): {named}{more}"
 
 
 @cli_entry
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m finetune.predict", description=__doc__.splitlines()[0],
+                                 allow_abbrev=False)
     ap.add_argument("--model", required=True, help="fine-tuned model folder, or the model/ folder of a run (fold ensemble)")
     ap.add_argument("--manifest", required=True, help="CSV with subject_id, image, mask (+ clinical columns)")
     ap.add_argument("--out", required=True, help="output CSV: subject_id, prob and/or risk")
-    ap.add_argument("--cache_dir", default="", help="preprocessing cache (default: next to --out)")
+    ap.add_argument("--cache_dir", default="", help="preprocessing cache (default: a cache/ folder next to --out)")
     args = ap.parse_args(argv)
     from data.manifest import read_manifest
     df = read_manifest(args.manifest, task="predict", check_files=False)
     folders = model_folders(args.model)
+    check_manifest(df, load_model(folders[0])[1], args.manifest)
     cache = args.cache_dir or str(Path(args.out).resolve().parent / "cache")
-    res, rejected = predict_table(folders, df, cache)
-    with atomic_path(args.out) as tmp:
-        res.to_csv(tmp, index=False)
+    with unseen_categories_reported_once():
+        res, rejected = predict_table(folders, df, cache)
     rej_path = Path(args.out).with_suffix(".rejected.csv")
     if rejected:
         with atomic_path(rej_path) as tmp:
             pd.DataFrame(rejected, columns=["subject_id", "reason"]).to_csv(tmp, index=False)
     elif rej_path.exists():
         rej_path.unlink()
-    msg = f"predicted {len(res)} subject(s) with {len(folders)} model(s) -> {args.out}"
+    if not len(res):
+        raise InputError(f"{args.manifest}: no row could be predicted; {rejected_summary(rejected)} "
+                         f"(reasons in {rej_path}); no output written")
+    with atomic_path(args.out) as tmp:
+        res.to_csv(tmp, index=False)
+    print(f"predicted {len(res)} subject(s) with {len(folders)} model(s) -> {args.out}")
     if rejected:
-        msg += f"; rejected {len(rejected)} row(s), reasons in {rej_path}"
-    print(msg)
-    return 0 if len(res) else 2
+        print(f"{rejected_summary(rejected)} (all reasons in {rej_path})")
+    return 0
 
 
 if __name__ == "__main__":

@@ -76,30 +76,6 @@ def _as_tensor(x, device) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x, device=device)
 
 
-def time_bins(times, events, n_bins: int) -> np.ndarray:
-    """Bin edges [n_bins + 1] for the discrete-time model: 0, event-time quantiles, the largest time.
-
-    Bin k covers (edges[k], edges[k+1]]. Quantiles of *event* times put equal numbers of events
-    in each bin, which keeps every hazard estimable. Tied quantiles give empty bins rather than
-    fewer bins, so the head size stays `n_bins`.
-    """
-    times = np.asarray(times, dtype=float)
-    events = np.asarray(events).astype(bool)
-    if n_bins < 1:
-        raise InputError(f"n_bins must be >= 1, got {n_bins}")
-    if not events.any():
-        raise InputError("time_bins: no events among the training times, cannot place bin edges")
-    inner = np.quantile(times[events], np.arange(1, n_bins) / n_bins)
-    return np.concatenate([[0.0], inner, [times.max()]])
-
-
-def to_bin(time, edges) -> np.ndarray:
-    """Index of the bin (edges[k], edges[k+1]] holding each time; times past the last edge go to the last bin."""
-    edges = np.asarray(edges, dtype=float)
-    idx = np.searchsorted(edges, np.asarray(time, dtype=float), side="left") - 1
-    return np.clip(idx, 0, len(edges) - 2)
-
-
 def discrete_time_nll(hazard_logits: torch.Tensor, bin_index, event) -> torch.Tensor:
     """Mean negative log-likelihood of the logistic discrete-time hazard model.
 

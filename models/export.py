@@ -2,14 +2,16 @@
 
     python -m models.export --checkpoint runs/pretrain/checkpoint-final --out exports/vit3d [--format hf|monai]
 
-The checkpoint is a folder from the pretraining loop (model.safetensors with "encoder."-prefixed keys,
-encoder_config.json, optional preprocessing.json and summary.json) or a single weights file (.safetensors, or
-.bin/.pt such as DeepSpeed's zero_to_fp32 output, read with weights_only=True) next to an encoder_config.json.
+The checkpoint is a folder from the pretraining loop (weights with "encoder."-prefixed keys,
+encoder_config.json, input_spec.json and summary.json) or a single weights file (.safetensors, or .bin/.pt
+such as DeepSpeed's zero_to_fp32 output, read with weights_only=True) next to an encoder_config.json.
+Both formats carry the input contract (input_spec.json) when the checkpoint has one.
 """
 from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,6 +25,7 @@ from data.config import parse_config
 from data.errors import ConfigError, InputError, cli_entry
 from models.hf import check_replaceable, load_safetensors_file, load_safetensors_weights, load_state_dict_strict, \
     model_card, read_json
+from models.input_spec import InputSpec, load_input_spec
 from models.vit3d import ViT3D, ViT3DConfig, vit3d_config_from_dict
 
 ENCODER_PREFIX = "encoder."
@@ -94,8 +97,9 @@ def encoder_state_dict(state_dict: dict[str, Tensor], where: str) -> dict[str, T
     raise InputError(f"{where}: no '{ENCODER_PREFIX}*' keys (found e.g. {sorted(state_dict)[:5]})")
 
 
-def read_checkpoint(path: str | Path) -> tuple[ViT3D, dict | None, dict]:
-    """(encoder loaded strictly, preprocessing or None, summary) from a checkpoint folder or weights file."""
+def read_checkpoint(path: str | Path) -> tuple[ViT3D, dict]:
+    """(encoder loaded strictly, with its input contract when there is one; summary) from a checkpoint
+    folder or weights file."""
     path = Path(path)
     if path.is_dir():
         folder, weights = path, _load_checkpoint_dir(path)
@@ -107,10 +111,9 @@ def read_checkpoint(path: str | Path) -> tuple[ViT3D, dict | None, dict]:
                                     where=str(folder / "encoder_config.json"))
     model = ViT3D(config)
     load_state_dict_strict(model, encoder_state_dict(weights, str(path)), what=str(path))
-    preprocessing = read_json(folder / "preprocessing.json") if (folder / "preprocessing.json").is_file() else None
+    model.input_spec = load_input_spec(folder, required=False)
     summary = read_json(folder / "summary.json") if (folder / "summary.json").is_file() else {}
-    model.preprocessing = preprocessing
-    return model.eval(), preprocessing, summary
+    return model.eval(), summary
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -167,28 +170,50 @@ def to_monai_state_dict(model: ViT3D) -> dict[str, Tensor]:
     return out
 
 
-def export_monai(model: ViT3D, out: Path, preprocessing: dict | None, summary: dict, source: Path) -> None:
+# UNETR (monai.networks.nets.UNETR) always builds a 12-layer ViT with 16^3 patches.
+UNETR_LAYERS, UNETR_PATCH = 12, 16
+
+
+def fits_unetr(config: ViT3DConfig) -> bool:
+    return config.depth == UNETR_LAYERS and config.patch_size == UNETR_PATCH
+
+
+def monai_usage(config: ViT3DConfig) -> str:
+    """The card's loading recipe: MONAI's ViT always, UNETR only when the encoder fits it, with the exact
+    arguments (UNETR defaults to qkv_bias=False, which our weights do not fit)."""
+    text = ("Research backbone for 3D medical volumes. Load it into MONAI's ViT:\n\n```python\n"
+            "import json\nfrom safetensors.torch import load_file\nfrom monai.networks.nets import ViT\n"
+            "vit = ViT(**json.load(open('monai_config.json')))\n"
+            "vit.load_state_dict(load_file('model.safetensors'), strict=True)\n```\n")
+    if not fits_unetr(config):
+        return text + (f"\nUNETR does not fit this encoder: UNETR builds {UNETR_LAYERS} layers with "
+                       f"{UNETR_PATCH}^3 patches, this one has {config.depth} layers with {config.patch_size}^3.\n")
+    return text + ("\nAs the encoder of a UNETR (choose `out_channels` for your task):\n\n```python\n"
+                   "from safetensors.torch import load_file\nfrom monai.networks.nets import UNETR\n"
+                   f"unetr = UNETR(in_channels={config.in_channels}, out_channels=2, img_size={config.img_size}, "
+                   f"hidden_size={config.dim}, mlp_dim={int(config.dim * config.mlp_ratio)}, "
+                   f"num_heads={config.heads}, proj_type='conv', qkv_bias=True)\n"
+                   "unetr.vit.load_state_dict(load_file('model.safetensors'), strict=True)\n```\n")
+
+
+def export_monai(model: ViT3D, out: Path, summary: dict, source: Path) -> None:
     from monai.networks.nets import ViT
 
     cfg, weights = monai_config(model.config), to_monai_state_dict(model)
-    ViT(**cfg).load_state_dict(weights, strict=True)  # fail here, not in the user's hands
+    with warnings.catch_warnings():  # MONAI's sin-cos builder calls torch.meshgrid without indexing=
+        warnings.filterwarnings("ignore", message="torch.meshgrid", category=UserWarning)
+        ViT(**cfg).load_state_dict(weights, strict=True)  # fail here, not in the user's hands
     card = card_from_summary(summary, source)
-    text = model_card({**model.hf_config(preprocessing), "architectures": ["monai.networks.nets.ViT"]},
+    text = model_card({**model.hf_config(), "architectures": ["monai.networks.nets.ViT"]},
                       title=card["title"] + ", MONAI ViT weights", training=card["training"],
-                      metrics=card["metrics"], intended_use=(
-                          "Research backbone for 3D medical volumes. Load it into MONAI:\n\n```python\n"
-                          "import json\nfrom safetensors.torch import load_file\n"
-                          "from monai.networks.nets import ViT\n"
-                          "vit = ViT(**json.load(open('monai_config.json')))\n"
-                          "vit.load_state_dict(load_file('model.safetensors'), strict=True)\n```\n\n"
-                          "UNETR builds the same ViT as `unetr.vit` (12 layers, patch 16): "
-                          "`unetr.vit.load_state_dict(load_file('model.safetensors'))`."))
+                      metrics=card["metrics"], input_spec=model.input_spec, intended_use=monai_usage(model.config),
+                      how_to_load="See the recipes under Intended use (strict key matching; safetensors only).")
     check_replaceable(out, marker="monai_config.json")
     with atomic_dir(out) as tmp:
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "monai_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        if preprocessing is not None:
-            (tmp / "preprocessing.json").write_text(json.dumps(preprocessing, indent=2) + "\n")
+        if model.input_spec is not None:
+            model.input_spec.save(tmp)
         (tmp / "README.md").write_text(text)
 
 
@@ -197,12 +222,11 @@ def export_checkpoint(source: str | Path, out: str | Path, fmt: str = "hf", max_
     source, out = Path(source), Path(out)
     if source.resolve() == out.resolve() or source.resolve() in out.resolve().parents:
         raise ConfigError(f"--out {out} must not be the checkpoint or lie inside it")
-    model, preprocessing, summary = read_checkpoint(source)
+    model, summary = read_checkpoint(source)
     if fmt == "hf":
-        model.save_pretrained(out, preprocessing=preprocessing, card=card_from_summary(summary, source),
-                              max_shard_size=max_shard_size)
+        model.save_pretrained(out, card=card_from_summary(summary, source), max_shard_size=max_shard_size)
     else:
-        export_monai(model, out, preprocessing, summary, source)
+        export_monai(model, out, summary, source)
     print(f"exported {source} -> {out} ({fmt}, {sum(p.numel() for p in model.parameters()):,} parameters)")
     return out
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from data.atomic import atomic_dir
 from data.errors import InputError
+from models.input_spec import InputSpec
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -52,8 +53,9 @@ def check_replaceable(folder: str | os.PathLike, marker: str = CONFIG_NAME) -> N
 
 
 def save_hf_folder(folder: str | os.PathLike, state_dict: dict[str, Tensor], config: dict, card_text: str,
-                   max_shard_size: int | str = "2GB") -> None:
-    """Write `folder` atomically: config.json, model.safetensors (or shards + index) and README.md."""
+                   max_shard_size: int | str = "2GB", input_spec: InputSpec | None = None) -> None:
+    """Write `folder` atomically: config.json, model.safetensors (or shards + index), README.md and the
+    input contract input_spec.json."""
     check_replaceable(folder)
     state_dict = _unshared(state_dict)
     try:
@@ -69,6 +71,8 @@ def save_hf_folder(folder: str | os.PathLike, state_dict: dict[str, Tensor], con
             index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "README.md").write_text(card_text)
+        if input_spec is not None:
+            input_spec.save(tmp)
 
 
 def read_json(path: Path) -> dict:
@@ -163,8 +167,19 @@ def _bullets(d: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Each mimfm architecture named in config.json: its module, and what its from_pretrained returns.
+ARCH_LOADERS = {"ViT3D": ("models.vit3d", "model"), "MultimodalModel": ("models.multimodal", "model, config")}
+
+
+def _load_snippet(arch: str) -> str:
+    module, returns = ARCH_LOADERS.get(arch, ("models", "model"))
+    return (f"With mimfm installed (strict key matching; safetensors only):\n\n```python\n"
+            f"from {module} import {arch}\n"
+            f"{returns} = {arch}.from_pretrained(\"path/to/this/folder\")\n```\n")
+
+
 def model_card(config: dict, *, title: str, intended_use: str, training: dict, metrics: dict,
-               license: str = "apache-2.0",
+               input_spec: InputSpec | None = None, how_to_load: str | None = None, license: str = "apache-2.0",
                tags: tuple[str, ...] = ("medical-imaging", "3d", "vit", "self-supervised")) -> str:
     """README.md text: YAML front matter (library_name, tags, license) and the sections a model card needs."""
     front = {"library_name": "mimfm", "license": license, "tags": list(tags)}
@@ -180,9 +195,9 @@ def model_card(config: dict, *, title: str, intended_use: str, training: dict, m
         f"## Model\n\n{_bullets(shape)}",
         f"## Training data and steps\n\n{_bullets(training)}",
         f"## Losses and metrics reached\n\n{_bullets(metrics)}",
-        "## Preprocessing expected\n\nInputs must be prepared exactly as in training:\n\n"
-        f"{_bullets(config.get('preprocessing') or {})}",
-        f"## How to load\n\nWith mimfm installed: `{arch}.from_pretrained(\"path/to/this/folder\")` "
-        "(strict key matching; safetensors only).\n",
+        "## Input contract\n\nInputs must be prepared exactly as in training (input_spec.json, read by "
+        "`models.input_spec.load_input_spec`):\n\n"
+        f"{_bullets(input_spec.to_dict() if input_spec is not None else {})}",
+        f"## How to load\n\n{how_to_load or _load_snippet(arch)}\n",
     ]
     return "\n".join(sections)

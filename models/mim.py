@@ -1,84 +1,35 @@
-"""MiM pretraining model: a ViT3D encoder, one lightweight decoder shared by all levels, a projection head.
+"""MiM pretraining model: a ViT3D encoder, one lightweight decoder shared by all levels, a projection head,
+and its losses. The hierarchical masks that make its input are `models.mim_masks.build_hierarchy`.
 
-forward(levels) follows MAE: encode the visible tokens, decode them with mask tokens in place of the
-masked ones, and predict every level's patches. For MiM's cross-level alignment it also returns, per
-child level, each child's pooled decoder feature passed through the projection head, and the
-stop-gradient target it is pulled toward: its real parent's decoder feature over the patches the child
-covers. All levels are encoded together in as few passes as possible (one, when every level keeps the
-same number of visible tokens) and decoded in one. The model returns tensors only: the losses are
-`pretrain.losses.mim_losses` (models/ imports nothing from pretrain/). With one level it is exactly MAE.
+forward(levels) follows MAE's models_mae.py: forward_encoder (visible tokens only), forward_decoder
+(mask tokens in place of the masked ones, every level's patches predicted) and forward_loss. For MiM's
+cross-level alignment it also pools, per child level, each child's decoder feature through the
+projection head, and the stop-gradient target it is pulled toward: its real parent's decoder feature
+over the patches the child covers. All levels are encoded together in as few passes as possible (one,
+when every level keeps the same number of visible tokens) and decoded in one. With one level it is
+exactly MAE.
 
-`levels` is duck-typed: anything with the attributes of `pretrain.masks.Level` (see `LevelLike`).
+Losses: per level, MSE on masked patches against each patch normalised by its own mean and variance
+(MAE's norm_pix_loss); per child level, 2 - 2 cos(projected child, parent target). Patches are
+flattened as the encoder's patch embedding reads them (`models.vit3d.patchify`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from data.errors import ConfigError
-from models.pos_embed import sincos_1d
-from models.vit3d import ViT3D, ViT3DConfig
+from data.errors import ConfigError, InputError
+from models.mim_masks import Level, MaskConfig, check_fits
+from models.pos_embed import sincos_3d
+from models.vit3d import ViT3D, ViT3DConfig, patchify, unpatchify
 
-
-@dataclass
-class MaskConfig:
-    """MiM's hierarchical masking (built by `pretrain.masks.build_hierarchy`); part of `MiMConfig`."""
-    levels: int = 3
-    mask_ratio: tuple[float, ...] = (0.75, 0.75, 0.75)  # per level; a single value applies to all
-    children: int = 2        # K: sub-volumes per parent sample
-    child_patches: int = 2   # c: a child covers c x c x c of its parent's patches
-
-    def __post_init__(self):
-        self.mask_ratio = tuple(float(r) for r in self.mask_ratio)
-        if self.levels < 1:
-            raise ConfigError(f"masks.levels must be >= 1, got {self.levels}")
-        if len(self.mask_ratio) not in (1, self.levels):
-            raise ConfigError(f"masks.mask_ratio needs 1 or {self.levels} (= levels) values, "
-                              f"got {len(self.mask_ratio)}: {self.mask_ratio}")
-        if not all(0.0 < r < 1.0 for r in self.mask_ratio):
-            raise ConfigError(f"masks.mask_ratio values must lie in (0, 1), got {self.mask_ratio}")
-        if self.children < 1 or self.child_patches < 1:
-            raise ConfigError(f"masks.children and masks.child_patches must be >= 1, "
-                              f"got {self.children} and {self.child_patches}")
-
-    def ratios(self) -> tuple[float, ...]:
-        return self.mask_ratio * self.levels if len(self.mask_ratio) == 1 else self.mask_ratio
-
-
-def masked_count(ratio: float, num_patches: int) -> int:
-    """How many of a sample's patches are masked: exactly round(ratio * N)."""
-    return int(round(ratio * num_patches))
-
-
-def check_fits(cfg: MaskConfig, grid: int) -> None:
-    """K non-overlapping c^3 cubes must fit the grid and each non-final level's masked budget."""
-    n = grid**3
-    c, k = cfg.child_patches, cfg.children
-    for lvl, ratio in enumerate(cfg.ratios(), start=1):
-        n_mask = masked_count(ratio, n)
-        if not 1 <= n_mask <= n - 1:
-            raise ConfigError(f"masks.mask_ratio {ratio} at level {lvl} masks {n_mask} of {n} patches; "
-                              "need at least one masked and one visible")
-        if lvl < cfg.levels:
-            if c > grid or k > (grid // c) ** 3:
-                raise ConfigError(f"masks: {k} children of {c}^3 patches do not fit a {grid}^3 patch grid "
-                                  f"(at most {(grid // c) ** 3 if c <= grid else 0})")
-            if k * c**3 > n_mask:
-                raise ConfigError(f"masks: {k} children of {c}^3 patches need {k * c**3} masked patches "
-                                  f"but level {lvl} masks only {n_mask} of {n} (mask_ratio {ratio})")
-
-
-class LevelLike(Protocol):
-    """What the model reads from a level (pretrain.masks.Level has these and more)."""
-    x: Tensor                     # [B_l, C, I, I, I] encoder input
-    visible_idx: Tensor           # [B_l, N_vis] long, ascending
-    parent: Tensor | None         # [B_l] long: row of the previous level (None at level 1)
-    parent_tokens: Tensor | None  # [B_l, c^3] long: parent-grid tokens this child covers
+NORM_EPS = 1e-6  # MAE's epsilon in the per-patch normalisation
 
 
 @dataclass
@@ -109,14 +60,6 @@ class MiMConfig:
         return self.level_weights * self.masks.levels if len(self.level_weights) == 1 else self.level_weights
 
 
-def grid_sincos(dim: int, grid: int) -> Tensor:
-    """3D sin-cos embedding [1, grid^3, dim] for any even dim (models.pos_embed.sincos_3d when dim % 6 == 0)."""
-    axis = (dim // 6) * 2  # even share per axis; the w axis takes the remainder
-    d, h, w = torch.meshgrid(*[torch.arange(grid)] * 3, indexing="ij")
-    parts = [sincos_1d(n, a.flatten()) for n, a in ((axis, d), (axis, h), (dim - 2 * axis, w))]
-    return torch.cat(parts, dim=1).float()[None]  # [1, N, dim]
-
-
 class MiMModel(nn.Module):
     def __init__(self, config: MiMConfig):
         super().__init__()
@@ -125,13 +68,13 @@ class MiMModel(nn.Module):
         self.encoder = ViT3D(enc)
         self.decoder_embed = nn.Linear(enc.dim, dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
-        self.decoder_pos_embed = nn.Parameter(grid_sincos(dd, enc.grid), requires_grad=False)  # [1, N, Dd]
+        self.decoder_pos_embed = nn.Parameter(sincos_3d(dd, enc.grid), requires_grad=False)  # [1, N, Dd]
         self.decoder_blocks = nn.ModuleList([
             Block(dd, config.decoder_heads, enc.mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
             for _ in range(config.decoder_depth)
         ])
         self.decoder_norm = nn.LayerNorm(dd)
-        self.decoder_pred = nn.Linear(dd, enc.patch_size**3 * enc.in_channels)
+        self.decoder_pred = nn.Linear(dd, enc.in_channels * enc.patch_size**3)  # one patch, as patchify lays it out
         # Child side only: the target is the parent's own decoder feature, so the head cannot make both
         # sides constant. No head without a second level: unused parameters would break DDP, and L=1
         # must be plain MAE.
@@ -152,7 +95,7 @@ class MiMModel(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------------------
 
-    def forward_encoder(self, levels: Sequence[LevelLike]) -> list[Tensor]:
+    def forward_encoder(self, levels: Sequence[Level]) -> list[Tensor]:
         """Visible-token latents per level, [B_l, N_vis_l, D]; levels with equal N_vis share one pass."""
         groups: dict[int, list[int]] = {}
         for i, lvl in enumerate(levels):
@@ -166,7 +109,7 @@ class MiMModel(nn.Module):
                 latents[i] = part                                  # [B_l, N_vis, D]
         return latents
 
-    def forward_decoder(self, levels: Sequence[LevelLike], latents: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    def forward_decoder(self, levels: Sequence[Level], latents: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """One pass over all levels' rows: (features [B_l, N, Dd] before the prediction layer, pred [B_l, N, P])."""
         n = self.decoder_pos_embed.shape[1]
         rows = []
@@ -184,7 +127,7 @@ class MiMModel(nn.Module):
         sizes = [lvl.x.shape[0] for lvl in levels]
         return list(feats.split(sizes)), list(pred.split(sizes))
 
-    def align_features(self, child: LevelLike, child_feats: Tensor, parent_feats: Tensor) -> tuple[Tensor, Tensor]:
+    def align_features(self, child: Level, child_feats: Tensor, parent_feats: Tensor) -> tuple[Tensor, Tensor]:
         """(projected, target), both [B_c, Dd]: each child's pooled decoder feature through the projection
         head, and the stop-gradient mean of its real parent's decoder features over the patches it covers."""
         projected = self.projector(child_feats.float().mean(dim=1))  # [B_c, Dd]
@@ -196,10 +139,13 @@ class MiMModel(nn.Module):
             target = target - target.mean(dim=0, keepdim=True)                 # [B_c, Dd]
         return projected, target
 
-    def forward(self, levels: Sequence[LevelLike]) -> dict[str, Tensor]:
-        """Tensors only, for `pretrain.losses.mim_losses`:
-        "pred_l{i}" [B_l, N, p^3 C] for every level, and for every child level i >= 2
-        "align_pred_l{i}" [B_i, Dd] (projected child feature) and "align_target_l{i}" [B_i, Dd] (detached)."""
+    def forward_loss(self, levels: Sequence[Level], outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        return mim_losses(outputs, levels, self.config)
+
+    def forward(self, levels: Sequence[Level]) -> dict[str, Tensor]:
+        """The model's tensors and its losses (see `mim_losses`): "pred_l{i}" [B_l, N, C p^3] for every
+        level; for every child level i >= 2 "align_pred_l{i}" [B_i, Dd] (projected child feature) and
+        "align_target_l{i}" [B_i, Dd] (detached); "loss" and its scalar terms "rec_l{i}", "align_l{i}"."""
         latents = self.forward_encoder(levels)
         feats, preds = self.forward_decoder(levels, latents)
         out = {f"pred_l{i}": pred for i, pred in enumerate(preds, start=1)}
@@ -207,4 +153,65 @@ class MiMModel(nn.Module):
             projected, target = self.align_features(levels[i], feats[i], feats[i - 1])
             out[f"align_pred_l{i + 1}"] = projected
             out[f"align_target_l{i + 1}"] = target
-        return out
+        return {**out, **self.forward_loss(levels, out)}
+
+
+# --- losses ---------------------------------------------------------------------------------------------------
+
+def patch_stats(patches: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-patch mean and (unbiased, as MAE) variance of [B, N, P]: two [B, N, 1] tensors."""
+    return patches.mean(dim=-1, keepdim=True), patches.var(dim=-1, keepdim=True)
+
+
+def masked_reconstruction_loss(pred: Tensor, target_patches: Tensor, mask: Tensor, norm_pix: bool = True) -> Tensor:
+    """MSE per patch, averaged over masked tokens only. pred, target [B, N, P]; mask [B, N] bool."""
+    target = target_patches.float()
+    if norm_pix:
+        mean, var = patch_stats(target)
+        target = (target - mean) / (var + NORM_EPS) ** 0.5  # [B, N, P]
+    per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # [B, N]
+    m = mask.float()                                          # [B, N]
+    return (per_patch * m).sum() / m.sum()
+
+
+def alignment_loss(child_feat: Tensor, parent_feat: Tensor) -> Tensor:
+    """2 - 2 cos(child, parent), mean over pairs; the parent side is a stop-gradient target. [M, D] each."""
+    child = F.normalize(child_feat.float(), dim=-1)              # [M, D]
+    parent = F.normalize(parent_feat.detach().float(), dim=-1)   # [M, D]
+    return (2 - 2 * (child * parent).sum(dim=-1)).mean()
+
+
+def mim_losses(outputs: dict[str, Tensor], levels: Sequence[Level], config: MiMConfig) -> dict[str, Tensor]:
+    """The model's tensors -> "loss" = sum_l w_l rec_l + align_weight * sum_{l>=2} align_l and the scalar
+    terms "rec_l{i}" and "align_l{i}" (i >= 2)."""
+    if len(levels) != config.masks.levels:
+        raise InputError(f"mim_losses: got {len(levels)} levels, the config has masks.levels = {config.masks.levels}")
+    p = config.encoder.patch_size
+    out: dict[str, Tensor] = {}
+    total = 0.0
+    for i, (lvl, w) in enumerate(zip(levels, config.weights()), start=1):
+        rec = masked_reconstruction_loss(outputs[f"pred_l{i}"], patchify(lvl.x, p), lvl.mask, config.norm_pix_loss)
+        out[f"rec_l{i}"] = rec
+        total = total + w * rec
+    for i in range(2, len(levels) + 1):
+        align = alignment_loss(outputs[f"align_pred_l{i}"], outputs[f"align_target_l{i}"])
+        out[f"align_l{i}"] = align
+        total = total + config.align_weight * align
+    out["loss"] = total
+    return out
+
+
+@torch.no_grad()
+def reconstruct_volumes(level: Level, pred: Tensor, patch_size: int, norm_pix: bool = True) -> Tensor:
+    """Preview volume [B_l, C, I, I, I]: visible patches from the input, masked ones from pred [B_l, N, P].
+
+    With norm_pix, pred is in per-patch normalised units and is mapped back with the true patch's own
+    mean and variance (as MAE's visualisation): the preview shows structure, not absolute intensity.
+    """
+    target = patchify(level.x.float(), patch_size)  # [B_l, N, P]
+    pred = pred.float()
+    if norm_pix:
+        mean, var = patch_stats(target)            # [B_l, N, 1] each
+        pred = pred * (var + NORM_EPS) ** 0.5 + mean
+    patches = torch.where(level.mask[..., None], pred, target)  # [B_l, N, P]
+    return unpatchify(patches, patch_size)

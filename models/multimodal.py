@@ -19,6 +19,7 @@ from data.config import from_dict, to_dict
 from data.errors import ClinicalError, ConfigError, InputError
 from models.fusion import ClinicalEmbedding, ClinicalTokens, FiLM
 from models.hf import load_hf_folder, load_state_dict_strict, model_card, save_hf_folder
+from models.input_spec import InputSpec
 from models.vit3d import ViT3D, ViT3DConfig, inflate_patch_embed
 
 TASKS = ("classification", "survival", "multitask")
@@ -242,12 +243,13 @@ class MultimodalModel(nn.Module):
         key = "patch_embed.weight"
         state[key] = inflate_patch_embed(state[key], config.encoder.in_channels, config.mask_channel_init)
         load_state_dict_strict(model.encoder, state, f"{folder} (pretrained encoder)")
-        model.encoder.preprocessing = pretrained.preprocessing  # what pretraining inputs looked like
+        model.encoder.input_spec = pretrained.input_spec  # what pretraining inputs looked like
         return model
 
-    def save_pretrained(self, folder: str | Path, *, extra_config: dict, card: dict) -> None:
+    def save_pretrained(self, folder: str | Path, *, extra_config: dict, card: dict,
+                        input_spec: InputSpec) -> None:
         """An HF-format folder: config.json = {"model_type", "architectures", "multimodal": MultimodalConfig,
-        **extra_config}.
+        **extra_config}, and the input contract (input_spec.json) that predict reads.
 
         `card` holds model_card's keyword arguments (title, intended_use, training, metrics).
         """
@@ -262,7 +264,8 @@ class MultimodalModel(nn.Module):
                 "training": {}, "metrics": {}, **card}
         # The card lists the encoder's shape, which model_card reads from top-level keys.
         card_config = {**to_dict(self.config.encoder), **config}
-        save_hf_folder(folder, self.state_dict(), config, model_card(card_config, **card))
+        save_hf_folder(folder, self.state_dict(), config, model_card(card_config, input_spec=input_spec, **card),
+                       input_spec=input_spec)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> tuple["MultimodalModel", dict]:

@@ -30,14 +30,18 @@ def sincos_1d(dim: int, positions: Tensor) -> Tensor:
 
 
 def sincos_3d(dim: int, grid: int | tuple[int, int, int]) -> Tensor:
-    """Fixed 3D embedding [1, gd*gh*gw, dim]: dim is split in three equal parts for the d, h, w axes."""
-    if dim % 6:
-        raise ValueError(f"3D sin-cos position embedding needs dim divisible by 6 (sin+cos for 3 axes), got {dim}")
+    """Fixed 3D embedding [1, gd*gh*gw, dim] for any even dim: one MAE 1D embedding per axis.
+
+    The d and h axes take (dim // 6) * 2 dims each and w the rest, so dim % 6 == 0 splits in three
+    equal parts (the encoder's case) and any even width works (the decoder's, e.g. 128).
+    """
+    if dim % 2:
+        raise ValueError(f"3D sin-cos position embedding needs an even dim, got {dim}")
     gd, gh, gw = as_grid(grid)
     d, h, w = torch.meshgrid(torch.arange(gd), torch.arange(gh), torch.arange(gw), indexing="ij")
-    axis_dim = dim // 3
-    emb = torch.cat([sincos_1d(axis_dim, a.flatten()) for a in (d, h, w)], dim=1)  # [N, dim]
-    return emb.float()[None]  # [1, N, dim]
+    axis = (dim // 6) * 2
+    parts = [sincos_1d(n, a.flatten()) for n, a in ((axis, d), (axis, h), (dim - 2 * axis, w))]
+    return torch.cat(parts, dim=1).float()[None]  # [1, N, dim]
 
 
 def resize_pos_embed(pos_embed: Tensor, old_grid: int | tuple[int, int, int],

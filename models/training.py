@@ -1,17 +1,20 @@
 """Training-loop plumbing shared by pretraining and fine-tuning (never copied into either).
 
 - `OptimConfig` / `LoopConfig`: the knobs both loops share.
-- `make_accelerator`: bf16 on GPU, fp32 on CPU — same code path otherwise.
-- `build_optimizer` / `build_scheduler`: AdamW + linear warmup + cosine (timm's scheduler honours
-  the per-group `lr_scale` that layer-wise lr decay sets).
-- `RunLogger`: metrics.jsonl + TensorBoard, main process only.
+- `make_accelerator`: bf16 on GPU, fp32 on CPU — same code path otherwise — and the trackers.
+- `build_optimizer` / `WarmupCosine`: AdamW, then linear warmup + cosine decay per optimizer step,
+  which honours the per-group `lr_scale` that layer-wise lr decay sets.
+- `optimizer_step`: the one micro-step block of both loops (accumulate, autocast, backward, clip, step).
+- `RunLogger`: metrics.jsonl plus accelerate's trackers (`--report_to`), main process only.
 - `Checkpointer`: atomic, rotated checkpoints that `--resume auto` can find.
 - `NonFiniteGuard`: skip a step whose loss is NaN/inf on any rank; stop after too many in a row.
-- `step_seed`: every step reseeds torch from (seed, step, rank), so a resumed run replays the same
+- `seed_step`: every step reseeds torch from (seed, step, rank), so a resumed run replays the same
   dropout / masks / augmentation as an uninterrupted one without restoring RNG state.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -20,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -28,7 +31,11 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 
 from data.atomic import write_json
-from data.errors import RunStopped
+from data.errors import ConfigError, InputError, RunStopped
+
+# --report_to names -> the package each tracker needs (accelerate silently drops a tracker whose
+# package is missing; we refuse instead, naming the package).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
 class TrainingStopped(RunStopped):
@@ -47,22 +54,50 @@ class OptimConfig:
 
 @dataclass
 class LoopConfig:
-    max_steps: int = 200
-    grad_accum: int = 1
+    """What both training loops share; PretrainConfig and FinetuneConfig extend it."""
+    seed: int = 0                   # seeds everything: weights, order, masks, augmentation, splits
+    grad_accum: int = 1             # micro-batches per optimizer step
     mixed_precision: str = "auto"   # "auto" (bf16 on CUDA, fp32 on CPU) | "no" | "bf16"
-    log_every: int = 10
-    ckpt_every: int = 100
-    keep_ckpts: int = 2
     max_nonfinite: int = 5          # consecutive non-finite losses before the run stops
-    seed: int = 0
     resume: str = ""                # "" (fresh), "auto" (newest complete checkpoint), or a checkpoint path
+    report_to: str = "tensorboard"  # trackers: tensorboard | wandb | mlflow | all | none (comma-separated)
+
+    def __post_init__(self):
+        if self.mixed_precision not in ("auto", "no", "bf16"):
+            raise ConfigError(f"--mixed_precision {self.mixed_precision!r}: expected auto, no or bf16")
+        if self.grad_accum < 1:
+            raise ConfigError(f"--grad_accum must be >= 1, got {self.grad_accum}")
+        trackers(self.report_to)  # an unknown or missing tracker fails at parse time
 
 
-def make_accelerator(loop: LoopConfig) -> Accelerator:
+def trackers(report_to: str) -> list[str]:
+    """--report_to -> accelerate's log_with names; a tracker whose package is missing is a ConfigError."""
+    names = [n.strip() for n in report_to.replace(",", " ").split() if n.strip()]
+    if names in ([], ["none"]):
+        return []
+    if names == ["all"]:
+        return [n for n, pkg in TRACKER_PACKAGES.items() if importlib.util.find_spec(pkg) is not None]
+    for n in names:
+        if n not in TRACKER_PACKAGES:
+            raise ConfigError(f"--report_to {n!r}: expected tensorboard, wandb, mlflow, all or none")
+        if importlib.util.find_spec(TRACKER_PACKAGES[n]) is None:
+            raise ConfigError(f"--report_to {n}: the package '{TRACKER_PACKAGES[n]}' is not installed "
+                              f"(pip install {TRACKER_PACKAGES[n]}, or --report_to none)")
+    return names
+
+
+def make_accelerator(loop: LoopConfig, output_dir: str | os.PathLike | None = None) -> Accelerator:
     mp = loop.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"
-    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=loop.grad_accum)
+    log_with = trackers(loop.report_to) if output_dir is not None else []
+    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=loop.grad_accum,
+                       log_with=log_with or None, project_dir=str(output_dir) if output_dir else None)
+
+
+def absolute_paths(cfg, names: Iterable[str]):
+    """The config with its non-empty path fields resolved, so a saved config works from any folder."""
+    return dataclasses.replace(cfg, **{n: str(Path(getattr(cfg, n)).resolve()) for n in names if getattr(cfg, n)})
 
 
 def set_deepspeed_micro_batch(accelerator: Accelerator, micro_batch: int) -> None:
@@ -95,20 +130,6 @@ def build_optimizer(params: Iterable | list[dict], cfg: OptimConfig) -> torch.op
                              fused=fused or None)
 
 
-def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms and position embeddings (as MAE/timm)."""
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name in skip or name.endswith("pos_embed") or "mask_token" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 class WarmupCosine:
     """Linear warmup then cosine decay, per optimiser step; honours each group's `lr_scale`.
 
@@ -133,25 +154,24 @@ class WarmupCosine:
 
 
 class RunLogger:
-    """Scalars to `metrics.jsonl` and TensorBoard, from the main process only."""
+    """Scalars to `metrics.jsonl` and to accelerate's trackers (TensorBoard by default), main process only."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, accelerator: Accelerator, output_dir: str | os.PathLike):
+        self.accelerator = accelerator
+        self.enabled = accelerator.is_main_process
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.tb = None
-        if enabled:
+        if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+        if accelerator.log_with:
+            accelerator.init_trackers("tensorboard")  # TensorBoard writes under <output_dir>/tensorboard
 
     def log(self, step: int, scalars: dict[str, float], **extra: Any) -> None:
-        if not self.enabled:
-            return
-        row = {"step": step, "time": round(time.time(), 3), **{k: float(v) for k, v in scalars.items()}, **extra}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        for k, v in scalars.items():
-            self.tb.add_scalar(k, float(v), step)
+        scalars = {k: float(v) for k, v in scalars.items()}
+        if self.enabled:
+            row = {"step": step, "time": round(time.time(), 3), **scalars, **extra}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        self.accelerator.log(scalars, step=step)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop rows logged after the checkpoint so the log has no duplicate steps."""
@@ -163,8 +183,9 @@ class RunLogger:
         os.replace(tmp, self.path)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        # Not accelerator.end_training(): that also destroys the process group, which the run still needs.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
 
 class NonFiniteGuard:
@@ -218,6 +239,28 @@ def backward_and_step(accelerator: Accelerator, model, optimizer, loss: torch.Te
     return finite, step_ok
 
 
+def optimizer_step(accelerator: Accelerator, model, optimizer, guard: NonFiniteGuard, clip_grad: float,
+                   micro_batches: Iterable, loss_fn: Callable[[Any], dict]) -> tuple[dict[str, float], bool, dict]:
+    """One optimizer step over `grad_accum` micro-batches: the micro-step block of both loops.
+
+    `loss_fn(batch)` runs the forward (under autocast) and returns a dict with "loss". Returns the
+    scalar terms averaged over the micro-batches, whether the step was taken (no micro-batch was
+    non-finite), and the last micro-batch's outputs (for previews).
+    """
+    sums: dict[str, float] = {}
+    step_ok, outputs, n = True, {}, 0
+    for batch in micro_batches:
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                outputs = loss_fn(batch)
+            _, step_ok = backward_and_step(accelerator, model, optimizer, outputs["loss"], guard, clip_grad, step_ok)
+        for k, v in outputs.items():
+            if torch.is_tensor(v) and v.ndim == 0:
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        n += 1
+    return {k: v / max(n, 1) for k, v in sums.items()}, step_ok, outputs
+
+
 _CKPT = re.compile(r"^ckpt-(\d+)$")
 
 
@@ -251,7 +294,6 @@ class Checkpointer:
             return self.latest()
         p = Path(resume)
         if not (p / "trainer_state.json").is_file():
-            from data.errors import InputError
             raise InputError(f"{p}: not a complete checkpoint (no trainer_state.json)")
         return p
 
@@ -309,7 +351,6 @@ class ResumableBatches:
         n = len(self.sampler)
         self.per_epoch = n // batch_size if drop_last else math.ceil(n / batch_size)
         if self.per_epoch == 0:
-            from data.errors import InputError
             raise InputError(f"{len(dataset)} items cannot fill one batch of {batch_size} per process "
                              f"on {num_replicas} process(es): lower the batch size or add data")
 

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from data.config import from_dict, to_dict
 from data.errors import ConfigError, InputError
 from models.hf import load_hf_folder, load_state_dict_strict, model_card, save_hf_folder
+from models.input_spec import InputSpec, load_input_spec
 from models.pos_embed import resize_pos_embed, sincos_3d
 
 MODEL_TYPE = "mimfm_vit3d"
@@ -77,7 +78,7 @@ def vit3d_config(preset: str, **overrides) -> ViT3DConfig:
 
 
 # Keys that config.json carries besides the ViT3DConfig fields.
-_META_KEYS = ("model_type", "architectures", "mimfm_version", "hidden_size", "preprocessing", "torch_dtype")
+_META_KEYS = ("model_type", "architectures", "mimfm_version", "hidden_size", "torch_dtype")
 
 
 def vit3d_config_from_dict(d: dict, where: str = "config") -> ViT3DConfig:
@@ -85,6 +86,28 @@ def vit3d_config_from_dict(d: dict, where: str = "config") -> ViT3DConfig:
     if d.get("model_type", MODEL_TYPE) != MODEL_TYPE:
         raise InputError(f"{where}: model_type is {d['model_type']!r}, expected {MODEL_TYPE!r}")
     return from_dict(ViT3DConfig, {k: v for k, v in d.items() if k not in _META_KEYS}, where)
+
+
+def patchify(x: Tensor, p: int) -> Tensor:
+    """[B, C, D, H, W] -> [B, N, C p^3]: tokens in Conv3d's flatten order (d, then h, then w), each patch
+    laid out (C, pd, ph, pw) as the patch embedding's Conv3d weight is. The one patch layout of mimfm."""
+    b, c, *spatial = x.shape
+    if len(spatial) != 3 or any(s % p for s in spatial):
+        raise InputError(f"patchify: need a [B, C, D, H, W] volume with sides divisible by {p}, got {tuple(x.shape)}")
+    gd, gh, gw = (s // p for s in spatial)
+    x = x.reshape(b, c, gd, p, gh, p, gw, p).permute(0, 2, 4, 6, 1, 3, 5, 7)  # [B, gd, gh, gw, C, p, p, p]
+    return x.reshape(b, gd * gh * gw, c * p**3)  # [B, N, C p^3]
+
+
+def unpatchify(patches: Tensor, p: int) -> Tensor:
+    """[B, N, C p^3] -> [B, C, S, S, S] for a cubic grid; the exact inverse of `patchify`."""
+    b, n, dim = patches.shape
+    g = round(n ** (1 / 3))
+    if g**3 != n or dim % p**3:
+        raise InputError(f"unpatchify: {n} tokens of {dim} values are not a cubic grid of {p}^3 patches")
+    c = dim // p**3
+    x = patches.reshape(b, g, g, g, c, p, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)  # [B, C, g, p, g, p, g, p]
+    return x.reshape(b, c, g * p, g * p, g * p)  # [B, C, S, S, S]
 
 
 class ViT3D(nn.Module):
@@ -107,7 +130,7 @@ class ViT3D(nn.Module):
         ])
         self.norm = nn.LayerNorm(c.dim)
         self.grad_checkpointing = c.grad_checkpointing
-        self.preprocessing: dict | None = None  # what the inputs must look like; travels with save/load
+        self.input_spec: InputSpec | None = None  # what the inputs must look like; travels with save/load
         self._init_weights()
 
     def _init_weights(self):
@@ -135,12 +158,9 @@ class ViT3D(nn.Module):
         # (58% of a CPU pretraining step before; see docs/BENCHMARKS.md). The Conv3d module keeps
         # the weights, so checkpoints and the MONAI export are unchanged.
         p = c.patch_size
-        b, ch = x.shape[:2]
         grid = tuple(s // p for s in x.shape[2:])
-        gd, gh, gw = grid
-        x = x[:, :, :gd * p, :gh * p, :gw * p]  # Conv3d drops a remainder the same way
-        x = x.reshape(b, ch, gd, p, gh, p, gw, p).permute(0, 2, 4, 6, 1, 3, 5, 7)  # [B, gd, gh, gw, C, p, p, p]
-        x = x.reshape(b, gd * gh * gw, ch * p**3)  # [B, N, C p^3], token order = Conv3d flatten order
+        x = x[:, :, :grid[0] * p, :grid[1] * p, :grid[2] * p]  # Conv3d drops a remainder the same way
+        x = patchify(x, p)  # [B, N, C p^3], token order = Conv3d flatten order
         w = self.patch_embed.weight.reshape(self.patch_embed.weight.shape[0], -1)  # [D, C p^3]
         x = F.linear(x, w, self.patch_embed.bias)  # [B, N, D]
         return x + resize_pos_embed(self.pos_embed, c.grid, grid)  # [B, N, D]
@@ -199,23 +219,22 @@ class ViT3D(nn.Module):
 
     # --- HF-format folders -----------------------------------------------------------------------------
 
-    def hf_config(self, preprocessing: dict | None = None) -> dict:
-        config = {"model_type": MODEL_TYPE, "architectures": ["ViT3D"], **to_dict(self.config),
-                  "hidden_size": self.config.hidden_size}
-        preprocessing = preprocessing if preprocessing is not None else self.preprocessing
-        if preprocessing is not None:
-            config["preprocessing"] = preprocessing
-        return config
+    def hf_config(self) -> dict:
+        return {"model_type": MODEL_TYPE, "architectures": ["ViT3D"], **to_dict(self.config),
+                "hidden_size": self.config.hidden_size}
 
-    def save_pretrained(self, folder: str | os.PathLike, *, preprocessing: dict | None = None,
+    def save_pretrained(self, folder: str | os.PathLike, *, input_spec: InputSpec | None = None,
                         card: dict | None = None, max_shard_size: int | str = "2GB") -> None:
-        """Write an HF-format folder; `card` holds model_card's keyword arguments (title, training, metrics...)."""
-        config = self.hf_config(preprocessing)
+        """Write an HF-format folder with the input contract (`input_spec`, else the model's own);
+        `card` holds model_card's keyword arguments (title, training, metrics...)."""
+        config = self.hf_config()
+        spec = input_spec if input_spec is not None else self.input_spec
         card = {"title": "mimfm ViT3D encoder",
                 "intended_use": "Research feature extractor for 3D medical volumes (CT/MRI), pretrained "
                                 "self-supervised with MiM-style masked image modelling; fine-tune it for a task.",
                 "training": {}, "metrics": {}, **(card or {})}
-        save_hf_folder(folder, self.state_dict(), config, model_card(config, **card), max_shard_size)
+        save_hf_folder(folder, self.state_dict(), config, model_card(config, input_spec=spec, **card),
+                       max_shard_size, input_spec=spec)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, in_channels: int | None = None,
@@ -232,7 +251,7 @@ class ViT3D(nn.Module):
                                                                    inflate)
             model = cls(dataclasses.replace(saved, in_channels=in_channels))
             model.load_state_dict(state_dict, strict=True)
-        model.preprocessing = config.get("preprocessing")
+        model.input_spec = load_input_spec(folder, required=False)
         return model
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from data.atomic import atomic_path
-from pretrain.losses import reconstruct_volumes
+from models.mim import reconstruct_volumes
 
 
 def _masked_input(x: torch.Tensor, mask: torch.Tensor, p: int) -> torch.Tensor:

@@ -3,9 +3,9 @@
     accelerate launch -m pretrain --config launch/pretrain_tiny_cpu.yaml --data DIR --output_dir runs/pt
 
 Data -> cache (data.prepare) -> random level-1 crops (data.datasets.PretrainCrops) -> hierarchical
-masks (pretrain.masks) -> MiMModel -> per-level reconstruction + cross-level alignment losses.
-Checkpoints are atomic and rotated; `--resume auto` continues exactly; at the end the encoder is
-exported as a Hugging Face-format folder in `output_dir/encoder`.
+masks (models.mim_masks) -> MiMModel (its forward returns the per-level reconstruction and cross-level
+alignment losses). Checkpoints are atomic and rotated; `--resume auto` continues exactly; at the end
+the encoder is exported, with its input contract, as a Hugging Face-format folder in `output_dir/encoder`.
 """
 from __future__ import annotations
 
@@ -13,16 +13,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from timm.optim import param_groups_weight_decay
+
 from data.config import parse_config, save_config, to_dict
 from data.errors import InputError, cli_entry
 from data.prepare import PrepConfig
+from models.input_spec import InputSpec, ViewSpec
 from models.mim import MiMConfig, MiMModel
-from models.training import (Checkpointer, LoopConfig, backward_and_step, NonFiniteGuard, OptimConfig, ResumableBatches,
-                             RunLogger, WarmupCosine, build_optimizer, make_accelerator, set_deepspeed_micro_batch,
-                             param_groups_weight_decay, progress, seed_step)
+from models.mim_masks import MaskConfig, build_hierarchy
+from models.training import (Checkpointer, LoopConfig, NonFiniteGuard, OptimConfig, ResumableBatches, RunLogger,
+                             WarmupCosine, absolute_paths, build_optimizer, make_accelerator, optimizer_step,
+                             progress, seed_step, set_deepspeed_micro_batch)
 from models.vit3d import ViT3DConfig
-from pretrain.losses import mim_step
-from pretrain.masks import MaskConfig, build_hierarchy
+
+PATH_FIELDS = ("data", "cache_dir", "output_dir")
 
 
 def _default_model() -> MiMConfig:
@@ -34,6 +38,10 @@ class PretrainConfig(LoopConfig):
     data: str = ""                 # folder of NIfTIs, manifest CSV, or MSD/MONAI datalist JSON
     cache_dir: str = ""            # default: <output_dir>/../cache
     output_dir: str = "runs/pretrain"
+    max_steps: int = 200           # optimizer steps
+    log_every: int = 10            # steps between metrics.jsonl / tracker rows
+    ckpt_every: int = 100          # steps between checkpoints
+    keep_ckpts: int = 2            # newest checkpoints kept
     crop_size: int = 96            # level-1 crop edge in voxels at the prepared spacing
     crops_per_volume: int = 2
     # Share of crops centred on the brightest voxels (above this quantile) instead of uniformly:
@@ -47,6 +55,12 @@ class PretrainConfig(LoopConfig):
     prep: PrepConfig = field(default_factory=PrepConfig)
     model: MiMConfig = field(default_factory=_default_model)
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def input_spec(self) -> InputSpec:
+        """The contract the encoder is trained under: uniform crops of crop_size voxels at the prepared spacing."""
+        spec = InputSpec(prep=self.prep, input_size=self.model.encoder.img_size, channels=("image",))
+        spec.view = ViewSpec(centre="random", crop_mm=self.crop_size * spec.spacing_mm, margin_mm=0.0)
+        return spec
 
 
 def load_training_volumes(cfg: PretrainConfig, show_progress: bool):
@@ -70,40 +84,43 @@ def load_training_volumes(cfg: PretrainConfig, show_progress: bool):
 
 
 def checkpoint_files(cfg: PretrainConfig, summary: dict) -> dict:
-    enc = cfg.model.encoder
     return {
-        "encoder_config.json": to_dict(enc),
-        "preprocessing.json": {**to_dict(cfg.prep), "orientation": "RAS", "input_size": enc.img_size,
-                               "channels": ["image"], "crop_size_voxels": cfg.crop_size},
+        "encoder_config.json": to_dict(cfg.model.encoder),
+        "input_spec.json": cfg.input_spec().to_dict(),
         "summary.json": summary,
         "run_config.json": to_dict(cfg),
     }
 
 
-def train(cfg: PretrainConfig) -> Path:
-    accelerator = make_accelerator(cfg)
-    main = accelerator.is_main_process
-    out = Path(cfg.output_dir)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-
+def build(cfg: PretrainConfig, accelerator):
+    """Model, optimizer (prepared), schedule and the resumable batch stream's source."""
     with accelerator.main_process_first():  # one rank fills the cache; the others then hit it
-        dataset, n_volumes = load_training_volumes(cfg, show_progress=main)
+        dataset, n_volumes = load_training_volumes(cfg, show_progress=accelerator.is_main_process)
     batches = ResumableBatches(dataset, cfg.batch_size, cfg.seed, accelerator.num_processes,
                                accelerator.process_index, cfg.num_workers)
-
     seed_step(cfg.seed, -1)  # identical initial weights on every rank and every (re)start
     model = MiMModel(cfg.model)
     if cfg.model.encoder.grad_checkpointing:
         model.encoder.set_grad_checkpointing(True)
-    optimizer = build_optimizer(param_groups_weight_decay(model, cfg.optim.weight_decay), cfg.optim)
+    groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=model.no_weight_decay())
+    optimizer = build_optimizer(groups, cfg.optim)
     set_deepspeed_micro_batch(accelerator, cfg.batch_size * cfg.crops_per_volume)
     model, optimizer = accelerator.prepare(model, optimizer)
-    schedule = WarmupCosine(optimizer, cfg.optim, cfg.max_steps)
+    return model, optimizer, WarmupCosine(optimizer, cfg.optim, cfg.max_steps), batches, n_volumes
+
+
+def train(cfg: PretrainConfig) -> Path:
+    cfg = absolute_paths(cfg, PATH_FIELDS)
+    out = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg, out)
+    main = accelerator.is_main_process
+    model, optimizer, schedule, batches, n_volumes = build(cfg, accelerator)
+    if main:  # only now that the run can start: nothing is written for a refused one
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     guard = NonFiniteGuard(cfg.max_nonfinite)
     ckpt = Checkpointer(out, cfg.keep_ckpts)
-    logger = RunLogger(out, enabled=main)
+    logger = RunLogger(accelerator, out)
 
     step = 0
     resume_from = ckpt.resolve(cfg.resume)
@@ -115,44 +132,39 @@ def train(cfg: PretrainConfig) -> Path:
         if main:
             print(f"resumed from {resume_from} at step {step}")
 
+    enc = cfg.model.encoder
+
+    def loss_fn(micro):
+        m, crops = micro
+        # [B, n_crops, C, S, S, S] -> [B * n_crops, C, S, S, S]
+        crops = crops.reshape(-1, *crops.shape[2:]).to(accelerator.device, non_blocking=True)
+        levels = build_hierarchy(crops, cfg.model.masks, enc.patch_size, enc.img_size,
+                                 seed_step(cfg.seed, m, accelerator.process_index))
+        return {**model(levels), "levels": levels}
+
     last_stop = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
     summary = {"volumes": n_volumes, "world_size": accelerator.num_processes}
     bar = progress(cfg.max_steps, step, main, "pretrain")
     stream = batches.iterate(step * cfg.grad_accum)
-    last = {}
-    levels = outputs = None
+    last: dict = {}
     t0 = time.time()
     try:
         while step < last_stop:
             lr = schedule.set_step(step)
-            sums: dict[str, float] = {}
-            step_ok = True
-            for micro in range(cfg.grad_accum):
-                m, crops = next(stream)
-                # [B, n_crops, C, S, S, S] -> [B * n_crops, C, S, S, S]
-                crops = crops.reshape(-1, *crops.shape[2:]).to(accelerator.device, non_blocking=True)
-                gen = seed_step(cfg.seed, m, accelerator.process_index)
-                levels = build_hierarchy(crops, cfg.model.masks, cfg.model.encoder.patch_size,
-                                         cfg.model.encoder.img_size, gen)
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        outputs = mim_step(model, levels)
-                    _, step_ok = backward_and_step(accelerator, model, optimizer, outputs["loss"], guard,
-                                                   cfg.optim.clip_grad, step_ok)
-                for k, v in outputs.items():
-                    if v.ndim == 0:
-                        sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            micro = (next(stream) for _ in range(cfg.grad_accum))
+            terms, step_ok, outputs = optimizer_step(accelerator, model, optimizer, guard, cfg.optim.clip_grad,
+                                                     micro, loss_fn)
             step += 1
             bar.update(1)
             if step_ok:
-                last = sums
-                bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}")
+                last = terms
+                bar.set_postfix(loss=f"{terms['loss']:.4f}", lr=f"{lr:.2e}")
             if step % cfg.log_every == 0 or step == last_stop:
-                logger.log(step, {**{f"train/{k}": v for k, v in sums.items()}, "train/lr": lr,
+                logger.log(step, {**{f"train/{k}": v for k, v in terms.items()}, "train/lr": lr,
                                   "train/nonfinite_skipped": guard.total})
             if main and cfg.preview_every and (step % cfg.preview_every == 0 or step == last_stop):
                 from pretrain.preview import save_previews
-                save_previews(levels, outputs, cfg.model.encoder.patch_size, cfg.model.norm_pix_loss,
+                save_previews(outputs["levels"], outputs, enc.patch_size, cfg.model.norm_pix_loss,
                               out / "previews" / f"step{step:07d}.png")
             if step % cfg.ckpt_every == 0 or step == last_stop:
                 summary.update(step=step, losses=last, nonfinite_skipped=guard.total,

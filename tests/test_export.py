@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,14 @@ from monai.networks.nets import UNETR, ViT
 from safetensors.torch import load_file, save_file
 
 from data.config import to_dict
+from data.prepare import PrepConfig
 from models.export import main
+from models.input_spec import InputSpec, ViewSpec, load_input_spec
 from models.vit3d import ViT3D, ViT3DConfig
 
 CFG = ViT3DConfig(img_size=32, patch_size=8, dim=48, depth=2, heads=2)
+SPEC = InputSpec(prep=PrepConfig(spacing=(1.0, 1.0, 1.0)), input_size=32,
+                 view=ViewSpec(centre="random", crop_mm=64.0, margin_mm=0.0))
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,7 +39,7 @@ def _write_checkpoint(folder: Path, model: ViT3D, prefix="module.encoder."):
     weights["module.decoder.proj.weight"] = torch.randn(4, 48)
     save_file(weights, folder / "model.safetensors")
     (folder / "encoder_config.json").write_text(json.dumps(to_dict(model.config)))
-    (folder / "preprocessing.json").write_text(json.dumps({"spacing": [1, 1, 1], "orientation": "RAS"}))
+    SPEC.save(folder)
     (folder / "summary.json").write_text(json.dumps({"step": 1234, "losses": {"total": 0.4321, "recon": 0.3}}))
     return folder
 
@@ -60,7 +65,7 @@ def test_export_hf_from_checkpoint_folder(tmp_path, x):
     loaded = ViT3D.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
-    assert loaded.preprocessing == {"spacing": [1, 1, 1], "orientation": "RAS"}
+    assert loaded.input_spec == SPEC and load_input_spec(tmp_path / "hf") == SPEC
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "1234" in card and "0.4321" in card and "Not for clinical use." in card
 
@@ -125,7 +130,9 @@ def test_monai_vit_loads_export_strictly_and_matches(tmp_path, x, pos_embed, dim
     assert torch.allclose(model(x).detach(), theirs, atol=5e-6)
     for blk, ours_map in zip(vit.blocks, maps):  # MONAI's explicit attention is an independent reference
         assert torch.allclose(blk.attn.att_mat, ours_map, atol=1e-6)
-    assert json.loads((tmp_path / "monai" / "preprocessing.json").read_text())["orientation"] == "RAS"
+    assert load_input_spec(tmp_path / "monai") == SPEC
+    card = (tmp_path / "monai" / "README.md").read_text()  # a 2-layer, patch-8 encoder: no UNETR recipe
+    assert "UNETR does not fit this encoder" in card and "UNETR(" not in card
 
 
 def test_unetr_vit_loads_export(tmp_path):
@@ -139,3 +146,32 @@ def test_unetr_vit_loads_export(tmp_path):
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         assert torch.allclose(unetr.vit(x)[0], model(x), atol=1e-5)
+
+
+def test_monai_card_recipes_run_as_written(tmp_path, monkeypatch):
+    """The card's code blocks (MONAI ViT and UNETR, with the exact arguments) run in the export folder."""
+    model = _encoder(ViT3DConfig(img_size=32, patch_size=16, dim=48, depth=12, heads=2))
+    ckpt = _write_checkpoint(tmp_path / "ckpt", model)
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "monai"), "--format", "monai"]) == 0
+    card = (tmp_path / "monai" / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    assert len(blocks) == 2 and "qkv_bias=True" in blocks[1] and "hidden_size=48" in blocks[1]
+    monkeypatch.chdir(tmp_path / "monai")
+    scope: dict = {}
+    for code in blocks:
+        exec(code, scope)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scope["vit"].eval()(x)[0], model(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(scope["unetr"].eval().vit(x)[0], model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_hf_card_names_the_import_path(tmp_path):
+    ckpt = _write_checkpoint(tmp_path / "ckpt", _encoder())
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
+    card = (tmp_path / "hf" / "README.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", card, flags=re.S)[0]
+    assert "from models.vit3d import ViT3D" in code
+    scope: dict = {}
+    exec(code.replace("path/to/this/folder", str(tmp_path / "hf")), scope)
+    assert isinstance(scope["model"], ViT3D)

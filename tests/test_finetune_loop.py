@@ -50,9 +50,13 @@ def test_classification_run_writes_everything(classification_run, synth_cohort):
         assert split in metrics["splits"]
         assert (out / f"roc_{split}.png").is_file()
     assert len(metrics["folds"]) == 2
-    # each fold's HF folder carries its clinical schema and preprocessing
+    # each fold's HF folder carries its clinical schema and its input contract
+    from models.input_spec import load_input_spec
     cfg = json.loads((out / "model" / "fold0" / "config.json").read_text())
-    assert cfg["clinical_schema"]["numeric"] and cfg["preprocessing"]["spacing"] == [2.0, 2.0, 2.0]
+    spec = load_input_spec(out / "model" / "fold0")
+    assert cfg["clinical_schema"]["numeric"] and spec.prep.spacing == (2.0, 2.0, 2.0)
+    assert spec.channels == ("image", "lesion_mask") and spec.view.centre == "lesion"
+    assert (spec.view.crop_mm, spec.view.margin_mm) == (40.0, 10.0)  # launch/finetune_tiny_cpu.yaml
     assert list((out / "explain").glob("*.nii.gz")) and list((out / "explain").glob("*.png"))
 
 
@@ -168,7 +172,21 @@ def test_zero3_is_refused_with_a_clear_error():
 
 def test_negative_crop_mm_is_a_config_error():
     from data.errors import ConfigError
-    from finetune.train import min_side_vox
+    from models.input_spec import ViewSpec
     with pytest.raises(ConfigError, match="crop_mm"):
         FinetuneConfig(crop_mm=-5.0)
-    assert min_side_vox(0.0, 2.0) is None and min_side_vox(40.0, 2.0) == 20 and min_side_vox(0.4, 2.0) == 1
+    crop = lambda mm: ViewSpec(crop_mm=mm).crop_voxels(2.0)  # noqa: E731
+    assert crop(0.0) is None and crop(40.0) == 20 and crop(0.4) == 1
+
+
+def test_task_and_fusion_are_set_in_one_place():
+    from data.config import parse_config
+    from data.errors import ConfigError
+    from finetune.train import resolve_inputs
+    cfg, _ = parse_config(FinetuneConfig, ["--task", "survival", "--fusion", "film"])
+    model_cfg, _ = resolve_inputs(cfg)
+    assert (model_cfg.task, model_cfg.fusion) == ("survival", "film")  # the model follows --task / --fusion
+    with pytest.raises(ConfigError, match="--model.task 'multitask' conflicts with --task 'survival'"):
+        parse_config(FinetuneConfig, ["--task", "survival", "--model.task", "multitask"])
+    with pytest.raises(ConfigError, match="--model.fusion"):
+        parse_config(FinetuneConfig, ["--fusion", "none", "--model.fusion", "tokens"])

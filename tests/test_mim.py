@@ -12,12 +12,11 @@ from einops import rearrange
 
 from data.config import from_dict, to_dict
 from data.errors import ConfigError, InputError
-from models.mim import MiMConfig, MiMModel, grid_sincos
+from models.mim import (MiMConfig, MiMModel, alignment_loss, masked_reconstruction_loss, mim_losses,
+                        reconstruct_volumes)
+from models.mim_masks import MaskConfig, build_hierarchy
 from models.pos_embed import sincos_3d
-from models.vit3d import ViT3DConfig
-from pretrain.losses import (alignment_loss, masked_reconstruction_loss, mim_losses, mim_step, patchify,
-                             reconstruct_volumes, unpatchify)
-from pretrain.masks import MaskConfig, build_hierarchy
+from models.vit3d import ViT3DConfig, patchify, unpatchify
 
 P = 4  # patch edge; img 16 -> a 4^3 grid of 64 tokens
 
@@ -42,7 +41,8 @@ def levels_for(cfg: MiMConfig, batch=2, seed=0, crops=None):
 def test_patchify_matches_conv3d_token_order_and_patch_layout():
     c, p, s = 2, 2, 6
     x = torch.randn(3, c, s, s, s)
-    # A Conv3d whose output channel k copies voxel (i, j, l, ch) of the patch, with k = ((i*p + j)*p + l)*C + ch.
+    # The one patch layout is the patch embedding's: output channel k of a Conv3d copies voxel (ch, i, j, l)
+    # of the patch, with k = ((ch*p + i)*p + j)*p + l, i.e. the order of Conv3d's weight [D, C, p, p, p].
     conv = torch.nn.Conv3d(c, p**3 * c, kernel_size=p, stride=p, bias=False)
     with torch.no_grad():
         conv.weight.zero_()
@@ -50,11 +50,11 @@ def test_patchify_matches_conv3d_token_order_and_patch_layout():
             for j in range(p):
                 for l in range(p):
                     for ch in range(c):
-                        conv.weight[((i * p + j) * p + l) * c + ch, ch, i, j, l] = 1.0
-    expected = conv(x).flatten(2).transpose(1, 2)  # [B, N, p^3 C]
+                        conv.weight[((ch * p + i) * p + j) * p + l, ch, i, j, l] = 1.0
+    expected = conv(x).flatten(2).transpose(1, 2)  # [B, N, C p^3]
     torch.testing.assert_close(patchify(x, p), expected)
-    # Token 1 is the patch one step along w.
-    torch.testing.assert_close(patchify(x, p)[0, 1, :c], x[0, :, 0, 0, p])
+    # Token 1 is the patch one step along w; each channel's voxels are one contiguous run.
+    torch.testing.assert_close(patchify(x, p)[0, 1, ::p**3], x[0, :, 0, 0, p])
 
 
 def test_unpatchify_is_the_exact_inverse():
@@ -118,7 +118,7 @@ def mae_reference_loss(model: MiMModel, x: torch.Tensor, noise: torch.Tensor, ra
     for blk in model.decoder_blocks:
         y = blk(y)
     pred = model.decoder_pred(model.decoder_norm(y))
-    target = rearrange(x, "b c (d p1) (h p2) (w p3) -> b (d h w) (p1 p2 p3 c)", p1=P, p2=P, p3=P)
+    target = rearrange(x, "b c (d p1) (h p2) (w p3) -> b (d h w) (c p1 p2 p3)", p1=P, p2=P, p3=P)
     mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
     target = (target - mean) / (var + 1.0e-6) ** 0.5
     loss = ((pred - target) ** 2).mean(dim=-1)
@@ -132,8 +132,7 @@ def test_single_level_equals_mae():
     assert model.projector is None
     crops = torch.randn(3, 1, 32, 32, 32)
     levels = build_hierarchy(crops, cfg.masks, P, 16, torch.Generator().manual_seed(11))
-    assert sorted(model(levels)) == ["pred_l1"]  # the model returns tensors only
-    out = mim_step(model, levels)
+    out = model(levels)  # forward returns the model's tensors and its losses, as MAE's does
     assert sorted(out) == ["loss", "pred_l1", "rec_l1"]
 
     x = F.interpolate(crops, size=(16, 16, 16), mode="trilinear", align_corners=False)
@@ -180,6 +179,7 @@ def test_alignment_pairs_each_child_with_its_real_parent_region():
         feats, _ = model.forward_decoder(levels, model.forward_encoder(levels))
         raw = model(levels)
         out = mim_losses(raw, levels, cfg)
+        assert all(torch.equal(raw[k], out[k]) for k in out)  # forward's losses are mim_losses'
         for i in (1, 2):
             child, par_feats = levels[i], feats[i - 1]
             rows = range(child.x.shape[0])
@@ -234,7 +234,7 @@ def test_alignment_gradient_reaches_child_side_only():
     assert raw["align_pred_l2"].requires_grad and not raw["align_target_l2"].requires_grad
 
 
-def test_mim_step_unwraps_a_ddp_style_wrapper_and_returns_the_losses_dict():
+def test_forward_through_a_ddp_style_wrapper_returns_the_losses_dict():
     torch.manual_seed(0)
     cfg = tiny_config(levels=2)
     model = MiMModel(cfg).eval()
@@ -249,14 +249,16 @@ def test_mim_step_unwraps_a_ddp_style_wrapper_and_returns_the_losses_dict():
 
     levels = levels_for(cfg)
     with torch.no_grad():
-        got = mim_step(Wrapped(model), levels)
-        ref = mim_losses(model(levels), levels, cfg)
-    assert sorted(got) == ["align_l2", "loss", "pred_l1", "pred_l2", "rec_l1", "rec_l2"]
-    for k in got:
+        got = Wrapped(model)(levels)
+        raw = {k: v for k, v in model(levels).items() if k.startswith(("pred_", "align_pred", "align_target"))}
+        ref = mim_losses(raw, levels, cfg)
+    assert sorted(got) == ["align_l2", "align_pred_l2", "align_target_l2", "loss", "pred_l1", "pred_l2",
+                           "rec_l1", "rec_l2"]
+    for k in ref:
         torch.testing.assert_close(got[k], ref[k])
     assert got["pred_l2"].shape == (levels[1].x.shape[0], 64, P**3)
     with pytest.raises(InputError, match="levels"):
-        mim_losses(model(levels[:1]), levels[:1], cfg)
+        mim_losses(raw, levels[:1], cfg)
 
 
 def test_models_import_nothing_from_the_training_stages():
@@ -289,9 +291,11 @@ def test_reconstruct_volumes_keeps_visible_and_unnormalises_masked():
     torch.testing.assert_close(got[m], mean.expand_as(target)[m])
 
 
-def test_decoder_sincos_matches_pos_embed_module_and_handles_dim_128():
-    assert torch.equal(grid_sincos(96, 4), sincos_3d(96, 4))
-    emb = grid_sincos(128, 4)
+def test_one_sincos_serves_encoder_and_decoder_widths():
+    # dim % 6 == 0 splits in three equal axis parts (the encoder's case, checked by hand in test_vit3d)
+    axis = sincos_3d(96, 4)[0].reshape(4, 4, 4, 96)
+    assert torch.equal(axis[0, :, :, :32], axis[0, 0, 0, :32].expand(4, 4, 32))  # d part depends on d only
+    emb = sincos_3d(128, 4)  # the decoder's width: w takes the remainder
     assert emb.shape == (1, 64, 128) and len({tuple(r) for r in emb[0].tolist()}) == 64  # distinct rows
 
 
@@ -320,7 +324,7 @@ def test_loss_decreases_when_overfitting_a_fixed_batch():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     history = []
     for _ in range(30):
-        out = mim_step(model, levels)
+        out = model(levels)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
@@ -343,7 +347,7 @@ def test_alignment_does_not_collapse_while_overfitting_a_fixed_batch():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None
     for _ in range(30):
-        out = mim_step(model, levels)
+        out = model(levels)
         assert all(math.isfinite(out[f"align_l{i}"].item()) for i in (2, 3)), out
         first = first or {i: out[f"align_l{i}"].item() for i in (2, 3)}
         opt.zero_grad()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from data.errors import InputError
+from models.input_spec import InputSpec, load_input_spec
 from models.multimodal import MultimodalConfig, MultimodalModel, inflate_patch_embed
 from models.vit3d import ViT3D, ViT3DConfig
 
@@ -185,8 +186,11 @@ def test_linear_probe_freezes_the_encoder():
 def test_save_load_round_trip_is_exact_and_strict(tmp_path):
     model = make("tokens", "multitask", survival_head="discrete", n_time_bins=3).eval()
     extra = {"clinical_schema": {"age": "numeric"}, "time_bins": [0.0, 12.0, 24.0], "crop_size": S}
-    model.save_pretrained(tmp_path / "mm", extra_config=extra, card={"title": "test", "metrics": {"auc": 0.5}})
+    spec = InputSpec(input_size=S, channels=("image", "lesion_mask"))
+    model.save_pretrained(tmp_path / "mm", extra_config=extra, card={"title": "test", "metrics": {"auc": 0.5}},
+                          input_spec=spec)
     loaded, config = MultimodalModel.from_pretrained(tmp_path / "mm")
+    assert load_input_spec(tmp_path / "mm") == spec
     assert dataclasses.asdict(loaded.config) == dataclasses.asdict(model.config)
     assert {k: config[k] for k in extra} == extra
     x, clin = inputs()

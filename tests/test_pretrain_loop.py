@@ -52,7 +52,12 @@ def test_loss_goes_down_and_encoder_exports(synth_cohort, tmp_path):
     for k, v in enc.state_dict().items():
         assert torch.equal(v, full["encoder." + k]), k
     cfg = json.loads((out / "encoder" / "config.json").read_text())
-    assert cfg["model_type"] and cfg["preprocessing"]["spacing"] == [2.0, 2.0, 2.0]
+    from models.input_spec import load_input_spec
+    spec = load_input_spec(out / "encoder")  # the input contract travels with the encoder
+    assert cfg["model_type"] and spec.prep.spacing == (2.0, 2.0, 2.0) and spec.channels == ("image",)
+    run = load_config(PretrainConfig, out / "config.yaml")
+    assert spec.view.centre == "random" and spec.view.crop_mm == run.crop_size * 2.0
+    assert spec.input_size == run.model.encoder.img_size
 
 
 def test_resume_equals_uninterrupted(synth_cohort, tmp_path):
@@ -71,7 +76,7 @@ def test_resume_equals_uninterrupted(synth_cohort, tmp_path):
 
 
 def test_nonfinite_losses_stop_the_run_and_keep_the_last_good_checkpoint(synth_cohort, tmp_path, monkeypatch):
-    import pretrain.losses as mim
+    import models.mim as mim
     out = tmp_path / "nan"
     train(tiny_cfg(synth_cohort, out, max_steps=2, ckpt_every=2))
     real_forward = mim.mim_losses

@@ -6,13 +6,12 @@ from sksurv.datasets import load_whas500
 from sksurv.linear_model import CoxPHSurvivalAnalysis
 
 from data.errors import InputError
+from finetune.cohort import time_bins, to_bin
 from finetune.survival_losses import (
     cox_efron_loss,
     discrete_time_nll,
     survival_from_hazards,
     survival_risk_from_hazards,
-    time_bins,
-    to_bin,
 )
 
 

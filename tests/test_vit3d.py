@@ -8,7 +8,9 @@ from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 
 from data.errors import ConfigError, InputError
+from data.prepare import PrepConfig
 from models.hf import load_hf_folder, load_state_dict_strict
+from models.input_spec import InputSpec, load_input_spec
 from models.pos_embed import resize_pos_embed, sincos_3d
 from models.vit3d import PRESETS, ViT3D, ViT3DConfig, vit3d_config, vit3d_config_from_dict
 
@@ -103,8 +105,10 @@ def test_sincos_values_by_hand():
         for p in (d, h, w):
             want += [math.sin(p), math.sin(p / 100), math.cos(p), math.cos(p / 100)]
         assert torch.allclose(pe[0, n], torch.tensor(want), atol=1e-6), (d, h, w)
-    with pytest.raises(ValueError, match="divisible by 6"):
-        sincos_3d(50, 4)
+    with pytest.raises(ValueError, match="even dim"):
+        sincos_3d(51, 4)
+    with pytest.raises(ConfigError, match="divisible by 6"):  # the encoder keeps three equal axis parts
+        ViT3DConfig(dim=50, heads=2)
 
 
 def test_sincos_pos_embed_is_frozen_and_saved(model):
@@ -211,13 +215,13 @@ def test_layer_decay_param_groups():
 
 
 def test_save_load_round_trip(tmp_path, model, x):
-    pre = {"spacing": [1.5, 1.5, 1.5], "orientation": "RAS", "intensity": "ct_window(-1000, 1000)",
-           "input_size": 32, "channels": ["image"]}
-    model.save_pretrained(tmp_path / "enc", preprocessing=pre, card={"metrics": {"loss": 0.123}})
-    assert sorted(p.name for p in (tmp_path / "enc").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    pre = InputSpec(prep=PrepConfig(spacing=(1.5, 1.5, 1.5), modality="ct"), input_size=32, channels=("image",))
+    model.save_pretrained(tmp_path / "enc", input_spec=pre, card={"metrics": {"loss": 0.123}})
+    assert sorted(p.name for p in (tmp_path / "enc").iterdir()) == ["README.md", "config.json", "input_spec.json",
+                                                                    "model.safetensors"]
     config = json.loads((tmp_path / "enc" / "config.json").read_text())
     assert config["model_type"] == "mimfm_vit3d" and config["architectures"] == ["ViT3D"]
-    assert config["hidden_size"] == 48 and config["depth"] == 2 and config["preprocessing"] == pre
+    assert config["hidden_size"] == 48 and config["depth"] == 2 and load_input_spec(tmp_path / "enc") == pre
     assert config["mimfm_version"]
     card = ModelCard((tmp_path / "enc" / "README.md").read_text())
     assert {"medical-imaging", "3d", "vit", "self-supervised"} <= set(card.data.tags)
@@ -225,7 +229,7 @@ def test_save_load_round_trip(tmp_path, model, x):
     assert "Not for clinical use." in card.text and "0.123" in card.text and "RAS" in card.text
 
     loaded = ViT3D.from_pretrained(tmp_path / "enc").eval()
-    assert loaded.preprocessing == pre
+    assert loaded.input_spec == pre
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from data.config import from_dict
 from data.errors import ConfigError, InputError
-from pretrain.masks import MaskConfig, build_hierarchy, cut_and_resize
+from models.mim_masks import MaskConfig, build_hierarchy, cut_and_resize
 
 
 

@@ -1,4 +1,4 @@
-"""MiM hierarchical masking: which sub-volume each level sees, and which of its patches are masked.
+"""MiM's hierarchical masks: which sub-volume each level sees, and which of its patches are masked.
 
 Level 1 sees the whole crop. Level l+1 sees K sub-volumes per level-l sample, each a cube of c^3
 patches that was *masked* at level l ("masks inside masks"), cut again from the original crop (finer
@@ -16,13 +16,59 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from data.errors import ConfigError, InputError
-from models.mim import MaskConfig, check_fits, masked_count  # the config is part of MiMConfig
 
-__all__ = ["MaskConfig", "Level", "build_hierarchy", "check_fits", "cut_and_resize", "masked_count"]
+
+@dataclass
+class MaskConfig:
+    """MiM's hierarchical masking (built by `build_hierarchy`); part of `models.mim.MiMConfig`."""
+    levels: int = 3
+    mask_ratio: tuple[float, ...] = (0.75, 0.75, 0.75)  # per level; a single value applies to all
+    children: int = 2        # K: sub-volumes per parent sample
+    child_patches: int = 2   # c: a child covers c x c x c of its parent's patches
+
+    def __post_init__(self):
+        self.mask_ratio = tuple(float(r) for r in self.mask_ratio)
+        if self.levels < 1:
+            raise ConfigError(f"masks.levels must be >= 1, got {self.levels}")
+        if len(self.mask_ratio) not in (1, self.levels):
+            raise ConfigError(f"masks.mask_ratio needs 1 or {self.levels} (= levels) values, "
+                              f"got {len(self.mask_ratio)}: {self.mask_ratio}")
+        if not all(0.0 < r < 1.0 for r in self.mask_ratio):
+            raise ConfigError(f"masks.mask_ratio values must lie in (0, 1), got {self.mask_ratio}")
+        if self.children < 1 or self.child_patches < 1:
+            raise ConfigError(f"masks.children and masks.child_patches must be >= 1, "
+                              f"got {self.children} and {self.child_patches}")
+
+    def ratios(self) -> tuple[float, ...]:
+        return self.mask_ratio * self.levels if len(self.mask_ratio) == 1 else self.mask_ratio
+
+
+def masked_count(ratio: float, num_patches: int) -> int:
+    """How many of a sample's patches are masked: exactly round(ratio * N)."""
+    return int(round(ratio * num_patches))
+
+
+def check_fits(cfg: MaskConfig, grid: int) -> None:
+    """K non-overlapping c^3 cubes must fit the grid and each non-final level's masked budget."""
+    n = grid**3
+    c, k = cfg.child_patches, cfg.children
+    for lvl, ratio in enumerate(cfg.ratios(), start=1):
+        n_mask = masked_count(ratio, n)
+        if not 1 <= n_mask <= n - 1:
+            raise ConfigError(f"masks.mask_ratio {ratio} at level {lvl} masks {n_mask} of {n} patches; "
+                              "need at least one masked and one visible")
+        if lvl < cfg.levels:
+            if c > grid or k > (grid // c) ** 3:
+                raise ConfigError(f"masks: {k} children of {c}^3 patches do not fit a {grid}^3 patch grid "
+                                  f"(at most {(grid // c) ** 3 if c <= grid else 0})")
+            if k * c**3 > n_mask:
+                raise ConfigError(f"masks: {k} children of {c}^3 patches need {k * c**3} masked patches "
+                                  f"but level {lvl} masks only {n_mask} of {n} (mask_ratio {ratio})")
 
 
 @dataclass
 class Level:
+    """One level's masked inputs; `models.mim.MiMModel` reads x, visible_idx, parent and parent_tokens."""
     x: Tensor                     # [B_l, C, I, I, I] encoder input
     mask: Tensor                  # [B_l, N] bool, True = masked
     visible_idx: Tensor           # [B_l, N_vis] long, ascending

@@ -1,0 +1,223 @@
+"""One cross-validation fold of fine-tuning: build (schema, datasets, model, optimizer), fit (the loop,
+early stopping on the validation metric), export (predictions per set and the fold's HF folder).
+
+The loop reads like the pretraining loop: one `models.training.optimizer_step` per optimizer step.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from data.errors import InputError
+from finetune.clinical import ClinicalSchema
+from finetune.cohort import make_dataset, time_bins
+from finetune.scores import output_scores
+from models.input_spec import InputSpec
+from models.multimodal import MultimodalConfig, MultimodalModel
+from models.training import (NonFiniteGuard, ResumableBatches, RunLogger, WarmupCosine, build_optimizer,
+                             optimizer_step, progress, seed_step, set_deepspeed_micro_batch)
+
+
+@dataclass
+class Fold:
+    """Everything one fold trains with; made by `build_fold`."""
+    index: int
+    spec: InputSpec
+    schema: ClinicalSchema | None
+    bins: np.ndarray | None          # discrete-time bin edges fitted on the training rows, or None
+    train_ds: object
+    val_ds: object
+    val_df: pd.DataFrame
+    model: torch.nn.Module           # prepared by accelerate
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosine
+    batches: ResumableBatches
+    steps_per_epoch: int
+    pos_weight: torch.Tensor | None
+
+
+def dataset_for(fold: Fold, df: pd.DataFrame, task: str, fusion: str):
+    return make_dataset(df, task, fold.schema, use_images=fusion != "clinical_only",
+                        crop_size=fold.spec.input_size, time_bins=fold.bins, augment=False, seed=0,
+                        **fold.spec.view_voxels())
+
+
+def build_fold(cfg, model_cfg: MultimodalConfig, spec: InputSpec, index: int, train_df: pd.DataFrame,
+               val_df: pd.DataFrame, columns: list[str], accelerator) -> Fold:
+    """Fit the clinical schema and time bins on this fold's training rows; make datasets, model, optimizer."""
+    schema = ClinicalSchema.fit(train_df, columns) if cfg.fusion != "none" else None
+    bins = None
+    if cfg.task != "classification" and model_cfg.survival_head == "discrete":
+        bins = np.asarray(time_bins(train_df["time"].to_numpy(), train_df["event"].to_numpy(), cfg.n_time_bins))
+    mcfg = replace(model_cfg, clinical_dim=schema.n_features if schema else 0,
+                   n_time_bins=cfg.n_time_bins if bins is not None else model_cfg.n_time_bins)
+    kw = dict(use_images=cfg.fusion != "clinical_only", crop_size=spec.input_size, time_bins=bins,
+              **spec.view_voxels())
+    train_ds = make_dataset(train_df, cfg.task, schema, augment=True, seed=cfg.seed + index, **kw)
+    val_ds = make_dataset(val_df, cfg.task, schema, augment=False, seed=0, **kw)
+
+    seed_step(cfg.seed, -1 - index)  # the fold's initial weights
+    model = MultimodalModel.from_pretrained_encoder(mcfg, cfg.pretrained or None)
+    if cfg.freeze_encoder and cfg.fusion != "clinical_only":
+        model.freeze_encoder(linear_probe=True)
+    optimizer = build_optimizer(model.param_groups(cfg.optim.lr, cfg.optim.weight_decay, cfg.layer_decay), cfg.optim)
+    batch_size = min(cfg.batch_size, len(train_ds) // accelerator.num_processes)
+    if batch_size < 1:
+        raise InputError(f"fold {index}: {len(train_ds)} training subject(s) for {accelerator.num_processes} processes")
+    batches = ResumableBatches(train_ds, batch_size, cfg.seed + index, accelerator.num_processes,
+                               accelerator.process_index, cfg.num_workers)
+    steps_per_epoch = math.ceil(batches.per_epoch / cfg.grad_accum)
+    schedule = WarmupCosine(optimizer, cfg.optim, cfg.epochs * steps_per_epoch)
+    set_deepspeed_micro_batch(accelerator, batch_size)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    pos_weight = None
+    if cfg.class_weighting and cfg.task in ("classification", "multitask"):
+        n_pos = float(train_df["label"].sum())
+        pos_weight = torch.tensor((len(train_df) - n_pos) / max(n_pos, 1.0), device=accelerator.device)
+    return Fold(index, spec, schema, bins, train_ds, val_ds, val_df, model, optimizer, schedule, batches,
+                steps_per_epoch, pos_weight)
+
+
+def task_loss(out: dict, batch: dict, task: str, pos_weight: torch.Tensor | None) -> dict:
+    from finetune.survival_losses import cox_efron_loss, discrete_time_nll
+    terms = {}
+    if task in ("classification", "multitask"):
+        terms["bce"] = F.binary_cross_entropy_with_logits(out["logit"].float(), batch["label"].float(),
+                                                          pos_weight=pos_weight)
+    if task in ("survival", "multitask"):
+        if "risk" in out:
+            terms["cox"] = cox_efron_loss(out["risk"].float(), batch["time"], batch["event"])
+        else:
+            terms["nll"] = discrete_time_nll(out["hazard_logits"].float(), batch["bin"], batch["event"])
+    terms["loss"] = sum(terms.values())
+    return terms
+
+
+@torch.no_grad()
+def predict(model: MultimodalModel, dataset, batch_size: int, device, time_bins=None) -> dict[str, np.ndarray]:
+    import monai.data
+    model.eval()
+    parts: dict[str, list] = {}
+    for batch in monai.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        x = batch["x"].to(device) if "x" in batch else None
+        for k, v in output_scores(model(x, batch["clinical"].to(device)), time_bins).items():
+            parts.setdefault(k, []).append(v.cpu())
+    model.train()
+    return {k: torch.cat(v).numpy() for k, v in parts.items()}
+
+
+def validation_score(pred: dict, dataset, task: str) -> float | None:
+    """Higher is better: AUC, Harrell's C, or their mean for multitask; None when undefined."""
+    from sklearn.metrics import roc_auc_score
+    from sksurv.metrics import concordance_index_censored
+    t = dataset.targets
+    scores = []
+    if task in ("classification", "multitask"):
+        if len(np.unique(t.label)) < 2:
+            return None
+        scores.append(roc_auc_score(t.label, pred["prob"]))
+    if task in ("survival", "multitask"):
+        if t.event.sum() == 0:
+            return None
+        scores.append(concordance_index_censored(t.event.astype(bool), t.time, pred["risk"])[0])
+    return float(np.mean(scores))
+
+
+def _epoch(cfg, fold: Fold, accelerator, guard: NonFiniteGuard, stream, step: int) -> tuple[dict, int]:
+    """One epoch of optimizer steps; returns the mean scalar terms of the good steps and the step count."""
+    def loss_fn(micro):
+        m, batch = micro
+        seed_step(cfg.seed + 1000 * (fold.index + 1), m, accelerator.process_index)  # dropout, drop-path
+        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return task_loss(fold.model(batch.get("x"), batch["clinical"]), batch, cfg.task, fold.pos_weight)
+
+    totals: dict[str, float] = {}
+    good = 0
+    for _ in range(fold.steps_per_epoch):
+        fold.schedule.set_step(step)
+        micro = (next(stream) for _ in range(cfg.grad_accum))
+        terms, step_ok, _ = optimizer_step(accelerator, fold.model, fold.optimizer, guard, cfg.optim.clip_grad,
+                                           micro, loss_fn)
+        step += 1
+        if step_ok:  # a skipped (non-finite) step does not poison the epoch's mean
+            good += 1
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + v
+    return {k: v / max(good, 1) for k, v in totals.items()}, step
+
+
+def _stop_key(score: float | None, totals: dict, accelerator) -> float:
+    """The early-stopping key: the validation score, or (when undefined: a one-class fold, no events)
+    minus the training loss averaged over ranks, so every rank takes the same decision."""
+    if score is not None:
+        return score
+    loss = torch.tensor(totals.get("loss", math.inf), device=accelerator.device)
+    return -float(accelerator.reduce(loss, reduction="mean")) if accelerator.num_processes > 1 else -float(loss)
+
+
+def fit_fold(cfg, fold: Fold, accelerator, logger: RunLogger) -> dict:
+    """Train with early stopping on the validation metric; returns the best epoch, its score and weights."""
+    guard = NonFiniteGuard(cfg.max_nonfinite)
+    stream = fold.batches.iterate(0)
+    unwrapped = accelerator.unwrap_model(fold.model)
+    best = {"score": None, "key": -math.inf, "epoch": 0, "state": copy.deepcopy(unwrapped.state_dict())}
+    metric = {"classification": "val AUC", "survival": "val C-index", "multitask": "val AUC+C"}[cfg.task]
+    bar = progress(cfg.epochs, 0, accelerator.is_main_process, f"fold {fold.index}")
+    step, stopped = 0, ""
+    for epoch in range(cfg.epochs):
+        totals, step = _epoch(cfg, fold, accelerator, guard, stream, step)
+        score = validation_score(predict(unwrapped, fold.val_ds, cfg.batch_size, accelerator.device, fold.bins),
+                                 fold.val_ds, cfg.task)
+        key = _stop_key(score, totals, accelerator)
+        logger.log(step, {f"fold{fold.index}/train_{k}": v for k, v in totals.items()}
+                   | ({f"fold{fold.index}/val_score": score} if score is not None else {}), epoch=epoch)
+        if key > best["key"]:
+            best = {"score": score, "key": key, "epoch": epoch, "state": copy.deepcopy(unwrapped.state_dict())}
+        bar.update(1)
+        bar.set_postfix({"loss": f"{totals.get('loss', 0):.3f}",
+                         metric: f"{score:.3f}" if score is not None else "n/a", "best": best["epoch"]})
+        if epoch - best["epoch"] >= cfg.patience:
+            stopped = f"stopped early at epoch {epoch}: no {metric} gain for {cfg.patience} epochs"
+            break
+    if stopped:
+        bar.set_description(f"fold {fold.index} ({stopped}; best epoch {best['epoch']})")
+    bar.close()
+    return best
+
+
+def export_fold(cfg, fold: Fold, best: dict, eval_sets: dict[str, pd.DataFrame], columns: list[str],
+                accelerator) -> dict:
+    """Predict every set with the best epoch's weights and save the fold model (schema, contract inside)."""
+    model = accelerator.unwrap_model(fold.model)
+    model.load_state_dict(best["state"])
+    preds = {"val": (fold.val_df, predict(model, fold.val_ds, cfg.batch_size, accelerator.device, fold.bins))}
+    for name, df in eval_sets.items():
+        preds[name] = (df, predict(model, dataset_for(fold, df, cfg.task, cfg.fusion), cfg.batch_size,
+                                   accelerator.device, fold.bins))
+    folder = Path(cfg.output_dir) / "model" / f"fold{fold.index}"
+    if accelerator.is_main_process:
+        extra = {"clinical_schema": fold.schema.to_dict() if fold.schema else None, "clinical_columns": columns,
+                 "time_bins": fold.bins.tolist() if fold.bins is not None else None,
+                 "pretrained": cfg.pretrained or None, "fold": fold.index}
+        card = {"training": {"fold": fold.index, "train_subjects": len(fold.train_ds), "best_epoch": best["epoch"],
+                             "pretrained": cfg.pretrained or "none (from scratch)"},
+                "metrics": {"validation_score": best["score"]}}
+        model.save_pretrained(folder, extra_config=extra, card=card, input_spec=fold.spec)
+    accelerator.wait_for_everyone()
+    return {"preds": preds, "best_epoch": best["epoch"], "val_score": best["score"], "folder": str(folder)}
+
+
+def train_fold(cfg, model_cfg: MultimodalConfig, spec: InputSpec, index: int, train_df: pd.DataFrame,
+               val_df: pd.DataFrame, eval_sets: dict[str, pd.DataFrame], columns: list[str], accelerator,
+               logger: RunLogger) -> dict:
+    """Train one fold; returns predictions per set, the best epoch, its validation score and the model folder."""
+    fold = build_fold(cfg, model_cfg, spec, index, train_df, val_df, columns, accelerator)
+    best = fit_fold(cfg, fold, accelerator, logger)
+    return export_fold(cfg, fold, best, eval_sets, columns, accelerator)
