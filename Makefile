@@ -41,7 +41,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # The whole pipeline on the built-in synthetic cohort: synth -> prepare -> pretrain -> export ->
-# fine-tune (classification and survival) -> evaluate -> predict. Minutes on 2 CPU cores.
+# fine-tune (classification and survival, one held-out test set: the same splits.json) -> evaluate ->
+# predict. Minutes on 2 CPU cores.
 # One intra-op thread: on 2 cores beside data workers, two OpenMP threads thrash (4-7x slower, measured).
 demo: export OMP_NUM_THREADS ?= 1
 demo: $(STAMP)
@@ -54,10 +55,10 @@ demo: $(STAMP)
 	    --out $(DEMO)/pretrain/encoder_monai --format monai
 	$(PY) -m finetune --config launch/finetune_tiny_cpu.yaml --manifest $(DEMO)/cohort/manifest.csv \
 	    --external $(DEMO)/cohort/external.csv --pretrained $(DEMO)/pretrain/encoder --cache_dir $(DEMO)/cache \
-	    --task classification --fusion concat --output_dir $(DEMO)/finetune_cls
+	    --splits $(DEMO)/splits.json --task classification --fusion concat --output_dir $(DEMO)/finetune_cls
 	$(PY) -m finetune --config launch/finetune_tiny_cpu.yaml --manifest $(DEMO)/cohort/manifest.csv \
 	    --external $(DEMO)/cohort/external.csv --pretrained $(DEMO)/pretrain/encoder --cache_dir $(DEMO)/cache \
-	    --task survival --fusion concat --output_dir $(DEMO)/finetune_surv --explain 0
+	    --splits $(DEMO)/splits.json --task survival --fusion concat --output_dir $(DEMO)/finetune_surv --explain 0
 	$(PY) -m finetune.evaluate --predictions $(DEMO)/finetune_cls/predictions.csv \
 	    --manifest $(DEMO)/cohort/manifest.csv --external $(DEMO)/cohort/external.csv --out $(DEMO)/evaluate_cls
 	$(PY) -m finetune.predict --model $(DEMO)/finetune_cls/model --manifest $(DEMO)/cohort/external.csv \

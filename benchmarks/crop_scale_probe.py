@@ -121,7 +121,8 @@ def fit_vit(x, y, tr, va, epochs, lr, pretrained, seed):
 
 @cli_entry
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.crop_scale_probe",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--cohort", required=True, type=Path)
     ap.add_argument("--cache", required=True, type=Path)
     ap.add_argument("--crop", choices=("native", "zoom"), default="zoom")

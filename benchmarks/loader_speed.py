@@ -129,7 +129,7 @@ def update_doc(doc: Path, subsection: str, body: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.loader_speed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.loader_speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=160, help="volume side in voxels (128-192 is typical)")
     p.add_argument("--n", type=int, default=16, help="number of volumes")
     p.add_argument("--repeats", type=int, default=3, help="timed passes; the median is reported")

@@ -298,7 +298,7 @@ def build_table(args, model, rows: list[Row], results: dict[str, Measured],
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.pretrain_speed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.pretrain_speed", description=__doc__.split("\n\n")[0])
     add_run_args(p)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--config", default=None, help="a pretraining YAML instead of --preset")

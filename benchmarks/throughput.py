@@ -112,7 +112,7 @@ def loader_rows(size: int, n: int, repeats: int, workers: int) -> list[tuple[str
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[0])
     add_run_args(p, rows="model row")
     p.add_argument("--preset", choices=sorted(PRETRAIN_PRESETS), default=None,
                    help="model sizes (default: tiny on CPU, base on CUDA)")

@@ -160,7 +160,19 @@ def _arrays(rows: pd.DataFrame, *cols) -> list[np.ndarray]:
     return [rows[c].to_numpy() for c in cols]
 
 
-def _report(rows: pd.DataFrame, reference: pd.DataFrame | None, n_boot: int, seed: int) -> dict:
+def km_threshold(split: str, reference: pd.DataFrame | None, pooled_val: pd.DataFrame | None) -> tuple:
+    """(cut, what it is) for the Kaplan-Meier risk groups of `split`, fixed on training data: the median
+    risk of the "train" rows, else (for a held-out split) of the out-of-fold "val" rows, i.e. the
+    training subjects; never the evaluated set's own median unless nothing else exists."""
+    if reference is not None and "risk" in reference.columns:
+        return float(np.median(reference["risk"])), "median training risk"
+    if split != "val" and pooled_val is not None and "risk" in pooled_val.columns and len(pooled_val):
+        return float(np.median(pooled_val["risk"])), "median out-of-fold risk of the training subjects"
+    return "median", "median risk of the evaluated rows"
+
+
+def _report(rows: pd.DataFrame, reference: pd.DataFrame | None, n_boot: int, seed: int,
+            km: tuple = ("median", "median risk of the evaluated rows")) -> dict:
     out = {"n": int(len(rows))}
     # Bootstrap units are patients, else subjects (as read_manifest fills patient_id): units are
     # ordered by id, never by row, so the CIs do not depend on the order of the predictions.
@@ -170,10 +182,9 @@ def _report(rows: pd.DataFrame, reference: pd.DataFrame | None, n_boot: int, see
                                                       groups=groups)
     if "risk" in rows.columns:
         train = None if reference is None else tuple(_arrays(reference, "time", "event", "risk"))
-        cut = "median" if reference is None else float(np.median(reference["risk"]))
         rep = survival_report(*_arrays(rows, "time", "event", "risk"), train=train, n_boot=n_boot, seed=seed,
-                              groups=groups, km_cut=cut)
-        rep["km"]["cut"] = "median risk of the evaluated rows" if reference is None else "median training risk"
+                              groups=groups, km_cut=km[0])
+        rep["km"]["cut"] = km[1]
         out["survival"] = rep
     return out
 
@@ -194,13 +205,15 @@ def evaluate(pred_df: pd.DataFrame, outcomes_df: pd.DataFrame, compare_df: pd.Da
     result = {"n_boot": n_boot, "seed": seed, "splits": {}}
     reference_rows = pred[pred["split"] == REFERENCE_SPLIT]
     reference = one_row_per_subject(reference_rows)[0] if len(reference_rows) else None
+    val_rows = pred[pred["split"] == "val"]
+    pooled_val = one_row_per_subject(val_rows)[0] if len(val_rows) else None
 
     selected = {}
     for split in pred["split"].unique():
         rows = pred[pred["split"] == split]
         chosen, source = one_row_per_subject(rows)
         selected[split] = chosen
-        entry = {"rows": source, **_report(chosen, reference, n_boot, seed)}
+        entry = {"rows": source, **_report(chosen, reference, n_boot, seed, km_threshold(split, reference, pooled_val))}
         folds = sorted(int(f) for f in rows["fold"].unique() if f >= 0)
         if len(folds) > 1:
             # Per-fold point estimates (DeLong CI only): the spread over folds shows the variability.
@@ -214,7 +227,8 @@ def evaluate(pred_df: pd.DataFrame, outcomes_df: pd.DataFrame, compare_df: pd.Da
     if compare is not None:
         result["comparison"] = compare_models(selected, compare, names)
     if out_dir is not None:
-        result["figures"] = _figures(selected, compare, reference, Path(out_dir), n_boot, seed, names)
+        cuts = {split: km_threshold(split, reference, pooled_val) for split in selected}
+        result["figures"] = _figures(selected, compare, cuts, Path(out_dir), n_boot, seed, names)
         write_json(Path(out_dir) / "metrics.json", result)
     return result
 
@@ -246,7 +260,7 @@ def paired_delong(rows: pd.DataFrame, other: pd.DataFrame, score: str = "prob") 
     return {"n_common": int(len(both)), **(test if test is not None else {"p": None, "note": reason})}
 
 
-def _figures(selected: dict, compare, reference, out_dir: Path, n_boot: int, seed: int, names) -> list[str]:
+def _figures(selected: dict, compare, km_cuts: dict, out_dir: Path, n_boot: int, seed: int, names) -> list[str]:
     written = []
     for split, rows in selected.items():
         name = _safe_name(split)
@@ -260,9 +274,9 @@ def _figures(selected: dict, compare, reference, out_dir: Path, n_boot: int, see
                              title=f"Calibration: {split}")
             written += [f"roc_{name}.png", f"calibration_{name}.png"]
         if "risk" in rows.columns:
-            cut = "median" if reference is None else float(np.median(reference["risk"]))
-            plot_km(*_arrays(rows, "time", "event", "risk"), out_dir / f"km_{name}.png", cut=cut,
-                    title=f"Kaplan-Meier by predicted risk: {split}")
+            cut = km_cuts[split][0]
+            plot_km(*_arrays(rows, "time", "event", "risk"), out_dir / f"km_{name}.png",
+                    threshold=None if cut == "median" else cut, title=f"Kaplan-Meier by predicted risk: {split}")
             written.append(f"km_{name}.png")
     return written
 
@@ -298,7 +312,7 @@ def format_table(result: dict) -> str:
 # ---------------------------------------------------------------- CLI
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m finetune.evaluate", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m finetune.evaluate", description=__doc__.split("\n")[0])
     ap.add_argument("--predictions", required=True, help="predictions CSV: subject_id, split, fold, prob/risk")
     ap.add_argument("--manifest", required=True, help="manifest CSV with the outcomes (label and/or time, event)")
     ap.add_argument("--external", help="manifest CSV of an external cohort")

@@ -406,7 +406,7 @@ def _prepared(manifest: str, task: str, cache: str, workers: int) -> pd.DataFram
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m finetune.radiomics", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m finetune.radiomics", description=__doc__.split("\n\n")[0])
     p.add_argument("--manifest", required=True, help="CSV manifest of the development cohort")
     p.add_argument("--cache", required=True, help="preprocessing cache directory")
     p.add_argument("--splits", required=True, help="splits JSON (made here if absent; shared with the ViT runs)")

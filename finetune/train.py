@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 
@@ -37,32 +38,33 @@ def _default_model() -> MultimodalConfig:
 
 @dataclass
 class FinetuneConfig(LoopConfig):
-    manifest: str = ""
-    external: str = ""
+    manifest: str = ""              # labelled cohort CSV: subject_id, image, mask, label and/or time+event, clinical
+    external: str = ""              # optional external-site CSV, predicted by the fold ensemble, never trained on
     pretrained: str = ""            # HF-format encoder folder from pretraining; "" trains from scratch
-    task: str = "classification"    # classification | survival | multitask (sets model.task)
-    fusion: str = "concat"          # none | concat | film | tokens | clinical_only (sets model.fusion)
-    output_dir: str = "runs/finetune"
-    cache_dir: str = ""             # default: <output_dir>/../cache
+    task: Literal["classification", "survival", "multitask"] = "classification"  # sets model.task
+    # how clinical data joins the image (sets model.fusion); clinical_only trains no image model
+    fusion: Literal["none", "concat", "film", "tokens", "clinical_only"] = "concat"
+    output_dir: str = "runs/finetune"  # predictions, metrics, figures, fold models
+    cache_dir: str = ""             # preprocessing cache (default: <output_dir>/../cache)
     splits: str = ""                # splits JSON to reuse (default: <output_dir>/splits.json)
-    folds: int = 5
-    test_fraction: float = 0.2
+    folds: int = 5                  # cross-validation folds on the non-test patients
+    test_fraction: float = 0.2      # share of patients held out as the same-site test set
     clinical_columns: list[str] = field(default_factory=list)   # empty: every non-standard column
     margin_mm: float = 10.0         # peritumoral margin kept around the lesion box
     # Smallest side of the lesion-centred cube, in mm. The cube (lesion box + margin, at least this)
     # is resized to the encoder input, so a value below input size x spacing magnifies the lesion.
     # 0: input size x spacing (native scale). Unset: the pretrained encoder's lesion view, else 0.
     crop_mm: float | None = None
-    batch_size: int = 8
-    epochs: int = 30
+    batch_size: int = 8             # subjects per micro-batch and process
+    epochs: int = 30                # at most this many epochs per fold
     patience: int = 8               # epochs without validation improvement before stopping
-    layer_decay: float = 0.75
+    layer_decay: float = 0.75       # encoder lr x layer_decay per block below the head (timm layer decay)
     freeze_encoder: bool = False    # linear probe / frozen-feature fine-tuning
-    class_weighting: bool = True
+    class_weighting: bool = True    # weight positives by n_neg / n_pos in the BCE
     n_time_bins: int = 8            # for model.survival_head = discrete
-    n_boot: int = 1000
+    n_boot: int = 1000              # bootstrap resamples for the CIs
     explain: int = 2                # test subjects to explain (attention rollout + occlusion)
-    num_workers: int = 0
+    num_workers: int = 0            # DataLoader worker processes
     resume: str = "auto"            # "auto": reuse finished folds in output_dir; "" recompute all
     prep: PrepConfig = field(default_factory=PrepConfig)
     model: MultimodalConfig = field(default_factory=_default_model)
@@ -138,7 +140,10 @@ def load_cohort(cfg: FinetuneConfig, prep: PrepConfig, show_progress: bool):
 def load_splits(cfg: FinetuneConfig, df: pd.DataFrame) -> dict:
     from data.splits import load_or_make_splits
     path = cfg.splits or str(Path(cfg.output_dir) / "splits.json")
-    stratify = "event" if cfg.task == "survival" else "label"
+    # Stratified by label whenever the cohort has one, so the classification and survival runs of one
+    # cohort can share one splits file, i.e. one held-out test set.
+    has_label = "label" in df.columns and bool(pd.to_numeric(df["label"], errors="coerce").isin([0, 1]).all())
+    stratify = "label" if has_label else "event"
     return load_or_make_splits(path, df, test_fraction=cfg.test_fraction, folds=cfg.folds,
                                stratify=stratify, seed=cfg.seed)
 

@@ -37,7 +37,7 @@ WRAPPER_PARTS = ("module", "_orig_mod")
 class ExportConfig:
     checkpoint: str = ""  # training checkpoint folder, or a .safetensors/.bin/.pt weights file
     out: str = ""  # output folder (replaced as a whole)
-    format: Literal["hf", "monai"] = "hf"
+    format: Literal["hf", "monai"] = "hf"  # hf: ViT3D folder; monai: monai.networks.nets.ViT weights
     max_shard_size: str = "2GB"  # HF format only: larger weights are split into shards
 
 

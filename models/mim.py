@@ -36,12 +36,12 @@ NORM_EPS = 1e-6  # MAE's epsilon in the per-patch normalisation
 class MiMConfig:
     encoder: ViT3DConfig = field(default_factory=ViT3DConfig)
     masks: MaskConfig = field(default_factory=MaskConfig)
-    decoder_dim: int = 128
-    decoder_depth: int = 2
-    decoder_heads: int = 4
+    decoder_dim: int = 128   # decoder token width
+    decoder_depth: int = 2   # decoder blocks (MAE: deeper decoders give better linear probes)
+    decoder_heads: int = 4   # decoder attention heads
     proj_dim: int = 128      # hidden width of the projection head (decoder_dim -> proj_dim -> decoder_dim)
-    norm_pix_loss: bool = True
-    align_weight: float = 1.0
+    norm_pix_loss: bool = True  # targets are patches normalised by their own mean and variance (MAE)
+    align_weight: float = 1.0  # weight of the cross-level alignment terms
     level_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # reconstruction weight per level; one value = all
 
     def __post_init__(self):

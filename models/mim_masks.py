@@ -21,7 +21,7 @@ from data.errors import ConfigError, InputError
 @dataclass
 class MaskConfig:
     """MiM's hierarchical masking (built by `build_hierarchy`); part of `models.mim.MiMConfig`."""
-    levels: int = 3
+    levels: int = 3          # L: masked levels (1 = plain MAE)
     mask_ratio: tuple[float, ...] = (0.75, 0.75, 0.75)  # per level; a single value applies to all
     children: int = 2        # K: sub-volumes per parent sample
     child_patches: int = 2   # c: a child covers c x c x c of its parent's patches

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from timm.optim import param_groups_layer_decay
@@ -32,16 +33,16 @@ TRAINING_ONLY_KEYS = ("in_channels", "drop_path", "grad_checkpointing")
 @dataclass
 class MultimodalConfig:
     encoder: ViT3DConfig = field(default_factory=lambda: ViT3DConfig(in_channels=2))  # [image, lesion mask]
-    task: str = "classification"  # classification | survival | multitask
-    fusion: str = "concat"  # none | concat | film | tokens | clinical_only
+    task: Literal["classification", "survival", "multitask"] = "classification"  # which heads
+    fusion: Literal["none", "concat", "film", "tokens", "clinical_only"] = "concat"  # how clinical data joins
     clinical_dim: int = 0  # clinical features after encoding (one-hot, indicators); 0 only for fusion none
     clinical_hidden: int = 64  # 0 = no hidden layer (linear clinical path)
-    n_clinical_tokens: int = 4
-    head_dropout: float = 0.1
-    survival_head: str = "cox"  # cox (one risk score) | discrete (hazard logits over n_time_bins)
-    n_time_bins: int = 0
-    mask_channel_init: str = "zero"  # zero | mean, for inflating a 1-channel patch embedding
-    pool: str = "mean"  # mean over image tokens
+    n_clinical_tokens: int = 4  # fusion tokens: clinical tokens added to the transformer sequence
+    head_dropout: float = 0.1  # dropout before the task heads
+    survival_head: Literal["cox", "discrete"] = "cox"  # cox: one risk score; discrete: hazards over n_time_bins
+    n_time_bins: int = 0  # discrete-time bins (set by fine-tuning from n_time_bins)
+    mask_channel_init: Literal["zero", "mean"] = "zero"  # the mask kernel when a 1-channel patch embedding is inflated
+    pool: Literal["mean"] = "mean"  # mean over image tokens
 
     def __post_init__(self):
         if isinstance(self.encoder, dict):

@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 import torch
@@ -45,10 +45,10 @@ class TrainingStopped(RunStopped):
 @dataclass
 class OptimConfig:
     lr: float = 1.5e-4            # peak learning rate (after warmup)
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 20
+    min_lr: float = 1e-6          # learning rate at the end of the cosine decay
+    weight_decay: float = 0.05    # AdamW decoupled weight decay (not on biases, norms, embeddings)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    warmup_steps: int = 20        # optimizer steps of linear warmup
     clip_grad: float = 1.0        # max grad norm; 0 disables clipping
 
 
@@ -57,7 +57,7 @@ class LoopConfig:
     """What both training loops share; PretrainConfig and FinetuneConfig extend it."""
     seed: int = 0                   # seeds everything: weights, order, masks, augmentation, splits
     grad_accum: int = 1             # micro-batches per optimizer step
-    mixed_precision: str = "auto"   # "auto" (bf16 on CUDA, fp32 on CPU) | "no" | "bf16"
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     max_nonfinite: int = 5          # consecutive non-finite losses before the run stops
     resume: str = ""                # "" (fresh), "auto" (newest complete checkpoint), or a checkpoint path
     report_to: str = "tensorboard"  # trackers: tensorboard | wandb | mlflow | all | none (comma-separated)

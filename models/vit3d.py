@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,16 +28,16 @@ MODEL_TYPE = "mimfm_vit3d"
 
 @dataclass
 class ViT3DConfig:
-    in_channels: int = 1
+    in_channels: int = 1     # input channels (1: image; 2 for fine-tuning: image and lesion mask)
     img_size: int = 64  # cubic input edge in voxels
-    patch_size: int = 16
-    dim: int = 192
-    depth: int = 12
-    heads: int = 3
-    mlp_ratio: float = 4.0
-    drop_path: float = 0.0
-    pos_embed: str = "sincos"  # "sincos" (fixed, not trained) | "learned"
-    grad_checkpointing: bool = False
+    patch_size: int = 16     # cubic patch edge in voxels; img_size / patch_size is the token grid
+    dim: int = 192           # token width (divisible by 6 for the sin-cos embedding)
+    depth: int = 12          # transformer blocks
+    heads: int = 3           # attention heads
+    mlp_ratio: float = 4.0   # MLP hidden width / dim
+    drop_path: float = 0.0   # stochastic depth rate of the last block (linear from 0)
+    pos_embed: Literal["sincos", "learned"] = "sincos"  # sincos: fixed, not trained
+    grad_checkpointing: bool = False  # recompute block activations in backward (less memory, slower)
 
     def __post_init__(self):
         if self.pos_embed not in ("sincos", "learned"):

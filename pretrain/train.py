@@ -36,20 +36,20 @@ def _default_model() -> MiMConfig:
 @dataclass
 class PretrainConfig(LoopConfig):
     data: str = ""                 # folder of NIfTIs, manifest CSV, or MSD/MONAI datalist JSON
-    cache_dir: str = ""            # default: <output_dir>/../cache
-    output_dir: str = "runs/pretrain"
+    cache_dir: str = ""            # preprocessing cache (default: <output_dir>/../cache)
+    output_dir: str = "runs/pretrain"  # checkpoints, previews, metrics and the exported encoder
     max_steps: int = 200           # optimizer steps
     log_every: int = 10            # steps between metrics.jsonl / tracker rows
     ckpt_every: int = 100          # steps between checkpoints
     keep_ckpts: int = 2            # newest checkpoints kept
     crop_size: int = 96            # level-1 crop edge in voxels at the prepared spacing
-    crops_per_volume: int = 2
+    crops_per_volume: int = 2      # level-1 views cut from each volume per micro-batch
     # Share of crops centred on the brightest voxels (above this quantile) instead of uniformly:
     # on contrast-enhanced scans that is where the lesions are. 0 = uniform crops only.
     bright_crop_fraction: float = 0.0
     bright_quantile: float = 0.995
     batch_size: int = 2            # volumes per process per micro-batch (x crops_per_volume crops)
-    num_workers: int = 0
+    num_workers: int = 0           # DataLoader worker processes
     preview_every: int = 100       # reconstruction PNGs every N steps (0: only at the end)
     stop_at: int = 0               # stop cleanly after this step (time-sliced jobs); 0 = run to max_steps
     prep: PrepConfig = field(default_factory=PrepConfig)

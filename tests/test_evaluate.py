@@ -207,3 +207,19 @@ def test_bootstrap_cis_do_not_depend_on_row_order(tmp_path):
         assert a["splits"][split]["classification"]["auc_ci_bootstrap"] == \
             b["splits"][split]["classification"]["auc_ci_bootstrap"]
         assert a["splits"][split]["survival"]["harrell_c_ci"] == b["splits"][split]["survival"]["harrell_c_ci"]
+
+
+def test_km_groups_of_a_held_out_set_are_cut_on_training_data(tmp_path):
+    """Without "train" rows (as fine-tuning writes them), a held-out split is cut at the median
+    out-of-fold risk of the training subjects, never at its own median."""
+    from finetune.evaluate import evaluate, read_outcomes
+    manifest, external, pred = make_cohort(tmp_path)
+    pred = pred[pred.split != "train"]
+    res = evaluate(pred, read_outcomes(tmp_path / "manifest.csv", tmp_path / "external.csv"), n_boot=0)
+    oof = pred[pred.split == "val"].groupby("subject_id")["risk"].mean()
+    test = pred[(pred.split == "test") & (pred.fold == -1)]
+    km = res["splits"]["test"]["survival"]["km"]
+    assert km["cut"] == "median out-of-fold risk of the training subjects"
+    assert km["threshold"] == pytest.approx(float(np.median(oof)))
+    assert km["threshold"] != pytest.approx(float(np.median(test["risk"])))
+    assert res["splits"]["val"]["survival"]["km"]["cut"] == "median risk of the evaluated rows"

@@ -63,7 +63,7 @@ def show(preset: Preset, out: Path) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.ssl_gain", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.ssl_gain", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
     ap.add_argument("--out", required=True, help="output folder (a rerun skips the stages already done there)")
     ap.add_argument("--seeds", type=int, nargs="+", help="seeds (pretraining + splits); default: the preset's")

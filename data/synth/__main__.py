@@ -16,7 +16,7 @@ from data.synth.params import CohortParams
 def build_parser() -> argparse.ArgumentParser:
     usage = ("python -m data.synth --out DIR [--n-unlabeled N] [--n-labeled M] [--n-external K] [--seed S] "
              "[--workers W] [--overwrite] [--no-progress] [--config FILE] [--SECTION.PARAM V ...]")
-    p = argparse.ArgumentParser(prog="python -m data.synth", usage=usage, description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m data.synth", usage=usage, description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output directory (created; replaced only with --overwrite)")
     p.add_argument("--n-unlabeled", "--n_unlabeled", dest="n_unlabeled", type=int, default=24)
     p.add_argument("--n-labeled", "--n_labeled", dest="n_labeled", type=int, default=40)
