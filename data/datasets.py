@@ -1,4 +1,4 @@
-"""Torch datasets over the cache: random crops for pretraining, lesion-centred crops for fine-tuning.
+"""Torch datasets over the cache: lesion-centred crops for fine-tuning (pretraining views: data.views).
 
 Every random draw comes from (seed, epoch, item index), never from worker or global state, so a
 resumed run or a different number of workers sees exactly the same data. Call `set_epoch(epoch)`
@@ -25,11 +25,11 @@ from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
 from data.cache import CacheEntry
-from data.crops import crop_with_pad, lesion_crop, random_crop_boxes
+from data.crops import lesion_crop
 from data.errors import InputError
 
 
-def _pad_value(image_path: Path) -> float:
+def pad_value_of(image_path: Path) -> float:
     """Background value stored by data.prepare next to image.npy; else the volume's minimum."""
     meta = image_path.parent / "meta.json"
     if meta.is_file():
@@ -39,61 +39,8 @@ def _pad_value(image_path: Path) -> float:
     return float(np.load(image_path, mmap_mode="r").min())
 
 
-def _item_seed(seed: int, epoch: int, index: int) -> int:
+def item_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])  # fits a uint32
-
-
-class PretrainCrops(Dataset):
-    """Item i -> [crops_per_volume, 1, S, S, S] float32: random crops of volume i (padded if it is smaller)."""
-
-    def __init__(self, entries: Sequence[CacheEntry | str | Path], crop_size: int, crops_per_volume: int, seed: int,
-                 bright_fraction: float = 0.0, bright_quantile: float = 0.995):
-        # Paths, not memory maps: a np.memmap would be pickled whole into every worker.
-        self.paths = [e.image_path if isinstance(e, CacheEntry) else Path(e) for e in entries]
-        missing = [str(p) for p in self.paths if not p.is_file()]
-        if missing:
-            raise InputError(f"PretrainCrops: {len(missing)} cached image(s) not found, e.g. {missing[0]}; rerun data.prepare")
-        if not 0.0 <= bright_fraction <= 1.0 or not 0.0 < bright_quantile < 1.0:
-            raise InputError(f"PretrainCrops: bright_fraction must be in [0, 1] and bright_quantile in (0, 1), "
-                             f"got {bright_fraction} and {bright_quantile}")
-        self.pad_values = [_pad_value(p) for p in self.paths]
-        self.crop_size = int(crop_size)
-        self.crops_per_volume = int(crops_per_volume)
-        self.seed = int(seed)
-        self.bright_fraction = float(bright_fraction)
-        self.bright_quantile = float(bright_quantile)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        volume = np.load(self.paths[i], mmap_mode="r")  # [1, X, Y, Z]
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        boxes = random_crop_boxes(volume.shape[1:], self.crop_size, self.crops_per_volume, rng)
-        n_bright = int(rng.binomial(self.crops_per_volume, self.bright_fraction)) if self.bright_fraction else 0
-        if n_bright:
-            boxes[:n_bright] = bright_crop_boxes(np.asarray(volume[0]), self.crop_size, n_bright, self.bright_quantile, rng)
-        crops = [crop_with_pad(volume, start, size, self.pad_values[i]) for start, size in boxes]  # each [1, S, S, S]
-        return torch.from_numpy(np.stack(crops).astype(np.float32, copy=False))  # [K, 1, S, S, S]
-
-
-def bright_crop_boxes(volume: np.ndarray, size: int, n: int, quantile: float, rng: np.random.Generator) -> list:
-    """`n` boxes of `size`^3 centred on voxels at or above the volume's `quantile` intensity.
-
-    Contrast-enhanced lesions are among the brightest structures of a T1-CE scan, so centring some
-    pretraining crops on bright voxels puts pathology into them more often than uniform crops do
-    (MONAI's weighted_patch_samples draws the centres from the 0/1 weight map). volume: [X, Y, Z].
-    """
-    from monai.transforms.utils import weighted_patch_samples
-    weights = (volume >= np.quantile(volume, quantile)).astype(np.float32)  # [X, Y, Z]
-    state = np.random.RandomState(int(rng.integers(2**31)))
-    centres = weighted_patch_samples(size, weights, n, state)
-    half = int(size) // 2
-    return [(tuple(int(c) - half for c in centre), (int(size),) * 3) for centre in centres]
 
 
 def lesion_augment(size: int | None = None) -> Compose:
@@ -131,7 +78,7 @@ class LesionCrops(Dataset):
             raise InputError(f"LesionCrops: subject(s) {no_mask[:5]} have no cached mask; lesion crops need one")
         self.images = [Path(p) for p in df["cache_image"]]
         self.masks = [Path(p) for p in df["cache_mask"]]
-        self.pad_values = [_pad_value(p) for p in self.images]
+        self.pad_values = [pad_value_of(p) for p in self.images]
         self.crop_size = int(crop_size)
         self.margin_vox = int(margin_vox)
         self.min_side_vox = None if min_side_vox is None else int(min_side_vox)  # None: crop_size (native scale)
@@ -151,7 +98,7 @@ class LesionCrops(Dataset):
         x = lesion_crop(image, mask, self.crop_size, self.margin_vox, min_size=self.min_side_vox,
                         pad_value=self.pad_values[i])  # [2, S, S, S]
         if self.transform is not None:
-            self.transform.set_random_state(seed=_item_seed(self.seed, self.epoch, i))
+            self.transform.set_random_state(seed=item_seed(self.seed, self.epoch, i))
             out = self.transform({"image": torch.from_numpy(x[:1]), "mask": torch.from_numpy(x[1:])})
             x = torch.cat([convert_to_tensor(out["image"], track_meta=False),
                            convert_to_tensor(out["mask"], track_meta=False)])  # [2, S, S, S]

@@ -44,7 +44,10 @@ class PrepConfig:
     spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)  # target voxel size, mm
     modality: Literal["mri", "ct"] = "mri"  # mri: percentile clip + z-score in the foreground; ct: HU window -> [0, 1]
     ct_window: tuple[float, float] = (-1000.0, 1000.0)  # HU mapped to 0 and 1
-    mri_percentiles: tuple[float, float] = (0.5, 99.5)  # clip range, computed in the foreground
+    # Clip range, percentiles of the foreground. No upper clip by default: at 99.5, about half of each
+    # enhancing lesion's voxels sat exactly at the ceiling (rim and nodule contrast lost); see
+    # tests/test_prepare.py::test_default_normalisation_keeps_lesion_contrast.
+    mri_percentiles: tuple[float, float] = (0.5, 100.0)
     crop_foreground: bool = True  # crop to the foreground box (+ margin); false keeps the whole resampled volume
     foreground_margin: int = 4  # voxels kept around the foreground box (the box always contains the whole mask)
 

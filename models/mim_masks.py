@@ -77,6 +77,7 @@ class Level:
     root: Tensor                  # [B_l] long: the row of `crops` this sample was cut from
     parent: Tensor | None = None          # [B_l] long: row of the previous level (None at level 1)
     parent_tokens: Tensor | None = None   # [B_l, c^3] long: parent-grid tokens this child covers
+    anchor: Tensor | None = None          # [B_l, 3] float64: lesion centre in level-1 crop voxels (NaN: none)
 
 
 def _rand(shape: tuple[int, ...], gen: torch.Generator, device) -> Tensor:
@@ -100,17 +101,27 @@ def random_mask(forced: Tensor, n_mask: int, gen: torch.Generator) -> tuple[Tens
     return mask, visible_idx, masked_idx
 
 
-def choose_cubes(rows: int, grid: int, c: int, k: int, gen: torch.Generator, device) -> Tensor:
+def choose_cubes(rows: int, grid: int, c: int, k: int, gen: torch.Generator, device,
+                 anchor: Tensor | None = None) -> Tensor:
     """K non-overlapping c^3 cubes per row, as origins [R, K, 3] (d, h, w) in patch units.
 
     Cubes sit on a lattice of c-aligned cells (shifted by a random per-row offset when c does not
     divide the grid): distinct cells never overlap, so no rejection sampling and no dead ends.
+    `anchor` [R, 3] (patch units, NaN = none): the first cube of an anchored row is the cell that
+    holds the anchor (the lesion), so the next level sees it; the draws are the same either way.
     """
     cells = grid // c
-    pick = torch.argsort(_rand((rows, cells**3), gen, device), dim=1)[:, :k]  # [R, K] distinct cells
-    cell = torch.stack([pick // cells**2, (pick // cells) % cells, pick % cells], dim=-1)  # [R, K, 3]
+    noise = _rand((rows, cells**3), gen, device)  # [R, cells^3]
     slack = grid - cells * c
     offset = (_rand((rows, 1, 3), gen, device) * (slack + 1)).long().clamp(max=slack)  # [R, 1, 3]
+    if anchor is not None:
+        held = torch.isfinite(anchor).all(dim=1)                                         # [R]
+        cell_of = ((anchor.nan_to_num(0).floor().long() - offset[:, 0]) // c).clamp(0, cells - 1)  # [R, 3]
+        flat = (cell_of[:, 0] * cells + cell_of[:, 1]) * cells + cell_of[:, 2]           # [R]
+        rows_held = torch.nonzero(held).flatten()
+        noise[rows_held, flat[rows_held]] = -1.0  # sorts first: the anchored cell is cube 0
+    pick = torch.argsort(noise, dim=1)[:, :k]  # [R, K] distinct cells
+    cell = torch.stack([pick // cells**2, (pick // cells) % cells, pick % cells], dim=-1)  # [R, K, 3]
     return cell * c + offset  # [R, K, 3]
 
 
@@ -171,10 +182,13 @@ def cut_and_resize(crops: Tensor, root: Tensor, boxes: Tensor, size: int) -> Ten
 
 
 def build_hierarchy(crops: Tensor, cfg: MaskConfig, patch_size: int, img_size: int,
-                    generator: torch.Generator) -> list[Level]:
+                    generator: torch.Generator, anchors: Tensor | None = None) -> list[Level]:
     """Masked inputs for every level from level-1 crops [B, C, D, H, W] (voxels, any size >= 1 per box).
 
     Level l has B * K^(l-1) rows; the children of row b are rows b*K .. b*K + K - 1 of the next level.
+    `anchors` [B, 3] (level-1 crop voxels, NaN = none), e.g. lesion centres: an anchored row's first
+    child is the lattice cell holding its anchor, and that child carries the anchor on to its own
+    first child, so every level has a sub-volume on the lesion.
     """
     if crops.ndim != 5:
         raise InputError(f"build_hierarchy: crops must be [B, C, D, H, W], got shape {tuple(crops.shape)}")
@@ -192,6 +206,8 @@ def build_hierarchy(crops: Tensor, cfg: MaskConfig, patch_size: int, img_size: i
     boxes = torch.zeros(b, 2, 3, dtype=torch.float64, device=device)  # [B, 2, 3]
     boxes[:, 1] = torch.tensor(crops.shape[2:], dtype=torch.float64, device=device)
     root = torch.arange(b, device=device)  # [B]
+    anchor = torch.full((b, 3), float("nan"), dtype=torch.float64, device=device) if anchors is None \
+        else anchors.to(device=device, dtype=torch.float64).reshape(b, 3)  # [B, 3] level-1 crop voxels
     parent = parent_tokens = None
     levels = []
     for lvl, ratio in enumerate(cfg.ratios(), start=1):
@@ -199,20 +215,28 @@ def build_hierarchy(crops: Tensor, cfg: MaskConfig, patch_size: int, img_size: i
         x = cut_and_resize(crops, root, boxes, img_size)  # [B_l, C, I, I, I]
         forced = torch.zeros(rows, n, dtype=torch.bool, device=device)  # [B_l, N]
         last = lvl == cfg.levels
+        patch_vox = boxes[:, 1] / grid                                   # [B_l, 3]
         if not last:
-            origins = choose_cubes(rows, grid, c, k, generator, device)  # [B_l, K, 3]
+            local = (anchor - boxes[:, 0]) / patch_vox                   # [B_l, 3] anchor in patch units
+            inside = ((local >= 0) & (local < grid)).all(dim=1, keepdim=True)
+            local = torch.where(inside, local, torch.full_like(local, float("nan")))
+            anchor = torch.where(inside, anchor, torch.full_like(anchor, float("nan")))  # none outside the box
+            origins = choose_cubes(rows, grid, c, k, generator, device, local)  # [B_l, K, 3]
             tokens = cube_tokens(origins, grid, c)                       # [B_l, K, c^3]
             forced.scatter_(1, tokens.reshape(rows, -1), True)
         mask, visible_idx, masked_idx = random_mask(forced, masked_count(ratio, n), generator)
-        levels.append(Level(x, mask, visible_idx, masked_idx, boxes, root, parent, parent_tokens))
+        levels.append(Level(x, mask, visible_idx, masked_idx, boxes, root, parent, parent_tokens, anchor))
         if last:
             break
         # Children: box = the parent's box restricted to the cube, in level-1 crop voxels.
-        patch_vox = boxes[:, 1] / grid                                        # [B_l, 3]
         start = boxes[:, None, 0] + origins * patch_vox[:, None]              # [B_l, K, 3]
         size = (c * patch_vox)[:, None].expand(rows, k, 3)                    # [B_l, K, 3]
         boxes = torch.stack([start, size], dim=2).reshape(rows * k, 2, 3)     # [B_l*K, 2, 3]
         parent = torch.arange(rows, device=device).repeat_interleave(k)       # [B_l*K]
         root = root[parent]                                                   # [B_l*K]
         parent_tokens = tokens.reshape(rows * k, c**3)                        # [B_l*K, c^3]
+        # The anchored cube is cube 0; it holds the anchor unless the anchor fell in the lattice's slack.
+        first = torch.arange(rows * k, device=device) % k == 0                # [B_l*K]
+        held = first & ((anchor[parent] >= start.reshape(-1, 3)) & (anchor[parent] < (start + size).reshape(-1, 3))).all(1)
+        anchor = torch.where(held[:, None], anchor[parent], torch.full_like(anchor[parent], float("nan")))
     return levels

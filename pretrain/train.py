@@ -2,9 +2,10 @@
 
     accelerate launch -m pretrain --config launch/pretrain_tiny_cpu.yaml --data DIR --output_dir runs/pt
 
-Data -> cache (data.prepare) -> random level-1 crops (data.datasets.PretrainCrops) -> hierarchical
-masks (models.mim_masks) -> MiMModel (its forward returns the per-level reconstruction and cross-level
-alignment losses). Checkpoints are atomic and rotated; `--resume auto` continues exactly; at the end
+Data -> cache (data.prepare) -> level-1 views (data.views.PretrainCrops: a share centred on lesions,
+from masks or from candidates found without labels, the rest uniform) -> hierarchical masks
+(models.mim_masks; a lesion view's first child holds the lesion) -> MiMModel (its forward returns the
+per-level reconstruction and cross-level alignment losses). Checkpoints are atomic and rotated; `--resume auto` continues exactly; at the end
 the encoder is exported, with its input contract, as a Hugging Face-format folder in `output_dir/encoder`.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from timm.optim import param_groups_weight_decay
 
+from data.candidates import CandidateConfig
 from data.config import parse_config, save_config, to_dict
 from data.errors import InputError, cli_entry
 from data.prepare import PrepConfig
@@ -44,8 +46,14 @@ class PretrainConfig(LoopConfig):
     keep_ckpts: int = 2            # newest checkpoints kept
     crop_size: int = 96            # level-1 crop edge in voxels at the prepared spacing
     crops_per_volume: int = 2      # level-1 views cut from each volume per micro-batch
-    # Share of crops centred on the brightest voxels (above this quantile) instead of uniformly:
-    # on contrast-enhanced scans that is where the lesions are. 0 = uniform crops only.
+    # Share of level-1 views centred on a lesion: from the masks when the data has a mask column, else
+    # from lesion candidates found without labels (see candidates.*). 0 = no lesion views.
+    lesion_view_fraction: float = 0.0
+    # The MiM level whose view scale is the encoder's lesion view (its input contract), i.e. the scale
+    # fine-tuning and predict crop lesions at by default; clamped to masks.levels.
+    lesion_view_level: int = 2
+    # Share of views centred on the brightest voxels (above this quantile) instead: a cruder way to find
+    # lesions (measured: no gain). The rest of the views are uniform.
     bright_crop_fraction: float = 0.0
     bright_quantile: float = 0.995
     batch_size: int = 2            # volumes per process per micro-batch (x crops_per_volume crops)
@@ -53,20 +61,30 @@ class PretrainConfig(LoopConfig):
     preview_every: int = 100       # reconstruction PNGs every N steps (0: only at the end)
     stop_at: int = 0               # stop cleanly after this step (time-sliced jobs); 0 = run to max_steps
     prep: PrepConfig = field(default_factory=PrepConfig)
+    candidates: CandidateConfig = field(default_factory=CandidateConfig)
     model: MiMConfig = field(default_factory=_default_model)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def input_spec(self) -> InputSpec:
-        """The contract the encoder is trained under: uniform crops of crop_size voxels at the prepared spacing."""
+        """The contract the encoder is trained under. With lesion views: lesion-centred cubes at the scale
+        of level `lesion_view_level`; else uniform crops of crop_size voxels at the prepared spacing."""
         spec = InputSpec(prep=self.prep, input_size=self.model.encoder.img_size, channels=("image",))
-        spec.view = ViewSpec(centre="random", crop_mm=self.crop_size * spec.spacing_mm, margin_mm=0.0)
+        view_mm = self.crop_size * spec.spacing_mm  # level 1
+        if not self.lesion_view_fraction:
+            spec.view = ViewSpec(centre="random", crop_mm=view_mm, margin_mm=0.0)
+            return spec
+        masks, grid = self.model.masks, self.model.encoder.grid
+        level = max(1, min(self.lesion_view_level, masks.levels))
+        spec.view = ViewSpec(centre="lesion", crop_mm=view_mm * (masks.child_patches / grid) ** (level - 1),
+                             margin_mm=0.0)
         return spec
 
 
 def load_training_volumes(cfg: PretrainConfig, show_progress: bool):
-    from data.datasets import PretrainCrops
+    """(views dataset, subject names) from the --data folder / manifest / datalist, prepared into the cache."""
     from data.manifest import read_any
     from data.prepare import prepare_table
+    from data.views import PretrainCrops, anchor_fractions
 
     if not cfg.data:
         raise InputError("--data is required: a folder of NIfTI files, a manifest CSV or a datalist JSON")
@@ -74,13 +92,39 @@ def load_training_volumes(cfg: PretrainConfig, show_progress: bool):
     if len(table) == 0:
         raise InputError(f"{cfg.data}: no volumes found")
     cache = cfg.cache_dir or str(Path(cfg.output_dir).parent / "cache")
-    table = table.drop(columns=[c for c in ("mask",) if c in table.columns])  # pretraining uses images only
+    use_masks = bool(cfg.lesion_view_fraction) and "mask" in table.columns and table["mask"].notna().all()
+    if not use_masks:  # labels are not needed: pretraining sees the images only
+        table = table.drop(columns=[c for c in ("mask",) if c in table.columns])
     prepared, _ = prepare_table(table, cfg.prep, cache, require_lesion=False, on_error="raise",
                                 progress=show_progress)
+    centres = lesion_centres(prepared, cfg, use_masks, show_progress) if cfg.lesion_view_fraction else None
+    fractions, jitter = anchor_fractions(cfg.model.encoder.grid, cfg.model.masks.child_patches, cfg.model.masks.levels)
     dataset = PretrainCrops(list(prepared["cache_image"]), crop_size=cfg.crop_size,
                             crops_per_volume=cfg.crops_per_volume, seed=cfg.seed,
-                            bright_fraction=cfg.bright_crop_fraction, bright_quantile=cfg.bright_quantile)
-    return dataset, len(prepared)
+                            bright_fraction=cfg.bright_crop_fraction, bright_quantile=cfg.bright_quantile,
+                            lesion_fraction=cfg.lesion_view_fraction, lesion_centres=centres,
+                            anchor_fractions=fractions, anchor_jitter=jitter)
+    return dataset, [str(s) for s in prepared["subject_id"]]
+
+
+def lesion_centres(prepared, cfg: PretrainConfig, use_masks: bool, show_progress: bool) -> list:
+    """Per volume, the lesion centres [K, 3] in cache voxels: the masks' components, or candidates."""
+    import numpy as np
+    from data.candidates import cached_candidates, mask_centres
+    from data.datasets import pad_value_of
+    from models.training import progress
+    bar = progress(len(prepared), 0, show_progress, "lesion masks" if use_masks else "lesion candidates")
+    spacing = float(np.mean(cfg.prep.spacing))
+    centres = []
+    for _, row in prepared.iterrows():
+        if use_masks:
+            centres.append(mask_centres(np.load(row["cache_mask"], mmap_mode="r")[0]))
+        else:
+            image = Path(row["cache_image"])
+            centres.append(cached_candidates(image, spacing, cfg.candidates, pad_value_of(image)))
+        bar.update(1)
+    bar.close()
+    return centres
 
 
 def checkpoint_files(cfg: PretrainConfig, summary: dict) -> dict:
@@ -95,7 +139,7 @@ def checkpoint_files(cfg: PretrainConfig, summary: dict) -> dict:
 def build(cfg: PretrainConfig, accelerator):
     """Model, optimizer (prepared), schedule and the resumable batch stream's source."""
     with accelerator.main_process_first():  # one rank fills the cache; the others then hit it
-        dataset, n_volumes = load_training_volumes(cfg, show_progress=accelerator.is_main_process)
+        dataset, subjects = load_training_volumes(cfg, show_progress=accelerator.is_main_process)
     batches = ResumableBatches(dataset, cfg.batch_size, cfg.seed, accelerator.num_processes,
                                accelerator.process_index, cfg.num_workers)
     seed_step(cfg.seed, -1)  # identical initial weights on every rank and every (re)start
@@ -106,7 +150,7 @@ def build(cfg: PretrainConfig, accelerator):
     optimizer = build_optimizer(groups, cfg.optim)
     set_deepspeed_micro_batch(accelerator, cfg.batch_size * cfg.crops_per_volume)
     model, optimizer = accelerator.prepare(model, optimizer)
-    return model, optimizer, WarmupCosine(optimizer, cfg.optim, cfg.max_steps), batches, n_volumes
+    return model, optimizer, WarmupCosine(optimizer, cfg.optim, cfg.max_steps), batches, subjects
 
 
 def train(cfg: PretrainConfig) -> Path:
@@ -114,7 +158,7 @@ def train(cfg: PretrainConfig) -> Path:
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, out)
     main = accelerator.is_main_process
-    model, optimizer, schedule, batches, n_volumes = build(cfg, accelerator)
+    model, optimizer, schedule, batches, subjects = build(cfg, accelerator)
     if main:  # only now that the run can start: nothing is written for a refused one
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -135,15 +179,17 @@ def train(cfg: PretrainConfig) -> Path:
     enc = cfg.model.encoder
 
     def loss_fn(micro):
-        m, crops = micro
-        # [B, n_crops, C, S, S, S] -> [B * n_crops, C, S, S, S]
-        crops = crops.reshape(-1, *crops.shape[2:]).to(accelerator.device, non_blocking=True)
+        m, batch = micro
+        # [B, n_crops, C, S, S, S] -> [B * n_crops, C, S, S, S]; anchors [B, n_crops, 3] -> [B * n_crops, 3]
+        crops = batch["crops"].reshape(-1, *batch["crops"].shape[2:]).to(accelerator.device, non_blocking=True)
+        anchors = batch["anchors"].reshape(-1, 3)
         levels = build_hierarchy(crops, cfg.model.masks, enc.patch_size, enc.img_size,
-                                 seed_step(cfg.seed, m, accelerator.process_index))
-        return {**model(levels), "levels": levels}
+                                 seed_step(cfg.seed, m, accelerator.process_index), anchors=anchors)
+        names = [subjects[int(i)] for i in batch["index"] for _ in range(cfg.crops_per_volume)]
+        return {**model(levels), "levels": levels, "subjects": names}
 
     last_stop = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
-    summary = {"volumes": n_volumes, "world_size": accelerator.num_processes}
+    summary = {"volumes": len(subjects), "world_size": accelerator.num_processes}
     bar = progress(cfg.max_steps, step, main, "pretrain")
     stream = batches.iterate(step * cfg.grad_accum)
     last: dict = {}
@@ -165,7 +211,7 @@ def train(cfg: PretrainConfig) -> Path:
             if main and cfg.preview_every and (step % cfg.preview_every == 0 or step == last_stop):
                 from pretrain.preview import save_previews
                 save_previews(outputs["levels"], outputs, enc.patch_size, cfg.model.norm_pix_loss,
-                              out / "previews" / f"step{step:07d}.png")
+                              out / "previews" / f"step{step:07d}.png", step=step, subjects=outputs["subjects"])
             if step % cfg.ckpt_every == 0 or step == last_stop:
                 summary.update(step=step, losses=last, nonfinite_skipped=guard.total,
                                seconds=round(time.time() - t0, 1))

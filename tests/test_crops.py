@@ -9,7 +9,8 @@ from monai.data import DataLoader
 
 from data.cache import CacheEntry
 from data.crops import crop_with_pad, lesion_box, lesion_crop, lesion_crop_with_affine, random_crop_boxes
-from data.datasets import LesionCrops, PretrainCrops
+from data.datasets import LesionCrops
+from data.views import PretrainCrops
 from data.errors import InputError
 
 
@@ -119,7 +120,8 @@ def test_pretrain_crops_are_real_subvolumes_and_deterministic(tmp_path):
                for k, s in enumerate(shapes)]
     ds = PretrainCrops(entries, crop_size=6, crops_per_volume=3, seed=7)
     for i, s in enumerate(shapes):
-        crops = ds[i]
+        crops = ds[i]["crops"]
+        assert torch.isnan(ds[i]["anchors"]).all()  # uniform views have no lesion anchor
         assert crops.shape == (3, 1, 6, 6, 6) and crops.dtype == torch.float32
         vol = np.arange(np.prod(s), dtype=np.float32).reshape(1, *s)
         for c in crops.numpy():
@@ -129,14 +131,14 @@ def test_pretrain_crops_are_real_subvolumes_and_deterministic(tmp_path):
                      for k, (f, n) in enumerate(zip(first, s))]
             np.testing.assert_array_equal(c, _reference_crop(vol, start, (6, 6, 6), -1.0))
     again = PretrainCrops([e.image_path for e in entries], 6, 3, seed=7)
-    assert torch.equal(ds[1], again[1])
+    assert torch.equal(ds[1]["crops"], again[1]["crops"])
     ds.set_epoch(1)
-    assert not torch.equal(ds[0], again[0])
+    assert not torch.equal(ds[0]["crops"], again[0]["crops"])
     again.set_epoch(1)
-    assert torch.equal(ds[0], again[0])
+    assert torch.equal(ds[0]["crops"], again[0]["crops"])
     # Worker processes draw the same crops as the main process.
-    serial = torch.cat(list(DataLoader(ds, batch_size=1, num_workers=0)))
-    parallel = torch.cat(list(DataLoader(ds, batch_size=1, num_workers=2)))
+    serial = torch.cat([b["crops"] for b in DataLoader(ds, batch_size=1, num_workers=0)])
+    parallel = torch.cat([b["crops"] for b in DataLoader(ds, batch_size=1, num_workers=2)])
     assert torch.equal(serial, parallel)
 
 
@@ -188,14 +190,14 @@ def test_bright_crops_are_centred_on_the_brightest_voxels(tmp_path):
     ds = PretrainCrops([entry], crop_size=8, crops_per_volume=6, seed=3, bright_fraction=1.0, bright_quantile=0.999)
     for epoch in range(4):
         ds.set_epoch(epoch)
-        for c in ds[0].numpy():
+        for c in ds[0]["crops"].numpy():
             assert c[0, 4, 4, 4] == 5.0  # the centre voxel (size // 2) of each crop is a blob voxel
     # The crops still are exact sub-volumes, and the draw is deterministic per (seed, epoch, index).
     again = PretrainCrops([entry], 8, 6, seed=3, bright_fraction=1.0, bright_quantile=0.999)
     again.set_epoch(3)
-    assert torch.equal(ds[0], again[0])
+    assert torch.equal(ds[0]["crops"], again[0]["crops"])
     mixed = PretrainCrops([entry], 8, 200, seed=3, bright_fraction=0.5, bright_quantile=0.999)
-    centred = float((mixed[0][:, 0, 4, 4, 4] == 5.0).float().mean())
+    centred = float((mixed[0]["crops"][:, 0, 4, 4, 4] == 5.0).float().mean())
     assert 0.35 < centred < 0.65  # about half the crops are bright-centred; uniform ones rarely hit
     assert bright.mean() < 0.01
     with pytest.raises(InputError, match="bright_fraction"):

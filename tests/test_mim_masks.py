@@ -217,3 +217,42 @@ def test_mask_config_is_the_one_mim_config_holds():
     # It lives in models.mim (MiMConfig embeds it; models/ imports nothing from pretrain/), re-exported here.
     from models.mim import MaskConfig as ModelsMaskConfig
     assert MaskConfig is ModelsMaskConfig
+
+
+@pytest.mark.parametrize("S, I, p, K, c, ratios", GEOMETRIES)
+def test_anchored_rows_keep_a_child_on_the_anchor_at_every_level(S, I, p, K, c, ratios):
+    """A lesion anchor: child 0 of an anchored row is the lattice cell holding it, nested down every
+    level, and still lies in its parent's masked patches (the general nesting tests cover the rest)."""
+    crops = torch.randn(4, 1, S, S, S, generator=torch.Generator().manual_seed(5))
+    anchors = torch.rand(4, 3, generator=torch.Generator().manual_seed(6)) * (S - 1)  # [B, 3] crop voxels
+    anchors[3] = float("nan")  # a view without a lesion
+    cfg = MaskConfig(levels=len(ratios), mask_ratio=ratios, children=K, child_patches=c)
+    levels = build_hierarchy(crops, cfg, p, I, torch.Generator().manual_seed(0), anchors=anchors)
+    g = I // p
+    for lvl, child in zip(levels[:-1], levels[1:]):
+        for r in range(child.x.shape[0]):
+            a = child.anchor[r]
+            if r % K or not torch.isfinite(lvl.anchor[child.parent[r]]).all():
+                assert torch.isnan(a).all()  # only child 0 of an anchored parent carries the anchor
+                continue
+            if g % c:  # a lattice with slack: the anchor may lie outside every cell, then it is dropped
+                if torch.isnan(a).all():
+                    continue
+            else:
+                assert torch.equal(a, lvl.anchor[child.parent[r]])
+            start, size = child.boxes[r]
+            assert ((a >= start) & (a < start + size)).all(), (r, a, child.boxes[r])  # the lesion is in it
+            par = lvl.boxes[child.parent[r]]
+            patches = patch_boxes(par, g)
+            covered = [j for j in range(g**3) if box_overlap(child.boxes[r], patches[j]) > 1e-9]
+            assert lvl.mask[child.parent[r], covered].all()
+    assert torch.isnan(levels[0].anchor[3]).all() and torch.isfinite(levels[0].anchor[:3]).all()
+
+
+def test_no_anchor_draws_the_same_hierarchy_as_before():
+    crops = torch.randn(3, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    cfg = MaskConfig(levels=3, mask_ratio=(0.75,), children=2, child_patches=2)
+    plain = build_hierarchy(crops, cfg, 4, 16, torch.Generator().manual_seed(2))
+    nan = build_hierarchy(crops, cfg, 4, 16, torch.Generator().manual_seed(2), anchors=torch.full((3, 3), float("nan")))
+    for a, b in zip(plain, nan):
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.boxes, b.boxes) and torch.equal(a.x, b.x)

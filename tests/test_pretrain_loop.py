@@ -121,3 +121,21 @@ def test_bad_data_path_is_one_line_exit_2(tmp_path):
                           "--output_dir", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "nope" in res.stderr
+
+
+def test_lesion_views_from_candidates_train_and_set_the_encoder_contract(synth_cohort, tmp_path):
+    """The unlabeled folder has no masks: views centre on label-free candidates, and the encoder's
+    contract records level 2's lesion-view scale, which fine-tuning then defaults to."""
+    out = tmp_path / "lesion"
+    cfg = tiny_cfg(synth_cohort, out, max_steps=2, ckpt_every=2, crop_size=40, lesion_view_fraction=1.0)
+    train(cfg)
+    from models.input_spec import load_input_spec
+    spec = load_input_spec(out / "encoder")
+    g, c = cfg.model.encoder.grid, cfg.model.masks.child_patches
+    assert spec.view.centre == "lesion" and spec.view.crop_mm == pytest.approx(40 * 2.0 * c / g)  # 40 mm
+    cached = list((out.parent / "cache").rglob("candidates-*.json"))
+    assert len(cached) == 4  # one per unlabeled volume, reused by later runs
+    assert any(json.loads(p.read_text())["centres"] for p in cached)
+    from finetune.train import FinetuneConfig, resolve_inputs
+    _, ft_spec = resolve_inputs(FinetuneConfig(pretrained=str(out / "encoder")))
+    assert ft_spec.view.crop_mm == spec.view.crop_mm and ft_spec.view.centre == "lesion"
