@@ -42,7 +42,7 @@ class MiMConfig:
     proj_dim: int = 128      # hidden width of the projection head (decoder_dim -> proj_dim -> decoder_dim)
     norm_pix_loss: bool = True  # targets are patches normalised by their own mean and variance (MAE)
     align_weight: float = 1.0  # weight of the cross-level alignment terms
-    level_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # reconstruction weight per level; one value = all
+    level_weights: tuple[float, ...] = (1.0,)  # reconstruction weight per level; one value applies to all
 
     def __post_init__(self):
         self.level_weights = tuple(float(w) for w in self.level_weights)

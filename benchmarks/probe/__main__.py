@@ -1,0 +1,4 @@
+"""`python -m benchmarks.probe`: see the package docstring."""
+from benchmarks.probe import main
+
+main()

@@ -1,0 +1,104 @@
+"""The probe cohort: a labelled data.synth cohort generated once into a cache folder, prepared with an
+encoder's own preprocessing, and cut into deterministic lesion-centred crops at its own view scale.
+
+    cohort_dir/            a data.synth cohort (manifest.csv, oracle.csv, cohort.json, labeled/)
+    cohort_dir/cache/      data.prepare cache entries, keyed by source hash + PrepConfig, so one cohort
+                           serves encoders with different preprocessing
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from data.crops import crop_with_pad, lesion_box, lesion_crop
+from data.errors import InputError
+from data.manifest import read_manifest
+from data.prepare import PrepConfig, prepare_table
+from models.input_spec import InputSpec, ViewSpec
+
+
+@dataclass
+class ProbeCohort:
+    """One row per lesion, in manifest order; arrays are aligned with `subjects`."""
+    subjects: list[str]
+    patients: np.ndarray      # [N] patient_id, the CV grouping
+    label: np.ndarray         # [N] int, 1 = progression
+    latents: pd.DataFrame     # [N, K] the generator's z_* latents (oracle.csv)
+    true_prob: np.ndarray     # [N] the generator's own probability of the label
+    images: list[str]         # cached image.npy [1, X, Y, Z] per lesion
+    masks: list[str]          # cached mask.npy [1, X, Y, Z] per lesion
+    spacing: tuple[float, float, float]
+
+
+def ensure_cohort(cohort_dir: Path, n_lesions: int, seed: int, workers: int = 1, progress: bool = True) -> Path:
+    """Generate the cohort unless `cohort_dir` already holds it; a cohort made with another seed or size
+    is an error (reusing it silently would compare encoders on different lesions)."""
+    meta = cohort_dir / "cohort.json"
+    if not meta.is_file():
+        from data.synth.cohort import generate_cohort
+        print(f"generating the probe cohort ({n_lesions} lesions, seed {seed}) into {cohort_dir}", flush=True)
+        generate_cohort(cohort_dir, 0, n_lesions, 0, seed, workers, progress=progress)
+        return cohort_dir
+    try:
+        info = json.loads(meta.read_text())
+        found = (int(info["seed"]), int(info["counts"]["n_labeled"]))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{meta}: not a data.synth cohort.json ({e})") from None
+    if found != (seed, n_lesions):
+        raise InputError(f"--cohort_dir {cohort_dir}: holds seed {found[0]} with {found[1]} lesions, but "
+                         f"--seed {seed} --n_lesions {n_lesions} was asked; pass another --cohort_dir")
+    return cohort_dir
+
+
+def load_cohort(cohort_dir: Path, prep: PrepConfig, workers: int = 0, progress: bool = True) -> ProbeCohort:
+    """The manifest joined with oracle.csv, every lesion prepared into cohort_dir/cache (built once)."""
+    manifest = read_manifest(cohort_dir / "manifest.csv", task="classification")
+    oracle_path = cohort_dir / "oracle.csv"
+    if not oracle_path.is_file():
+        raise InputError(f"{oracle_path}: missing; the probe needs the generator's latents (a data.synth cohort)")
+    oracle = pd.read_csv(oracle_path, dtype={"subject_id": str}).set_index("subject_id")
+    subjects = manifest["subject_id"].astype(str).tolist()
+    missing = sorted(set(subjects) - set(oracle.index))
+    if missing:
+        raise InputError(f"{oracle_path}: no row for subject(s) {missing[:5]}")
+    zcols = [c for c in oracle.columns if c.startswith("z_")]
+    if not zcols:
+        raise InputError(f"{oracle_path}: no z_* latent columns")
+    df, _ = prepare_table(manifest, prep, cohort_dir / "cache", workers=workers, progress=progress)
+    return ProbeCohort(
+        subjects=subjects, patients=df["patient_id"].astype(str).to_numpy(),
+        label=df["label"].to_numpy().astype(int), latents=oracle.loc[subjects, zcols].reset_index(drop=True),
+        true_prob=oracle.loc[subjects, "true_prob"].to_numpy(float),
+        images=df["cache_image"].tolist(), masks=df["cache_mask"].tolist(), spacing=tuple(prep.spacing))
+
+
+def probe_view(spec: InputSpec, crop_mm: float | None, margin_mm: float | None) -> ViewSpec:
+    """The encoder's own view, as a lesion-centred cube: a "random" view of C mm becomes a lesion-centred
+    cube of C mm (the scale the encoder saw), and --crop_mm / --margin_mm override either part."""
+    view = spec.view
+    return ViewSpec(centre="lesion", crop_mm=view.crop_mm if crop_mm is None else crop_mm,
+                    margin_mm=view.margin_mm if margin_mm is None else margin_mm)
+
+
+def lesion_crops(cohort: ProbeCohort, size: int, view: ViewSpec) -> np.ndarray:
+    """[N, 2, S, S, S] float32: (image, mask) lesion-centred crops, the cube of `view` resized to `size`."""
+    spacing = float(np.mean(cohort.spacing))
+    margin, min_side = view.margin_voxels(spacing), view.crop_voxels(spacing)
+    crops = [lesion_crop(np.load(i, mmap_mode="r"), np.load(m, mmap_mode="r"), size, margin, min_size=min_side)
+             for i, m in zip(cohort.images, cohort.masks)]
+    return np.stack(crops)  # [N, 2, S, S, S]
+
+
+def lesion_regions(cohort: ProbeCohort, margin_mm: float = 20.0):
+    """Yield (image [X, Y, Z], mask [X, Y, Z]) per lesion at the prepared spacing, cut to the lesion box plus
+    `margin_mm` so the hand-made features (ring included) never touch the whole head."""
+    margin = int(np.ceil(margin_mm / min(cohort.spacing)))
+    for i, m in zip(cohort.images, cohort.masks):
+        image, mask = np.load(i, mmap_mode="r"), np.load(m, mmap_mode="r")
+        start, size = lesion_box(np.asarray(mask[0]), margin, 1)
+        pad = float(np.min(image))
+        yield crop_with_pad(image, start, size, pad)[0], crop_with_pad(mask, start, size, 0)[0]

@@ -1,0 +1,148 @@
+"""The frozen-feature probe (benchmarks.probe) at toy size: it shows a gain where there is one (an encoder
+built to measure a texture the targets depend on), none where there is none (another random init), gives
+identical numbers on a rerun, and its bootstrap metrics equal scikit-learn's on resampled rows."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import r2_score, roc_auc_score
+
+from benchmarks.probe import evaluate as ev
+from benchmarks.probe import main
+from benchmarks.probe.cohort import ensure_cohort, lesion_crops, load_cohort
+from data.prepare import PrepConfig
+from models.input_spec import InputSpec, ViewSpec
+from models.vit3d import ViT3D, ViT3DConfig
+
+N, SEED = 48, 9001
+CFG = ViT3DConfig(img_size=24, patch_size=6, dim=24, depth=2, heads=2)
+VIEW = ViewSpec(centre="lesion", crop_mm=40.0, margin_mm=10.0)
+SPEC = InputSpec(prep=PrepConfig(spacing=(2.0, 2.0, 2.0)), input_size=CFG.img_size, channels=("image",), view=VIEW)
+FAST = ["--n_lesions", str(N), "--seed", str(SEED), "--repeats", "2", "--n_boot", "300", "--no_progress"]
+
+
+def checkerboard(p: int) -> torch.Tensor:
+    i = torch.arange(p)
+    return ((i[:, None, None] + i[None, :, None] + i[None, None, :]) % 2 * 2 - 1).float()  # [p, p, p] of ±1
+
+
+def texture(crops: np.ndarray) -> np.ndarray:
+    """[N]: the lesion-weighted mean response of the image to a patch-sized 3D checkerboard: fine texture,
+    unrelated to brightness, which a linear read-out of random features barely sees."""
+    x = torch.from_numpy(crops)  # [N, 2, S, S, S]
+    p = CFG.patch_size
+    patches = x[:, 0].unfold(1, p, p).unfold(2, p, p).unfold(3, p, p)  # [N, g, g, g, p, p, p]
+    response = (patches * checkerboard(p)).mean((-3, -2, -1)).flatten(1)  # [N, N_tok]
+    weight = F.avg_pool3d(x[:, 1:], p).flatten(1)  # [N, N_tok], the probe's own pooling weights
+    return ((weight * response).sum(1) / weight.sum(1)).numpy()
+
+
+def texture_encoder(scale: float) -> ViT3D:
+    """Every channel of the patch embedding measures the checkerboard response; blocks are identities."""
+    torch.manual_seed(100)
+    enc = ViT3D(CFG)
+    p = CFG.patch_size
+    with torch.no_grad():
+        gains = torch.linspace(0.5, 2.0, CFG.dim) * scale  # [D]
+        enc.patch_embed.weight.copy_(gains[:, None, None, None, None] * checkerboard(p) / p**3)
+        enc.patch_embed.bias.copy_(torch.linspace(-2.0, 2.0, CFG.dim))  # varied offsets: LayerNorm keeps the signal
+        enc.pos_embed.zero_()
+        for blk in enc.blocks:
+            for lin in (blk.attn.proj, blk.mlp.fc2):  # zero residual branches: each block is the identity
+                lin.weight.zero_()
+                lin.bias.zero_()
+    return enc
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A 48-lesion cohort whose label and one latent are planted from the lesion texture, a texture
+    encoder, and a random-init encoder (seed 7, not one of the controls' seeds), both with SPEC."""
+    root = tmp_path_factory.mktemp("probe")
+    cohort_dir = root / "cohort"
+    ensure_cohort(cohort_dir, N, SEED, progress=False)
+    t = texture(lesion_crops(load_cohort(cohort_dir, SPEC.prep, progress=False), SPEC.input_size, VIEW))
+    manifest = pd.read_csv(cohort_dir / "manifest.csv", dtype={"subject_id": str})
+    manifest["label"] = (t > np.median(t)).astype(int)
+    manifest.to_csv(cohort_dir / "manifest.csv", index=False)
+    oracle = pd.read_csv(cohort_dir / "oracle.csv", dtype={"subject_id": str}).set_index("subject_id")
+    oracle = oracle.drop(columns=[c for c in oracle.columns if c.startswith("z_") and c != "z_rim"])
+    oracle.loc[manifest["subject_id"], "z_texture"] = (t - t.mean()) / t.std()  # a real one (rim) and a planted one
+    oracle.reset_index().to_csv(cohort_dir / "oracle.csv", index=False)
+    texture_encoder(1.0 / t.std()).save_pretrained(root / "texture", input_spec=SPEC)
+    torch.manual_seed(7)
+    ViT3D(CFG).save_pretrained(root / "random7", input_spec=SPEC)
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_run(toy):
+    return main(["--encoder", str(toy / "texture"), "--encoder", str(toy / "random7"), "--cohort_dir",
+                 str(toy / "cohort"), "--out", str(toy / "out1"), *FAST])
+
+
+def test_probe_shows_a_gain_where_there_is_one_and_none_where_there_is_none(toy, first_run):
+    setup, = first_run["setups"]
+    assert first_run["latents"] == ["z_rim", "z_texture"]
+    tex, rnd = setup["encoders"]
+    assert tex["groups"]["all"]["r2"][1] > 0.9 and tex["groups"]["all"]["auc"] > 0.9
+    ctl = setup["random"]["summary"]["all"]
+    assert ctl["r2"][1] < 0.3 and ctl["auc_mean"] < 0.8  # what random features read of the texture
+    v = tex["vs_random"]["all"]
+    assert v["auc_ci"][0] > 0 and v["r2_mean_ci"][0] > 0 and v["z_auc"] > 2 and v["z_r2_mean"] > 2
+    w = rnd["vs_random"]["all"]
+    assert w["auc_ci"][0] < 0 < w["auc_ci"][1] and w["r2_mean_ci"][0] < 0 < w["r2_mean_ci"][1]
+    md = (toy / "out1" / "probe.md").read_text()
+    assert f"verdict {toy / 'texture'}: GAIN" in md and f"verdict {toy / 'random7'}: NO GAIN" in md
+    # four groups (two blocks x two poolings) plus their concatenation, baselines, oracle
+    assert list(tex["groups"]) == ["mid_mean", "mid_mask", "last_mean", "last_mask", "all"]
+    assert set(setup["baselines"]) == {"pixel", "handmade"} and 0 <= first_run["oracle"]["auc"] <= 1
+    saved = json.loads((toy / "out1" / "probe.json").read_text())
+    assert saved["command"].startswith("python -m benchmarks.probe") and saved["machine"] and saved["date"]
+    assert "| model | features | AUC |" in md
+
+
+def test_a_rerun_gives_identical_numbers_on_the_saved_splits(toy, first_run):
+    splits = next((toy / "cohort").glob("probe_splits_*.json"))
+    mtime = splits.stat().st_mtime_ns
+    again = main(["--encoder", str(toy / "texture"), "--random_only", "--random_seeds", "0", "1",
+                  "--cohort_dir", str(toy / "cohort"), "--out", str(toy / "out2"), *FAST])
+    a, b = first_run["setups"][0], again["setups"][0]
+    assert b["encoders"] == [] and splits.stat().st_mtime_ns == mtime  # splits reused, not redrawn
+    assert b["random"]["per_seed"][0]["groups"] == a["random"]["per_seed"][0]["groups"]
+    assert b["random"]["per_seed"][1]["groups"] == a["random"]["per_seed"][1]["groups"]
+    assert b["baselines"]["pixel"]["groups"] == a["baselines"]["pixel"]["groups"]
+    assert b["baselines"]["handmade"]["groups"] == a["baselines"]["handmade"]["groups"]
+
+
+def test_bad_input_is_one_line_and_exit_2(toy, tmp_path, capsys):
+    two = tmp_path / "two_channel"
+    ViT3D(ViT3DConfig(**{**CFG.__dict__, "in_channels": 2})).save_pretrained(
+        two, input_spec=InputSpec(prep=SPEC.prep, input_size=24, channels=("image", "lesion_mask"), view=VIEW))
+    cases = [([*FAST, "--encoder", str(two)], "1-channel"),
+             ([*FAST, "--encoder", str(toy / "texture"), "--seed", "5"], "holds seed 9001"),
+             ([*FAST], "--encoder DIR is required")]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--cohort_dir", str(toy / "cohort"), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and words in err[0], err
+
+
+def test_bootstrap_metrics_equal_sklearn_on_the_resampled_rows():
+    rng = np.random.default_rng(0)
+    patients = np.repeat(np.arange(30), 2)[:50]  # some patients with two lesions
+    label = rng.integers(0, 2, 50)
+    s = np.round(rng.normal(size=50) + label, 1)  # rounded: ties count one half
+    Z, P = rng.normal(size=(50, 3)), rng.normal(size=(50, 3))
+    W = ev.bootstrap_weights(patients, 5, seed=1)  # [5, 50]
+    for w, auc, r2 in zip(W, ev.weighted_auc(W, label, s), ev.weighted_r2(W, Z, P)):
+        rows = np.repeat(np.arange(50), w.astype(int))
+        assert auc == pytest.approx(roc_auc_score(label[rows], s[rows]))
+        np.testing.assert_allclose(r2, r2_score(Z[rows], P[rows], multioutput="raw_values"))
+        assert all(w[patients == p].min() == w[patients == p].max() for p in np.unique(patients))
+    for train, test in (f for rep in ev.cv_splits(label, patients, 5, 2, 0) for f in rep):
+        assert not set(patients[train]) & set(patients[test])
