@@ -33,7 +33,8 @@ from data.config import load_config
 from data.errors import cli_entry
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = {"tiny": ROOT / "launch" / "pretrain_tiny_cpu.yaml", "base": ROOT / "launch" / "pretrain_base_gpu.yaml"}
+PRESETS = {"tiny": ROOT / "launch" / "pretrain_tiny_cpu.yaml", "cpu": ROOT / "launch" / "pretrain_cpu.yaml",
+           "base": ROOT / "launch" / "pretrain_base_gpu.yaml"}
 RUNNER = "benchmarks.pretrain_speed:PretrainRunner"
 MONAI = "MONAI MaskedAutoEncoderViT"
 MONAI_SDPA = "MONAI MaskedAutoEncoderViT, SDPA"

@@ -34,7 +34,7 @@ from data.config import load_config
 from data.errors import cli_entry
 
 ROOT = Path(__file__).resolve().parents[1]
-FINETUNE_PRESETS = {"tiny": ROOT / "launch" / "finetune_tiny_cpu.yaml",
+FINETUNE_PRESETS = {"tiny": ROOT / "launch" / "finetune_tiny_cpu.yaml", "cpu": ROOT / "launch" / "finetune_tiny_cpu.yaml",
                     "base": ROOT / "launch" / "finetune_base_gpu.yaml"}
 FINETUNE_RUNNER = "benchmarks.throughput:FinetuneRunner"
 CLINICAL_DIM = 10  # clinical features after encoding (a handful of columns, one-hot and missing indicators)

@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="labelled lesions in the probe cohort (default: 300; the gate needs >= 300)")
     a("--cohort_dir", metavar="DIR",
       help="cohort cache, generated on first use and reused (default: runs/probe_cohort_s<seed>_n<n_lesions>)")
+    a("--synth_config", metavar="YAML",
+      help="data.synth parameters of the probe cohort, e.g. launch/probe_transfer.yaml (other lesions and "
+           "another site's acquisition, to check that a gain transfers); use with its own --cohort_dir "
+           "(default: the built-in generator)")
     a("--workers", type=int, metavar="N", default=1,
       help="processes for generating and preparing the cohort (default: 1)")
     a("--random_seeds", type=int, nargs="+", default=[0, 1, 2], metavar="S",
@@ -76,8 +80,9 @@ def check_args(args) -> None:
 def run(args, argv) -> dict:
     t0 = time.perf_counter()
     setups = group_setups(args.encoder, args.crop_mm, args.margin_mm)
-    cohort_dir = Path(args.cohort_dir or f"runs/probe_cohort_s{args.seed}_n{args.n_lesions}")
-    ensure_cohort(cohort_dir, args.n_lesions, args.seed, args.workers, args.progress)
+    tag = f"_{Path(args.synth_config).stem}" if args.synth_config else ""
+    cohort_dir = Path(args.cohort_dir or f"runs/probe_cohort_s{args.seed}_n{args.n_lesions}{tag}")
+    ensure_cohort(cohort_dir, args.n_lesions, args.seed, args.workers, args.progress, args.synth_config)
     results = {"command": command_line("benchmarks.probe", argv), "date": today(), "machine": machine(args.device),
                "host": platform.node(), "setups": []}
     for setup in setups:

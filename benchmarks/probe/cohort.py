@@ -34,14 +34,20 @@ class ProbeCohort:
     spacing: tuple[float, float, float]
 
 
-def ensure_cohort(cohort_dir: Path, n_lesions: int, seed: int, workers: int = 1, progress: bool = True) -> Path:
+def ensure_cohort(cohort_dir: Path, n_lesions: int, seed: int, workers: int = 1, progress: bool = True,
+                  synth_config: str | None = None) -> Path:
     """Generate the cohort unless `cohort_dir` already holds it; a cohort made with another seed or size
-    is an error (reusing it silently would compare encoders on different lesions)."""
+    is an error (reusing it silently would compare encoders on different lesions). `synth_config`: a
+    data.synth CohortParams YAML (other lesions, another acquisition), e.g. launch/probe_transfer.yaml."""
     meta = cohort_dir / "cohort.json"
     if not meta.is_file():
+        from data.config import load_config
         from data.synth.cohort import generate_cohort
-        print(f"generating the probe cohort ({n_lesions} lesions, seed {seed}) into {cohort_dir}", flush=True)
-        generate_cohort(cohort_dir, 0, n_lesions, 0, seed, workers, progress=progress)
+        from data.synth.params import CohortParams
+        params = load_config(CohortParams, synth_config) if synth_config else None
+        print(f"generating the probe cohort ({n_lesions} lesions, seed {seed}"
+              f"{', ' + synth_config if synth_config else ''}) into {cohort_dir}", flush=True)
+        generate_cohort(cohort_dir, 0, n_lesions, 0, seed, workers, progress=progress, params=params)
         return cohort_dir
     try:
         info = json.loads(meta.read_text())

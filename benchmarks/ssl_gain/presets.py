@@ -64,10 +64,11 @@ class Preset:
 PRESETS = {
     # 2 CPU cores, < 60 min end to end: tiny ViT (dim 96, depth 4, 48^3 input, 12^3 patches).
     "cpu": Preset(
-        name="cpu", n_unlabeled=300, n_labeled=109, n_external=28, pretrain_steps=1000,
-        folds=3, epochs=20, patience=6, finetune_n_boot=50, fusions=FUSIONS, survival="multitask",
-        n_boot=500, seeds=(0, 1, 2),
-        note="tiny ViT, 1000 MiM / MAE steps of 2 volumes x 2 crops, 40 mm lesion crops, 3 folds x <= 20 epochs, 3 seeds"),
+        name="cpu", n_unlabeled=300, n_labeled=109, n_external=28, pretrain_config="pretrain_cpu.yaml",
+        pretrain_steps=1000, folds=3, epochs=20, patience=6, finetune_n_boot=50, fusions=FUSIONS,
+        survival="multitask", n_boot=500, seeds=(0, 1, 2),
+        note="tiny ViT, the reference CPU recipe (launch/pretrain_cpu.yaml: lesion views, 2 levels) cut to "
+             "1000 MiM / MAE steps of 4 volumes x 4 views, 40 mm lesion crops, 3 folds x <= 20 epochs, 3 seeds"),
     # One H100: ViT-B (dim 768, depth 12, 96^3 input, 16^3 patches), bf16, a real pretraining budget.
     "gpu": Preset(
         name="gpu", n_unlabeled=3000, n_labeled=109, n_external=28, workers=16,
