@@ -7,14 +7,15 @@ DEMO   ?= demo_out
 # torch and torchvision go in first, as a matching pair, before timm can pull in an unpinned
 # torchvision (0.29.1 needs torch 2.14.1, the CUDA build: 3.2 GB of NVIDIA libraries on a CPU host).
 # - With a GPU (a working nvidia-smi): PyPI's default, CUDA builds.
-# - Without one: CPU_TORCH, the CPU builds of a matching pair, from a wheel folder on pip's find-links
-#   or from CPU_INDEX. PyPI has no CPU torchvision: its Linux wheels link CUDA torch (libc10_cuda.so),
+# - Without one: CPU_TORCH, the CPU builds of a matching pair, from local wheels only (pip's configured
+#   find-links, or WHEELS): nothing beyond the package registry is reached. PyPI has no CPU
+#   torchvision: its Linux wheels link CUDA torch (libc10_cuda.so),
 #   so beside a CPU torch they fail to import ("operator torchvision::nms does not exist"), and so
 #   does timm. Where no CPU pair can be had (offline, no wheels), the CUDA pair goes in, with a note.
 # TORCH="torch==X torchvision==Y" overrides the choice.
 HAS_GPU   := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 CPU_TORCH ?= torch==2.13.0+cpu torchvision==0.28.0+cpu
-CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+WHEELS    ?= /opt/wheels
 TORCH     ?=
 
 .PHONY: install test demo clean
@@ -26,7 +27,8 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	@if [ -n "$(TORCH)" ]; then $(PY) -m pip install -q $(TORCH); \
 	elif [ "$(HAS_GPU)" = 1 ]; then $(PY) -m pip install -q torch torchvision; \
-	elif $(PY) -m pip install -q --timeout 20 --retries 1 --extra-index-url $(CPU_INDEX) $(CPU_TORCH); then \
+	elif $(PY) -m pip install -q --no-index $(if $(wildcard $(WHEELS)),--find-links $(WHEELS)) $(CPU_TORCH) \
+	        2>/dev/null; then \
 	    echo "no GPU: installed the CPU builds $(CPU_TORCH)"; \
 	else echo "no GPU, but no CPU build of $(CPU_TORCH) to be had: installing PyPI's CUDA build" \
 	    "(runs on CPU; ~3 GB of NVIDIA libraries)"; $(PY) -m pip install -q torch torchvision; fi

@@ -102,6 +102,43 @@ def test_predict_keeps_good_rows_and_lists_bad_ones(classification_run, synth_co
     assert rejected.set_index("subject_id").loc[m.loc[2, "subject_id"], "reason"].count("age") >= 1
     # the ensemble's prediction for a good row equals the mean over the fold models
     assert pred["prob"].between(0, 1).all()
+    # the console names the rejected rows, and the unseen category is reported once, plainly
+    assert f"rejected 2 row(s): {m.loc[1, 'subject_id']}:" in res.stdout and m.loc[2, "subject_id"] in res.stdout
+    warned = [line for line in res.stderr.splitlines() if "unseen in training" in line]
+    assert any(m.loc[3, "subject_id"] in line for line in warned)
+    assert len(warned) == len(set(warned)), warned  # each message once, not once per fold model
+    assert all(line.startswith("warning: clinical column 'histology'") for line in warned), res.stderr[-2000:]
+
+
+def test_predict_refuses_a_manifest_without_a_trained_clinical_column_before_any_work(classification_run,
+                                                                                      synth_cohort, tmp_path):
+    out, _ = classification_run
+    m = pd.read_csv(synth_cohort / "external.csv", dtype={"subject_id": str}).drop(columns=["kps"])
+    m["image"] = [str(synth_cohort / p) for p in m["image"]]
+    m["mask"] = [str(synth_cohort / p) for p in m["mask"]]
+    m.to_csv(tmp_path / "new.csv", index=False)
+    res = subprocess.run([sys.executable, "-m", "finetune.predict", "--model", str(out / "model"),
+                          "--manifest", str(tmp_path / "new.csv"), "--out", str(tmp_path / "out" / "pred.csv")],
+                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 2
+    err = res.stderr.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert "new.csv" in err and "'kps'" in err and "cache_image" not in err  # about the manifest, no internals
+    assert not (tmp_path / "out").exists()  # no output file, and no cache: nothing was preprocessed
+
+
+def test_a_refused_run_writes_nothing(synth_cohort, tmp_path):
+    from data.errors import InputError
+    out = tmp_path / "refused"
+    with pytest.raises(InputError, match="clinical column"):
+        run(tiny_cfg(synth_cohort, out, clinical_columns=["no_such_column"]))
+    assert not out.exists()
+    from pretrain.train import PretrainConfig, train
+    with pytest.raises(InputError, match="no .nii"):
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        train(PretrainConfig(data=str(empty), output_dir=str(tmp_path / "pt")))
+    assert not (tmp_path / "pt").exists()
 
 
 def test_clinical_only_cox_matches_sksurv_coefficients():
