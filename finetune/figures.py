@@ -159,7 +159,8 @@ def _wilson(k: np.ndarray, m: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, 
     p = k / m
     centre = (p + z**2 / (2 * m)) / (1 + z**2 / m)
     half = z * np.sqrt(p * (1 - p) / m + z**2 / (4 * m**2)) / (1 + z**2 / m)
-    return centre - half, centre + half
+    # At k = 0 or k = m the bound equals p exactly, but rounding can put it a hair past p.
+    return np.clip(np.minimum(centre - half, p), 0, 1), np.clip(np.maximum(centre + half, p), 0, 1)
 
 
 def _quantile_bins(y, prob, n_bins: int) -> dict:

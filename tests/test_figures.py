@@ -80,3 +80,17 @@ def test_figures_write_png(tmp_path):
     figures.plot_calibration([0, 1, 0, 1, 1], [0.1, 0.8, 0.3, 0.6, 0.9], tmp_path / "c.png")
     for name in ("k.png", "c.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_calibration_with_all_negative_and_all_positive_bins(tmp_path):
+    """k = 0 and k = m bins: the Wilson bound equals the observed fraction (the demo once crashed on a
+    rounding error there: matplotlib refuses a negative error bar)."""
+    from finetune.figures import _wilson, plot_calibration
+    k, m = np.array([0.0, 5.0, 2.0]), np.array([5.0, 5.0, 7.0])
+    low, high = _wilson(k, m)
+    p = k / m
+    assert (low <= p).all() and (high >= p).all() and low[0] == 0.0 and high[1] == 1.0
+    y = np.array([0] * 6 + [1] * 6)
+    prob = np.linspace(0.05, 0.95, 12)
+    plot_calibration(y, prob, tmp_path / "cal.png")
+    assert (tmp_path / "cal.png").stat().st_size > 0
