@@ -33,6 +33,11 @@ from safetensors.torch import save_file
 from data.atomic import write_json
 from data.errors import ConfigError, InputError, RunStopped
 
+if not torch.cuda.is_available():
+    # DeepSpeed (which accelerate imports) warns on every CPU run that it could not find a GPU and fell
+    # back to the CPU; saying so up front keeps that noise out of every fine-tuning run.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 # --report_to names -> the package each tracker needs (accelerate silently drops a tracker whose
 # package is missing; we refuse instead, naming the package).
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
