@@ -10,7 +10,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.errors import InputError
 
 
 def cox_efron_loss(risk: torch.Tensor, time, event, reduction: str = "mean") -> torch.Tensor:

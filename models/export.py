@@ -25,7 +25,7 @@ from data.config import parse_config
 from data.errors import ConfigError, InputError, cli_entry
 from models.hf import check_replaceable, load_safetensors_file, load_safetensors_weights, load_state_dict_strict, \
     model_card, read_json
-from models.input_spec import InputSpec, load_input_spec
+from models.input_spec import load_input_spec
 from models.vit3d import ViT3D, ViT3DConfig, vit3d_config_from_dict
 
 ENCODER_PREFIX = "encoder."

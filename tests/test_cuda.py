@@ -14,6 +14,15 @@ from models.vit3d import ViT3D, ViT3DConfig
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state: a bf16 Accelerator here would make every later
+    Accelerator(mixed_precision="no") in this pytest process fail, so reset it after each test."""
+    from accelerate.state import AcceleratorState
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _bf16_steps(accelerator: Accelerator, steps: int = 25) -> tuple[list[float], set]:
     """Overfit one fixed batch with the loops' own micro-step block under bf16 autocast: (losses, the
     dtypes the encoder's attention saw)."""
