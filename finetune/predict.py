@@ -92,8 +92,10 @@ def validate_rows(df: pd.DataFrame, meta: dict, cache_dir: str) -> tuple[pd.Data
 
 
 @torch.no_grad()
-def predict_table(folders: list[Path], df: pd.DataFrame, cache_dir: str) -> tuple[pd.DataFrame, list]:
-    first_model, first_meta = load_model(folders[0])
+def predict_table(folders: list[Path], df: pd.DataFrame, cache_dir: str,
+                  first: tuple[MultimodalModel, dict] | None = None) -> tuple[pd.DataFrame, list]:
+    """`first`: folders[0] already loaded (main loads it once for the manifest check)."""
+    first_model, first_meta = first if first is not None else load_model(folders[0])
     good, rejected = validate_rows(df, first_meta, cache_dir)
     per_model: list[dict[str, list[float]]] = []
     for folder in folders:
@@ -129,10 +131,11 @@ def main(argv=None) -> int:
     from data.manifest import read_manifest
     df = read_manifest(args.manifest, task="predict", check_files=False)
     folders = model_folders(args.model)
-    check_manifest(df, load_model(folders[0])[1], args.manifest)
+    first = load_model(folders[0])
+    check_manifest(df, first[1], args.manifest)
     cache = args.cache_dir or str(Path(args.out).resolve().parent / "cache")
     with unseen_categories_reported_once():
-        res, rejected = predict_table(folders, df, cache)
+        res, rejected = predict_table(folders, df, cache, first)
     rej_path = Path(args.out).with_suffix(".rejected.csv")
     if rejected:
         with atomic_path(rej_path) as tmp:
