@@ -318,8 +318,10 @@ def survival_target(event, time) -> np.ndarray:
 # ---------------------------------------------------------------- cross-validated predictions
 
 def predict_splits(features: pd.DataFrame, targets: pd.DataFrame, splits: dict, task: str, seed: int = 0,
-                   external: pd.DataFrame | None = None) -> tuple[pd.DataFrame, list[dict]]:
-    """One model per fold (predicts its val rows) and one on all non-test rows (test + external).
+                   external: pd.DataFrame | None = None,
+                   eval_sets: dict[str, pd.DataFrame] | None = None) -> tuple[pd.DataFrame, list[dict]]:
+    """One model per fold (predicts its val rows) and one on all non-test rows (test, external and each
+    further held-out set in `eval_sets`, predicted under its own split name).
 
     features/targets are indexed by subject_id; targets has `label` or `time`/`event`.
     Returns predictions (subject_id, split, fold, prob|risk) and each model's chosen parameters.
@@ -352,8 +354,10 @@ def predict_splits(features: pd.DataFrame, targets: pd.DataFrame, splits: dict, 
     params.append({"fold": -1, **model.best_params_})
     if len(splits["test"]):
         emit(model, features.loc[list(splits["test"])], "test", -1)
-    if external is not None and len(external):
-        emit(model, external[features.columns], "external", -1)
+    held_out = ({"external": external} if external is not None else {}) | dict(eval_sets or {})
+    for name, table in held_out.items():
+        if len(table):
+            emit(model, table[features.columns], name, -1)
     return pd.concat(rows, ignore_index=True), params
 
 

@@ -40,6 +40,9 @@ def _default_model() -> MultimodalConfig:
 class FinetuneConfig(LoopConfig):
     manifest: str = ""              # labelled cohort CSV: subject_id, image, mask, label and/or time+event, clinical
     external: str = ""              # optional external-site CSV, predicted by the fold ensemble, never trained on
+    # More held-out cohorts, each NAME=CSV (e.g. external_large=big.csv): predicted by the fold ensemble
+    # under split NAME, never trained on nor used to choose an epoch; for reporting only.
+    eval_sets: list[str] = field(default_factory=list)
     pretrained: str = ""            # HF-format encoder folder from pretraining; "" trains from scratch
     task: Literal["classification", "survival", "multitask"] = "classification"  # sets model.task
     # how clinical data joins the image (sets model.fusion); clinical_only trains no image model
@@ -76,6 +79,7 @@ class FinetuneConfig(LoopConfig):
             raise ConfigError(f"--task {self.task!r}: expected one of {TASKS}")
         if self.fusion not in FUSIONS:
             raise ConfigError(f"--fusion {self.fusion!r}: expected one of {FUSIONS}")
+        parse_eval_sets(self.eval_sets)  # a malformed entry fails at parse time, naming the flag
         if self.crop_mm is not None:
             ViewSpec(crop_mm=self.crop_mm, margin_mm=self.margin_mm)  # a negative value fails here, at parse time
         # --task / --fusion are the one place to choose them; the model config follows them (see
@@ -89,6 +93,21 @@ class FinetuneConfig(LoopConfig):
 
 # --------------------------------------------------------------------------------------------
 # set-up
+
+RESERVED_SPLITS = ("train", "val", "test", "external")
+
+
+def parse_eval_sets(entries: list[str]) -> dict[str, str]:
+    """--eval_sets NAME=CSV ... -> {NAME: CSV}; names are split names in predictions.csv."""
+    sets: dict[str, str] = {}
+    for entry in entries:
+        name, sep, path = str(entry).partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--eval_sets {entry!r}: expected NAME=CSV")
+        if name in RESERVED_SPLITS or name in sets:
+            raise ConfigError(f"--eval_sets {entry!r}: split name {name!r} is reserved or repeated")
+        sets[name] = path
+    return sets
 
 
 def resolve_inputs(cfg: FinetuneConfig) -> tuple[MultimodalConfig, InputSpec]:
@@ -127,14 +146,23 @@ def load_cohort(cfg: FinetuneConfig, prep: PrepConfig, show_progress: bool):
         raise InputError(f"{cfg.manifest}: clinical column(s) {missing} not found")
     if cfg.fusion != "none" and not cols:
         raise InputError(f"{cfg.manifest}: --fusion {cfg.fusion} needs clinical columns, found none")
-    if ext_table is not None:
-        clash = sorted(set(ext_table["subject_id"]) & set(table["subject_id"]))
+    extra_tables = {name: read_manifest(path, task=cfg.task) for name, path in parse_eval_sets(cfg.eval_sets).items()}
+    held_out = ({cfg.external: ext_table} if ext_table is not None else {}) | {
+        path: extra_tables[name] for name, path in parse_eval_sets(cfg.eval_sets).items()}
+    for path, other in held_out.items():
+        clash = sorted(set(other["subject_id"]) & set(table["subject_id"]))
         if clash:
-            raise InputError(f"{cfg.external}: subject_id(s) {clash[:5]} also appear in {cfg.manifest}; "
-                             "ids must be unique across both cohorts")
+            raise InputError(f"{path}: subject_id(s) {clash[:5]} also appear in {cfg.manifest}; "
+                             "ids must be unique across the training and held-out cohorts")
+    for name, extra in extra_tables.items():
+        absent = [c for c in cols if c not in extra.columns]
+        if absent and cfg.fusion != "none":
+            raise InputError(f"--eval_sets {name}: clinical column(s) {absent} not found")
     df, _ = prepare_table(table, prep, cache, progress=show_progress)
     ext = prepare_table(ext_table, prep, cache, progress=show_progress)[0] if ext_table is not None else None
-    return df.reset_index(drop=True), ext, cols
+    extra = {name: prepare_table(t, prep, cache, progress=show_progress)[0].reset_index(drop=True)
+             for name, t in extra_tables.items()}
+    return df.reset_index(drop=True), ext, extra, cols
 
 
 def load_splits(cfg: FinetuneConfig, df: pd.DataFrame) -> dict:
@@ -174,7 +202,8 @@ def fold_fingerprint(cfg: FinetuneConfig, splits: dict) -> str:
     """What a finished fold depends on; a fold saved under another fingerprint is retrained, not reused."""
     import hashlib
     d = to_dict(cfg)
-    for k in ("output_dir", "cache_dir", "n_boot", "explain", "num_workers", "resume", "external", "splits"):
+    for k in ("output_dir", "cache_dir", "n_boot", "explain", "num_workers", "resume", "external", "eval_sets",
+              "splits"):
         d.pop(k, None)
     d["folds_content"] = splits["folds"]
     d["pretrained_weights"] = _folder_stamp(cfg.pretrained)
@@ -208,9 +237,14 @@ def run_folds(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec,
         done = out / "folds" / f"fold{k}.csv"
         saved = json.loads(done.with_suffix(".json").read_text()) if done.with_suffix(".json").is_file() else {}
         if cfg.resume == "auto" and done.is_file() and saved.get("fingerprint") == fingerprint:
-            frames.append(pd.read_csv(done, dtype={"subject_id": str}))
-            fold_info.append(saved)
-            continue
+            # The held-out sets are not in the fingerprint: keep the rows of this run's sets; a fold that
+            # lacks one of them (a set added since) is retrained rather than reported without it.
+            frame = pd.read_csv(done, dtype={"subject_id": str})
+            frame = frame[frame["split"].isin(["val", *eval_sets])]
+            if set(eval_sets) <= set(frame["split"]):
+                frames.append(frame)
+                fold_info.append(saved)
+                continue
         res = train_fold(cfg, model_cfg, spec, k, by_id.loc[fold["train"]].reset_index(drop=True),
                          by_id.loc[fold["val"]].reset_index(drop=True), eval_sets, columns, accelerator, logger)
         fr = pd.concat([prediction_rows(name, k, d, p) for name, (d, p) in res["preds"].items()])
@@ -233,13 +267,13 @@ def run(cfg: FinetuneConfig) -> dict:
     main = accelerator.is_main_process
     model_cfg, spec = resolve_inputs(cfg)
     with accelerator.main_process_first():  # one rank fills the cache; the others then hit it
-        df, ext, columns = load_cohort(cfg, spec.prep, show_progress=main)
+        df, ext, extra, columns = load_cohort(cfg, spec.prep, show_progress=main)
     if main:  # only now that the run can start: nothing is written for a refused one
         out.mkdir(parents=True, exist_ok=True)
         save_config(replace(cfg, model=model_cfg, prep=spec.prep, crop_mm=spec.view.crop_mm), out / "config.yaml")
     splits = load_splits(cfg, df)
     test_df = df.set_index("subject_id", drop=False).loc[splits["test"]].reset_index(drop=True)
-    eval_sets = ({"test": test_df} if len(test_df) else {}) | ({"external": ext} if ext is not None else {})
+    eval_sets = ({"test": test_df} if len(test_df) else {}) | ({"external": ext} if ext is not None else {}) | extra
     logger = RunLogger(accelerator, out)
     metrics = {}
     with unseen_categories_reported_once():  # once for the run, not once per fold model
@@ -248,7 +282,7 @@ def run(cfg: FinetuneConfig) -> dict:
         finally:
             logger.close()
         if main:
-            metrics = write_results(cfg, frames, fold_info, eval_sets, df, ext)
+            metrics = write_results(cfg, frames, fold_info, eval_sets, df)
             if cfg.explain and cfg.fusion != "clinical_only":
                 explain_subjects(cfg, fold_info[0]["folder"], test_df.head(cfg.explain), out / "explain")
     if main:
@@ -257,7 +291,7 @@ def run(cfg: FinetuneConfig) -> dict:
     return metrics
 
 
-def write_results(cfg: FinetuneConfig, frames: list, fold_info: list, eval_sets: dict, df, ext) -> dict:
+def write_results(cfg: FinetuneConfig, frames: list, fold_info: list, eval_sets: dict, df) -> dict:
     """predictions.csv (folds + fold ensemble), model/ensemble.json, metrics.json and the figures."""
     out = Path(cfg.output_dir)
     preds = pd.concat(frames + [fold_ensemble(frames, n) for n in eval_sets], ignore_index=True)
@@ -266,7 +300,9 @@ def write_results(cfg: FinetuneConfig, frames: list, fold_info: list, eval_sets:
     write_json(out / "model" / "ensemble.json", {"folds": [i["folder"] for i in fold_info],
                                                  "combine": "mean of prob / mean of risk"})
     from finetune.evaluate import evaluate
-    outcomes = pd.concat([df] + ([ext] if ext is not None else []), ignore_index=True)
+    # outcomes per subject: a subject id may recur across held-out cohorts only with the same outcome
+    outcomes = pd.concat([df] + [d for n, d in eval_sets.items() if n != "test"], ignore_index=True)
+    outcomes = outcomes.drop_duplicates("subject_id")
     metrics = evaluate(preds, outcomes, out_dir=out, n_boot=cfg.n_boot, seed=cfg.seed)
     metrics["folds"] = fold_info
     write_json(out / "metrics.json", metrics)

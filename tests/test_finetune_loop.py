@@ -31,7 +31,12 @@ def tiny_cfg(cohort, out, **over) -> FinetuneConfig:
 @pytest.fixture(scope="module")
 def classification_run(synth_cohort, tmp_path_factory):
     out = tmp_path_factory.mktemp("ft") / "cls"
-    metrics = run(tiny_cfg(synth_cohort, out, task="classification", fusion="concat"))
+    # a further held-out set: the external cohort again under new ids, so its predictions must match
+    copy = pd.read_csv(synth_cohort / "external.csv", dtype={"subject_id": str})
+    copy["subject_id"] = "copy_" + copy["subject_id"]
+    copy.to_csv(synth_cohort / "external_copy.csv", index=False)  # beside the original: same relative paths
+    metrics = run(tiny_cfg(synth_cohort, out, task="classification", fusion="concat",
+                           eval_sets=[f"external_copy={synth_cohort / 'external_copy.csv'}"]))
     return out, metrics
 
 
@@ -50,6 +55,12 @@ def test_classification_run_writes_everything(classification_run, synth_cohort):
         assert split in metrics["splits"]
         assert (out / f"roc_{split}.png").is_file()
     assert len(metrics["folds"]) == 2
+    # --eval_sets: predicted by every fold and the ensemble, under its own split name, like external
+    ext = pred[pred.split == "external"].set_index(["subject_id", "fold"])["prob"]
+    copy = pred[pred.split == "external_copy"]
+    copy = copy.set_index([copy.subject_id.str.removeprefix("copy_"), copy.fold])["prob"]
+    assert len(copy) == len(ext) and np.allclose(copy.sort_index(), ext.sort_index(), atol=1e-6)
+    assert "external_copy" in metrics["splits"] and (out / "roc_external_copy.png").is_file()
     # each fold's HF folder carries its clinical schema and its input contract
     from models.input_spec import load_input_spec
     cfg = json.loads((out / "model" / "fold0" / "config.json").read_text())
@@ -205,6 +216,13 @@ def test_zero3_is_refused_with_a_clear_error():
     refuse_zero3(state(SimpleNamespace(zero_stage=2)))
     with pytest.raises(ConfigError, match="ZeRO-3"):
         refuse_zero3(state(SimpleNamespace(zero_stage=3)))
+
+
+@pytest.mark.parametrize("entry", ["no_equals_sign", "=x.csv", "test=x.csv", "val=x.csv"])
+def test_a_malformed_eval_set_names_the_flag(entry):
+    from data.errors import ConfigError
+    with pytest.raises(ConfigError, match="--eval_sets"):
+        FinetuneConfig(eval_sets=[entry])
 
 
 def test_negative_crop_mm_is_a_config_error():
