@@ -79,6 +79,12 @@ class Level:
     parent_tokens: Tensor | None = None   # [B_l, c^3] long: parent-grid tokens this child covers
     anchor: Tensor | None = None          # [B_l, 3] float64: lesion centre in level-1 crop voxels (NaN: none)
 
+    def to(self, device, non_blocking: bool = False) -> "Level":
+        """The same level on `device` (levels are built on the CPU, in the loader workers)."""
+        moved = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
+                 for k, v in self.__dict__.items()}
+        return Level(**moved)
+
 
 def _rand(shape: tuple[int, ...], gen: torch.Generator, device) -> Tensor:
     # Draw on the generator's device so one seeded generator gives the same masks for CPU or GPU data.

@@ -22,11 +22,12 @@ from data.errors import InputError, cli_entry
 from data.prepare import PrepConfig
 from models.input_spec import InputSpec, ViewSpec
 from models.mim import MiMConfig, MiMModel
-from models.mim_masks import MaskConfig, build_hierarchy
+from models.mim_masks import MaskConfig
 from models.training import (Checkpointer, LoopConfig, NonFiniteGuard, OptimConfig, ResumableBatches, RunLogger,
                              WarmupCosine, absolute_paths, build_optimizer, make_accelerator, optimizer_step,
                              progress, seed_step, set_deepspeed_micro_batch)
 from models.vit3d import ViT3DConfig
+from pretrain.batches import HierarchyCollate
 
 PATH_FIELDS = ("data", "cache_dir", "output_dir")
 
@@ -57,7 +58,12 @@ class PretrainConfig(LoopConfig):
     bright_crop_fraction: float = 0.0
     bright_quantile: float = 0.995
     batch_size: int = 2            # volumes per process per micro-batch (x crops_per_volume crops)
-    num_workers: int = 0           # DataLoader worker processes
+    # DataLoader worker processes; they also build the MiM hierarchy (pretrain.batches), so with >= 1
+    # it overlaps the model step. 0 = load and build in the training process (same code, same masks).
+    num_workers: int = 0
+    # torch.compile the encoder and the decoder blocks (opt-in; the first steps compile, which takes
+    # tens of seconds; see docs/BENCHMARKS.md for what it gains, or costs, on CPU)
+    torch_compile: bool = False
     preview_every: int = 100       # reconstruction PNGs every N steps (0: only at the end)
     stop_at: int = 0               # stop cleanly after this step (time-sliced jobs); 0 = run to max_steps
     prep: PrepConfig = field(default_factory=PrepConfig)
@@ -127,6 +133,43 @@ def lesion_centres(prepared, cfg: PretrainConfig, use_masks: bool, show_progress
     return centres
 
 
+class StepClock:
+    """How long the loop waits for data, as a share of the whole step (goal: under 5%).
+
+    window() returns, since its last call: "train/data_wait" (waiting / whole step time), "train/step_s"
+    (mean seconds per step) and "train/hierarchy_s" (mean seconds per step the loader spent building the
+    MiM levels: with workers, off the step's critical path).
+    """
+
+    def __init__(self):
+        self.wait = self.total = self.build = 0.0
+        self.steps = 0
+        self._t0 = self._t1 = 0.0
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def loaded(self, build_s: float = 0.0) -> None:
+        self._t1 = time.perf_counter()
+        self.build += build_s
+
+    def done(self) -> None:
+        t2 = time.perf_counter()
+        self.wait += self._t1 - self._t0
+        self.total += t2 - self._t0
+        self.steps += 1
+
+    def share(self) -> float:
+        return self.wait / self.total if self.total else 0.0
+
+    def window(self) -> dict[str, float]:
+        n = max(self.steps, 1)
+        out = {"train/data_wait": self.share(), "train/step_s": self.total / n, "train/hierarchy_s": self.build / n}
+        self.wait = self.total = self.build = 0.0
+        self.steps = 0
+        return out
+
+
 def checkpoint_files(cfg: PretrainConfig, summary: dict) -> dict:
     return {
         "encoder_config.json": to_dict(cfg.model.encoder),
@@ -140,12 +183,18 @@ def build(cfg: PretrainConfig, accelerator):
     """Model, optimizer (prepared), schedule and the resumable batch stream's source."""
     with accelerator.main_process_first():  # one rank fills the cache; the others then hit it
         dataset, subjects = load_training_volumes(cfg, show_progress=accelerator.is_main_process)
+    enc = cfg.model.encoder
+    collate = HierarchyCollate(cfg.model.masks, enc.patch_size, enc.img_size, cfg.seed, accelerator.process_index)
     batches = ResumableBatches(dataset, cfg.batch_size, cfg.seed, accelerator.num_processes,
-                               accelerator.process_index, cfg.num_workers)
+                               accelerator.process_index, cfg.num_workers, collate=collate)
     seed_step(cfg.seed, -1)  # identical initial weights on every rank and every (re)start
     model = MiMModel(cfg.model)
-    if cfg.model.encoder.grad_checkpointing:
+    if enc.grad_checkpointing:
         model.encoder.set_grad_checkpointing(True)
+    if cfg.torch_compile:  # in place (nn.Module.compile), so state-dict keys and checkpoints are unchanged
+        model.encoder.compile()
+        for blk in model.decoder_blocks:
+            blk.compile()
     groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=model.no_weight_decay())
     optimizer = build_optimizer(groups, cfg.optim)
     set_deepspeed_micro_batch(accelerator, cfg.batch_size * cfg.crops_per_volume)
@@ -180,11 +229,8 @@ def train(cfg: PretrainConfig) -> Path:
 
     def loss_fn(micro):
         m, batch = micro
-        # [B, n_crops, C, S, S, S] -> [B * n_crops, C, S, S, S]; anchors [B, n_crops, 3] -> [B * n_crops, 3]
-        crops = batch["crops"].reshape(-1, *batch["crops"].shape[2:]).to(accelerator.device, non_blocking=True)
-        anchors = batch["anchors"].reshape(-1, 3)
-        levels = build_hierarchy(crops, cfg.model.masks, enc.patch_size, enc.img_size,
-                                 seed_step(cfg.seed, m, accelerator.process_index), anchors=anchors)
+        seed_step(cfg.seed, m, accelerator.process_index)  # dropout / drop-path; the masks came seeded from the loader
+        levels = [lvl.to(accelerator.device, non_blocking=True) for lvl in batch["levels"]]  # built in the loader
         names = [subjects[int(i)] for i in batch["index"] for _ in range(cfg.crops_per_volume)]
         return {**model(levels), "levels": levels, "subjects": names}
 
@@ -194,20 +240,24 @@ def train(cfg: PretrainConfig) -> Path:
     stream = batches.iterate(step * cfg.grad_accum)
     last: dict = {}
     t0 = time.time()
+    clock = StepClock()
     try:
         while step < last_stop:
             lr = schedule.set_step(step)
-            micro = (next(stream) for _ in range(cfg.grad_accum))
+            clock.start()
+            micro = [next(stream) for _ in range(cfg.grad_accum)]  # the time spent here is waiting for data
+            clock.loaded(sum(batch["build_s"] for _, batch in micro))
             terms, step_ok, outputs = optimizer_step(accelerator, model, optimizer, guard, cfg.optim.clip_grad,
                                                      micro, loss_fn)
+            clock.done()
             step += 1
             bar.update(1)
             if step_ok:
                 last = terms
-                bar.set_postfix(loss=f"{terms['loss']:.4f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{terms['loss']:.4f}", lr=f"{lr:.2e}", data_wait=f"{clock.share():.0%}")
             if step % cfg.log_every == 0 or step == last_stop:
                 logger.log(step, {**{f"train/{k}": v for k, v in terms.items()}, "train/lr": lr,
-                                  "train/nonfinite_skipped": guard.total})
+                                  "train/nonfinite_skipped": guard.total, **clock.window()})
             if main and cfg.preview_every and (step % cfg.preview_every == 0 or step == last_stop):
                 from pretrain.preview import save_previews
                 save_previews(outputs["levels"], outputs, enc.patch_size, cfg.model.norm_pix_loss,
@@ -218,6 +268,7 @@ def train(cfg: PretrainConfig) -> Path:
                 ckpt.save(accelerator, model, step, {"nonfinite": guard.state_dict()},
                           checkpoint_files(cfg, summary))
     finally:
+        stream.close()  # stops the loader's workers now, not at garbage collection
         bar.close()
         logger.close()
 

@@ -139,3 +139,53 @@ def test_lesion_views_from_candidates_train_and_set_the_encoder_contract(synth_c
     from finetune.train import FinetuneConfig, resolve_inputs
     _, ft_spec = resolve_inputs(FinetuneConfig(pretrained=str(out / "encoder")))
     assert ft_spec.view.crop_mm == spec.view.crop_mm and ft_spec.view.centre == "lesion"
+
+
+class _Views(torch.utils.data.Dataset):
+    """PretrainCrops-like items, fixed per index: two 24^3 views and one anchor each."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        anchors = torch.tensor([[6.0, 6.0, 6.0], [float("nan")] * 3])  # [2, 3]: view 0 on a "lesion"
+        return {"crops": torch.rand(2, 1, 24, 24, 24, generator=g), "anchors": anchors, "index": i}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_hierarchy_built_in_the_loader_equals_a_direct_build(workers):
+    # What the loader's workers build for micro-batch m is exactly build_hierarchy on that batch's views
+    # with the step's own generator (the one the step built it with before it moved into the loader).
+    from models.mim_masks import MaskConfig, build_hierarchy
+    from models.training import ResumableBatches, seed_step
+    from pretrain.batches import HierarchyCollate
+    masks, rank, seed = MaskConfig(levels=3), 1, 7
+    data = _Views()
+    collate = HierarchyCollate(masks, 4, 16, seed, rank)
+    batches = ResumableBatches(data, 2, seed, 2, rank, num_workers=workers, collate=collate)
+    stream = batches.iterate(1)  # from micro-batch 1: a resumed run
+    for _ in range(3):
+        m, batch = next(stream)
+        items = [data[int(i)] for i in batch["index"]]
+        crops = torch.cat([it["crops"] for it in items])      # [B * 2, 1, 24, 24, 24]
+        anchors = torch.cat([it["anchors"] for it in items])  # [B * 2, 3]
+        direct = build_hierarchy(crops, masks, 4, 16, seed_step(seed, m, rank), anchors=anchors)
+        assert len(batch["levels"]) == 3 and batch["build_s"] > 0
+        for got, want in zip(batch["levels"], direct):
+            for k, v in want.__dict__.items():
+                if v is None:
+                    assert getattr(got, k) is None, k
+                else:
+                    assert torch.equal(getattr(got, k), v) or (v.is_floating_point() and torch.allclose(
+                        getattr(got, k), v, rtol=0, atol=0, equal_nan=True)), (m, k)
+    stream.close()
+
+
+def test_pretraining_logs_how_long_the_step_waits_for_data(synth_cohort, tmp_path):
+    out = tmp_path / "wait"
+    train(tiny_cfg(synth_cohort, out, max_steps=4, ckpt_every=4, num_workers=1))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    for r in rows:
+        assert 0.0 <= r["train/data_wait"] < 1.0 and r["train/step_s"] > 0 and r["train/hierarchy_s"] > 0
