@@ -16,6 +16,7 @@ else 1000 and 0, so re-evaluating a run reproduces the CIs of the metrics.json i
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from data.config import load_file
 from data.errors import InputError, cli_entry
 from data.manifest import read_manifest
 from finetune.figures import plot_calibration, plot_km, plot_roc
-from finetune.metrics import classification_report, delong_paired_test, survival_report, try_metric
+from finetune.metrics import (classification_report, delong_paired_test, kernel_values, survival_report,
+                              try_metric)
 
 KEY_COLUMNS = ("subject_id", "split", "fold")
 SCORE_COLUMNS = ("prob", "risk")
@@ -259,6 +261,63 @@ def paired_delong(rows: pd.DataFrame, other: pd.DataFrame, score: str = "prob") 
     test, reason = try_metric(delong_paired_test, *_arrays(both, "label", score, f"{score}_other"))
     return {"n_common": int(len(both)), **(test if test is not None else {"p": None, "note": reason})}
 
+
+# ---------------------------------------------------------------- paired bootstrap of a model difference
+# (the pair statistics themselves, finetune.metrics.auc_kernel / harrell_kernel, are scored per resample
+# by kernel_values; these functions draw the resamples and combine two models over seeds)
+
+def bootstrap_counts(groups: list, n_boot: int, seed: int = 0) -> list[np.ndarray]:
+    """Per sample s, [n_boot, n_s] draw counts of its rows when whole groups (patients) are resampled.
+
+    Samples holding the same set of groups (one external set scored under several seeds) share every
+    draw, so a replicate holds the same patients in each; samples with other groups (each seed's own
+    test split) are drawn independently. Groups are ordered by id, so the row order does not matter.
+    """
+    rng, draws, out = np.random.default_rng(seed), {}, []
+    for g in groups:
+        g = np.asarray(g).astype(str)
+        key = tuple(np.unique(g))
+        if key not in draws:
+            u = len(key)
+            idx = rng.integers(0, u, size=(n_boot, u)) + u * np.arange(n_boot)[:, None]  # [B, u] flat unit ids
+            draws[key] = np.bincount(idx.ravel(), minlength=n_boot * u).reshape(n_boot, u)
+        out.append(draws[key][:, np.searchsorted(np.asarray(key), g)])  # [B, n_s]: a row counts as its group
+    return out
+
+
+def paired_diff_summary(full_a, full_b, boot_a: list, boot_b: list, n_boot: int, alpha: float = 0.05) -> dict:
+    """a, b: mean over samples of each model's statistic; ci: percentile CI of the sample-averaged a - b
+    over the replicates (boot_* [B] per sample). A replicate where either model is undefined in any
+    sample is skipped; if more than half are, the CI is undefined (as in bootstrap_ci)."""
+    a, b = float(np.mean(full_a)), float(np.mean(full_b))
+    if not (np.isfinite(a) and np.isfinite(b)):
+        return {"a": None, "b": None, "diff": None, "ci": None, "n_used": 0, "n_boot": n_boot,
+                "reason": "the statistic is undefined on the full set"}
+    res = {"a": a, "b": b, "diff": a - b, "ci": None, "n_used": 0, "n_boot": n_boot}
+    if n_boot:
+        diffs = np.mean(np.stack(boot_a) - np.stack(boot_b), axis=0)  # [B]
+        ok = diffs[np.isfinite(diffs)]
+        res["n_used"] = int(len(ok))
+        if len(ok) >= max(2, math.ceil(n_boot / 2)):
+            res["ci"] = [float(q) for q in np.quantile(ok, [alpha / 2, 1 - alpha / 2])]
+    if res["ci"] is None:
+        res["reason"] = "bootstrap disabled" if not n_boot else "too few resamples with a defined statistic"
+    return res
+
+
+def paired_bootstrap_diff(kernels_a: list, kernels_b: list, groups: list, n_boot: int = 1000, seed: int = 0,
+                          alpha: float = 0.05) -> dict:
+    """Paired bootstrap of model a's statistic minus model b's, averaged over samples (seeds).
+
+    Sample s: kernels_a[s], kernels_b[s] on the same rows, groups[s] its patient per row. Each replicate
+    resamples patients (bootstrap_counts) and scores both models on that same resample.
+    """
+    counts = bootstrap_counts(groups, n_boot, seed)
+    full = [np.ones((1, len(g))) for g in groups]
+    return paired_diff_summary([kernel_values(k, f)[0] for k, f in zip(kernels_a, full)],
+                               [kernel_values(k, f)[0] for k, f in zip(kernels_b, full)],
+                               [kernel_values(k, c) for k, c in zip(kernels_a, counts)],
+                               [kernel_values(k, c) for k, c in zip(kernels_b, counts)], n_boot, alpha)
 
 def _figures(selected: dict, compare, km_cuts: dict, out_dir: Path, n_boot: int, seed: int, names) -> list[str]:
     written = []

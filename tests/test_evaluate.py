@@ -11,8 +11,8 @@ from sklearn.metrics import roc_auc_score
 from sksurv.metrics import concordance_index_censored, concordance_index_ipcw
 from sksurv.util import Surv
 
-from finetune.evaluate import evaluate, main
-from finetune.metrics import delong_paired_test
+from finetune.evaluate import bootstrap_counts, evaluate, main, paired_bootstrap_diff
+from finetune.metrics import auc_kernel, delong_paired_test
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,3 +223,66 @@ def test_km_groups_of_a_held_out_set_are_cut_on_training_data(tmp_path):
     assert km["threshold"] == pytest.approx(float(np.median(oof)))
     assert km["threshold"] != pytest.approx(float(np.median(test["risk"])))
     assert res["splits"]["val"]["survival"]["km"]["cut"] == "median risk of the evaluated rows"
+
+
+# ---------------------------------------------------------------- paired bootstrap of an AUC difference
+
+def _two_models(rng, n: int):
+    y = rng.integers(0, 2, n)
+    shared = rng.normal(size=n)  # both models see it: their errors are correlated, pairing matters
+    return y, y * 1.0 + shared + 0.5 * rng.normal(size=n), y * 0.6 + shared + 0.5 * rng.normal(size=n)
+
+
+def test_bootstrap_counts_resample_patients_and_share_draws_between_equal_sets():
+    groups = [np.array(["p2", "p1", "p1", "p3"]), np.array(["p1", "p3", "p2"]), np.array(["q1", "q2"])]
+    a, b, c = bootstrap_counts(groups, n_boot=200, seed=0)
+    assert a.shape == (200, 4) and b.shape == (200, 3) and c.shape == (200, 2)
+    assert (a[:, 1] == a[:, 2]).all()  # both rows of patient p1 are drawn together
+    assert (a.sum(1) - a[:, 2] == 3).all() and (c.sum(1) == 2).all()  # each draw holds as many patients
+    # the same patients (another seed's rows of them) get the same draw in every replicate
+    assert (b[:, 0] == a[:, 1]).all() and (b[:, 1] == a[:, 3]).all() and (b[:, 2] == a[:, 0]).all()
+
+
+def test_paired_bootstrap_matches_a_plain_sklearn_loop_over_the_same_resamples():
+    rng = np.random.default_rng(0)
+    # seed 0 and 1 score the same 40 patients (one with two rows); seed 2 its own 30 (a different test split)
+    samples = [_two_models(rng, 41), _two_models(rng, 41), _two_models(rng, 30)]
+    pid = [f"p{i}" for i in range(40)] + ["p0"]
+    groups = [np.array(pid), np.array(pid), np.array([f"q{i}" for i in range(30)])]
+    n_boot = 300
+    got = paired_bootstrap_diff([auc_kernel(y, a) for y, a, _ in samples], [auc_kernel(y, b) for y, _, b in samples],
+                                groups, n_boot=n_boot, seed=5)
+    counts = bootstrap_counts(groups, n_boot, seed=5)
+    diffs = []
+    for r in range(n_boot):
+        per_seed = []
+        for (y, a, b), c in zip(samples, counts):
+            idx = np.repeat(np.arange(len(y)), c[r])
+            if len(set(y[idx])) < 2:
+                break
+            per_seed.append(roc_auc_score(y[idx], a[idx]) - roc_auc_score(y[idx], b[idx]))
+        else:
+            diffs.append(np.mean(per_seed))
+    assert got["n_used"] == len(diffs) > n_boot // 2
+    assert got["ci"] == pytest.approx(list(np.quantile(diffs, [0.025, 0.975])), abs=1e-12)
+    assert got["a"] == pytest.approx(np.mean([roc_auc_score(y, a) for y, a, _ in samples]), abs=1e-12)
+    assert got["diff"] == pytest.approx(got["a"] - got["b"])
+
+
+def test_paired_bootstrap_ci_agrees_with_delong_on_a_large_sample():
+    rng = np.random.default_rng(1)
+    y, a, b = _two_models(rng, 600)
+    got = paired_bootstrap_diff([auc_kernel(y, a)], [auc_kernel(y, b)], [np.arange(600)], n_boot=1000, seed=0)
+    d = delong_paired_test(y, a, b)
+    half = 1.959964 * np.sqrt(d["var_diff"])
+    assert got["diff"] == pytest.approx(d["diff"], abs=1e-12)
+    assert got["ci"][0] == pytest.approx(d["diff"] - half, abs=0.008)
+    assert got["ci"][1] == pytest.approx(d["diff"] + half, abs=0.008)
+    # unpaired resampling (independent draws per model) would give a far wider interval: pairing is real
+    assert got["ci"][1] - got["ci"][0] < 0.8 * 2 * 1.959964 * np.sqrt(
+        auc_delong_var(y, a) + auc_delong_var(y, b))
+
+
+def auc_delong_var(y, s):
+    from finetune.metrics import auc_delong
+    return auc_delong(y, s)["var"]

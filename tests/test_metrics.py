@@ -18,13 +18,16 @@ from data.errors import InputError
 from finetune.metrics import (
     UndefinedMetric,
     auc_delong,
+    auc_kernel,
     bootstrap_ci,
     breslow_survival,
     brier,
     classification_report,
     delong_paired_test,
     harrell_c,
+    harrell_kernel,
     integrated_brier,
+    kernel_values,
     km_by_risk_group,
     survival_report,
     time_dependent_auc,
@@ -253,3 +256,42 @@ def test_survival_report_values(whas):
     assert rep["ibs"] is not None and rep["td_auc"] is not None and rep["km"]["logrank_p"] < 0.05
     alone = survival_report(time[te], event[te], risk[te], n_boot=0)
     assert alone["reference"].startswith("evaluated rows") and alone["harrell_c_ci"] is None
+
+
+# ---------------------------------------------------------------- pair kernels (the paired bootstrap's scorer)
+
+def _resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)])  # [B, n]
+
+
+def test_auc_kernel_is_sklearn_auc_on_every_resample(binary):
+    y, score = binary  # many tied scores
+    kernel = auc_kernel(y, score)
+    assert kernel_values(kernel, np.ones(len(y)))[0] == pytest.approx(roc_auc_score(y, score), abs=1e-12)
+    counts = _resample_counts(len(y), 20, seed=1)
+    got = kernel_values(kernel, counts)
+    for c, value in zip(counts, got):
+        idx = np.repeat(np.arange(len(y)), c)  # the resample as rows
+        assert value == pytest.approx(roc_auc_score(y[idx], score[idx]), abs=1e-12)
+
+
+def test_auc_kernel_undefined_when_a_resample_holds_one_class():
+    y, score = np.array([0, 0, 1]), np.array([0.1, 0.4, 0.3])
+    got = kernel_values(auc_kernel(y, score), np.array([[3, 0, 0], [1, 1, 1], [0, 2, 1]]))
+    assert np.isnan(got[0]) and got[1] == pytest.approx(0.5) and got[2] == pytest.approx(0.0)
+
+
+def test_harrell_kernel_is_sksurv_c_on_every_resample():
+    rng = np.random.default_rng(3)
+    n = 150
+    time = np.round(rng.exponential(10, n)) + 1  # tied times, some with and some without events
+    event = rng.random(n) < 0.6
+    risk = np.round(rng.normal(size=n) - 0.05 * time, 1)  # tied risks
+    kernel = harrell_kernel(time, event, risk)
+    assert kernel_values(kernel, np.ones(n))[0] == pytest.approx(concordance_index_censored(event, time, risk)[0],
+                                                                 abs=1e-12)
+    counts = _resample_counts(n, 20, seed=4)
+    for c, value in zip(counts, kernel_values(kernel, counts)):
+        idx = np.repeat(np.arange(n), c)
+        assert value == pytest.approx(concordance_index_censored(event[idx], time[idx], risk[idx])[0], abs=1e-12)
