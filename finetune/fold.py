@@ -5,7 +5,6 @@ The loop reads like the pretraining loop: one `models.training.optimizer_step` p
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,8 +20,9 @@ from finetune.cohort import make_dataset, time_bins
 from finetune.scores import output_scores
 from models.input_spec import InputSpec
 from models.multimodal import MultimodalConfig, MultimodalModel
-from models.training import (NonFiniteGuard, ResumableBatches, RunLogger, WarmupCosine, build_optimizer,
-                             optimizer_step, progress, seed_step, set_deepspeed_micro_batch)
+from finetune.recipe import EpochChoice, FinetuneSchedule, encoder_peak_lr, tag_param_groups
+from models.training import (NonFiniteGuard, ResumableBatches, RunLogger, build_optimizer, optimizer_step,
+                             progress, seed_step, set_deepspeed_micro_batch)
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Fold:
     val_df: pd.DataFrame
     model: torch.nn.Module           # prepared by accelerate
     optimizer: torch.optim.Optimizer
-    schedule: WarmupCosine
+    schedule: FinetuneSchedule
     batches: ResumableBatches
     steps_per_epoch: int
     pos_weight: torch.Tensor | None
@@ -67,14 +67,19 @@ def build_fold(cfg, model_cfg: MultimodalConfig, spec: InputSpec, index: int, tr
     model = MultimodalModel.from_pretrained_encoder(mcfg, cfg.pretrained or None)
     if cfg.freeze_encoder and cfg.fusion != "clinical_only":
         model.freeze_encoder(linear_probe=True)
-    optimizer = build_optimizer(model.param_groups(cfg.optim.lr, cfg.optim.weight_decay, cfg.layer_decay), cfg.optim)
     batch_size = min(cfg.batch_size, len(train_ds) // accelerator.num_processes)
     if batch_size < 1:
         raise InputError(f"fold {index}: {len(train_ds)} training subject(s) for {accelerator.num_processes} processes")
     batches = ResumableBatches(train_ds, batch_size, cfg.seed + index, accelerator.num_processes,
                                accelerator.process_index, cfg.num_workers)
     steps_per_epoch = math.ceil(batches.per_epoch / cfg.grad_accum)
-    schedule = WarmupCosine(optimizer, cfg.optim, cfg.epochs * steps_per_epoch)
+    groups = tag_param_groups(model.param_groups(cfg.optim.lr, cfg.optim.weight_decay, cfg.layer_decay),
+                              model.encoder_parameters())
+    optimizer = build_optimizer(groups, cfg.optim)
+    warmup = (round(cfg.warmup_epochs * steps_per_epoch) if cfg.warmup_epochs > 0 else cfg.optim.warmup_steps)
+    encoder_lr = encoder_peak_lr(cfg.encoder_blr, batch_size * cfg.grad_accum * accelerator.num_processes)
+    schedule = FinetuneSchedule(optimizer, cfg.optim, cfg.epochs * steps_per_epoch, warmup, encoder_lr,
+                                lp_steps=cfg.lp_epochs * steps_per_epoch)
     set_deepspeed_micro_batch(accelerator, batch_size)
     model, optimizer = accelerator.prepare(model, optimizer)
     pos_weight = None
@@ -162,42 +167,44 @@ def _stop_key(score: float | None, totals: dict, accelerator) -> float:
     return -float(accelerator.reduce(loss, reduction="mean")) if accelerator.num_processes > 1 else -float(loss)
 
 
-def fit_fold(cfg, fold: Fold, accelerator, logger: RunLogger) -> dict:
-    """Train with early stopping on the validation metric; returns the best epoch, its score and weights."""
+def fit_fold(cfg, fold: Fold, accelerator, logger: RunLogger) -> EpochChoice:
+    """Train for up to cfg.epochs (LP-FT's probe phase first, when set); returns the choice of weights to keep."""
     guard = NonFiniteGuard(cfg.max_nonfinite)
     stream = fold.batches.iterate(0)
     unwrapped = accelerator.unwrap_model(fold.model)
-    best = {"score": None, "key": -math.inf, "epoch": 0, "state": copy.deepcopy(unwrapped.state_dict())}
+    choice = EpochChoice(cfg.epoch_choice, max(cfg.min_epochs, cfg.lp_epochs), cfg.patience, unwrapped, cfg.epochs)
     metric = {"classification": "val AUC", "survival": "val C-index", "multitask": "val AUC+C"}[cfg.task]
     bar = progress(cfg.epochs, 0, accelerator.is_main_process, f"fold {fold.index}")
     step, stopped = 0, ""
     for epoch in range(cfg.epochs):
+        if unwrapped.encoder is not None and cfg.lp_epochs:
+            unwrapped.hold_encoder(epoch < cfg.lp_epochs)
         totals, step = _epoch(cfg, fold, accelerator, guard, stream, step)
         score = validation_score(predict(unwrapped, fold.val_ds, cfg.batch_size, accelerator.device, fold.bins),
                                  fold.val_ds, cfg.task)
-        key = _stop_key(score, totals, accelerator)
+        choice.update(epoch, _stop_key(score, totals, accelerator), score)
         logger.log(step, {f"fold{fold.index}/train_{k}": v for k, v in totals.items()}
                    | ({f"fold{fold.index}/val_score": score} if score is not None else {}), epoch=epoch)
-        if key > best["key"]:
-            best = {"score": score, "key": key, "epoch": epoch, "state": copy.deepcopy(unwrapped.state_dict())}
         bar.update(1)
         bar.set_postfix({"loss": f"{totals.get('loss', 0):.3f}",
-                         metric: f"{score:.3f}" if score is not None else "n/a", "best": best["epoch"]})
-        if epoch - best["epoch"] >= cfg.patience:
+                         metric: f"{score:.3f}" if score is not None else "n/a", "kept": choice.kept_epoch})
+        if choice.should_stop(epoch):
             stopped = f"stopped early at epoch {epoch}: no {metric} gain for {cfg.patience} epochs"
             break
-    if stopped:
-        bar.set_description(f"fold {fold.index} ({stopped}; best epoch {best['epoch']})")
+    if unwrapped.encoder is not None and cfg.lp_epochs:
+        unwrapped.hold_encoder(False)
+    bar.set_description(f"fold {fold.index} ({stopped + '; ' if stopped else ''}kept: {choice.describe()})")
     bar.close()
-    return best
+    return choice
 
 
-def export_fold(cfg, fold: Fold, best: dict, eval_sets: dict[str, pd.DataFrame], columns: list[str],
+def export_fold(cfg, fold: Fold, choice: EpochChoice, eval_sets: dict[str, pd.DataFrame], columns: list[str],
                 accelerator) -> dict:
-    """Predict every set with the best epoch's weights and save the fold model (schema, contract inside)."""
+    """Predict every set with the kept weights and save the fold model (schema, contract inside)."""
     model = accelerator.unwrap_model(fold.model)
-    model.load_state_dict(best["state"])
+    model.load_state_dict(choice.chosen_state())
     preds = {"val": (fold.val_df, predict(model, fold.val_ds, cfg.batch_size, accelerator.device, fold.bins))}
+    val_score = validation_score(preds["val"][1], fold.val_ds, cfg.task)  # of the kept weights
     for name, df in eval_sets.items():
         preds[name] = (df, predict(model, dataset_for(fold, df, cfg.task, cfg.fusion), cfg.batch_size,
                                    accelerator.device, fold.bins))
@@ -206,12 +213,13 @@ def export_fold(cfg, fold: Fold, best: dict, eval_sets: dict[str, pd.DataFrame],
         extra = {"clinical_schema": fold.schema.to_dict() if fold.schema else None, "clinical_columns": columns,
                  "time_bins": fold.bins.tolist() if fold.bins is not None else None,
                  "pretrained": cfg.pretrained or None, "fold": fold.index}
-        card = {"training": {"fold": fold.index, "train_subjects": len(fold.train_ds), "best_epoch": best["epoch"],
-                             "pretrained": cfg.pretrained or "none (from scratch)"},
-                "metrics": {"validation_score": best["score"]}}
+        card = {"training": {"fold": fold.index, "train_subjects": len(fold.train_ds),
+                             "kept_weights": choice.describe(), "pretrained": cfg.pretrained or "none (from scratch)"},
+                "metrics": {"validation_score": val_score}}
         model.save_pretrained(folder, extra_config=extra, card=card, input_spec=fold.spec)
     accelerator.wait_for_everyone()
-    return {"preds": preds, "best_epoch": best["epoch"], "val_score": best["score"], "folder": str(folder)}
+    return {"preds": preds, "best_epoch": choice.kept_epoch, "kept": choice.describe(), "val_score": val_score,
+            "folder": str(folder)}
 
 
 def train_fold(cfg, model_cfg: MultimodalConfig, spec: InputSpec, index: int, train_df: pd.DataFrame,
@@ -219,5 +227,5 @@ def train_fold(cfg, model_cfg: MultimodalConfig, spec: InputSpec, index: int, tr
                logger: RunLogger) -> dict:
     """Train one fold; returns predictions per set, the best epoch, its validation score and the model folder."""
     fold = build_fold(cfg, model_cfg, spec, index, train_df, val_df, columns, accelerator)
-    best = fit_fold(cfg, fold, accelerator, logger)
-    return export_fold(cfg, fold, best, eval_sets, columns, accelerator)
+    choice = fit_fold(cfg, fold, accelerator, logger)
+    return export_fold(cfg, fold, choice, eval_sets, columns, accelerator)

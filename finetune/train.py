@@ -62,6 +62,18 @@ class FinetuneConfig(LoopConfig):
     epochs: int = 30                # at most this many epochs per fold
     patience: int = 8               # epochs without validation improvement before stopping
     layer_decay: float = 0.75       # encoder lr x layer_decay per block below the head (timm layer decay)
+    # The encoder's peak rate by MAE's fine-tuning rule, encoder_blr x effective batch (batch_size x
+    # grad_accum x processes) / 256, then layer-decayed; optim.lr is then the head's rate alone.
+    # 0: the encoder follows optim.lr, layer-decayed.
+    encoder_blr: float = 0.0
+    warmup_epochs: float = 0.0      # warm-up in epochs, for head and encoder alike (0: optim.warmup_steps steps)
+    # LP-FT: epochs that fit the fusion and heads on the held encoder (weights unchanged) before it joins
+    # the training with its own warm-up; 0: everything trains from the start
+    lp_epochs: int = 0
+    # which weights a fold keeps: best (validation score; stops early), last, average (of the weights from
+    # min_epochs on; SWA over epochs)
+    epoch_choice: Literal["best", "last", "average"] = "best"
+    min_epochs: int = 0             # epochs before best may be chosen / training may stop, and average begins
     freeze_encoder: bool = False    # linear probe / frozen-feature fine-tuning
     class_weighting: bool = True    # weight positives by n_neg / n_pos in the BCE
     n_time_bins: int = 8            # for model.survival_head = discrete
@@ -79,6 +91,11 @@ class FinetuneConfig(LoopConfig):
             raise ConfigError(f"--task {self.task!r}: expected one of {TASKS}")
         if self.fusion not in FUSIONS:
             raise ConfigError(f"--fusion {self.fusion!r}: expected one of {FUSIONS}")
+        for name in ("encoder_blr", "warmup_epochs", "lp_epochs", "min_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} {getattr(self, name)}: must be >= 0")
+        if self.lp_epochs and (self.lp_epochs >= self.epochs or self.freeze_encoder):
+            raise ConfigError(f"--lp_epochs {self.lp_epochs}: needs --epochs above it and no --freeze_encoder")
         parse_eval_sets(self.eval_sets)  # a malformed entry fails at parse time, naming the flag
         if self.crop_mm is not None:
             ViewSpec(crop_mm=self.crop_mm, margin_mm=self.margin_mm)  # a negative value fails here, at parse time
@@ -248,8 +265,8 @@ def run_folds(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec,
         res = train_fold(cfg, model_cfg, spec, k, by_id.loc[fold["train"]].reset_index(drop=True),
                          by_id.loc[fold["val"]].reset_index(drop=True), eval_sets, columns, accelerator, logger)
         fr = pd.concat([prediction_rows(name, k, d, p) for name, (d, p) in res["preds"].items()])
-        info = {"fold": k, "best_epoch": res["best_epoch"], "val_score": res["val_score"], "folder": res["folder"],
-                "fingerprint": fingerprint}
+        info = {"fold": k, "best_epoch": res["best_epoch"], "kept": res["kept"], "val_score": res["val_score"],
+                "folder": res["folder"], "fingerprint": fingerprint}
         if main:
             with atomic_path(done) as tmp:
                 fr.to_csv(tmp, index=False)

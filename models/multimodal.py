@@ -21,6 +21,7 @@ from data.errors import ClinicalError, ConfigError, InputError
 from models.fusion import ClinicalEmbedding, ClinicalTokens, FiLM
 from models.hf import load_hf_folder, load_state_dict_strict, model_card, save_hf_folder
 from models.input_spec import InputSpec
+from models.pooling import POOLS, TokenPool
 from models.vit3d import ViT3D, ViT3DConfig, inflate_patch_embed
 
 TASKS = ("classification", "survival", "multitask")
@@ -42,13 +43,15 @@ class MultimodalConfig:
     survival_head: Literal["cox", "discrete"] = "cox"  # cox: one risk score; discrete: hazards over n_time_bins
     n_time_bins: int = 0  # discrete-time bins (set by fine-tuning from n_time_bins)
     mask_channel_init: Literal["zero", "mean"] = "zero"  # the mask kernel when a 1-channel patch embedding is inflated
-    pool: Literal["mean"] = "mean"  # mean over image tokens
+    # image tokens -> one vector: mean; mask (weighted by each token's lesion share); attention (a learned
+    # query over the tokens, timm AttentionPoolLatent)
+    pool: Literal["mean", "mask", "attention"] = "mean"
 
     def __post_init__(self):
         if isinstance(self.encoder, dict):
             self.encoder = from_dict(ViT3DConfig, self.encoder, "encoder")
         choices = {"task": TASKS, "fusion": FUSIONS, "survival_head": ("cox", "discrete"),
-                   "mask_channel_init": ("zero", "mean"), "pool": ("mean",)}
+                   "mask_channel_init": ("zero", "mean"), "pool": POOLS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
@@ -56,6 +59,8 @@ class MultimodalConfig:
             raise ConfigError("clinical_dim and clinical_hidden must be >= 0")
         if self.fusion == "tokens" and self.n_clinical_tokens < 1:
             raise ConfigError(f"fusion='tokens' needs n_clinical_tokens >= 1, got {self.n_clinical_tokens}")
+        if self.pool == "mask" and self.encoder.in_channels < 2:
+            raise ConfigError("pool='mask' needs the lesion-mask channel (encoder in_channels 2)")
         if not 0.0 <= self.head_dropout < 1.0:
             raise ConfigError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
 
@@ -85,6 +90,7 @@ class MultimodalModel(nn.Module):
         self.config = config
         c = config
         self.encoder = ViT3D(c.encoder) if c.uses_image else None
+        self.pool = TokenPool(c.pool, c.encoder.dim, c.encoder.heads, c.encoder.patch_size) if c.uses_image else None
         d = c.encoder.hidden_size
         self.clinical_embed = self.film = self.clinical_tokens = None
         if c.fusion == "none":
@@ -126,12 +132,12 @@ class MultimodalModel(nn.Module):
             extra = self.extra_tokens(clinical)  # [B, T, D]
             tokens = self.encoder(x, extra_tokens=extra)  # [B, N + T, D]
             n = tokens.shape[1] - extra.shape[1]  # N follows the input size, not necessarily img_size
-            features = torch.cat([tokens[:, :n].mean(1), tokens[:, n:].mean(1)], dim=-1)  # [B, 2D]
+            features = torch.cat([self.pool_image(tokens[:, :n], x), tokens[:, n:].mean(1)], dim=-1)  # [B, 2D]
         else:
             tokens = self.encoder(x)  # [B, N, D]
             if c.fusion == "film":
                 tokens = self.film(tokens, clinical)  # [B, N, D]
-            features = tokens.mean(1)  # [B, D]
+            features = self.pool_image(tokens, x)  # [B, D]
             if c.fusion == "concat":
                 features = torch.cat([features, self.clinical_embed(clinical)], dim=-1)  # [B, D + H]
         out = {"features": features}
@@ -144,6 +150,10 @@ class MultimodalModel(nn.Module):
             else:
                 out["hazard_logits"] = self.surv_head(h)  # [B, T]
         return out
+
+    def pool_image(self, tokens: Tensor, x: Tensor) -> Tensor:
+        """[B, N, D] image tokens -> [B, D]; the mask pool reads the lesion-mask channel of x [B, 2, S, S, S]."""
+        return self.pool(tokens, mask=x[:, 1] if x.shape[1] > 1 else None)
 
     def extra_tokens(self, clinical: Tensor | None) -> Tensor | None:
         """The tokens this model appends to the encoder sequence: clinical tokens [B, T, D] for fusion
@@ -211,9 +221,21 @@ class MultimodalModel(nn.Module):
             p.requires_grad = not linear_probe
         self.train(self.training)
 
+    def hold_encoder(self, hold: bool) -> None:
+        """LP-FT's probe phase. hold=True: the encoder runs in eval mode (no drop-path) and its gradients
+        are replaced by zeros, so gradient clipping and Adam see the head alone; with the encoder's rate at
+        0 (finetune.recipe) its weights stay exactly as they are. Unlike freeze_encoder, requires_grad is
+        untouched, so a DDP-wrapped model keeps reducing the same parameters. hold=False undoes it."""
+        for handle in getattr(self, "_hold_hooks", []):
+            handle.remove()
+        self._hold_hooks = [p.register_hook(torch.zeros_like) for p in self.encoder_parameters()
+                            if p.requires_grad] if hold else []
+        self._encoder_held = bool(hold) and self.encoder is not None
+        self.train(self.training)
+
     def train(self, mode: bool = True):
         super().train(mode)
-        if getattr(self, "_encoder_frozen", False):
+        if getattr(self, "_encoder_frozen", False) or getattr(self, "_encoder_held", False):
             self.encoder.eval()
         return self
 
