@@ -1,6 +1,8 @@
 """The fine-tuning recipe: lesion-aware pooling, the encoder's own rate, LP-FT and the epoch kept."""
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -144,13 +146,17 @@ def test_best_stops_after_patience_and_average_never_stops():
     assert not avg.should_stop(2) and "epochs 0-2" in avg.describe()
 
 
-def test_a_run_with_lp_ft_mask_pooling_and_weight_averaging(synth_cohort, tmp_path):
+def test_a_run_with_lp_ft_mask_pooling_weight_averaging_and_a_risk_bank(synth_cohort, tmp_path):
     from finetune.train import run
     from tests.test_finetune_loop import tiny_cfg
-    cfg = tiny_cfg(synth_cohort, tmp_path / "ft", task="classification", fusion="none", epochs=3, explain=0,
-                   lp_epochs=1, epoch_choice="average", min_epochs=1, warmup_epochs=0.5, encoder_blr=1e-3)
+    cfg = tiny_cfg(synth_cohort, tmp_path / "ft", task="multitask", fusion="none", epochs=3, explain=0,
+                   lp_epochs=1, epoch_choice="average", min_epochs=1, warmup_epochs=0.5, encoder_blr=1e-3,
+                   cox_bank=16)
     cfg.model.pool = "mask"
     metrics = run(cfg)
     assert {f["kept"] for f in metrics["folds"]} == {"mean of the weights of epochs 1-2"}
     saved = json.loads((tmp_path / "ft" / "model" / "fold0" / "config.json").read_text())
     assert saved["multimodal"]["pool"] == "mask"
+    log = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    cox = [row["fold0/train_cox"] for row in log if "fold0/train_cox" in row]
+    assert len(cox) == 3 and np.isfinite(cox).all()
