@@ -33,6 +33,12 @@ $(STAMP): pyproject.toml | $(PY)
 	else echo "no GPU, but no CPU build of $(CPU_TORCH) to be had: installing PyPI's CUDA build" \
 	    "(runs on CPU; ~3 GB of NVIDIA libraries)"; $(PY) -m pip install -q torch torchvision; fi
 	$(PY) -m pip install -q -e ".[test]"
+	@# PyRadiomics, the reference tests/test_radiomics_reference.py checks our radiomics features against.
+	@# It has no wheel for current Pythons and its setup.py imports numpy and versioneer, so it builds
+	@# from source without build isolation (~10 s). Pinned: PyPI's 3.1.0 sdist says it is 3.0.1a1 inside,
+	@# so pip discards it after downloading it (34 MB) and falls back to 3.0.1 anyway.
+	$(PY) -m pip install -q versioneer
+	$(PY) -m pip install -q --no-build-isolation pyradiomics==3.0.1
 	@# A mismatched pair fails here, once, rather than in every test that imports timm.
 	@$(PY) -c "import torch, torchvision" || { echo "torch and torchvision do not match; set TORCH to a pair"; exit 1; }
 	@touch $(STAMP)

@@ -12,7 +12,8 @@ from sksurv.metrics import concordance_index_censored
 
 from data.errors import InputError
 from finetune.radiomics import (RadiomicsModel, extract_features, first_order_features, glcm_features,
-                                glcm_matrices, peritumoral_ring, predict_splits, quantise, shape_features)
+                                glcm_matrices, peritumoral_ring, predict_splits, quantise, shape_features,
+                                survival_target)
 
 
 def _ball(shape, centre_mm, radius_mm, spacing):
@@ -80,7 +81,7 @@ def test_constant_region_uses_defined_fallbacks():
     f = first_order_features(image[mask], 32)
     assert f["std"] == 0 and f["skewness"] == 0 and f["kurtosis"] == 0 and f["entropy"] == 0
     g = glcm_features(image, mask, 32)
-    assert g == {"contrast": 0, "dissimilarity": 0, "homogeneity": 1, "energy": 1, "entropy": 0,
+    assert g == {"contrast": 0, "dissimilarity": 0, "homogeneity": 1, "joint_energy": 1, "entropy": 0,
                  "correlation": 1}
 
 
@@ -110,8 +111,9 @@ def test_single_slice_glcm_agrees_with_skimage():
 
     g = glcm_features(image, region, bins)
     Pn = P / P.sum(axis=(0, 1), keepdims=True)
-    for prop in ("contrast", "dissimilarity", "homogeneity", "energy", "correlation"):
+    for prop in ("contrast", "dissimilarity", "homogeneity", "correlation"):
         assert g[prop] == pytest.approx(graycoprops(Pn, prop).mean(), rel=1e-6), prop
+    assert g["joint_energy"] == pytest.approx(graycoprops(Pn, "ASM").mean(), rel=1e-6)  # skimage's energy is its root
     assert g["entropy"] == pytest.approx(graycoprops(Pn, "entropy").mean() / np.log(2), rel=1e-6)
 
 
@@ -251,3 +253,68 @@ def test_cli_writes_predictions_for_every_split(tmp_path, monkeypatch):
         radiomics.main(common + ["--splits", str(tmp_path / "splits.json"), "--task", "classification",
                                  "--manifest", str(tmp_path / "absent.csv")])
     assert e.value.code == 2
+
+
+def _one_signal_among_noise(n, p, rng):
+    X = rng.normal(size=(n, p))  # column 0 drives the outcome, the rest is pure noise
+    return pd.DataFrame(X, columns=[f"f{i}" for i in range(p)])
+
+
+def test_univariate_l1_keeps_the_informative_feature_and_drops_the_noise():
+    rng = np.random.default_rng(8)
+    X = _one_signal_among_noise(150, 40, rng)
+    y = (rng.random(150) < 1 / (1 + np.exp(-3 * X["f0"]))).astype(int)
+    model = RadiomicsModel("classification", seed=0, selection="univariate_l1").fit(X, y)
+    used = model.used_features()
+    assert "f0" in used and len(used) <= 8  # L1 after k-best: a handful of 39 noise columns at most
+    p = model.best_params_
+    assert {"C", "n_features_kept", "k", "n_features_selected", "n_nonzero", "selection"} <= set(p)
+    assert p["n_features_kept"] == 40 and p["n_nonzero"] == len(used)
+    assert p["n_features_selected"] == (40 if p["k"] == "all" else p["k"])
+
+
+def test_survival_selection_keeps_the_informative_feature():
+    rng = np.random.default_rng(9)
+    X = _one_signal_among_noise(150, 30, rng)
+    time = rng.exponential(np.exp(-1.0 * X["f0"].to_numpy()))  # higher f0 -> earlier event
+    event = rng.random(150) < 0.7
+    model = RadiomicsModel("survival", seed=0, selection="univariate_l1").fit(X, survival_target(event, time))
+    assert model.best_params_["selection"] == "univariate_l1" and "alpha" in model.best_params_
+    assert "f0" in model.used_features()
+    # The univariate score is direction-free and 0 for a constant column.
+    from finetune.radiomics import concordance_scores
+
+    y = survival_target(np.ones(50, bool), np.arange(50.0))
+    cols = np.column_stack([-np.arange(50.0), np.arange(50.0), np.zeros(50)])
+    np.testing.assert_allclose(concordance_scores(cols, y), [0.5, 0.5, 0.0])
+
+
+def test_selection_is_fitted_on_training_rows_only(monkeypatch):
+    # The univariate score must be computed inside each inner-CV training fold and at the final refit, never
+    # on rows the model did not get: record the row count of every call.
+    from finetune import radiomics
+
+    seen, real = [], radiomics.f_classif
+
+    def spy(X, y):
+        seen.append(len(X))
+        return real(X, y)
+
+    monkeypatch.setattr(radiomics, "f_classif", spy)
+    rng = np.random.default_rng(10)
+    X = _one_signal_among_noise(100, 12, rng)
+    y = (X["f0"] + rng.normal(size=100) > 0).astype(int).to_numpy()
+    train, held_out = np.arange(80), np.arange(80, 100)
+    model = RadiomicsModel("classification", seed=0, selection="univariate_l1").fit(X.iloc[train], y[train])
+    assert seen and max(seen) == 80 and set(seen) <= {64, 80}  # 5 inner folds of 80 rows, and the refit
+    assert seen.count(80) == 1
+    before = model.used_features()
+    model.predict(X.iloc[held_out])
+    assert model.used_features() == before  # predicting refits nothing
+
+
+def test_default_selection_per_task_and_rejects_unknown():
+    assert RadiomicsModel("classification").selection == "none"
+    assert RadiomicsModel("survival").selection == "univariate_l1"
+    with pytest.raises(InputError, match="selection"):
+        RadiomicsModel("classification", selection="lasso")
