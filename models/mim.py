@@ -163,15 +163,32 @@ def patch_stats(patches: Tensor) -> tuple[Tensor, Tensor]:
     return patches.mean(dim=-1, keepdim=True), patches.var(dim=-1, keepdim=True)
 
 
-def masked_reconstruction_loss(pred: Tensor, target_patches: Tensor, mask: Tensor, norm_pix: bool = True) -> Tensor:
-    """MSE per patch, averaged over masked tokens only. pred, target [B, N, P]; mask [B, N] bool."""
-    target = target_patches.float()
+def normalised_patches(patches: Tensor, norm_pix: bool = True) -> Tensor:
+    """The reconstruction target from patches [B, N, P]: float32, each patch normalised by its own mean and
+    variance with norm_pix (MAE's norm_pix_loss)."""
+    target = patches.float()
     if norm_pix:
         mean, var = patch_stats(target)
         target = (target - mean) / (var + NORM_EPS) ** 0.5  # [B, N, P]
+    return target
+
+
+def patch_targets(x: Tensor, patch_size: int, norm_pix: bool = True) -> Tensor:
+    """A level's reconstruction target [B, N, C p^3] from its input x [B, C, I, I, I]. Built with the levels in
+    the loader's workers (pretrain.batches), off the step: the per-patch statistics are ~10% of a CPU step."""
+    return normalised_patches(patchify(x, patch_size), norm_pix)
+
+
+def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """MSE per patch against a ready target, averaged over masked tokens only. pred, target [B, N, P]; mask [B, N]."""
     per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # [B, N]
     m = mask.float()                                          # [B, N]
     return (per_patch * m).sum() / m.sum()
+
+
+def masked_reconstruction_loss(pred: Tensor, target_patches: Tensor, mask: Tensor, norm_pix: bool = True) -> Tensor:
+    """MSE per patch, averaged over masked tokens only. pred, target [B, N, P]; mask [B, N] bool."""
+    return masked_mse(pred, normalised_patches(target_patches, norm_pix), mask)
 
 
 def alignment_loss(child_feat: Tensor, parent_feat: Tensor) -> Tensor:
@@ -190,7 +207,9 @@ def mim_losses(outputs: dict[str, Tensor], levels: Sequence[Level], config: MiMC
     out: dict[str, Tensor] = {}
     total = 0.0
     for i, (lvl, w) in enumerate(zip(levels, config.weights()), start=1):
-        rec = masked_reconstruction_loss(outputs[f"pred_l{i}"], patchify(lvl.x, p), lvl.mask, config.norm_pix_loss)
+        # The loader builds the target with the levels; a level built elsewhere gets the same one here.
+        target = lvl.target if lvl.target is not None else patch_targets(lvl.x, p, config.norm_pix_loss)
+        rec = masked_mse(outputs[f"pred_l{i}"], target, lvl.mask)
         out[f"rec_l{i}"] = rec
         total = total + w * rec
     for i in range(2, len(levels) + 1):

@@ -100,6 +100,16 @@ def patchify(x: Tensor, p: int) -> Tensor:
     return x.reshape(b, gd * gh * gw, c * p**3)  # [B, N, C p^3]
 
 
+def visible_patches(x: Tensor, p: int, visible_idx: Tensor) -> Tensor:
+    """patchify(x, p) at visible_idx [B, N_vis] only: [B, N_vis, C p^3], without copying the other patches."""
+    b, c, *spatial = x.shape
+    gd, gh, gw = (s // p for s in spatial)
+    grid = x.reshape(b, c, gd, p, gh, p, gw, p).permute(0, 2, 4, 6, 1, 3, 5, 7)  # [B, gd, gh, gw, C, p, p, p] view
+    d, h, w = visible_idx // (gh * gw), (visible_idx // gw) % gh, visible_idx % gw  # [B, N_vis] each
+    rows = torch.arange(b, device=x.device)[:, None]                               # [B, 1]
+    return grid[rows, d, h, w].reshape(b, visible_idx.shape[1], c * p**3)          # [B, N_vis, C p^3]
+
+
 def unpatchify(patches: Tensor, p: int) -> Tensor:
     """[B, N, C p^3] -> [B, C, S, S, S] for a cubic grid; the exact inverse of `patchify`."""
     b, n, dim = patches.shape
@@ -147,8 +157,9 @@ class ViT3D(nn.Module):
 
     # --- forward -----------------------------------------------------------------------------------------
 
-    def embed(self, x: Tensor) -> Tensor:
-        """Patch tokens plus position embedding, resampled when the input is not img_size."""
+    def embed(self, x: Tensor, visible_idx: Tensor | None = None) -> Tensor:
+        """Patch tokens plus position embedding [B, N, D], resampled when the input is not img_size;
+        with visible_idx [B, N_vis] only those tokens, [B, N_vis, D] (the masked ones are never embedded)."""
         c = self.config
         if x.ndim != 5 or x.shape[1] != c.in_channels:
             raise InputError(f"ViT3D expects [B, {c.in_channels}, D, H, W], got {tuple(x.shape)}")
@@ -161,16 +172,19 @@ class ViT3D(nn.Module):
         p = c.patch_size
         grid = tuple(s // p for s in x.shape[2:])
         x = x[:, :, :grid[0] * p, :grid[1] * p, :grid[2] * p]  # Conv3d drops a remainder the same way
-        x = patchify(x, p)  # [B, N, C p^3], token order = Conv3d flatten order
+        pos = resize_pos_embed(self.pos_embed, c.grid, grid)  # [1, N, D]
+        if visible_idx is None:
+            x = patchify(x, p)  # [B, N, C p^3], token order = Conv3d flatten order
+        else:
+            # Only the visible patches are copied out and embedded: with MAE's 75% masking this is a
+            # quarter of the patchify copy and of the embedding GEMM, forward and backward.
+            x, pos = visible_patches(x, p, visible_idx), pos[0, visible_idx]  # [B, N_vis, C p^3], [B, N_vis, D]
         w = self.patch_embed.weight.reshape(self.patch_embed.weight.shape[0], -1)  # [D, C p^3]
-        x = F.linear(x, w, self.patch_embed.bias)  # [B, N, D]
-        return x + resize_pos_embed(self.pos_embed, c.grid, grid)  # [B, N, D]
+        x = F.linear(x, w, self.patch_embed.bias)  # [B, N(_vis), D]
+        return x + pos  # [B, N(_vis), D]
 
     def _tokens(self, x: Tensor, visible_idx: Tensor | None, extra_tokens: Tensor | None) -> Tensor:
-        tokens = self.embed(x)  # [B, N, D]
-        if visible_idx is not None:
-            idx = visible_idx[..., None].expand(-1, -1, tokens.shape[-1])  # [B, N_vis, D]
-            tokens = tokens.gather(1, idx)  # [B, N_vis, D]
+        tokens = self.embed(x, visible_idx)  # [B, N_vis, D]
         if extra_tokens is not None:
             if extra_tokens.ndim != 3 or extra_tokens.shape[0] != tokens.shape[0] \
                     or extra_tokens.shape[2] != tokens.shape[2]:

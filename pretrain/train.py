@@ -184,7 +184,7 @@ def build(cfg: PretrainConfig, accelerator):
     with accelerator.main_process_first():  # one rank fills the cache; the others then hit it
         dataset, subjects = load_training_volumes(cfg, show_progress=accelerator.is_main_process)
     enc = cfg.model.encoder
-    collate = HierarchyCollate(cfg.model.masks, enc.patch_size, enc.img_size, cfg.seed, accelerator.process_index)
+    collate = HierarchyCollate(cfg.model, cfg.seed, accelerator.process_index)
     batches = ResumableBatches(dataset, cfg.batch_size, cfg.seed, accelerator.num_processes,
                                accelerator.process_index, cfg.num_workers, collate=collate)
     seed_step(cfg.seed, -1)  # identical initial weights on every rank and every (re)start

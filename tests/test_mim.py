@@ -366,3 +366,27 @@ def test_alignment_does_not_collapse_while_overfitting_a_fixed_batch():
         neighbour = alignment_loss(projected, target.roll(1, dims=0)).item()  # each child vs another's target
         assert align < first[i] - 0.3, (i, first[i], align)
         assert neighbour > align + 0.3, (i, align, neighbour)
+
+
+def test_targets_built_with_the_levels_give_the_same_loss_as_targets_built_in_the_loss():
+    from models.mim import patch_targets
+    from models.mim_masks import build_hierarchy
+    cfg = MiMConfig(encoder=ViT3DConfig(img_size=16, patch_size=4, dim=24, depth=1, heads=2),
+                    masks=MaskConfig(levels=2, mask_ratio=(0.75,)), decoder_dim=16, decoder_heads=2)
+    torch.manual_seed(0)
+    model = MiMModel(cfg)
+    levels = build_hierarchy(torch.rand(2, 1, 24, 24, 24), cfg.masks, 4, 16, torch.Generator().manual_seed(3))
+    plain = model(levels)
+    for lvl in levels:
+        lvl.target = patch_targets(lvl.x, 4)  # as pretrain.batches.HierarchyCollate does in the workers
+    ready = model(levels)
+    for k in ("loss", "rec_l1", "rec_l2", "align_l2"):
+        assert torch.equal(plain[k], ready[k]), k
+
+
+def test_visible_patches_are_patchify_at_the_visible_tokens():
+    from models.vit3d import patchify, visible_patches
+    x = torch.rand(3, 2, 12, 12, 12)
+    vis = torch.stack([torch.randperm(27)[:7].sort().values for _ in range(3)])  # [3, 7]
+    want = torch.stack([patchify(x, 4)[b, vis[b]] for b in range(3)])
+    assert torch.equal(visible_patches(x, 4, vis), want)

@@ -157,12 +157,15 @@ class _Views(torch.utils.data.Dataset):
 def test_hierarchy_built_in_the_loader_equals_a_direct_build(workers):
     # What the loader's workers build for micro-batch m is exactly build_hierarchy on that batch's views
     # with the step's own generator (the one the step built it with before it moved into the loader).
+    from models.mim import MiMConfig, patch_targets
     from models.mim_masks import MaskConfig, build_hierarchy
     from models.training import ResumableBatches, seed_step
+    from models.vit3d import ViT3DConfig
     from pretrain.batches import HierarchyCollate
     masks, rank, seed = MaskConfig(levels=3), 1, 7
+    model = MiMConfig(encoder=ViT3DConfig(img_size=16, patch_size=4, dim=24, depth=1, heads=2), masks=masks)
     data = _Views()
-    collate = HierarchyCollate(masks, 4, 16, seed, rank)
+    collate = HierarchyCollate(model, seed, rank)
     batches = ResumableBatches(data, 2, seed, 2, rank, num_workers=workers, collate=collate)
     stream = batches.iterate(1)  # from micro-batch 1: a resumed run
     for _ in range(3):
@@ -171,6 +174,8 @@ def test_hierarchy_built_in_the_loader_equals_a_direct_build(workers):
         crops = torch.cat([it["crops"] for it in items])      # [B * 2, 1, 24, 24, 24]
         anchors = torch.cat([it["anchors"] for it in items])  # [B * 2, 3]
         direct = build_hierarchy(crops, masks, 4, 16, seed_step(seed, m, rank), anchors=anchors)
+        for lvl in direct:  # and the loss target the step would otherwise compute
+            lvl.target = patch_targets(lvl.x, 4, model.norm_pix_loss)
         assert len(batch["levels"]) == 3 and batch["build_s"] > 0
         for got, want in zip(batch["levels"], direct):
             for k, v in want.__dict__.items():
