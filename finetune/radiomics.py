@@ -16,6 +16,7 @@ same format as the ViT fine-tuning, so `finetune.evaluate` scores both alike.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import warnings
 from pathlib import Path
@@ -71,15 +72,28 @@ class FeatureFilter(BaseEstimator, TransformerMixin):
         return np.asarray(X, dtype=np.float64)[:, self.keep_]
 
 
+_SCORE_CACHE: dict[bytes, np.ndarray] = {}
+
+
 def concordance_scores(X, y) -> np.ndarray:
     """Univariate survival score per column: |Harrell's C - 0.5| (a SelectKBest score_func).
 
     Direction-free, so a protective feature ranks as high as a harmful one; a constant column scores 0.
+    The grid search refits the selector for every (k, alpha) on the same fold data, and Harrell's C is the
+    costly part (~9 ms a column at 1,000 rows), so scores are memoised on the bytes of (X, y): one
+    computation per fold, not one per grid point.
     """
-    X = np.asarray(X, dtype=np.float64)
-    event, time = (np.asarray(y[n]) for n in y.dtype.names)
+    X = np.ascontiguousarray(X, dtype=np.float64)
+    event, time = (np.ascontiguousarray(y[n]) for n in y.dtype.names)
     event = event.astype(bool)
-    return np.array([abs(concordance_index_censored(event, time, X[:, j])[0] - 0.5) for j in range(X.shape[1])])
+    key = hashlib.blake2b(X.tobytes() + str(X.shape).encode() + event.tobytes()
+                          + time.astype(np.float64).tobytes(), digest_size=16).digest()
+    if key not in _SCORE_CACHE:
+        if len(_SCORE_CACHE) >= 64:  # bounded: only the current search's folds are ever reused
+            _SCORE_CACHE.clear()
+        _SCORE_CACHE[key] = np.array([abs(concordance_index_censored(event, time, X[:, j])[0] - 0.5)
+                                      for j in range(X.shape[1])])
+    return _SCORE_CACHE[key].copy()
 
 
 def _l1_logistic() -> LogisticRegression:

@@ -287,6 +287,11 @@ def test_survival_selection_keeps_the_informative_feature():
     y = survival_target(np.ones(50, bool), np.arange(50.0))
     cols = np.column_stack([-np.arange(50.0), np.arange(50.0), np.zeros(50)])
     np.testing.assert_allclose(concordance_scores(cols, y), [0.5, 0.5, 0.0])
+    # Scores are memoised on the data: other data must never get stale scores.
+    x = np.random.default_rng(0).normal(size=(50, 1))
+    shuffled = survival_target(np.ones(50, bool), np.random.default_rng(1).permutation(50).astype(float))
+    assert concordance_scores(x, y)[0] != concordance_scores(x, shuffled)[0]
+    assert concordance_scores(x, y)[0] == concordance_scores(x.copy(), y)[0]
 
 
 def test_selection_is_fitted_on_training_rows_only(monkeypatch):
