@@ -149,7 +149,8 @@ class RadiomicsModel:
             if select:
                 pipe, C = self._pipeline(_l1_logistic(), k="all"), np.logspace(-2, 2, 9)
             else:
-                pipe, C = self._pipeline(LogisticRegression(solver="newton-cholesky", max_iter=1000)), np.logspace(-3, 2, 6)
+                l2 = LogisticRegression(solver="newton-cholesky", max_iter=1000)
+                pipe, C = self._pipeline(l2), np.logspace(-3, 2, 6)
             # Log loss, not AUC: AUC ties on separable folds would pick the smallest C, whose
             # near-prior probabilities do not pool across the outer folds.
             return pipe, {"model__C": list(C), **k_grid}, "neg_log_loss"

@@ -1,7 +1,8 @@
 """Radiomics features: IBSI-style first-order, shape and 3D GLCM features of a lesion and its peritumoral ring.
 
 Computed with numpy/scipy/scikit-image and checked against PyRadiomics 3.0.1 (tests/test_radiomics_reference.py)
-with PyRadiomics set to binCount=bins, distances=[1], 3D, symmetric GLCM averaged over directions. The names map to PyRadiomics':
+with PyRadiomics set to binCount=bins, distances=[1], 3D, symmetric GLCM averaged over directions.
+The names map to PyRadiomics':
 - first-order: mean, std = sqrt(Variance) (biased), skewness, kurtosis (Pearson), p10 = 10Percentile,
   p50 = Median, p90 = 90Percentile, energy (no voxel shift), entropy (on the binned values), iqr;
 - shape: volume_mm3 = VoxelVolume, mesh_volume_mm3 = MeshVolume, surface_area_mm2 = SurfaceArea,
