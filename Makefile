@@ -35,10 +35,11 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[test]"
 	@# PyRadiomics, the reference tests/test_radiomics_reference.py checks our radiomics features against.
 	@# It has no wheel for current Pythons and its setup.py imports numpy and versioneer, so it builds
-	@# from source without build isolation (~10 s), so its build tools go in first (a Python >= 3.12 venv
-	@# has no setuptools). Pinned: PyPI's 3.1.0 sdist says it is 3.0.1a1 inside, so pip discards it after
+	@# from source without build isolation (~7 s), so its build tools go in first: a Python >= 3.12 venv
+	@# has no setuptools, and a 3.11 venv's setuptools 65 has no bdist_wheel without `wheel` (measured in a
+	@# fresh venv). Pinned: PyPI's 3.1.0 sdist says it is 3.0.1a1 inside, so pip discards it after
 	@# downloading it (34 MB) and falls back to 3.0.1 anyway.
-	$(PY) -m pip install -q setuptools versioneer
+	$(PY) -m pip install -q setuptools wheel versioneer
 	$(PY) -m pip install -q --no-build-isolation pyradiomics==3.0.1
 	@# A mismatched pair fails here, once, rather than in every test that imports timm.
 	@$(PY) -c "import torch, torchvision" || { echo "torch and torchvision do not match; set TORCH to a pair"; exit 1; }
