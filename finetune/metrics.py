@@ -353,8 +353,11 @@ def km_by_risk_group(time, event, risk, cut="median") -> dict:
     elif not event.any():
         out["note"] = "no events"
     else:
-        chi2, p = compare_survival(Surv.from_arrays(event, time), groups)
-        out["logrank_chi2"], out["logrank_p"] = float(chi2), float(p)
+        try:
+            chi2, p = compare_survival(Surv.from_arrays(event, time), groups)
+            out["logrank_chi2"], out["logrank_p"] = float(chi2), float(p)
+        except np.linalg.LinAlgError:  # no event time with both groups at risk: the test statistic has no variance
+            out["note"] = "log-rank undefined: no event time with both risk groups at risk"
     return out
 
 

@@ -295,3 +295,10 @@ def test_harrell_kernel_is_sksurv_c_on_every_resample():
     for c, value in zip(counts, kernel_values(kernel, counts)):
         idx = np.repeat(np.arange(n), c)
         assert value == pytest.approx(concordance_index_censored(event[idx], time[idx], risk[idx])[0], abs=1e-12)
+
+
+def test_logrank_without_a_shared_event_time_is_a_note_not_a_crash():
+    # the high-risk pair is censored before the first event: the log-rank variance is zero
+    km = km_by_risk_group([1.0, 2.0, 0.5, 0.6], [1, 1, 0, 0], [0.0, 0.0, 1.0, 1.0])
+    assert km["logrank_p"] is None and "log-rank undefined" in km["note"]
+    assert km["curves"]["low"]["events"] == 2
