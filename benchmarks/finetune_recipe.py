@@ -35,6 +35,11 @@ VARIANTS: dict[str, dict] = {
     "attn_pool": {"encoder_blr": 5e-3, "warmup_epochs": 2, "model.pool": "attention"},
     "average": {"encoder_blr": 5e-3, "warmup_epochs": 2, "epoch_choice": "average", "min_epochs": 5},
     "last": {"encoder_blr": 5e-3, "warmup_epochs": 2, "epoch_choice": "last"},
+    # second round, on the first round's clear winner (mask pooling)
+    "mask_average": {"encoder_blr": 5e-3, "warmup_epochs": 2, "model.pool": "mask", "epoch_choice": "average",
+                     "min_epochs": 5},
+    "mask_lp_ft": {"encoder_blr": 5e-3, "warmup_epochs": 2, "model.pool": "mask", "lp_epochs": 5},
+    "mask_base_rate": {"model.pool": "mask"},
 }
 
 

@@ -18,7 +18,6 @@ from data.errors import InputError
 from finetune.clinical import ClinicalSchema
 from finetune.cohort import make_dataset, time_bins
 from finetune.scores import output_scores
-from finetune.survival_losses import RiskBank
 from models.input_spec import InputSpec
 from models.multimodal import MultimodalConfig, MultimodalModel
 from finetune.recipe import EpochChoice, FinetuneSchedule, encoder_peak_lr, tag_param_groups
@@ -91,8 +90,7 @@ def build_fold(cfg, model_cfg: MultimodalConfig, spec: InputSpec, index: int, tr
                 steps_per_epoch, pos_weight)
 
 
-def task_loss(out: dict, batch: dict, task: str, pos_weight: torch.Tensor | None, bank=None) -> dict:
-    """The loss terms and their sum; `bank` (a RiskBank) widens the Cox risk sets and takes this batch in."""
+def task_loss(out: dict, batch: dict, task: str, pos_weight: torch.Tensor | None) -> dict:
     from finetune.survival_losses import cox_efron_loss, discrete_time_nll
     terms = {}
     if task in ("classification", "multitask"):
@@ -100,10 +98,7 @@ def task_loss(out: dict, batch: dict, task: str, pos_weight: torch.Tensor | None
                                                           pos_weight=pos_weight)
     if task in ("survival", "multitask"):
         if "risk" in out:
-            terms["cox"] = cox_efron_loss(out["risk"].float(), batch["time"], batch["event"],
-                                          bank=bank.get() if bank is not None else None)
-            if bank is not None:
-                bank.push(out["risk"], batch["time"], batch["event"])
+            terms["cox"] = cox_efron_loss(out["risk"].float(), batch["time"], batch["event"])
         else:
             terms["nll"] = discrete_time_nll(out["hazard_logits"].float(), batch["bin"], batch["event"])
     terms["loss"] = sum(terms.values())
@@ -142,13 +137,11 @@ def validation_score(pred: dict, dataset, task: str) -> float | None:
 
 def _epoch(cfg, fold: Fold, accelerator, guard: NonFiniteGuard, stream, step: int) -> tuple[dict, int]:
     """One epoch of optimizer steps; returns the mean scalar terms of the good steps and the step count."""
-    bank = RiskBank(cfg.cox_bank) if cfg.cox_bank else None  # one epoch's memory; each epoch starts afresh
-
     def loss_fn(micro):
         m, batch = micro
         seed_step(cfg.seed + 1000 * (fold.index + 1), m, accelerator.process_index)  # dropout, drop-path
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        return task_loss(fold.model(batch.get("x"), batch["clinical"]), batch, cfg.task, fold.pos_weight, bank)
+        return task_loss(fold.model(batch.get("x"), batch["clinical"]), batch, cfg.task, fold.pos_weight)
 
     totals: dict[str, float] = {}
     good = 0

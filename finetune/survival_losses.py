@@ -12,15 +12,11 @@ import torch.nn.functional as F
 
 
 
-def cox_efron_loss(risk: torch.Tensor, time, event, reduction: str = "mean",
-                   bank: tuple | None = None) -> torch.Tensor:
+def cox_efron_loss(risk: torch.Tensor, time, event, reduction: str = "mean") -> torch.Tensor:
     """Negative Cox partial log-likelihood with Efron's handling of tied event times.
 
     risk: [N] log-hazard (linear predictor); time: [N] > 0; event: [N] 1 = event, 0 = censored.
     reduction: "mean" (divide by the number of events) or "sum".
-    bank: optional (risk [M], time [M], event [M]) of other subjects (e.g. earlier batches, detached):
-    they join every risk set and tie group, but only the N subjects' events contribute terms, so a
-    small batch's likelihood is taken over a larger risk set (see RiskBank).
 
     For an event time with d tied events D and risk set R, Efron's term is
         sum_{i in D} r_i - sum_{l=0}^{d-1} log( sum_R e^r - (l/d) sum_D e^r ).
@@ -35,20 +31,14 @@ def cox_efron_loss(risk: torch.Tensor, time, event, reduction: str = "mean",
     if not (risk.shape == time.shape == event.shape):
         raise ValueError(f"risk, time and event must have the same length, "
                          f"got {tuple(risk.shape)}, {tuple(time.shape)}, {tuple(event.shape)}")
-    own = torch.ones_like(event)  # [N] rows whose events contribute terms
-    if bank is not None and len(bank[0]):
-        b_risk, b_time, b_event = (_as_tensor(v, risk.device).reshape(-1) for v in bank)
-        risk, time = torch.cat([risk, b_risk.detach().to(risk.dtype)]), torch.cat([time, b_time.to(time.dtype)])
-        event, own = torch.cat([event, b_event.bool()]), torch.cat([own, torch.zeros_like(b_event, dtype=torch.bool)])
-    n_own = int((event & own).sum())
-    if n_own == 0:
+    n_events = int(event.sum())
+    if n_events == 0:
         # Zero that keeps the graph, so DDP/accelerate see every parameter used.
         return (risk * 0.0).sum()
-    n_events = int(event.sum())
 
     # Latest time first: a running logsumexp then covers everyone with time >= t.
     order = torch.argsort(time, descending=True, stable=True)
-    r, t, e, o = risk[order], time[order], event[order], own[order]  # [N]
+    r, t, e = risk[order], time[order], event[order]  # [N]
     _, group = torch.unique(t, return_inverse=True)  # [N] tie-group id per row
     n_groups = int(group.max()) + 1
     positions = torch.arange(r.numel(), device=r.device)
@@ -76,30 +66,8 @@ def cox_efron_loss(risk: torch.Tensor, time, event, reduction: str = "mean",
     lrs = log_risk_set[g_ev]  # [E]
     # log(S_R - (l/d) S_D) = log S_R + log1p(-(l/d) S_D/S_R); S_D <= S_R and l/d < 1 keep it finite.
     log_denominator = lrs + torch.log1p(-(l / d) * torch.exp(log_tied - lrs))
-    neg_loglik = -((r_ev - log_denominator) * o[ev]).sum()  # the bank's events add no terms
-    return neg_loglik / n_own if reduction == "mean" else neg_loglik
-
-
-class RiskBank:
-    """The last `size` training subjects' detached (risk, time, event), first in first out: a memory of
-    earlier batches for the Cox risk sets (as MoCo's queue; torchsurv's Momentum is a heavier relative
-    with a momentum encoder). Written by hand: a few lines, and torchsurv is not a dependency."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.risk = self.time = self.event = None
-
-    def get(self) -> tuple | None:
-        return None if self.risk is None else (self.risk, self.time, self.event)
-
-    def push(self, risk: torch.Tensor, time, event) -> None:
-        if self.size <= 0:
-            return
-        new = [risk.detach().reshape(-1).float(), _as_tensor(time, risk.device).reshape(-1).float(),
-               _as_tensor(event, risk.device).reshape(-1).float()]
-        if self.risk is not None:
-            new = [torch.cat([n, old]) for n, old in zip(new, (self.risk, self.time, self.event))]
-        self.risk, self.time, self.event = (v[: self.size] for v in new)  # newest first
+    neg_loglik = -(r_ev - log_denominator).sum()
+    return neg_loglik / n_events if reduction == "mean" else neg_loglik
 
 
 def _as_tensor(x, device) -> torch.Tensor:

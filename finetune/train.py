@@ -74,9 +74,6 @@ class FinetuneConfig(LoopConfig):
     # min_epochs on; SWA over epochs)
     epoch_choice: Literal["best", "last", "average"] = "best"
     min_epochs: int = 0             # epochs before best may be chosen / training may stop, and average begins
-    # Cox risk sets over more than one small batch: the last COX_BANK training subjects' detached risks join
-    # every batch's risk sets (finetune.survival_losses.RiskBank); 0: each batch is its own risk set
-    cox_bank: int = 0
     freeze_encoder: bool = False    # linear probe / frozen-feature fine-tuning
     class_weighting: bool = True    # weight positives by n_neg / n_pos in the BCE
     n_time_bins: int = 8            # for model.survival_head = discrete
@@ -94,7 +91,7 @@ class FinetuneConfig(LoopConfig):
             raise ConfigError(f"--task {self.task!r}: expected one of {TASKS}")
         if self.fusion not in FUSIONS:
             raise ConfigError(f"--fusion {self.fusion!r}: expected one of {FUSIONS}")
-        for name in ("encoder_blr", "warmup_epochs", "lp_epochs", "min_epochs", "cox_bank"):
+        for name in ("encoder_blr", "warmup_epochs", "lp_epochs", "min_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} {getattr(self, name)}: must be >= 0")
         if self.lp_epochs and (self.lp_epochs >= self.epochs or self.freeze_encoder):

@@ -146,12 +146,11 @@ def test_best_stops_after_patience_and_average_never_stops():
     assert not avg.should_stop(2) and "epochs 0-2" in avg.describe()
 
 
-def test_a_run_with_lp_ft_mask_pooling_weight_averaging_and_a_risk_bank(synth_cohort, tmp_path):
+def test_a_multitask_run_with_lp_ft_mask_pooling_and_weight_averaging(synth_cohort, tmp_path):
     from finetune.train import run
     from tests.test_finetune_loop import tiny_cfg
     cfg = tiny_cfg(synth_cohort, tmp_path / "ft", task="multitask", fusion="none", epochs=3, explain=0,
-                   lp_epochs=1, epoch_choice="average", min_epochs=1, warmup_epochs=0.5, encoder_blr=1e-3,
-                   cox_bank=16)
+                   lp_epochs=1, epoch_choice="average", min_epochs=1, warmup_epochs=0.5, encoder_blr=1e-3)
     cfg.model.pool = "mask"
     metrics = run(cfg)
     assert {f["kept"] for f in metrics["folds"]} == {"mean of the weights of epochs 1-2"}

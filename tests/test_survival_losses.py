@@ -150,25 +150,3 @@ def test_risk_from_hazards_orders_by_hazard():
     widths_risk = survival_risk_from_hazards(logits, edges=[0.0, 1.0, 3.0, 6.0])
     assert widths_risk[1].item() == pytest.approx(-(expected_surv * torch.tensor([1.0, 2.0, 3.0])).sum().item())
 
-
-
-def test_a_risk_bank_joins_the_risk_sets_but_adds_no_terms_of_its_own():
-    from finetune.survival_losses import RiskBank
-    rng = np.random.default_rng(3)
-    r = torch.tensor(rng.normal(size=4), requires_grad=True)
-    t, e = torch.tensor([2.0, 5.0, 7.0, 9.0]), torch.tensor([1.0, 0.0, 1.0, 1.0])
-    bank = RiskBank(3)
-    bank.push(torch.tensor([0.3, -1.0]), torch.tensor([1.0, 6.0]), torch.tensor([1.0, 1.0]))
-    bank.push(torch.tensor([0.7, 0.1]), torch.tensor([8.0, 3.0]), torch.tensor([0.0, 1.0]))
-    br, bt, be = bank.get()
-    assert bt.tolist() == [8.0, 3.0, 1.0]  # newest first, the oldest dropped past size 3
-    loss = cox_efron_loss(r, t, e, bank=bank.get())
-    # by hand (no ties): mean over the batch's events of -(r_i - log sum_{t_j >= t_i, batch + bank} e^r_j)
-    all_r, all_t = np.r_[r.detach().numpy(), br.numpy()], np.r_[t.numpy(), bt.numpy()]
-    terms = [r[i].item() - np.log(np.exp(all_r[all_t >= t[i].item()]).sum()) for i in range(4) if e[i]]
-    assert loss.item() == pytest.approx(-np.mean(terms), rel=1e-6)
-    loss.backward()
-    assert r.grad is not None and br.grad is None
-    # a batch with no events of its own is zero, even when the bank has events
-    zero = cox_efron_loss(r, t, torch.zeros(4), bank=bank.get())
-    assert zero.item() == 0.0
