@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
 # 1. the CUDA-marked tests (bf16 autocast path, SDPA flash attention);
-# 2. pretraining throughput, ViT-B, ours vs MONAI's MAE, gradient checkpointing off and on, the largest
+# 2. pretraining throughput, ViT-B, ours vs MONAI's MAE, gradient checkpointing off and on, a torch.compile row, the largest
 #    batch that fits and the MFU (benchmarks.pretrain_speed --device cuda --preset base);
 # 3. the product speed table (benchmarks.throughput --device cuda);
 # 4. DeepSpeed for real: ZeRO-2 and ZeRO-3 pretraining of a few dozen steps each through accelerate,
@@ -35,7 +35,7 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
     > "$OUT/torch.txt" 2>&1
 
 step cuda_tests 120 "$PY" -m pytest -q -m cuda tests/test_cuda.py
-step pretrain_speed 150 "$PY" -m benchmarks.pretrain_speed --device cuda --preset base --repeats 10 \
+step pretrain_speed 240 "$PY" -m benchmarks.pretrain_speed --device cuda --preset base --repeats 10 --compile \
     --write-docs --doc "$OUT/BENCHMARKS_gpu.md"
 step throughput 90 "$PY" -m benchmarks.throughput --device cuda --preset base --repeats 10 \
     --write-docs --doc "$OUT/BENCHMARKS_gpu.md"
@@ -65,8 +65,11 @@ ckpt = sorted((run / "checkpoints").glob("ckpt-*"))[-1]
 full = load_file(str(ckpt / "weights.safetensors"))
 encoder = ViT3D.from_pretrained(run / "encoder")
 bad = [k for k, v in encoder.state_dict().items() if not torch.equal(v, full["encoder." + k])]
-steps = [line for line in (run / "metrics.jsonl").read_text().splitlines()]
-print(f"{ckpt.name}: {len(encoder.state_dict())} encoder tensors, {len(bad)} differ; {len(steps)} log rows")
+import json
+steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+wait = [r["train/data_wait"] for r in steps if "train/data_wait" in r]  # share of the step spent waiting for data
+print(f"{ckpt.name}: {len(encoder.state_dict())} encoder tensors, {len(bad)} differ; {len(steps)} log rows; "
+      f"data_wait mean {sum(wait) / max(len(wait), 1):.1%}, max {max(wait, default=0):.1%}")
 sys.exit(1 if bad or not ckpt.name.endswith("24") else 0)
 EOF
 done

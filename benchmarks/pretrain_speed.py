@@ -3,8 +3,11 @@
     python -m benchmarks.pretrain_speed [--preset tiny|base] [--device cpu|cuda] [--repeats 5] [--write-docs]
 
 One training step = forward + loss + backward + gradient clipping + AdamW step, as pretrain/train.py
-does it. Ours also builds the MiM hierarchy every step (cut, resize and mask all levels from the level-1
-crops; `masks ms` column): that is part of our step time. Both models see the same number of
+does it. Ours also builds the MiM hierarchy and its loss targets every step (pretrain.batches.HierarchyCollate:
+cut, resize and mask all levels from the level-1 crops; `loader ms` column) where pretrain/train.py builds
+them, beside the step: there a DataLoader worker, here a thread that builds the next step's levels while
+this step runs (a benchmark row lives in a daemon process, which may not start DataLoader workers). A
+step ends when both are done, so a hierarchy slower than the model shows as `data wait`. Both models see the same number of
 sub-volumes of the encoder input size: a batch of B level-1 crops with L levels and K children is
 B (1 + K + ... + K^(L-1)) sub-volumes (B + 2B + 4B for L=3, K=2), so MONAI gets that many volumes.
 Our L=1 row (plain MAE) gets the same count of level-1 crops. Sizes come from the pretraining presets
@@ -114,11 +117,24 @@ class PretrainRunner(Runner):
         self.clip = cfg.optim.clip_grad
         batch = spec["batch"]
         if self.kind == "mim":
+            from concurrent.futures import ThreadPoolExecutor
+
+            from pretrain.batches import HierarchyCollate
             self.model = MiMModel(self.model_cfg)
             self.model.encoder.set_grad_checkpointing(enc.grad_checkpointing)
+            if spec.get("compile"):  # as pretrain/train.py's --torch_compile does it
+                self.model.encoder.compile()
+                for blk in self.model.decoder_blocks:
+                    blk.compile()
             crop = spec.get("crop_size") or cfg.crop_size
-            self.crops = torch.randn(batch, enc.in_channels, crop, crop, crop, device=self.device)  # [B, C, S, S, S]
-            self.gen = torch.Generator().manual_seed(spec.get("seed", 0))
+            crops = torch.randn(batch, enc.in_channels, crop, crop, crop)  # [B, C, S, S, S], on the CPU like a loader's
+            # PretrainCrops-like items: one view each, no lesion anchor.
+            self.items = [{"crops": crops[i:i + 1], "anchors": torch.full((1, 3), float("nan")), "index": i}
+                          for i in range(batch)]
+            self.collate = HierarchyCollate(self.model_cfg, spec.get("seed", 0), 0)
+            self.loader = ThreadPoolExecutor(1)  # the DataLoader worker's stand-in
+            self.m = 0
+            self.ready = self.collate(0, self.items)
             self.subvolumes = batch * subvolumes_per_crop(self.model_cfg.masks)
         else:
             self.model = monai_mae(self.model_cfg, sdpa=self.kind == "monai_sdpa")
@@ -136,35 +152,38 @@ class PretrainRunner(Runner):
         self.optimizer = build_optimizer(groups, cfg.optim)
         self.flops = TRAIN_FLOPS_PER_FORWARD * forward_flops(self.model_cfg, self.kind != "mim") * self.subvolumes
 
-    def _loss(self) -> tuple[torch.Tensor, float]:
+    def _loss(self) -> torch.Tensor:
         from models.mim import masked_reconstruction_loss
         from models.vit3d import patchify
         if self.kind == "mim":
-            from models.mim_masks import build_hierarchy
-            sync(self.device)
-            t = time.perf_counter()
-            enc = self.model_cfg.encoder
-            levels = build_hierarchy(self.crops, self.model_cfg.masks, enc.patch_size, enc.img_size, self.gen)
-            sync(self.device)
-            masks_s = time.perf_counter() - t
+            levels = [lvl.to(self.device, non_blocking=True) for lvl in self.batch["levels"]]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                return self.model(levels)["loss"], masks_s
+                return self.model(levels)["loss"]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             pred, mask = self.model(self.x)  # [B, N, C p^3], [B, N] int (1 = masked)
             target = patchify(self.x, self.model_cfg.encoder.patch_size)  # [B, N, C p^3]
-            return masked_reconstruction_loss(pred, target, mask.bool(), self.model_cfg.norm_pix_loss), 0.0
+            return masked_reconstruction_loss(pred, target, mask.bool(), self.model_cfg.norm_pix_loss)
 
     def step(self) -> dict[str, float]:
         sync(self.device)
         t = time.perf_counter()
-        loss, masks_s = self._loss()
+        pending = None
+        if self.kind == "mim":  # this step's levels are ready; the next step's are built beside it
+            self.batch, self.m = self.ready, self.m + 1
+            pending = self.loader.submit(self.collate, self.m, self.items)
+        loss = self._loss()
         loss.backward()
         if self.clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         sync(self.device)
-        return {"step": time.perf_counter() - t, "masks": masks_s}
+        t_model = time.perf_counter()
+        if pending is not None:
+            self.ready = pending.result()  # waiting here is the step waiting for data
+        t_end = time.perf_counter()
+        return {"step": t_end - t, "wait": t_end - t_model,
+                "masks": self.batch["build_s"] if self.kind == "mim" else 0.0}
 
     def info(self) -> dict:
         return {"subvolumes": self.subvolumes, "flops": self.flops,
@@ -179,15 +198,18 @@ class Row:
     kind: str
     levels: int
     grad_checkpointing: bool = False
+    compile: bool = False
 
 
-def rows_for(model, checkpointing: str) -> list[Row]:
+def rows_for(model, checkpointing: str, compile: bool = False) -> list[Row]:
     ckpt = {"off": [False], "on": [True], "both": [False, True]}[checkpointing]
     rows = [Row(MONAI, "monai", 1), Row(MONAI_SDPA, "monai_sdpa", 1)]
     for ck in ckpt:
         suffix = ", grad ckpt" if ck else ""
         rows.append(Row(f"mimfm MiM{suffix}", "mim", model.masks.levels, ck))
         rows.append(Row(f"mimfm MiM L=1 (MAE){suffix}", "mim", 1, ck))
+    if compile:
+        rows.append(Row("mimfm MiM, torch.compile", "mim", model.masks.levels, compile=True))
     return rows
 
 
@@ -197,7 +219,8 @@ def spec_for(row: Row, model, level1: int, *, config, device: str, crop_size: in
     total = level1 * subvolumes_per_crop(model.masks)
     batch = level1 if (row.kind == "mim" and row.levels == model.masks.levels) else total
     return {"config": str(config), "kind": row.kind, "levels": row.levels, "batch": batch, "crop_size": crop_size,
-            "device": device, "grad_checkpointing": row.grad_checkpointing, "threads": threads, "seed": 0}
+            "device": device, "grad_checkpointing": row.grad_checkpointing, "compile": row.compile,
+            "threads": threads, "seed": 0}
 
 
 def _spec(row: Row, args, model, level1: int) -> dict:
@@ -243,8 +266,8 @@ def build_table(args, model, rows: list[Row], results: dict[str, Measured],
                 largest: dict[str, tuple[int, float]] | None) -> Table:
     cuda = args.device == "cuda"
     peak = peak_bf16_flops() if cuda else None
-    columns = ["model", "levels", "sub-vols/step", "masks ms", "step ms", "sub-vol/s", "ours ÷ MONAI",
-               "model FLOP/s"]
+    columns = ["model", "levels", "sub-vols/step", "loader ms", "data wait", "step ms", "sub-vol/s",
+               "ours ÷ MONAI", "model FLOP/s"]
     if cuda:
         columns += ["MFU"]
     columns += ["peak memory MiB"]
@@ -257,9 +280,11 @@ def build_table(args, model, rows: list[Row], results: dict[str, Measured],
         m = results[r.name]
         n, step = m.info["subvolumes"], m.median()
         masks = f"{m.median('masks') * 1e3:.0f}" if r.kind == "mim" else "—"
+        wait = f"{100 * sum(s.get('wait', 0.0) for s in m.samples) / sum(s['step'] for s in m.samples):.1f}%" \
+            if r.kind == "mim" else "—"
         ratio = paired_ratio(m, ref, n, ref_n)
         flops = m.info["flops"] / step
-        cells = [r.name, r.levels, n, masks, f"{step * 1e3:.0f}", f"{n / step:.1f}", f"{ratio:.2f}x",
+        cells = [r.name, r.levels, n, masks, wait, f"{step * 1e3:.0f}", f"{n / step:.1f}", f"{ratio:.2f}x",
                  format_flops(flops)]
         if cuda:
             cells += [f"{100 * flops / peak:.1f}%" if peak else "—"]
@@ -280,8 +305,12 @@ def build_table(args, model, rows: list[Row], results: dict[str, Measured],
         f"{model.masks.child_patches}^3 patches; level-1 crops {args.crop_size or load_preset(args.config).crop_size}^3 "
         f"voxels, resized to {enc.img_size}^3",
         f"step ms: median of {args.repeats} steps after {args.warmup} warm-up steps; forward + loss + backward "
-        f"+ grad clipping + AdamW; ours includes `masks ms` (build_hierarchy); "
-        f"{'bf16 autocast' if cuda else 'fp32'}",
+        f"+ grad clipping + AdamW; {'bf16 autocast' if cuda else 'fp32'}",
+        "loader ms: ours only, median time to build a step's MiM levels and loss targets "
+        "(pretrain.batches.HierarchyCollate; build_hierarchy, the level-1 resize, per-patch targets) in a loader "
+        "thread beside the step, as pretrain/train.py does in its DataLoader workers; data wait: the share of "
+        "our step spent waiting for it after the model step was done (sum over timed steps); MONAI is handed "
+        "ready volumes of the encoder size (no loader)",
         "ours ÷ MONAI: sub-volumes/s over plain MONAI's; "
         + ("median of per-round ratios (all rows timed round-robin in the same rounds)" if not cuda
            else "ratio of medians (rows run one after another)") + "; above 1 = faster than MONAI",
@@ -308,6 +337,8 @@ def parse_args(argv=None):
     p.add_argument("--crop-size", type=int, default=0, help="level-1 crop edge in voxels (default: the preset's)")
     p.add_argument("--checkpointing", choices=["off", "on", "both"], default=None,
                    help="our rows with gradient checkpointing (default: both on CUDA, off on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="add a row of our MiM with torch.compile (pretrain's --torch_compile); compiles first")
     p.add_argument("--largest-batch", action=argparse.BooleanOptionalAction, default=None,
                    help="search the largest batch that fits (CUDA only; default on there)")
     args = p.parse_args(argv)
@@ -325,7 +356,7 @@ def run(args) -> Table:
     cfg = load_preset(args.config)
     model = cfg.model
     level1 = args.batch or cfg.batch_size * cfg.crops_per_volume
-    rows = rows_for(model, args.checkpointing)
+    rows = rows_for(model, args.checkpointing, args.compile)
     results = measure_rows(args, model, rows, level1)
     largest = None
     if args.largest_batch and args.device == "cuda":

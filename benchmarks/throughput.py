@@ -158,7 +158,7 @@ def run(args) -> Table:
     m = res["pretraining"]
     n = m.info["subvolumes"]
     table.add(f"pretraining (MiM, L={masks.levels})",
-              "fwd + bwd + AdamW, hierarchy masks included",
+              "fwd + bwd + AdamW; hierarchy + targets built beside it (loader thread)",
               f"{level1} crops of {crop}^3 -> {n} sub-vols of {penc.img_size}^3",
               f"{m.median() * 1e3:.0f}", f"{n / m.median():.1f} sub-vol/s",
               format_memory(m.memory, args.device, isolated))

@@ -4,7 +4,8 @@
 
 Data -> cache (data.prepare) -> level-1 views (data.views.PretrainCrops: a share centred on lesions,
 from masks or from candidates found without labels, the rest uniform) -> hierarchical masks
-(models.mim_masks; a lesion view's first child holds the lesion) -> MiMModel (its forward returns the
+(models.mim_masks; a lesion view's first child holds the lesion), built with their loss targets in the
+DataLoader workers (pretrain.batches) so they overlap the step -> MiMModel (its forward returns the
 per-level reconstruction and cross-level alignment losses). Checkpoints are atomic and rotated; `--resume auto` continues exactly; at the end
 the encoder is exported, with its input contract, as a Hugging Face-format folder in `output_dir/encoder`.
 """
