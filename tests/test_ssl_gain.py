@@ -1,11 +1,19 @@
-"""benchmarks.ssl_gain end to end at the toy size: every model x test set is reported (an AUC in [0, 1]
-or null with a reason), the table and the ROC figures are written, and a rerun skips every finished
-stage. The numbers themselves mean nothing at this size and are not checked."""
+"""benchmarks.ssl_gain end to end at the toy size: every model x held-out set is reported (an AUC in [0, 1]
+or null with a reason), the large evaluation sets are predicted by every model without clashing ids, every
+claim x split is decided from its paired CI (recomputed here with sklearn from the saved scores), the
+table and the ROC figures are written, and a rerun skips every finished stage. The numbers themselves
+mean nothing at this size and are not checked."""
 import json
 
+import numpy as np
+import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from benchmarks import ssl_gain
+from benchmarks.ssl_gain.paired import BOOT_SEED, CLAIMS, NON_INFERIORITY_MARGIN
+from benchmarks.ssl_gain.presets import EVAL_SETS, LARGE_DIR, LARGE_SEED, LARGE_SETS
+from finetune.evaluate import bootstrap_counts
 
 MODELS = ("mim", "multimodal", "scratch", "mae", "radiomics", "clinical_only", "oracle")
 
@@ -36,7 +44,7 @@ def test_results_cover_every_model_and_test_set(toy_run):
     assert seed["chosen_fusion"] in ssl_gain.TOY.fusions
     assert set(seed["fusion_val_auc"]) == set(ssl_gain.TOY.fusions)
     for model in MODELS:
-        for split in ("test", "external"):
+        for split in EVAL_SETS:
             entry = seed["models"][model][split]
             _check_metric(entry["classification"], "auc")
             _check_metric(entry["survival"], "c_index")
@@ -58,7 +66,9 @@ def test_table_and_figures_exist(toy_run):
     for published in ("0.916", "0.764", "0.624", "0.496", "0.807", "0.691", "0.947", "0.821"):
         assert published in md
     assert "| model | test AUC (published) |" in md
-    for name in ("roc_test.png", "roc_external.png"):
+    assert "| test_large AUC | external_large AUC |" in md and "| claim | split | a | b | a − b | 95% CI | holds |" in md
+    assert f"δ = {NON_INFERIORITY_MARGIN}" in md
+    for name in [f"roc_{s}.png" for s in EVAL_SETS]:
         data = (toy_run / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
 
@@ -90,3 +100,85 @@ def test_presets_resolve(name, tmp_path, capsys):
     assert "ft_mim_none" in text
     assert 100 <= preset.n_labeled and 20 <= preset.n_external and preset.test_fraction == 0.2
     assert not (tmp_path / "x").exists()
+
+
+def test_large_sets_are_held_out_and_predicted_by_every_model(toy_run):
+    cohort = pd.read_csv(toy_run / "cohort" / "manifest.csv", dtype=str)
+    preset = ssl_gain.resolve_preset("cpu", toy=True)
+    for split, n in zip(LARGE_SETS, (preset.n_test_large, preset.n_external_large)):
+        large = pd.read_csv(toy_run / LARGE_DIR / f"{split}.csv", dtype=str)
+        assert len(large) == n and large["subject_id"].str.startswith("L").all()
+        assert not set(large["subject_id"]) & set(cohort["subject_id"])
+        assert not set(large["patient_id"]) & set(cohort["patient_id"])
+        same_site = cohort if split == "test_large" else pd.read_csv(toy_run / "cohort" / "external.csv", dtype=str)
+        assert set(large["site"]) == set(same_site["site"]) and large["site"].nunique() == 1
+        ids = set(large["subject_id"])
+        pred = pd.read_csv(toy_run / "seed0" / "ft_mim_none" / "predictions.csv", dtype={"subject_id": str})
+        rows = pred[pred["split"] == split]
+        assert set(rows["subject_id"]) == ids
+        assert set(rows["fold"]) == {-1, *range(preset.folds)}  # every fold and the fold ensemble
+        for run in ("radiomics_classification", "radiomics_survival"):
+            rad = pd.read_csv(toy_run / "seed0" / run / "predictions.csv", dtype={"subject_id": str})
+            assert set(rad.loc[rad["split"] == split, "subject_id"]) == ids
+        scores = pd.read_csv(toy_run / "seed0" / "scores.csv", dtype={"subject_id": str})
+        for model in MODELS:  # the oracle too, from the large draw's own oracle file
+            got = scores[(scores["model"] == model) & (scores["split"] == split) & (scores["task"] == "classification")]
+            assert set(got["subject_id"]) == ids, model
+        metrics = json.loads((toy_run / "seed0" / "ft_mim_none" / "metrics.json").read_text())
+        assert split in json.dumps(metrics)
+
+
+@pytest.mark.parametrize("name", sorted(ssl_gain.PRESETS))
+def test_large_sets_hold_at_least_500_patients(name):
+    from data.synth.cohort import sample_tables
+    preset = ssl_gain.resolve_preset(name)
+    a, b = sample_tables(preset.n_test_large, preset.n_external_large, LARGE_SEED)
+    assert a["patient_id"].nunique() >= 500 and b["patient_id"].nunique() >= 500
+
+
+def test_every_claim_and_split_is_decided_by_its_ci(toy_run):
+    results = json.loads((toy_run / "results.json").read_text())
+    claims = results["claims"]
+    assert [(c["name"], c["split"]) for c in claims] == [(n, s) for n, *_ in CLAIMS for s in EVAL_SETS]
+    assert len(claims) == 20 and results["non_inferiority_margin"] == NON_INFERIORITY_MARGIN == 0.02
+    for c in claims:
+        assert {"name", "split", "holds", "a", "b", "ci"} <= set(c)
+        a_model, b_model = c["name"].replace(">=", ">").split(">")
+        for model, value in ((a_model, c["a"]), (b_model, c["b"])):  # the seed-mean AUC of the main table
+            mean = results["summary"][model][c["split"]]["auc"]["mean"]
+            assert value == pytest.approx(mean, abs=1e-9) if mean is not None else value is None
+        if c["ci"] is None:
+            assert c["holds"] is None and c["reason"]
+        else:
+            lo, hi = c["ci"]
+            assert -1.0 <= lo <= hi <= 1.0
+            assert c["holds"] == (lo > (-NON_INFERIORITY_MARGIN if ">=" in c["name"] else 0.0))
+    vs = results["paired_vs_mim"]
+    assert set(vs) >= set(MODELS) - {"mim"}
+    assert all(set(vs[m]) == set(EVAL_SETS) and set(vs[m]["test"]) == {"auc", "c_index"} for m in vs)
+
+
+def test_claim_ci_recomputed_with_sklearn_from_the_saved_scores(toy_run):
+    """The end-to-end wiring: a claim's CI equals a plain roc_auc_score loop over the same patient resamples."""
+    results = json.loads((toy_run / "results.json").read_text())
+    n_boot = results["paired_bootstrap"]["n_boot"]
+    scores = pd.read_csv(toy_run / "seed0" / "scores.csv", dtype={"subject_id": str, "patient_id": str})
+    checked = 0
+    for claim in results["claims"]:
+        a, b = claim["models"]
+        rows = scores[(scores["task"] == "classification") & (scores["split"] == claim["split"])]
+        both = rows[rows["model"] == a].merge(rows.loc[rows["model"] == b, ["subject_id", "score"]],
+                                              on="subject_id", suffixes=("", "_b")).sort_values("subject_id")
+        y, sa, sb = both["label"].to_numpy(int), both["score"].to_numpy(), both["score_b"].to_numpy()
+        counts = bootstrap_counts([both["patient_id"]], n_boot, BOOT_SEED)[0]
+        diffs = []
+        for c in counts:
+            idx = np.repeat(np.arange(len(y)), c)
+            if len(set(y[idx])) == 2:
+                diffs.append(roc_auc_score(y[idx], sa[idx]) - roc_auc_score(y[idx], sb[idx]))
+        if len(diffs) >= n_boot / 2:
+            assert claim["ci"] == pytest.approx(list(np.quantile(diffs, [0.025, 0.975])), abs=1e-9)
+            checked += 1
+        else:
+            assert claim["ci"] is None
+    assert checked >= 5  # at least the external sets' claims have a CI even at toy size

@@ -16,20 +16,26 @@ from a second site with a shifted acquisition. On identical patient-level splits
 
 and reports AUC with a 95% DeLong CI on the same-site and external test sets (fold-ensemble rows),
 a paired DeLong p against (1), and Harrell's C with a bootstrap CI, per seed (pretraining seed =
-split seed) and as mean / SD over seeds. Survival: presets with `survival = "multitask"` train every
+split seed) and as mean / SD over seeds. The same is reported on two large sets from their own draw
+of the generator (test_large: site A, external_large: site B; >= 500 patients each in the cpu / gpu
+presets), never used to train or select anything, which are what can order the models: every model
+gets a paired patient-bootstrap CI of its AUC and C-index difference to (1) on all four held-out sets
+(paired.py), and the published claims (mim>scratch, mim>=mae, mim>radiomics, multimodal>=mim,
+radiomics>scratch) are decided by those CIs (">": lower bound > 0; ">=": > -0.02). Survival: presets with `survival = "multitask"` train every
 ViT / clinical model with the multitask head (BCE + Cox), so one run gives both scores on the same
 splits; `survival = "separate"` trains classification models and, for mim, scratch and
 clinical_only, survival models on their own event-stratified splits. Radiomics fits a logistic
 model and a Cox model separately in both modes.
 
-Writes DIR/results.json, DIR/results.md (table next to the published numbers), DIR/roc_test.png and
-DIR/roc_external.png (first seed), and every stage's outputs under DIR. A stage whose outputs exist
+Writes DIR/results.json (with `claims`), DIR/results.md (table next to the published numbers, paired
+differences, claims), DIR/roc_{test,external,test_large,external_large}.png (first seed), and every
+stage's outputs under DIR. A stage whose outputs exist
 is skipped, so a crashed run continues where it stopped (pretraining also resumes from its last
 checkpoint and fine-tuning from its finished folds).
 
 Layout: presets.py (models, presets, runs), stages.py (configs, stage runs, the driver),
-evaluation.py (one seed, through finetune.evaluate / finetune.metrics), report.py (aggregation,
-claims, results.md, figures); this file is the CLI.
+evaluation.py (one seed, through finetune.evaluate / finetune.metrics), paired.py (paired bootstrap
+over seeds, claims), report.py (aggregation, results.md, figures); this file is the CLI.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Evaluation of one seed: every model's AUC (DeLong CI) and Harrell's C (bootstrap CI) on val and both test sets.
+"""Evaluation of one seed: every model's AUC (DeLong CI) and Harrell's C (bootstrap CI) on val, both test sets
+and both large evaluation sets; each model's per-subject scores go to scores.csv for the paired bootstrap.
 
 Rows are chosen, and models compared, exactly as `finetune.evaluate` does it (one row per subject:
 the fold ensemble on test sets, pooled out-of-fold rows on val; paired DeLong on common subjects),
@@ -11,22 +12,28 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.ssl_gain.presets import CLS_RUN, MODELS, REFERENCE, TEST_SETS, Preset, finetune_runs, surv_run
-from finetune.evaluate import one_row_per_subject, paired_delong, read_predictions
-from finetune.metrics import auc_delong, bootstrap_ci, harrell_c, try_metric
+from benchmarks.ssl_gain.presets import (
+    CLS_RUN, EVAL_SETS, LARGE_DIR, LARGE_SETS, MODELS, REFERENCE, Preset, finetune_runs, large_manifests, surv_run,
+)
+from data.atomic import atomic_path
+from finetune.evaluate import bootstrap_counts, one_row_per_subject, paired_delong, read_predictions
+from finetune.metrics import auc_delong, bootstrap_ci, harrell_c, harrell_kernel, kernel_values, try_metric
 
-SETS = ("val",) + TEST_SETS
+SETS = ("val",) + EVAL_SETS
+SCORE_COLUMNS = ["model", "task", "split", "subject_id", "patient_id", "label", "time", "event", "score"]
 
 
 # ---------------------------------------------------------------- inputs
 
-def _outcomes(out: Path) -> pd.DataFrame:
+def _outcomes(preset: Preset, out: Path) -> pd.DataFrame:
     from data.manifest import read_manifest
     cohort = out / "cohort"
-    frames = [read_manifest(cohort / f, task="multitask", check_files=False) for f in ("manifest.csv", "external.csv")]
-    outcomes = pd.concat(frames, ignore_index=True)
+    csvs = [cohort / "manifest.csv", cohort / "external.csv", *large_manifests(preset, out).values()]
+    outcomes = pd.concat([read_manifest(f, task="multitask", check_files=False) for f in csvs], ignore_index=True)
     outcomes["subject_id"] = outcomes["subject_id"].astype(str)
-    oracle = pd.read_csv(cohort / "oracle.csv", dtype={"subject_id": str})[["subject_id", "true_prob", "true_risk"]]
+    oracles = [cohort / "oracle.csv"] + ([out / LARGE_DIR / "oracle_large.csv"] if large_manifests(preset, out) else [])
+    oracle = pd.concat([pd.read_csv(f, dtype={"subject_id": str})[["subject_id", "true_prob", "true_risk"]]
+                        for f in oracles], ignore_index=True)
     return outcomes[["subject_id", "patient_id", "label", "time", "event"]].merge(oracle, on="subject_id", how="left")
 
 
@@ -66,7 +73,17 @@ def _auc_entry(y, score) -> dict:
     return entry
 
 
-def _cindex_entry(time_, event, risk, groups, n_boot: int, seed: int) -> dict:
+def _kernel_ci(arrays, groups, n_boot: int, seed: int, alpha: float = 0.05) -> tuple:
+    """bootstrap_ci(harrell_c, ...)'s percentile patient bootstrap, scored through the pair kernel: on the
+    large sets (~550 patients) the per-resample sksurv call would cost minutes per seed on 2 cores."""
+    values = kernel_values(harrell_kernel(*arrays), bootstrap_counts([groups], n_boot, seed)[0])
+    ok = values[np.isfinite(values)]
+    if len(ok) < max(2, int(np.ceil(n_boot / 2))):
+        return None, None
+    return tuple(float(q) for q in np.quantile(ok, [alpha / 2, 1 - alpha / 2]))
+
+
+def _cindex_entry(time_, event, risk, groups, n_boot: int, seed: int, large: bool = False) -> dict:
     entry = {"n": int(len(time_)), "n_events": int(np.sum(event))}
     if len(time_) == 0:
         return entry | {"c_index": None, "reason": "no predictions for this set"}
@@ -74,7 +91,11 @@ def _cindex_entry(time_, event, risk, groups, n_boot: int, seed: int) -> dict:
     c, reason = try_metric(harrell_c, *arrays)
     if c is None:
         return entry | {"c_index": None, "reason": reason}
-    ci = bootstrap_ci(harrell_c, *arrays, n_boot=n_boot, seed=seed, groups=groups) if n_boot else (None, None)
+    if not n_boot:
+        ci = (None, None)
+    else:
+        ci = _kernel_ci(arrays, groups, n_boot, seed) if large else \
+            bootstrap_ci(harrell_c, *arrays, n_boot=n_boot, seed=seed, groups=groups)
     entry |= {"c_index": float(c), "ci": None if ci[0] is None else [ci[0], ci[1]]}
     if ci[0] is None:
         entry["ci_reason"] = "bootstrap disabled" if not n_boot else "too few resamples with a defined C-index"
@@ -95,7 +116,7 @@ def _vs_reference(ref: pd.DataFrame, rows: pd.DataFrame) -> dict:
 
 def evaluate_seed(preset: Preset, out: Path, seed: int) -> dict:
     sd = out / f"seed{seed}"
-    outcomes = _outcomes(out)
+    outcomes = _outcomes(preset, out)
     preds = {run.name: _predictions(sd / run.name) for run in finetune_runs(preset)}
     preds |= {f"radiomics_{t}": _predictions(sd / f"radiomics_{t}") for t in ("classification", "survival")}
 
@@ -106,7 +127,8 @@ def evaluate_seed(preset: Preset, out: Path, seed: int) -> dict:
     result = {"seed": seed, "chosen_fusion": chosen, "fusion_val_auc": fusion_val, "models": {}}
     ref_pred = preds.get(cls_run[REFERENCE])
     ref_rows = {split: None if ref_pred is None else subject_rows(ref_pred, split, "prob", outcomes)
-                for split in TEST_SETS}
+                for split in EVAL_SETS}
+    scores = []  # per-subject scores of every model, task and held-out set (the paired bootstrap's input)
     for model in list(MODELS) + [f"mim_{f}" for f in preset.fusions]:
         if model == "oracle":
             runs = {"classification": "oracle.csv true_prob", "survival": "oracle.csv true_risk"}
@@ -125,8 +147,14 @@ def evaluate_seed(preset: Preset, out: Path, seed: int) -> dict:
                 ps = preds.get(runs["survival"]) if runs["survival"] else None
                 rows_s = subject_rows(ps, split, "risk", outcomes) if ps is not None else None
             entry[split] = _split_entry(model, split, runs, rows, rows_s, ref_rows, preset.n_boot, seed)
+            if split in EVAL_SETS:
+                scores += [r.assign(model=model, task=task, split=split)[SCORE_COLUMNS]
+                           for task, r in (("classification", rows), ("survival", rows_s)) if r is not None and len(r)]
         result["models"][model] = entry
     result["curves"] = _curves(preds, cls_run, outcomes)
+    table = pd.concat(scores, ignore_index=True) if scores else pd.DataFrame(columns=SCORE_COLUMNS)
+    with atomic_path(sd / "scores.csv") as tmp:
+        table.to_csv(tmp, index=False)
     return result
 
 
@@ -147,7 +175,7 @@ def _split_entry(model: str, split: str, runs: dict, rows: pd.DataFrame, rows_s:
     """One model on one set: classification (AUC, and vs the reference on test sets) and survival (C-index)."""
     e = {"classification": _auc_entry(rows["label"], rows["score"]) if len(rows) else
          {"auc": None, "reason": f"no {split} predictions (run {runs.get('classification')} missing)"}}
-    if split in TEST_SETS and model != REFERENCE and len(rows) and ref_rows[split] is not None:
+    if split in EVAL_SETS and model != REFERENCE and len(rows) and ref_rows[split] is not None:
         e["classification"]["vs_" + REFERENCE] = _vs_reference(ref_rows[split], rows)
     if rows_s is None or not len(rows_s):
         e["survival"] = {"c_index": None, "reason": "survival not run for this model"
@@ -155,14 +183,14 @@ def _split_entry(model: str, split: str, runs: dict, rows: pd.DataFrame, rows_s:
     else:
         groups = rows_s["patient_id"].astype(str).to_numpy()
         e["survival"] = _cindex_entry(rows_s["time"], rows_s["event"], rows_s["score"], groups,
-                                      n_boot if split in TEST_SETS else 0, seed)
+                                      n_boot if split in EVAL_SETS else 0, seed, large=split in LARGE_SETS)
     return e
 
 
 def _curves(preds: dict, cls_run: dict, outcomes: pd.DataFrame) -> dict:
     """Per test set: {model: {"label", "score"}} for the ROC figures."""
     curves = {}
-    for split in TEST_SETS:
+    for split in EVAL_SETS:
         curves[split] = {}
         for model in MODELS:
             if model == "oracle":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from data.errors import InputError
 
@@ -19,6 +20,13 @@ MODELS: dict[str, tuple[str, tuple[float, float] | None]] = {
 }
 REFERENCE = "mim"              # paired DeLong tests are against this model
 TEST_SETS = ("test", "external")
+# Large sets drawn by the same generator (site A like the labelled cohort, site B like external), never
+# used for training or model selection: with 28 or 22 test patients no ordering of models is resolvable.
+LARGE_SETS = ("test_large", "external_large")
+EVAL_SETS = TEST_SETS + LARGE_SETS
+LARGE_SEED = 9101               # data.synth seed of the large sets: not the cohort's (0) nor the probe's (9001)
+LARGE_PREFIX = "L"              # their subject / patient ids get it, so they never clash with the cohort's
+LARGE_DIR = "cohort_large"      # their own folder under --out (manifests test_large.csv, external_large.csv)
 FUSIONS = ("concat", "film", "tokens")
 RING_MM, BINS = 5.0, 32         # radiomics: peritumoral ring width and grey levels (the CLI's defaults)
 PUBLISHED_SOURCE = "the published study's Table (SSL ViT, scratch ViT, radiomics, multimodal SSL ViT)"
@@ -32,6 +40,8 @@ class Preset:
     n_labeled: int
     n_external: int
     cohort_seed: int = 0
+    n_test_large: int = 0                 # large site-A / site-B evaluation sets (subjects; ~1.1 per patient)
+    n_external_large: int = 0
     workers: int = 2                      # synth / preprocessing processes
     # pretraining (pretrain.train.PretrainConfig loaded from pretrain_config, then these)
     pretrain_config: str = "pretrain_tiny_cpu.yaml"
@@ -64,14 +74,16 @@ class Preset:
 PRESETS = {
     # 2 CPU cores, < 60 min end to end: tiny ViT (dim 96, depth 4, 48^3 input, 12^3 patches).
     "cpu": Preset(
-        name="cpu", n_unlabeled=300, n_labeled=109, n_external=28, pretrain_config="pretrain_cpu.yaml",
+        name="cpu", n_unlabeled=300, n_labeled=109, n_external=28, n_test_large=570, n_external_large=570,
+        pretrain_config="pretrain_cpu.yaml",
         pretrain_steps=1000, folds=3, epochs=20, patience=6, finetune_n_boot=50, fusions=FUSIONS,
-        survival="multitask", n_boot=500, seeds=(0, 1, 2),
+        survival="multitask", n_boot=500, seeds=(0, 1, 2),  # large sets: 528 / 508 patients (seed 9101)
         note="tiny ViT, the reference CPU recipe (launch/pretrain_cpu.yaml: lesion views, 2 levels) cut to "
              "1000 MiM / MAE steps of 4 volumes x 4 views, 40 mm lesion crops, 3 folds x <= 20 epochs, 3 seeds"),
     # One H100: ViT-B (dim 768, depth 12, 96^3 input, 16^3 patches), bf16, a real pretraining budget.
     "gpu": Preset(
-        name="gpu", n_unlabeled=3000, n_labeled=109, n_external=28, workers=16,
+        name="gpu", n_unlabeled=3000, n_labeled=109, n_external=28, n_test_large=570, n_external_large=570,
+        workers=16,
         pretrain_config="pretrain_base_gpu.yaml", pretrain_steps=20000,
         finetune_config="finetune_base_gpu.yaml", folds=5, epochs=100, patience=20, finetune_n_boot=500,
         fusions=FUSIONS, survival="separate", n_boot=2000, roc_band_boot=200, seeds=(0, 1, 2),
@@ -79,8 +91,9 @@ PRESETS = {
 }
 # --toy: the pipeline's plumbing in a few minutes on 2 cores (tests); numbers mean nothing.
 TOY = Preset(
-    name="toy", n_unlabeled=4, n_labeled=20, n_external=6, pretrain_steps=2, pretrain_batch_size=1,
-    pretrain_crops_per_volume=1, folds=2, epochs=1, patience=1, finetune_n_boot=0, fusions=("concat", "tokens"),
+    name="toy", n_unlabeled=4, n_labeled=20, n_external=6, n_test_large=8, n_external_large=8, pretrain_steps=2,
+    pretrain_batch_size=1, pretrain_crops_per_volume=1, folds=2, epochs=1, patience=1, finetune_n_boot=0,
+    fusions=("concat", "tokens"),
     survival="multitask", n_boot=50, seeds=(0,), note="toy size: plumbing only")
 
 
@@ -93,6 +106,12 @@ def resolve_preset(name: str, toy: bool = False, seeds=None) -> Preset:
     if len(set(preset.seeds)) != len(preset.seeds):
         raise InputError(f"--seeds {list(preset.seeds)}: repeated seed")
     return preset
+
+
+def large_manifests(preset: Preset, out: Path) -> dict[str, Path]:
+    """{split name: manifest} of the preset's large evaluation sets (none where its size is 0)."""
+    sizes = {"test_large": preset.n_test_large, "external_large": preset.n_external_large}
+    return {name: Path(out) / LARGE_DIR / f"{name}.csv" for name in LARGE_SETS if sizes[name]}
 
 
 # ---------------------------------------------------------------- the runs of a preset

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.ssl_gain.presets import MODELS, PUBLISHED_SOURCE, REFERENCE, TEST_SETS, Preset
+from benchmarks.ssl_gain.presets import (
+    EVAL_SETS, LARGE_SETS, MODELS, PUBLISHED_SOURCE, REFERENCE, TEST_SETS, Preset,
+)
 from data.atomic import write_json, write_text
 
 # ---------------------------------------------------------------- aggregation
@@ -28,7 +30,7 @@ def aggregate(preset: Preset, per_seed: list[dict]) -> dict:
     summary = {}
     for model in models:
         summary[model] = {}
-        for split in ("val",) + TEST_SETS:
+        for split in ("val",) + EVAL_SETS:
             cls = [s["models"][model][split]["classification"] for s in per_seed]
             sur = [s["models"][model][split]["survival"] for s in per_seed]
             entry = {"auc": _summary([c.get("auc") for c in cls]), "c_index": _summary([c.get("c_index") for c in sur])}
@@ -51,7 +53,8 @@ def _mean(summary: dict, model: str, split: str, metric: str = "auc"):
 
 
 def ordering_checks(summary: dict) -> dict:
-    """The published study's qualitative claims, checked on the seed means (None where undefined)."""
+    """The published study's claims as point comparisons of the seed means (None where undefined); they
+    carry no uncertainty; the CI-backed verdicts are results["claims"] (paired.py)."""
     checks = {}
 
     def cmp(name, a, b, split, op=">", margin=0.0):
@@ -59,7 +62,7 @@ def ordering_checks(summary: dict) -> dict:
         ok = None if va is None or vb is None else (va > vb + margin if op == ">" else va >= vb - margin)
         checks[f"{name} ({split})"] = {"holds": ok, "a": va, "b": vb, "claim": f"{a} {op} {b}"}
 
-    for split in TEST_SETS:
+    for split in EVAL_SETS:
         cmp("pretrained > radiomics", "mim", "radiomics", split)
         cmp("radiomics > scratch", "radiomics", "scratch", split)
         cmp("pretrained > scratch", "mim", "scratch", split)
@@ -78,9 +81,9 @@ def ordering_checks(summary: dict) -> dict:
 
 # ---------------------------------------------------------------- results.json
 
-def write_results(preset: Preset, per_seed: list[dict], stage_seconds: dict, stage_cpu: dict, command: str,
-                  out: Path) -> dict:
-    """results.json, results.md and the two ROC figures of the whole benchmark."""
+def write_results(preset: Preset, per_seed: list[dict], paired: dict, stage_seconds: dict, stage_cpu: dict,
+                  command: str, out: Path) -> dict:
+    """results.json, results.md and the ROC figures (one per held-out set) of the whole benchmark."""
     results = {
         "benchmark": "ssl_gain", "command": command or "benchmarks.ssl_gain.run_benchmark",
         "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": _machine(), "preset": asdict(preset),
@@ -92,10 +95,16 @@ def write_results(preset: Preset, per_seed: list[dict], stage_seconds: dict, sta
         ("classification fine-tuning for every model; separate survival fine-tuning of mim, scratch and "
          "clinical_only (and a radiomics Cox model) on event-stratified splits"),
         "per_seed": per_seed, **aggregate(preset, per_seed),
+        "claims": paired["claims"], "non_inferiority_margin": paired["non_inferiority_margin"],
+        "paired_vs_" + REFERENCE: paired["vs_" + REFERENCE],
+        "paired_bootstrap": {k: paired[k] for k in ("n_boot", "boot_seed", "diff")},
         "stage_seconds": stage_seconds, "total_stage_seconds": round(sum(stage_seconds.values()), 1),
         "stage_cpu_seconds": stage_cpu, "total_stage_cpu_seconds": round(sum(stage_cpu.values()), 1),
     }
     results["figures"] = roc_figures(results, out)
+    # the large sets' curves (~550 points per model and seed) stay in each seed's evaluation.json
+    results["per_seed"] = [s | {"curves": {k: v for k, v in s["curves"].items() if k not in LARGE_SETS}}
+                           for s in per_seed]
     write_json(out / "results.json", _jsonable(results))
     write_text(out / "results.md", results_markdown(results))
     return results
@@ -159,7 +168,7 @@ def _models(results: dict) -> list[str]:
 
 def results_markdown(results: dict) -> str:
     lines = _header(results) + _main_table(results) + _fusion_choice(results) + _per_seed_table(results)
-    lines += _claims(results) + _stage_table(results)
+    lines += _paired_table(results) + _claims_table(results) + _claims(results) + _stage_table(results)
     lines += ["", f"Published numbers: {PUBLISHED_SOURCE}; measured ones come from a synthetic cohort "
               "and a much smaller model and budget, so only the ordering is comparable.", ""]
     return "\n".join(lines)
@@ -184,6 +193,8 @@ def _header(results: dict) -> list[str]:
         f"{preset['n_labeled']} labelled (site A, {int(preset['test_fraction'] * 100)}% held out, "
         f"{preset['folds']}-fold CV on the rest), {preset['n_external']} external (site B). Seeds {seeds} "
         f"(pretraining seed = split seed). {preset['note']}.",
+        f"Large evaluation sets (never trained on or selected on): test_large, {preset['n_test_large']} site-A "
+        f"subjects, and external_large, {preset['n_external_large']} site-B subjects, from their own data.synth draw.",
         f"Survival: {results['survival_mode']}.",
         "",
         f"AUC on the fold-ensemble predictions ({how}; single seed: DeLong 95% CI). "
@@ -195,8 +206,9 @@ def _header(results: dict) -> list[str]:
 def _main_table(results: dict) -> list[str]:
     summ, per_seed = results["summary"], results["per_seed"]
     lines = ["| model | test AUC (published) | test AUC (measured) | p vs MiM | external AUC (published) "
-             "| external AUC (measured) | p vs MiM | test C-index | external C-index |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| external AUC (measured) | p vs MiM | test_large AUC | external_large AUC "
+             "| test C-index | external C-index | test_large C-index | external_large C-index |",
+             "| --- " * 13 + "|"]
     for m in _models(results):
         label, pub = MODELS[m] if m in MODELS else \
             (f"MiM ViT + {m.split('_', 1)[-1]} fusion (every fusion run is listed)", None)
@@ -206,10 +218,46 @@ def _main_table(results: dict) -> list[str]:
         for i, split in enumerate(TEST_SETS):
             seed_cls = [s["models"][m][split]["classification"] for s in per_seed]
             cells += [_fmt(pub[i]) if pub else "—", _cell(seed_cls, summ[m][split], "auc"), _p_cell(summ[m][split])]
-        for split in TEST_SETS:
+        for split in LARGE_SETS:
+            cells.append(_cell([s["models"][m][split]["classification"] for s in per_seed], summ[m][split], "auc"))
+        for split in EVAL_SETS:
             seed_sur = [s["models"][m][split]["survival"] for s in per_seed]
             cells.append(_cell(seed_sur, summ[m][split], "c_index"))
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _diff_cell(c: dict) -> str:
+    if c.get("diff") is None:
+        return f"n/a ({c.get('reason', 'undefined')})"
+    ci = c.get("ci")
+    return f"{c['diff']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else f" (no CI: {c.get('reason')})")
+
+
+def _paired_table(results: dict) -> list[str]:
+    vs = results["paired_vs_" + REFERENCE]
+    lines = ["", f"Paired differences against the MiM ViT (model − MiM; seed-averaged, 95% percentile CI from "
+             f"{results['paired_bootstrap']['n_boot']} patient resamples, both models scored on each):", "",
+             "| model | " + " | ".join(f"{s} ΔAUC" for s in EVAL_SETS) + " | "
+             + " | ".join(f"{s} ΔC-index" for s in EVAL_SETS) + " |", "| --- " * (1 + 2 * len(EVAL_SETS)) + "|"]
+    for m in _models(results):
+        if m in vs:
+            cells = [_diff_cell(vs[m][s][metric]) for metric in ("auc", "c_index") for s in EVAL_SETS]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _claims_table(results: dict) -> list[str]:
+    margin = results["non_inferiority_margin"]
+    lines = ["", f"Claims of the published study, decided by the paired bootstrap CI of the AUC difference a − b: "
+             f"`X>Y` holds when the CI's lower bound is > 0; `X>=Y` (non-inferiority) when it is > −δ, "
+             f"δ = {margin} AUC. `n/a`: no CI (too few resamples where both AUCs exist).", "",
+             "| claim | split | a | b | a − b | 95% CI | holds |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in results["claims"]:
+        verdict = {True: "**yes**", False: "no", None: "n/a"}[c["holds"]]
+        ci = "—" if c["ci"] is None else f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
+        diff = "—" if c["diff"] is None else f"{c['diff']:+.3f}"
+        lines.append(f"| {c['name']} | {c['split']} | {_fmt(c['a'])} | {_fmt(c['b'])} | {diff} | {ci} | {verdict} |")
     return lines
 
 
@@ -223,11 +271,11 @@ def _fusion_choice(results: dict) -> list[str]:
 
 def _per_seed_table(results: dict) -> list[str]:
     lines = ["", "Per-seed AUCs with DeLong 95% CIs:", "",
-             "| model | seed | test AUC [95% CI] | external AUC [95% CI] | val AUC (OOF) |",
-             "| --- | --- | --- | --- | --- |"]
+             "| model | seed | " + " | ".join(f"{s} AUC [95% CI]" for s in EVAL_SETS) + " | val AUC (OOF) |",
+             "| --- " * (3 + len(EVAL_SETS)) + "|"]
     for m in _models(results):
         for s in results["per_seed"]:
-            cls = [s["models"][m][split]["classification"] for split in TEST_SETS + ("val",)]
+            cls = [s["models"][m][split]["classification"] for split in EVAL_SETS + ("val",)]
             cells = [f"n/a ({c.get('reason')})" if c.get("auc") is None else _point_ci(c["auc"], c.get("ci"))
                      for c in cls]
             lines.append(f"| {m} | {s['seed']} | " + " | ".join(cells) + " |")
@@ -235,7 +283,7 @@ def _per_seed_table(results: dict) -> list[str]:
 
 
 def _claims(results: dict) -> list[str]:
-    lines = ["", "Qualitative claims of the published study, on the seed means:", ""]
+    lines = ["", "The same claims as point comparisons of the seed means (no uncertainty; not a verdict):", ""]
     for name, c in results["ordering"].items():
         verdict = {True: "holds", False: "does not hold", None: "undefined"}[c["holds"]]
         lines.append(f"- {name}: **{verdict}** ({c['claim']}: {_fmt(c['a'])} vs {_fmt(c['b'])})")
@@ -256,17 +304,20 @@ def _stage_table(results: dict) -> list[str]:
 
 # ---------------------------------------------------------------- figures
 
+SET_TITLES = {"test": "same-site test", "external": "external test", "test_large": "large same-site set",
+              "external_large": "large external set"}
+
 def roc_figures(results: dict, out: Path) -> list[str]:
     from finetune.figures import plot_roc, write_message
     first = results["per_seed"][0]
     written = []
-    for split in TEST_SETS:
+    for split in EVAL_SETS:
         curves = {}
-        for model, c in first["curves"][split].items():
+        for model, c in first["curves"].get(split, {}).items():
             name = model if model != "multimodal" else f"multimodal ({first['chosen_fusion']})"
             curves[name] = (np.asarray(c["label"], int), np.asarray(c["score"], float))
         path = out / f"roc_{split}.png"
-        title = f"ROC, {'same-site test' if split == 'test' else 'external test'} (seed {first['seed']})"
+        title = f"ROC, {SET_TITLES[split]} (seed {first['seed']})"
         if curves:
             plot_roc(curves, path, ci_band=results["preset"]["roc_band_boot"] > 0,
                      n_boot=results["preset"]["roc_band_boot"], seed=first["seed"], title=title)

@@ -11,9 +11,12 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.ssl_gain.evaluation import evaluate_seed
-from benchmarks.ssl_gain.presets import BINS, RING_MM, Preset, Run, finetune_runs
+from benchmarks.ssl_gain.paired import paired_comparisons
+from benchmarks.ssl_gain.presets import (
+    BINS, EVAL_SETS, LARGE_DIR, LARGE_PREFIX, LARGE_SEED, RING_MM, Preset, Run, finetune_runs, large_manifests,
+)
 from benchmarks.ssl_gain.report import write_results
-from data.atomic import write_json
+from data.atomic import atomic_path, write_json
 from data.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,7 +104,8 @@ def finetune_config(preset: Preset, out: Path, seed: int, name: str, *, pretrain
                    pretrained=pretrained, task=task, fusion=fusion, output_dir=str(out / f"seed{seed}" / name),
                    cache_dir=str(out / "cache"), splits=str(splits), folds=preset.folds,
                    test_fraction=preset.test_fraction, epochs=preset.epochs, patience=preset.patience, seed=seed,
-                   n_boot=preset.finetune_n_boot, explain=0, resume="auto")
+                   n_boot=preset.finetune_n_boot, explain=0, resume="auto",
+                   eval_sets=[f"{name}={csv}" for name, csv in large_manifests(preset, out).items()])
 
 
 def prep_config(preset: Preset):
@@ -126,14 +130,30 @@ def make_cohort(preset: Preset, out: Path) -> None:
                     workers=preset.workers, overwrite=(out / "cohort" / "cohort.json").is_file())
 
 
+def make_large_sets(preset: Preset, out: Path) -> None:
+    """The large evaluation sets: one more draw of the generator (site A and site B), its own seed and
+    folder; ids get LARGE_PREFIX, since fine-tuning refuses held-out ids that are also training ids."""
+    from data.synth import generate_cohort
+    folder = out / LARGE_DIR
+    generate_cohort(folder, 0, preset.n_test_large, preset.n_external_large, seed=LARGE_SEED,
+                    workers=preset.workers, overwrite=(folder / "cohort.json").is_file())
+    for target, src in (("test_large.csv", "manifest.csv"), ("external_large.csv", "external.csv"),
+                        ("oracle_large.csv", "oracle.csv")):
+        df = pd.read_csv(folder / src, dtype=str, keep_default_na=False)  # every cell kept as written
+        for col in ("subject_id", "patient_id"):
+            df[col] = LARGE_PREFIX + df[col]
+        with atomic_path(folder / target) as tmp:  # image paths stay relative to this folder
+            df.to_csv(tmp, index=False, lineterminator="\n")
+
+
 def prepare_all(preset: Preset, out: Path) -> None:
     """Fill the shared cache once, in parallel; every later stage then only hits the cache."""
     from data.manifest import read_any, read_manifest
     from data.prepare import prepare_table
     prep, cohort, cache = prep_config(preset), out / "cohort", out / "cache"
     workers = preset.workers if preset.workers > 1 else 0
-    for csv in ("manifest.csv", "external.csv"):
-        prepare_table(read_manifest(cohort / csv, task="multitask"), prep, cache, workers=workers)
+    for csv in [cohort / "manifest.csv", cohort / "external.csv", *large_manifests(preset, out).values()]:
+        prepare_table(read_manifest(csv, task="multitask"), prep, cache, workers=workers)
     if preset.n_unlabeled:
         table = read_any(cohort / "unlabeled")  # exactly what pretraining reads
         prepare_table(table.drop(columns=[c for c in ("mask",) if c in table.columns]), prep, cache,
@@ -176,14 +196,14 @@ def radiomics_features(preset: Preset, out: Path) -> None:
     prep, cohort, cache = prep_config(preset), out / "cohort", out / "cache"
     target = out / "radiomics" / "features.csv"
     target.parent.mkdir(parents=True, exist_ok=True)
-    for name, csv in (("internal", "manifest.csv"), ("external", "external.csv")):
-        df, _ = prepare_table(read_manifest(cohort / csv, task="multitask"), prep, cache, progress=False)
+    sets = {"internal": cohort / "manifest.csv", "external": cohort / "external.csv"} | large_manifests(preset, out)
+    for name, csv in sets.items():
+        df, _ = prepare_table(read_manifest(csv, task="multitask"), prep, cache, progress=False)
         extract_table(df, name, RING_MM, BINS, target)
     write_json(target.parent / "done.json", {"ring_mm": RING_MM, "bins": BINS})
 
 
 def radiomics_predict(preset: Preset, out: Path, seed: int, task: str) -> None:
-    from data.atomic import atomic_path
     from data.manifest import read_manifest
     from finetune.radiomics import predict_splits
     feats = pd.read_csv(out / "radiomics" / "features.csv", dtype={"subject_id": str})
@@ -199,7 +219,8 @@ def radiomics_predict(preset: Preset, out: Path, seed: int, task: str) -> None:
     sd = out / f"seed{seed}"
     split_file = sd / ("splits_survival.json" if task == "survival" and preset.survival == "separate" else "splits.json")
     splits = json.loads(split_file.read_text())
-    pred, params = predict_splits(internal, targets, splits, task, seed, external)
+    large = {name: table(name) for name in large_manifests(preset, out)}
+    pred, params = predict_splits(internal, targets, splits, task, seed, external, eval_sets=large)
     folder = sd / f"radiomics_{task}"
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "radiomics.json", {"task": task, "seed": seed, "splits": str(split_file),
@@ -219,18 +240,27 @@ def run_benchmark(preset: Preset, out: Path, command: str = "") -> dict:
     check_same_preset(preset, out)
 
     stages.run("cohort", [out / "cohort" / "cohort.json"], lambda: make_cohort(preset, out))
+    if large_manifests(preset, out):
+        stages.run("cohort_large", [*large_manifests(preset, out).values(), out / LARGE_DIR / "oracle_large.csv"],
+                   lambda: make_large_sets(preset, out))
     stages.run("prepare", [out / "cache" / "ssl_gain_prepared.json"], lambda: prepare_all(preset, out))
     stages.run("radiomics_features", [out / "radiomics" / "done.json"], lambda: radiomics_features(preset, out))
     per_seed = [run_seed(preset, out, seed, stages) for seed in preset.seeds]
 
-    outputs = [out / "results.json", out / "results.md", out / "roc_test.png", out / "roc_external.png"]
-    stages.run("report", outputs, lambda: write_results(preset, per_seed, stages.times, stages.cpu, command, out),
+    paired = stages.run("paired_bootstrap", [out / "paired.json"], lambda: paired_comparisons(preset, out),
+                        force=stages.ran_any())
+    if paired is not None:
+        write_json(out / "paired.json", paired)
+    paired = json.loads((out / "paired.json").read_text())
+    outputs = [out / "results.json", out / "results.md", *(out / f"roc_{s}.png" for s in EVAL_SETS)]
+    stages.run("report", outputs,
+               lambda: write_results(preset, per_seed, paired, stages.times, stages.cpu, command, out),
                force=stages.ran_any())
     results = json.loads((out / "results.json").read_text())
     results["stage_status"] = dict(stages.status)
     write_json(out / "last_invocation.json", {"stage_status": stages.status, "command": command,
                                               "date": datetime.now().strftime("%Y-%m-%d %H:%M")})
-    log(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'roc_test.png'}, {out / 'roc_external.png'}")
+    log(f"results: {out / 'results.md'}, {out / 'results.json'}, {out}/roc_*.png")
     return results
 
 
@@ -254,7 +284,8 @@ def run_seed(preset: Preset, out: Path, seed: int, stages: Stages) -> dict:
         stages.run(tag + f"radiomics_{task}", [sd / f"radiomics_{task}" / "predictions.csv"],
                    lambda t=task: radiomics_predict(preset, out, seed, t))
     # Re-evaluate whenever anything it reads was (re)made in this invocation.
-    res = stages.run(tag + "evaluate", [sd / "evaluation.json"], lambda: evaluate_seed(preset, out, seed),
+    res = stages.run(tag + "evaluate", [sd / "evaluation.json", sd / "scores.csv"],
+                     lambda: evaluate_seed(preset, out, seed),
                      force=stages.ran_any(tag) or stages.status.get("radiomics_features") == "ran")
     if res is None:
         return json.loads((sd / "evaluation.json").read_text())
