@@ -23,7 +23,7 @@ TORCH     ?=
 $(PY):
 	python3 -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	@if [ -n "$(TORCH)" ]; then $(PY) -m pip install -q $(TORCH); \
 	elif [ "$(HAS_GPU)" = 1 ]; then $(PY) -m pip install -q torch torchvision; \

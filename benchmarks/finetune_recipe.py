@@ -92,6 +92,28 @@ def finetune(out: Path, seed: int, name: str, pretrained: str, dev_csv: Path, ov
             "dev_c": split["dev"]["survival"]["harrell_c"], "kept": sorted({f.get("kept", "") for f in metrics["folds"]})}
 
 
+def dev_vs_base(out: Path, seed: int, model: str, variant: str) -> dict:
+    """Paired DeLong on the dev set: this variant's fold ensemble against the same model's `base` run
+    (difference, 95% CI from the DeLong variance, p)."""
+    import math
+
+    from finetune.metrics import delong_paired_test
+
+    def dev(name):
+        pred = pd.read_csv(out / f"seed{seed}" / name / "predictions.csv", dtype={"subject_id": str})
+        return pred[(pred.split == "dev") & (pred.fold == -1)].set_index("subject_id")["prob"]
+
+    base_dir = out / f"seed{seed}" / f"{model}_base"
+    if variant == "base" or not (base_dir / "predictions.csv").is_file():
+        return {}
+    labels = pd.read_csv(out / "dev_cohort" / "dev.csv", dtype={"subject_id": str}).set_index("subject_id")["label"]
+    a, b = dev(f"{model}_{variant}"), dev(f"{model}_base")
+    ids = a.index.intersection(b.index)
+    t = delong_paired_test(labels.loc[ids].astype(int).to_numpy(), a.loc[ids].to_numpy(), b.loc[ids].to_numpy())
+    half = 1.96 * math.sqrt(t["var_diff"])
+    return {"dev_auc_minus_base": t["diff"], "ci": [t["diff"] - half, t["diff"] + half], "p": t["p"]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.finetune_recipe", allow_abbrev=False,
                                  description=__doc__.split("\n\n")[0])
@@ -108,11 +130,12 @@ def main(argv=None) -> int:
         for variant in args.variants:
             for model, pre in (("mim", encoder), ("scratch", "")):
                 res = finetune(out, seed, f"{model}_{variant}", pre, dev_csv, VARIANTS[variant])
-                rows.append({"seed": seed, "model": model, "variant": variant, **res})
+                rows.append({"seed": seed, "model": model, "variant": variant, **res,
+                             **dev_vs_base(out, seed, model, variant)})
                 print(json.dumps(rows[-1]), flush=True)
     table = pd.DataFrame(rows)
     write_json(out / "results.json", {"rows": rows, "variants": VARIANTS, "command": " ".join(sys.argv)})
-    print(table.drop(columns=["kept"]).round(3).to_string(index=False))
+    print(table.drop(columns=["kept", "ci"], errors="ignore").round(3).to_string(index=False))
     return 0
 
 
