@@ -79,7 +79,8 @@ PRESETS = {
         pretrain_steps=1000, folds=3, epochs=20, patience=6, finetune_n_boot=50, fusions=FUSIONS,
         survival="multitask", n_boot=500, seeds=(0, 1, 2),  # large sets: 528 / 508 patients (seed 9101)
         note="tiny ViT, the reference CPU recipe (launch/pretrain_cpu.yaml: lesion views, 2 levels) cut to "
-             "1000 MiM / MAE steps of 4 volumes x 4 views, 40 mm lesion crops, 3 folds x <= 20 epochs, 3 seeds"),
+             "1000 MiM / MAE steps of 4 volumes x 4 views, 40 mm lesion crops, 3 folds x 20 epochs (launch/finetune_tiny_cpu.yaml: mask pooling, "
+             "mean of the weights from epoch 5), 3 seeds"),
     # One H100: ViT-B (dim 768, depth 12, 96^3 input, 16^3 patches), bf16, a real pretraining budget.
     "gpu": Preset(
         name="gpu", n_unlabeled=3000, n_labeled=109, n_external=28, n_test_large=570, n_external_large=570,
