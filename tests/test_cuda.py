@@ -17,8 +17,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.fixture(autouse=True)
 def fresh_accelerator_state():
     """accelerate keeps one process-wide state: a bf16 Accelerator here would make every later
-    Accelerator(mixed_precision="no") in this pytest process fail, so reset it after each test."""
+    Accelerator(mixed_precision="no") in this pytest process fail, so reset it after each test; and
+    before it, since an fp32 Accelerator left by an earlier test file (the pretraining loop) refuses bf16."""
     from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
 
