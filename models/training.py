@@ -347,16 +347,23 @@ def collate_items(m: int, items: list):
 
 
 class _StepItems(torch.utils.data.Dataset):
-    """Item j of an epoch's remaining order, tagged with the micro-batch counter it belongs to."""
+    """Item j of the remaining (epoch, index) order, tagged with the micro-batch counter it belongs to.
 
-    def __init__(self, dataset, order: list[int], batch_size: int, first: int):
+    The item's epoch is set on the dataset right before it is read (in whichever worker reads it), so
+    one loader can run across epochs: its workers start once per span of epochs, not once per epoch.
+    """
+
+    def __init__(self, dataset, order: list[tuple[int, int]], batch_size: int, first: int):
         self.dataset, self.order, self.batch_size, self.first = dataset, order, batch_size, first
 
     def __len__(self) -> int:
         return len(self.order)
 
     def __getitem__(self, j: int):
-        return self.first + j // self.batch_size, self.dataset[self.order[j]]
+        epoch, index = self.order[j]
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.first + j // self.batch_size, self.dataset[index]
 
 
 class _StepCollate:
@@ -380,6 +387,8 @@ class ResumableBatches:
     worker state, and is the same for any number of workers.
     """
 
+    LOADER_SPAN = 512  # micro-batches per loader (rounded up to whole epochs)
+
     def __init__(self, dataset, batch_size: int, seed: int, num_replicas: int, rank: int,
                  num_workers: int = 0, drop_last: bool = True, shuffle: bool = True,
                  collate: Callable[[int, list], Any] = collate_items):
@@ -398,12 +407,16 @@ class ResumableBatches:
         """Yield (m, batch) for m = start, start + 1, ... forever."""
         import monai.data
         m = start
+        # One loader spans about LOADER_SPAN micro-batches (whole epochs): starting workers once per epoch
+        # left the step waiting for data 12-22% of the time on a small pretraining cohort.
+        span = max(1, math.ceil(self.LOADER_SPAN / self.per_epoch))
         while True:
             epoch, pos = divmod(m, self.per_epoch)
-            self.sampler.set_epoch(epoch)
-            if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(epoch)
-            order = list(self.sampler)[pos * self.batch_size: self.per_epoch * self.batch_size]
+            order = []
+            for e in range(epoch, epoch + span):
+                self.sampler.set_epoch(e)
+                first = pos * self.batch_size if e == epoch else 0
+                order += [(e, i) for i in list(self.sampler)[first: self.per_epoch * self.batch_size]]
             loader = monai.data.DataLoader(_StepItems(self.dataset, order, self.batch_size, m),
                                            batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                                            collate_fn=self.collate, persistent_workers=False)

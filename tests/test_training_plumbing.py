@@ -60,6 +60,20 @@ def test_resumable_batches_continue_exactly_mid_epoch():
     assert full[0][1][0, 1] == 0 and full[3][1][0, 1] == 1  # the dataset saw the epoch
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_one_loader_across_epochs_gives_the_same_batches_as_one_per_epoch(workers, monkeypatch):
+    def take(start, k, span):
+        monkeypatch.setattr(ResumableBatches, "LOADER_SPAN", span)
+        it = ResumableBatches(Numbers(10), 3, seed=1, num_replicas=1, rank=0, num_workers=workers).iterate(start)
+        return [next(it) for _ in range(k)]
+    per_epoch, spanning = take(0, 10, span=1), take(0, 10, span=512)  # 1 epoch vs all 4 epochs per loader
+    assert [m for m, _ in per_epoch] == [m for m, _ in spanning] == list(range(10))
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(per_epoch, spanning))
+    assert [int(b[0, 1]) for _, b in spanning] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]  # each item saw its epoch
+    resumed = take(4, 6, span=512)  # mid-epoch, inside a spanning loader
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(per_epoch[4:], resumed))
+
+
 def test_resumable_batches_split_ranks_disjointly():
     seen = []
     for rank in range(2):
