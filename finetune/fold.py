@@ -182,7 +182,7 @@ def fit_fold(cfg, fold: Fold, accelerator, logger: RunLogger) -> EpochChoice:
         totals, step = _epoch(cfg, fold, accelerator, guard, stream, step)
         score = validation_score(predict(unwrapped, fold.val_ds, cfg.batch_size, accelerator.device, fold.bins),
                                  fold.val_ds, cfg.task)
-        choice.update(epoch, _stop_key(score, totals, accelerator), score)
+        choice.update(epoch, _stop_key(score, totals, accelerator))
         logger.log(step, {f"fold{fold.index}/train_{k}": v for k, v in totals.items()}
                    | ({f"fold{fold.index}/val_score": score} if score is not None else {}), epoch=epoch)
         bar.update(1)

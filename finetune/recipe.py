@@ -79,15 +79,15 @@ class EpochChoice:
             raise ValueError(f"epoch_choice {how!r}: expected one of {EPOCH_CHOICES}")
         self.how, self.patience, self.model = how, patience, model
         self.min_epochs = min(min_epochs, epochs - 1)  # at least one epoch is eligible
-        self.best_key, self.best_epoch, self.best_score, self.state = -math.inf, 0, None, None
+        self.best_key, self.best_epoch, self.state = -math.inf, 0, None
         self.averaged, self.first_averaged, self.last_epoch = 0, None, -1
 
-    def update(self, epoch: int, key: float, score: float | None) -> None:
-        self.last_epoch, self.last_score = epoch, score
+    def update(self, epoch: int, key: float) -> None:
+        self.last_epoch = epoch
         if epoch < self.min_epochs:
             return
         if self.how == "best" and key > self.best_key:
-            self.best_key, self.best_epoch, self.best_score = key, epoch, score
+            self.best_key, self.best_epoch = key, epoch
             self.state = copy.deepcopy(self.model.state_dict())
         elif self.how == "average":
             self._accumulate(epoch)

@@ -156,30 +156,29 @@ def load_cohort(cfg: FinetuneConfig, prep: PrepConfig, show_progress: bool):
         raise InputError("--manifest is required")
     cache = cfg.cache_dir or str(Path(cfg.output_dir).parent / "cache")
     table = read_manifest(cfg.manifest, task=cfg.task)
-    ext_table = read_manifest(cfg.external, task=cfg.task) if cfg.external else None
     cols = list(cfg.clinical_columns) or clinical_columns(table)
     missing = [c for c in cols if c not in table.columns]
     if missing:  # checked on the manifests, before any preprocessing
         raise InputError(f"{cfg.manifest}: clinical column(s) {missing} not found")
     if cfg.fusion != "none" and not cols:
         raise InputError(f"{cfg.manifest}: --fusion {cfg.fusion} needs clinical columns, found none")
-    extra_tables = {name: read_manifest(path, task=cfg.task) for name, path in parse_eval_sets(cfg.eval_sets).items()}
-    held_out = ({cfg.external: ext_table} if ext_table is not None else {}) | {
-        path: extra_tables[name] for name, path in parse_eval_sets(cfg.eval_sets).items()}
-    for path, other in held_out.items():
-        clash = sorted(set(other["subject_id"]) & set(table["subject_id"]))
+    # the held-out cohorts by split name: the external site and every --eval_sets entry
+    paths = ({"external": cfg.external} if cfg.external else {}) | parse_eval_sets(cfg.eval_sets)
+    held_tables = {name: read_manifest(path, task=cfg.task) for name, path in paths.items()}
+    owner = dict.fromkeys(table["subject_id"], cfg.manifest)  # subject_id -> the manifest it came from
+    for name, other in held_tables.items():
+        clash = sorted(set(other["subject_id"]) & set(owner))
         if clash:
-            raise InputError(f"{path}: subject_id(s) {clash[:5]} also appear in {cfg.manifest}; "
+            raise InputError(f"{paths[name]}: subject_id(s) {clash[:5]} also appear in {owner[clash[0]]}; "
                              "ids must be unique across the training and held-out cohorts")
-    for name, extra in extra_tables.items():
-        absent = [c for c in cols if c not in extra.columns]
+        owner |= dict.fromkeys(other["subject_id"], paths[name])
+        absent = [c for c in cols if c not in other.columns]
         if absent and cfg.fusion != "none":
-            raise InputError(f"--eval_sets {name}: clinical column(s) {absent} not found")
+            raise InputError(f"{paths[name]}: clinical column(s) {absent} not found")
     df, _ = prepare_table(table, prep, cache, progress=show_progress)
-    ext = prepare_table(ext_table, prep, cache, progress=show_progress)[0] if ext_table is not None else None
-    extra = {name: prepare_table(t, prep, cache, progress=show_progress)[0].reset_index(drop=True)
-             for name, t in extra_tables.items()}
-    return df.reset_index(drop=True), ext, extra, cols
+    held = {name: prepare_table(t, prep, cache, progress=show_progress)[0].reset_index(drop=True)
+            for name, t in held_tables.items()}
+    return df.reset_index(drop=True), held, cols
 
 
 def load_splits(cfg: FinetuneConfig, df: pd.DataFrame) -> dict:
@@ -284,13 +283,13 @@ def run(cfg: FinetuneConfig) -> dict:
     main = accelerator.is_main_process
     model_cfg, spec = resolve_inputs(cfg)
     with accelerator.main_process_first():  # one rank fills the cache; the others then hit it
-        df, ext, extra, columns = load_cohort(cfg, spec.prep, show_progress=main)
+        df, held_out, columns = load_cohort(cfg, spec.prep, show_progress=main)
     if main:  # only now that the run can start: nothing is written for a refused one
         out.mkdir(parents=True, exist_ok=True)
         save_config(replace(cfg, model=model_cfg, prep=spec.prep, crop_mm=spec.view.crop_mm), out / "config.yaml")
     splits = load_splits(cfg, df)
     test_df = df.set_index("subject_id", drop=False).loc[splits["test"]].reset_index(drop=True)
-    eval_sets = ({"test": test_df} if len(test_df) else {}) | ({"external": ext} if ext is not None else {}) | extra
+    eval_sets = ({"test": test_df} if len(test_df) else {}) | held_out
     logger = RunLogger(accelerator, out)
     metrics = {}
     with unseen_categories_reported_once():  # once for the run, not once per fold model
@@ -317,9 +316,8 @@ def write_results(cfg: FinetuneConfig, frames: list, fold_info: list, eval_sets:
     write_json(out / "model" / "ensemble.json", {"folds": [i["folder"] for i in fold_info],
                                                  "combine": "mean of prob / mean of risk"})
     from finetune.evaluate import evaluate
-    # outcomes per subject: a subject id may recur across held-out cohorts only with the same outcome
+    # test rows come from df; subject ids are unique across the cohorts (checked in load_cohort)
     outcomes = pd.concat([df] + [d for n, d in eval_sets.items() if n != "test"], ignore_index=True)
-    outcomes = outcomes.drop_duplicates("subject_id")
     metrics = evaluate(preds, outcomes, out_dir=out, n_boot=cfg.n_boot, seed=cfg.seed)
     metrics["folds"] = fold_info
     write_json(out / "metrics.json", metrics)

@@ -128,7 +128,7 @@ def test_epoch_choice_keeps_what_it_says(how, expected):
     for epoch, key in enumerate(keys):
         with torch.no_grad():
             m.w.fill_(float(epoch))
-        choice.update(epoch, key, key)
+        choice.update(epoch, key)
     # best: epoch 1 (key 5) among epochs >= 1; last: epoch 4; average: the mean of epochs 1-4
     assert choice.chosen_state()["w"].tolist() == expected
     assert choice.should_stop(4) is False
@@ -138,11 +138,11 @@ def test_best_stops_after_patience_and_average_never_stops():
     m = Scalar()
     best = EpochChoice("best", min_epochs=0, patience=2, model=m, epochs=10)
     for epoch, key in enumerate([1.0, 0.5, 0.4]):
-        best.update(epoch, key, key)
+        best.update(epoch, key)
     assert best.should_stop(2) and best.kept_epoch == 0
     avg = EpochChoice("average", min_epochs=0, patience=2, model=m, epochs=10)
     for epoch in range(3):
-        avg.update(epoch, 1.0 - epoch, None)
+        avg.update(epoch, 1.0 - epoch)
     assert not avg.should_stop(2) and "epochs 0-2" in avg.describe()
 
 
