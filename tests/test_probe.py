@@ -103,6 +103,7 @@ def test_probe_shows_a_gain_where_there_is_one_and_none_where_there_is_none(toy,
     saved = json.loads((toy / "out1" / "probe.json").read_text())
     assert saved["command"].startswith("python -m benchmarks.probe") and saved["machine"] and saved["date"]
     assert "| model | features | AUC |" in md
+    assert 0 <= first_run["oracle"]["latents_auc"] <= 1 and "logistic on the true latents" in md
 
 
 def test_a_rerun_gives_identical_numbers_on_the_saved_splits(toy, first_run):

@@ -32,8 +32,11 @@ def table(results: dict) -> list[str]:
                             ("handmade", "hand-made: finetune.radiomics features")):
             s = setup["baselines"][name]["groups"]["—"]
             rows.append([label + tag, "—", _f(s["auc"]), _f(s["r2_mean"]), *map(_f, s["r2"])])
-    rows.append(["oracle: true_prob of the generator", "—", _f(results["oracle"]["auc"]), "1 (by definition)",
-                 *["—"] * len(latents)])
+    if "latents_auc" in results["oracle"]:  # probe.json files written before this row existed lack it
+        rows.append(["oracle: logistic on the true latents (image-only ceiling)", "—",
+                     _f(results["oracle"]["latents_auc"]), "1 (by definition)", *["—"] * len(latents)])
+    rows.append(["oracle: true_prob of the generator (image + clinical)", "—", _f(results["oracle"]["auc"]),
+                 "1 (by definition)", *["—"] * len(latents)])
     return ["| " + " | ".join(r) + " |" for r in rows]
 
 
