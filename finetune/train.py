@@ -226,6 +226,18 @@ def fold_fingerprint(cfg: FinetuneConfig, splits: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def held_out_stamp(frame: pd.DataFrame) -> str:
+    """What a fold's predictions of one held-out set depend on: its rows, clinical values and image files.
+    A cached volume enters by its cache entry's name (a hash of the source file and the preprocessing),
+    not its path, so moving --cache_dir alone does not retrain a fold."""
+    import hashlib
+    rows = frame.sort_values("subject_id").astype(str)
+    for col in (c for c in rows.columns if c.startswith("cache_")):
+        rows[col] = [Path(p).parent.name for p in rows[col]]
+    text = rows[sorted(rows.columns)].to_csv(index=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _folder_stamp(folder: str) -> str:
     if not folder:
         return ""
@@ -249,15 +261,17 @@ def run_folds(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec,
     by_id = df.set_index("subject_id", drop=False)
     frames, fold_info = [], []
     fingerprint = fold_fingerprint(cfg, splits)
+    stamps = {name: held_out_stamp(frame) for name, frame in eval_sets.items()}
     for k, fold in enumerate(splits["folds"]):
         done = out / "folds" / f"fold{k}.csv"
         saved = json.loads(done.with_suffix(".json").read_text()) if done.with_suffix(".json").is_file() else {}
         if cfg.resume == "auto" and done.is_file() and saved.get("fingerprint") == fingerprint:
             # The held-out sets are not in the fingerprint: keep the rows of this run's sets; a fold that
-            # lacks one of them (a set added since) is retrained rather than reported without it.
+            # lacks one of them (a set added since) or predicted another version of one (same name, other
+            # rows) is retrained rather than reported with stale predictions.
             frame = pd.read_csv(done, dtype={"subject_id": str})
             frame = frame[frame["split"].isin(["val", *eval_sets])]
-            if set(eval_sets) <= set(frame["split"]):
+            if all(saved.get("held_out", {}).get(name) == stamps[name] for name in eval_sets):
                 frames.append(frame)
                 fold_info.append(saved)
                 continue
@@ -265,7 +279,7 @@ def run_folds(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec,
                          by_id.loc[fold["val"]].reset_index(drop=True), eval_sets, columns, accelerator, logger)
         fr = pd.concat([prediction_rows(name, k, d, p) for name, (d, p) in res["preds"].items()])
         info = {"fold": k, "best_epoch": res["best_epoch"], "kept": res["kept"], "val_score": res["val_score"],
-                "folder": res["folder"], "fingerprint": fingerprint}
+                "folder": res["folder"], "fingerprint": fingerprint, "held_out": stamps}
         if main:
             with atomic_path(done) as tmp:
                 fr.to_csv(tmp, index=False)

@@ -79,6 +79,22 @@ def test_finished_folds_are_reused(classification_run, synth_cohort):
     assert before == after
 
 
+def test_a_held_out_set_that_changed_under_its_name_is_predicted_afresh(classification_run, synth_cohort):
+    out, _ = classification_run
+    old = pd.read_csv(synth_cohort / "external_copy.csv", dtype={"subject_id": str})
+    new = old.iloc[1:]  # same set name, other rows: the saved folds' predictions of it are stale
+    new.to_csv(synth_cohort / "external_copy_v2.csv", index=False)
+    before = {p: p.stat().st_mtime_ns for p in (out / "model").rglob("model.safetensors")}
+    run(tiny_cfg(synth_cohort, out, task="classification", fusion="concat", explain=0,
+                 eval_sets=[f"external_copy={synth_cohort / 'external_copy_v2.csv'}"]))
+    after = {p: p.stat().st_mtime_ns for p in (out / "model").rglob("model.safetensors")}
+    assert before.keys() == after.keys() and all(before[p] != after[p] for p in before)
+    pred = pd.read_csv(out / "predictions.csv", dtype={"subject_id": str})
+    for fold in (-1, 0, 1):  # the ensemble and each fold predict exactly the new rows
+        got = pred[(pred.split == "external_copy") & (pred.fold == fold)].subject_id
+        assert sorted(got) == sorted(new.subject_id)
+
+
 def test_fold_fingerprint_tracks_what_a_fold_depends_on(synth_cohort, tmp_path):
     from dataclasses import replace
     from finetune.train import fold_fingerprint
