@@ -16,6 +16,7 @@ else 1000 and 0, so re-evaluating a run reproduces the CIs of the metrics.json i
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 from pathlib import Path
@@ -231,8 +232,22 @@ def evaluate(pred_df: pd.DataFrame, outcomes_df: pd.DataFrame, compare_df: pd.Da
     if out_dir is not None:
         cuts = {split: km_threshold(split, reference, pooled_val) for split in selected}
         result["figures"] = _figures(selected, compare, cuts, Path(out_dir), n_boot, seed, names)
+        result |= run_record(Path(out_dir) / "metrics.json")
         write_json(Path(out_dir) / "metrics.json", result)
     return result
+
+
+RUN_RECORD_KEYS = ("folds",)  # written by fine-tuning (each fold's kept epoch and folder), never by evaluation
+
+
+def run_record(path: Path) -> dict:
+    """The fine-tuning run's own entries of an existing metrics.json, so that re-evaluating a run in its
+    folder replaces the metrics but keeps the record of how its folds were trained."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: old[k] for k in RUN_RECORD_KEYS if isinstance(old, dict) and k in old}
 
 
 def compare_models(selected: dict, compare: pd.DataFrame, names) -> dict:

@@ -286,3 +286,18 @@ def test_paired_bootstrap_ci_agrees_with_delong_on_a_large_sample():
 def auc_delong_var(y, s):
     from finetune.metrics import auc_delong
     return auc_delong(y, s)["var"]
+
+
+def test_re_evaluating_a_run_in_its_folder_keeps_its_fold_record(tmp_path):
+    """finetune.evaluate writes metrics.json where fine-tuning wrote it; the metrics are replaced, the
+    record of how the folds were trained (the "folds" list) is kept, and nothing stale is carried over."""
+    manifest, external, pred = make_cohort(tmp_path)
+    run = tmp_path / "run"
+    record = [{"fold": 0, "best_epoch": 3, "folder": "model/fold0"}, {"fold": 1, "best_epoch": 5, "folder": "f1"}]
+    (run / "metrics.json").write_text(json.dumps({"folds": record, "comparison": {"stale": True},
+                                                  "splits": {"old": {}}}))
+    main(["--predictions", str(run / "predictions.csv"), "--manifest", str(tmp_path / "manifest.csv"),
+          "--external", str(tmp_path / "external.csv"), "--n_boot", "0"])
+    result = json.loads((run / "metrics.json").read_text())
+    assert result["folds"] == record
+    assert "comparison" not in result and "old" not in result["splits"] and "val" in result["splits"]
