@@ -147,3 +147,23 @@ def test_bootstrap_metrics_equal_sklearn_on_the_resampled_rows():
         assert all(w[patients == p].min() == w[patients == p].max() for p in np.unique(patients))
     for train, test in (f for rep in ev.cv_splits(label, patients, 5, 2, 0) for f in rep):
         assert not set(patients[train]) & set(patients[test])
+
+
+def test_supervised_ceiling_trains_and_saves_an_encoder_the_probe_reads(toy, tmp_path, capsys):
+    """benchmarks.probe.supervised: the loss falls, the encoder is saved with --like's contract and config,
+    and training on the probe cohort's own seed is refused in one line."""
+    from benchmarks.probe import supervised
+    from benchmarks.probe.run import load_encoder
+    from models.input_spec import load_input_spec
+    with pytest.raises(SystemExit) as e:
+        supervised.main(["--like", str(toy / "random7"), "--out", str(tmp_path / "bad"), "--seed", str(SEED)])
+    assert e.value.code == 2 and "probe cohort" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    out = tmp_path / "sup"
+    rec = supervised.main(["--like", str(toy / "random7"), "--out", str(out), "--seed", "7007", "--n_lesions", "16",
+                           "--cohort_dir", str(tmp_path / "cohort"), "--epochs", "25", "--batch_size", "8",
+                           "--lr", "3e-3", "--no_progress"])
+    first, last = rec["log"][0], rec["log"][-1]
+    assert last["loss_latents"] < 0.7 * first["loss_latents"] and last["loss_label"] < first["loss_label"]
+    encoder, spec = load_encoder(str(out / "encoder"))
+    assert spec == load_input_spec(toy / "random7") and encoder.config == CFG
+    assert rec["cohort"]["seed"] == 7007 and rec["latents"][0].startswith("z_")

@@ -29,12 +29,16 @@ def group_names(depth: int) -> list[str]:
     return [f"{b}_{pool}" for b in probe_blocks(depth) for pool in ("mean", "mask")]
 
 
+def lesion_weights(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """mask [B, 1, S, S, S] -> [B, N]: each patch's share of the lesion's voxels, in token order (sums to 1)."""
+    weight = F.avg_pool3d(mask, patch_size).flatten(1)  # [B, N]
+    return weight / weight.sum(1, keepdim=True).clamp_min(1e-6)
+
+
 @torch.no_grad()
 def _batch_features(encoder: ViT3D, x: torch.Tensor, blocks: dict[str, int]) -> dict[str, torch.Tensor]:
     """x [B, 2, S, S, S] (image, mask) -> {group: [B, D]}."""
-    p = encoder.config.patch_size
-    weight = F.avg_pool3d(x[:, 1:], p).flatten(1)  # [B, N]: lesion share of each patch, in token order
-    weight = weight / weight.sum(1, keepdim=True).clamp_min(1e-6)  # [B, N], sums to 1 per lesion
+    weight = lesion_weights(x[:, 1:], encoder.config.patch_size)  # [B, N]
     tokens = encoder.embed(x[:, :1])  # [B, N, D]
     out, done = {}, 0
     for name, depth in sorted(blocks.items(), key=lambda kv: kv[1]):
