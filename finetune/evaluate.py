@@ -247,7 +247,7 @@ def run_record(path: Path) -> dict:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return {k: old[k] for k in RUN_RECORD_KEYS if isinstance(old, dict) and k in old}
+    return {k: old[k] for k in RUN_RECORD_KEYS if k in old} if isinstance(old, dict) else {}
 
 
 def compare_models(selected: dict, compare: pd.DataFrame, names) -> dict:

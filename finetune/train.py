@@ -10,6 +10,7 @@ folder per fold model (clinical schema and input contract inside) under model/.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -216,25 +217,27 @@ def fold_ensemble(frames: list[pd.DataFrame], name: str) -> pd.DataFrame:
 
 def fold_fingerprint(cfg: FinetuneConfig, splits: dict) -> str:
     """What a finished fold depends on; a fold saved under another fingerprint is retrained, not reused."""
-    import hashlib
     d = to_dict(cfg)
     for k in ("output_dir", "cache_dir", "n_boot", "explain", "num_workers", "resume", "external", "eval_sets",
               "splits"):
         d.pop(k, None)
     d["folds_content"] = splits["folds"]
     d["pretrained_weights"] = _folder_stamp(cfg.pretrained)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return _digest(json.dumps(d, sort_keys=True, default=str))
 
 
 def held_out_stamp(frame: pd.DataFrame) -> str:
     """What a fold's predictions of one held-out set depend on: its rows, clinical values and image files.
     A cached volume enters by its cache entry's name (a hash of the source file and the preprocessing),
     not its path, so moving --cache_dir alone does not retrain a fold."""
-    import hashlib
     rows = frame.sort_values("subject_id").astype(str)
     for col in (c for c in rows.columns if c.startswith("cache_")):
         rows[col] = [Path(p).parent.name for p in rows[col]]
     text = rows[sorted(rows.columns)].to_csv(index=False)
+    return _digest(text)
+
+
+def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from models.pooling import mask_token_weights
 from models.vit3d import ViT3D
 
 HIST_RANGE = (-3.0, 5.0)  # z-scored MRI intensity units (data.prepare): background to strong enhancement
@@ -31,7 +32,7 @@ def group_names(depth: int) -> list[str]:
 
 def lesion_weights(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
     """mask [B, 1, S, S, S] -> [B, N]: each patch's share of the lesion's voxels, in token order (sums to 1)."""
-    weight = F.avg_pool3d(mask, patch_size).flatten(1)  # [B, N]
+    weight = mask_token_weights(mask[:, 0], patch_size)  # [B, N]
     return weight / weight.sum(1, keepdim=True).clamp_min(1e-6)
 
 
