@@ -114,10 +114,22 @@ def dev_vs_base(out: Path, seed: int, model: str, variant: str) -> dict:
     return {"dev_auc_minus_base": t["diff"], "ci": [t["diff"] - half, t["diff"] + half], "p": t["p"]}
 
 
+def merge_rows(path: Path, rows: list[dict], command: str) -> dict:
+    """results.json after this invocation: earlier invocations' rows are kept, and a (seed, model, variant)
+    run again replaces its old row, so results.json holds every row the RESULTS table cites."""
+    key = lambda r: (r["seed"], r["model"], r["variant"])  # noqa: E731
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    fresh = {key(r) for r in rows}
+    kept = [r for r in old.get("rows", []) if key(r) not in fresh]
+    commands = [c for c in old.get("commands", [old["command"]] if "command" in old else []) if c != command]
+    return {"rows": kept + rows, "variants": VARIANTS, "commands": commands + [command]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.finetune_recipe", allow_abbrev=False,
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="output folder (a rerun reuses finished runs)")
+    ap.add_argument("--out", required=True, help="output folder (a rerun reuses finished runs; results.json "
+                    "gathers the rows of every invocation)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="pretraining + split seeds")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                     help="recipe variants to run (each for MiM and for scratch)")
@@ -134,7 +146,7 @@ def main(argv=None) -> int:
                              **dev_vs_base(out, seed, model, variant)})
                 print(json.dumps(rows[-1]), flush=True)
     table = pd.DataFrame(rows)
-    write_json(out / "results.json", {"rows": rows, "variants": VARIANTS, "command": " ".join(sys.argv)})
+    write_json(out / "results.json", merge_rows(out / "results.json", rows, " ".join(sys.argv)))
     print(table.drop(columns=["kept", "ci"], errors="ignore").round(3).to_string(index=False))
     return 0
 

@@ -100,3 +100,22 @@ def test_run_and_report_writes_the_section(tmp_path):
     text = doc.read_text()
     assert "## X (CPU)" in text and "- command: `python -m x --y`" in text and "so absolute times are noisy (why)" in text
     assert "- a note" in text and "| a |" in text
+
+
+def test_finetune_recipe_results_gather_every_invocation(tmp_path):
+    """A second invocation with other variants keeps the first one's rows; a re-run row replaces its old one."""
+    import json
+
+    from benchmarks.finetune_recipe import merge_rows
+    from data.atomic import write_json
+
+    path = tmp_path / "results.json"
+    first = [{"seed": 0, "model": m, "variant": "base", "dev_auc": 0.6} for m in ("mim", "scratch")]
+    write_json(path, merge_rows(path, first, "cmd --variants base"))
+    second = [{"seed": 0, "model": "mim", "variant": "lp_ft", "dev_auc": 0.7},
+              {"seed": 0, "model": "mim", "variant": "base", "dev_auc": 0.65}]
+    merged = merge_rows(path, second, "cmd --variants lp_ft base")
+    got = {(r["model"], r["variant"]): r["dev_auc"] for r in merged["rows"]}
+    assert got == {("mim", "base"): 0.65, ("scratch", "base"): 0.6, ("mim", "lp_ft"): 0.7}
+    assert merged["commands"] == ["cmd --variants base", "cmd --variants lp_ft base"]
+    assert json.loads(path.read_text())["commands"] == ["cmd --variants base"]
