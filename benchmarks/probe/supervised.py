@@ -14,6 +14,11 @@ What it tells (issue "Pretraining that pays"): if even this encoder gains little
 probe, the token grid and the read-out are the limit, and no self-supervised objective of this size can
 pass the gate; if it gains far more, the objective and its budget are what limit pretraining.
 It is a measurement, not a product path: nothing else imports it.
+
+For an architecture nobody has pretrained yet, a 2-step pretraining writes a folder to copy: e.g.
+`python -m pretrain --config launch/pretrain_cpu.yaml --data DIR --max_steps 2 --model.encoder.patch_size 8
+--model.masks.child_patches 3 --output_dir runs/like_p8`, then `--like runs/like_p8/encoder`. Only its config
+and input contract are read; its weights are not.
 """
 from __future__ import annotations
 
