@@ -117,11 +117,14 @@ def dev_vs_base(out: Path, seed: int, model: str, variant: str) -> dict:
 def merge_rows(path: Path, rows: list[dict], command: str) -> dict:
     """results.json after this invocation: earlier invocations' rows are kept, and a (seed, model, variant)
     run again replaces its old row, so results.json holds every row the RESULTS table cites."""
-    key = lambda r: (r["seed"], r["model"], r["variant"])  # noqa: E731
+    def key(r: dict) -> tuple:
+        return r["seed"], r["model"], r["variant"]
+
     old = json.loads(path.read_text()) if path.is_file() else {}
     fresh = {key(r) for r in rows}
     kept = [r for r in old.get("rows", []) if key(r) not in fresh]
-    commands = [c for c in old.get("commands", [old["command"]] if "command" in old else []) if c != command]
+    earlier = old.get("commands") or ([old["command"]] if "command" in old else [])  # older files: one "command"
+    commands = [c for c in earlier if c != command]
     return {"rows": kept + rows, "variants": VARIANTS, "commands": commands + [command]}
 
 
