@@ -167,3 +167,46 @@ def test_supervised_ceiling_trains_and_saves_an_encoder_the_probe_reads(toy, tmp
     encoder, spec = load_encoder(str(out / "encoder"))
     assert spec == load_input_spec(toy / "random7") and encoder.config == CFG
     assert rec["cohort"]["seed"] == 7007 and rec["latents"][0].startswith("z_")
+
+
+def test_noisy_latents_have_the_asked_r2_by_sklearns_linear_fit():
+    from sklearn.linear_model import LinearRegression
+
+    from benchmarks.probe.headroom import noisy_latents
+    rng = np.random.default_rng(0)
+    Z = rng.standard_normal((20000, 3)) * [1.0, 2.0, 0.5]  # [N, K], unequal scales
+    X = noisy_latents(Z, np.array([0.2, 0.5, 1.0]), np.random.default_rng(1))
+    got = [LinearRegression().fit(X[:, [k]], Z[:, k]).score(X[:, [k]], Z[:, k]) for k in range(3)]
+    assert np.allclose(got, [0.2, 0.5, 1.0], atol=0.015), got
+
+
+def test_headroom_curve_rises_to_the_probes_image_only_ceiling(toy, first_run, tmp_path):
+    from benchmarks.probe.headroom import main as headroom
+    res = headroom(["--probe", str(toy / "out1" / "probe.json"), "--out", str(tmp_path / "h"),
+                    "--r2", "0.02", "0.3", "1.0", "--draws", "2"])
+    curve = {c["r2"]: c["auc"] for c in res["curve"]}
+    assert curve[1.0] == pytest.approx(first_run["oracle"]["latents_auc"], abs=1e-12)  # no noise: the probe's row
+    assert curve[0.02] < curve[0.3] < curve[1.0]
+    rows = {r["name"]: r for r in res["rows"]}
+    tex, rnd = rows[str(toy / "texture")], rows["random init (mean of 3)"]
+    assert tex["predicted_auc"] > rnd["predicted_auc"] + 0.1  # the texture latent, carried, buys label AUC
+    assert {"pixel", "handmade", str(toy / "random7")} <= set(rows)
+    assert res["bar"]["r2_needed"] is None or res["bar"]["r2_needed"] > res["bar"]["random_r2_mean"]
+    assert {p.name for p in (tmp_path / "h").iterdir()} == {"headroom.json", "headroom.md", "headroom.png"}
+
+
+def test_headroom_bad_input_is_one_line_and_exit_2(toy, first_run, tmp_path, capsys):
+    from benchmarks.probe.headroom import main as headroom
+    other = json.loads((toy / "out1" / "probe.json").read_text())
+    other["cohort"]["dir"] = str(tmp_path / "elsewhere")
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    good = str(toy / "out1" / "probe.json")
+    cases = [(["--probe", str(tmp_path / "none.json")], "no such file"),
+             (["--probe", good, "--probe", str(tmp_path / "other.json")], "different cohorts"),
+             (["--probe", good, "--r2", "0", "0.5"], "--r2")]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as e:
+            headroom([*argv, "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "o").exists()

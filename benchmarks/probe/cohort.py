@@ -60,9 +60,9 @@ def ensure_cohort(cohort_dir: Path, n_lesions: int, seed: int, workers: int = 1,
     return cohort_dir
 
 
-def load_cohort(cohort_dir: Path, prep: PrepConfig, workers: int = 0, progress: bool = True) -> ProbeCohort:
-    """The manifest joined with oracle.csv, every lesion prepared into cohort_dir/cache (built once)."""
-    manifest = read_manifest(cohort_dir / "manifest.csv", task="classification")
+def _tables(cohort_dir: Path, check_files: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(manifest, oracle.csv indexed by subject_id), checked: every subject has a row with z_* latents."""
+    manifest = read_manifest(cohort_dir / "manifest.csv", task="classification", check_files=check_files)
     oracle_path = cohort_dir / "oracle.csv"
     if not oracle_path.is_file():
         raise InputError(f"{oracle_path}: missing; the probe needs the generator's latents (a data.synth cohort)")
@@ -71,15 +71,33 @@ def load_cohort(cohort_dir: Path, prep: PrepConfig, workers: int = 0, progress: 
     missing = sorted(set(subjects) - set(oracle.index))
     if missing:
         raise InputError(f"{oracle_path}: no row for subject(s) {missing[:5]}")
-    zcols = [c for c in oracle.columns if c.startswith("z_")]
-    if not zcols:
+    if not any(c.startswith("z_") for c in oracle.columns):
         raise InputError(f"{oracle_path}: no z_* latent columns")
-    df, _ = prepare_table(manifest, prep, cohort_dir / "cache", workers=workers, progress=progress)
+    return manifest, oracle
+
+
+def _cohort(manifest: pd.DataFrame, oracle: pd.DataFrame, spacing, images=(), masks=()) -> ProbeCohort:
+    subjects = manifest["subject_id"].astype(str).tolist()
+    rows = oracle.loc[subjects]  # aligned with the manifest's rows (the prepared table's, when given one)
+    zcols = [c for c in oracle.columns if c.startswith("z_")]
     return ProbeCohort(
-        subjects=subjects, patients=df["patient_id"].astype(str).to_numpy(),
-        label=df["label"].to_numpy().astype(int), latents=oracle.loc[subjects, zcols].reset_index(drop=True),
-        true_prob=oracle.loc[subjects, "true_prob"].to_numpy(float),
-        images=df["cache_image"].tolist(), masks=df["cache_mask"].tolist(), spacing=tuple(prep.spacing))
+        subjects=subjects, patients=manifest["patient_id"].astype(str).to_numpy(),
+        label=manifest["label"].to_numpy().astype(int), latents=rows[zcols].reset_index(drop=True),
+        true_prob=rows["true_prob"].to_numpy(float), images=list(images), masks=list(masks), spacing=spacing)
+
+
+def load_cohort(cohort_dir: Path, prep: PrepConfig, workers: int = 0, progress: bool = True) -> ProbeCohort:
+    """The manifest joined with oracle.csv, every lesion prepared into cohort_dir/cache (built once)."""
+    manifest, oracle = _tables(cohort_dir, check_files=True)
+    df, _ = prepare_table(manifest, prep, cohort_dir / "cache", workers=workers, progress=progress)
+    return _cohort(df, oracle, tuple(prep.spacing), df["cache_image"], df["cache_mask"])
+
+
+def load_labels(cohort_dir: Path) -> ProbeCohort:
+    """The cohort's subjects, patients, labels and latents without its images (read-outs of the latents
+    themselves); `images`, `masks` and `spacing` are empty."""
+    manifest, oracle = _tables(cohort_dir, check_files=False)
+    return _cohort(manifest, oracle, ())
 
 
 def probe_view(spec: InputSpec, crop_mm: float | None, margin_mm: float | None) -> ViewSpec:
