@@ -184,29 +184,49 @@ def test_headroom_curve_rises_to_the_probes_image_only_ceiling(toy, first_run, t
     from benchmarks.probe.headroom import main as headroom
     res = headroom(["--probe", str(toy / "out1" / "probe.json"), "--out", str(tmp_path / "h"),
                     "--r2", "0.02", "0.3", "1.0", "--draws", "2"])
-    curve = {c["r2"]: c["auc"] for c in res["curve"]}
-    assert curve[1.0] == pytest.approx(first_run["oracle"]["latents_auc"], abs=1e-12)  # no noise: the probe's row
-    assert curve[0.02] < curve[0.3] < curve[1.0]
+    curve = {c["noise_r2"]: c for c in res["curve"]}
+    assert curve[1.0]["auc"] == pytest.approx(first_run["oracle"]["latents_auc"], abs=1e-12)  # no noise: that row
+    assert curve[1.0]["r2_mean"] > 0.95  # the probe's ridge reads exact latents back
+    assert curve[0.02]["auc"] < curve[0.3]["auc"] < curve[1.0]["auc"]
+    assert curve[0.02]["r2_mean"] < curve[0.3]["r2_mean"] < curve[1.0]["r2_mean"]
     rows = {r["name"]: r for r in res["rows"]}
     tex, rnd = rows[str(toy / "texture")], rows["random init (mean of 3)"]
-    assert tex["predicted_auc"] > rnd["predicted_auc"] + 0.1  # the texture latent, carried, buys label AUC
+    assert tex["r2_mean"] == first_run["setups"][0]["encoders"][0]["groups"]["all"]["r2_mean"]
     assert {"pixel", "handmade", str(toy / "random7")} <= set(rows)
-    assert res["bar"]["r2_needed"] is None or res["bar"]["r2_needed"] > res["bar"]["random_r2_mean"]
+    bar, = res["bars"]
+    assert bar["r2_needed"] is None or bar["r2_needed"] > rnd["r2_mean"]
     assert {p.name for p in (tmp_path / "h").iterdir()} == {"headroom.json", "headroom.md", "headroom.png"}
+
+
+def test_headroom_reads_the_curve_both_ways_within_its_range_only():
+    from benchmarks.probe.headroom import auc_on_curve, r2_on_curve
+    curve = [{"r2_mean": x, "auc": y} for x, y in ((0.1, 0.6), (0.3, 0.7), (0.2, 0.68), (0.5, 0.66), (0.9, 0.9))]
+    # by R²: 0.1 -> 0.6, 0.2 -> 0.68, 0.3 -> 0.7, then the dip at 0.5 is lifted to 0.7 (the need cannot fall)
+    assert auc_on_curve(curve, 0.15) == pytest.approx(0.64)
+    assert auc_on_curve(curve, 0.5) == pytest.approx(0.7)
+    assert auc_on_curve(curve, 0.05) is None and auc_on_curve(curve, 0.95) is None
+    assert r2_on_curve(curve, 0.69) == pytest.approx(0.25)
+    assert r2_on_curve(curve, 0.8) == pytest.approx(0.5 + 0.4 * 0.5)  # first reached after the plateau
+    assert r2_on_curve(curve, 0.6) == pytest.approx(0.1)
+    assert r2_on_curve(curve, 0.55) is None and r2_on_curve(curve, 0.95) is None
 
 
 def test_headroom_bad_input_is_one_line_and_exit_2(toy, first_run, tmp_path, capsys):
     from benchmarks.probe.headroom import main as headroom
-    other = json.loads((toy / "out1" / "probe.json").read_text())
-    other["cohort"]["dir"] = str(tmp_path / "elsewhere")
-    (tmp_path / "other.json").write_text(json.dumps(other))
+    moved = json.loads((toy / "out1" / "probe.json").read_text())
+    moved["protocol"]["splits"] = str(tmp_path / "gone.json")
+    (tmp_path / "moved.json").write_text(json.dumps(moved))
     good = str(toy / "out1" / "probe.json")
-    cases = [(["--probe", str(tmp_path / "none.json")], "no such file"),
-             (["--probe", good, "--probe", str(tmp_path / "other.json")], "different cohorts"),
-             (["--probe", good, "--r2", "0", "0.5"], "--r2")]
+    before = sorted(p.name for p in (toy / "cohort").iterdir())
+    cases = [(["--probe", str(tmp_path / "none.json")], "cannot read it"),
+             (["--probe", str(tmp_path)], "cannot read it"),
+             (["--probe", str(tmp_path / "moved.json")], "splits file"),
+             (["--probe", good, "--r2", "0", "0.5"], "--r2"),
+             (["--probe", good, "--draws", "0"], "--draws"),
+             (["--probe", good, "--margin", "nan"], "--margin")]
     for argv, words in cases:
         with pytest.raises(SystemExit) as e:
             headroom([*argv, "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and words in err[0], err
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and sorted(p.name for p in (toy / "cohort").iterdir()) == before

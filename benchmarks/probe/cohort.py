@@ -76,7 +76,9 @@ def _tables(cohort_dir: Path, check_files: bool) -> tuple[pd.DataFrame, pd.DataF
     return manifest, oracle
 
 
-def _cohort(manifest: pd.DataFrame, oracle: pd.DataFrame, spacing, images=(), masks=()) -> ProbeCohort:
+def _cohort(manifest: pd.DataFrame, oracle: pd.DataFrame, spacing: tuple[float, ...], images=(),
+            masks=()) -> ProbeCohort:
+    """One ProbeCohort from a (prepared or raw) manifest and the oracle, every array in the manifest's order."""
     subjects = manifest["subject_id"].astype(str).tolist()
     rows = oracle.loc[subjects]  # aligned with the manifest's rows (the prepared table's, when given one)
     zcols = [c for c in oracle.columns if c.startswith("z_")]
