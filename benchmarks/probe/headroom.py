@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -38,7 +37,8 @@ import numpy as np
 from benchmarks.common import command_line, machine, today
 from benchmarks.probe import evaluate as ev
 from benchmarks.probe.cohort import ProbeCohort, load_labels
-from benchmarks.probe.run import VERDICT_GROUP, load_or_make_splits
+from benchmarks.probe.report import _f
+from benchmarks.probe.run import VERDICT_GROUP, load_or_make_splits, probe_matrix
 from data.atomic import atomic_path, write_json, write_text
 from data.errors import InputError, cli_entry
 
@@ -62,8 +62,7 @@ def curve_point(cohort: ProbeCohort, splits: ev.Splits, r2: float, draws: int, s
         # The same standard-normal draws at every noise level (seeded by draw, not by r2): the curve's points
         # differ by the noise's size only, so it is smooth in r2 without many draws.
         X = noisy_latents(Z, np.full(Z.shape[1], r2), np.random.default_rng([seed, d]))  # [N, K]
-        s = ev.score(cohort.label, Z, ev.oof_label(X, cohort.label, cohort.patients, splits, cv_seed),
-                     ev.oof_latents(X, Z, splits))
+        s = probe_matrix(X, cohort, splits, cv_seed)["score"]  # scored exactly as the probe scores features
         auc.append(s["auc"])
         r2_mean.append(s["r2_mean"])
     return {"noise_r2": r2, "r2_mean": float(np.mean(r2_mean)), "auc": float(np.mean(auc)),
@@ -169,10 +168,6 @@ def run(args, argv) -> dict:
             "probe": args.probe, "cohort_dir": str(cohort_dir), "protocol": protocol, "draws": args.draws,
             "margin": args.margin, "curve": curve, "rows": rows, "bars": bars,
             "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def _f(x: float | None) -> str:
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
 def markdown(res: dict) -> str:
