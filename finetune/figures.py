@@ -11,7 +11,7 @@ from matplotlib import transforms
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-from data.atomic import atomic_path
+from data.atomic import write_png
 from finetune.metrics import auc_delong, km_by_risk_group, labels_and_scores, try_metric
 
 FPR_GRID = np.linspace(0, 1, 101)
@@ -23,8 +23,7 @@ def _subplots(*args, **kwargs):
 
 
 def _save(fig, path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    write_png(path, fig)
 
 
 def write_message(path, title: str, message: str) -> None:

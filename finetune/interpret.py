@@ -20,7 +20,7 @@ from monai.visualize import OcclusionSensitivity
 from nibabel.orientations import io_orientation
 from torch import Tensor, nn
 
-from data.atomic import atomic_path
+from data.atomic import write_png
 from data.errors import InputError
 from data.nifti import save_volume
 from finetune.survival_losses import survival_risk_from_hazards
@@ -218,8 +218,7 @@ def _save_overlay(path: Path, title: str, image: np.ndarray, mask: np.ndarray | 
         _mark_orientation(ax, ends[rest[0]], ends[rest[1]])
     fig.colorbar(shown, ax=list(axes), shrink=0.8, label=meaning)
     fig.suptitle(title)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+    write_png(path, fig, dpi=100, tight=False)
 
 
 def save_explanations(out_dir: str | Path, subject_id: str, x, maps: dict, affine: np.ndarray) -> list[Path]:

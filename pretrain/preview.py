@@ -16,7 +16,7 @@ import torch
 # Figure objects (not pyplot) render with Agg and touch no global backend or figure registry.
 from matplotlib.figure import Figure
 
-from data.atomic import atomic_path
+from data.atomic import write_png
 from models.mim import reconstruct_volumes
 
 MASKED_COLOUR = "#3b78c4"
@@ -142,6 +142,5 @@ def save_previews(levels, outputs: dict, patch_size: int, norm_pix: bool, path: 
                          background=background)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
+    write_png(path, fig, dpi=80, tight=False)
     return path

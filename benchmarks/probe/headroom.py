@@ -39,7 +39,7 @@ from benchmarks.probe import evaluate as ev
 from benchmarks.probe.cohort import ProbeCohort, load_labels
 from benchmarks.probe.report import _f
 from benchmarks.probe.run import VERDICT_GROUP, load_or_make_splits, probe_matrix
-from data.atomic import atomic_path, write_json, write_text
+from data.atomic import write_json, write_png, write_text
 from data.errors import InputError, cli_entry
 
 DEFAULT_R2 = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
@@ -215,8 +215,7 @@ def figure(res: dict, path: Path) -> None:
     ax.set(xlabel="mean latent R² (probe's ridge)", ylabel="label AUC (probe's logistic)", xlim=(0, 1.02),
            title="What latent R² buys in label AUC")
     ax.legend(fontsize=7, loc="lower right")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    write_png(path, fig)
 
 
 @cli_entry
