@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
+import json
+import statistics
 import time
 from pathlib import Path
 
@@ -41,9 +42,6 @@ from benchmarks.common import command_line, machine, today
 from data.atomic import write_json, write_png, write_text
 from data.config import load_config, to_dict
 from data.errors import InputError, cli_entry
-
-SETS = ("train", "heldout")
-
 
 def read_run(run: str):
     """(the run's PretrainConfig, its complete checkpoints by step) of a pretraining output_dir."""
@@ -61,31 +59,29 @@ def read_run(run: str):
 
 def checkpoint_weights(ckpt: Path, model_dict: dict) -> dict[str, torch.Tensor]:
     """The full MiM weights of a checkpoint of the loop, after checking it trained the run's model."""
-    import json
-    from safetensors.torch import load_file
-    from models.export import unwrap_keys
+    from models.export import load_checkpoint_weights, unwrap_keys
     saved = json.loads((ckpt / "run_config.json").read_text())["model"]
     if saved != model_dict:  # a resumed run with another model would be scored with the wrong module
         raise InputError(f"{ckpt}: its run_config.json has another model than the run's config.yaml")
-    return unwrap_keys(load_file(str(ckpt / "weights.safetensors")))
+    return unwrap_keys(load_checkpoint_weights(ckpt))
 
 
-def fixed_batches(cfg, data: str, cache_dir: str, n_volumes: int, epochs: int, seed: int, show_progress: bool) -> tuple[list, int]:
-    """(micro-batches [{"levels": [...]}, ...], volumes used): the run's views and hierarchy of the first
-    n_volumes volumes of `data`, `epochs` passes, under `seed` instead of the run's seed."""
+def fixed_batches(cfg, data: str, cache_dir: str, n_volumes: int, epochs: int, seed: int, show_progress: bool) -> list:
+    """Micro-batches [{"levels": [...]}, ...]: the run's views and hierarchy of the first n_volumes volumes of
+    `data` (only those are prepared), `epochs` passes, under `seed` instead of the run's seed."""
     from pretrain.batches import HierarchyCollate
     from pretrain.train import load_training_volumes
     view_cfg = dataclasses.replace(cfg, data=data, cache_dir=cache_dir, seed=seed)
-    dataset, _ = load_training_volumes(view_cfg, show_progress)
+    dataset, _ = load_training_volumes(view_cfg, show_progress, max_volumes=n_volumes)
     collate = HierarchyCollate(cfg.model, seed, rank=0)
     batches, m = [], 0
     for epoch in range(epochs):
         dataset.set_epoch(epoch)
-        for start in range(0, n_volumes, cfg.batch_size):
-            items = [dataset[i] for i in range(start, min(start + cfg.batch_size, n_volumes))]
+        for start in range(0, len(dataset), cfg.batch_size):
+            items = [dataset[i] for i in range(start, min(start + cfg.batch_size, len(dataset)))]
             batches.append({"levels": collate(m, items)["levels"]})
             m += 1
-    return batches, n_volumes
+    return batches
 
 
 @torch.no_grad()
@@ -98,12 +94,9 @@ def score(model, batches: list) -> dict[str, dict[str, float]]:
         for k, v in out.items():
             if k == "loss" or k.startswith(("rec_l", "align_l")):
                 terms.setdefault(k, []).append(float(v))
-    res = {}
-    for k, vals in terms.items():
-        mean = sum(vals) / len(vals)
-        sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else float("nan")
-        res[k] = {"mean": mean, "se": sd / math.sqrt(len(vals))}
-    return res
+    return {k: {"mean": statistics.fmean(vals),
+                "se": statistics.stdev(vals) / len(vals) ** 0.5 if len(vals) > 1 else float("nan")}
+            for k, vals in terms.items()}
 
 
 def initial_model(cfg):
@@ -165,17 +158,18 @@ def run(args, argv=None) -> dict:
     model = initial_model(cfg)
     rows = []
     bar = progress(len(ckpts) + 1, 0, show, "checkpoints")
-    for step, ckpt in [(0, None), *((int(c.name.split("-")[1]), c) for c in ckpts)]:
+    steps = [json.loads((c / "trainer_state.json").read_text())["step"] for c in ckpts]  # the loop's own record
+    for step, ckpt in [(0, None), *zip(steps, ckpts)]:
         if ckpt is not None:
             model.load_state_dict(checkpoint_weights(ckpt, model_dict), strict=True)
         rows.append({"step": step, "checkpoint": str(ckpt) if ckpt else "initial weights",
-                     **{name: score(model, batches) for name, (batches, _) in sets.items()}})
+                     **{name: score(model, batches) for name, batches in sets.items()}})
         bar.update(1)
     bar.close()
     return {"command": command_line("benchmarks.pretrain_heldout", argv), "date": today(), "machine": machine("cpu"),
             "run": args.run, "data": cfg.data, "heldout": args.heldout, "seed": args.seed, "epochs": args.epochs,
-            "volumes": {name: n for name, (_, n) in sets.items()},
-            "micro_batches": {name: len(b) for name, (b, _) in sets.items()}, "rows": rows,
+            "volumes": {"train": args.train_volumes, "heldout": args.heldout_volumes},
+            "micro_batches": {name: len(b) for name, b in sets.items()}, "rows": rows,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 

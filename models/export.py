@@ -63,7 +63,8 @@ def _load_weights_file(path: Path) -> dict[str, Tensor]:
     return obj
 
 
-def _load_checkpoint_dir(folder: Path) -> dict[str, Tensor]:
+def load_checkpoint_weights(folder: Path) -> dict[str, Tensor]:
+    """The full weights of a checkpoint folder, as saved (keys may still carry wrapper prefixes)."""
     if (folder / "weights.safetensors").is_file():  # the training loop's full, unwrapped weights
         return _load_weights_file(folder / "weights.safetensors")
     if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
@@ -102,7 +103,7 @@ def read_checkpoint(path: str | Path) -> tuple[ViT3D, dict]:
     folder or weights file."""
     path = Path(path)
     if path.is_dir():
-        folder, weights = path, _load_checkpoint_dir(path)
+        folder, weights = path, load_checkpoint_weights(path)
     elif path.is_file():
         folder, weights = path.parent, _load_weights_file(path)
     else:

@@ -87,8 +87,9 @@ class PretrainConfig(LoopConfig):
         return spec
 
 
-def load_training_volumes(cfg: PretrainConfig, show_progress: bool):
-    """(views dataset, subject names) from the --data folder / manifest / datalist, prepared into the cache."""
+def load_training_volumes(cfg: PretrainConfig, show_progress: bool, max_volumes: int = 0):
+    """(views dataset, subject names) from the --data folder / manifest / datalist, prepared into the cache;
+    with max_volumes, only its first max_volumes volumes (nothing is prepared for the rest)."""
     from data.manifest import read_any
     from data.prepare import prepare_table
     from data.views import PretrainCrops, anchor_fractions
@@ -96,6 +97,8 @@ def load_training_volumes(cfg: PretrainConfig, show_progress: bool):
     if not cfg.data:
         raise InputError("--data is required: a folder of NIfTI files, a manifest CSV or a datalist JSON")
     table = read_any(cfg.data)
+    if max_volumes:
+        table = table.head(max_volumes)
     if len(table) == 0:
         raise InputError(f"{cfg.data}: no volumes found")
     cache = cfg.cache_dir or str(Path(cfg.output_dir).parent / "cache")
