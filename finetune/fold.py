@@ -21,8 +21,9 @@ from finetune.scores import output_scores
 from models.input_spec import InputSpec
 from models.multimodal import MultimodalConfig, MultimodalModel
 from finetune.recipe import EpochChoice, FinetuneSchedule, encoder_peak_lr, tag_param_groups
+from models.distributed import configure_deepspeed, prepare
 from models.training import (NonFiniteGuard, ResumableBatches, RunLogger, build_optimizer, optimizer_step,
-                             progress, seed_step, set_deepspeed_micro_batch)
+                             progress, seed_step)
 
 
 @dataclass
@@ -80,8 +81,9 @@ def build_fold(cfg, model_cfg: MultimodalConfig, spec: InputSpec, index: int, tr
     encoder_lr = encoder_peak_lr(cfg.encoder_blr, batch_size * cfg.grad_accum * accelerator.num_processes)
     schedule = FinetuneSchedule(optimizer, cfg.optim, cfg.epochs * steps_per_epoch, warmup, encoder_lr,
                                 lp_steps=cfg.lp_epochs * steps_per_epoch)
-    set_deepspeed_micro_batch(accelerator, batch_size)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    configure_deepspeed(accelerator, micro_batch=batch_size, clip_grad=cfg.optim.clip_grad,
+                        width=mcfg.encoder.dim, mixed_precision=cfg.mixed_precision)
+    model, optimizer = prepare(accelerator, model, optimizer)
     pos_weight = None
     if cfg.class_weighting and cfg.task in ("classification", "multitask"):
         n_pos = float(train_df["label"].sum())
@@ -228,4 +230,7 @@ def train_fold(cfg, model_cfg: MultimodalConfig, spec: InputSpec, index: int, tr
     """Train one fold; returns predictions per set, the best epoch, its validation score and the model folder."""
     fold = build_fold(cfg, model_cfg, spec, index, train_df, val_df, columns, accelerator)
     choice = fit_fold(cfg, fold, accelerator, logger)
-    return export_fold(cfg, fold, choice, eval_sets, columns, accelerator)
+    result = export_fold(cfg, fold, choice, eval_sets, columns, accelerator)
+    # Each fold prepares its own model; accelerate ties one DeepSpeed engine to an Accelerator until freed.
+    accelerator.free_memory()
+    return result

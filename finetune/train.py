@@ -27,7 +27,8 @@ from finetune.fold import train_fold
 from models.hf import read_json
 from models.input_spec import InputSpec, ViewSpec, load_input_spec
 from models.multimodal import FUSIONS, TASKS, MultimodalConfig
-from models.training import LoopConfig, OptimConfig, RunLogger, absolute_paths, make_accelerator
+from models.distributed import make_accelerator
+from models.training import LoopConfig, OptimConfig, RunLogger, absolute_paths
 from models.vit3d import ViT3DConfig, vit3d_config_from_dict
 
 PATH_FIELDS = ("manifest", "external", "pretrained", "output_dir", "cache_dir", "splits")

@@ -1,7 +1,7 @@
-"""Training-loop plumbing shared by pretraining and fine-tuning (never copied into either).
+"""Training-loop plumbing shared by pretraining and fine-tuning (never copied into either). The
+Accelerator and DeepSpeed set-up are in models/distributed.py.
 
 - `OptimConfig` / `LoopConfig`: the knobs both loops share.
-- `make_accelerator`: bf16 on GPU, fp32 on CPU — same code path otherwise — and the trackers.
 - `build_optimizer` / `WarmupCosine`: AdamW, then linear warmup + cosine decay per optimizer step,
   which honours the per-group `lr_scale` that layer-wise lr decay sets.
 - `optimizer_step`: the one micro-step block of both loops (accumulate, autocast, backward, clip, step).
@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -28,19 +27,12 @@ from typing import Any, Callable, Iterable, Literal
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import save_file
 
 from data.atomic import write_json
 from data.errors import ConfigError, InputError, RunStopped
-
-if not torch.cuda.is_available():
-    # DeepSpeed (which accelerate imports) warns on every CPU run that it could not find a GPU and fell
-    # back to the CPU; saying so up front keeps that noise out of every fine-tuning run.
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-# --report_to names -> the package each tracker needs (accelerate silently drops a tracker whose
-# package is missing; we refuse instead, naming the package).
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+from models.distributed import full_state_dict, trackers
 
 
 class TrainingStopped(RunStopped):
@@ -62,7 +54,7 @@ class LoopConfig:
     """What both training loops share; PretrainConfig and FinetuneConfig extend it."""
     seed: int = 0                   # seeds everything: weights, order, masks, augmentation, splits
     grad_accum: int = 1             # micro-batches per optimizer step
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU (autocast)
     max_nonfinite: int = 5          # consecutive non-finite losses before the run stops
     resume: str = ""                # "" (fresh), "auto" (newest complete checkpoint), or a checkpoint path
     report_to: str = "tensorboard"  # trackers: tensorboard | wandb | mlflow | all | none (comma-separated)
@@ -75,42 +67,9 @@ class LoopConfig:
         trackers(self.report_to)  # an unknown or missing tracker fails at parse time
 
 
-def trackers(report_to: str) -> list[str]:
-    """--report_to -> accelerate's log_with names; a tracker whose package is missing is a ConfigError."""
-    names = [n.strip() for n in report_to.replace(",", " ").split() if n.strip()]
-    if names in ([], ["none"]):
-        return []
-    if names == ["all"]:
-        return [n for n, pkg in TRACKER_PACKAGES.items() if importlib.util.find_spec(pkg) is not None]
-    for n in names:
-        if n not in TRACKER_PACKAGES:
-            raise ConfigError(f"--report_to {n!r}: expected tensorboard, wandb, mlflow, all or none")
-        if importlib.util.find_spec(TRACKER_PACKAGES[n]) is None:
-            raise ConfigError(f"--report_to {n}: the package '{TRACKER_PACKAGES[n]}' is not installed "
-                              f"(pip install {TRACKER_PACKAGES[n]}, or --report_to none)")
-    return names
-
-
-def make_accelerator(loop: LoopConfig, output_dir: str | os.PathLike | None = None) -> Accelerator:
-    mp = loop.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() else "no"
-    log_with = trackers(loop.report_to) if output_dir is not None else []
-    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=loop.grad_accum,
-                       log_with=log_with or None, project_dir=str(output_dir) if output_dir else None)
-
-
 def absolute_paths(cfg, names: Iterable[str]):
     """The config with its non-empty path fields resolved, so a saved config works from any folder."""
     return dataclasses.replace(cfg, **{n: str(Path(getattr(cfg, n)).resolve()) for n in names if getattr(cfg, n)})
-
-
-def set_deepspeed_micro_batch(accelerator: Accelerator, micro_batch: int) -> None:
-    """DeepSpeed's "auto" micro-batch is normally read from a prepared DataLoader; ours is not prepared
-    (ResumableBatches owns the order), so tell DeepSpeed the per-process micro-batch directly."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None:
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -302,6 +261,17 @@ class Checkpointer:
             raise InputError(f"{p}: not a complete checkpoint (no trainer_state.json)")
         return p
 
+    @staticmethod
+    def check_resumable(accelerator: Accelerator, path: Path | None) -> None:
+        """A ZeRO checkpoint resumes only on as many ranks as wrote it (its optimizer state is sharded per
+        rank); say so before the run starts, rather than from inside DeepSpeed's loader."""
+        if path is None or accelerator.distributed_type != DistributedType.DEEPSPEED:
+            return
+        wrote = json.loads((path / "trainer_state.json").read_text()).get("world_size")
+        if wrote is not None and wrote != accelerator.num_processes:
+            raise InputError(f"{path}: written by {wrote} DeepSpeed ranks, this run has {accelerator.num_processes}; "
+                             f"resume it with --num_processes {wrote} (ZeRO shards the optimizer state per rank)")
+
     def save(self, accelerator: Accelerator, model: torch.nn.Module, step: int, state: dict,
              files: dict[str, Any]) -> Path:
         final = self.root / f"ckpt-{step:07d}"
@@ -312,7 +282,7 @@ class Checkpointer:
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()  # every rank's files are in tmp before it is renamed
-        full = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards when configured to
+        full = full_state_dict(accelerator, model)  # a collective: gathers ZeRO partitions
         if accelerator.is_main_process:
             # Every step reseeds from (seed, step, rank), so accelerate's pickled RNG states are not
             # needed; dropping them means resuming never unpickles anything.
@@ -322,7 +292,7 @@ class Checkpointer:
             save_file({k: v.detach().float().cpu().contiguous() for k, v in full.items()}, str(tmp / "weights.safetensors"))
             for name, obj in files.items():
                 write_json(tmp / name, obj)
-            write_json(tmp / "trainer_state.json", {"step": step, **state})
+            write_json(tmp / "trainer_state.json", {"step": step, "world_size": accelerator.num_processes, **state})
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for old in self.complete()[:-self.keep]:

@@ -24,9 +24,9 @@ from data.prepare import PrepConfig
 from models.input_spec import InputSpec, ViewSpec
 from models.mim import MiMConfig, MiMModel
 from models.mim_masks import MaskConfig
+from models.distributed import configure_deepspeed, make_accelerator, prepare
 from models.training import (Checkpointer, LoopConfig, NonFiniteGuard, OptimConfig, ResumableBatches, RunLogger,
-                             WarmupCosine, absolute_paths, build_optimizer, make_accelerator, optimizer_step,
-                             progress, seed_step, set_deepspeed_micro_batch)
+                             WarmupCosine, absolute_paths, build_optimizer, optimizer_step, progress, seed_step)
 from models.vit3d import ViT3DConfig
 from pretrain.batches import HierarchyCollate
 
@@ -201,8 +201,9 @@ def build(cfg: PretrainConfig, accelerator):
             blk.compile()
     groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=model.no_weight_decay())
     optimizer = build_optimizer(groups, cfg.optim)
-    set_deepspeed_micro_batch(accelerator, cfg.batch_size * cfg.crops_per_volume)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    configure_deepspeed(accelerator, micro_batch=cfg.batch_size * cfg.crops_per_volume, clip_grad=cfg.optim.clip_grad,
+                        width=max(enc.dim, cfg.model.decoder_dim), mixed_precision=cfg.mixed_precision)
+    model, optimizer = prepare(accelerator, model, optimizer)
     return model, optimizer, WarmupCosine(optimizer, cfg.optim, cfg.max_steps), batches, subjects
 
 
@@ -211,16 +212,17 @@ def train(cfg: PretrainConfig) -> Path:
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, out)
     main = accelerator.is_main_process
+    ckpt = Checkpointer(out, cfg.keep_ckpts)
+    resume_from = ckpt.resolve(cfg.resume)
+    ckpt.check_resumable(accelerator, resume_from)
     model, optimizer, schedule, batches, subjects = build(cfg, accelerator)
     if main:  # only now that the run can start: nothing is written for a refused one
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     guard = NonFiniteGuard(cfg.max_nonfinite)
-    ckpt = Checkpointer(out, cfg.keep_ckpts)
     logger = RunLogger(accelerator, out)
 
     step = 0
-    resume_from = ckpt.resolve(cfg.resume)
     if resume_from is not None:
         state = ckpt.load(accelerator, resume_from)
         step = state["step"]

@@ -1,13 +1,13 @@
 """Shared loop plumbing: schedule values, non-finite guard, resumable batch order, checkpoints."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset
 
+from models.distributed import make_accelerator
 from models.training import (Checkpointer, NonFiniteGuard, OptimConfig, ResumableBatches, TrainingStopped,
-                             WarmupCosine, make_accelerator, LoopConfig, step_seed)
+                             WarmupCosine, LoopConfig, step_seed)
 
 
 def test_warmup_cosine_values_and_lr_scale():

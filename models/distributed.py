@@ -1,0 +1,198 @@
+"""The Accelerator both stages train under, and what DeepSpeed needs filled in before `prepare`.
+
+- `make_accelerator`: the run's precision (`--mixed_precision auto`: bf16 on CUDA, fp32 on CPU), the
+  trackers, and gloo when ranks were launched on a host with no GPU.
+- `check_deepspeed_json`: a DeepSpeed JSON (`deepspeed_config_file` in the accelerate YAML) is read
+  before any work; what it asks that a run cannot honour is one line naming the file and key.
+- `configure_deepspeed`: fills the JSON's "auto" values from the run (micro-batch, clipping, bucket
+  sizes from the model's width, precision) just before `accelerator.prepare`.
+- `prepare`: `accelerator.prepare(model, optimizer)`, with ZeRO-3 holding one fp32 copy of its partition.
+- `full_state_dict`: the whole model's fp32 weights on the main process, under DDP or any ZeRO stage.
+
+Precision under DeepSpeed is the run's, applied as DeepSpeed's `torch_autocast`: weights stay fp32
+and the forward runs under torch.autocast, as accelerate does under DDP. So bf16 lives only inside
+autocast on every path; DeepSpeed's own "bf16"/"fp16" modes (16-bit weights) are refused.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+from data.errors import ConfigError
+
+if not torch.cuda.is_available():
+    # DeepSpeed (which accelerate imports) warns on every CPU run that it could not find a GPU and fell
+    # back to the CPU; saying so up front keeps that noise out of every run.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+# The "auto" values a run fills: accelerate from the run and the prepared objects, the rest by
+# configure_deepspeed. Any other "auto" would reach DeepSpeed unfilled and fail inside it.
+FILLED_AUTO = {
+    "train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "gradient_clipping",
+    "bf16.enabled", "fp16.enabled", "torch_autocast.enabled", "torch_autocast.dtype",
+    "zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
+    "zero_optimization.stage3_param_persistence_threshold",
+}
+
+
+# --report_to names -> the package each tracker needs (accelerate silently drops a tracker whose
+# package is missing; we refuse instead, naming the package).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def trackers(report_to: str) -> list[str]:
+    """--report_to -> accelerate's log_with names; a tracker whose package is missing is a ConfigError."""
+    names = [n.strip() for n in report_to.replace(",", " ").split() if n.strip()]
+    if names in ([], ["none"]):
+        return []
+    if names == ["all"]:
+        return [n for n, pkg in TRACKER_PACKAGES.items() if importlib.util.find_spec(pkg) is not None]
+    for n in names:
+        if n not in TRACKER_PACKAGES:
+            raise ConfigError(f"--report_to {n!r}: expected tensorboard, wandb, mlflow, all or none")
+        if importlib.util.find_spec(TRACKER_PACKAGES[n]) is None:
+            raise ConfigError(f"--report_to {n}: the package '{TRACKER_PACKAGES[n]}' is not installed "
+                              f"(pip install {TRACKER_PACKAGES[n]}, or --report_to none)")
+    return names
+
+
+def resolve_precision(mixed_precision: str) -> str:
+    """--mixed_precision -> "bf16" or "no" (auto: bf16 on CUDA, fp32 on a CPU host)."""
+    if mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return mixed_precision
+
+
+def launched_deepspeed() -> bool:
+    """True in a process that `accelerate launch` started with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def _flat(config: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in config.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_deepspeed_json(path: str | os.PathLike) -> dict:
+    """The DeepSpeed JSON at `path`, refused (ConfigError naming the file and key) where a run cannot honour it."""
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable DeepSpeed JSON ({e})") from None
+    flat = _flat(config)
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            raise ConfigError(f"{path}: remove the {section!r} section; the run builds its own AdamW and "
+                              "warmup-cosine schedule (set them with --optim.*)")
+    for dtype in ("fp16", "bf16"):
+        if str(flat.get(f"{dtype}.enabled", "auto")).lower() == "true":
+            where = " (and DeepSpeed refuses fp16 on a host with no GPU)" if dtype == "fp16" else ""
+            raise ConfigError(f"{path}: {dtype}.enabled is true, which keeps 16-bit weights{where}; set it to "
+                              "\"auto\" and choose the precision with --mixed_precision (bf16 runs under autocast)")
+    unfilled = sorted(k for k, v in flat.items() if v == "auto" and k not in FILLED_AUTO)
+    if unfilled:
+        raise ConfigError(f"{path}: {unfilled[0]} is \"auto\", which nothing fills; give it a number")
+    return config
+
+
+def make_accelerator(loop, output_dir: str | os.PathLike | None = None) -> Accelerator:
+    """The Accelerator for a run with LoopConfig `loop` (trackers only when there is an output_dir)."""
+    precision = resolve_precision(loop.mixed_precision)
+    if launched_deepspeed():
+        check_deepspeed_json(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", ""))
+        precision = "no"  # accelerate's bf16 under DeepSpeed is 16-bit weights; configure_deepspeed autocasts
+    handlers = []
+    if int(os.environ.get("LOCAL_RANK", -1)) != -1 and not torch.cuda.is_available():
+        # Launched ranks on a host with no GPU: accelerate leaves its backend unset under DeepSpeed, and
+        # every rank would call itself rank 0 of 1 while DeepSpeed's gloo group has them all.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    log_with = trackers(loop.report_to) if output_dir is not None else []
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=loop.grad_accum,
+                       log_with=log_with or None, project_dir=str(output_dir) if output_dir else None,
+                       kwargs_handlers=handlers)
+
+
+def configure_deepspeed(accelerator: Accelerator, *, micro_batch: int, clip_grad: float, width: int,
+                        mixed_precision: str) -> None:
+    """Fill the DeepSpeed config's run-dependent values before `accelerator.prepare`; no-op without DeepSpeed.
+
+    - micro-batch per process: ours is not a prepared DataLoader (ResumableBatches owns the order);
+    - gradient clipping: `--optim.clip_grad` (DeepSpeed clips inside its step; accelerate's own
+      clip_grad_norm_ does nothing under it);
+    - bucket sizes from the model's widest token dimension, by HF's rule (dim², 0.9·dim², 10·dim),
+      where the JSON says "auto";
+    - precision: torch autocast in bf16 when the run is bf16, fp32 weights either way.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = micro_batch
+    ds["gradient_clipping"] = float(clip_grad)
+    zero = ds.setdefault("zero_optimization", {})
+    for key, value in (("reduce_bucket_size", width * width), ("stage3_prefetch_bucket_size", int(0.9 * width * width)),
+                       ("stage3_param_persistence_threshold", 10 * width)):
+        if zero.get(key) == "auto":
+            zero[key] = value
+    bf16 = resolve_precision(mixed_precision) == "bf16"
+    autocast = ds.setdefault("torch_autocast", {})
+    autocast["enabled"], autocast["dtype"] = bf16, "bfloat16"
+    # Gradients are reduced in fp32, as under DDP (DeepSpeed's default reduces Linear/Conv grads in bf16).
+    autocast.setdefault("lower_precision_safe_modules", [])
+
+
+def prepare(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """`accelerator.prepare(model, optimizer)`; under ZeRO-3 the optimizer's fp32 partition then shares
+    the weights' own fp32 partition instead of holding a copy.
+
+    DeepSpeed's ZeRO-3 means to skip that copy when the weights are already fp32 on the device (as with
+    torch_autocast; stage3.py `_create_fp32_partitions`), but it compares a torch.device with a device
+    name string, which is never equal, so every partition is stored twice: a sixth of ZeRO-3's memory
+    per rank on 2 ranks. After each step it copies the fp32 partition into the weights' partition, a
+    no-op once they share storage; checkpoints save and load the same values either way.
+    """
+    model, optimizer = accelerator.prepare(model, optimizer)
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    zero = getattr(wrapped.engine, "optimizer", None) if wrapped is not None else None
+    for weights, master in zip(getattr(zero, "fp16_partitioned_groups_flat", []),
+                               getattr(zero, "fp32_partitioned_groups_flat", [])):
+        if (weights is not None and master is not None and weights.dtype == master.dtype
+                and weights.device == master.device and weights.numel() == master.numel()):
+            master.data = weights.data
+    return model, optimizer
+
+
+def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unwrapped model's whole state dict in fp32 on the main process (other ranks: may be partial).
+
+    A collective under DeepSpeed: every rank calls it. There the weights are the optimizer's fp32
+    master copies, gathered from their ZeRO partitions (under ZeRO-3 the module holds only placeholders).
+    """
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return accelerator.get_state_dict(model)
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+    module = accelerator.unwrap_model(model)
+    params = dict(module.named_parameters())
+    out = {}
+    for name in module.state_dict().keys():
+        if name not in params:  # a buffer: never partitioned
+            out[name] = module.get_buffer(name).detach().float().cpu()
+            continue
+        p = params[name]
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if full is None:  # not trained (no master copy): the module's own value, gathered under ZeRO-3
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                full = p.detach().clone()
+        out[name] = full.detach().float().cpu()
+    return out
