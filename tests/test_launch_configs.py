@@ -1,7 +1,9 @@
-"""Launch configs: DeepSpeed JSON parses, agrees with the accelerate YAML that points at it, and
-accelerate's own DeepSpeedPlugin accepts it. (`accelerate launch --use_deepspeed` cannot run on a
-CPU host, so the configs are checked by parsing, as DESIGN.md says.)"""
-import json
+"""Launch configs: each DeepSpeed YAML points at a JSON a run accepts, with no precision of its own
+(accelerate refuses mixed_precision beside a deepspeed_config_file). The YAMLs are run for real, on 2
+CPU ranks, in tests/test_deepspeed.py; the SLURM script renders one launch line per node."""
+import os
+import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,25 +19,15 @@ def _accel(name):
 
 @pytest.mark.parametrize("yaml_name, stage", [("deepspeed_zero2.yaml", 2), ("deepspeed_zero3.yaml", 3)])
 def test_deepspeed_json_agrees_with_accelerate_yaml(yaml_name, stage):
+    from models.distributed import FILLED_AUTO, check_deepspeed_json
     acc = _accel(yaml_name)
-    assert acc["distributed_type"] == "DEEPSPEED"
-    ds_path = ROOT / acc["deepspeed_config"]["deepspeed_config_file"]
-    ds = json.loads(ds_path.read_text())
+    assert acc["distributed_type"] == "DEEPSPEED" and "mixed_precision" not in acc
+    ds = check_deepspeed_json(ROOT / acc["deepspeed_config"]["deepspeed_config_file"])
     assert ds["zero_optimization"]["stage"] == stage
-    # accelerate fills these from the run; hard-coding them would silently disagree with the flags
+    # the run fills these; hard-coding them would silently disagree with its flags
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
-        assert ds[key] == "auto"
-    assert ds["bf16"]["enabled"] == "auto" and acc["mixed_precision"] == "bf16"
-    if stage == 3:
-        assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
-
-
-@pytest.mark.parametrize("yaml_name", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
-def test_accelerate_deepspeed_plugin_accepts_config(yaml_name):
-    from accelerate.utils import DeepSpeedPlugin
-    acc = _accel(yaml_name)
-    plugin = DeepSpeedPlugin(hf_ds_config=str(ROOT / acc["deepspeed_config"]["deepspeed_config_file"]))
-    assert plugin.zero_stage == (2 if "zero2" in yaml_name else 3)
+        assert ds[key] == "auto" and key in FILLED_AUTO
+    assert "bf16" not in ds and "fp16" not in ds  # the run's --mixed_precision, as torch autocast
 
 
 def test_every_accelerate_yaml_is_consistent():
@@ -57,7 +49,52 @@ def test_run_presets_parse_into_their_configs():
         assert cfg.model.encoder.in_channels == 2
 
 
-def test_slurm_script_expands_machine_rank_per_node():
-    text = (LAUNCH / "slurm_pretrain.sh").read_text()
-    # $SLURM_PROCID must be inside the single-quoted command that srun runs on each node
-    assert "--machine_rank $SLURM_PROCID" in text and "bash -c '" in text
+def test_slurm_script_renders_one_launch_per_node(tmp_path):
+    """launch/slurm_pretrain.sh on 2 nodes, with fake srun and scontrol on PATH: srun runs the per-node
+    command once per node (as SLURM would, with that node's SLURM_PROCID), and a fake accelerate records
+    the line it was given."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    fakes = {
+        # a long host list, as a big job has: a reader that stops at the first line would SIGPIPE it
+        "scontrol": 'printf "gpu-a\\ngpu-b\\n"; seq 200000',
+        # after its own flag, srun's arguments are the per-node command (bash -c '...'): once per node
+        "srun": 'for r in 0 1; do SLURM_PROCID=$r "${@:2}" || exit 1; done',
+        "accelerate": 'echo "accelerate $*" >> "$LAUNCH_LOG"',
+    }
+    for name, body in fakes.items():
+        (bin_ / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_ / name).chmod(stat.S_IRWXU)
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-b]",
+           "SLURM_NNODES": "2", "LAUNCH_LOG": str(tmp_path / "launch.log")}
+    res = subprocess.run(["bash", str(LAUNCH / "slurm_pretrain.sh"), "--config", "launch/pretrain_base_gpu.yaml",
+                          "--data", "/data/ct"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lines = (tmp_path / "launch.log").read_text().splitlines()
+    assert len(lines) == 2
+    for rank, line in enumerate(lines):
+        args = line.split()
+        value = lambda flag: args[args.index(flag) + 1]  # noqa: E731
+        assert value("--config_file") == "launch/accelerate/deepspeed_zero2.yaml"
+        assert (value("--num_machines"), value("--num_processes"), value("--machine_rank")) == ("2", "16", str(rank))
+        assert (value("--main_process_ip"), value("--main_process_port")) == ("gpu-a", "29500")
+        assert args[args.index("-m"):] == ["-m", "pretrain", "--resume", "auto", "--config",
+                                           "launch/pretrain_base_gpu.yaml", "--data", "/data/ct"]
+        # what accelerate makes of that line: one torchrun of 8 ranks on this node, joined to the other
+        # node's through gpu-a (not DeepSpeed's pdsh launcher, which would ssh out from the first node)
+        torchrun = _accelerate_per_node(args[2:])  # after "accelerate launch"
+        assert torchrun == {"cmd": None, "nproc_per_node": "8", "nnodes": "2", "node_rank": rank,
+                            "rdzv_endpoint": "gpu-a:29500", "rdzv_backend": "static"}
+
+
+def _accelerate_per_node(argv: list[str]) -> dict:
+    """How `accelerate launch argv` would start this node's ranks (accelerate's own parsing, nothing run)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+    args, defaults, mp_from_config = _validate_launch_command(launch_command_parser().parse_args(argv))
+    assert args.use_deepspeed
+    args.deepspeed_fields_from_accelerate_config = ",".join(list(defaults.deepspeed_config) +
+                                                            (["mixed_precision"] if mp_from_config else []))
+    cmd, _ = prepare_deepspeed_cmd_env(args)
+    return {"cmd": cmd, **{k: getattr(args, k, None) for k in
+                           ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend")}}
