@@ -1,0 +1,178 @@
+"""What ZeRO buys: memory per rank of the base preset's ViT-B under DDP, ZeRO-2 and ZeRO-3, 2 ranks.
+
+    python -m benchmarks.zero_memory [--steps 3] [--img_size 32] [--write-docs]
+
+Each mode is one `accelerate launch` of 2 ranks with the shipped configs (DDP: gloo ranks on a CPU
+host, launch/accelerate/multi_gpu_ddp.yaml on GPUs; ZeRO: launch/accelerate/deepspeed_zero{2,3}.yaml),
+running this module's worker. Every rank builds the encoder of launch/pretrain_base_gpu.yaml, AdamW,
+prepares them and takes `--steps` training steps on one small input (`--img_size`: so that weights,
+gradients and optimizer state dominate, not activations), fp32.
+
+Memory per rank, on a CPU host, is resident memory read from /proc (after `malloc_trim`, so freed
+heap is given back first): the growth from the rank's baseline (imports done, process group up,
+nothing built) to after the steps is what the model, its gradients, the optimizer state and the
+engine's buffers hold. The peak (VmHWM) also counts what DeepSpeed copies while it flattens and
+partitions the weights at start-up. On CUDA the same columns are torch's allocated memory.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import DOC, Table, machine, today, update_section
+from data.errors import cli_entry
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADING = "What ZeRO buys: memory per rank (ViT-B, 2 ranks)"
+MODES = ("ddp", "zero2", "zero3")
+
+
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def resident_mib(device: torch.device) -> tuple[float, float]:
+    """(now, peak) MiB: resident memory on a CPU host (freed heap trimmed first), allocated memory on CUDA."""
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated() / 2**20, torch.cuda.max_memory_allocated() / 2**20
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    return _status_mib("VmRSS"), _status_mib("VmHWM")
+
+
+def worker(mode: str, steps: int, img_size: int, out: Path) -> None:
+    """One rank: baseline, build + prepare, `steps` steps; writes its readings to out/<mode>-rank<r>.json."""
+    import deepspeed  # noqa: F401  imported in every mode, so the baselines hold the same libraries
+    from timm.optim import param_groups_weight_decay
+
+    from data.config import load_config
+    from models.distributed import configure_deepspeed, make_accelerator, prepare
+    from models.training import LoopConfig, NonFiniteGuard, OptimConfig, build_optimizer, optimizer_step
+    from models.vit3d import ViT3D
+    from pretrain.train import PretrainConfig
+
+    accelerator = make_accelerator(LoopConfig(mixed_precision="no", report_to="none"))
+    device = accelerator.device
+    base_now, _ = resident_mib(device)
+    enc = load_config(PretrainConfig, ROOT / "launch" / "pretrain_base_gpu.yaml").model.encoder
+    enc.img_size, enc.drop_path = img_size, 0.0
+    torch.manual_seed(0)
+    model = ViT3D(enc)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optim = OptimConfig()
+    optimizer = build_optimizer(param_groups_weight_decay(model, optim.weight_decay), optim)
+    configure_deepspeed(accelerator, micro_batch=1, clip_grad=optim.clip_grad, width=enc.dim, mixed_precision="no")
+    model, optimizer = prepare(accelerator, model, optimizer)
+    prepared_now, _ = resident_mib(device)
+    x = torch.randn(1, enc.in_channels, img_size, img_size, img_size, device=device)  # [1, C, S, S, S]
+    guard = NonFiniteGuard(3)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        optimizer_step(accelerator, model, optimizer, guard, optim.clip_grad, [x],
+                       lambda batch: {"loss": model(batch).float().pow(2).mean()})
+    seconds = (time.perf_counter() - t0) / max(steps, 1)
+    steady, peak = resident_mib(device)
+    row = {"mode": mode, "rank": accelerator.process_index, "world_size": accelerator.num_processes,
+           "params": n_params, "baseline_mib": base_now, "prepared_mib": prepared_now, "steady_mib": steady,
+           "peak_mib": peak, "step_s": seconds, "device": device.type}
+    (out / f"{mode}-rank{row['rank']}.json").write_text(json.dumps(row))
+    accelerator.wait_for_everyone()
+
+
+def launch(mode: str, args, out: Path) -> None:
+    """Run the worker for `mode` on 2 ranks through `accelerate launch` with the shipped config."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--main_process_port", str(args.port)]
+    if mode == "ddp" and not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "1"
+        cmd += ["--multi_gpu", "--mixed_precision", "no"]
+    elif mode == "ddp":
+        cmd += ["--config_file", str(ROOT / "launch" / "accelerate" / "multi_gpu_ddp.yaml")]
+    else:
+        cmd += ["--config_file", str(ROOT / "launch" / "accelerate" / f"deepspeed_{mode}.yaml")]
+    cmd += ["-m", "benchmarks.zero_memory", "--worker", mode, "--steps", str(args.steps),
+            "--img_size", str(args.img_size), "--out", str(out)]
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"error: {mode} run failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+
+
+def table(rows: list[dict]) -> Table:
+    """One row per mode: the median over its ranks; the growth and its ratio to DDP's."""
+    t = Table(["mode", "ranks", "trained params", "baseline MiB", "after prepare MiB", "after steps MiB",
+               "model + optimizer MiB", "÷ DDP", "peak MiB", "step s"])
+    by_mode = {m: [r for r in rows if r["mode"] == m] for m in MODES}
+    growth = {m: statistics.median(r["steady_mib"] - r["baseline_mib"] for r in rs) for m, rs in by_mode.items()}
+    for m, rs in by_mode.items():
+        med = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
+        t.add({"ddp": "DDP", "zero2": "ZeRO-2", "zero3": "ZeRO-3"}[m], rs[0]["world_size"], f"{rs[0]['params']:,}",
+              f"{med('baseline_mib'):,.0f}", f"{med('prepared_mib'):,.0f}", f"{med('steady_mib'):,.0f}",
+              f"{growth[m]:,.0f}", f"{growth[m] / growth['ddp']:.2f}x", f"{med('peak_mib'):,.0f}",
+              f"{med('step_s'):.2f}")
+    return t
+
+
+@cli_entry
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=3, help="training steps per mode before the steady reading")
+    p.add_argument("--img_size", type=int, default=32,
+                   help="input edge in voxels (a multiple of the patch size, 16): small, so activations stay small")
+    p.add_argument("--port", type=int, default=29561, help="the ranks' rendezvous port")
+    p.add_argument("--write-docs", action="store_true", help=f"put the table in docs/BENCHMARKS.md ('{HEADING}')")
+    p.add_argument("--doc", default=str(DOC), help="the markdown file --write-docs updates")
+    p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.steps, args.img_size, Path(args.out))
+        return 0
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in MODES:
+            print(f"{mode}: 2 ranks ...", flush=True)
+            launch(mode, args, Path(tmp))
+        rows = [json.loads(f.read_text()) for f in sorted(Path(tmp).glob("*.json"))]
+    if len(rows) != 2 * len(MODES) or any(r["world_size"] != 2 for r in rows):
+        raise SystemExit(f"error: expected 2 ranks per mode, got {[(r['mode'], r['world_size']) for r in rows]}")
+    t = table(rows)
+    print(t.markdown())
+    if args.write_docs:
+        what = "resident memory (/proc VmRSS, after malloc_trim)" if rows[0]["device"] == "cpu" else \
+            "torch.cuda allocated memory"
+        body = "\n".join([
+            f"- command: `python -m benchmarks.zero_memory {' '.join(argv if argv is not None else sys.argv[1:])}`",
+            f"- machine: {machine(rows[0]['device'])}; 2 ranks (gloo on a CPU host), fp32",
+            f"- date: {today()}; whole command {(time.perf_counter() - t0) / 60:.1f} min",
+            f"- model: the encoder of launch/pretrain_base_gpu.yaml (ViT-B: dim 768, depth 12), input "
+            f"{args.img_size}^3 (small, so activations do not count), AdamW, {args.steps} steps",
+            f"- memory per rank: {what}, median of the 2 ranks. baseline: imports done and the process group up; "
+            "model + optimizer: after the steps minus the baseline (weights, gradients, AdamW state, the engine's "
+            "buffers); peak: the process's high-water mark, which also holds DeepSpeed's start-up copies",
+            "", t.markdown()])
+        update_section(args.doc, HEADING, body)
+        print(f"updated {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
