@@ -96,6 +96,8 @@ class FinetuneConfig(LoopConfig):
         for name in ("encoder_blr", "warmup_epochs", "lp_epochs", "min_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} {getattr(self, name)}: must be >= 0")
+        if self.model.head_norm == "batchnorm" and self.batch_size < 2:
+            raise ConfigError(f"--model.head_norm batchnorm needs --batch_size >= 2, got {self.batch_size}")
         if self.lp_epochs and (self.lp_epochs >= self.epochs or self.freeze_encoder):
             raise ConfigError(f"--lp_epochs {self.lp_epochs}: needs --epochs above it and no --freeze_encoder")
         parse_eval_sets(self.eval_sets)  # a malformed entry fails at parse time, naming the flag

@@ -26,6 +26,7 @@ from models.vit3d import ViT3D, ViT3DConfig, inflate_patch_embed
 
 TASKS = ("classification", "survival", "multitask")
 FUSIONS = ("none", "concat", "film", "tokens", "clinical_only")
+HEAD_NORMS = ("none", "batchnorm", "layernorm")
 MODEL_TYPE = "mimfm-multimodal"
 # Encoder settings that only affect training, not the weights: they may differ from the pretrained folder.
 TRAINING_ONLY_KEYS = ("in_channels", "drop_path", "grad_checkpointing")
@@ -46,12 +47,16 @@ class MultimodalConfig:
     # image tokens -> one vector: mean; mask (weighted by each token's lesion share); attention (a learned
     # query over the tokens, timm AttentionPoolLatent)
     pool: Literal["mean", "mask", "attention"] = "mean"
+    # normalisation of the pooled image vector before fusion and heads: none; batchnorm (MAE's linear
+    # probe: BatchNorm without affine parameters, since pretrained features are scaled unlike a random
+    # or supervised encoder's); layernorm (per sample, no affine parameters)
+    head_norm: Literal["none", "batchnorm", "layernorm"] = "none"
 
     def __post_init__(self):
         if isinstance(self.encoder, dict):
             self.encoder = from_dict(ViT3DConfig, self.encoder, "encoder")
         choices = {"task": TASKS, "fusion": FUSIONS, "survival_head": ("cox", "discrete"),
-                   "mask_channel_init": ("zero", "mean"), "pool": POOLS}
+                   "mask_channel_init": ("zero", "mean"), "pool": POOLS, "head_norm": HEAD_NORMS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
@@ -83,6 +88,16 @@ class MultimodalConfig:
         return self.fusion != "none"
 
 
+def head_norm(kind: str, dim: int) -> nn.Module | None:
+    """The normalisation of the pooled image vector [B, D] that MultimodalConfig.head_norm names (no affine
+    parameters: the head that follows is linear, so they would add nothing)."""
+    if kind == "batchnorm":
+        return nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+    return None
+
+
 class MultimodalModel(nn.Module):
     def __init__(self, config: MultimodalConfig):
         super().__init__()
@@ -92,6 +107,7 @@ class MultimodalModel(nn.Module):
         self.encoder = ViT3D(c.encoder) if c.uses_image else None
         self.pool = TokenPool(c.pool, c.encoder.dim, c.encoder.heads, c.encoder.patch_size) if c.uses_image else None
         d = c.encoder.hidden_size
+        self.image_norm = head_norm(c.head_norm, d) if c.uses_image else None
         self.clinical_embed = self.film = self.clinical_tokens = None
         if c.fusion == "none":
             self.feature_dim = d
@@ -152,8 +168,10 @@ class MultimodalModel(nn.Module):
         return out
 
     def pool_image(self, tokens: Tensor, x: Tensor) -> Tensor:
-        """[B, N, D] image tokens -> [B, D]; the mask pool reads the lesion-mask channel of x [B, 2, S, S, S]."""
-        return self.pool(tokens, mask=x[:, 1] if x.shape[1] > 1 else None)
+        """[B, N, D] image tokens -> [B, D], then head_norm; the mask pool reads the lesion-mask channel of
+        x [B, 2, S, S, S]."""
+        pooled = self.pool(tokens, mask=x[:, 1] if x.shape[1] > 1 else None)  # [B, D]
+        return pooled if self.image_norm is None else self.image_norm(pooled)
 
     def extra_tokens(self, clinical: Tensor | None) -> Tensor | None:
         """The tokens this model appends to the encoder sequence: clinical tokens [B, T, D] for fusion

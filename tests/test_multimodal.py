@@ -205,3 +205,55 @@ def test_save_load_round_trip_is_exact_and_strict(tmp_path):
     path.write_text(json.dumps(saved))
     with pytest.raises(InputError, match="unexpected keys: clinical_tokens"):
         MultimodalModel.from_pretrained(tmp_path / "mm")
+
+
+# ---- normalisation before the head ---------------------------------------------------------------
+
+
+def test_head_norm_none_adds_nothing():
+    model = make("none")
+    assert model.image_norm is None and not any("image_norm" in k for k in model.state_dict())
+
+
+@pytest.mark.parametrize("fusion", ["none", "concat"])
+def test_batchnorm_head_norm_standardises_each_pooled_dimension_over_the_batch(fusion):
+    model = make(fusion, head_norm="batchnorm").train()
+    x, clin = inputs(b=6)
+    pooled = model.pool(model.encoder(x), mask=x[:, 1])  # [B, D] before the norm
+    d = pooled.shape[1]
+    image = model(x, clin)["features"][:, :d]  # the image part of the fused vector
+    want = (pooled - pooled.mean(0)) / torch.sqrt(pooled.var(0, unbiased=False) + 1e-6)  # by hand
+    assert torch.allclose(image, want, atol=1e-5)
+    assert not any(p.requires_grad for p in model.image_norm.parameters())  # no affine parameters
+    model.eval()  # eval: the running statistics, updated once (momentum 0.1) by the train pass above
+    rm, rv = 0.1 * pooled.mean(0), 0.9 + 0.1 * pooled.var(0, unbiased=True)
+    eval_image = model(x, clin)["features"][:, :d]
+    assert torch.allclose(eval_image, (pooled - rm) / torch.sqrt(rv + 1e-6), atol=1e-5)
+
+
+def test_layernorm_head_norm_standardises_each_sample():
+    model = make("none", head_norm="layernorm").eval()
+    x, clin = inputs(b=3)
+    pooled = model.pool(model.encoder(x), mask=x[:, 1])  # [B, D]
+    want = (pooled - pooled.mean(1, keepdim=True)) / torch.sqrt(pooled.var(1, unbiased=False, keepdim=True) + 1e-6)
+    assert torch.allclose(model(x, clin)["features"], want, atol=1e-5)
+
+
+def test_head_norm_round_trips_with_its_running_statistics(tmp_path):
+    model = make("concat", head_norm="batchnorm").train()
+    x, clin = inputs(b=4)
+    model(x, clin)  # moves the running statistics off their initial values
+    model.eval().save_pretrained(tmp_path / "mm", extra_config={}, card={}, input_spec=InputSpec(input_size=S))
+    loaded, _ = MultimodalModel.from_pretrained(tmp_path / "mm")
+    assert torch.equal(loaded.image_norm.running_mean, model.image_norm.running_mean)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x, clin)["logit"], model(x, clin)["logit"])
+
+
+def test_bad_head_norm_and_batchnorm_with_single_samples_are_refused():
+    from data.errors import ConfigError
+    from finetune.train import FinetuneConfig
+    with pytest.raises(ConfigError, match="head_norm"):
+        MultimodalConfig(encoder=encoder_config(), head_norm="groupnorm")
+    with pytest.raises(ConfigError, match="--batch_size >= 2"):
+        FinetuneConfig(batch_size=1, model=MultimodalConfig(head_norm="batchnorm"))
