@@ -106,6 +106,44 @@ def test_probe_shows_a_gain_where_there_is_one_and_none_where_there_is_none(toy,
     assert 0 <= first_run["oracle"]["latents_auc"] <= 1 and "logistic on the true latents" in md
 
 
+def test_probe_reports_the_geometry_of_the_features_the_head_reads(toy, first_run):
+    from benchmarks.probe.geometry import geometry
+    setup, = first_run["setups"]
+    tex = setup["encoders"][0]
+    assert set(tex["geometry"]) == {"median_sd", "mean_norm", "anisotropy", "effective_rank", "top_pc_share"}
+    assert setup["random"]["geometry"]["median_sd"][1] >= 0  # [mean, SD] over the random seeds
+    # the random7 encoder's row is the geometry of its own last_mask features
+    from benchmarks.probe.cohort import lesion_crops
+    from benchmarks.probe.features import encoder_features
+    from benchmarks.probe.run import load_encoder
+    crops = lesion_crops(load_cohort(toy / "cohort", SPEC.prep, progress=False), SPEC.input_size, VIEW)
+    feats = encoder_features(load_encoder(str(toy / "random7"))[0], crops, progress=False)
+    assert setup["encoders"][1]["geometry"] == pytest.approx(geometry(feats["last_mask"]))
+    assert "Feature geometry of the 'last_mask' features" in (toy / "out1" / "probe.md").read_text()
+
+
+def test_geometry_against_hand_computations():
+    from benchmarks.probe.geometry import geometry
+    # two orthogonal unit vectors and their negatives: mean pairwise cosine (0+-1+0+0+-1+0)*2/12 = -1/3
+    X = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    g = geometry(X)
+    assert g["anisotropy"] == pytest.approx(-1 / 3) and g["mean_norm"] == pytest.approx(1.0)
+    assert g["effective_rank"] == pytest.approx(2.0) and g["top_pc_share"] == pytest.approx(0.5)
+    assert g["median_sd"] == pytest.approx(np.std([1, 0, -1, 0], ddof=1))
+    # every vector on one line, far from the origin: anisotropy 1, one direction of variance
+    line = np.outer(np.arange(1.0, 6.0), [3.0, 4.0])  # [5, 2]
+    g = geometry(line)
+    assert g["anisotropy"] == pytest.approx(1.0) and g["effective_rank"] == pytest.approx(1.0)
+    assert g["top_pc_share"] == pytest.approx(1.0) and g["mean_norm"] == pytest.approx(15.0)
+    # scale: median SD and norm scale with the features, the shape statistics do not
+    rng = np.random.default_rng(0)
+    Z = rng.normal(size=(50, 8))
+    a, b = geometry(Z), geometry(3 * Z)
+    assert b["median_sd"] == pytest.approx(3 * a["median_sd"]) and b["mean_norm"] == pytest.approx(3 * a["mean_norm"])
+    for k in ("anisotropy", "effective_rank", "top_pc_share"):
+        assert b[k] == pytest.approx(a[k])
+
+
 def test_a_rerun_gives_identical_numbers_on_the_saved_splits(toy, first_run):
     splits = next((toy / "cohort").glob("probe_splits_*.json"))
     mtime = splits.stat().st_mtime_ns

@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from benchmarks.common import command_line, machine, today
 from benchmarks.probe import evaluate as ev
 from benchmarks.probe.cohort import ensure_cohort, load_cohort
-from benchmarks.probe.report import markdown, table, verdict_lines
+from benchmarks.probe.report import geometry_table, markdown, table, verdict_lines
 from benchmarks.probe.run import group_setups, load_or_make_splits, run_setup
 from data.atomic import write_json, write_text
 from data.errors import InputError, cli_entry
@@ -137,5 +137,6 @@ def main(argv=None) -> dict:
     write_text(out / "probe.md", markdown(results))
     print("\n".join(table(results)))
     print("\n".join(verdict_lines(results)))
+    print("\n".join(geometry_table(results)))
     print(f"wrote {out / 'probe.json'} and {out / 'probe.md'} ({results['seconds']['total']:.0f} s)")
     return results

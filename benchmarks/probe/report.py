@@ -40,6 +40,24 @@ def table(results: dict) -> list[str]:
     return ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def geometry_table(results: dict) -> list[str]:
+    """Markdown rows: the scale and shape of the features fine-tuning's head reads, encoders against random init."""
+    from benchmarks.probe.geometry import GEOMETRY_GROUP
+    stats = ("median_sd", "mean_norm", "anisotropy", "effective_rank", "top_pc_share")
+    rows = [["model", *stats], ["---"] * (len(stats) + 1)]
+    for setup in results["setups"]:
+        for enc in setup["encoders"]:
+            if "geometry" in enc:
+                rows.append([enc["path"], *(_f(enc["geometry"][k]) for k in stats)])
+        if "geometry" in setup["random"]:
+            n = len(setup["random"]["seeds"])
+            rows.append([f"random init (mean ± SD, {n} seeds)", *(_pm(*setup["random"]["geometry"][k]) for k in stats)])
+    if len(rows) == 2:  # probe.json files written before geometry was measured
+        return []
+    return [f"Feature geometry of the '{GEOMETRY_GROUP}' features (what fine-tuning's mask-pooled head reads; "
+            "benchmarks/probe/geometry.py):", "", *("| " + " | ".join(r) + " |" for r in rows), ""]
+
+
 def _call(ci: list[float]) -> str:
     return "better" if ci[0] > 0 else "worse" if ci[1] < 0 else "no difference"
 
@@ -81,7 +99,7 @@ def markdown(results: dict) -> str:
         f"{p['label_model']}. Latents: {p['latent_model']}. Features: {p['features']} "
         f"Random controls: seeds {p['random_seeds']}. Δ CIs: paired bootstrap over patients "
         f"({p['n_boot']} resamples) of (encoder − random mean), on the '{VERDICT_GROUP}' features.", "",
-        *table(results), "", *verdict_lines(results), "",
+        *table(results), "", *verdict_lines(results), "", *geometry_table(results),
         "Seconds per encoder (features + read-outs): "
         + ", ".join(f"{k} {v:.1f}" for k, v in results["seconds"]["per_encoder"].items()) + ".", ""]
     return "\n".join(lines)

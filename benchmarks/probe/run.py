@@ -14,6 +14,8 @@ import torch
 from benchmarks.probe import evaluate as ev
 from benchmarks.probe.cohort import ProbeCohort, lesion_crops, lesion_regions, probe_view
 from benchmarks.probe.features import encoder_features, handmade_features, pixel_features
+from benchmarks.probe.geometry import GEOMETRY_GROUP, geometry
+from benchmarks.probe.geometry import summarise as summarise_geometry
 from data.atomic import write_json
 from data.config import to_dict
 from data.errors import InputError
@@ -91,7 +93,7 @@ def probe_encoder(encoder: ViT3D, crops: np.ndarray, cohort: ProbeCohort, splits
     feats = encoder_features(encoder.to(args.device), crops, args.batch_size, desc=desc, progress=args.progress,
                              device=args.device)
     groups = {g: probe_matrix(X, cohort, splits, args.cv_seed) for g, X in feats.items()}
-    return {"groups": groups, "seconds": time.perf_counter() - t0}
+    return {"groups": groups, "geometry": geometry(feats[GEOMETRY_GROUP]), "seconds": time.perf_counter() - t0}
 
 
 def random_encoder(config: ViT3DConfig, seed: int) -> ViT3D:
@@ -133,7 +135,9 @@ def summarise_controls(controls: list[dict]) -> dict:
 
 def scores_only(result: dict) -> dict:
     """A probe result without its out-of-fold arrays (what probe.json keeps)."""
-    return {"groups": {g: m["score"] for g, m in result["groups"].items()}, "seconds": round(result["seconds"], 2)}
+    geo = {"geometry": result["geometry"]} if "geometry" in result else {}
+    return {"groups": {g: m["score"] for g, m in result["groups"].items()}, **geo,
+            "seconds": round(result["seconds"], 2)}
 
 
 def run_setup(setup: Setup, cohort: ProbeCohort, splits: ev.Splits, W: np.ndarray, args) -> dict:
@@ -163,7 +167,8 @@ def run_setup(setup: Setup, cohort: ProbeCohort, splits: ev.Splits, W: np.ndarra
     return {"config": to_dict(setup.config), "input_spec": setup.spec.to_dict(), "view": to_dict(setup.view),
             "encoder_dirs": setup.encoders, "crop_seconds": round(crop_s, 2),
             "random": {"seeds": list(args.random_seeds), "per_seed": [scores_only(c) for c in controls],
-                       "summary": summarise_controls(controls)},
+                       "summary": summarise_controls(controls),
+                       "geometry": summarise_geometry([c["geometry"] for c in controls])},
             "baselines": {k: scores_only(v) for k, v in baselines.items()}, "encoders": encoders}
 
 
