@@ -114,6 +114,36 @@ def make_splits(df: pd.DataFrame, *, test_fraction: float = 0.2, folds: int = 5,
     }
 
 
+def nested_patient_subsets(df: pd.DataFrame, sizes, *, seed: int = 0,
+                           stratify: str | None = "label") -> dict[int, list[str]]:
+    """{n: subject ids of n patients} for each n in `sizes`: nested (each smaller set lies inside every
+    larger one), patient-level (a patient's subjects stay together), fixed by `seed`, and stratified:
+    every prefix keeps each class's share of patients as closely as whole patients allow.
+
+    One seeded order of all patients is drawn and each subset is a prefix of it: within a class the
+    patients are shuffled, and the i-th of a class's m patients is placed at (i + 0.5) / m along the
+    order, so the classes interleave in proportion.
+    """
+    subjects, patients = _subjects_and_patients(df)
+    strata = _strata(df, stratify, subjects)
+    patient_stratum = pd.Series(strata).groupby(patients).max()  # a patient's highest class
+    sizes = sorted({int(n) for n in sizes})
+    if not sizes or sizes[0] < 1 or sizes[-1] > len(patient_stratum):
+        raise InputError(f"label subsets: sizes {sizes} must lie between 1 and the {len(patient_stratum)} "
+                         f"patients available")
+    rng = np.random.default_rng(seed)
+    keys: dict[str, tuple[float, float]] = {}
+    for _, group in patient_stratum.groupby(patient_stratum):
+        names = np.array(sorted(group.index))
+        rng.shuffle(names)
+        for i, name in enumerate(names):
+            keys[name] = ((i + 0.5) / len(names), rng.random())  # position in the order, random tie-break
+    order = sorted(keys, key=keys.get)
+    rank = {p: i for i, p in enumerate(order)}
+    patient_rank = np.array([rank[p] for p in patients])  # [N] per subject
+    return {n: subjects[patient_rank < n].tolist() for n in sizes}
+
+
 def all_subjects(splits: dict) -> set[str]:
     """Every subject a split file covers: the test set plus fold 0's train and val."""
     first = splits["folds"][0] if splits.get("folds") else {"train": [], "val": []}

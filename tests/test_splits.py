@@ -102,3 +102,27 @@ def test_load_or_make_reuses_saved_splits_and_refuses_a_changed_manifest(tmp_pat
     path.write_text("{not json")
     with pytest.raises(InputError, match="not a valid splits file"):
         load_or_make_splits(path, df, seed=1)
+
+
+def test_label_subsets_are_nested_patient_level_stratified_and_seeded():
+    from data.splits import nested_patient_subsets
+    df = _cohort(n_patients=60)
+    subsets = nested_patient_subsets(df, [40, 10, 20], seed=3)
+    assert list(subsets) == [10, 20, 40]
+    by_patient = df.groupby("patient_id")["subject_id"].apply(set)
+    label = df.groupby("patient_id")["label"].max()
+    share = label.mean()
+    previous: set = set()
+    for n, ids in subsets.items():
+        ids = set(ids)
+        patients = {_patient(s) for s in ids}
+        assert len(patients) == n
+        assert ids == set().union(*(by_patient[p] for p in patients))  # whole patients only
+        assert previous <= ids  # nested
+        # stratified: within one patient of the cohort's class share
+        assert abs(label[list(patients)].sum() - share * n) <= 1
+        previous = ids
+    assert nested_patient_subsets(df, [10, 20, 40], seed=3) == subsets  # deterministic
+    assert nested_patient_subsets(df, [20], seed=4)[20] != subsets[20]  # and the seed matters
+    with pytest.raises(InputError, match="between 1 and the 60 patients"):
+        nested_patient_subsets(df, [61], seed=0)
