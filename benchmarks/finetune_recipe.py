@@ -1,6 +1,7 @@
 """Which fine-tuning recipe keeps what pretraining learned? Measured on a development cohort only.
 
     python -m benchmarks.finetune_recipe --out runs/recipe [--seeds 0 1] [--variants base mae_rate ...]
+        [--n_labeled 30] [--encoder RUN/encoder]
 
 A development cohort of its own (generator seed 4242, never used by ssl_gain, the probe or any test
 set): unlabelled volumes for pretraining, 109 labelled site-A patients for cross-validated
@@ -9,6 +10,12 @@ MiM encoder (launch/pretrain_cpu.yaml at the ssl_gain cpu preset's 1000 steps) i
 seed; each recipe variant fine-tunes it, and the scratch ViT, on identical splits. The table gives
 out-of-fold validation AUC and the fold ensemble's AUC / Harrell's C on `dev`. Choices made here
 carry to ssl_gain's presets; ssl_gain's own test sets are never looked at.
+
+Few labels: `--n_labeled N` fine-tunes on N of the 109 labelled patients instead (a nested, stratified
+patient subset fixed by the seed, data.splits.nested_patient_subsets), all of them in the 3 CV folds
+(no held-out test set: `dev` is the evaluation), so about 2N/3 patients train each fold. `--encoder`
+fine-tunes a given pretrained encoder (e.g. launch/pretrain_cpu.yaml's full 5000 steps) in place of
+the per-seed 1000-step one; its runs are named after it.
 """
 from __future__ import annotations
 
@@ -40,6 +47,19 @@ VARIANTS: dict[str, dict] = {
                      "min_epochs": 5},
     "mask_lp_ft": {"encoder_blr": 5e-3, "warmup_epochs": 2, "model.pool": "mask", "lp_epochs": 5},
     "mask_base_rate": {"model.pool": "mask"},
+    # few labels (--n_labeled): "base" is now launch/finetune_tiny_cpu.yaml itself, which holds the recipe
+    # (mask pooling, encoder at blr 5e-3, 2 warm-up epochs, mean of the weights from epoch 5); each row
+    # below changes only what it names on top of it.
+    "bn": {"model.head_norm": "batchnorm"},          # MAE's linear-probe BatchNorm (no affine) before the head
+    "ln": {"model.head_norm": "layernorm"},
+    "rate10": {"encoder_blr": 5e-2},                 # the encoder at 10x the MAE rule's rate
+    "bn_rate10": {"model.head_norm": "batchnorm", "encoder_blr": 5e-2},
+    "recipe_lp_ft": {"lp_epochs": 5},
+    "bn_lp_ft": {"model.head_norm": "batchnorm", "lp_epochs": 5},
+    "mean_pool": {"model.pool": "mean"},
+    "bn_mean_pool": {"model.head_norm": "batchnorm", "model.pool": "mean"},
+    "frozen": {"freeze_encoder": True},              # a linear read-out of the frozen features
+    "bn_frozen": {"model.head_norm": "batchnorm", "freeze_encoder": True},
 }
 
 
@@ -74,14 +94,31 @@ def pretrain(out: Path, seed: int) -> str:
     return str(folder / "encoder")
 
 
-def finetune(out: Path, seed: int, name: str, pretrained: str, dev_csv: Path, overrides: dict) -> dict:
+def labelled_subset(out: Path, seed: int, n_labeled: int) -> Path:
+    """A manifest of n_labeled of the cohort's labelled patients (nested across sizes, fixed by the seed),
+    beside the full one so its relative image paths still hold."""
+    from data.splits import nested_patient_subsets
+    path = out / "cohort" / f"manifest_n{n_labeled}_seed{seed}.csv"
+    if not path.is_file():
+        df = pd.read_csv(out / "cohort" / "manifest.csv", dtype=str, keep_default_na=False)
+        keep = set(nested_patient_subsets(df.assign(label=df["label"].astype(int)), [n_labeled], seed=seed)[n_labeled])
+        with atomic_path(path) as tmp:
+            df[df["subject_id"].isin(keep)].to_csv(tmp, index=False, lineterminator="\n")
+    return path
+
+
+def finetune(out: Path, seed: int, name: str, pretrained: str, dev_csv: Path, overrides: dict,
+             n_labeled: int = 0) -> dict:
     from data.config import load_config
     from finetune.train import FinetuneConfig, run
     cfg = load_config(FinetuneConfig, ROOT / "launch" / "finetune_tiny_cpu.yaml")
-    cfg = replace(cfg, manifest=str(out / "cohort" / "manifest.csv"), pretrained=pretrained, task="multitask",
+    manifest = labelled_subset(out, seed, n_labeled) if n_labeled else out / "cohort" / "manifest.csv"
+    suffix = f"_n{n_labeled}" if n_labeled else ""
+    cfg = replace(cfg, manifest=str(manifest), pretrained=pretrained, task="multitask",
                   fusion="none", output_dir=str(out / f"seed{seed}" / name), cache_dir=str(out / "cache"),
-                  splits=str(out / f"seed{seed}" / "splits.json"), folds=3, epochs=EPOCHS, patience=6, seed=seed,
-                  n_boot=0, explain=0, resume="auto", eval_sets=[f"dev={dev_csv}"])
+                  splits=str(out / f"seed{seed}" / f"splits{suffix}.json"), folds=3, epochs=EPOCHS, patience=6,
+                  seed=seed, n_boot=0, explain=0, resume="auto", eval_sets=[f"dev={dev_csv}"],
+                  test_fraction=0.0 if n_labeled else cfg.test_fraction)
     for key, value in overrides.items():
         target, field_name = (cfg.model, key[6:]) if key.startswith("model.") else (cfg, key)
         setattr(target, field_name, value)
@@ -92,7 +129,7 @@ def finetune(out: Path, seed: int, name: str, pretrained: str, dev_csv: Path, ov
             "dev_c": split["dev"]["survival"]["harrell_c"], "kept": sorted({f.get("kept", "") for f in metrics["folds"]})}
 
 
-def dev_vs_base(out: Path, seed: int, model: str, variant: str) -> dict:
+def dev_vs_base(out: Path, seed: int, model: str, variant: str, suffix: str = "") -> dict:
     """Paired DeLong on the dev set: this variant's fold ensemble against the same model's `base` run
     (difference, 95% CI from the DeLong variance, p)."""
     import math
@@ -103,11 +140,11 @@ def dev_vs_base(out: Path, seed: int, model: str, variant: str) -> dict:
         pred = pd.read_csv(out / f"seed{seed}" / name / "predictions.csv", dtype={"subject_id": str})
         return pred[(pred.split == "dev") & (pred.fold == -1)].set_index("subject_id")["prob"]
 
-    base_dir = out / f"seed{seed}" / f"{model}_base"
+    base_dir = out / f"seed{seed}" / f"{model}_base{suffix}"
     if variant == "base" or not (base_dir / "predictions.csv").is_file():
         return {}
     labels = pd.read_csv(out / "dev_cohort" / "dev.csv", dtype={"subject_id": str}).set_index("subject_id")["label"]
-    a, b = dev(f"{model}_{variant}"), dev(f"{model}_base")
+    a, b = dev(f"{model}_{variant}{suffix}"), dev(f"{model}_base{suffix}")
     ids = a.index.intersection(b.index)
     t = delong_paired_test(labels.loc[ids].astype(int).to_numpy(), a.loc[ids].to_numpy(), b.loc[ids].to_numpy())
     half = 1.96 * math.sqrt(t["var_diff"])
@@ -118,7 +155,7 @@ def merge_rows(path: Path, rows: list[dict], command: str) -> dict:
     """results.json after this invocation: earlier invocations' rows are kept, and a (seed, model, variant)
     run again replaces its old row, so results.json holds every row the RESULTS table cites."""
     def key(r: dict) -> tuple:
-        return r["seed"], r["model"], r["variant"]
+        return r["seed"], r["model"], r["variant"], r.get("n_labeled", 0)
 
     old = json.loads(path.read_text()) if path.is_file() else {}
     fresh = {key(r) for r in rows}
@@ -126,6 +163,12 @@ def merge_rows(path: Path, rows: list[dict], command: str) -> dict:
     earlier = old.get("commands") or ([old["command"]] if "command" in old else [])  # older files: one "command"
     commands = [c for c in earlier if c != command]
     return {"rows": kept + rows, "variants": VARIANTS, "commands": commands + [command]}
+
+
+def encoder_tag(folder: str) -> str:
+    """A short name for an encoder folder: its run folder's name for RUN/encoder, else its own name."""
+    path = Path(folder).resolve()
+    return path.parent.name if path.name == "encoder" else path.name
 
 
 def main(argv=None) -> int:
@@ -136,17 +179,25 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="pretraining + split seeds")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                     help="recipe variants to run (each for MiM and for scratch)")
+    ap.add_argument("--n_labeled", type=int, default=0,
+                    help="fine-tune on this many of the 109 labelled patients (nested subsets fixed by the seed; "
+                         "all in the 3 CV folds); 0: all of them, 20%% held out as before")
+    ap.add_argument("--encoder", default="", help="a pretrained encoder folder to fine-tune in place of the per-seed "
+                    "1000-step MiM one; its rows are named after its run folder")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     dev_csv = make_cohorts(out)
+    suffix = f"_n{args.n_labeled}" if args.n_labeled else ""
+    mim = f"mim@{encoder_tag(args.encoder)}" if args.encoder else "mim"
     rows = []
     for seed in args.seeds:
-        encoder = pretrain(out, seed)
+        encoder = str(Path(args.encoder).resolve()) if args.encoder else pretrain(out, seed)
         for variant in args.variants:
-            for model, pre in (("mim", encoder), ("scratch", "")):
-                res = finetune(out, seed, f"{model}_{variant}", pre, dev_csv, VARIANTS[variant])
-                rows.append({"seed": seed, "model": model, "variant": variant, **res,
-                             **dev_vs_base(out, seed, model, variant)})
+            for model, pre in ((mim, encoder), ("scratch", "")):
+                res = finetune(out, seed, f"{model}_{variant}{suffix}", pre, dev_csv, VARIANTS[variant],
+                               args.n_labeled)
+                rows.append({"seed": seed, "model": model, "variant": variant, "n_labeled": args.n_labeled or N_LABELED,
+                             **res, **dev_vs_base(out, seed, model, variant, suffix)})
                 print(json.dumps(rows[-1]), flush=True)
     table = pd.DataFrame(rows)
     write_json(out / "results.json", merge_rows(out / "results.json", rows, " ".join(sys.argv)))
