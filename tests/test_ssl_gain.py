@@ -182,3 +182,34 @@ def test_claim_ci_recomputed_with_sklearn_from_the_saved_scores(toy_run):
         else:
             assert claim["ci"] is None
     assert checked >= 5  # at least the external sets' claims have a CI even at toy size
+
+
+def test_label_curve_fine_tunes_nested_subsets_and_compares_with_scratch(toy_run):
+    """The toy preset's label size (8 patients): its manifest holds the subset and the seed's test set,
+    its folds cover the subset only, the three image models fine-tune on it, and the curve compares each
+    with scratch at the same n by the paired bootstrap, recomputed here with sklearn."""
+    from benchmarks.ssl_gain.label_curve import run_name, subset_paths
+    preset = ssl_gain.resolve_preset("cpu", toy=True)
+    (n,) = preset.label_sizes
+    manifest, split_path = subset_paths(toy_run, 0, n)
+    main = json.loads((toy_run / "seed0" / "splits.json").read_text())
+    sub = json.loads(split_path.read_text())
+    df = pd.read_csv(manifest, dtype={"subject_id": str, "patient_id": str})
+    assert sub["test"] == main["test"]
+    trained = set(sub["folds"][0]["train"]) | set(sub["folds"][0]["val"])
+    assert set(df["subject_id"]) == trained | set(main["test"])
+    assert df[df["subject_id"].isin(trained)]["patient_id"].nunique() == n
+    assert trained <= set(main["folds"][0]["train"]) | set(main["folds"][0]["val"])  # from the training pool
+    for model in ("mim", "mae", "scratch"):
+        pred = pd.read_csv(toy_run / "seed0" / run_name(model, n) / "predictions.csv", dtype={"subject_id": str})
+        assert set(pred.loc[pred.split == "val", "subject_id"]) == trained
+    curve = json.loads((toy_run / "label_curve.json").read_text())
+    assert (toy_run / "label_curve.png").is_file() and "Label efficiency" in (toy_run / "results.md").read_text()
+    point = next(p for p in curve["points"] if (p["n_key"], p["model"], p["split"], p["metric"])
+                 == (f"n{n}", "mim", "external_large", "auc"))
+    scores = pd.read_csv(toy_run / "seed0" / run_name("mim", n) / "predictions.csv", dtype={"subject_id": str})
+    rows = scores[(scores.split == "external_large") & (scores.fold == -1)]
+    truth = pd.read_csv(toy_run / LARGE_DIR / "external_large.csv", dtype={"subject_id": str}).set_index("subject_id")
+    want = roc_auc_score(truth.loc[rows.subject_id, "label"], rows["prob"])
+    assert point["value"] == pytest.approx(want)
+    assert point["vs_scratch"]["diff"] is not None and point["n_patients"] == [n]

@@ -57,6 +57,9 @@ class Preset:
     finetune_n_boot: int = 100            # bootstrap inside each fine-tuning run's own metrics.json
     fusions: tuple[str, ...] = FUSIONS
     survival: str = "multitask"           # multitask | separate
+    # label efficiency (label_curve.py): MiM, MAE and scratch also fine-tuned on these many labelled patients,
+    # nested subsets of each seed's training pool; () for none
+    label_sizes: tuple[int, ...] = ()
     # evaluation
     n_boot: int = 1000                    # bootstrap resamples for the C-index CIs here
     roc_band_boot: int = 0                # bootstrap bands on the summary ROC figures (0: none)
@@ -67,6 +70,8 @@ class Preset:
         bad = [f for f in self.fusions if f not in FUSIONS]
         if bad or not self.fusions:
             raise InputError(f"preset {self.name}: fusions {self.fusions} must be a non-empty subset of {FUSIONS}")
+        if any(n < self.folds for n in self.label_sizes):
+            raise InputError(f"preset {self.name}: label_sizes {self.label_sizes} must each be >= folds {self.folds}")
         if self.survival not in ("multitask", "separate"):
             raise InputError(f"preset {self.name}: survival must be 'multitask' or 'separate', got {self.survival!r}")
 
@@ -78,6 +83,7 @@ PRESETS = {
         pretrain_config="pretrain_cpu.yaml",
         pretrain_steps=1000, folds=3, epochs=20, patience=6, finetune_n_boot=50, fusions=FUSIONS,
         survival="multitask", n_boot=500, seeds=(0, 1, 2),  # large sets: 528 / 508 patients (seed 9101)
+        label_sizes=(20, 40),
         note="tiny ViT, the reference CPU recipe (launch/pretrain_cpu.yaml: lesion views, 2 levels) cut to "
              "1000 MiM / MAE steps of 4 volumes x 4 views, 40 mm lesion crops, 3 folds x 20 epochs (launch/finetune_tiny_cpu.yaml: mask pooling, "
              "mean of the weights from epoch 5), 3 seeds"),
@@ -87,7 +93,7 @@ PRESETS = {
         workers=16,
         pretrain_config="pretrain_base_gpu.yaml", pretrain_steps=20000,
         finetune_config="finetune_base_gpu.yaml", folds=5, epochs=100, patience=20, finetune_n_boot=500,
-        fusions=FUSIONS, survival="separate", n_boot=2000, roc_band_boot=200, seeds=(0, 1, 2),
+        fusions=FUSIONS, survival="separate", n_boot=2000, roc_band_boot=200, seeds=(0, 1, 2), label_sizes=(20, 40),
         note="ViT-B, 20k MiM / MAE steps of 8 volumes x 4 crops, 5 folds x <= 100 epochs, 3 seeds"),
 }
 # --toy: the pipeline's plumbing in a few minutes on 2 cores (tests); numbers mean nothing.
@@ -95,7 +101,7 @@ TOY = Preset(
     name="toy", n_unlabeled=4, n_labeled=20, n_external=6, n_test_large=8, n_external_large=8, pretrain_steps=2,
     pretrain_batch_size=1, pretrain_crops_per_volume=1, folds=2, epochs=1, patience=1, finetune_n_boot=0,
     fusions=("concat", "tokens"),
-    survival="multitask", n_boot=50, seeds=(0,), note="toy size: plumbing only")
+    survival="multitask", n_boot=50, seeds=(0,), label_sizes=(8,), note="toy size: plumbing only")
 
 
 def resolve_preset(name: str, toy: bool = False, seeds=None) -> Preset:

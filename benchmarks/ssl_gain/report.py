@@ -1,6 +1,7 @@
 """The benchmark's report: seed aggregation, the published study's claims, results.json / results.md, ROC figures."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -101,6 +102,9 @@ def write_results(preset: Preset, per_seed: list[dict], paired: dict, stage_seco
         "stage_seconds": stage_seconds, "total_stage_seconds": round(sum(stage_seconds.values()), 1),
         "stage_cpu_seconds": stage_cpu, "total_stage_cpu_seconds": round(sum(stage_cpu.values()), 1),
     }
+    curve = out / "label_curve.json"
+    if curve.is_file():
+        results["label_curve"] = json.loads(curve.read_text())
     results["figures"] = roc_figures(results, out)
     # the large sets' curves (~550 points per model and seed) stay in each seed's evaluation.json
     results["per_seed"] = [s | {"curves": {k: v for k, v in s["curves"].items() if k not in LARGE_SETS}}
@@ -168,7 +172,11 @@ def _models(results: dict) -> list[str]:
 
 def results_markdown(results: dict) -> str:
     lines = _header(results) + _main_table(results) + _fusion_choice(results) + _per_seed_table(results)
-    lines += _paired_table(results) + _claims_table(results) + _claims(results) + _stage_table(results)
+    lines += _paired_table(results) + _claims_table(results) + _claims(results)
+    if results.get("label_curve"):
+        from benchmarks.ssl_gain.label_curve import markdown as label_curve_markdown
+        lines += label_curve_markdown(results["label_curve"])
+    lines += _stage_table(results)
     lines += ["", f"Published numbers: {PUBLISHED_SOURCE}; measured ones come from a synthetic cohort "
               "and a much smaller model and budget, so only the ordering is comparable.", ""]
     return "\n".join(lines)

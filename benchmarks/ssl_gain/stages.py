@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.ssl_gain.evaluation import evaluate_seed
+from benchmarks.ssl_gain.label_curve import evaluate_label_curve, label_runs, make_subset, subset_paths
 from benchmarks.ssl_gain.paired import paired_comparisons
 from benchmarks.ssl_gain.presets import (
     BINS, EVAL_SETS, LARGE_DIR, LARGE_PREFIX, LARGE_SEED, RING_MM, Preset, Run, finetune_runs, large_manifests,
@@ -95,12 +96,12 @@ def pretrain_config(preset: Preset, out: Path, seed: int, levels: int):
 
 
 def finetune_config(preset: Preset, out: Path, seed: int, name: str, *, pretrained: str, fusion: str, task: str,
-                    splits: Path):
+                    splits: Path, manifest: Path | None = None):
     from data.config import load_config
     from finetune.train import FinetuneConfig
     cfg = load_config(FinetuneConfig, LAUNCH / preset.finetune_config)
     cohort = out / "cohort"
-    return replace(cfg, manifest=str(cohort / "manifest.csv"), external=str(cohort / "external.csv"),
+    return replace(cfg, manifest=str(manifest or cohort / "manifest.csv"), external=str(cohort / "external.csv"),
                    pretrained=pretrained, task=task, fusion=fusion, output_dir=str(out / f"seed{seed}" / name),
                    cache_dir=str(out / "cache"), splits=str(splits), folds=preset.folds,
                    test_fraction=preset.test_fraction, epochs=preset.epochs, patience=preset.patience, seed=seed,
@@ -179,9 +180,13 @@ def run_pretrain(preset: Preset, out: Path, seed: int, levels: int) -> None:
 def run_config(preset: Preset, out: Path, seed: int, run: Run):
     sd = out / f"seed{seed}"
     pretrained = str(sd / f"pretrain_{run.pretrained}" / "encoder") if run.pretrained else ""
-    splits = sd / ("splits.json" if run.splits == "cls" else "splits_survival.json")
+    manifest = None
+    if run.splits.startswith("n"):  # a label-efficiency run on an n-patient subset (label_curve.py)
+        manifest, splits = subset_paths(out, seed, int(run.splits[1:]))
+    else:
+        splits = sd / ("splits.json" if run.splits == "cls" else "splits_survival.json")
     return finetune_config(preset, out, seed, run.name, pretrained=pretrained, fusion=run.fusion, task=run.task,
-                           splits=splits)
+                           splits=splits, manifest=manifest)
 
 
 def run_finetune(preset: Preset, out: Path, seed: int, run: Run) -> None:
@@ -252,6 +257,11 @@ def run_benchmark(preset: Preset, out: Path, command: str = "") -> dict:
     if paired is not None:
         write_json(out / "paired.json", paired)
     paired = json.loads((out / "paired.json").read_text())
+    if preset.label_sizes:
+        curve = stages.run("label_curve", [out / "label_curve.json", out / "label_curve.png"],
+                           lambda: evaluate_label_curve(preset, out), force=stages.ran_any())
+        if curve is not None:
+            write_json(out / "label_curve.json", curve)
     outputs = [out / "results.json", out / "results.md", *(out / f"roc_{s}.png" for s in EVAL_SETS)]
     stages.run("report", outputs,
                lambda: write_results(preset, per_seed, paired, stages.times, stages.cpu, command, out),
@@ -277,7 +287,10 @@ def run_seed(preset: Preset, out: Path, seed: int, stages: Stages) -> dict:
         stages.run(tag + f"pretrain_{name} ({preset.pretrain_steps} steps)",
                    [sd / f"pretrain_{name}" / "encoder" / "model.safetensors"],
                    lambda lv=levels: run_pretrain(preset, out, seed, lv))
-    for run in finetune_runs(preset):
+    for n in preset.label_sizes:
+        stages.run(tag + f"label subset n{n}", list(subset_paths(out, seed, n)),
+                   lambda k=n: make_subset(preset, out, seed, k))
+    for run in finetune_runs(preset) + label_runs(preset):
         stages.run(tag + f"{run.name} ({run.task})", [sd / run.name / "predictions.csv", sd / run.name / "metrics.json"],
                    lambda r=run: run_finetune(preset, out, seed, r))
     for task in ("classification", "survival"):
