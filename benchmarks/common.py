@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from data.atomic import write_text
+from core.atomic import write_text
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
 # Dense bf16 tensor-core peak (no sparsity), FLOP/s, by a substring of torch.cuda.get_device_name().

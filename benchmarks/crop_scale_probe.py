@@ -35,7 +35,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from data.errors import cli_entry
+from core.errors import cli_entry
 
 BETA = dict(rim=0.85, nodularity=0.6, core=-0.7, oedema=-0.55, peritumoral=0.6, irregularity=0.3, septation=-0.5)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from data.atomic import atomic_path, write_json
+from core.atomic import atomic_path, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 COHORT_SEED, DEV_SEED = 4242, 4243
@@ -81,7 +81,7 @@ def make_cohorts(out: Path) -> Path:
 
 
 def pretrain(out: Path, seed: int) -> str:
-    from data.config import load_config
+    from core.config import load_config
     from pretrain.train import PretrainConfig, train
     folder = out / f"seed{seed}" / "pretrain_mim"
     if not (folder / "encoder" / "model.safetensors").is_file():
@@ -109,7 +109,7 @@ def labelled_subset(out: Path, seed: int, n_labeled: int) -> Path:
 
 def finetune(out: Path, seed: int, name: str, pretrained: str, dev_csv: Path, overrides: dict,
              n_labeled: int = 0) -> dict:
-    from data.config import load_config
+    from core.config import load_config
     from finetune.train import FinetuneConfig, run
     cfg = load_config(FinetuneConfig, ROOT / "launch" / "finetune_tiny_cpu.yaml")
     manifest = labelled_subset(out, seed, n_labeled) if n_labeled else out / "cohort" / "manifest.csv"

@@ -28,7 +28,7 @@ from scipy.ndimage import zoom
 from torch.utils.data import Dataset
 
 from benchmarks.common import cpu_model
-from data.atomic import write_text
+from core.atomic import write_text
 from data.nifti import save_volume
 
 HEADING = "## Data loader"

@@ -39,13 +39,14 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import command_line, machine, today
-from data.atomic import write_json, write_png, write_text
-from data.config import load_config, to_dict
-from data.errors import InputError, cli_entry
+from core.atomic import write_json, write_png, write_text
+from core.config import load_config, to_dict
+from core.errors import InputError, cli_entry
+
 
 def read_run(run: str):
     """(the run's PretrainConfig, its complete checkpoints by step) of a pretraining output_dir."""
-    from models.training import Checkpointer
+    from engine.checkpoints import Checkpointer
     from pretrain.train import PretrainConfig
     folder = Path(run)
     if not (folder / "config.yaml").is_file():
@@ -101,9 +102,9 @@ def score(model, batches: list) -> dict[str, dict[str, float]]:
 
 def initial_model(cfg):
     """The run's model with the weights it started from (pretrain.train.build seeds them the same way)."""
+    from engine.steps import reseed_torch
     from models.mim import MiMModel
-    from models.training import seed_step
-    seed_step(cfg.seed, -1)
+    reseed_torch(cfg.seed, -1)
     return MiMModel(cfg.model)
 
 
@@ -146,7 +147,7 @@ def check_args(args, cfg) -> None:
 
 
 def run(args, argv=None) -> dict:
-    from models.training import progress
+    from engine.logs import progress
     t0 = time.perf_counter()
     cfg, ckpts = read_run(args.run)
     check_args(args, cfg)
@@ -194,7 +195,9 @@ def markdown(res: dict) -> str:
 
 
 def figure(res: dict, path: Path) -> None:
-    from matplotlib.figure import Figure  # Agg through the Figure object: no pyplot state
+    from matplotlib.figure import (
+        Figure,  # Agg through the Figure object: no pyplot state
+    )
     terms = list(res["rows"][0]["train"])
     fig = Figure(figsize=(3.2 * len(terms), 3.4))
     axes = fig.subplots(1, len(terms), squeeze=False)[0]

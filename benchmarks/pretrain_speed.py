@@ -29,11 +29,27 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (TRAIN_FLOPS_PER_FORWARD, Measured, Runner, Table, add_run_args, command_line,
-                               format_flops, format_memory, mae_forward_flops, measure, memory_note, paired_ratio,
-                               peak_bf16_flops, release_memory, resolve_device, run_and_report, sync)
-from data.config import load_config
-from data.errors import cli_entry
+from benchmarks.common import (
+    TRAIN_FLOPS_PER_FORWARD,
+    Measured,
+    Runner,
+    Table,
+    add_run_args,
+    command_line,
+    format_flops,
+    format_memory,
+    mae_forward_flops,
+    measure,
+    memory_note,
+    paired_ratio,
+    peak_bf16_flops,
+    release_memory,
+    resolve_device,
+    run_and_report,
+    sync,
+)
+from core.config import load_config
+from core.errors import cli_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"tiny": ROOT / "launch" / "pretrain_tiny_cpu.yaml", "cpu": ROOT / "launch" / "pretrain_cpu.yaml",
@@ -102,11 +118,11 @@ class PretrainRunner(Runner):
         # Everything either kind needs is imported before the idle RSS is read, so "growth" is the same
         # thing (weights, optimizer state, data, activations) for every row.
         import monai.networks.nets  # noqa: F401
-        import models.mim_masks  # noqa: F401
         from timm.optim import param_groups_weight_decay
 
+        import models.mim_masks  # noqa: F401
+        from engine.steps import build_optimizer
         from models.mim import MiMModel
-        from models.training import build_optimizer
         self.start(spec)
         cfg = load_preset(spec["config"])
         self.kind = spec["kind"]

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="working folder (cohort, cache, features)")
     ap.add_argument("--repeats", type=int, default=3, help="repeats of the patient-grouped 5-fold CV")
     args = ap.parse_args(argv)
-    from data.config import load_config
+    from core.config import load_config
     from data.manifest import read_manifest
     from data.prepare import prepare_table
     from data.synth import generate_cohort

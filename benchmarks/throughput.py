@@ -25,13 +25,23 @@ from pathlib import Path
 import torch
 
 from benchmarks import loader_speed
-from benchmarks.common import (Runner, Table, add_run_args, command_line, format_memory, measure, memory_note,
-                               resolve_device, run_and_report, sync)
+from benchmarks.common import (
+    Runner,
+    Table,
+    add_run_args,
+    command_line,
+    format_memory,
+    measure,
+    memory_note,
+    resolve_device,
+    run_and_report,
+    sync,
+)
 from benchmarks.pretrain_speed import PRESETS as PRETRAIN_PRESETS
 from benchmarks.pretrain_speed import RUNNER as PRETRAIN_RUNNER
 from benchmarks.pretrain_speed import Row, load_preset, spec_for, subvolumes_per_crop
-from data.config import load_config
-from data.errors import cli_entry
+from core.config import load_config
+from core.errors import cli_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNE_PRESETS = {"tiny": ROOT / "launch" / "finetune_tiny_cpu.yaml", "cpu": ROOT / "launch" / "finetune_tiny_cpu.yaml",
@@ -45,11 +55,11 @@ class FinetuneRunner(Runner):
     Spec: config (fine-tuning YAML), mode, batch, device, threads, seed."""
 
     def __init__(self, spec: dict):
-        from finetune.train import FinetuneConfig
         from timm.optim import param_groups_weight_decay
 
+        from engine.steps import build_optimizer
+        from finetune.train import FinetuneConfig
         from models.multimodal import MultimodalModel
-        from models.training import build_optimizer
         self.start(spec)
         cfg = load_config(FinetuneConfig, spec["config"])
         self.model_cfg = dataclasses.replace(cfg.model, fusion="concat", task="classification",

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import DOC, Table, machine, today, update_section
-from data.errors import cli_entry
+from core.errors import cli_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "What ZeRO buys: memory per rank (ViT-B, 2 ranks)"
@@ -63,9 +63,10 @@ def worker(mode: str, steps: int, img_size: int, out: Path) -> None:
     import deepspeed  # noqa: F401  imported in every mode, so the baselines hold the same libraries
     from timm.optim import param_groups_weight_decay
 
-    from data.config import load_config
-    from models.distributed import configure_deepspeed, make_accelerator, prepare
-    from models.training import LoopConfig, NonFiniteGuard, OptimConfig, build_optimizer, optimizer_step
+    from core.config import load_config
+    from engine.config import LoopConfig, OptimConfig
+    from engine.distributed import configure_deepspeed, make_accelerator, prepare
+    from engine.steps import NonFiniteGuard, build_optimizer, optimizer_step
     from models.vit3d import ViT3D
     from pretrain.train import PretrainConfig
 

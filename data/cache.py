@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.atomic import atomic_dir, write_json
+from core.atomic import atomic_dir, write_json
 
 _CHUNK = 1 << 20
 # A file modified this recently may still change within the same timestamp tick, so its digest

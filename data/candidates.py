@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from data.atomic import write_json
-from data.config import to_dict
-from data.errors import ConfigError
+from core.atomic import write_json
+from core.config import to_dict
+from core.errors import ConfigError
 
 
 @dataclass

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from monai.transforms import Resize
 
-from data.errors import InputError
+from core.errors import InputError
 
 Box = tuple[tuple[int, int, int], tuple[int, int, int]]
 

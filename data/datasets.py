@@ -23,8 +23,8 @@ from monai.transforms import (
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
+from core.errors import InputError
 from data.crops import lesion_crop
-from data.errors import InputError
 
 
 def pad_value_of(image_path: Path) -> float:

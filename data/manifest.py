@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data.errors import ConfigError, ManifestError
+from core.errors import ConfigError, ManifestError
 
 STANDARD_COLUMNS = ("subject_id", "patient_id", "site", "image", "mask", "label", "time", "event")
 STRING_COLUMNS = ("subject_id", "patient_id", "site", "image", "mask")

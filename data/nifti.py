@@ -15,8 +15,8 @@ import numpy as np
 from nibabel.affines import voxel_sizes
 from nibabel.funcs import squeeze_image
 
-from data.atomic import atomic_path
-from data.errors import NiftiError
+from core.atomic import atomic_path
+from core.errors import NiftiError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 

@@ -27,10 +27,11 @@ from scipy.ndimage import binary_fill_holes
 from skimage.filters import threshold_otsu
 from tqdm import tqdm
 
+from core.atomic import write_text
+from core.cli import parse_config
+from core.config import to_dict
+from core.errors import ConfigError, InputError, NiftiError, cli_entry
 from data import cache
-from data.atomic import write_text
-from data.config import parse_config, to_dict
-from data.errors import ConfigError, InputError, NiftiError, cli_entry
 from data.manifest import read_datalist, read_manifest, scan_folder
 from data.nifti import Volume, load_pair, load_volume
 

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from data.atomic import write_json
-from data.errors import ConfigError, InputError
+from core.atomic import write_json
+from core.errors import ConfigError, InputError
 
 
 def _subjects_and_patients(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

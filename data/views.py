@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from core.errors import InputError
 from data.cache import CacheEntry
 from data.crops import crop_with_pad, random_crop_boxes
 from data.datasets import pad_value_of
-from data.errors import InputError
 
 
 class PretrainCrops(Dataset):

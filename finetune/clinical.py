@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from data.errors import ClinicalError
+from core.errors import ClinicalError
 
 SCHEMA_VERSION = 1
 _MAX_LISTED = 5  # subjects named in an error message before it says "and N more"

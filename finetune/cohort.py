@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from data.errors import InputError
+from core.errors import InputError
 from finetune.clinical import ClinicalSchema
 
 TASK_NEEDS = {"classification": ("label",), "survival": ("time", "event"), "multitask": ("label", "time", "event")}

@@ -24,13 +24,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data.atomic import write_json
-from data.config import load_file
-from data.errors import InputError, cli_entry
+from core.atomic import write_json
+from core.config import load_file
+from core.errors import InputError, cli_entry
 from data.manifest import read_manifest
 from finetune.figures import plot_calibration, plot_km, plot_roc
-from finetune.metrics import (classification_report, delong_paired_test, kernel_values, survival_report,
-                              try_metric)
+from finetune.metrics import (
+    classification_report,
+    delong_paired_test,
+    kernel_values,
+    survival_report,
+    try_metric,
+)
 
 KEY_COLUMNS = ("subject_id", "split", "fold")
 SCORE_COLUMNS = ("prob", "risk")

@@ -6,12 +6,13 @@ is written instead, so a run directory always has the file and the reader knows 
 from __future__ import annotations
 
 import numpy as np
+
 # Figure objects (not pyplot) render with Agg and touch no global backend or figure registry.
 from matplotlib import transforms
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-from data.atomic import write_png
+from core.atomic import write_png
 from finetune.metrics import auc_delong, km_by_risk_group, labels_and_scores, try_metric
 
 FPR_GRID = np.linspace(0, 1, 101)

@@ -1,7 +1,7 @@
 """One cross-validation fold of fine-tuning: build (schema, datasets, model, optimizer), fit (the loop,
 early stopping on the validation metric), export (predictions per set and the fold's HF folder).
 
-The loop reads like the pretraining loop: one `models.training.optimizer_step` per optimizer step.
+The loop reads like the pretraining loop: one `engine.steps.optimizer_step` per optimizer step.
 """
 from __future__ import annotations
 
@@ -14,16 +14,22 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from data.errors import InputError
+from core.errors import InputError
+from engine.batches import ResumableBatches
+from engine.distributed import configure_deepspeed, prepare
+from engine.logs import RunLogger, progress
+from engine.steps import NonFiniteGuard, build_optimizer, optimizer_step, reseed_torch
 from finetune.clinical import ClinicalSchema
 from finetune.cohort import make_dataset, time_bins
+from finetune.recipe import (
+    EpochChoice,
+    FinetuneSchedule,
+    encoder_peak_lr,
+    tag_param_groups,
+)
 from finetune.scores import output_scores
 from models.input_spec import InputSpec
 from models.multimodal import MultimodalConfig, MultimodalModel
-from finetune.recipe import EpochChoice, FinetuneSchedule, encoder_peak_lr, tag_param_groups
-from models.distributed import configure_deepspeed, prepare
-from models.training import (NonFiniteGuard, ResumableBatches, RunLogger, build_optimizer, optimizer_step,
-                             progress, seed_step)
 
 
 @dataclass
@@ -64,7 +70,7 @@ def build_fold(cfg, model_cfg: MultimodalConfig, spec: InputSpec, index: int, tr
     train_ds = make_dataset(train_df, cfg.task, schema, augment=True, seed=cfg.seed + index, **kw)
     val_ds = make_dataset(val_df, cfg.task, schema, augment=False, seed=0, **kw)
 
-    seed_step(cfg.seed, -1 - index)  # the fold's initial weights
+    reseed_torch(cfg.seed, -1 - index)  # the fold's initial weights
     model = MultimodalModel.from_pretrained_encoder(mcfg, cfg.pretrained or None)
     if cfg.freeze_encoder and cfg.fusion != "clinical_only":
         model.freeze_encoder(linear_probe=True)
@@ -141,7 +147,7 @@ def _epoch(cfg, fold: Fold, accelerator, guard: NonFiniteGuard, stream, step: in
     """One epoch of optimizer steps; returns the mean scalar terms of the good steps and the step count."""
     def loss_fn(micro):
         m, batch = micro
-        seed_step(cfg.seed + 1000 * (fold.index + 1), m, accelerator.process_index)  # dropout, drop-path
+        reseed_torch(cfg.seed + 1000 * (fold.index + 1), m, accelerator.process_index)  # dropout, drop-path
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         return task_loss(fold.model(batch.get("x"), batch["clinical"]), batch, cfg.task, fold.pos_weight)
 

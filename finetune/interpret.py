@@ -20,8 +20,8 @@ from monai.visualize import OcclusionSensitivity
 from nibabel.orientations import io_orientation
 from torch import Tensor, nn
 
-from data.atomic import write_png
-from data.errors import InputError
+from core.atomic import write_png
+from core.errors import InputError
 from data.nifti import save_volume
 from finetune.survival_losses import survival_risk_from_hazards
 from models.multimodal import MultimodalModel

@@ -27,7 +27,7 @@ from sksurv.metrics import (
 from sksurv.nonparametric import kaplan_meier_estimator
 from sksurv.util import Surv
 
-from data.errors import InputError
+from core.errors import InputError
 
 
 class UndefinedMetric(ValueError):

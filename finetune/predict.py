@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from data.atomic import atomic_path
-from data.errors import InputError, cli_entry
+from core.atomic import atomic_path
+from core.errors import InputError, cli_entry
 from finetune.clinical import unseen_categories_reported_once
 from finetune.scores import output_scores
 from models.input_spec import load_input_spec

@@ -35,12 +35,21 @@ from sksurv.linear_model import CoxnetSurvivalAnalysis
 from sksurv.metrics import concordance_index_censored
 from sksurv.util import Surv
 
-from data.atomic import atomic_path, write_json
+from core.atomic import atomic_path, write_json
+from core.errors import InputError, cli_entry
 from data.cache import CacheEntry
-from data.errors import InputError, cli_entry
-from finetune.radiomics_features import (DIRECTIONS_3D, FEATURE_VERSION, extract_features,  # noqa: F401
-                                         first_order_features, glcm_features, glcm_matrices,
-                                         glcm_properties, peritumoral_ring, quantise, shape_features)
+from finetune.radiomics_features import (  # noqa: F401
+    DIRECTIONS_3D,
+    FEATURE_VERSION,
+    extract_features,
+    first_order_features,
+    glcm_features,
+    glcm_matrices,
+    glcm_properties,
+    peritumoral_ring,
+    quantise,
+    shape_features,
+)
 
 # ---------------------------------------------------------------- model
 

@@ -31,7 +31,7 @@ from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist
 from skimage.measure import marching_cubes, mesh_surface_area
 
-from data.errors import InputError
+from core.errors import InputError
 
 # Bump when a feature's definition changes: features.csv rows are keyed on it.
 # 2: GLCM energy -> joint_energy, the angular second moment (PyRadiomics JointEnergy, IBSI), not its square root.

@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import torch
 
-from models.training import WarmupCosine
+from engine.steps import WarmupCosine
 
 EPOCH_CHOICES = ("best", "last", "average")
 

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def cox_efron_loss(risk: torch.Tensor, time, event, reduction: str = "mean") -> torch.Tensor:
     """Negative Cox partial log-likelihood with Efron's handling of tied event times.
 

@@ -18,17 +18,19 @@ from typing import Literal
 
 import pandas as pd
 
-from data.atomic import atomic_path, write_json
-from data.config import parse_config, save_config, to_dict
-from data.errors import ConfigError, InputError, cli_entry
+from core.atomic import atomic_path, write_json
+from core.cli import parse_config
+from core.config import absolute_paths, save_config, to_dict
+from core.errors import ConfigError, InputError, cli_entry
 from data.prepare import PrepConfig
+from engine.config import LoopConfig, OptimConfig
+from engine.distributed import make_accelerator
+from engine.logs import RunLogger
 from finetune.clinical import unseen_categories_reported_once
 from finetune.fold import train_fold
 from models.hf import read_json
 from models.input_spec import InputSpec, ViewSpec, load_input_spec
 from models.multimodal import FUSIONS, TASKS, MultimodalConfig
-from models.distributed import make_accelerator
-from models.training import LoopConfig, OptimConfig, RunLogger, absolute_paths
 from models.vit3d import ViT3DConfig, vit3d_config_from_dict
 
 PATH_FIELDS = ("manifest", "external", "pretrained", "output_dir", "cache_dir", "splits")
@@ -354,7 +356,11 @@ def print_summary(metrics: dict, out: Path) -> None:
 
 def explain_subjects(cfg: FinetuneConfig, folder: str, rows: pd.DataFrame, out_dir: Path) -> None:
     """Attention rollout and occlusion maps (NIfTI + PNG) for a few test subjects."""
-    from finetune.interpret import attention_rollout, occlusion_sensitivity, save_explanations
+    from finetune.interpret import (
+        attention_rollout,
+        occlusion_sensitivity,
+        save_explanations,
+    )
     from finetune.predict import load_model, subject_inputs
     model, meta = load_model(folder)
     key = "logit" if cfg.task != "survival" else ("risk" if model.config.survival_head == "cox" else "hazard_logits")

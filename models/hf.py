@@ -15,8 +15,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from data.atomic import atomic_dir
-from data.errors import InputError
+from core.atomic import atomic_dir
+from core.errors import InputError
 from models.input_spec import InputSpec
 
 CONFIG_NAME = "config.json"

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from data.config import from_dict, to_dict
-from data.errors import ConfigError, InputError
+from core.config import from_dict, to_dict
+from core.errors import ConfigError, InputError
 from data.prepare import PrepConfig
 
 INPUT_SPEC_NAME = "input_spec.json"

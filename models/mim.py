@@ -24,7 +24,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from data.errors import ConfigError, InputError
+from core.errors import ConfigError, InputError
 from models.mim_masks import Level, MaskConfig, check_fits
 from models.pos_embed import sincos_3d
 from models.vit3d import ViT3D, ViT3DConfig, patchify, unpatchify

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from data.errors import ConfigError, InputError
+from core.errors import ConfigError, InputError
 
 
 @dataclass

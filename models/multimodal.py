@@ -16,8 +16,8 @@ import torch
 from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 
-from data.config import from_dict, to_dict
-from data.errors import ClinicalError, ConfigError, InputError
+from core.config import from_dict, to_dict
+from core.errors import ClinicalError, ConfigError, InputError
 from models.fusion import ClinicalEmbedding, ClinicalTokens, FiLM
 from models.hf import load_hf_folder, load_state_dict_strict, model_card, save_hf_folder
 from models.input_spec import InputSpec

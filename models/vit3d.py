@@ -17,8 +17,8 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from data.config import from_dict, to_dict
-from data.errors import ConfigError, InputError
+from core.config import from_dict, to_dict
+from core.errors import ConfigError, InputError
 from models.hf import load_hf_folder, load_state_dict_strict, model_card, save_hf_folder
 from models.input_spec import InputSpec, load_input_spec
 from models.pos_embed import resize_pos_embed, sincos_3d

@@ -13,13 +13,13 @@ import time
 
 import torch
 
+from engine.steps import step_seed
 from models.mim import MiMConfig, patch_targets
 from models.mim_masks import build_hierarchy
-from models.training import step_seed
 
 
 def hierarchy_generator(seed: int, m: int, rank: int) -> torch.Generator:
-    """The private generator of micro-batch m on `rank`: the one `seed_step(seed, m, rank)` returns."""
+    """The private generator of micro-batch m on `rank`: the one `reseed_torch(seed, m, rank)` returns."""
     return torch.Generator().manual_seed(step_seed(seed, m, rank))
 
 

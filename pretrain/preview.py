@@ -13,10 +13,11 @@ from typing import Sequence
 import matplotlib
 import numpy as np
 import torch
+
 # Figure objects (not pyplot) render with Agg and touch no global backend or figure registry.
 from matplotlib.figure import Figure
 
-from data.atomic import write_png
+from core.atomic import write_png
 from models.mim import reconstruct_volumes
 
 MASKED_COLOUR = "#3b78c4"

@@ -17,16 +17,26 @@ from pathlib import Path
 
 from timm.optim import param_groups_weight_decay
 
+from core.cli import parse_config
+from core.config import absolute_paths, save_config, to_dict
+from core.errors import InputError, cli_entry
 from data.candidates import CandidateConfig
-from data.config import parse_config, save_config, to_dict
-from data.errors import InputError, cli_entry
 from data.prepare import PrepConfig
+from engine.batches import ResumableBatches
+from engine.checkpoints import Checkpointer
+from engine.config import LoopConfig, OptimConfig
+from engine.distributed import configure_deepspeed, make_accelerator, prepare
+from engine.logs import RunLogger, progress
+from engine.steps import (
+    NonFiniteGuard,
+    WarmupCosine,
+    build_optimizer,
+    optimizer_step,
+    reseed_torch,
+)
 from models.input_spec import InputSpec, ViewSpec
 from models.mim import MiMConfig, MiMModel
 from models.mim_masks import MaskConfig
-from models.distributed import configure_deepspeed, make_accelerator, prepare
-from models.training import (Checkpointer, LoopConfig, NonFiniteGuard, OptimConfig, ResumableBatches, RunLogger,
-                             WarmupCosine, absolute_paths, build_optimizer, optimizer_step, progress, seed_step)
 from models.vit3d import ViT3DConfig
 from pretrain.batches import HierarchyCollate
 
@@ -120,9 +130,10 @@ def load_training_volumes(cfg: PretrainConfig, show_progress: bool, max_volumes:
 def lesion_centres(prepared, cfg: PretrainConfig, use_masks: bool, show_progress: bool) -> list:
     """Per volume, the lesion centres [K, 3] in cache voxels: the masks' components, or candidates."""
     import numpy as np
+
     from data.candidates import cached_candidates, mask_centres
     from data.datasets import pad_value_of
-    from models.training import progress
+    from engine.logs import progress
     bar = progress(len(prepared), 0, show_progress, "lesion masks" if use_masks else "lesion candidates")
     spacing = float(np.mean(cfg.prep.spacing))
     centres = []
@@ -191,7 +202,7 @@ def build(cfg: PretrainConfig, accelerator):
     collate = HierarchyCollate(cfg.model, cfg.seed, accelerator.process_index)
     batches = ResumableBatches(dataset, cfg.batch_size, cfg.seed, accelerator.num_processes,
                                accelerator.process_index, cfg.num_workers, collate=collate)
-    seed_step(cfg.seed, -1)  # identical initial weights on every rank and every (re)start
+    reseed_torch(cfg.seed, -1)  # identical initial weights on every rank and every (re)start
     model = MiMModel(cfg.model)
     if enc.grad_checkpointing:
         model.encoder.set_grad_checkpointing(True)
@@ -235,7 +246,7 @@ def train(cfg: PretrainConfig) -> Path:
 
     def loss_fn(micro):
         m, batch = micro
-        seed_step(cfg.seed, m, accelerator.process_index)  # dropout / drop-path; the masks came seeded from the loader
+        reseed_torch(cfg.seed, m, accelerator.process_index)  # dropout / drop-path; the masks came seeded from the loader
         levels = [lvl.to(accelerator.device, non_blocking=True) for lvl in batch["levels"]]  # built in the loader
         names = [subjects[int(i)] for i in batch["index"] for _ in range(cfg.crops_per_volume)]
         return {**model(levels), "levels": levels, "subjects": names}

@@ -80,6 +80,7 @@ def test_gpu_table_columns():
 
 def test_crop_scale_probe_runs_every_model(synth_cohort, tmp_path):
     import numpy as np
+
     from benchmarks import crop_scale_probe
     common_args = ["--cohort", str(synth_cohort), "--cache", str(tmp_path / "cache"), "--folds", "2"]
     feats = crop_scale_probe.main(common_args + ["--model", "features", "--labels", "latent"])
@@ -107,7 +108,7 @@ def test_finetune_recipe_results_gather_every_invocation(tmp_path):
     import json
 
     from benchmarks.finetune_recipe import merge_rows
-    from data.atomic import write_json
+    from core.atomic import write_json
 
     path = tmp_path / "results.json"
     first = [{"seed": 0, "model": m, "variant": "base", "dev_auc": 0.6} for m in ("mim", "scratch")]

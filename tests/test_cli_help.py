@@ -8,8 +8,8 @@ from typing import Literal
 
 import pytest
 
-from data.config import parse_config
-from data.errors import ConfigError
+from core.cli import parse_config
+from core.errors import ConfigError
 from finetune.train import FinetuneConfig
 
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from data.errors import ClinicalError
+from core.errors import ClinicalError
 from finetune.clinical import ClinicalSchema, UnseenCategoryWarning
 
 

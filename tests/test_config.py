@@ -3,8 +3,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from data.config import load_config, parse_config, save_config
-from data.errors import ConfigError
+from core.cli import parse_config
+from core.config import load_config, save_config
+from core.errors import ConfigError
 
 
 @dataclass

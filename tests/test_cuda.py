@@ -6,9 +6,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from engine.steps import NonFiniteGuard, optimizer_step
 from models.mim import MiMConfig, MiMModel
 from models.mim_masks import MaskConfig, build_hierarchy
-from models.training import NonFiniteGuard, optimizer_step
 from models.vit3d import ViT3D, ViT3DConfig
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.distributed import check_deepspeed_json, configure_deepspeed
-from data.errors import ConfigError
+from core.errors import ConfigError
+from engine.distributed import check_deepspeed_json, configure_deepspeed
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 20  # the ZeRO-vs-DDP comparison covers 20 optimizer steps; the cut runs stop at half
@@ -161,6 +161,7 @@ def test_exports_give_the_engines_outputs(runs, engines, stage, tmp_path):
     """The encoder as the ZeRO engine holds it (restored from its own shards, weights gathered) against
     the HF folder and the MONAI export, each loaded strictly."""
     from monai.networks.nets import ViT
+
     from models.export import main as export
     from models.vit3d import ViT3D
     engine = load_file(str(engines[stage] / "engine.safetensors"))

@@ -10,7 +10,7 @@ import torch
 from monai.networks.nets import UNETR, ViT
 from safetensors.torch import load_file, save_file
 
-from data.config import to_dict
+from core.config import to_dict
 from data.prepare import PrepConfig
 from models.export import main
 from models.input_spec import InputSpec, ViewSpec, load_input_spec

@@ -9,11 +9,11 @@ effect size a 109-patient cohort cannot tell a learned model from chance reliabl
 import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
+from test_finetune_loop import tiny_cfg
 
 from data.synth import generate_cohort
 from finetune.metrics import auc_delong
 from finetune.train import run
-from test_finetune_loop import tiny_cfg
 
 
 def test_finetuning_beats_chance_clearly(tmp_path):

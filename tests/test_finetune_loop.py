@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from data.config import load_config
+from core.config import load_config
 from finetune.train import FinetuneConfig, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +97,7 @@ def test_a_held_out_set_that_changed_under_its_name_is_predicted_afresh(classifi
 
 def test_fold_fingerprint_tracks_what_a_fold_depends_on(synth_cohort, tmp_path):
     from dataclasses import replace
+
     from finetune.train import fold_fingerprint
     cfg = tiny_cfg(synth_cohort, tmp_path / "x")
     splits = {"folds": [{"train": ["a"], "val": ["b"]}]}
@@ -155,7 +156,7 @@ def test_predict_refuses_a_manifest_without_a_trained_clinical_column_before_any
 
 
 def test_a_refused_run_writes_nothing(synth_cohort, tmp_path):
-    from data.errors import InputError
+    from core.errors import InputError
     out = tmp_path / "refused"
     with pytest.raises(InputError, match="clinical column"):
         run(tiny_cfg(synth_cohort, out, clinical_columns=["no_such_column"]))
@@ -173,6 +174,7 @@ def test_clinical_only_cox_matches_sksurv_coefficients():
     scikit-survival's CoxPHSurvivalAnalysis(ties='efron') on a real bundled dataset."""
     from sksurv.datasets import load_veterans_lung_cancer
     from sksurv.linear_model import CoxPHSurvivalAnalysis
+
     from finetune.clinical import ClinicalSchema
     from finetune.survival_losses import cox_efron_loss
     from models.multimodal import MultimodalConfig, MultimodalModel
@@ -225,7 +227,8 @@ def test_survival_and_multitask_runs(synth_cohort, tmp_path, task, fusion, head)
 
 def test_zero3_is_refused_with_a_clear_error():
     from types import SimpleNamespace
-    from data.errors import ConfigError
+
+    from core.errors import ConfigError
     from finetune.train import refuse_zero3
     state = lambda plugin: SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))  # noqa: E731
     refuse_zero3(state(None))  # DDP / single process
@@ -236,13 +239,13 @@ def test_zero3_is_refused_with_a_clear_error():
 
 @pytest.mark.parametrize("entry", ["no_equals_sign", "=x.csv", "test=x.csv", "val=x.csv"])
 def test_a_malformed_eval_set_names_the_flag(entry):
-    from data.errors import ConfigError
+    from core.errors import ConfigError
     with pytest.raises(ConfigError, match="--eval_sets"):
         FinetuneConfig(eval_sets=[entry])
 
 
 def test_negative_crop_mm_is_a_config_error():
-    from data.errors import ConfigError
+    from core.errors import ConfigError
     from models.input_spec import ViewSpec
     with pytest.raises(ConfigError, match="crop_mm"):
         FinetuneConfig(crop_mm=-5.0)
@@ -251,8 +254,8 @@ def test_negative_crop_mm_is_a_config_error():
 
 
 def test_task_and_fusion_are_set_in_one_place():
-    from data.config import parse_config
-    from data.errors import ConfigError
+    from core.cli import parse_config
+    from core.errors import ConfigError
     from finetune.train import resolve_inputs
     cfg, _ = parse_config(FinetuneConfig, ["--task", "survival", "--fusion", "film"])
     model_cfg, _ = resolve_inputs(cfg)

@@ -2,15 +2,20 @@
 import json
 
 import numpy as np
-
 import pytest
 import torch
 from accelerate import Accelerator
 
-from finetune.recipe import EpochChoice, FinetuneSchedule, encoder_peak_lr, tag_param_groups
+from engine.config import OptimConfig
+from engine.steps import NonFiniteGuard, build_optimizer, optimizer_step
+from finetune.recipe import (
+    EpochChoice,
+    FinetuneSchedule,
+    encoder_peak_lr,
+    tag_param_groups,
+)
 from models.multimodal import MultimodalConfig, MultimodalModel
 from models.pooling import TokenPool, mask_token_weights
-from models.training import NonFiniteGuard, OptimConfig, build_optimizer, optimizer_step
 from models.vit3d import ViT3DConfig
 
 ENC = dict(in_channels=2, img_size=24, patch_size=12, dim=24, depth=2, heads=2)

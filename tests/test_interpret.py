@@ -8,8 +8,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from data.errors import InputError
-from finetune.interpret import attention_rollout, occlusion_sensitivity, save_explanations
+from core.errors import InputError
+from finetune.interpret import (
+    attention_rollout,
+    occlusion_sensitivity,
+    save_explanations,
+)
 from finetune.survival_losses import survival_risk_from_hazards
 from models.multimodal import MultimodalConfig, MultimodalModel
 from models.vit3d import ViT3DConfig

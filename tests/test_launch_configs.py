@@ -19,7 +19,7 @@ def _accel(name):
 
 @pytest.mark.parametrize("yaml_name, stage", [("deepspeed_zero2.yaml", 2), ("deepspeed_zero3.yaml", 3)])
 def test_deepspeed_json_agrees_with_accelerate_yaml(yaml_name, stage):
-    from models.distributed import FILLED_AUTO, check_deepspeed_json
+    from engine.distributed import FILLED_AUTO, check_deepspeed_json
     acc = _accel(yaml_name)
     assert acc["distributed_type"] == "DEEPSPEED" and "mixed_precision" not in acc
     ds = check_deepspeed_json(ROOT / acc["deepspeed_config"]["deepspeed_config_file"])
@@ -38,9 +38,9 @@ def test_every_accelerate_yaml_is_consistent():
 
 
 def test_run_presets_parse_into_their_configs():
-    from data.config import load_config
-    from pretrain.train import PretrainConfig
+    from core.config import load_config
     from finetune.train import FinetuneConfig
+    from pretrain.train import PretrainConfig
     for path in sorted(LAUNCH.glob("pretrain_*.yaml")):
         cfg = load_config(PretrainConfig, path)
         assert cfg.model.encoder.img_size % cfg.model.encoder.patch_size == 0
@@ -89,7 +89,10 @@ def test_slurm_script_renders_one_launch_per_node(tmp_path):
 
 def _accelerate_per_node(argv: list[str]) -> dict:
     """How `accelerate launch argv` would start this node's ranks (accelerate's own parsing, nothing run)."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+    )
     from accelerate.utils.launch import prepare_deepspeed_cmd_env
     args, defaults, mp_from_config = _validate_launch_command(launch_command_parser().parse_args(argv))
     assert args.use_deepspeed

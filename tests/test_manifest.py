@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data.errors import ConfigError, ManifestError
+from core.errors import ConfigError, ManifestError
 from data.manifest import (
     STANDARD_COLUMNS,
     clinical_columns,

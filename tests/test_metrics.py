@@ -14,7 +14,7 @@ from sksurv.metrics import (
 from sksurv.nonparametric import kaplan_meier_estimator
 from sksurv.util import Surv
 
-from data.errors import InputError
+from core.errors import InputError
 from finetune.metrics import (
     UndefinedMetric,
     auc_delong,

@@ -10,10 +10,16 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from data.config import from_dict, to_dict
-from data.errors import ConfigError, InputError
-from models.mim import (MiMConfig, MiMModel, alignment_loss, masked_reconstruction_loss, mim_losses,
-                        reconstruct_volumes)
+from core.config import from_dict, to_dict
+from core.errors import ConfigError, InputError
+from models.mim import (
+    MiMConfig,
+    MiMModel,
+    alignment_loss,
+    masked_reconstruction_loss,
+    mim_losses,
+    reconstruct_volumes,
+)
 from models.mim_masks import MaskConfig, build_hierarchy
 from models.pos_embed import sincos_3d
 from models.vit3d import ViT3DConfig, patchify, unpatchify

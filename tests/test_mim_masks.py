@@ -5,12 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data.config import from_dict
-from data.errors import ConfigError, InputError
+from core.config import from_dict
+from core.errors import ConfigError, InputError
 from models.mim_masks import MaskConfig, build_hierarchy, cut_and_resize
-
-
-
 
 # (crop edge S, encoder img_size I, patch p, children K, child_patches c, ratios)
 GEOMETRIES = [

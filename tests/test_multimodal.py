@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from data.errors import InputError
+from core.errors import InputError
 from models.input_spec import InputSpec, load_input_spec
 from models.multimodal import MultimodalConfig, MultimodalModel, inflate_patch_embed
 from models.vit3d import ViT3D, ViT3DConfig
@@ -251,7 +251,7 @@ def test_head_norm_round_trips_with_its_running_statistics(tmp_path):
 
 
 def test_bad_head_norm_and_batchnorm_with_single_samples_are_refused():
-    from data.errors import ConfigError
+    from core.errors import ConfigError
     from finetune.train import FinetuneConfig
     with pytest.raises(ConfigError, match="head_norm"):
         MultimodalConfig(encoder=encoder_config(), head_norm="groupnorm")

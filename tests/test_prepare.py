@@ -8,7 +8,7 @@ from scipy.spatial.transform import Rotation
 
 import data.cache as cache_mod
 import data.prepare as prep
-from data.errors import InputError, NiftiError
+from core.errors import InputError, NiftiError
 from data.nifti import save_volume
 from data.prepare import PrepConfig, prepare_subject, prepare_table
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import pretrain_heldout
-from data.config import load_config
+from core.config import load_config
 from pretrain.train import PretrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]

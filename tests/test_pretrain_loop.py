@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.config import load_config
-from models.training import TrainingStopped
+from core.config import load_config
+from engine.steps import TrainingStopped
 from pretrain.train import PretrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,9 +157,10 @@ class _Views(torch.utils.data.Dataset):
 def test_hierarchy_built_in_the_loader_equals_a_direct_build(workers):
     # What the loader's workers build for micro-batch m is exactly build_hierarchy on that batch's views
     # with the step's own generator (the one the step built it with before it moved into the loader).
+    from engine.batches import ResumableBatches
+    from engine.steps import reseed_torch
     from models.mim import MiMConfig, patch_targets
     from models.mim_masks import MaskConfig, build_hierarchy
-    from models.training import ResumableBatches, seed_step
     from models.vit3d import ViT3DConfig
     from pretrain.batches import HierarchyCollate
     masks, rank, seed = MaskConfig(levels=3), 1, 7
@@ -173,7 +174,7 @@ def test_hierarchy_built_in_the_loader_equals_a_direct_build(workers):
         items = [data[int(i)] for i in batch["index"]]
         crops = torch.cat([it["crops"] for it in items])      # [B * 2, 1, 24, 24, 24]
         anchors = torch.cat([it["anchors"] for it in items])  # [B * 2, 3]
-        direct = build_hierarchy(crops, masks, 4, 16, seed_step(seed, m, rank), anchors=anchors)
+        direct = build_hierarchy(crops, masks, 4, 16, reseed_torch(seed, m, rank), anchors=anchors)
         for lvl in direct:  # and the loss target the step would otherwise compute
             lvl.target = patch_targets(lvl.x, 4, model.norm_pix_loss)
         assert len(batch["levels"]) == 3 and batch["build_s"] > 0

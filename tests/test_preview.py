@@ -1,5 +1,4 @@
 """Pretraining previews show tissue: per level the sample with the most, every panel titled, a colour bar."""
-from pathlib import Path
 
 import pytest
 import torch

@@ -10,10 +10,19 @@ from sklearn.metrics import roc_auc_score
 from sksurv.datasets import load_veterans_lung_cancer
 from sksurv.metrics import concordance_index_censored
 
-from data.errors import InputError
-from finetune.radiomics import (RadiomicsModel, extract_features, first_order_features, glcm_features,
-                                glcm_matrices, peritumoral_ring, predict_splits, quantise, shape_features,
-                                survival_target)
+from core.errors import InputError
+from finetune.radiomics import (
+    RadiomicsModel,
+    extract_features,
+    first_order_features,
+    glcm_features,
+    glcm_matrices,
+    peritumoral_ring,
+    predict_splits,
+    quantise,
+    shape_features,
+    survival_target,
+)
 
 
 def _ball(shape, centre_mm, radius_mm, spacing):

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data.errors import ConfigError, InputError
+from core.errors import ConfigError, InputError
 from data.splits import load_or_make_splits, make_splits
 
 

@@ -92,9 +92,9 @@ def test_presets_resolve(name, tmp_path, capsys):
     assert ssl_gain.main(["--preset", name, "--out", str(tmp_path / "x"), "--show"]) == 0
     text = capsys.readouterr().out
     preset = ssl_gain.resolve_preset(name)
-    from data.config import load_config
-    from pretrain.train import PretrainConfig
     from benchmarks.ssl_gain.stages import LAUNCH
+    from core.config import load_config
+    from pretrain.train import PretrainConfig
     levels = load_config(PretrainConfig, LAUNCH / preset.pretrain_config).model.masks.levels
     assert levels > 1 and f"pretrain (levels={levels})" in text and "pretrain (levels=1)" in text
     assert "ft_mim_none" in text

@@ -5,7 +5,7 @@ import torch
 from sksurv.datasets import load_whas500
 from sksurv.linear_model import CoxPHSurvivalAnalysis
 
-from data.errors import InputError
+from core.errors import InputError
 from finetune.cohort import time_bins, to_bin
 from finetune.survival_losses import (
     cox_efron_loss,

@@ -5,9 +5,11 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from models.distributed import make_accelerator
-from models.training import (Checkpointer, NonFiniteGuard, OptimConfig, ResumableBatches, TrainingStopped,
-                             WarmupCosine, LoopConfig, step_seed)
+from engine.batches import ResumableBatches
+from engine.checkpoints import Checkpointer
+from engine.config import LoopConfig, OptimConfig
+from engine.distributed import make_accelerator
+from engine.steps import NonFiniteGuard, TrainingStopped, WarmupCosine, step_seed
 
 
 def test_warmup_cosine_values_and_lr_scale():
@@ -108,7 +110,8 @@ def test_step_seed_distinct_and_stable():
 
 def test_backward_and_step_skips_a_step_spoiled_by_one_nonfinite_micro_batch():
     from accelerate import Accelerator
-    from models.training import NonFiniteGuard, backward_and_step
+
+    from engine.steps import NonFiniteGuard, backward_and_step
     acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
     torch.manual_seed(0)
     model = acc.prepare(torch.nn.Linear(3, 1))

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from core.errors import InputError
 from data.cache import CacheEntry
 from data.candidates import CandidateConfig, find_candidates, mask_centres
 from data.datasets import pad_value_of
-from data.errors import InputError
 from data.views import PretrainCrops, anchor_fractions
 
 

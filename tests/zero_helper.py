@@ -18,7 +18,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 
 def ranks(acc, out: Path) -> None:
-    from models.training import ResumableBatches
+    from engine.batches import ResumableBatches
     batches = ResumableBatches(list(range(10)), 1, seed=0, num_replicas=acc.num_processes, rank=acc.process_index)
     stream = batches.iterate(0)
     items = [int(next(stream)[1][0]) for _ in range(batches.per_epoch)]
@@ -31,8 +31,9 @@ def ranks(acc, out: Path) -> None:
 
 def engine_outputs(acc, run: Path, out: Path) -> None:
     import deepspeed
-    from data.config import load_config
-    from models.training import Checkpointer
+
+    from core.config import load_config
+    from engine.checkpoints import Checkpointer
     from pretrain.train import PretrainConfig, build
     cfg = load_config(PretrainConfig, run / "config.yaml")
     model, _, _, _, _ = build(cfg, acc)
@@ -48,8 +49,8 @@ def engine_outputs(acc, run: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    from models.distributed import make_accelerator
-    from models.training import LoopConfig
+    from engine.config import LoopConfig
+    from engine.distributed import make_accelerator
     accelerator = make_accelerator(LoopConfig(mixed_precision="no", report_to="none"))
     ranks(accelerator, Path(sys.argv[2]))
     engine_outputs(accelerator, Path(sys.argv[1]), Path(sys.argv[2]))

@@ -15,8 +15,8 @@ from benchmarks.probe import evaluate as ev
 from benchmarks.probe.cohort import ensure_cohort, load_cohort
 from benchmarks.probe.report import geometry_table, markdown, table, verdict_lines
 from benchmarks.probe.run import group_setups, load_or_make_splits, run_setup
-from data.atomic import write_json, write_text
-from data.errors import InputError, cli_entry
+from core.atomic import write_json, write_text
+from core.errors import InputError, cli_entry
 
 DEFAULT_SEED = 9001
 

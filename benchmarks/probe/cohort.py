@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.errors import InputError
 from data.crops import crop_with_pad, lesion_box, lesion_crop
-from data.errors import InputError
 from data.manifest import read_manifest
 from data.prepare import PrepConfig, prepare_table
 from models.input_spec import InputSpec, ViewSpec
@@ -41,7 +41,7 @@ def ensure_cohort(cohort_dir: Path, n_lesions: int, seed: int, workers: int = 1,
     data.synth CohortParams YAML (other lesions, another acquisition), e.g. launch/probe_transfer.yaml."""
     meta = cohort_dir / "cohort.json"
     if not meta.is_file():
-        from data.config import load_config
+        from core.config import load_config
         from data.synth.cohort import generate_cohort
         from data.synth.params import CohortParams
         params = load_config(CohortParams, synth_config) if synth_config else None

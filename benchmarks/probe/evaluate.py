@@ -23,7 +23,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from data.errors import InputError
+from core.errors import InputError
 
 CS = np.logspace(-4, 1, 6)       # logistic inverse penalty; standardised features, so small C = strong L2
 ALPHAS = np.logspace(-1, 5, 13)  # ridge penalty, from nearly none to "predict the mean"

@@ -39,8 +39,8 @@ from benchmarks.probe import evaluate as ev
 from benchmarks.probe.cohort import ProbeCohort, load_labels
 from benchmarks.probe.report import _f
 from benchmarks.probe.run import VERDICT_GROUP, load_or_make_splits, probe_matrix
-from data.atomic import write_json, write_png, write_text
-from data.errors import InputError, cli_entry
+from core.atomic import write_json, write_png, write_text
+from core.errors import InputError, cli_entry
 
 DEFAULT_R2 = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 MIN_R2 = 1e-3  # a latent read out at R² <= 0 carries nothing: it enters as (almost) pure noise
@@ -192,7 +192,9 @@ def markdown(res: dict) -> str:
 
 
 def figure(res: dict, path: Path) -> None:
-    from matplotlib.figure import Figure  # Agg through the Figure object: no pyplot state
+    from matplotlib.figure import (
+        Figure,  # Agg through the Figure object: no pyplot state
+    )
     fig = Figure(figsize=(6.5, 4.8))
     ax = fig.subplots()
     c = sorted(res["curve"], key=lambda p: p["r2_mean"])

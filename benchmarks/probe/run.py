@@ -12,13 +12,22 @@ import numpy as np
 import torch
 
 from benchmarks.probe import evaluate as ev
-from benchmarks.probe.cohort import ProbeCohort, lesion_crops, lesion_regions, probe_view
-from benchmarks.probe.features import encoder_features, handmade_features, pixel_features
+from benchmarks.probe.cohort import (
+    ProbeCohort,
+    lesion_crops,
+    lesion_regions,
+    probe_view,
+)
+from benchmarks.probe.features import (
+    encoder_features,
+    handmade_features,
+    pixel_features,
+)
 from benchmarks.probe.geometry import GEOMETRY_GROUP, geometry
 from benchmarks.probe.geometry import summarise as summarise_geometry
-from data.atomic import write_json
-from data.config import to_dict
-from data.errors import InputError
+from core.atomic import write_json
+from core.config import to_dict
+from core.errors import InputError
 from models.input_spec import InputSpec, ViewSpec, load_input_spec
 from models.vit3d import ViT3D, ViT3DConfig
 

@@ -36,9 +36,10 @@ from benchmarks.common import command_line, machine, today
 from benchmarks.probe.cohort import ensure_cohort, lesion_crops, load_cohort, probe_view
 from benchmarks.probe.features import lesion_weights
 from benchmarks.probe.run import load_encoder, random_encoder
-from data.atomic import write_json
-from data.errors import InputError, cli_entry
-from models.training import OptimConfig, WarmupCosine
+from core.atomic import write_json
+from core.errors import InputError, cli_entry
+from engine.config import OptimConfig
+from engine.steps import WarmupCosine
 from models.vit3d import ViT3D
 
 PROBE_SEED = 9001  # the probe cohort's seed: refused here, so the ceiling never trains on what it is scored on

@@ -46,10 +46,24 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.ssl_gain.presets import (
-    FUSIONS, MODELS, PRESETS, REFERENCE, TEST_SETS, TOY, Preset, Run, finetune_runs, resolve_preset,
+    FUSIONS,
+    MODELS,
+    PRESETS,
+    REFERENCE,
+    TEST_SETS,
+    TOY,
+    Preset,
+    Run,
+    finetune_runs,
+    resolve_preset,
 )
-from benchmarks.ssl_gain.stages import pretrain_config, preset_levels, run_benchmark, run_config
-from data.errors import InputError, cli_entry
+from benchmarks.ssl_gain.stages import (
+    preset_levels,
+    pretrain_config,
+    run_benchmark,
+    run_config,
+)
+from core.errors import InputError, cli_entry
 
 # InputError is what a bad preset, seed list or --out raises.
 __all__ = ["FUSIONS", "MODELS", "PRESETS", "REFERENCE", "TEST_SETS", "TOY", "InputError", "Preset", "Run",
@@ -58,7 +72,7 @@ __all__ = ["FUSIONS", "MODELS", "PRESETS", "REFERENCE", "TEST_SETS", "TOY", "Inp
 
 def show(preset: Preset, out: Path) -> None:
     """Print the resolved preset and the configs every stage would use (builds them, so they are checked)."""
-    from data.config import to_dict
+    from core.config import to_dict
     print(json.dumps(asdict(preset), indent=2))
     for levels in (preset_levels(preset), 1):
         cfg = pretrain_config(preset, out, preset.seeds[0], levels)

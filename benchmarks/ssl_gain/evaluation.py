@@ -13,11 +13,32 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.ssl_gain.presets import (
-    CLS_RUN, EVAL_SETS, LARGE_DIR, LARGE_SETS, MODELS, REFERENCE, Preset, finetune_runs, large_manifests, surv_run,
+    CLS_RUN,
+    EVAL_SETS,
+    LARGE_DIR,
+    LARGE_SETS,
+    MODELS,
+    REFERENCE,
+    Preset,
+    finetune_runs,
+    large_manifests,
+    surv_run,
 )
-from data.atomic import atomic_path
-from finetune.evaluate import bootstrap_counts, one_row_per_subject, paired_delong, read_predictions
-from finetune.metrics import auc_delong, bootstrap_ci, harrell_c, harrell_kernel, kernel_values, try_metric
+from core.atomic import atomic_path
+from finetune.evaluate import (
+    bootstrap_counts,
+    one_row_per_subject,
+    paired_delong,
+    read_predictions,
+)
+from finetune.metrics import (
+    auc_delong,
+    bootstrap_ci,
+    harrell_c,
+    harrell_kernel,
+    kernel_values,
+    try_metric,
+)
 
 SETS = ("val",) + EVAL_SETS
 SCORE_COLUMNS = ["model", "task", "split", "subject_id", "patient_id", "label", "time", "event", "score"]

@@ -17,7 +17,7 @@ import pandas as pd
 
 from benchmarks.ssl_gain.paired import METRICS, PairedBootstrap
 from benchmarks.ssl_gain.presets import LARGE_SETS, Preset, Run
-from data.atomic import atomic_path, write_json
+from core.atomic import atomic_path, write_json
 
 CURVE_MODELS = {"mim": "mim", "mae": "mae", "scratch": ""}  # model -> the pretrained encoder it fine-tunes
 BASELINE = "scratch"
@@ -71,7 +71,12 @@ def _pool_patients(out: Path, seed: int) -> int:
 def curve_scores(preset: Preset, out: Path, seed: int) -> tuple[pd.DataFrame, dict[str, int]]:
     """Per-subject large-set scores of every (model, n) of one seed as evaluation.SCORE_COLUMNS rows, the
     model named "<model>@<n>"; and {n key: labelled patients}, the pool under "all"."""
-    from benchmarks.ssl_gain.evaluation import SCORE_COLUMNS, _outcomes, _predictions, subject_rows
+    from benchmarks.ssl_gain.evaluation import (
+        SCORE_COLUMNS,
+        _outcomes,
+        _predictions,
+        subject_rows,
+    )
     outcomes = _outcomes(preset, out)
     sizes = {f"n{n}": n for n in preset.label_sizes} | {"all": _pool_patients(out, seed)}
     parts = []
@@ -112,7 +117,8 @@ def evaluate_label_curve(preset: Preset, out: Path) -> dict:
 def label_curve_figure(result: dict, path: Path) -> None:
     """AUC against the number of labelled patients, one line per model, one panel per large set."""
     from matplotlib.figure import Figure
-    from data.atomic import write_png
+
+    from core.atomic import write_png
     fig = Figure(figsize=(9, 3.8))
     axes = fig.subplots(1, len(LARGE_SETS), sharey=True)
     for ax, split in zip(np.atleast_1d(axes), LARGE_SETS):

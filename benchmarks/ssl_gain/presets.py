@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from data.errors import InputError
+from core.errors import InputError
 
 # ---------------------------------------------------------------- models and published numbers
 

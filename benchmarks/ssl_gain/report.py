@@ -12,9 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.ssl_gain.presets import (
-    EVAL_SETS, LARGE_SETS, MODELS, PUBLISHED_SOURCE, REFERENCE, TEST_SETS, Preset,
+    EVAL_SETS,
+    LARGE_SETS,
+    MODELS,
+    PUBLISHED_SOURCE,
+    REFERENCE,
+    TEST_SETS,
+    Preset,
 )
-from data.atomic import write_json, write_text
+from core.atomic import write_json, write_text
 
 # ---------------------------------------------------------------- aggregation
 

@@ -11,14 +11,28 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.ssl_gain.evaluation import evaluate_seed
-from benchmarks.ssl_gain.label_curve import evaluate_label_curve, label_runs, make_subset, subset_paths
+from benchmarks.ssl_gain.label_curve import (
+    evaluate_label_curve,
+    label_runs,
+    make_subset,
+    subset_paths,
+)
 from benchmarks.ssl_gain.paired import paired_comparisons
 from benchmarks.ssl_gain.presets import (
-    BINS, EVAL_SETS, LARGE_DIR, LARGE_PREFIX, LARGE_SEED, RING_MM, Preset, Run, finetune_runs, large_manifests,
+    BINS,
+    EVAL_SETS,
+    LARGE_DIR,
+    LARGE_PREFIX,
+    LARGE_SEED,
+    RING_MM,
+    Preset,
+    Run,
+    finetune_runs,
+    large_manifests,
 )
 from benchmarks.ssl_gain.report import write_results
-from data.atomic import atomic_path, write_json
-from data.errors import InputError
+from core.atomic import atomic_path, write_json
+from core.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
@@ -71,7 +85,7 @@ class Stages:
 # ---------------------------------------------------------------- configs
 
 def pretrain_config(preset: Preset, out: Path, seed: int, levels: int):
-    from data.config import load_config
+    from core.config import load_config
     from pretrain.train import PretrainConfig
     cfg = load_config(PretrainConfig, LAUNCH / preset.pretrain_config)
     cfg.data = str(out / "cohort" / "unlabeled")
@@ -97,7 +111,7 @@ def pretrain_config(preset: Preset, out: Path, seed: int, levels: int):
 
 def finetune_config(preset: Preset, out: Path, seed: int, name: str, *, pretrained: str, fusion: str, task: str,
                     splits: Path, manifest: Path | None = None):
-    from data.config import load_config
+    from core.config import load_config
     from finetune.train import FinetuneConfig
     cfg = load_config(FinetuneConfig, LAUNCH / preset.finetune_config)
     cohort = out / "cohort"
@@ -111,7 +125,7 @@ def finetune_config(preset: Preset, out: Path, seed: int, name: str, *, pretrain
 
 def prep_config(preset: Preset):
     """The preprocessing every stage shares (pretraining's; fine-tuning takes it from the encoder)."""
-    from data.config import load_config
+    from core.config import load_config
     from finetune.train import FinetuneConfig
     from pretrain.train import PretrainConfig
     pre = load_config(PretrainConfig, LAUNCH / preset.pretrain_config).prep
@@ -320,7 +334,7 @@ def check_same_preset(preset: Preset, out: Path) -> None:
 
 
 def preset_levels(preset: Preset) -> int:
-    from data.config import load_config
+    from core.config import load_config
     from pretrain.train import PretrainConfig
     return load_config(PretrainConfig, LAUNCH / preset.pretrain_config).model.masks.levels
 

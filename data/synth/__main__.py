@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from data.config import parse_config
-from data.errors import cli_entry
+from core.cli import parse_config
+from core.errors import cli_entry
 from data.synth.cohort import generate_cohort
 from data.synth.params import CohortParams
 

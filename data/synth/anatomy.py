@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from data.errors import InputError
+from core.errors import InputError
 from data.synth.fields import LowFreqField, WaveNoise
 
 TEMPLATE_FILES = {

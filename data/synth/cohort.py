@@ -13,13 +13,19 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from data.atomic import atomic_dir
-from data.config import from_dict, to_dict
-from data.errors import InputError
+from core.atomic import atomic_dir
+from core.config import from_dict, to_dict
+from core.errors import InputError
 from data.synth.anatomy import TEMPLATE_FILES, load_template
 from data.synth.clinical_outcomes import observed_clinical, sample_subjects
 from data.synth.lesions import physical, sample_latents
-from data.synth.params import CLINICAL_COLUMNS, GENERATOR_VERSION, LATENTS, CohortParams, validate
+from data.synth.params import (
+    CLINICAL_COLUMNS,
+    GENERATOR_VERSION,
+    LATENTS,
+    CohortParams,
+    validate,
+)
 from data.synth.render import ScanJob, render_scan
 
 MANIFEST_COLUMNS = ("subject_id", "patient_id", "site", "image", "mask", "label", "time", "event") + CLINICAL_COLUMNS

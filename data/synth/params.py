@@ -139,7 +139,7 @@ class CohortParams:
 
 def validate(p: CohortParams) -> None:
     """Catch parameter mistakes up front, naming the parameter (ConfigError -> one line, exit 2)."""
-    from data.errors import ConfigError
+    from core.errors import ConfigError
 
     def need(ok: bool, name: str, what: str):
         if not ok:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import InputError
+from core.errors import InputError
 from data.nifti import save_volume
 from data.synth.anatomy import SubjectWarp, load_template
 from data.synth.lesions import physical, reach_mm, render_lesion, sample_latents

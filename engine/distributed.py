@@ -15,7 +15,6 @@ autocast on every path; DeepSpeed's own "bf16"/"fp16" modes (16-bit weights) are
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -25,7 +24,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
-from data.errors import ConfigError
+from core.errors import ConfigError
+from engine.logs import trackers
 
 if not torch.cuda.is_available():
     # DeepSpeed (which accelerate imports) warns on every CPU run that it could not find a GPU and fell
@@ -40,27 +40,6 @@ FILLED_AUTO = {
     "zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
     "zero_optimization.stage3_param_persistence_threshold",
 }
-
-
-# --report_to names -> the package each tracker needs (accelerate silently drops a tracker whose
-# package is missing; we refuse instead, naming the package).
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-
-
-def trackers(report_to: str) -> list[str]:
-    """--report_to -> accelerate's log_with names; a tracker whose package is missing is a ConfigError."""
-    names = [n.strip() for n in report_to.replace(",", " ").split() if n.strip()]
-    if names in ([], ["none"]):
-        return []
-    if names == ["all"]:
-        return [n for n, pkg in TRACKER_PACKAGES.items() if importlib.util.find_spec(pkg) is not None]
-    for n in names:
-        if n not in TRACKER_PACKAGES:
-            raise ConfigError(f"--report_to {n!r}: expected tensorboard, wandb, mlflow, all or none")
-        if importlib.util.find_spec(TRACKER_PACKAGES[n]) is None:
-            raise ConfigError(f"--report_to {n}: the package '{TRACKER_PACKAGES[n]}' is not installed "
-                              f"(pip install {TRACKER_PACKAGES[n]}, or --report_to none)")
-    return names
 
 
 def resolve_precision(mixed_precision: str) -> str:

@@ -1,0 +1,36 @@
+"""The knobs both training loops share; the stage configs (pretrain/config.py, finetune/config.py) extend them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from core.errors import ConfigError
+from engine.logs import trackers
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.5e-4            # peak learning rate (after warmup)
+    min_lr: float = 1e-6          # learning rate at the end of the cosine decay
+    weight_decay: float = 0.05    # AdamW decoupled weight decay (not on biases, norms, embeddings)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    warmup_steps: int = 20        # optimizer steps of linear warmup
+    clip_grad: float = 1.0        # max grad norm; 0 disables clipping
+
+
+@dataclass
+class LoopConfig:
+    """What both training loops share; PretrainConfig and FinetuneConfig extend it."""
+    seed: int = 0                   # seeds everything: weights, order, masks, augmentation, splits
+    grad_accum: int = 1             # micro-batches per optimizer step
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU (autocast)
+    max_nonfinite: int = 5          # consecutive non-finite losses before the run stops
+    resume: str = ""                # "" (fresh), "auto" (newest complete checkpoint), or a checkpoint path
+    report_to: str = "tensorboard"  # trackers: tensorboard | wandb | mlflow | all | none (comma-separated)
+
+    def __post_init__(self):
+        if self.mixed_precision not in ("auto", "no", "bf16"):
+            raise ConfigError(f"--mixed_precision {self.mixed_precision!r}: expected auto, no or bf16")
+        if self.grad_accum < 1:
+            raise ConfigError(f"--grad_accum must be >= 1, got {self.grad_accum}")
+        trackers(self.report_to)  # an unknown or missing tracker fails at parse time

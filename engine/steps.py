@@ -1,0 +1,142 @@
+"""One optimizer step of either loop, and what it rests on: per-step seeds, AdamW with its warm-up +
+cosine schedule, and the guard that skips a non-finite loss identically on every rank.
+
+- `step_seed` / `reseed_torch`: every step reseeds torch from (seed, step, rank), so a resumed run replays
+  the same dropout / masks / augmentation as an uninterrupted one without restoring RNG state.
+- `build_optimizer` / `WarmupCosine`: AdamW, then linear warm-up + cosine decay per optimizer step, which
+  honours the per-group `lr_scale` that layer-wise lr decay sets.
+- `optimizer_step`: the one micro-step block of both loops (accumulate, autocast, backward, clip, step).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from core.errors import RunStopped
+from engine.config import OptimConfig
+
+
+class TrainingStopped(RunStopped):
+    """The run cannot go on (e.g. too many non-finite losses in a row); the message says why."""
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A distinct, reproducible 63-bit seed for each (seed, step, rank)."""
+    # negative steps name set-up phases (e.g. -1 = weight init); wrap them into uint32 words
+    words = [v % 2**32 for v in (seed, step, rank)]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
+
+
+def reseed_torch(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """Reseed torch's global RNG for this step and return a matching private generator."""
+    s = step_seed(seed, step, rank)
+    torch.manual_seed(s)
+    g = torch.Generator()
+    g.manual_seed(s)
+    return g
+
+
+def build_optimizer(params: Iterable | list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    fused = torch.cuda.is_available()
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                             fused=fused or None)
+
+
+class WarmupCosine:
+    """Linear warmup then cosine decay, per optimiser step; honours each group's `lr_scale`.
+
+    Stateless apart from the step, so resuming only needs the step number.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
+        self.optimizer, self.cfg, self.max_steps = optimizer, cfg, max(1, max_steps)
+
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        if step < c.warmup_steps:
+            return c.lr * (step + 1) / c.warmup_steps
+        t = min(1.0, (step - c.warmup_steps) / max(1, self.max_steps - c.warmup_steps))
+        return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * t))
+
+    def set_step(self, step: int) -> float:
+        lr = self.lr_at(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        return lr
+
+
+class NonFiniteGuard:
+    """Decides, identically on every rank, whether this step's loss is usable."""
+
+    def __init__(self, max_in_row: int):
+        self.max_in_row = max_in_row
+        self.in_row = 0
+        self.total = 0
+
+    def ok(self, loss: torch.Tensor, accelerator: Accelerator) -> bool:
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        bad = accelerator.reduce(bad, reduction="sum") if accelerator.num_processes > 1 else bad
+        if bad.item() == 0:
+            self.in_row = 0
+            return True
+        self.in_row += 1
+        self.total += 1
+        if self.in_row >= self.max_in_row:
+            raise TrainingStopped(
+                f"{self.in_row} non-finite losses in a row ({self.total} in total); stopping. "
+                "The last good checkpoint is kept: lower the learning rate or check the data, then --resume auto.")
+        return False
+
+    def state_dict(self) -> dict:
+        return {"in_row": self.in_row, "total": self.total}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.in_row, self.total = int(d.get("in_row", 0)), int(d.get("total", 0))
+
+
+def backward_and_step(accelerator: Accelerator, model, optimizer, loss: torch.Tensor, guard: NonFiniteGuard,
+                      clip_grad: float, step_ok: bool = True) -> tuple[bool, bool]:
+    """One micro-batch, called inside `accelerator.accumulate(model)`; both stages' loops use it.
+
+    Backpropagates a finite loss; a non-finite one (decided alike on every rank) is skipped and
+    spoils the whole optimizer step it belongs to, which is then not taken. On the accumulation
+    boundary: clip, step (if the step is still good) and zero the gradients.
+    Returns (this micro-batch's loss was finite, the optimizer step is still good).
+    """
+    finite = guard.ok(loss, accelerator)
+    if finite:
+        accelerator.backward(loss)
+    step_ok = step_ok and finite
+    if accelerator.sync_gradients:
+        if step_ok and clip_grad > 0:
+            accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+        if step_ok:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return finite, step_ok
+
+
+def optimizer_step(accelerator: Accelerator, model, optimizer, guard: NonFiniteGuard, clip_grad: float,
+                   micro_batches: Iterable, loss_fn: Callable[[Any], dict]) -> tuple[dict[str, float], bool, dict]:
+    """One optimizer step over `grad_accum` micro-batches: the micro-step block of both loops.
+
+    `loss_fn(batch)` runs the forward (under autocast) and returns a dict with "loss". Returns the
+    scalar terms averaged over the micro-batches, whether the step was taken (no micro-batch was
+    non-finite), and the last micro-batch's outputs (for previews).
+    """
+    sums: dict[str, float] = {}
+    step_ok, outputs, n = True, {}, 0
+    for batch in micro_batches:
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                outputs = loss_fn(batch)
+            _, step_ok = backward_and_step(accelerator, model, optimizer, outputs["loss"], guard, clip_grad, step_ok)
+        for k, v in outputs.items():
+            if torch.is_tensor(v) and v.ndim == 0:
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        n += 1
+    return {k: v / max(n, 1) for k, v in sums.items()}, step_ok, outputs
