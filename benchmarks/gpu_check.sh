@@ -6,8 +6,8 @@
 #
 # 1. the CUDA-marked tests (bf16 autocast path, SDPA flash attention);
 # 2. pretraining throughput, ViT-B, ours vs MONAI's MAE, gradient checkpointing off and on, a torch.compile row, the largest
-#    batch that fits and the MFU (benchmarks.pretrain_speed --device cuda --preset base);
-# 3. the product speed table (benchmarks.throughput --device cuda);
+#    batch that fits and the MFU (benchmarks.speed.pretrain --device cuda --preset base);
+# 3. the product speed table (benchmarks.speed.throughput --device cuda);
 # 4. DeepSpeed for real: ZeRO-2 and ZeRO-3 pretraining of a few dozen steps each through accelerate,
 #    stopped half-way, resumed with --resume auto, exported, and the exported encoder compared with
 #    the checkpoint's weights.
@@ -35,9 +35,9 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
     > "$OUT/torch.txt" 2>&1
 
 step cuda_tests 120 "$PY" -m pytest -q -m cuda tests/test_cuda.py
-step pretrain_speed 240 "$PY" -m benchmarks.pretrain_speed --device cuda --preset base --repeats 10 --compile \
+step pretrain_speed 240 "$PY" -m benchmarks.speed.pretrain --device cuda --preset base --repeats 10 --compile \
     --write-docs --doc "$OUT/BENCHMARKS_gpu.md"
-step throughput 90 "$PY" -m benchmarks.throughput --device cuda --preset base --repeats 10 \
+step throughput 90 "$PY" -m benchmarks.speed.throughput --device cuda --preset base --repeats 10 \
     --write-docs --doc "$OUT/BENCHMARKS_gpu.md"
 
 # DeepSpeed: a small cohort, ViT-B, 24 steps stopped at 12 and resumed.

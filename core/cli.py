@@ -217,6 +217,15 @@ def _prepare_parser(parser: argparse.ArgumentParser | None, description: str,
     return parser
 
 
+class _GivenOnce(argparse.Action):
+    """Stores a flag that has two spellings, refusing a command line that gives it under both."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{' and '.join(self.option_strings)} name one setting; give it once")
+        setattr(namespace, self.dest, values)
+
+
 def _add_flags(parser: argparse.ArgumentParser, cls: type, flags: list[_Flag]) -> None:
     groups: dict[str, argparse._ArgumentGroup] = {}
     for flag in flags:
@@ -226,7 +235,12 @@ def _add_flags(parser: argparse.ArgumentParser, cls: type, flags: list[_Flag]) -
             groups[section] = parser.add_argument_group(title)
         shown, nargs = _metavar(flag)
         kwargs = {"nargs": nargs, "const": "true"} if nargs == "?" else {"nargs": nargs}
-        action = groups[section].add_argument(f"--{flag.name}", dest=f"cfg__{flag.name}", default=None,
+        # A nested field the user sets on every run may also be named by a short flag (field metadata
+        # "flag"), e.g. --task for --model.task: declared once, where the code that needs it reads it.
+        names = [f"--{flag.name}"] + ([f"--{flag.field.metadata['flag']}"] if "flag" in flag.field.metadata else [])
+        if len(names) > 1:
+            kwargs["action"] = _GivenOnce
+        action = groups[section].add_argument(*names, dest=f"cfg__{flag.name}", default=None,
                                               help=_help(flag), metavar=shown, **kwargs)
         action.shown_metavar = shown
 

@@ -12,14 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from monai.transforms import (
-    Compose,
-    RandAffined,
-    RandFlipd,
-    RandGaussianNoised,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-)
+from monai.transforms import (Compose, RandAffined, RandFlipd, RandGaussianNoised, RandScaleIntensityd,
+                              RandShiftIntensityd)
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 

@@ -23,28 +23,26 @@ from core.errors import ConfigError, ManifestError
 
 STANDARD_COLUMNS = ("subject_id", "patient_id", "site", "image", "mask", "label", "time", "event")
 STRING_COLUMNS = ("subject_id", "patient_id", "site", "image", "mask")
-TASK_COLUMNS = {
-    "pretrain": ("subject_id", "image"),
-    "classification": ("subject_id", "image", "mask", "label"),
-    "survival": ("subject_id", "image", "mask", "time", "event"),
-    "multitask": ("subject_id", "image", "mask", "label", "time", "event"),
-    "predict": ("subject_id", "image", "mask"),
-}
+IMAGE_COLUMNS = ("image", "mask")  # what a lesion-level run reads besides its targets
 DEFAULT_SITE = "site0"
 MAX_LISTED = 5
 
 
-def read_manifest(path, *, task: str = "classification", check_files: bool = True) -> pd.DataFrame:
-    """Read and validate a manifest CSV for `task`; see the module docstring for the columns."""
-    if task not in TASK_COLUMNS:
-        raise ConfigError(f"unknown task {task!r}; expected one of {sorted(TASK_COLUMNS)}")
+def read_manifest(path, *, columns: tuple[str, ...] = IMAGE_COLUMNS, purpose: str = "this run",
+                  check_files: bool = True) -> pd.DataFrame:
+    """Read and validate a manifest CSV that must have subject_id and `columns` (image and mask paths,
+    targets: label, time, event; models/tasks.py says which a task needs); see the module docstring.
+    `purpose` names what needs them in the error, e.g. "--task survival"."""
+    unknown = sorted(set(columns) - set(STANDARD_COLUMNS))
+    if unknown:
+        raise ConfigError(f"read_manifest: {unknown} are not standard columns {list(STANDARD_COLUMNS)}")
     path = Path(path)
     where = f"manifest {path}"
     df = _read_csv(path, where)
-    required = TASK_COLUMNS[task]
+    required = ("subject_id", *columns)
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise ManifestError(f"{where}: missing column(s) {missing} required for task {task!r}; found {list(df.columns)}")
+        raise ManifestError(f"{where}: missing column(s) {missing} required for {purpose}; found {list(df.columns)}")
 
     _check_not_empty(df, "subject_id", where)
     if "patient_id" not in df.columns:
@@ -157,7 +155,7 @@ def read_any(path) -> pd.DataFrame:
     if not path.exists():
         raise ManifestError(f"{path}: no such file or folder; expected a folder of NIfTIs, a .csv manifest or a .json datalist")
     if path.suffix.lower() == ".csv":
-        return read_manifest(path, task="pretrain")
+        return read_manifest(path, columns=("image",), purpose="pretraining")
     if path.suffix.lower() == ".json":
         return read_datalist(path)
     raise ManifestError(f"{path}: expected a folder of NIfTIs, a .csv manifest or a .json datalist")

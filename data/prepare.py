@@ -8,14 +8,11 @@ table plus `cache_image` and `cache_mask` columns, which the datasets read.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -34,41 +31,9 @@ from core.errors import ConfigError, InputError, NiftiError, cli_entry
 from data import cache
 from data.manifest import read_datalist, read_manifest, scan_folder
 from data.nifti import Volume, load_pair, load_volume
+from data.prep_config import PREP_VERSION, PrepConfig
 
-# Bump when the preprocessing code changes its output, so old cache entries are not served.
-PREP_VERSION = 1
 CT_BODY_HU = -500.0  # above air and lung, below fat: voxels inside the body for the foreground box
-
-
-@dataclass
-class PrepConfig:
-    spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)  # target voxel size, mm
-    modality: Literal["mri", "ct"] = "mri"  # mri: percentile clip + z-score in the foreground; ct: HU window -> [0, 1]
-    ct_window: tuple[float, float] = (-1000.0, 1000.0)  # HU mapped to 0 and 1
-    # Clip range, percentiles of the foreground. No upper clip by default: at 99.5, about half of each
-    # enhancing lesion's voxels sat exactly at the ceiling (rim and nodule contrast lost); see
-    # tests/test_prepare.py::test_default_normalisation_keeps_lesion_contrast.
-    mri_percentiles: tuple[float, float] = (0.5, 100.0)
-    crop_foreground: bool = True  # crop to the foreground box (+ margin); false keeps the whole resampled volume
-    foreground_margin: int = 4  # voxels kept around the foreground box (the box always contains the whole mask)
-
-    def __post_init__(self):
-        if len(self.spacing) != 3 or not all(s > 0 and math.isfinite(s) for s in self.spacing):
-            raise ConfigError(f"spacing: expected 3 positive mm values, got {self.spacing}")
-        if self.modality not in ("mri", "ct"):
-            raise ConfigError(f"modality: expected 'mri' or 'ct', got {self.modality!r}")
-        if not self.ct_window[0] < self.ct_window[1]:
-            raise ConfigError(f"ct_window: expected low < high HU, got {self.ct_window}")
-        if not 0 <= self.mri_percentiles[0] < self.mri_percentiles[1] <= 100:
-            raise ConfigError(f"mri_percentiles: expected 0 <= low < high <= 100, got {self.mri_percentiles}")
-        if self.foreground_margin < 0:
-            raise ConfigError(f"foreground_margin: expected >= 0 voxels, got {self.foreground_margin}")
-
-    def key(self) -> str:
-        """Stable short hash of every parameter and PREP_VERSION: part of each cache key."""
-        text = json.dumps({"prep_version": PREP_VERSION, **to_dict(self)}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
 
 # ---- volume operations -------------------------------------------------------------------------
 
@@ -363,7 +328,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _read_source(ns) -> tuple[pd.DataFrame, str]:
     if ns.manifest:
-        return read_manifest(ns.manifest, task="pretrain"), Path(ns.manifest).stem
+        return read_manifest(ns.manifest, columns=("image",), purpose="preparing"), Path(ns.manifest).stem
     if ns.folder:
         return scan_folder(ns.folder), Path(ns.folder).absolute().name
     return read_datalist(ns.datalist, key=ns.datalist_key), Path(ns.datalist).stem

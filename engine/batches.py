@@ -76,8 +76,8 @@ class ResumableBatches:
         """Yield (m, batch) for m = start, start + 1, ... forever."""
         import monai.data
         m = start
-        # One loader spans about LOADER_SPAN micro-batches (whole epochs): starting workers once per epoch
-        # left the step waiting for data 12-22% of the time on a small pretraining cohort.
+        # One loader spans about LOADER_SPAN micro-batches (whole epochs): on a small pretraining cohort,
+        # starting workers once per epoch keeps the step waiting for data (docs/BENCHMARKS.md).
         span = max(1, math.ceil(self.LOADER_SPAN / self.per_epoch))
         while True:
             epoch, pos = divmod(m, self.per_epoch)

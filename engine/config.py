@@ -25,7 +25,6 @@ class LoopConfig:
     grad_accum: int = 1             # micro-batches per optimizer step
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU (autocast)
     max_nonfinite: int = 5          # consecutive non-finite losses before the run stops
-    resume: str = ""                # "" (fresh), "auto" (newest complete checkpoint), or a checkpoint path
     report_to: str = "tensorboard"  # trackers: tensorboard | wandb | mlflow | all | none (comma-separated)
 
     def __post_init__(self):

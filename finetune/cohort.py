@@ -14,8 +14,7 @@ from torch.utils.data import Dataset
 
 from core.errors import InputError
 from finetune.clinical import ClinicalSchema
-
-TASK_NEEDS = {"classification": ("label",), "survival": ("time", "event"), "multitask": ("label", "time", "event")}
+from models.tasks import Task
 
 
 @dataclass
@@ -25,9 +24,8 @@ class Targets:
     event: np.ndarray | None   # [N] float32 0/1
 
     @classmethod
-    def from_table(cls, df: pd.DataFrame, task: str) -> "Targets":
-        need = TASK_NEEDS[task]
-        get = lambda c: df[c].to_numpy(np.float32) if c in need else None
+    def from_table(cls, df: pd.DataFrame, task: Task) -> "Targets":
+        get = lambda c: df[c].to_numpy(np.float32) if c in task.columns else None
         return cls(get("label"), get("time"), get("event"))
 
 
@@ -93,7 +91,7 @@ def to_bin(time, edges) -> np.ndarray:
     return np.clip(idx, 0, len(edges) - 2)
 
 
-def make_dataset(df: pd.DataFrame, task: str, schema: ClinicalSchema | None, *, use_images: bool,
+def make_dataset(df: pd.DataFrame, task: Task, schema: ClinicalSchema | None, *, use_images: bool,
                  crop_size: int, margin_vox: int, augment: bool, seed: int,
                  min_side_vox: int | None = None, time_bins: np.ndarray | None = None) -> CohortDataset:
     from data.datasets import LesionCrops

@@ -27,15 +27,9 @@ import pandas as pd
 from core.atomic import write_json
 from core.config import load_file
 from core.errors import InputError, cli_entry
-from data.manifest import read_manifest
 from finetune.figures import plot_calibration, plot_km, plot_roc
-from finetune.metrics import (
-    classification_report,
-    delong_paired_test,
-    kernel_values,
-    survival_report,
-    try_metric,
-)
+from finetune.metrics import classification_report, delong_paired_test, kernel_values, survival_report, try_metric
+from models.tasks import LABEL_REPORT, SURVIVAL_REPORT, task_of_scores
 
 KEY_COLUMNS = ("subject_id", "split", "fold")
 SCORE_COLUMNS = ("prob", "risk")
@@ -117,8 +111,8 @@ def check_predictions(df: pd.DataFrame, where: str = "predictions") -> pd.DataFr
 
 def read_outcomes(manifest, external=None, scores=("prob", "risk")) -> pd.DataFrame:
     """Outcomes (label and/or time, event, patient_id) from the manifest and an optional external one."""
-    task = {("prob",): "classification", ("risk",): "survival"}.get(tuple(scores), "multitask")
-    frames = [read_manifest(p, task=task, check_files=False) for p in [manifest, external] if p is not None]
+    task = task_of_scores(scores)
+    frames = [task.read_manifest(p, check_files=False) for p in [manifest, external] if p is not None]
     outcomes = pd.concat(frames, ignore_index=True)
     both = outcomes["subject_id"][outcomes["subject_id"].duplicated()]
     if len(both):
@@ -186,14 +180,14 @@ def _report(rows: pd.DataFrame, reference: pd.DataFrame | None, n_boot: int, see
     # ordered by id, never by row, so the CIs do not depend on the order of the predictions.
     groups = rows["patient_id" if "patient_id" in rows.columns else "subject_id"].astype(str).to_numpy()
     if "prob" in rows.columns:
-        out["classification"] = classification_report(*_arrays(rows, "label", "prob"), n_boot=n_boot, seed=seed,
+        out[LABEL_REPORT] = classification_report(*_arrays(rows, "label", "prob"), n_boot=n_boot, seed=seed,
                                                       groups=groups)
     if "risk" in rows.columns:
         train = None if reference is None else tuple(_arrays(reference, "time", "event", "risk"))
         rep = survival_report(*_arrays(rows, "time", "event", "risk"), train=train, n_boot=n_boot, seed=seed,
                               groups=groups, km_cut=km[0])
         rep["km"]["cut"] = km[1]
-        out["survival"] = rep
+        out[SURVIVAL_REPORT] = rep
     return out
 
 
@@ -374,7 +368,7 @@ def format_table(result: dict) -> str:
              f"{'Uno C':>6} {'IBS':>6} {'log-rank p':>10}"
     lines = [header, "-" * len(header)]
     for split, entry in result["splits"].items():
-        c, s = entry.get("classification", {}), entry.get("survival", {})
+        c, s = entry.get(LABEL_REPORT, {}), entry.get(SURVIVAL_REPORT, {})
         p = s.get("km", {}).get("logrank_p")
         lines.append(f"{split:<10} {entry['n']:>5}  {_fmt(c.get('auc'), c.get('auc_ci')):<24} "
                      f"{_fmt(c.get('brier')):>6}  {_fmt(s.get('harrell_c'), s.get('harrell_c_ci')):<24} "

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from core.errors import InputError
 from engine.batches import ResumableBatches
@@ -21,15 +20,27 @@ from engine.logs import RunLogger, progress
 from engine.steps import NonFiniteGuard, build_optimizer, optimizer_step, reseed_torch
 from finetune.clinical import ClinicalSchema
 from finetune.cohort import make_dataset, time_bins
-from finetune.recipe import (
-    EpochChoice,
-    FinetuneSchedule,
-    encoder_peak_lr,
-    tag_param_groups,
-)
-from finetune.scores import output_scores
+from finetune.config import FinetuneConfig
+from finetune.recipe import EpochChoice, FinetuneSchedule, encoder_peak_lr, tag_param_groups
 from models.input_spec import InputSpec
 from models.multimodal import MultimodalConfig, MultimodalModel
+from models.tasks import Task, output_scores
+
+# The seeds of fold k, all derived from the run's --seed: its initial weights come from step_seed's set-up
+# phase -1 - k, its augmentation and batch order from seed + k, and its per-step dropout / drop-path from
+# seed + FOLD_STEP_STRIDE * (k + 1), a stream apart from every fold's order seed for --seed below the stride.
+FOLD_STEP_STRIDE = 1000
+
+
+@dataclass(frozen=True)
+class FoldSeeds:
+    init_phase: int   # step_seed's (negative) set-up phase for the initial weights
+    data: int         # augmentation and batch order
+    steps: int        # per-step dropout / drop-path
+
+    @classmethod
+    def of(cls, seed: int, index: int) -> "FoldSeeds":
+        return cls(init_phase=-1 - index, data=seed + index, steps=seed + FOLD_STEP_STRIDE * (index + 1))
 
 
 @dataclass
@@ -50,34 +61,34 @@ class Fold:
     pos_weight: torch.Tensor | None
 
 
-def dataset_for(fold: Fold, df: pd.DataFrame, task: str, fusion: str):
-    return make_dataset(df, task, fold.schema, use_images=fusion != "clinical_only",
+def dataset_for(fold: Fold, df: pd.DataFrame, task: Task, use_images: bool):
+    return make_dataset(df, task, fold.schema, use_images=use_images,
                         crop_size=fold.spec.input_size, time_bins=fold.bins, augment=False, seed=0,
                         **fold.spec.view_voxels())
 
 
-def build_fold(cfg, model_cfg: MultimodalConfig, spec: InputSpec, index: int, train_df: pd.DataFrame,
-               val_df: pd.DataFrame, columns: list[str], accelerator) -> Fold:
+def build_fold(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec, index: int,
+               train_df: pd.DataFrame, val_df: pd.DataFrame, columns: list[str], accelerator) -> Fold:
     """Fit the clinical schema and time bins on this fold's training rows; make datasets, model, optimizer."""
-    schema = ClinicalSchema.fit(train_df, columns) if cfg.fusion != "none" else None
+    schema = ClinicalSchema.fit(train_df, columns) if model_cfg.uses_clinical else None
     bins = None
-    if cfg.task != "classification" and model_cfg.survival_head == "discrete":
+    if cfg.task.survival and model_cfg.survival_head == "discrete":
         bins = np.asarray(time_bins(train_df["time"].to_numpy(), train_df["event"].to_numpy(), cfg.n_time_bins))
     mcfg = replace(model_cfg, clinical_dim=schema.n_features if schema else 0,
                    n_time_bins=cfg.n_time_bins if bins is not None else model_cfg.n_time_bins)
-    kw = dict(use_images=cfg.fusion != "clinical_only", crop_size=spec.input_size, time_bins=bins,
-              **spec.view_voxels())
-    train_ds = make_dataset(train_df, cfg.task, schema, augment=True, seed=cfg.seed + index, **kw)
+    seeds = FoldSeeds.of(cfg.seed, index)
+    kw = dict(use_images=mcfg.uses_image, crop_size=spec.input_size, time_bins=bins, **spec.view_voxels())
+    train_ds = make_dataset(train_df, cfg.task, schema, augment=True, seed=seeds.data, **kw)
     val_ds = make_dataset(val_df, cfg.task, schema, augment=False, seed=0, **kw)
 
-    reseed_torch(cfg.seed, -1 - index)  # the fold's initial weights
+    reseed_torch(cfg.seed, seeds.init_phase)  # the fold's initial weights
     model = MultimodalModel.from_pretrained_encoder(mcfg, cfg.pretrained or None)
-    if cfg.freeze_encoder and cfg.fusion != "clinical_only":
+    if cfg.freeze_encoder and mcfg.uses_image:
         model.freeze_encoder(linear_probe=True)
     batch_size = min(cfg.batch_size, len(train_ds) // accelerator.num_processes)
     if batch_size < 1:
         raise InputError(f"fold {index}: {len(train_ds)} training subject(s) for {accelerator.num_processes} processes")
-    batches = ResumableBatches(train_ds, batch_size, cfg.seed + index, accelerator.num_processes,
+    batches = ResumableBatches(train_ds, batch_size, seeds.data, accelerator.num_processes,
                                accelerator.process_index, cfg.num_workers)
     steps_per_epoch = math.ceil(batches.per_epoch / cfg.grad_accum)
     groups = tag_param_groups(model.param_groups(cfg.optim.lr, cfg.optim.weight_decay, cfg.layer_decay),
@@ -91,26 +102,11 @@ def build_fold(cfg, model_cfg: MultimodalConfig, spec: InputSpec, index: int, tr
                         width=mcfg.encoder.dim, mixed_precision=cfg.mixed_precision)
     model, optimizer = prepare(accelerator, model, optimizer)
     pos_weight = None
-    if cfg.class_weighting and cfg.task in ("classification", "multitask"):
+    if cfg.class_weighting and cfg.task.label:
         n_pos = float(train_df["label"].sum())
         pos_weight = torch.tensor((len(train_df) - n_pos) / max(n_pos, 1.0), device=accelerator.device)
     return Fold(index, spec, schema, bins, train_ds, val_ds, val_df, model, optimizer, schedule, batches,
                 steps_per_epoch, pos_weight)
-
-
-def task_loss(out: dict, batch: dict, task: str, pos_weight: torch.Tensor | None) -> dict:
-    from finetune.survival_losses import cox_efron_loss, discrete_time_nll
-    terms = {}
-    if task in ("classification", "multitask"):
-        terms["bce"] = F.binary_cross_entropy_with_logits(out["logit"].float(), batch["label"].float(),
-                                                          pos_weight=pos_weight)
-    if task in ("survival", "multitask"):
-        if "risk" in out:
-            terms["cox"] = cox_efron_loss(out["risk"].float(), batch["time"], batch["event"])
-        else:
-            terms["nll"] = discrete_time_nll(out["hazard_logits"].float(), batch["bin"], batch["event"])
-    terms["loss"] = sum(terms.values())
-    return terms
 
 
 @torch.no_grad()
@@ -126,30 +122,13 @@ def predict(model: MultimodalModel, dataset, batch_size: int, device, time_bins=
     return {k: torch.cat(v).numpy() for k, v in parts.items()}
 
 
-def validation_score(pred: dict, dataset, task: str) -> float | None:
-    """Higher is better: AUC, Harrell's C, or their mean for multitask; None when undefined."""
-    from sklearn.metrics import roc_auc_score
-    from sksurv.metrics import concordance_index_censored
-    t = dataset.targets
-    scores = []
-    if task in ("classification", "multitask"):
-        if len(np.unique(t.label)) < 2:
-            return None
-        scores.append(roc_auc_score(t.label, pred["prob"]))
-    if task in ("survival", "multitask"):
-        if t.event.sum() == 0:
-            return None
-        scores.append(concordance_index_censored(t.event.astype(bool), t.time, pred["risk"])[0])
-    return float(np.mean(scores))
-
-
-def _epoch(cfg, fold: Fold, accelerator, guard: NonFiniteGuard, stream, step: int) -> tuple[dict, int]:
+def _epoch(cfg: FinetuneConfig, fold: Fold, accelerator, guard: NonFiniteGuard, stream, step: int) -> tuple[dict, int]:
     """One epoch of optimizer steps; returns the mean scalar terms of the good steps and the step count."""
     def loss_fn(micro):
         m, batch = micro
-        reseed_torch(cfg.seed + 1000 * (fold.index + 1), m, accelerator.process_index)  # dropout, drop-path
+        reseed_torch(FoldSeeds.of(cfg.seed, fold.index).steps, m, accelerator.process_index)  # dropout, drop-path
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        return task_loss(fold.model(batch.get("x"), batch["clinical"]), batch, cfg.task, fold.pos_weight)
+        return cfg.task.loss(fold.model(batch.get("x"), batch["clinical"]), batch, fold.pos_weight)
 
     totals: dict[str, float] = {}
     good = 0
@@ -175,21 +154,21 @@ def _stop_key(score: float | None, totals: dict, accelerator) -> float:
     return -float(accelerator.reduce(loss, reduction="mean")) if accelerator.num_processes > 1 else -float(loss)
 
 
-def fit_fold(cfg, fold: Fold, accelerator, logger: RunLogger) -> EpochChoice:
+def fit_fold(cfg: FinetuneConfig, fold: Fold, accelerator, logger: RunLogger) -> EpochChoice:
     """Train for up to cfg.epochs (LP-FT's probe phase first, when set); returns the choice of weights to keep."""
     guard = NonFiniteGuard(cfg.max_nonfinite)
     stream = fold.batches.iterate(0)
     unwrapped = accelerator.unwrap_model(fold.model)
     choice = EpochChoice(cfg.epoch_choice, max(cfg.min_epochs, cfg.lp_epochs), cfg.patience, unwrapped, cfg.epochs)
-    metric = {"classification": "val AUC", "survival": "val C-index", "multitask": "val AUC+C"}[cfg.task]
+    metric = cfg.task.validation_metric
     bar = progress(cfg.epochs, 0, accelerator.is_main_process, f"fold {fold.index}")
     step, stopped = 0, ""
     for epoch in range(cfg.epochs):
         if unwrapped.encoder is not None and cfg.lp_epochs:
             unwrapped.hold_encoder(epoch < cfg.lp_epochs)
         totals, step = _epoch(cfg, fold, accelerator, guard, stream, step)
-        score = validation_score(predict(unwrapped, fold.val_ds, cfg.batch_size, accelerator.device, fold.bins),
-                                 fold.val_ds, cfg.task)
+        score = cfg.task.validation_score(predict(unwrapped, fold.val_ds, cfg.batch_size, accelerator.device,
+                                                  fold.bins), fold.val_ds.targets)
         choice.update(epoch, _stop_key(score, totals, accelerator))
         logger.log(step, {f"fold{fold.index}/train_{k}": v for k, v in totals.items()}
                    | ({f"fold{fold.index}/val_score": score} if score is not None else {}), epoch=epoch)
@@ -206,16 +185,16 @@ def fit_fold(cfg, fold: Fold, accelerator, logger: RunLogger) -> EpochChoice:
     return choice
 
 
-def export_fold(cfg, fold: Fold, choice: EpochChoice, eval_sets: dict[str, pd.DataFrame], columns: list[str],
+def export_fold(cfg: FinetuneConfig, fold: Fold, choice: EpochChoice, eval_sets: dict[str, pd.DataFrame], columns: list[str],
                 accelerator) -> dict:
     """Predict every set with the kept weights and save the fold model (schema, contract inside)."""
     model = accelerator.unwrap_model(fold.model)
     model.load_state_dict(choice.chosen_state())
     preds = {"val": (fold.val_df, predict(model, fold.val_ds, cfg.batch_size, accelerator.device, fold.bins))}
-    val_score = validation_score(preds["val"][1], fold.val_ds, cfg.task)  # of the kept weights
+    val_score = cfg.task.validation_score(preds["val"][1], fold.val_ds.targets)  # of the kept weights
     for name, df in eval_sets.items():
-        preds[name] = (df, predict(model, dataset_for(fold, df, cfg.task, cfg.fusion), cfg.batch_size,
-                                   accelerator.device, fold.bins))
+        dataset = dataset_for(fold, df, cfg.task, model.config.uses_image)
+        preds[name] = (df, predict(model, dataset, cfg.batch_size, accelerator.device, fold.bins))
     folder = Path(cfg.output_dir) / "model" / f"fold{fold.index}"
     if accelerator.is_main_process:
         extra = {"clinical_schema": fold.schema.to_dict() if fold.schema else None, "clinical_columns": columns,
@@ -230,7 +209,7 @@ def export_fold(cfg, fold: Fold, choice: EpochChoice, eval_sets: dict[str, pd.Da
             "folder": str(folder)}
 
 
-def train_fold(cfg, model_cfg: MultimodalConfig, spec: InputSpec, index: int, train_df: pd.DataFrame,
+def train_fold(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec, index: int, train_df: pd.DataFrame,
                val_df: pd.DataFrame, eval_sets: dict[str, pd.DataFrame], columns: list[str], accelerator,
                logger: RunLogger) -> dict:
     """Train one fold; returns predictions per set, the best epoch, its validation score and the model folder."""

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from core.atomic import write_png
 from core.errors import InputError
 from data.nifti import save_volume
-from finetune.survival_losses import survival_risk_from_hazards
 from models.multimodal import MultimodalModel
+from models.survival_losses import survival_risk_from_hazards
 
 
 @contextmanager
@@ -116,7 +116,7 @@ def occlusion_sensitivity(model: nn.Module, x: Tensor, clinical: Tensor | None, 
     """Drop in `output_key` when a patch^3 cube of the image channel is set to `baseline`, as [D, H, W].
 
     output_key: "logit", "risk", or "hazard_logits" (reduced to the discrete-time risk score,
-    finetune.survival_losses.survival_risk_from_hazards, as predictions report it).
+    models.survival_losses.survival_risk_from_hazards, as predictions report it).
     Positive values: hiding that region lowers the score (it supported the prediction). With
     stride < patch each voxel gets the mean drop over all cubes that cover it. Built on MONAI's
     OcclusionSensitivity (its sliding-window sweep); its callable occlusion mode is broken in MONAI

@@ -18,12 +18,8 @@ from scipy.stats import norm, rankdata
 from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve
 from sksurv.compare import compare_survival
 from sksurv.linear_model.coxph import BreslowEstimator
-from sksurv.metrics import (
-    concordance_index_censored,
-    concordance_index_ipcw,
-    cumulative_dynamic_auc,
-    integrated_brier_score,
-)
+from sksurv.metrics import (concordance_index_censored, concordance_index_ipcw, cumulative_dynamic_auc,
+                            integrated_brier_score)
 from sksurv.nonparametric import kaplan_meier_estimator
 from sksurv.util import Surv
 

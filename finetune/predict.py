@@ -21,9 +21,9 @@ import torch
 from core.atomic import atomic_path
 from core.errors import InputError, cli_entry
 from finetune.clinical import unseen_categories_reported_once
-from finetune.scores import output_scores
 from models.input_spec import load_input_spec
 from models.multimodal import MultimodalModel
+from models.tasks import output_scores
 
 MAX_NAMED = 5  # rejected rows named on the console before "and N more"
 
@@ -128,8 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output CSV: subject_id, prob and/or risk")
     ap.add_argument("--cache_dir", default="", help="preprocessing cache (default: a cache/ folder next to --out)")
     args = ap.parse_args(argv)
-    from data.manifest import read_manifest
-    df = read_manifest(args.manifest, task="predict", check_files=False)
+    from data.manifest import IMAGE_COLUMNS, read_manifest
+    df = read_manifest(args.manifest, columns=IMAGE_COLUMNS, purpose="predict", check_files=False)
     folders = model_folders(args.model)
     first = load_model(folders[0])
     check_manifest(df, first[1], args.manifest)

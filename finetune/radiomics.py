@@ -7,8 +7,8 @@ cross-checked against PyRadiomics (tests/test_radiomics_reference.py).
 Model: every step is fitted on the training rows only, inside one sklearn pipeline, so the inner CV that
 tunes it sees no leak: median imputation -> standardisation -> a constant/correlation filter ->
 [a univariate filter (k best features by ANOVA F for a label, by |Harrell's C - 0.5| for survival)] ->
-a penalised linear model. Which of the two recipes (see `RadiomicsModel`) each task uses by default was
-chosen on out-of-fold validation only.
+a penalised linear model. Which of the two recipes (see `RadiomicsModel`) each task uses by default is
+the better one on out-of-fold validation (benchmarks.research.radiomics_selection), never on a test set.
 
 CLI: fits one model per CV fold and one on all non-test rows, and writes predictions.csv in the
 same format as the ViT fine-tuning, so `finetune.evaluate` scores both alike.
@@ -50,6 +50,7 @@ from finetune.radiomics_features import (  # noqa: F401
     quantise,
     shape_features,
 )
+from models.tasks import CLASSIFICATION, SURVIVAL, Task, get_task
 
 # ---------------------------------------------------------------- model
 
@@ -121,23 +122,25 @@ class RadiomicsModel:
     selection="univariate_l1", as radiomics papers do it:
       classification: SelectKBest(ANOVA F) -> L1 LogisticRegression; k and C by inner CV (log loss).
       survival: SelectKBest(|C - 0.5|) -> Coxnet, l1_ratio=0.95; k and alpha by inner CV (Harrell's C).
-    selection=None takes the task's default, DEFAULT_SELECTION, the better of the two on out-of-fold
-      validation (109 labelled synthetic patients, 5-fold CV, repeated): for the label L2 gave AUC 0.76 and
-      univariate + L1 0.70 (many weak, correlated features: L1's few picks lose to L2's pooling); for
-      survival univariate + L1 gave a C-index 0.01-0.02 above elastic-net's (1-2 SE over 40 paired folds).
+    selection=None takes the task's default (DEFAULT_SELECTION_LABEL / _SURVIVAL), the better of the two on
+      out-of-fold validation (benchmarks.research.radiomics_selection; docs/RESULTS.md): for the label L2, since many
+      weak, correlated features pool better than L1's few picks; for survival univariate + L1.
     predict -> P(y=1) for classification, risk (linear predictor, higher = earlier event) for survival.
     y for survival is a sksurv structured array (event: bool, time: float), e.g. from `survival_target`.
     """
 
     SELECTIONS = ("univariate_l1", "none")
-    DEFAULT_SELECTION = {"classification": "none", "survival": "univariate_l1"}
+    DEFAULT_SELECTION_LABEL, DEFAULT_SELECTION_SURVIVAL = "none", "univariate_l1"
     K_GRID = (5, 10, 20, "all")  # features after the univariate filter; "all" leaves selection to L1
 
-    def __init__(self, task: str = "classification", seed: int = 0, inner_folds: int = 5,
+    def __init__(self, task: Task | str = CLASSIFICATION, seed: int = 0, inner_folds: int = 5,
                  selection: str | None = None):
-        if task not in ("classification", "survival"):
-            raise InputError(f"radiomics: task {task!r} is not 'classification' or 'survival'")
-        selection = self.DEFAULT_SELECTION[task] if selection is None else selection
+        task = get_task(task) if isinstance(task, str) else task
+        if task.label == task.survival:
+            raise InputError(f"radiomics: --task {task.name} predicts {list(task.columns)}; a radiomics model "
+                             f"predicts one target: --task {CLASSIFICATION.name} or {SURVIVAL.name}")
+        if selection is None:
+            selection = self.DEFAULT_SELECTION_LABEL if task.label else self.DEFAULT_SELECTION_SURVIVAL
         if selection not in self.SELECTIONS:
             raise InputError(f"radiomics: selection {selection!r} is not one of {self.SELECTIONS}")
         self.task, self.seed, self.inner_folds, self.selection = task, seed, inner_folds, selection
@@ -146,7 +149,7 @@ class RadiomicsModel:
         steps = [("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
                  ("scale", StandardScaler()), ("filter", FeatureFilter())]
         if k is not None:
-            score = f_classif if self.task == "classification" else concordance_scores
+            score = f_classif if self.task.label else concordance_scores
             steps.append(("select", SelectKBest(score, k=k)))
         return Pipeline(steps + [("model", model)])
 
@@ -154,7 +157,7 @@ class RadiomicsModel:
         """(pipeline, parameter grid, scoring) for this task and selection."""
         select = self.selection == "univariate_l1"
         k_grid = {"select__k": list(self.K_GRID)} if select else {}
-        if self.task == "classification":
+        if self.task.label:
             if select:
                 pipe, C = self._pipeline(_l1_logistic(), k="all"), np.logspace(-2, 2, 9)
             else:
@@ -175,14 +178,14 @@ class RadiomicsModel:
     def fit(self, X, y) -> "RadiomicsModel":
         self.feature_names_ = list(X.columns) if isinstance(X, pd.DataFrame) else None
         X = np.asarray(X, dtype=np.float64)
-        if self.task == "classification":
+        if self.task.label:
             y = np.asarray(y).astype(int)
             strata = y
         else:
             strata = np.asarray(y[y.dtype.names[0]]).astype(int)
         smallest = int(np.bincount(strata, minlength=2).min())
         if smallest < 2:
-            what = "class" if self.task == "classification" else "event/censored group"
+            what = "class" if self.task.label else "event/censored group"
             raise InputError(f"radiomics: each {what} needs at least 2 training rows (counts "
                              f"{np.bincount(strata, minlength=2).tolist()})")
         with warnings.catch_warnings():
@@ -204,7 +207,7 @@ class RadiomicsModel:
     def _chosen(self, chosen: dict) -> dict:
         """The tuned values and how many features each step kept (JSON-ready)."""
         steps = self.pipeline_.named_steps
-        out = ({"C": float(chosen["model__C"])} if self.task == "classification"
+        out = ({"C": float(chosen["model__C"])} if self.task.label
                else {"alpha": float(chosen["model__alphas"][0])})
         out["n_features_kept"] = int(len(steps["filter"].keep_))  # after the constant/correlation filter
         out["selection"] = self.selection
@@ -231,7 +234,7 @@ class RadiomicsModel:
                 raise InputError(f"radiomics: feature column(s) {absent[:5]} missing at prediction")
             X = X[self.feature_names_]
         X = np.asarray(X, dtype=np.float64)
-        if self.task == "classification":
+        if self.task.label:
             return self.pipeline_.predict_proba(X)[:, 1]
         return self.pipeline_.predict(X)
 
@@ -242,7 +245,7 @@ def survival_target(event, time) -> np.ndarray:
 
 # ---------------------------------------------------------------- cross-validated predictions
 
-def predict_splits(features: pd.DataFrame, targets: pd.DataFrame, splits: dict, task: str, seed: int = 0,
+def predict_splits(features: pd.DataFrame, targets: pd.DataFrame, splits: dict, task: Task | str, seed: int = 0,
                    external: pd.DataFrame | None = None,
                    eval_sets: dict[str, pd.DataFrame] | None = None) -> tuple[pd.DataFrame, list[dict]]:
     """One model per fold (predicts its val rows) and one on all non-test rows (test, external and each
@@ -251,7 +254,8 @@ def predict_splits(features: pd.DataFrame, targets: pd.DataFrame, splits: dict, 
     features/targets are indexed by subject_id; targets has `label` or `time`/`event`.
     Returns predictions (subject_id, split, fold, prob|risk) and each model's chosen parameters.
     """
-    score = "prob" if task == "classification" else "risk"
+    task = get_task(task) if isinstance(task, str) else task
+    score = "prob" if task.label else "risk"
     listed = {s for fold in splits["folds"] for part in ("train", "val") for s in fold[part]} | set(splits["test"])
     absent = sorted(listed - set(features.index))
     if absent:
@@ -259,7 +263,7 @@ def predict_splits(features: pd.DataFrame, targets: pd.DataFrame, splits: dict, 
 
     def target(ids):
         t = targets.loc[ids]
-        return t["label"].to_numpy() if task == "classification" else survival_target(t["event"], t["time"])
+        return t["label"].to_numpy() if task.label else survival_target(t["event"], t["time"])
 
     def fit(ids):
         return RadiomicsModel(task, seed).fit(features.loc[ids], target(ids))
@@ -319,16 +323,15 @@ def extract_table(df: pd.DataFrame, cohort: str, ring_mm: float, bins: int, cach
     return table.drop(columns=key_cols).set_index(pd.Index(table["subject_id"].astype(str), name="subject_id"))
 
 
-def _targets(df: pd.DataFrame, task: str) -> pd.DataFrame:
-    cols = ["label"] if task == "classification" else ["time", "event"]
-    return df.set_index(df["subject_id"].astype(str))[cols]
+def _targets(df: pd.DataFrame, task: Task) -> pd.DataFrame:
+    return df.set_index(df["subject_id"].astype(str))[list(task.columns)]
 
 
-def _prepared(manifest: str, task: str, cache: str, workers: int) -> pd.DataFrame:
-    from data.manifest import read_manifest
-    from data.prepare import PrepConfig, prepare_table
+def _prepared(manifest: str, task: Task, cache: str, workers: int) -> pd.DataFrame:
+    from data.prep_config import PrepConfig
+    from data.prepare import prepare_table
 
-    df = read_manifest(manifest, task=task)
+    df = task.read_manifest(manifest)
     prepared, _ = prepare_table(df, PrepConfig(), cache, workers=workers)
     return prepared
 
@@ -339,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--manifest", required=True, help="CSV manifest of the development cohort")
     p.add_argument("--cache", required=True, help="preprocessing cache directory")
     p.add_argument("--splits", required=True, help="splits JSON (made here if absent; shared with the ViT runs)")
-    p.add_argument("--task", required=True, choices=["classification", "survival"])
+    p.add_argument("--task", required=True, choices=[CLASSIFICATION.name, SURVIVAL.name])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--external", help="CSV manifest of an external test cohort")
     p.add_argument("--seed", type=int, default=0)
@@ -351,17 +354,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from data.splits import load_or_make_splits
 
+    task = get_task(args.task)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    df = _prepared(args.manifest, args.task, args.cache, args.workers)
+    df = _prepared(args.manifest, task, args.cache, args.workers)
     splits = load_or_make_splits(args.splits, df, test_fraction=args.test_fraction, folds=args.folds,
-                                 stratify="label" if args.task == "classification" else "event", seed=args.seed)
+                                 stratify="label" if task.label else "event", seed=args.seed)
     features = extract_table(df, "internal", args.ring_mm, args.bins, out / "features.csv")
     external = None
     if args.external:
-        external = extract_table(_prepared(args.external, args.task, args.cache, args.workers), "external",
+        external = extract_table(_prepared(args.external, task, args.cache, args.workers), "external",
                                  args.ring_mm, args.bins, out / "features.csv")
-    predictions, params = predict_splits(features, _targets(df, args.task), splits, args.task, args.seed, external)
+    predictions, params = predict_splits(features, _targets(df, task), splits, task, args.seed, external)
     with atomic_path(out / "predictions.csv") as tmp:
         predictions.to_csv(tmp, index=False)
     write_json(out / "radiomics.json", {**vars(args), "feature_version": FEATURE_VERSION,

@@ -13,8 +13,8 @@ The names map to PyRadiomics':
 First-order, GLCM and the voxel-based shape features agree to ~1e-9; the mesh features (mesh volume, surface
 area and what uses them) differ by ~0.2 % (median; 5 % at most) because PyRadiomics' marching cubes
 triangulates ambiguous cubes its own way (ours, scikit-image's Lewiner, gives a watertight mesh). Ours stays
-the extractor: 2.6x faster (median 50 ms vs 132 ms per prepared lesion with its ring, 2-core CPU), no
-SimpleITK round trip, and PyRadiomics needs a no-isolation source build; PyRadiomics is the reference.
+the extractor: faster (docs/RESULTS.md, the PyRadiomics cross-check), no SimpleITK round trip, and
+PyRadiomics needs a no-isolation source build; PyRadiomics is the reference.
 
 Discretisation: `bins` equal-width bins over each region's own range (PyRadiomics' binCount), for texture and
 for first-order entropy.

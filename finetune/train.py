@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import pandas as pd
 
@@ -22,122 +21,23 @@ from core.atomic import atomic_path, write_json
 from core.cli import parse_config
 from core.config import absolute_paths, save_config, to_dict
 from core.errors import ConfigError, InputError, cli_entry
-from data.prepare import PrepConfig
-from engine.config import LoopConfig, OptimConfig
+from data.prep_config import PrepConfig
 from engine.distributed import make_accelerator
 from engine.logs import RunLogger
 from finetune.clinical import unseen_categories_reported_once
+from finetune.config import PATH_FIELDS, FinetuneConfig, parse_eval_sets
 from finetune.fold import train_fold
 from models.hf import read_json
 from models.input_spec import InputSpec, ViewSpec, load_input_spec
-from models.multimodal import FUSIONS, TASKS, MultimodalConfig
-from models.vit3d import ViT3DConfig, vit3d_config_from_dict
-
-PATH_FIELDS = ("manifest", "external", "pretrained", "output_dir", "cache_dir", "splits")
-
-
-def _default_model() -> MultimodalConfig:
-    return MultimodalConfig(encoder=ViT3DConfig(in_channels=2))
-
-
-@dataclass
-class FinetuneConfig(LoopConfig):
-    manifest: str = ""              # labelled cohort CSV: subject_id, image, mask, label and/or time+event, clinical
-    external: str = ""              # optional external-site CSV, predicted by the fold ensemble, never trained on
-    # More held-out cohorts, each NAME=CSV (e.g. external_large=big.csv): predicted by the fold ensemble
-    # under split NAME, never trained on nor used to choose an epoch; for reporting only.
-    eval_sets: list[str] = field(default_factory=list)
-    pretrained: str = ""            # HF-format encoder folder from pretraining; "" trains from scratch
-    task: Literal["classification", "survival", "multitask"] = "classification"  # sets model.task
-    # how clinical data joins the image (sets model.fusion); clinical_only trains no image model
-    fusion: Literal["none", "concat", "film", "tokens", "clinical_only"] = "concat"
-    output_dir: str = "runs/finetune"  # predictions, metrics, figures, fold models
-    cache_dir: str = ""             # preprocessing cache (default: <output_dir>/../cache)
-    splits: str = ""                # splits JSON to reuse (default: <output_dir>/splits.json)
-    folds: int = 5                  # cross-validation folds on the non-test patients
-    test_fraction: float = 0.2      # share of patients held out as the same-site test set
-    clinical_columns: list[str] = field(default_factory=list)   # empty: every non-standard column
-    margin_mm: float = 10.0         # peritumoral margin kept around the lesion box
-    # Smallest side of the lesion-centred cube, in mm. The cube (lesion box + margin, at least this)
-    # is resized to the encoder input, so a value below input size x spacing magnifies the lesion.
-    # 0: input size x spacing (native scale). Unset: the pretrained encoder's lesion view, else 0.
-    crop_mm: float | None = None
-    batch_size: int = 8             # subjects per micro-batch and process
-    epochs: int = 30                # at most this many epochs per fold
-    patience: int = 8               # epochs without validation improvement before stopping
-    layer_decay: float = 0.75       # encoder lr x layer_decay per block below the head (timm layer decay)
-    # The encoder's peak rate by MAE's fine-tuning rule, encoder_blr x effective batch (batch_size x
-    # grad_accum x processes) / 256, then layer-decayed; optim.lr is then the head's rate alone.
-    # 0: the encoder follows optim.lr, layer-decayed.
-    encoder_blr: float = 0.0
-    warmup_epochs: float = 0.0      # warm-up in epochs, for head and encoder alike (0: optim.warmup_steps steps)
-    # LP-FT: epochs that fit the fusion and heads on the held encoder (weights unchanged) before it joins
-    # the training with its own warm-up; 0: everything trains from the start
-    lp_epochs: int = 0
-    # which weights a fold keeps: best (validation score; stops early), last, average (of the weights from
-    # min_epochs on; SWA over epochs)
-    epoch_choice: Literal["best", "last", "average"] = "best"
-    min_epochs: int = 0             # epochs before best may be chosen / training may stop, and average begins
-    freeze_encoder: bool = False    # linear probe / frozen-feature fine-tuning
-    class_weighting: bool = True    # weight positives by n_neg / n_pos in the BCE
-    n_time_bins: int = 8            # for model.survival_head = discrete
-    n_boot: int = 1000              # bootstrap resamples for the CIs
-    explain: int = 2                # test subjects to explain (attention rollout + occlusion)
-    num_workers: int = 0            # DataLoader worker processes
-    resume: str = "auto"            # "auto": reuse finished folds in output_dir; "" recompute all
-    prep: PrepConfig = field(default_factory=PrepConfig)
-    model: MultimodalConfig = field(default_factory=_default_model)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, weight_decay=0.05, warmup_steps=10))
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.task not in TASKS:
-            raise ConfigError(f"--task {self.task!r}: expected one of {TASKS}")
-        if self.fusion not in FUSIONS:
-            raise ConfigError(f"--fusion {self.fusion!r}: expected one of {FUSIONS}")
-        for name in ("encoder_blr", "warmup_epochs", "lp_epochs", "min_epochs"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name} {getattr(self, name)}: must be >= 0")
-        if self.model.head_norm == "batchnorm" and self.batch_size < 2:
-            raise ConfigError(f"--model.head_norm batchnorm needs --batch_size >= 2, got {self.batch_size}")
-        if self.lp_epochs and (self.lp_epochs >= self.epochs or self.freeze_encoder):
-            raise ConfigError(f"--lp_epochs {self.lp_epochs}: needs --epochs above it and no --freeze_encoder")
-        parse_eval_sets(self.eval_sets)  # a malformed entry fails at parse time, naming the flag
-        if self.crop_mm is not None:
-            ViewSpec(crop_mm=self.crop_mm, margin_mm=self.margin_mm)  # a negative value fails here, at parse time
-        # --task / --fusion are the one place to choose them; the model config follows them (see
-        # resolve_inputs). A different --model.task / --model.fusion is refused, not silently overridden.
-        for name in ("task", "fusion"):
-            nested, default = getattr(self.model, name), getattr(MultimodalConfig, name)
-            if nested not in (getattr(self, name), default):
-                raise ConfigError(f"--model.{name} {nested!r} conflicts with --{name} {getattr(self, name)!r}; "
-                                  f"choose it with --{name} only")
-
-
-# --------------------------------------------------------------------------------------------
-# set-up
-
-RESERVED_SPLITS = ("train", "val", "test", "external")
-
-
-def parse_eval_sets(entries: list[str]) -> dict[str, str]:
-    """--eval_sets NAME=CSV ... -> {NAME: CSV}; names are split names in predictions.csv."""
-    sets: dict[str, str] = {}
-    for entry in entries:
-        name, sep, path = str(entry).partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"--eval_sets {entry!r}: expected NAME=CSV")
-        if name in RESERVED_SPLITS or name in sets:
-            raise ConfigError(f"--eval_sets {entry!r}: split name {name!r} is reserved or repeated")
-        sets[name] = path
-    return sets
+from models.multimodal import MultimodalConfig
+from models.vit3d import vit3d_config_from_dict
 
 
 def resolve_inputs(cfg: FinetuneConfig) -> tuple[MultimodalConfig, InputSpec]:
     """The model config and the input contract of this run. With --pretrained, the encoder sizes and
     preprocessing come from the pretrained folder (so they always agree) and so does the lesion view
     scale unless --crop_mm is given."""
-    model_cfg, prep, view_mm = replace(cfg.model, task=cfg.task, fusion=cfg.fusion), cfg.prep, 0.0
+    model_cfg, prep, view_mm = cfg.model, cfg.prep, 0.0
     if cfg.pretrained:
         folder = Path(cfg.pretrained)
         if not (folder / "config.json").is_file():
@@ -156,21 +56,21 @@ def resolve_inputs(cfg: FinetuneConfig) -> tuple[MultimodalConfig, InputSpec]:
 
 
 def load_cohort(cfg: FinetuneConfig, prep: PrepConfig, show_progress: bool):
-    from data.manifest import clinical_columns, read_manifest
+    from data.manifest import clinical_columns
     from data.prepare import prepare_table
     if not cfg.manifest:
         raise InputError("--manifest is required")
     cache = cfg.cache_dir or str(Path(cfg.output_dir).parent / "cache")
-    table = read_manifest(cfg.manifest, task=cfg.task)
+    table = cfg.task.read_manifest(cfg.manifest)
     cols = list(cfg.clinical_columns) or clinical_columns(table)
     missing = [c for c in cols if c not in table.columns]
     if missing:  # checked on the manifests, before any preprocessing
         raise InputError(f"{cfg.manifest}: clinical column(s) {missing} not found")
-    if cfg.fusion != "none" and not cols:
-        raise InputError(f"{cfg.manifest}: --fusion {cfg.fusion} needs clinical columns, found none")
+    if cfg.model.uses_clinical and not cols:
+        raise InputError(f"{cfg.manifest}: --fusion {cfg.model.fusion} needs clinical columns, found none")
     # the held-out cohorts by split name: the external site and every --eval_sets entry
     paths = ({"external": cfg.external} if cfg.external else {}) | parse_eval_sets(cfg.eval_sets)
-    held_tables = {name: read_manifest(path, task=cfg.task) for name, path in paths.items()}
+    held_tables = {name: cfg.task.read_manifest(path) for name, path in paths.items()}
     owner = dict.fromkeys(table["subject_id"], cfg.manifest)  # subject_id -> the manifest it came from
     for name, other in held_tables.items():
         clash = sorted(set(other["subject_id"]) & set(owner))
@@ -179,7 +79,7 @@ def load_cohort(cfg: FinetuneConfig, prep: PrepConfig, show_progress: bool):
                              "ids must be unique across the training and held-out cohorts")
         owner |= dict.fromkeys(other["subject_id"], paths[name])
         absent = [c for c in cols if c not in other.columns]
-        if absent and cfg.fusion != "none":
+        if absent and cfg.model.uses_clinical:
             raise InputError(f"{paths[name]}: clinical column(s) {absent} not found")
     df, _ = prepare_table(table, prep, cache, progress=show_progress)
     held = {name: prepare_table(t, prep, cache, progress=show_progress)[0].reset_index(drop=True)
@@ -223,7 +123,7 @@ def fold_ensemble(frames: list[pd.DataFrame], name: str) -> pd.DataFrame:
 def fold_fingerprint(cfg: FinetuneConfig, splits: dict) -> str:
     """What a finished fold depends on; a fold saved under another fingerprint is retrained, not reused."""
     d = to_dict(cfg)
-    for k in ("output_dir", "cache_dir", "n_boot", "explain", "num_workers", "resume", "external", "eval_sets",
+    for k in ("output_dir", "cache_dir", "n_boot", "explain", "num_workers", "reuse_folds", "external", "eval_sets",
               "splits"):
         d.pop(k, None)
     d["folds_content"] = splits["folds"]
@@ -273,7 +173,7 @@ def run_folds(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec,
     for k, fold in enumerate(splits["folds"]):
         done = out / "folds" / f"fold{k}.csv"
         saved = json.loads(done.with_suffix(".json").read_text()) if done.with_suffix(".json").is_file() else {}
-        if cfg.resume == "auto" and done.is_file() and saved.get("fingerprint") == fingerprint:
+        if cfg.reuse_folds and done.is_file() and saved.get("fingerprint") == fingerprint:
             # The held-out sets are not in the fingerprint: keep the rows of this run's sets; a fold that
             # lacks one of them (a set added since) or predicted another version of one (same name, other
             # rows) is retrained rather than reported with stale predictions.
@@ -321,7 +221,7 @@ def run(cfg: FinetuneConfig) -> dict:
             logger.close()
         if main:
             metrics = write_results(cfg, frames, fold_info, eval_sets, df)
-            if cfg.explain and cfg.fusion != "clinical_only":
+            if cfg.explain and cfg.model.uses_image:
                 explain_subjects(cfg, fold_info[0]["folder"], test_df.head(cfg.explain), out / "explain")
     if main:
         print_summary(metrics, out)
@@ -356,14 +256,10 @@ def print_summary(metrics: dict, out: Path) -> None:
 
 def explain_subjects(cfg: FinetuneConfig, folder: str, rows: pd.DataFrame, out_dir: Path) -> None:
     """Attention rollout and occlusion maps (NIfTI + PNG) for a few test subjects."""
-    from finetune.interpret import (
-        attention_rollout,
-        occlusion_sensitivity,
-        save_explanations,
-    )
+    from finetune.interpret import attention_rollout, occlusion_sensitivity, save_explanations
     from finetune.predict import load_model, subject_inputs
     model, meta = load_model(folder)
-    key = "logit" if cfg.task != "survival" else ("risk" if model.config.survival_head == "cox" else "hazard_logits")
+    key = cfg.task.explained_output(model.config.survival_head)
     for _, row in rows.iterrows():
         x, clin, affine = subject_inputs(row, meta)
         maps = {"attention_rollout": attention_rollout(model, x[None], clin[None]),

@@ -23,14 +23,8 @@ from torch import Tensor
 from core.atomic import atomic_dir
 from core.cli import parse_config
 from core.errors import ConfigError, InputError, cli_entry
-from models.hf import (
-    check_replaceable,
-    load_safetensors_file,
-    load_safetensors_weights,
-    load_state_dict_strict,
-    model_card,
-    read_json,
-)
+from models.hf import (check_replaceable, load_safetensors_file, load_safetensors_weights, load_state_dict_strict,
+                       model_card, read_json)
 from models.input_spec import load_input_spec
 from models.vit3d import ViT3D, ViT3DConfig, vit3d_config_from_dict
 

@@ -18,7 +18,7 @@ from typing import Literal
 
 from core.config import from_dict, to_dict
 from core.errors import ConfigError, InputError
-from data.prepare import PrepConfig
+from data.prep_config import PrepConfig
 
 INPUT_SPEC_NAME = "input_spec.json"
 VIEW_CENTRES = ("lesion", "random")

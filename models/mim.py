@@ -16,7 +16,7 @@ flattened as the encoder's patch embedding reads them (`models.vit3d.patchify`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,16 @@ from models.pos_embed import sincos_3d
 from models.vit3d import ViT3D, ViT3DConfig, patchify, unpatchify
 
 NORM_EPS = 1e-6  # MAE's epsilon in the per-patch normalisation
+
+
+class MiMOutput(NamedTuple):
+    """What MiMModel.forward returns. Lists run over levels, level 1 first; the alignment lists over the child
+    levels 2..L (entry i belongs to level i + 2). A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 and DDP
+    find the tensors of a forward's output (to hook backward) in tuples, lists and dicts only."""
+    preds: list[Tensor]                  # [B_l, N, C p^3] every level's patches, as patchify lays them out
+    aligned: list[Tensor]                # [B_l, Dd] each child's pooled decoder feature through the head
+    align_targets: list[Tensor]          # [B_l, Dd] its parent region's centred feature, detached
+    losses: dict[str, Tensor]            # "loss" and its terms "rec_l1", "align_l2", ...
 
 
 @dataclass
@@ -139,21 +149,16 @@ class MiMModel(nn.Module):
             target = target - target.mean(dim=0, keepdim=True)                 # [B_c, Dd]
         return projected, target
 
-    def forward_loss(self, levels: Sequence[Level], outputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        return mim_losses(outputs, levels, self.config)
+    def forward_loss(self, levels: Sequence[Level], out: MiMOutput) -> MiMOutput:
+        return out._replace(losses=mim_losses(out, levels, self.config))
 
-    def forward(self, levels: Sequence[Level]) -> dict[str, Tensor]:
-        """The model's tensors and its losses (see `mim_losses`): "pred_l{i}" [B_l, N, C p^3] for every
-        level; for every child level i >= 2 "align_pred_l{i}" [B_i, Dd] (projected child feature) and
-        "align_target_l{i}" [B_i, Dd] (detached); "loss" and its scalar terms "rec_l{i}", "align_l{i}"."""
+    def forward(self, levels: Sequence[Level]) -> MiMOutput:
+        """The reconstructions, the alignment pairs and the losses of one hierarchy (see MiMOutput)."""
         latents = self.forward_encoder(levels)
         feats, preds = self.forward_decoder(levels, latents)
-        out = {f"pred_l{i}": pred for i, pred in enumerate(preds, start=1)}
-        for i in range(1, len(levels)):
-            projected, target = self.align_features(levels[i], feats[i], feats[i - 1])
-            out[f"align_pred_l{i + 1}"] = projected
-            out[f"align_target_l{i + 1}"] = target
-        return {**out, **self.forward_loss(levels, out)}
+        pairs = [self.align_features(levels[i], feats[i], feats[i - 1]) for i in range(1, len(levels))]
+        out = MiMOutput(preds=preds, aligned=[p for p, _ in pairs], align_targets=[t for _, t in pairs], losses={})
+        return self.forward_loss(levels, out)
 
 
 # --- losses ---------------------------------------------------------------------------------------------------
@@ -175,20 +180,16 @@ def normalised_patches(patches: Tensor, norm_pix: bool = True) -> Tensor:
 
 def patch_targets(x: Tensor, patch_size: int, norm_pix: bool = True) -> Tensor:
     """A level's reconstruction target [B, N, C p^3] from its input x [B, C, I, I, I]. Built with the levels in
-    the loader's workers (pretrain.batches), off the step: the per-patch statistics are ~10% of a CPU step."""
+    the loader's workers (pretrain.batches), so the per-patch statistics stay off the step."""
     return normalised_patches(patchify(x, patch_size), norm_pix)
 
 
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """MSE per patch against a ready target, averaged over masked tokens only. pred, target [B, N, P]; mask [B, N]."""
+    """The reconstruction loss: MSE per patch against a ready target (patch_targets), averaged over masked
+    tokens only. pred, target [B, N, P]; mask [B, N]."""
     per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # [B, N]
     m = mask.float()                                          # [B, N]
     return (per_patch * m).sum() / m.sum()
-
-
-def masked_reconstruction_loss(pred: Tensor, target_patches: Tensor, mask: Tensor, norm_pix: bool = True) -> Tensor:
-    """MSE per patch, averaged over masked tokens only. pred, target [B, N, P]; mask [B, N] bool."""
-    return masked_mse(pred, normalised_patches(target_patches, norm_pix), mask)
 
 
 def alignment_loss(child_feat: Tensor, parent_feat: Tensor) -> Tensor:
@@ -198,26 +199,26 @@ def alignment_loss(child_feat: Tensor, parent_feat: Tensor) -> Tensor:
     return (2 - 2 * (child * parent).sum(dim=-1)).mean()
 
 
-def mim_losses(outputs: dict[str, Tensor], levels: Sequence[Level], config: MiMConfig) -> dict[str, Tensor]:
-    """The model's tensors -> "loss" = sum_l w_l rec_l + align_weight * sum_{l>=2} align_l and the scalar
-    terms "rec_l{i}" and "align_l{i}" (i >= 2)."""
+def mim_losses(out: MiMOutput, levels: Sequence[Level], config: MiMConfig) -> dict[str, Tensor]:
+    """"loss" = sum_l w_l rec_l + align_weight * sum_{l>=2} align_l, and its scalar terms under the names the
+    run logs: "rec_l{l}" and "align_l{l}" (l >= 2)."""
     if len(levels) != config.masks.levels:
         raise InputError(f"mim_losses: got {len(levels)} levels, the config has masks.levels = {config.masks.levels}")
     p = config.encoder.patch_size
-    out: dict[str, Tensor] = {}
+    terms: dict[str, Tensor] = {}
     total = 0.0
     for i, (lvl, w) in enumerate(zip(levels, config.weights()), start=1):
         # The loader builds the target with the levels; a level built elsewhere gets the same one here.
         target = lvl.target if lvl.target is not None else patch_targets(lvl.x, p, config.norm_pix_loss)
-        rec = masked_mse(outputs[f"pred_l{i}"], target, lvl.mask)
-        out[f"rec_l{i}"] = rec
+        rec = masked_mse(out.preds[i - 1], target, lvl.mask)
+        terms[f"rec_l{i}"] = rec
         total = total + w * rec
-    for i in range(2, len(levels) + 1):
-        align = alignment_loss(outputs[f"align_pred_l{i}"], outputs[f"align_target_l{i}"])
-        out[f"align_l{i}"] = align
+    for i, (projected, target) in enumerate(zip(out.aligned, out.align_targets), start=2):
+        align = alignment_loss(projected, target)
+        terms[f"align_l{i}"] = align
         total = total + config.align_weight * align
-    out["loss"] = total
-    return out
+    terms["loss"] = total
+    return terms
 
 
 @torch.no_grad()

@@ -22,9 +22,9 @@ from models.fusion import ClinicalEmbedding, ClinicalTokens, FiLM
 from models.hf import load_hf_folder, load_state_dict_strict, model_card, save_hf_folder
 from models.input_spec import InputSpec
 from models.pooling import POOLS, TokenPool
+from models.tasks import CLASSIFICATION, TASK_NAMES, TASKS, get_task
 from models.vit3d import ViT3D, ViT3DConfig, inflate_patch_embed
 
-TASKS = ("classification", "survival", "multitask")
 FUSIONS = ("none", "concat", "film", "tokens", "clinical_only")
 HEAD_NORMS = ("none", "batchnorm", "layernorm")
 MODEL_TYPE = "mimfm-multimodal"
@@ -35,8 +35,11 @@ TRAINING_ONLY_KEYS = ("in_channels", "drop_path", "grad_checkpointing")
 @dataclass
 class MultimodalConfig:
     encoder: ViT3DConfig = field(default_factory=lambda: ViT3DConfig(in_channels=2))  # [image, lesion mask]
-    task: Literal["classification", "survival", "multitask"] = "classification"  # which heads
-    fusion: Literal["none", "concat", "film", "tokens", "clinical_only"] = "concat"  # how clinical data joins
+    # what the model learns (models/tasks.py: its heads, loss, scores, metrics); --task on the command line
+    task: Literal[TASK_NAMES] = field(default=CLASSIFICATION.name, metadata={"flag": "task"})
+    # how clinical data joins the image (clinical_only trains no image model); --fusion on the command line
+    fusion: Literal["none", "concat", "film", "tokens", "clinical_only"] = field(default="concat",
+                                                                                metadata={"flag": "fusion"})
     clinical_dim: int = 0  # clinical features after encoding (one-hot, indicators); 0 only for fusion none
     clinical_hidden: int = 64  # 0 = no hidden layer (linear clinical path)
     n_clinical_tokens: int = 4  # fusion tokens: clinical tokens added to the transformer sequence
@@ -55,7 +58,7 @@ class MultimodalConfig:
     def __post_init__(self):
         if isinstance(self.encoder, dict):
             self.encoder = from_dict(ViT3DConfig, self.encoder, "encoder")
-        choices = {"task": TASKS, "fusion": FUSIONS, "survival_head": ("cox", "discrete"),
+        choices = {"task": tuple(TASKS), "fusion": FUSIONS, "survival_head": ("cox", "discrete"),
                    "mask_channel_init": ("zero", "mean"), "pool": POOLS, "head_norm": HEAD_NORMS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -76,7 +79,7 @@ class MultimodalConfig:
         """
         if self.fusion != "none" and self.clinical_dim < 1:
             raise ConfigError(f"fusion={self.fusion!r} needs clinical_dim >= 1, got {self.clinical_dim}")
-        if self.task != "classification" and self.survival_head == "discrete" and self.n_time_bins < 1:
+        if get_task(self.task).survival and self.survival_head == "discrete" and self.n_time_bins < 1:
             raise ConfigError(f"survival_head='discrete' needs n_time_bins >= 1, got {self.n_time_bins}")
 
     @property
@@ -126,9 +129,10 @@ class MultimodalModel(nn.Module):
         # The clinical-only linear path must be exactly a linear model (compared with a linear Cox fit).
         linear_baseline = c.fusion == "clinical_only" and c.clinical_hidden == 0
         self.head_drop = nn.Identity() if linear_baseline else nn.Dropout(c.head_dropout)
-        self.cls_head = nn.Linear(self.feature_dim, 1) if c.task in ("classification", "multitask") else None
+        task = get_task(c.task)
+        self.cls_head = nn.Linear(self.feature_dim, 1) if task.label else None
         self.surv_head = None
-        if c.task in ("survival", "multitask"):
+        if task.survival:
             # Cox partial likelihood is invariant to an additive constant, so the risk has no bias.
             self.surv_head = (nn.Linear(self.feature_dim, 1, bias=False) if c.survival_head == "cox"
                               else nn.Linear(self.feature_dim, c.n_time_bins))

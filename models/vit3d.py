@@ -166,9 +166,9 @@ class ViT3D(nn.Module):
         if min(x.shape[2:]) < c.patch_size:
             raise InputError(f"input {tuple(x.shape[2:])} is smaller than one {c.patch_size}^3 patch")
         # The Conv3d (kernel = stride = patch) is computed as one matmul over non-overlapping patches:
-        # identical values, but its weight gradient is a GEMM instead of a slow strided-conv backward
-        # (58% of a CPU pretraining step before; see docs/BENCHMARKS.md). The Conv3d module keeps
-        # the weights, so checkpoints and the MONAI export are unchanged.
+        # identical values, but its weight gradient is a GEMM instead of the strided-conv backward, the
+        # slowest op of a CPU step (docs/BENCHMARKS.md). The Conv3d module keeps the weights, so
+        # checkpoints and the MONAI export read them where they always were.
         p = c.patch_size
         grid = tuple(s // p for s in x.shape[2:])
         x = x[:, :, :grid[0] * p, :grid[1] * p, :grid[2] * p]  # Conv3d drops a remainder the same way

@@ -1,7 +1,7 @@
 """Reconstruction previews: orthogonal slices of input, masked input and reconstruction per level.
 
 Per level the sample with the most tissue is shown (a random level-3 sub-volume is often all
-background, which used to give a black row), each view cut through the most tissue along its axis.
+background, which would give a black row), each view cut through the most tissue along its axis.
 Masked patches are drawn in blue, so a hidden patch is not mistaken for background.
 """
 from __future__ import annotations
@@ -68,13 +68,14 @@ def _slices(vol: np.ndarray, tis: np.ndarray):
     return out
 
 
-def _rows(levels, outputs: dict, patch_size: int, norm_pix: bool, background: float | None) -> list[dict]:
+def _rows(levels, preds: Sequence[torch.Tensor], patch_size: int, norm_pix: bool,
+          background: float | None) -> list[dict]:
     bg_root, hi_root = _background_and_range(levels, background)
     rows = []
     with torch.no_grad():
         for i, level in enumerate(levels):
             row, tis = _pick(level, bg_root, hi_root)
-            pred = outputs[f"pred_l{i + 1}"].detach().float()[row:row + 1]
+            pred = preds[i].detach().float()[row:row + 1]  # [1, N, C p^3]
             one = _one_row(level, row)
             recon = reconstruct_volumes(one, pred, patch_size, norm_pix)[0, 0].cpu().numpy()  # [S, S, S]
             x = one.x.detach().float()
@@ -104,10 +105,10 @@ def _window(vol: np.ndarray, tis: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi if hi > lo else lo + 1.0)
 
 
-def preview_figure(levels, outputs: dict, patch_size: int, norm_pix: bool, *, step: int | None = None,
+def preview_figure(levels, preds: Sequence[torch.Tensor], patch_size: int, norm_pix: bool, *, step: int | None = None,
                    subjects: Sequence[str] | None = None, background: float | None = None) -> Figure:
     """The preview as a Figure (see save_previews)."""
-    rows = _rows(levels, outputs, patch_size, norm_pix, background)
+    rows = _rows(levels, preds, patch_size, norm_pix, background)
     cmap = matplotlib.colormaps["gray"].with_extremes(bad=MASKED_COLOUR)
     fig = Figure(figsize=(20, 2.6 * len(rows)), layout="constrained")
     axes = fig.subplots(len(rows), 9, squeeze=False)
@@ -130,7 +131,7 @@ def preview_figure(levels, outputs: dict, patch_size: int, norm_pix: bool, *, st
     return fig
 
 
-def save_previews(levels, outputs: dict, patch_size: int, norm_pix: bool, path: Path, *,
+def save_previews(levels, preds: Sequence[torch.Tensor], patch_size: int, norm_pix: bool, path: Path, *,
                   step: int | None = None, subjects: Sequence[str] | None = None,
                   background: float | None = None) -> Path:
     """One row per level: axial/coronal/sagittal of input | masked | reconstruction, with a colour bar.
@@ -139,7 +140,7 @@ def save_previews(levels, outputs: dict, patch_size: int, norm_pix: bool, path: 
     of `crops` given to build_hierarchy), shown for the sample drawn. background: the prepared
     volumes' background value (default: each crop's minimum).
     """
-    fig = preview_figure(levels, outputs, patch_size, norm_pix, step=step, subjects=subjects,
+    fig = preview_figure(levels, preds, patch_size, norm_pix, step=step, subjects=subjects,
                          background=background)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,14 +5,14 @@
 Data -> cache (data.prepare) -> level-1 views (data.views.PretrainCrops: a share centred on lesions,
 from masks or from candidates found without labels, the rest uniform) -> hierarchical masks
 (models.mim_masks; a lesion view's first child holds the lesion), built with their loss targets in the
-DataLoader workers (pretrain.batches) so they overlap the step -> MiMModel (its forward returns the
-per-level reconstruction and cross-level alignment losses). Checkpoints are atomic and rotated; `--resume auto` continues exactly; at the end
-the encoder is exported, with its input contract, as a Hugging Face-format folder in `output_dir/encoder`.
+DataLoader workers (pretrain.batches) so they overlap the step -> MiMModel (its forward returns a
+MiMOutput: per-level reconstructions and alignment pairs, and the losses). Checkpoints are atomic and
+rotated; `--resume auto` continues exactly; at the end the encoder is exported, with its input contract,
+as a Hugging Face-format folder in `output_dir/encoder`. The configuration is pretrain/config.py.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from timm.optim import param_groups_weight_decay
@@ -20,81 +20,14 @@ from timm.optim import param_groups_weight_decay
 from core.cli import parse_config
 from core.config import absolute_paths, save_config, to_dict
 from core.errors import InputError, cli_entry
-from data.candidates import CandidateConfig
-from data.prepare import PrepConfig
 from engine.batches import ResumableBatches
 from engine.checkpoints import Checkpointer
-from engine.config import LoopConfig, OptimConfig
 from engine.distributed import configure_deepspeed, make_accelerator, prepare
 from engine.logs import RunLogger, progress
-from engine.steps import (
-    NonFiniteGuard,
-    WarmupCosine,
-    build_optimizer,
-    optimizer_step,
-    reseed_torch,
-)
-from models.input_spec import InputSpec, ViewSpec
-from models.mim import MiMConfig, MiMModel
-from models.mim_masks import MaskConfig
-from models.vit3d import ViT3DConfig
+from engine.steps import NonFiniteGuard, WarmupCosine, build_optimizer, optimizer_step, reseed_torch
+from models.mim import MiMModel
 from pretrain.batches import HierarchyCollate
-
-PATH_FIELDS = ("data", "cache_dir", "output_dir")
-
-
-def _default_model() -> MiMConfig:
-    return MiMConfig(encoder=ViT3DConfig(), masks=MaskConfig())
-
-
-@dataclass
-class PretrainConfig(LoopConfig):
-    data: str = ""                 # folder of NIfTIs, manifest CSV, or MSD/MONAI datalist JSON
-    cache_dir: str = ""            # preprocessing cache (default: <output_dir>/../cache)
-    output_dir: str = "runs/pretrain"  # checkpoints, previews, metrics and the exported encoder
-    max_steps: int = 200           # optimizer steps
-    log_every: int = 10            # steps between metrics.jsonl / tracker rows
-    ckpt_every: int = 100          # steps between checkpoints
-    keep_ckpts: int = 2            # newest checkpoints kept
-    crop_size: int = 96            # level-1 crop edge in voxels at the prepared spacing
-    crops_per_volume: int = 2      # level-1 views cut from each volume per micro-batch
-    # Share of level-1 views centred on a lesion: from the masks when the data has a mask column, else
-    # from lesion candidates found without labels (see candidates.*). 0 = no lesion views.
-    lesion_view_fraction: float = 0.0
-    # The MiM level whose view scale is the encoder's lesion view (its input contract), i.e. the scale
-    # fine-tuning and predict crop lesions at by default; clamped to masks.levels.
-    lesion_view_level: int = 2
-    # Share of views centred on the brightest voxels (above this quantile) instead: a cruder way to find
-    # lesions (measured: no gain). The rest of the views are uniform.
-    bright_crop_fraction: float = 0.0
-    bright_quantile: float = 0.995
-    batch_size: int = 2            # volumes per process per micro-batch (x crops_per_volume crops)
-    # DataLoader worker processes; they also build the MiM hierarchy (pretrain.batches), so with >= 1
-    # it overlaps the model step. 0 = load and build in the training process (same code, same masks).
-    num_workers: int = 0
-    # torch.compile the encoder and the decoder blocks (opt-in; the first steps compile, which takes
-    # tens of seconds; see docs/BENCHMARKS.md for what it gains, or costs, on CPU)
-    torch_compile: bool = False
-    preview_every: int = 100       # reconstruction PNGs every N steps (0: only at the end)
-    stop_at: int = 0               # stop cleanly after this step (time-sliced jobs); 0 = run to max_steps
-    prep: PrepConfig = field(default_factory=PrepConfig)
-    candidates: CandidateConfig = field(default_factory=CandidateConfig)
-    model: MiMConfig = field(default_factory=_default_model)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-
-    def input_spec(self) -> InputSpec:
-        """The contract the encoder is trained under. With lesion views: lesion-centred cubes at the scale
-        of level `lesion_view_level`; else uniform crops of crop_size voxels at the prepared spacing."""
-        spec = InputSpec(prep=self.prep, input_size=self.model.encoder.img_size, channels=("image",))
-        view_mm = self.crop_size * spec.spacing_mm  # level 1
-        if not self.lesion_view_fraction:
-            spec.view = ViewSpec(centre="random", crop_mm=view_mm, margin_mm=0.0)
-            return spec
-        masks, grid = self.model.masks, self.model.encoder.grid
-        level = max(1, min(self.lesion_view_level, masks.levels))
-        spec.view = ViewSpec(centre="lesion", crop_mm=view_mm * (masks.child_patches / grid) ** (level - 1),
-                             margin_mm=0.0)
-        return spec
+from pretrain.config import PATH_FIELDS, PretrainConfig
 
 
 def load_training_volumes(cfg: PretrainConfig, show_progress: bool, max_volumes: int = 0):
@@ -218,6 +151,18 @@ def build(cfg: PretrainConfig, accelerator):
     return model, optimizer, WarmupCosine(optimizer, cfg.optim, cfg.max_steps), batches, subjects
 
 
+def restore(ckpt: Checkpointer, path: Path | None, accelerator, guard: NonFiniteGuard, logger: RunLogger) -> int:
+    """The step to continue from: 0 for a fresh run, else the checkpoint's, with its state loaded."""
+    if path is None:
+        return 0
+    state = ckpt.load(accelerator, path)
+    guard.load_state_dict(state.get("nonfinite", {}))
+    logger.truncate_after(state["step"])
+    if accelerator.is_main_process:
+        print(f"resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
 def train(cfg: PretrainConfig) -> Path:
     cfg = absolute_paths(cfg, PATH_FIELDS)
     out = Path(cfg.output_dir)
@@ -233,23 +178,17 @@ def train(cfg: PretrainConfig) -> Path:
     guard = NonFiniteGuard(cfg.max_nonfinite)
     logger = RunLogger(accelerator, out)
 
-    step = 0
-    if resume_from is not None:
-        state = ckpt.load(accelerator, resume_from)
-        step = state["step"]
-        guard.load_state_dict(state.get("nonfinite", {}))
-        logger.truncate_after(step)
-        if main:
-            print(f"resumed from {resume_from} at step {step}")
-
+    step = restore(ckpt, resume_from, accelerator, guard, logger)
     enc = cfg.model.encoder
 
     def loss_fn(micro):
         m, batch = micro
-        reseed_torch(cfg.seed, m, accelerator.process_index)  # dropout / drop-path; the masks came seeded from the loader
+        # dropout / drop-path; the masks came seeded from the loader
+        reseed_torch(cfg.seed, m, accelerator.process_index)
         levels = [lvl.to(accelerator.device, non_blocking=True) for lvl in batch["levels"]]  # built in the loader
         names = [subjects[int(i)] for i in batch["index"] for _ in range(cfg.crops_per_volume)]
-        return {**model(levels), "levels": levels, "subjects": names}
+        out = model(levels)  # MiMOutput
+        return {**out.losses, "preds": out.preds, "levels": levels, "subjects": names}
 
     last_stop = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
     summary = {"volumes": len(subjects), "world_size": accelerator.num_processes}
@@ -277,7 +216,7 @@ def train(cfg: PretrainConfig) -> Path:
                                   "train/nonfinite_skipped": guard.total, **clock.window()})
             if main and cfg.preview_every and (step % cfg.preview_every == 0 or step == last_stop):
                 from pretrain.preview import save_previews
-                save_previews(outputs["levels"], outputs, enc.patch_size, cfg.model.norm_pix_loss,
+                save_previews(outputs["levels"], outputs["preds"], enc.patch_size, cfg.model.norm_pix_loss,
                               out / "previews" / f"step{step:07d}.png", step=step, subjects=outputs["subjects"])
             if step % cfg.ckpt_every == 0 or step == last_stop:
                 summary.update(step=step, losses=last, nonfinite_skipped=guard.total,

@@ -1,6 +1,8 @@
 """Smoke tests of the speed benchmarks: each main runs at a toy size with one timed step and returns its
 table with the expected rows and columns. No timing is asserted (2 shared cores)."""
-from benchmarks import common, pretrain_speed, throughput
+from benchmarks import common
+from benchmarks.speed import pretrain as pretrain_speed
+from benchmarks.speed import throughput
 
 
 def test_pretrain_speed_table():
@@ -81,7 +83,7 @@ def test_gpu_table_columns():
 def test_crop_scale_probe_runs_every_model(synth_cohort, tmp_path):
     import numpy as np
 
-    from benchmarks import crop_scale_probe
+    from benchmarks.research import crop_scale_probe
     common_args = ["--cohort", str(synth_cohort), "--cache", str(tmp_path / "cache"), "--folds", "2"]
     feats = crop_scale_probe.main(common_args + ["--model", "features", "--labels", "latent"])
     assert len(feats["fold_aucs"]) == 2 and 0.0 <= feats["oof_auc"] <= 1.0
@@ -107,7 +109,7 @@ def test_finetune_recipe_results_gather_every_invocation(tmp_path):
     """A second invocation with other variants keeps the first one's rows; a re-run row replaces its old one."""
     import json
 
-    from benchmarks.finetune_recipe import merge_rows
+    from benchmarks.research.finetune_recipe import merge_rows
     from core.atomic import write_json
 
     path = tmp_path / "results.json"

@@ -10,7 +10,7 @@ import pytest
 
 from core.cli import parse_config
 from core.errors import ConfigError
-from finetune.train import FinetuneConfig
+from finetune.config import FinetuneConfig
 
 
 def _help_text(cls, capsys, **kwargs) -> str:
@@ -109,13 +109,13 @@ def test_bad_file_value_is_blamed_on_the_file_and_key(tmp_path):
 
 def test_a_check_that_only_the_flags_break_is_blamed_on_the_flags(tmp_path):
     y = tmp_path / "run.yaml"
-    y.write_text("task: survival\n")
+    y.write_text("model: {task: survival}\n")
     with pytest.raises(ConfigError) as e:  # a value check (in __post_init__) that only the flags break
         parse_config(FinetuneConfig, ["--config", str(y), "--crop_mm", "-5"])
     assert str(e.value).startswith("flags: ") and str(y) not in str(e.value)
     with pytest.raises(ConfigError) as e:  # a choice is checked against the flag itself
         parse_config(FinetuneConfig, ["--config", str(y), "--task", "bogus"])
-    assert str(e.value).startswith("--task: 'bogus' is not one of") and str(y) not in str(e.value)
-    y.write_text("task: bogus\n")
+    assert str(e.value).startswith("--model.task: 'bogus' is not one of") and str(y) not in str(e.value)
+    y.write_text("model: {task: bogus}\n")
     with pytest.raises(ConfigError, match=re.escape(str(y))):
         parse_config(FinetuneConfig, ["--config", str(y), "--folds", "3"])

@@ -9,13 +9,7 @@ from monai.data import DataLoader
 
 from core.errors import InputError
 from data.cache import CacheEntry
-from data.crops import (
-    crop_with_pad,
-    lesion_box,
-    lesion_crop,
-    lesion_crop_with_affine,
-    random_crop_boxes,
-)
+from data.crops import crop_with_pad, lesion_box, lesion_crop, lesion_crop_with_affine, random_crop_boxes
 from data.datasets import LesionCrops
 from data.views import PretrainCrops
 

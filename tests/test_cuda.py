@@ -44,7 +44,7 @@ def _bf16_steps(accelerator: Accelerator, steps: int = 25) -> tuple[list[float],
     for step in range(steps):
         levels = build_hierarchy(crops, accelerator.unwrap_model(model).config.masks, 4, 16,
                                  torch.Generator().manual_seed(step % 3))
-        terms, ok, _ = optimizer_step(accelerator, model, optimizer, guard, 1.0, [levels], lambda lv: model(lv))
+        terms, ok, _ = optimizer_step(accelerator, model, optimizer, guard, 1.0, [levels], lambda lv: model(lv).losses)
         assert ok
         losses.append(terms["loss"])
     return losses, seen

@@ -171,14 +171,14 @@ def test_module_entry_point_exit_code(tmp_path):
 def test_same_cis_from_fine_tuning_and_from_the_cli(tmp_path, capsys):
     """Fine-tuning evaluates its in-memory predictions (float32 scores) with its own --n_boot and
     --seed; the CLI, given only the predictions file it wrote, must report the very same numbers."""
-    from data.manifest import read_manifest
+    from models.tasks import MULTITASK
     make_cohort(tmp_path)
     run = tmp_path / "run"
     pred = pd.read_csv(run / "predictions.csv", dtype={"subject_id": str}).astype({"prob": "float32",
                                                                                    "risk": "float32"})
     pred.to_csv(run / "predictions.csv", index=False)
     (run / "config.yaml").write_text("seed: 7\nn_boot: 20\ntask: multitask\n")  # as fine-tuning saves it
-    outcomes = pd.concat([read_manifest(tmp_path / f, task="multitask", check_files=False)
+    outcomes = pd.concat([MULTITASK.read_manifest(tmp_path / f, check_files=False)
                           for f in ("manifest.csv", "external.csv")], ignore_index=True)
     by_function = evaluate(pred, outcomes, n_boot=20, seed=7)  # what finetune.train calls
 

@@ -11,7 +11,7 @@ from monai.networks.nets import UNETR, ViT
 from safetensors.torch import load_file, save_file
 
 from core.config import to_dict
-from data.prepare import PrepConfig
+from data.prep_config import PrepConfig
 from models.export import main
 from models.input_spec import InputSpec, ViewSpec, load_input_spec
 from models.vit3d import ViT3D, ViT3DConfig

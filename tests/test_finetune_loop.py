@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from core.config import load_config
-from finetune.train import FinetuneConfig, run
+from finetune.config import FinetuneConfig
+from finetune.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,8 +24,8 @@ def tiny_cfg(cohort, out, **over) -> FinetuneConfig:
     cfg.output_dir, cfg.cache_dir = str(out), str(out.parent / "cache")
     cfg.mixed_precision, cfg.n_boot, cfg.explain, cfg.epochs, cfg.folds = "no", 20, 1, 2, 2
     cfg.model.encoder.depth = 2
-    for k, v in over.items():
-        setattr(cfg, k, v)
+    for k, v in over.items():  # --task and --fusion are stored as model.task and model.fusion
+        setattr(cfg.model if k in ("task", "fusion") else cfg, k, v)
     return cfg
 
 
@@ -103,7 +104,7 @@ def test_fold_fingerprint_tracks_what_a_fold_depends_on(synth_cohort, tmp_path):
     splits = {"folds": [{"train": ["a"], "val": ["b"]}]}
     base = fold_fingerprint(cfg, splits)
     assert fold_fingerprint(replace(cfg, n_boot=5, explain=0, output_dir="elsewhere"), splits) == base
-    assert fold_fingerprint(replace(cfg, fusion="film"), splits) != base
+    assert fold_fingerprint(replace(cfg, model=replace(cfg.model, fusion="film")), splits) != base
     assert fold_fingerprint(cfg, {"folds": [{"train": ["b"], "val": ["a"]}]}) != base
 
 
@@ -161,7 +162,8 @@ def test_a_refused_run_writes_nothing(synth_cohort, tmp_path):
     with pytest.raises(InputError, match="clinical column"):
         run(tiny_cfg(synth_cohort, out, clinical_columns=["no_such_column"]))
     assert not out.exists()
-    from pretrain.train import PretrainConfig, train
+    from pretrain.config import PretrainConfig
+    from pretrain.train import train
     with pytest.raises(InputError, match="no .nii"):
         empty = tmp_path / "empty"
         empty.mkdir()
@@ -176,8 +178,8 @@ def test_clinical_only_cox_matches_sksurv_coefficients():
     from sksurv.linear_model import CoxPHSurvivalAnalysis
 
     from finetune.clinical import ClinicalSchema
-    from finetune.survival_losses import cox_efron_loss
     from models.multimodal import MultimodalConfig, MultimodalModel
+    from models.survival_losses import cox_efron_loss
     from models.vit3d import ViT3DConfig
 
     X, y = load_veterans_lung_cancer()
@@ -253,14 +255,17 @@ def test_negative_crop_mm_is_a_config_error():
     assert crop(0.0) is None and crop(40.0) == 20 and crop(0.4) == 1
 
 
-def test_task_and_fusion_are_set_in_one_place():
+def test_task_and_fusion_are_declared_once_where_the_model_reads_them():
     from core.cli import parse_config
     from core.errors import ConfigError
     from finetune.train import resolve_inputs
+    from models.tasks import SURVIVAL
     cfg, _ = parse_config(FinetuneConfig, ["--task", "survival", "--fusion", "film"])
     model_cfg, _ = resolve_inputs(cfg)
-    assert (model_cfg.task, model_cfg.fusion) == ("survival", "film")  # the model follows --task / --fusion
-    with pytest.raises(ConfigError, match="--model.task 'multitask' conflicts with --task 'survival'"):
-        parse_config(FinetuneConfig, ["--task", "survival", "--model.task", "multitask"])
-    with pytest.raises(ConfigError, match="--model.fusion"):
+    assert (model_cfg.task, model_cfg.fusion) == ("survival", "film") and cfg.task is SURVIVAL
+    long, _ = parse_config(FinetuneConfig, ["--model.task", "survival", "--model.fusion", "film"])
+    assert long == cfg  # --task is --model.task: one field, two spellings
+    with pytest.raises(ConfigError, match="--model.task: 'segmentation' is not one of"):
+        parse_config(FinetuneConfig, ["--task", "segmentation"])
+    with pytest.raises(SystemExit):  # argparse: two spellings of one flag in one command line are refused
         parse_config(FinetuneConfig, ["--fusion", "none", "--model.fusion", "tokens"])

@@ -8,12 +8,7 @@ from accelerate import Accelerator
 
 from engine.config import OptimConfig
 from engine.steps import NonFiniteGuard, build_optimizer, optimizer_step
-from finetune.recipe import (
-    EpochChoice,
-    FinetuneSchedule,
-    encoder_peak_lr,
-    tag_param_groups,
-)
+from finetune.recipe import EpochChoice, FinetuneSchedule, encoder_peak_lr, tag_param_groups
 from models.multimodal import MultimodalConfig, MultimodalModel
 from models.pooling import TokenPool, mask_token_weights
 from models.vit3d import ViT3DConfig

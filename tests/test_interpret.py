@@ -9,13 +9,9 @@ from PIL import Image
 from torch import nn
 
 from core.errors import InputError
-from finetune.interpret import (
-    attention_rollout,
-    occlusion_sensitivity,
-    save_explanations,
-)
-from finetune.survival_losses import survival_risk_from_hazards
+from finetune.interpret import attention_rollout, occlusion_sensitivity, save_explanations
 from models.multimodal import MultimodalConfig, MultimodalModel
+from models.survival_losses import survival_risk_from_hazards
 from models.vit3d import ViT3DConfig
 
 S, P, F = 32, 8, 3

@@ -39,8 +39,8 @@ def test_every_accelerate_yaml_is_consistent():
 
 def test_run_presets_parse_into_their_configs():
     from core.config import load_config
-    from finetune.train import FinetuneConfig
-    from pretrain.train import PretrainConfig
+    from finetune.config import FinetuneConfig
+    from pretrain.config import PretrainConfig
     for path in sorted(LAUNCH.glob("pretrain_*.yaml")):
         cfg = load_config(PretrainConfig, path)
         assert cfg.model.encoder.img_size % cfg.model.encoder.patch_size == 0
@@ -89,10 +89,7 @@ def test_slurm_script_renders_one_launch_per_node(tmp_path):
 
 def _accelerate_per_node(argv: list[str]) -> dict:
     """How `accelerate launch argv` would start this node's ranks (accelerate's own parsing, nothing run)."""
-    from accelerate.commands.launch import (
-        _validate_launch_command,
-        launch_command_parser,
-    )
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_deepspeed_cmd_env
     args, defaults, mp_from_config = _validate_launch_command(launch_command_parser().parse_args(argv))
     assert args.use_deepspeed

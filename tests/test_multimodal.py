@@ -252,7 +252,7 @@ def test_head_norm_round_trips_with_its_running_statistics(tmp_path):
 
 def test_bad_head_norm_and_batchnorm_with_single_samples_are_refused():
     from core.errors import ConfigError
-    from finetune.train import FinetuneConfig
+    from finetune.config import FinetuneConfig
     with pytest.raises(ConfigError, match="head_norm"):
         MultimodalConfig(encoder=encoder_config(), head_norm="groupnorm")
     with pytest.raises(ConfigError, match="--batch_size >= 2"):

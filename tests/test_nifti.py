@@ -11,14 +11,7 @@ import pytest
 from nibabel.affines import apply_affine
 
 from core.errors import NiftiError
-from data.nifti import (
-    Volume,
-    check_same_grid,
-    load_mask,
-    load_pair,
-    load_volume,
-    save_volume,
-)
+from data.nifti import Volume, check_same_grid, load_mask, load_pair, load_volume, save_volume
 
 RAS = np.array([[1.5, 0, 0, -10], [0, 2.0, 0, 20], [0, 0, 3.0, 5], [0, 0, 0, 1]])
 # Axis 0 runs Left (x decreasing), axis 1 runs Superior, axis 2 runs Posterior: LSP, far from RAS.

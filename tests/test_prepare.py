@@ -10,7 +10,8 @@ import data.cache as cache_mod
 import data.prepare as prep
 from core.errors import InputError, NiftiError
 from data.nifti import save_volume
-from data.prepare import PrepConfig, prepare_subject, prepare_table
+from data.prep_config import PrepConfig
+from data.prepare import prepare_subject, prepare_table
 
 
 def _grid(shape):
@@ -290,9 +291,9 @@ def test_cli_skip_bad_reports_every_bad_subject(tmp_path, capsys):
 def test_default_normalisation_keeps_lesion_contrast(synth_cohort, tmp_path):
     """The saturated share of lesion voxels (those at the normalised maximum) on the built-in cohort:
     under 1% with the default clip (none above), about half with the old 99.5th percentile."""
-    from data.manifest import read_manifest
     from data.prepare import prepare_table
-    table = read_manifest(synth_cohort / "manifest.csv", task="classification").head(8)
+    from models.tasks import CLASSIFICATION
+    table = CLASSIFICATION.read_manifest(synth_cohort / "manifest.csv").head(8)
 
     def saturated(cfg):
         df, _ = prepare_table(table, cfg, tmp_path / "cache", progress=False)

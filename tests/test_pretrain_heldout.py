@@ -1,12 +1,13 @@
-"""benchmarks.pretrain_heldout: the MiM losses of every checkpoint on trained-on vs never-seen volumes."""
+"""benchmarks.research.pretrain_heldout: the MiM losses of every checkpoint on trained-on vs never-seen volumes."""
 import json
 from pathlib import Path
 
 import pytest
 
-from benchmarks import pretrain_heldout
+from benchmarks.research import pretrain_heldout
 from core.config import load_config
-from pretrain.train import PretrainConfig, train
+from pretrain.config import PretrainConfig
+from pretrain.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from core.config import load_config
 from engine.steps import TrainingStopped
-from pretrain.train import PretrainConfig, train
+from pretrain.config import PretrainConfig
+from pretrain.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,7 +137,8 @@ def test_lesion_views_from_candidates_train_and_set_the_encoder_contract(synth_c
     cached = list((out.parent / "cache").rglob("candidates-*.json"))
     assert len(cached) == 4  # one per unlabeled volume, reused by later runs
     assert any(json.loads(p.read_text())["centres"] for p in cached)
-    from finetune.train import FinetuneConfig, resolve_inputs
+    from finetune.config import FinetuneConfig
+    from finetune.train import resolve_inputs
     _, ft_spec = resolve_inputs(FinetuneConfig(pretrained=str(out / "encoder")))
     assert ft_spec.view.crop_mm == spec.view.crop_mm and ft_spec.view.centre == "lesion"
 

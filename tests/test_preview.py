@@ -18,12 +18,12 @@ def _cfg() -> MiMConfig:
 
 
 def _forward(crops):
-    """levels and outputs of a tiny random MiM on crops [B, 1, 32, 32, 32]."""
+    """levels and per-level reconstructions of a tiny random MiM on crops [B, 1, 32, 32, 32]."""
     torch.manual_seed(0)
     cfg = _cfg()
     levels = build_hierarchy(crops, cfg.masks, P, 16, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return levels, MiMModel(cfg).eval()(levels)
+        return levels, MiMModel(cfg).eval()(levels).preds
 
 
 def _ball_crops():

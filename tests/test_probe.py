@@ -13,7 +13,7 @@ from sklearn.metrics import r2_score, roc_auc_score
 from benchmarks.probe import evaluate as ev
 from benchmarks.probe import main
 from benchmarks.probe.cohort import ensure_cohort, lesion_crops, load_cohort
-from data.prepare import PrepConfig
+from data.prep_config import PrepConfig
 from models.input_spec import InputSpec, ViewSpec
 from models.vit3d import ViT3D, ViT3DConfig
 
@@ -188,9 +188,9 @@ def test_bootstrap_metrics_equal_sklearn_on_the_resampled_rows():
 
 
 def test_supervised_ceiling_trains_and_saves_an_encoder_the_probe_reads(toy, tmp_path, capsys):
-    """benchmarks.probe.supervised: the loss falls, the encoder is saved with --like's contract and config,
+    """benchmarks.research.probe_ceiling: the loss falls, the encoder is saved with --like's contract and config,
     and training on the probe cohort's own seed is refused in one line."""
-    from benchmarks.probe import supervised
+    from benchmarks.research import probe_ceiling as supervised
     from benchmarks.probe.run import load_encoder
     from models.input_spec import load_input_spec
     with pytest.raises(SystemExit) as e:
@@ -210,7 +210,7 @@ def test_supervised_ceiling_trains_and_saves_an_encoder_the_probe_reads(toy, tmp
 def test_noisy_latents_have_the_asked_r2_by_sklearns_linear_fit():
     from sklearn.linear_model import LinearRegression
 
-    from benchmarks.probe.headroom import noisy_latents
+    from benchmarks.research.probe_headroom import noisy_latents
     rng = np.random.default_rng(0)
     Z = rng.standard_normal((20000, 3)) * [1.0, 2.0, 0.5]  # [N, K], unequal scales
     X = noisy_latents(Z, np.array([0.2, 0.5, 1.0]), np.random.default_rng(1))
@@ -219,7 +219,7 @@ def test_noisy_latents_have_the_asked_r2_by_sklearns_linear_fit():
 
 
 def test_headroom_curve_rises_to_the_probes_image_only_ceiling(toy, first_run, tmp_path):
-    from benchmarks.probe.headroom import main as headroom
+    from benchmarks.research.probe_headroom import main as headroom
     res = headroom(["--probe", str(toy / "out1" / "probe.json"), "--out", str(tmp_path / "h"),
                     "--r2", "0.02", "0.3", "1.0", "--draws", "2"])
     curve = {c["noise_r2"]: c for c in res["curve"]}
@@ -237,7 +237,7 @@ def test_headroom_curve_rises_to_the_probes_image_only_ceiling(toy, first_run, t
 
 
 def test_headroom_reads_the_curve_both_ways_within_its_range_only():
-    from benchmarks.probe.headroom import auc_on_curve, r2_on_curve
+    from benchmarks.research.probe_headroom import auc_on_curve, r2_on_curve
     curve = [{"r2_mean": x, "auc": y} for x, y in ((0.1, 0.6), (0.3, 0.7), (0.2, 0.68), (0.5, 0.66), (0.9, 0.9))]
     # by R²: 0.1 -> 0.6, 0.2 -> 0.68, 0.3 -> 0.7, then the dip at 0.5 is lifted to 0.7 (the need cannot fall)
     assert auc_on_curve(curve, 0.15) == pytest.approx(0.64)
@@ -250,7 +250,7 @@ def test_headroom_reads_the_curve_both_ways_within_its_range_only():
 
 
 def test_headroom_bad_input_is_one_line_and_exit_2(toy, first_run, tmp_path, capsys):
-    from benchmarks.probe.headroom import main as headroom
+    from benchmarks.research.probe_headroom import main as headroom
     moved = json.loads((toy / "out1" / "probe.json").read_text())
     moved["protocol"]["splits"] = str(tmp_path / "gone.json")
     (tmp_path / "moved.json").write_text(json.dumps(moved))

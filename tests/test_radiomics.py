@@ -11,18 +11,8 @@ from sksurv.datasets import load_veterans_lung_cancer
 from sksurv.metrics import concordance_index_censored
 
 from core.errors import InputError
-from finetune.radiomics import (
-    RadiomicsModel,
-    extract_features,
-    first_order_features,
-    glcm_features,
-    glcm_matrices,
-    peritumoral_ring,
-    predict_splits,
-    quantise,
-    shape_features,
-    survival_target,
-)
+from finetune.radiomics import (RadiomicsModel, extract_features, first_order_features, glcm_features, glcm_matrices,
+                                peritumoral_ring, predict_splits, quantise, shape_features, survival_target)
 
 
 def _ball(shape, centre_mm, radius_mm, spacing):

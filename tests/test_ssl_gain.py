@@ -1,4 +1,4 @@
-"""benchmarks.ssl_gain end to end at the toy size: every model x held-out set is reported (an AUC in [0, 1]
+"""benchmarks.research.ssl_gain end to end at the toy size: every model x held-out set is reported (an AUC in [0, 1]
 or null with a reason), the large evaluation sets are predicted by every model without clashing ids, every
 claim x split is decided from its paired CI (recomputed here with sklearn from the saved scores), the
 table and the ROC figures are written, and a rerun skips every finished stage. The numbers themselves
@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from benchmarks import ssl_gain
-from benchmarks.ssl_gain.paired import BOOT_SEED, CLAIMS, NON_INFERIORITY_MARGIN
-from benchmarks.ssl_gain.presets import EVAL_SETS, LARGE_DIR, LARGE_SEED, LARGE_SETS
+from benchmarks.research import ssl_gain
+from benchmarks.research.ssl_gain.paired import BOOT_SEED, CLAIMS, NON_INFERIORITY_MARGIN
+from benchmarks.research.ssl_gain.presets import EVAL_SETS, LARGE_DIR, LARGE_SEED, LARGE_SETS
 from finetune.evaluate import bootstrap_counts
 
 MODELS = ("mim", "multimodal", "scratch", "mae", "radiomics", "clinical_only", "oracle")
@@ -92,9 +92,9 @@ def test_presets_resolve(name, tmp_path, capsys):
     assert ssl_gain.main(["--preset", name, "--out", str(tmp_path / "x"), "--show"]) == 0
     text = capsys.readouterr().out
     preset = ssl_gain.resolve_preset(name)
-    from benchmarks.ssl_gain.stages import LAUNCH
+    from benchmarks.research.ssl_gain.stages import LAUNCH
     from core.config import load_config
-    from pretrain.train import PretrainConfig
+    from pretrain.config import PretrainConfig
     levels = load_config(PretrainConfig, LAUNCH / preset.pretrain_config).model.masks.levels
     assert levels > 1 and f"pretrain (levels={levels})" in text and "pretrain (levels=1)" in text
     assert "ft_mim_none" in text
@@ -188,7 +188,7 @@ def test_label_curve_fine_tunes_nested_subsets_and_compares_with_scratch(toy_run
     """The toy preset's label size (8 patients): its manifest holds the subset and the seed's test set,
     its folds cover the subset only, the three image models fine-tune on it, and the curve compares each
     with scratch at the same n by the paired bootstrap, recomputed here with sklearn."""
-    from benchmarks.ssl_gain.label_curve import run_name, subset_paths
+    from benchmarks.research.ssl_gain.label_curve import run_name, subset_paths
     preset = ssl_gain.resolve_preset("cpu", toy=True)
     (n,) = preset.label_sizes
     manifest, split_path = subset_paths(toy_run, 0, n)

@@ -7,12 +7,7 @@ from sksurv.linear_model import CoxPHSurvivalAnalysis
 
 from core.errors import InputError
 from finetune.cohort import time_bins, to_bin
-from finetune.survival_losses import (
-    cox_efron_loss,
-    discrete_time_nll,
-    survival_from_hazards,
-    survival_risk_from_hazards,
-)
+from models.survival_losses import cox_efron_loss, discrete_time_nll, survival_from_hazards, survival_risk_from_hazards
 
 
 def efron_neg_loglik_numpy(risk, time, event):

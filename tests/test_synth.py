@@ -75,8 +75,8 @@ def test_manifest_is_well_formed(cohort):
 
 
 def test_manifest_reads_with_the_project_reader(cohort):
-    from data.manifest import read_manifest
-    df = read_manifest(cohort / "manifest.csv", task="multitask")
+    from models.tasks import MULTITASK
+    df = MULTITASK.read_manifest(cohort / "manifest.csv")
     assert len(df) == TINY["n_labeled"] and all(Path(p).is_file() for p in df["mask"])
 
 

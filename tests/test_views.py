@@ -91,9 +91,10 @@ def test_candidates_find_the_index_lesions_of_the_built_in_cohort(synth_cohort, 
     index lesion's box (grown by 2 voxels). The masks mark index lesions only, so other real lesions
     count as misses for precision: it is a lower bound. Measured on the seed-0 cohort's 30 lesions:
     top-1 hit 0.53, any of the top 3 0.70, precision 0.39 (a random brain voxel: about 0.01)."""
-    from data.manifest import read_manifest
-    from data.prepare import PrepConfig, prepare_table
-    df, _ = prepare_table(read_manifest(synth_cohort / "manifest.csv", task="classification"), PrepConfig(),
+    from data.prep_config import PrepConfig
+    from data.prepare import prepare_table
+    from models.tasks import CLASSIFICATION
+    df, _ = prepare_table(CLASSIFICATION.read_manifest(synth_cohort / "manifest.csv"), PrepConfig(),
                           tmp_path / "cache", progress=False)
     top1, recall, precision = [], [], []
     for _, row in df.iterrows():

@@ -8,17 +8,11 @@ from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 
 from core.errors import ConfigError, InputError
-from data.prepare import PrepConfig
+from data.prep_config import PrepConfig
 from models.hf import load_hf_folder, load_state_dict_strict
 from models.input_spec import InputSpec, load_input_spec
 from models.pos_embed import resize_pos_embed, sincos_3d
-from models.vit3d import (
-    PRESETS,
-    ViT3D,
-    ViT3DConfig,
-    vit3d_config,
-    vit3d_config_from_dict,
-)
+from models.vit3d import PRESETS, ViT3D, ViT3DConfig, vit3d_config, vit3d_config_from_dict
 
 CFG = ViT3DConfig(img_size=32, patch_size=8, dim=48, depth=2, heads=2)  # 4^3 = 64 tokens
 

@@ -34,7 +34,8 @@ def engine_outputs(acc, run: Path, out: Path) -> None:
 
     from core.config import load_config
     from engine.checkpoints import Checkpointer
-    from pretrain.train import PretrainConfig, build
+    from pretrain.config import PretrainConfig
+    from pretrain.train import build
     cfg = load_config(PretrainConfig, run / "config.yaml")
     model, _, _, _, _ = build(cfg, acc)
     ckpt = Checkpointer(run, cfg.keep_ckpts)

@@ -16,9 +16,10 @@ import pandas as pd
 
 from core.errors import InputError
 from data.crops import crop_with_pad, lesion_box, lesion_crop
-from data.manifest import read_manifest
-from data.prepare import PrepConfig, prepare_table
+from data.prep_config import PrepConfig
+from data.prepare import prepare_table
 from models.input_spec import InputSpec, ViewSpec
+from models.tasks import CLASSIFICATION
 
 
 @dataclass
@@ -62,7 +63,7 @@ def ensure_cohort(cohort_dir: Path, n_lesions: int, seed: int, workers: int = 1,
 
 def _tables(cohort_dir: Path, check_files: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(manifest, oracle.csv indexed by subject_id), checked: every subject has a row with z_* latents."""
-    manifest = read_manifest(cohort_dir / "manifest.csv", task="classification", check_files=check_files)
+    manifest = CLASSIFICATION.read_manifest(cohort_dir / "manifest.csv", check_files=check_files)
     oracle_path = cohort_dir / "oracle.csv"
     if not oracle_path.is_file():
         raise InputError(f"{oracle_path}: missing; the probe needs the generator's latents (a data.synth cohort)")

@@ -12,17 +12,8 @@ import numpy as np
 import torch
 
 from benchmarks.probe import evaluate as ev
-from benchmarks.probe.cohort import (
-    ProbeCohort,
-    lesion_crops,
-    lesion_regions,
-    probe_view,
-)
-from benchmarks.probe.features import (
-    encoder_features,
-    handmade_features,
-    pixel_features,
-)
+from benchmarks.probe.cohort import ProbeCohort, lesion_crops, lesion_regions, probe_view
+from benchmarks.probe.features import encoder_features, handmade_features, pixel_features
 from benchmarks.probe.geometry import GEOMETRY_GROUP, geometry
 from benchmarks.probe.geometry import summarise as summarise_geometry
 from core.atomic import write_json

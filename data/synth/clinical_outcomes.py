@@ -13,14 +13,7 @@ import pandas as pd
 from scipy.special import expit
 
 from data.synth.lesions import physical, sample_latents
-from data.synth.params import (
-    CLINICAL_COLUMNS,
-    HISTOLOGIES,
-    LATENTS,
-    CaseMix,
-    LesionParams,
-    OutcomeParams,
-)
+from data.synth.params import CLINICAL_COLUMNS, HISTOLOGIES, LATENTS, CaseMix, LesionParams, OutcomeParams
 
 LESION_COLUMNS = ("dose_gy",)  # the rest belong to the patient
 

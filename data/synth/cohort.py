@@ -19,13 +19,7 @@ from core.errors import InputError
 from data.synth.anatomy import TEMPLATE_FILES, load_template
 from data.synth.clinical_outcomes import observed_clinical, sample_subjects
 from data.synth.lesions import physical, sample_latents
-from data.synth.params import (
-    CLINICAL_COLUMNS,
-    GENERATOR_VERSION,
-    LATENTS,
-    CohortParams,
-    validate,
-)
+from data.synth.params import CLINICAL_COLUMNS, GENERATOR_VERSION, LATENTS, CohortParams, validate
 from data.synth.render import ScanJob, render_scan
 
 MANIFEST_COLUMNS = ("subject_id", "patient_id", "site", "image", "mask", "label", "time", "event") + CLINICAL_COLUMNS

@@ -1,6 +1,6 @@
 """Pretraining throughput: our MiM ViT vs MONAI's MaskedAutoEncoderViT at the same sizes, in one run.
 
-    python -m benchmarks.pretrain_speed [--preset tiny|base] [--device cpu|cuda] [--repeats 5] [--write-docs]
+    python -m benchmarks.speed.pretrain [--preset tiny|base] [--device cpu|cuda] [--repeats 5] [--write-docs]
 
 One training step = forward + loss + backward + gradient clipping + AdamW step, as pretrain/train.py
 does it. Ours also builds the MiM hierarchy and its loss targets every step (pretrain.batches.HierarchyCollate:
@@ -29,38 +29,22 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (
-    TRAIN_FLOPS_PER_FORWARD,
-    Measured,
-    Runner,
-    Table,
-    add_run_args,
-    command_line,
-    format_flops,
-    format_memory,
-    mae_forward_flops,
-    measure,
-    memory_note,
-    paired_ratio,
-    peak_bf16_flops,
-    release_memory,
-    resolve_device,
-    run_and_report,
-    sync,
-)
+from benchmarks.common import (TRAIN_FLOPS_PER_FORWARD, Measured, Runner, Table, add_run_args, command_line,
+                               format_flops, format_memory, mae_forward_flops, measure, memory_note, paired_ratio,
+                               peak_bf16_flops, release_memory, resolve_device, run_and_report, sync)
 from core.config import load_config
 from core.errors import cli_entry
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PRESETS = {"tiny": ROOT / "launch" / "pretrain_tiny_cpu.yaml", "cpu": ROOT / "launch" / "pretrain_cpu.yaml",
            "base": ROOT / "launch" / "pretrain_base_gpu.yaml"}
-RUNNER = "benchmarks.pretrain_speed:PretrainRunner"
+RUNNER = "benchmarks.speed.pretrain:PretrainRunner"
 MONAI = "MONAI MaskedAutoEncoderViT"
 MONAI_SDPA = "MONAI MaskedAutoEncoderViT, SDPA"
 
 
 def load_preset(path):
-    from pretrain.train import PretrainConfig
+    from pretrain.config import PretrainConfig
     return load_config(PretrainConfig, path)
 
 
@@ -169,16 +153,16 @@ class PretrainRunner(Runner):
         self.flops = TRAIN_FLOPS_PER_FORWARD * forward_flops(self.model_cfg, self.kind != "mim") * self.subvolumes
 
     def _loss(self) -> torch.Tensor:
-        from models.mim import masked_reconstruction_loss
+        from models.mim import masked_mse, normalised_patches
         from models.vit3d import patchify
         if self.kind == "mim":
             levels = [lvl.to(self.device, non_blocking=True) for lvl in self.batch["levels"]]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                return self.model(levels)["loss"]
+                return self.model(levels).losses["loss"]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             pred, mask = self.model(self.x)  # [B, N, C p^3], [B, N] int (1 = masked)
             target = patchify(self.x, self.model_cfg.encoder.patch_size)  # [B, N, C p^3]
-            return masked_reconstruction_loss(pred, target, mask.bool(), self.model_cfg.norm_pix_loss)
+            return masked_mse(pred, normalised_patches(target, self.model_cfg.norm_pix_loss), mask.bool())
 
     def step(self) -> dict[str, float]:
         sync(self.device)
@@ -344,7 +328,7 @@ def build_table(args, model, rows: list[Row], results: dict[str, Measured],
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.pretrain_speed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.speed.pretrain", description=__doc__.split("\n\n")[0])
     add_run_args(p)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--config", default=None, help="a pretraining YAML instead of --preset")
@@ -404,7 +388,7 @@ def heading(args) -> str:
 @cli_entry
 def main(argv=None) -> Table:
     args = parse_args(argv)
-    return run_and_report(args, run, command_line("benchmarks.pretrain_speed", argv), heading(args),
+    return run_and_report(args, run, command_line("benchmarks.speed.pretrain", argv), heading(args),
                           load_note=" (the ratios come from steps timed in the same rounds)")
 
 

@@ -10,31 +10,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.ssl_gain.evaluation import evaluate_seed
-from benchmarks.ssl_gain.label_curve import (
-    evaluate_label_curve,
-    label_runs,
-    make_subset,
-    subset_paths,
-)
-from benchmarks.ssl_gain.paired import paired_comparisons
-from benchmarks.ssl_gain.presets import (
-    BINS,
-    EVAL_SETS,
-    LARGE_DIR,
-    LARGE_PREFIX,
-    LARGE_SEED,
-    RING_MM,
-    Preset,
-    Run,
-    finetune_runs,
-    large_manifests,
-)
-from benchmarks.ssl_gain.report import write_results
+from benchmarks.research.ssl_gain.evaluation import evaluate_seed
+from benchmarks.research.ssl_gain.label_curve import evaluate_label_curve, label_runs, make_subset, subset_paths
+from benchmarks.research.ssl_gain.paired import paired_comparisons
+from benchmarks.research.ssl_gain.presets import (BINS, EVAL_SETS, LARGE_DIR, LARGE_PREFIX, LARGE_SEED, RING_MM, Preset,
+                                                  Run, finetune_runs, large_manifests)
+from benchmarks.research.ssl_gain.report import write_results
 from core.atomic import atomic_path, write_json
 from core.errors import InputError
+from models.tasks import CLASSIFICATION, MULTITASK, SURVIVAL
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 LAUNCH = REPO / "launch"
 
 # ---------------------------------------------------------------- stage bookkeeping
@@ -86,7 +72,7 @@ class Stages:
 
 def pretrain_config(preset: Preset, out: Path, seed: int, levels: int):
     from core.config import load_config
-    from pretrain.train import PretrainConfig
+    from pretrain.config import PretrainConfig
     cfg = load_config(PretrainConfig, LAUNCH / preset.pretrain_config)
     cfg.data = str(out / "cohort" / "unlabeled")
     cfg.cache_dir = str(out / "cache")
@@ -112,22 +98,22 @@ def pretrain_config(preset: Preset, out: Path, seed: int, levels: int):
 def finetune_config(preset: Preset, out: Path, seed: int, name: str, *, pretrained: str, fusion: str, task: str,
                     splits: Path, manifest: Path | None = None):
     from core.config import load_config
-    from finetune.train import FinetuneConfig
+    from finetune.config import FinetuneConfig
     cfg = load_config(FinetuneConfig, LAUNCH / preset.finetune_config)
     cohort = out / "cohort"
     return replace(cfg, manifest=str(manifest or cohort / "manifest.csv"), external=str(cohort / "external.csv"),
-                   pretrained=pretrained, task=task, fusion=fusion, output_dir=str(out / f"seed{seed}" / name),
-                   cache_dir=str(out / "cache"), splits=str(splits), folds=preset.folds,
-                   test_fraction=preset.test_fraction, epochs=preset.epochs, patience=preset.patience, seed=seed,
-                   n_boot=preset.finetune_n_boot, explain=0, resume="auto",
+                   pretrained=pretrained, model=replace(cfg.model, task=task, fusion=fusion),
+                   output_dir=str(out / f"seed{seed}" / name), cache_dir=str(out / "cache"), splits=str(splits),
+                   folds=preset.folds, test_fraction=preset.test_fraction, epochs=preset.epochs,
+                   patience=preset.patience, seed=seed, n_boot=preset.finetune_n_boot, explain=0,
                    eval_sets=[f"{name}={csv}" for name, csv in large_manifests(preset, out).items()])
 
 
 def prep_config(preset: Preset):
     """The preprocessing every stage shares (pretraining's; fine-tuning takes it from the encoder)."""
     from core.config import load_config
-    from finetune.train import FinetuneConfig
-    from pretrain.train import PretrainConfig
+    from finetune.config import FinetuneConfig
+    from pretrain.config import PretrainConfig
     pre = load_config(PretrainConfig, LAUNCH / preset.pretrain_config).prep
     fin = load_config(FinetuneConfig, LAUNCH / preset.finetune_config).prep
     if pre != fin:  # scratch and radiomics would then see other voxels than the pretrained models
@@ -163,12 +149,12 @@ def make_large_sets(preset: Preset, out: Path) -> None:
 
 def prepare_all(preset: Preset, out: Path) -> None:
     """Fill the shared cache once, in parallel; every later stage then only hits the cache."""
-    from data.manifest import read_any, read_manifest
+    from data.manifest import read_any
     from data.prepare import prepare_table
     prep, cohort, cache = prep_config(preset), out / "cohort", out / "cache"
     workers = preset.workers if preset.workers > 1 else 0
     for csv in [cohort / "manifest.csv", cohort / "external.csv", *large_manifests(preset, out).values()]:
-        prepare_table(read_manifest(csv, task="multitask"), prep, cache, workers=workers)
+        prepare_table(MULTITASK.read_manifest(csv), prep, cache, workers=workers)
     if preset.n_unlabeled:
         table = read_any(cohort / "unlabeled")  # exactly what pretraining reads
         prepare_table(table.drop(columns=[c for c in ("mask",) if c in table.columns]), prep, cache,
@@ -177,9 +163,8 @@ def prepare_all(preset: Preset, out: Path) -> None:
 
 
 def make_splits(preset: Preset, out: Path, seed: int, stratify: str, path: Path) -> None:
-    from data.manifest import read_manifest
     from data.splits import load_or_make_splits
-    df = read_manifest(out / "cohort" / "manifest.csv", task="multitask")
+    df = MULTITASK.read_manifest(out / "cohort" / "manifest.csv")
     load_or_make_splits(path, df, test_fraction=preset.test_fraction, folds=preset.folds, stratify=stratify, seed=seed)
 
 
@@ -209,7 +194,6 @@ def run_finetune(preset: Preset, out: Path, seed: int, run: Run) -> None:
 
 
 def radiomics_features(preset: Preset, out: Path) -> None:
-    from data.manifest import read_manifest
     from data.prepare import prepare_table
     from finetune.radiomics import extract_table
     prep, cohort, cache = prep_config(preset), out / "cohort", out / "cache"
@@ -217,13 +201,12 @@ def radiomics_features(preset: Preset, out: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     sets = {"internal": cohort / "manifest.csv", "external": cohort / "external.csv"} | large_manifests(preset, out)
     for name, csv in sets.items():
-        df, _ = prepare_table(read_manifest(csv, task="multitask"), prep, cache, progress=False)
+        df, _ = prepare_table(MULTITASK.read_manifest(csv), prep, cache, progress=False)
         extract_table(df, name, RING_MM, BINS, target)
     write_json(target.parent / "done.json", {"ring_mm": RING_MM, "bins": BINS})
 
 
 def radiomics_predict(preset: Preset, out: Path, seed: int, task: str) -> None:
-    from data.manifest import read_manifest
     from finetune.radiomics import predict_splits
     feats = pd.read_csv(out / "radiomics" / "features.csv", dtype={"subject_id": str})
     key_cols = [c for c in ("cohort", "subject_id", "cache_image", "extraction") if c in feats.columns]
@@ -233,10 +216,11 @@ def radiomics_predict(preset: Preset, out: Path, seed: int, task: str) -> None:
         return rows.drop(columns=key_cols).set_index(pd.Index(rows["subject_id"].astype(str), name="subject_id"))
 
     internal, external = table("internal"), table("external")
-    df = read_manifest(out / "cohort" / "manifest.csv", task="multitask")
+    df = MULTITASK.read_manifest(out / "cohort" / "manifest.csv")
     targets = df.set_index(df["subject_id"].astype(str))[["label", "time", "event"]]
     sd = out / f"seed{seed}"
-    split_file = sd / ("splits_survival.json" if task == "survival" and preset.survival == "separate" else "splits.json")
+    split_file = sd / ("splits_survival.json" if task == SURVIVAL.name and preset.survival == "separate"
+                       else "splits.json")
     splits = json.loads(split_file.read_text())
     large = {name: table(name) for name in large_manifests(preset, out)}
     pred, params = predict_splits(internal, targets, splits, task, seed, external, eval_sets=large)
@@ -307,7 +291,7 @@ def run_seed(preset: Preset, out: Path, seed: int, stages: Stages) -> dict:
     for run in finetune_runs(preset) + label_runs(preset):
         stages.run(tag + f"{run.name} ({run.task})", [sd / run.name / "predictions.csv", sd / run.name / "metrics.json"],
                    lambda r=run: run_finetune(preset, out, seed, r))
-    for task in ("classification", "survival"):
+    for task in (CLASSIFICATION.name, SURVIVAL.name):
         stages.run(tag + f"radiomics_{task}", [sd / f"radiomics_{task}" / "predictions.csv"],
                    lambda t=task: radiomics_predict(preset, out, seed, t))
     # Re-evaluate whenever anything it reads was (re)made in this invocation.
@@ -335,6 +319,6 @@ def check_same_preset(preset: Preset, out: Path) -> None:
 
 def preset_levels(preset: Preset) -> int:
     from core.config import load_config
-    from pretrain.train import PretrainConfig
+    from pretrain.config import PretrainConfig
     return load_config(PretrainConfig, LAUNCH / preset.pretrain_config).model.masks.levels
 

@@ -1,6 +1,6 @@
 """Which fine-tuning recipe keeps what pretraining learned? Measured on a development cohort only.
 
-    python -m benchmarks.finetune_recipe --out runs/recipe [--seeds 0 1] [--variants base mae_rate ...]
+    python -m benchmarks.research.finetune_recipe --out runs/recipe [--seeds 0 1] [--variants base mae_rate ...]
         [--n_labeled 30] [--encoder RUN/encoder]
 
 A development cohort of its own (generator seed 4242, never used by ssl_gain, the probe or any test
@@ -28,8 +28,9 @@ from pathlib import Path
 import pandas as pd
 
 from core.atomic import atomic_path, write_json
+from models.tasks import LABEL_REPORT, MULTITASK, SURVIVAL_REPORT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COHORT_SEED, DEV_SEED = 4242, 4243
 N_UNLABELED, N_LABELED, N_DEV, STEPS, EPOCHS = 150, 109, 300, 1000, 20
 
@@ -82,7 +83,8 @@ def make_cohorts(out: Path) -> Path:
 
 def pretrain(out: Path, seed: int) -> str:
     from core.config import load_config
-    from pretrain.train import PretrainConfig, train
+    from pretrain.config import PretrainConfig
+    from pretrain.train import train
     folder = out / f"seed{seed}" / "pretrain_mim"
     if not (folder / "encoder" / "model.safetensors").is_file():
         cfg = load_config(PretrainConfig, ROOT / "launch" / "pretrain_cpu.yaml")
@@ -110,14 +112,16 @@ def labelled_subset(out: Path, seed: int, n_labeled: int) -> Path:
 def finetune(out: Path, seed: int, name: str, pretrained: str, dev_csv: Path, overrides: dict,
              n_labeled: int = 0) -> dict:
     from core.config import load_config
-    from finetune.train import FinetuneConfig, run
+    from finetune.config import FinetuneConfig
+    from finetune.train import run
     cfg = load_config(FinetuneConfig, ROOT / "launch" / "finetune_tiny_cpu.yaml")
     manifest = labelled_subset(out, seed, n_labeled) if n_labeled else out / "cohort" / "manifest.csv"
     suffix = f"_n{n_labeled}" if n_labeled else ""
-    cfg = replace(cfg, manifest=str(manifest), pretrained=pretrained, task="multitask",
-                  fusion="none", output_dir=str(out / f"seed{seed}" / name), cache_dir=str(out / "cache"),
+    cfg = replace(cfg, manifest=str(manifest), pretrained=pretrained,
+                  model=replace(cfg.model, task=MULTITASK.name, fusion="none"),
+                  output_dir=str(out / f"seed{seed}" / name), cache_dir=str(out / "cache"),
                   splits=str(out / f"seed{seed}" / f"splits{suffix}.json"), folds=3, epochs=EPOCHS, patience=6,
-                  seed=seed, n_boot=0, explain=0, resume="auto", eval_sets=[f"dev={dev_csv}"],
+                  seed=seed, n_boot=0, explain=0, eval_sets=[f"dev={dev_csv}"],
                   test_fraction=0.0 if n_labeled else cfg.test_fraction)
     for key, value in overrides.items():
         target, field_name = (cfg.model, key[6:]) if key.startswith("model.") else (cfg, key)
@@ -125,13 +129,13 @@ def finetune(out: Path, seed: int, name: str, pretrained: str, dev_csv: Path, ov
     metrics_path = Path(cfg.output_dir) / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else run(cfg)
     split = metrics["splits"]
-    return {"oof_val_auc": split["val"]["classification"]["auc"], "dev_auc": split["dev"]["classification"]["auc"],
-            "dev_c": split["dev"]["survival"]["harrell_c"], "kept": sorted({f.get("kept", "") for f in metrics["folds"]})}
+    return {"oof_val_auc": split["val"][LABEL_REPORT]["auc"], "dev_auc": split["dev"][LABEL_REPORT]["auc"],
+            "dev_c": split["dev"][SURVIVAL_REPORT]["harrell_c"], "kept": sorted({f.get("kept", "") for f in metrics["folds"]})}
 
 
-def dev_vs_base(out: Path, seed: int, model: str, variant: str, suffix: str = "") -> dict:
-    """Paired DeLong on the dev set: this variant's fold ensemble against the same model's `base` run
-    (difference, 95% CI from the DeLong variance, p)."""
+def dev_paired(out: Path, seed: int, run_a: str, run_b: str) -> dict | None:
+    """Paired DeLong on the dev set, fold ensemble of run_a minus run_b: difference, 95% CI from the DeLong
+    variance, p; None when run_b has not run."""
     import math
 
     from finetune.metrics import delong_paired_test
@@ -140,15 +144,26 @@ def dev_vs_base(out: Path, seed: int, model: str, variant: str, suffix: str = ""
         pred = pd.read_csv(out / f"seed{seed}" / name / "predictions.csv", dtype={"subject_id": str})
         return pred[(pred.split == "dev") & (pred.fold == -1)].set_index("subject_id")["prob"]
 
-    base_dir = out / f"seed{seed}" / f"{model}_base{suffix}"
-    if variant == "base" or not (base_dir / "predictions.csv").is_file():
-        return {}
+    if not (out / f"seed{seed}" / run_b / "predictions.csv").is_file():
+        return None
     labels = pd.read_csv(out / "dev_cohort" / "dev.csv", dtype={"subject_id": str}).set_index("subject_id")["label"]
-    a, b = dev(f"{model}_{variant}{suffix}"), dev(f"{model}_base{suffix}")
+    a, b = dev(run_a), dev(run_b)
     ids = a.index.intersection(b.index)
     t = delong_paired_test(labels.loc[ids].astype(int).to_numpy(), a.loc[ids].to_numpy(), b.loc[ids].to_numpy())
     half = 1.96 * math.sqrt(t["var_diff"])
-    return {"dev_auc_minus_base": t["diff"], "ci": [t["diff"] - half, t["diff"] + half], "p": t["p"]}
+    return {"diff": t["diff"], "ci": [t["diff"] - half, t["diff"] + half], "p": t["p"]}
+
+
+def comparisons(out: Path, seed: int, model: str, variant: str, suffix: str = "") -> dict:
+    """This run against the same model's `base` run, and (a pretrained model) against scratch's base run
+    of the same labelled patients: the question few labels ask."""
+    run = f"{model}_{variant}{suffix}"
+    res = {}
+    if variant != "base" and (vs := dev_paired(out, seed, run, f"{model}_base{suffix}")):
+        res |= {"dev_auc_minus_base": vs["diff"], "ci": vs["ci"], "p": vs["p"]}
+    if model != "scratch" and (vs := dev_paired(out, seed, run, f"scratch_base{suffix}")):
+        res |= {"dev_auc_minus_scratch": vs["diff"], "ci_vs_scratch": vs["ci"], "p_vs_scratch": vs["p"]}
+    return res
 
 
 def merge_rows(path: Path, rows: list[dict], command: str) -> dict:
@@ -172,7 +187,7 @@ def encoder_tag(folder: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.finetune_recipe", allow_abbrev=False,
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.research.finetune_recipe", allow_abbrev=False,
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output folder (a rerun reuses finished runs; results.json "
                     "gathers the rows of every invocation)")
@@ -193,11 +208,11 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         encoder = str(Path(args.encoder).resolve()) if args.encoder else pretrain(out, seed)
         for variant in args.variants:
-            for model, pre in ((mim, encoder), ("scratch", "")):
+            for model, pre in (("scratch", ""), (mim, encoder)):  # scratch first: MiM rows compare with it
                 res = finetune(out, seed, f"{model}_{variant}{suffix}", pre, dev_csv, VARIANTS[variant],
                                args.n_labeled)
                 rows.append({"seed": seed, "model": model, "variant": variant, "n_labeled": args.n_labeled or N_LABELED,
-                             **res, **dev_vs_base(out, seed, model, variant, suffix)})
+                             **res, **comparisons(out, seed, model, variant, suffix)})
                 print(json.dumps(rows[-1]), flush=True)
     table = pd.DataFrame(rows)
     write_json(out / "results.json", merge_rows(out / "results.json", rows, " ".join(sys.argv)))

@@ -5,6 +5,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from core.errors import InputError
+from models.tasks import CLASSIFICATION, MULTITASK, SURVIVAL
 
 # ---------------------------------------------------------------- models and published numbers
 
@@ -56,7 +57,7 @@ class Preset:
     patience: int = 4
     finetune_n_boot: int = 100            # bootstrap inside each fine-tuning run's own metrics.json
     fusions: tuple[str, ...] = FUSIONS
-    survival: str = "multitask"           # multitask | separate
+    survival: str = MULTITASK.name        # multitask (the multitask head) | separate (survival runs of their own)
     # label efficiency (label_curve.py): MiM, MAE and scratch also fine-tuned on these many labelled patients,
     # nested subsets of each seed's training pool; () for none
     label_sizes: tuple[int, ...] = ()
@@ -72,7 +73,7 @@ class Preset:
             raise InputError(f"preset {self.name}: fusions {self.fusions} must be a non-empty subset of {FUSIONS}")
         if any(n < self.folds for n in self.label_sizes):
             raise InputError(f"preset {self.name}: label_sizes {self.label_sizes} must each be >= folds {self.folds}")
-        if self.survival not in ("multitask", "separate"):
+        if self.survival not in (MULTITASK.name, "separate"):
             raise InputError(f"preset {self.name}: survival must be 'multitask' or 'separate', got {self.survival!r}")
 
 
@@ -82,7 +83,7 @@ PRESETS = {
         name="cpu", n_unlabeled=300, n_labeled=109, n_external=28, n_test_large=570, n_external_large=570,
         pretrain_config="pretrain_cpu.yaml",
         pretrain_steps=1000, folds=3, epochs=20, patience=6, finetune_n_boot=50, fusions=FUSIONS,
-        survival="multitask", n_boot=500, seeds=(0, 1, 2),  # large sets: 528 / 508 patients (seed 9101)
+        survival=MULTITASK.name, n_boot=500, seeds=(0, 1, 2),  # large sets: 528 / 508 patients (seed 9101)
         label_sizes=(20, 40),
         note="tiny ViT, the reference CPU recipe (launch/pretrain_cpu.yaml: lesion views, 2 levels) cut to "
              "1000 MiM / MAE steps of 4 volumes x 4 views, 40 mm lesion crops, 3 folds x 20 epochs (launch/finetune_tiny_cpu.yaml: mask pooling, "
@@ -101,7 +102,7 @@ TOY = Preset(
     name="toy", n_unlabeled=4, n_labeled=20, n_external=6, n_test_large=8, n_external_large=8, pretrain_steps=2,
     pretrain_batch_size=1, pretrain_crops_per_volume=1, folds=2, epochs=1, patience=1, finetune_n_boot=0,
     fusions=("concat", "tokens"),
-    survival="multitask", n_boot=50, seeds=(0,), label_sizes=(8,), note="toy size: plumbing only")
+    survival=MULTITASK.name, n_boot=50, seeds=(0,), label_sizes=(8,), note="toy size: plumbing only")
 
 
 def resolve_preset(name: str, toy: bool = False, seeds=None) -> Preset:
@@ -134,15 +135,15 @@ class Run:
 
 
 def finetune_runs(preset: Preset) -> list[Run]:
-    task = "multitask" if preset.survival == "multitask" else "classification"
+    task = (MULTITASK if preset.survival == MULTITASK.name else CLASSIFICATION).name
     runs = [Run("ft_mim_none", "mim", "none", task, "cls")]
     runs += [Run(f"ft_mim_{f}", "mim", f, task, "cls") for f in preset.fusions]
     runs += [Run("ft_scratch_none", "", "none", task, "cls"), Run("ft_mae_none", "mae", "none", task, "cls"),
              Run("ft_clinical_only", "", "clinical_only", task, "cls")]
     if preset.survival == "separate":
-        runs += [Run("surv_mim_none", "mim", "none", "survival", "surv"),
-                 Run("surv_scratch_none", "", "none", "survival", "surv"),
-                 Run("surv_clinical_only", "", "clinical_only", "survival", "surv")]
+        runs += [Run("surv_mim_none", "mim", "none", SURVIVAL.name, "surv"),
+                 Run("surv_scratch_none", "", "none", SURVIVAL.name, "surv"),
+                 Run("surv_clinical_only", "", "clinical_only", SURVIVAL.name, "surv")]
     return runs
 
 

@@ -1,6 +1,6 @@
 """Held-out pretraining loss: does a run's objective still improve on volumes it never saw, or only on its own?
 
-    python -m benchmarks.pretrain_heldout --run runs/pt --heldout DIR [--train_volumes 100]
+    python -m benchmarks.research.pretrain_heldout --run runs/pt --heldout DIR [--train_volumes 100]
         [--heldout_volumes 100] [--epochs 1] [--seed 1234] --out DIR
 
 The pretraining loop logs its loss on the views it trains on. On a small cohort trained for long, that loss
@@ -47,7 +47,7 @@ from core.errors import InputError, cli_entry
 def read_run(run: str):
     """(the run's PretrainConfig, its complete checkpoints by step) of a pretraining output_dir."""
     from engine.checkpoints import Checkpointer
-    from pretrain.train import PretrainConfig
+    from pretrain.config import PretrainConfig
     folder = Path(run)
     if not (folder / "config.yaml").is_file():
         raise InputError(f"--run {run}: no config.yaml; expected a pretraining output_dir (python -m pretrain)")
@@ -91,10 +91,8 @@ def score(model, batches: list) -> dict[str, dict[str, float]]:
     model.eval()
     terms: dict[str, list[float]] = {}
     for b in batches:
-        out = model(b["levels"])
-        for k, v in out.items():
-            if k == "loss" or k.startswith(("rec_l", "align_l")):
-                terms.setdefault(k, []).append(float(v))
+        for k, v in model(b["levels"]).losses.items():
+            terms.setdefault(k, []).append(float(v))
     return {k: {"mean": statistics.fmean(vals),
                 "se": statistics.stdev(vals) / len(vals) ** 0.5 if len(vals) > 1 else float("nan")}
             for k, vals in terms.items()}
@@ -109,7 +107,7 @@ def initial_model(cfg):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.pretrain_heldout", allow_abbrev=False,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.research.pretrain_heldout", allow_abbrev=False,
                                 description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     a = p.add_argument
@@ -167,7 +165,7 @@ def run(args, argv=None) -> dict:
                      **{name: score(model, batches) for name, batches in sets.items()}})
         bar.update(1)
     bar.close()
-    return {"command": command_line("benchmarks.pretrain_heldout", argv), "date": today(), "machine": machine("cpu"),
+    return {"command": command_line("benchmarks.research.pretrain_heldout", argv), "date": today(), "machine": machine("cpu"),
             "run": args.run, "data": cfg.data, "heldout": args.heldout, "seed": args.seed, "epochs": args.epochs,
             "volumes": {"train": args.train_volumes, "heldout": args.heldout_volumes},
             "micro_batches": {name: len(b) for name, b in sets.items()}, "rows": rows,
@@ -195,9 +193,7 @@ def markdown(res: dict) -> str:
 
 
 def figure(res: dict, path: Path) -> None:
-    from matplotlib.figure import (
-        Figure,  # Agg through the Figure object: no pyplot state
-    )
+    from matplotlib.figure import Figure  # Agg through the Figure object: no pyplot state
     terms = list(res["rows"][0]["train"])
     fig = Figure(figsize=(3.2 * len(terms), 3.4))
     axes = fig.subplots(1, len(terms), squeeze=False)[0]

@@ -12,33 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.ssl_gain.presets import (
-    CLS_RUN,
-    EVAL_SETS,
-    LARGE_DIR,
-    LARGE_SETS,
-    MODELS,
-    REFERENCE,
-    Preset,
-    finetune_runs,
-    large_manifests,
-    surv_run,
-)
+from benchmarks.research.ssl_gain.presets import (CLS_RUN, EVAL_SETS, LARGE_DIR, LARGE_SETS, MODELS, REFERENCE, Preset,
+                                                  finetune_runs, large_manifests, surv_run)
 from core.atomic import atomic_path
-from finetune.evaluate import (
-    bootstrap_counts,
-    one_row_per_subject,
-    paired_delong,
-    read_predictions,
-)
-from finetune.metrics import (
-    auc_delong,
-    bootstrap_ci,
-    harrell_c,
-    harrell_kernel,
-    kernel_values,
-    try_metric,
-)
+from finetune.evaluate import bootstrap_counts, one_row_per_subject, paired_delong, read_predictions
+from finetune.metrics import auc_delong, bootstrap_ci, harrell_c, harrell_kernel, kernel_values, try_metric
+from models.tasks import CLASSIFICATION, LABEL_REPORT, MULTITASK, SURVIVAL, SURVIVAL_REPORT
 
 SETS = ("val",) + EVAL_SETS
 SCORE_COLUMNS = ["model", "task", "split", "subject_id", "patient_id", "label", "time", "event", "score"]
@@ -47,10 +26,9 @@ SCORE_COLUMNS = ["model", "task", "split", "subject_id", "patient_id", "label", 
 # ---------------------------------------------------------------- inputs
 
 def _outcomes(preset: Preset, out: Path) -> pd.DataFrame:
-    from data.manifest import read_manifest
     cohort = out / "cohort"
     csvs = [cohort / "manifest.csv", cohort / "external.csv", *large_manifests(preset, out).values()]
-    outcomes = pd.concat([read_manifest(f, task="multitask", check_files=False) for f in csvs], ignore_index=True)
+    outcomes = pd.concat([MULTITASK.read_manifest(f, check_files=False) for f in csvs], ignore_index=True)
     outcomes["subject_id"] = outcomes["subject_id"].astype(str)
     oracles = [cohort / "oracle.csv"] + ([out / LARGE_DIR / "oracle_large.csv"] if large_manifests(preset, out) else [])
     oracle = pd.concat([pd.read_csv(f, dtype={"subject_id": str})[["subject_id", "true_prob", "true_risk"]]
@@ -139,7 +117,7 @@ def evaluate_seed(preset: Preset, out: Path, seed: int) -> dict:
     sd = out / f"seed{seed}"
     outcomes = _outcomes(preset, out)
     preds = {run.name: _predictions(sd / run.name) for run in finetune_runs(preset)}
-    preds |= {f"radiomics_{t}": _predictions(sd / f"radiomics_{t}") for t in ("classification", "survival")}
+    preds |= {f"radiomics_{t.name}": _predictions(sd / f"radiomics_{t.name}") for t in (CLASSIFICATION, SURVIVAL)}
 
     fusion_val, chosen = _choose_fusion(preset, preds, outcomes)
     cls_run = CLS_RUN | {"multimodal": f"ft_mim_{chosen}"}
@@ -152,11 +130,11 @@ def evaluate_seed(preset: Preset, out: Path, seed: int) -> dict:
     scores = []  # per-subject scores of every model, task and held-out set (the paired bootstrap's input)
     for model in list(MODELS) + [f"mim_{f}" for f in preset.fusions]:
         if model == "oracle":
-            runs = {"classification": "oracle.csv true_prob", "survival": "oracle.csv true_risk"}
+            runs = {LABEL_REPORT: "oracle.csv true_prob", SURVIVAL_REPORT: "oracle.csv true_risk"}
         else:
             srun = surv_run(model, preset, chosen) if not model.startswith("mim_") else (
-                cls_run[model] if preset.survival == "multitask" else None)
-            runs = {"classification": cls_run.get(model), "survival": srun}
+                cls_run[model] if preset.survival == MULTITASK.name else None)
+            runs = {LABEL_REPORT: cls_run.get(model), SURVIVAL_REPORT: srun}
         entry = {"run": runs}
         for split in SETS:
             if model == "oracle":
@@ -164,13 +142,13 @@ def evaluate_seed(preset: Preset, out: Path, seed: int) -> dict:
                 # survival models may use their own (event-stratified) splits: score the same people
                 rows_s = _oracle_rows(outcomes, preds.get(surv_run(REFERENCE, preset, chosen)), split, "true_risk")
             else:
-                rows = subject_rows(preds.get(runs["classification"]), split, "prob", outcomes)
-                ps = preds.get(runs["survival"]) if runs["survival"] else None
+                rows = subject_rows(preds.get(runs[LABEL_REPORT]), split, "prob", outcomes)
+                ps = preds.get(runs[SURVIVAL_REPORT]) if runs[SURVIVAL_REPORT] else None
                 rows_s = subject_rows(ps, split, "risk", outcomes) if ps is not None else None
             entry[split] = _split_entry(model, split, runs, rows, rows_s, ref_rows, preset.n_boot, seed)
             if split in EVAL_SETS:
                 scores += [r.assign(model=model, task=task, split=split)[SCORE_COLUMNS]
-                           for task, r in (("classification", rows), ("survival", rows_s)) if r is not None and len(r)]
+                           for task, r in ((LABEL_REPORT, rows), (SURVIVAL_REPORT, rows_s)) if r is not None and len(r)]
         result["models"][model] = entry
     result["curves"] = _curves(preds, cls_run, outcomes)
     table = pd.concat(scores, ignore_index=True) if scores else pd.DataFrame(columns=SCORE_COLUMNS)
@@ -194,16 +172,16 @@ def _choose_fusion(preset: Preset, preds: dict, outcomes: pd.DataFrame) -> tuple
 def _split_entry(model: str, split: str, runs: dict, rows: pd.DataFrame, rows_s: pd.DataFrame | None,
                  ref_rows: dict, n_boot: int, seed: int) -> dict:
     """One model on one set: classification (AUC, and vs the reference on test sets) and survival (C-index)."""
-    e = {"classification": _auc_entry(rows["label"], rows["score"]) if len(rows) else
-         {"auc": None, "reason": f"no {split} predictions (run {runs.get('classification')} missing)"}}
+    e = {LABEL_REPORT: _auc_entry(rows["label"], rows["score"]) if len(rows) else
+         {"auc": None, "reason": f"no {split} predictions (run {runs.get(LABEL_REPORT)} missing)"}}
     if split in EVAL_SETS and model != REFERENCE and len(rows) and ref_rows[split] is not None:
-        e["classification"]["vs_" + REFERENCE] = _vs_reference(ref_rows[split], rows)
+        e[LABEL_REPORT]["vs_" + REFERENCE] = _vs_reference(ref_rows[split], rows)
     if rows_s is None or not len(rows_s):
-        e["survival"] = {"c_index": None, "reason": "survival not run for this model"
-                         if runs.get("survival") is None else f"no {split} risk predictions"}
+        e[SURVIVAL_REPORT] = {"c_index": None, "reason": "survival not run for this model"
+                              if runs.get(SURVIVAL_REPORT) is None else f"no {split} risk predictions"}
     else:
         groups = rows_s["patient_id"].astype(str).to_numpy()
-        e["survival"] = _cindex_entry(rows_s["time"], rows_s["event"], rows_s["score"], groups,
+        e[SURVIVAL_REPORT] = _cindex_entry(rows_s["time"], rows_s["event"], rows_s["score"], groups,
                                       n_boot if split in EVAL_SETS else 0, seed, large=split in LARGE_SETS)
     return e
 

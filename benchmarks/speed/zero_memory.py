@@ -1,6 +1,6 @@
 """What ZeRO buys: memory per rank of the base preset's ViT-B under DDP, ZeRO-2 and ZeRO-3, 2 ranks.
 
-    python -m benchmarks.zero_memory [--steps 3] [--img_size 32] [--write-docs]
+    python -m benchmarks.speed.zero_memory [--steps 3] [--img_size 32] [--write-docs]
 
 Each mode is one `accelerate launch` of 2 ranks with the shipped configs (DDP: gloo ranks on a CPU
 host, launch/accelerate/multi_gpu_ddp.yaml on GPUs; ZeRO: launch/accelerate/deepspeed_zero{2,3}.yaml),
@@ -32,7 +32,7 @@ import torch
 from benchmarks.common import DOC, Table, machine, today, update_section
 from core.errors import cli_entry
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEADING = "What ZeRO buys: memory per rank (ViT-B, 2 ranks)"
 MODES = ("ddp", "zero2", "zero3")
 
@@ -68,7 +68,7 @@ def worker(mode: str, steps: int, img_size: int, out: Path) -> None:
     from engine.distributed import configure_deepspeed, make_accelerator, prepare
     from engine.steps import NonFiniteGuard, build_optimizer, optimizer_step
     from models.vit3d import ViT3D
-    from pretrain.train import PretrainConfig
+    from pretrain.config import PretrainConfig
 
     accelerator = make_accelerator(LoopConfig(mixed_precision="no", report_to="none"))
     device = accelerator.device
@@ -110,7 +110,7 @@ def launch(mode: str, args, out: Path) -> None:
         cmd += ["--config_file", str(ROOT / "launch" / "accelerate" / "multi_gpu_ddp.yaml")]
     else:
         cmd += ["--config_file", str(ROOT / "launch" / "accelerate" / f"deepspeed_{mode}.yaml")]
-    cmd += ["-m", "benchmarks.zero_memory", "--worker", mode, "--steps", str(args.steps),
+    cmd += ["-m", "benchmarks.speed.zero_memory", "--worker", mode, "--steps", str(args.steps),
             "--img_size", str(args.img_size), "--out", str(out)]
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if res.returncode != 0:
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
         what = "resident memory (/proc VmRSS, after malloc_trim)" if rows[0]["device"] == "cpu" else \
             "torch.cuda allocated memory"
         body = "\n".join([
-            f"- command: `python -m benchmarks.zero_memory {' '.join(argv if argv is not None else sys.argv[1:])}`",
+            f"- command: `python -m benchmarks.speed.zero_memory {' '.join(argv if argv is not None else sys.argv[1:])}`",
             f"- machine: {machine(rows[0]['device'])}; 2 ranks (gloo on a CPU host), fp32",
             f"- date: {today()}; whole command {(time.perf_counter() - t0) / 60:.1f} min",
             f"- model: the encoder of launch/pretrain_base_gpu.yaml (ViT-B: dim 768, depth 12), input "

@@ -1,6 +1,6 @@
 """Can the tiny ViT learn the lesion from ~90 patients, and at which crop scale? A fast in-memory probe.
 
-    python -m benchmarks.crop_scale_probe --cohort DIR --cache DIR [--crop native|zoom] [--labels real|latent]
+    python -m benchmarks.research.crop_scale_probe --cohort DIR --cache DIR [--crop native|zoom] [--labels real|latent]
         [--model vit|features] [--pretrained ENCODER_DIR] [--epochs 40] [--folds 5]
 
 Stratified K-fold CV over the labelled patients of a synthetic cohort (data.synth), lesion crops held
@@ -17,7 +17,7 @@ model selection on validation). Prints per-fold train/validation AUC and the poo
   token and the mask-weighted mean token, with L2 logistic regression. No fine-tuning noise, so it
   compares what different pretraining runs put into the features.
 
-This is a probe of the recipe, not the benchmark: `benchmarks.ssl_gain` runs the real CLI.
+This is a probe of the recipe, not the benchmark: `benchmarks.research.ssl_gain` runs the real CLI.
 """
 from __future__ import annotations
 
@@ -42,9 +42,10 @@ BETA = dict(rim=0.85, nodularity=0.6, core=-0.7, oedema=-0.55, peritumoral=0.6, 
 
 def load_crops(cohort: Path, cache: Path, crop: str, spacing: float = 2.0, margin_mm: float = 10.0):
     from data.crops import lesion_crop
-    from data.manifest import read_manifest
-    from data.prepare import PrepConfig, prepare_table
-    df, _ = prepare_table(read_manifest(cohort / "manifest.csv", task="classification"),
+    from data.prep_config import PrepConfig
+    from data.prepare import prepare_table
+    from models.tasks import CLASSIFICATION
+    df, _ = prepare_table(CLASSIFICATION.read_manifest(cohort / "manifest.csv"),
                           PrepConfig(spacing=(spacing,) * 3, modality="mri"), str(cache), progress=False)
     margin = int(round(margin_mm / spacing))
     crops = [lesion_crop(np.load(i, mmap_mode="r"), np.load(m, mmap_mode="r"), 48, margin,
@@ -87,7 +88,7 @@ def tiny_vit(pretrained: str | None, mask_channel_init: str = "zero"):
     from models.multimodal import MultimodalConfig, MultimodalModel
     from models.vit3d import ViT3DConfig
     enc = ViT3DConfig(in_channels=2, img_size=48, patch_size=12, dim=96, depth=4, heads=3, drop_path=0.1)
-    return MultimodalModel.from_pretrained_encoder(MultimodalConfig(encoder=enc, task="classification", fusion="none",
+    return MultimodalModel.from_pretrained_encoder(MultimodalConfig(encoder=enc, fusion="none",
                                                                     mask_channel_init=mask_channel_init), pretrained)
 
 
@@ -121,7 +122,7 @@ def fit_vit(x, y, tr, va, epochs, lr, pretrained, seed):
 
 @cli_entry
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.crop_scale_probe",
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.research.crop_scale_probe",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--cohort", required=True, type=Path)
     ap.add_argument("--cache", required=True, type=Path)

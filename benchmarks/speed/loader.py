@@ -1,6 +1,6 @@
 """Loader speed: decoding .nii.gz with nibabel vs reading the uncompressed .npy cache.
 
-    python -m benchmarks.loader_speed [--size 160] [--n 16] [--repeats 3]
+    python -m benchmarks.speed.loader [--size 160] [--n 16] [--repeats 3]
 
 Writes `n` synthetic size^3 volumes both ways (int16 .nii.gz as scanners export them; the cache's
 float32 [1, X, Y, Z] .npy), then times a full read into a float32 tensor, one process and
@@ -118,7 +118,7 @@ def update_doc(doc: Path, subsection: str, body: str) -> None:
     if section is None:
         intro = ("Reading a volume for training: decoding `.nii.gz` with nibabel vs the uncompressed, "
                  "memory-mapped `.npy` cache written by `data.prepare`. Measured by "
-                 "`benchmarks/loader_speed.py`.")
+                 "`benchmarks/speed/loader.py`.")
         text = text.rstrip("\n") + f"\n\n{HEADING}\n\n{intro}\n\n{block}"
     else:
         old = section.group(0)
@@ -129,12 +129,12 @@ def update_doc(doc: Path, subsection: str, body: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.loader_speed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.speed.loader", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=160, help="volume side in voxels (128-192 is typical)")
     p.add_argument("--n", type=int, default=16, help="number of volumes")
     p.add_argument("--repeats", type=int, default=3, help="timed passes; the median is reported")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers for the parallel rows")
-    p.add_argument("--doc", default=str(Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"))
+    p.add_argument("--doc", default=str(Path(__file__).resolve().parents[2] / "docs" / "BENCHMARKS.md"))
     p.add_argument("--no-doc", action="store_true", help="only print the table")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
         return 0
 
     nproc = os.cpu_count()
-    command = "python -m benchmarks.loader_speed " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.speed.loader " + " ".join(argv if argv is not None else sys.argv[1:])
     body = (
         f"- command: `{command.strip()}`\n"
         f"- machine: {nproc} cores (`nproc`), {cpu_model()}; torch {torch.__version__}, nibabel {nib.__version__}\n"

@@ -1,14 +1,14 @@
 """The speed table of the whole product: pretraining, fine-tuning, inference and data loading.
 
-    python -m benchmarks.throughput [--device cpu|cuda] [--preset tiny|base] [--repeats 5] [--write-docs]
+    python -m benchmarks.speed.throughput [--device cpu|cuda] [--preset tiny|base] [--repeats 5] [--write-docs]
 
-- pretraining: our MiM training step and its peak memory (benchmarks.pretrain_speed's runner, preset
+- pretraining: our MiM training step and its peak memory (benchmarks.speed.pretrain's runner, preset
   launch/pretrain_<preset>*.yaml, the preset's batch);
 - fine-tuning: one training step (forward, BCE, backward, grad clipping, AdamW) of MultimodalModel
   with fusion "concat" on a two-channel [image, mask] input plus a clinical vector, batch 8, encoder
   from launch/finetune_<preset>*.yaml;
 - inference: the same model in eval mode without gradients, batch 8;
-- data: benchmarks.loader_speed's reads (.nii.gz vs the .npy cache) at a smaller size.
+- data: benchmarks.speed.loader's reads (.nii.gz vs the .npy cache) at a smaller size.
 
 The model rows are timed as pretrain_speed times its rows (on CPU: one process each, round-robin).
 On CUDA everything runs under bf16 autocast.
@@ -24,29 +24,20 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import loader_speed
-from benchmarks.common import (
-    Runner,
-    Table,
-    add_run_args,
-    command_line,
-    format_memory,
-    measure,
-    memory_note,
-    resolve_device,
-    run_and_report,
-    sync,
-)
-from benchmarks.pretrain_speed import PRESETS as PRETRAIN_PRESETS
-from benchmarks.pretrain_speed import RUNNER as PRETRAIN_RUNNER
-from benchmarks.pretrain_speed import Row, load_preset, spec_for, subvolumes_per_crop
+from benchmarks.common import (Runner, Table, add_run_args, command_line, format_memory, measure, memory_note,
+                               resolve_device, run_and_report, sync)
+from benchmarks.speed import loader as loader_speed
+from benchmarks.speed.pretrain import PRESETS as PRETRAIN_PRESETS
+from benchmarks.speed.pretrain import RUNNER as PRETRAIN_RUNNER
+from benchmarks.speed.pretrain import Row, load_preset, spec_for, subvolumes_per_crop
 from core.config import load_config
 from core.errors import cli_entry
+from models.tasks import CLASSIFICATION
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FINETUNE_PRESETS = {"tiny": ROOT / "launch" / "finetune_tiny_cpu.yaml", "cpu": ROOT / "launch" / "finetune_tiny_cpu.yaml",
                     "base": ROOT / "launch" / "finetune_base_gpu.yaml"}
-FINETUNE_RUNNER = "benchmarks.throughput:FinetuneRunner"
+FINETUNE_RUNNER = "benchmarks.speed.throughput:FinetuneRunner"
 CLINICAL_DIM = 10  # clinical features after encoding (a handful of columns, one-hot and missing indicators)
 
 
@@ -58,11 +49,11 @@ class FinetuneRunner(Runner):
         from timm.optim import param_groups_weight_decay
 
         from engine.steps import build_optimizer
-        from finetune.train import FinetuneConfig
+        from finetune.config import FinetuneConfig
         from models.multimodal import MultimodalModel
         self.start(spec)
         cfg = load_config(FinetuneConfig, spec["config"])
-        self.model_cfg = dataclasses.replace(cfg.model, fusion="concat", task="classification",
+        self.model_cfg = dataclasses.replace(cfg.model, fusion="concat", task=CLASSIFICATION.name,
                                              clinical_dim=CLINICAL_DIM)
         enc = self.model_cfg.encoder
         self.model = MultimodalModel(self.model_cfg).to(self.device)
@@ -104,7 +95,7 @@ class FinetuneRunner(Runner):
 
 
 def loader_rows(size: int, n: int, repeats: int, workers: int) -> list[tuple[str, str, float]]:
-    """(label, what, volumes/s) from benchmarks.loader_speed's readers on n synthetic size^3 volumes."""
+    """(label, what, volumes/s) from benchmarks.speed.loader's readers on n synthetic size^3 volumes."""
     ls = loader_speed
     with tempfile.TemporaryDirectory(prefix="throughput_loader_") as tmp:
         nii, npy = ls.make_files(Path(tmp), size, n)
@@ -122,7 +113,7 @@ def loader_rows(size: int, n: int, repeats: int, workers: int) -> list[tuple[str
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.speed.throughput", description=__doc__.split("\n\n")[0])
     add_run_args(p, rows="model row")
     p.add_argument("--preset", choices=sorted(PRETRAIN_PRESETS), default=None,
                    help="model sizes (default: tiny on CPU, base on CUDA)")
@@ -161,7 +152,7 @@ def run(args) -> Table:
     res = measure(contenders, args.repeats, args.warmup, isolate=isolated, interleave=cpu, progress=not args.quiet)
     loader = loader_rows(args.loader_size, args.loader_n, args.loader_repeats, args.loader_workers)
 
-    from finetune.train import FinetuneConfig
+    from finetune.config import FinetuneConfig
     fenc = load_config(FinetuneConfig, FINETUNE_PRESETS[args.preset]).model.encoder
     penc, masks = pcfg.model.encoder, pcfg.model.masks
     table = Table(["stage", "what is timed", "batch", "median ms", "throughput", "peak memory MiB"])
@@ -189,7 +180,7 @@ def run(args) -> Table:
         + ("each row in its own process, timed round-robin" if isolated else
            "timed round-robin in one process" if cpu else "rows one after another")
         + ("; fp32" if cpu else "; bf16 autocast"),
-        f"data rows: benchmarks.loader_speed's readers, {args.loader_n} synthetic volumes of {args.loader_size}^3 "
+        f"data rows: benchmarks.speed.loader's readers, {args.loader_n} synthetic volumes of {args.loader_size}^3 "
         f"from a warm page cache, median of {args.loader_repeats} passes; median ms = 1000 / (vol/s)",
         memory_note(args.device, isolated),
     ]
@@ -200,7 +191,7 @@ def run(args) -> Table:
 def main(argv=None) -> Table:
     args = parse_args(argv)
     heading = f"Speed table ({'GPU' if args.device == 'cuda' else 'CPU'})"
-    return run_and_report(args, run, command_line("benchmarks.throughput", argv), heading)
+    return run_and_report(args, run, command_line("benchmarks.speed.throughput", argv), heading)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Losses for the fine-tuning heads: Cox partial likelihood (Efron ties), discrete-time hazard NLL, BCE.
+"""The survival heads' losses and scores: Cox partial likelihood (Efron ties), discrete-time hazard NLL,
+and the risk of discrete hazards. models/tasks.py says which head a task grows.
 
 Written by hand because no maintained torch library provides a batched, differentiable Cox loss
 with Efron's tie correction; the discrete-time NLL follows nnet-survival (Gensheimer & Narasimhan

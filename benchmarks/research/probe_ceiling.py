@@ -1,6 +1,6 @@
 """The supervised ceiling of an encoder architecture under the probe: how much its frozen features can carry.
 
-    python -m benchmarks.probe.supervised --like runs/E1/encoder --out runs/probe_supervised
+    python -m benchmarks.research.probe_ceiling --like runs/E1/encoder --out runs/probe_supervised
     python -m benchmarks.probe --encoder runs/probe_supervised/encoder --out runs/probe_supervised_probe
 
 A random init of --like's encoder config is trained *with labels*, on a labelled data.synth cohort of its
@@ -46,7 +46,7 @@ PROBE_SEED = 9001  # the probe cohort's seed: refused here, so the ceiling never
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.probe.supervised", allow_abbrev=False,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.research.probe_ceiling", allow_abbrev=False,
                                 description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--like", required=True, metavar="DIR", help="encoder folder whose config and input contract are copied")
@@ -141,11 +141,11 @@ def main(argv=None) -> dict:
     log = train(model, crops, cohort.latents.to_numpy(np.float32), cohort.label.astype(np.float32), args)
     out = Path(args.out)
     model.encoder.save_pretrained(out / "encoder", input_spec=spec, card={
-        "title": "mimfm ViT3D encoder, supervised ceiling (benchmarks.probe.supervised)",
+        "title": "mimfm ViT3D encoder, supervised ceiling (benchmarks.research.probe_ceiling)",
         "training": {"objective": "supervised: MSE of the z_* latents + BCE of the label (a measurement, "
                                   "not a pretrained model)", "data": f"data.synth seed {args.seed}, "
                      f"{len(crops)} lesions", "epochs": args.epochs, "lr": args.lr}})
-    record = {"command": command_line("benchmarks.probe.supervised", argv), "date": today(),
+    record = {"command": command_line("benchmarks.research.probe_ceiling", argv), "date": today(),
               "machine": machine("cpu"), "like": args.like, "cohort": {"dir": str(cohort_dir), "seed": args.seed,
               "n_lesions": len(crops)}, "latents": list(cohort.latents.columns), "log": log,
               "seconds": round(time.perf_counter() - t0, 1)}

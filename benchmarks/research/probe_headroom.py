@@ -1,6 +1,6 @@
 """How much latent R² the probe's AUC needs: the label read out from noisy copies of the true latents.
 
-    python -m benchmarks.probe.headroom --probe RUN/probe.json --out DIR [--r2 0.1 0.2 ...] [--draws 5]
+    python -m benchmarks.research.probe_headroom --probe RUN/probe.json --out DIR [--r2 0.1 0.2 ...] [--draws 5]
         [--margin 0.05]
 
 The probe scores an encoder twice: the R² with which its features carry the generator's latents, and the
@@ -123,7 +123,7 @@ def read_probe(path: str) -> tuple[Path, dict, Path, list[dict]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.probe.headroom", allow_abbrev=False,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.research.probe_headroom", allow_abbrev=False,
                                 description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     a = p.add_argument
@@ -164,7 +164,7 @@ def run(args, argv) -> dict:
         need = None if base is None else r2_on_curve(curve, base + args.margin)
         bars.append({"setup": random["setup"], "random_r2_mean": random["r2_mean"], "random_curve_auc": base,
                      "r2_needed": need, "r2_gain_needed": None if need is None else need - random["r2_mean"]})
-    return {"command": command_line("benchmarks.probe.headroom", argv), "date": today(), "machine": machine("cpu"),
+    return {"command": command_line("benchmarks.research.probe_headroom", argv), "date": today(), "machine": machine("cpu"),
             "probe": args.probe, "cohort_dir": str(cohort_dir), "protocol": protocol, "draws": args.draws,
             "margin": args.margin, "curve": curve, "rows": rows, "bars": bars,
             "seconds": round(time.perf_counter() - t0, 1)}
@@ -192,9 +192,7 @@ def markdown(res: dict) -> str:
 
 
 def figure(res: dict, path: Path) -> None:
-    from matplotlib.figure import (
-        Figure,  # Agg through the Figure object: no pyplot state
-    )
+    from matplotlib.figure import Figure  # Agg through the Figure object: no pyplot state
     fig = Figure(figsize=(6.5, 4.8))
     ax = fig.subplots()
     c = sorted(res["curve"], key=lambda p: p["r2_mean"])

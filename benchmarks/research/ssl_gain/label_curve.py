@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.ssl_gain.paired import METRICS, PairedBootstrap
-from benchmarks.ssl_gain.presets import LARGE_SETS, Preset, Run
+from benchmarks.research.ssl_gain.paired import METRICS, PairedBootstrap
+from benchmarks.research.ssl_gain.presets import LARGE_SETS, Preset, Run
 from core.atomic import atomic_path, write_json
+from models.tasks import CLASSIFICATION, LABEL_REPORT, MULTITASK, SURVIVAL_REPORT
 
 CURVE_MODELS = {"mim": "mim", "mae": "mae", "scratch": ""}  # model -> the pretrained encoder it fine-tunes
 BASELINE = "scratch"
@@ -29,7 +30,7 @@ def run_name(model: str, n: int | None) -> str:
 
 
 def label_runs(preset: Preset) -> list[Run]:
-    task = "multitask" if preset.survival == "multitask" else "classification"
+    task = (MULTITASK if preset.survival == MULTITASK.name else CLASSIFICATION).name
     return [Run(run_name(m, n), pre, "none", task, f"n{n}") for n in preset.label_sizes
             for m, pre in CURVE_MODELS.items()]
 
@@ -43,11 +44,11 @@ def subset_paths(out: Path, seed: int, n: int) -> tuple[Path, Path]:
 def make_subset(preset: Preset, out: Path, seed: int, n: int) -> None:
     """The n-patient manifest (subset + the seed's test set) and its splits: the seed's own test set, and
     K stratified folds inside the subset."""
-    from data.manifest import read_manifest
     from data.splits import make_splits, nested_patient_subsets, subjects_hash
+    from models.tasks import MULTITASK
     manifest, split_path = subset_paths(out, seed, n)
     main = json.loads((out / f"seed{seed}" / "splits.json").read_text())
-    df = read_manifest(out / "cohort" / "manifest.csv", task="multitask", check_files=False)
+    df = MULTITASK.read_manifest(out / "cohort" / "manifest.csv", check_files=False)
     df["subject_id"] = df["subject_id"].astype(str)
     pool = df[~df["subject_id"].isin(main["test"])]
     keep = set(nested_patient_subsets(pool, [n], seed=seed)[n])
@@ -62,21 +63,16 @@ def make_subset(preset: Preset, out: Path, seed: int, n: int) -> None:
 
 
 def _pool_patients(out: Path, seed: int) -> int:
-    from data.manifest import read_manifest
+    from models.tasks import MULTITASK
     main = json.loads((out / f"seed{seed}" / "splits.json").read_text())
-    df = read_manifest(out / "cohort" / "manifest.csv", task="multitask", check_files=False)
+    df = MULTITASK.read_manifest(out / "cohort" / "manifest.csv", check_files=False)
     return int(df.loc[~df["subject_id"].astype(str).isin(main["test"]), "patient_id"].nunique())
 
 
 def curve_scores(preset: Preset, out: Path, seed: int) -> tuple[pd.DataFrame, dict[str, int]]:
     """Per-subject large-set scores of every (model, n) of one seed as evaluation.SCORE_COLUMNS rows, the
     model named "<model>@<n>"; and {n key: labelled patients}, the pool under "all"."""
-    from benchmarks.ssl_gain.evaluation import (
-        SCORE_COLUMNS,
-        _outcomes,
-        _predictions,
-        subject_rows,
-    )
+    from benchmarks.research.ssl_gain.evaluation import SCORE_COLUMNS, _outcomes, _predictions, subject_rows
     outcomes = _outcomes(preset, out)
     sizes = {f"n{n}": n for n in preset.label_sizes} | {"all": _pool_patients(out, seed)}
     parts = []
@@ -84,7 +80,7 @@ def curve_scores(preset: Preset, out: Path, seed: int) -> tuple[pd.DataFrame, di
         for model in CURVE_MODELS:
             pred = _predictions(out / f"seed{seed}" / run_name(model, None if key == "all" else n))
             for split in LARGE_SETS:
-                for task, score in (("classification", "prob"), ("survival", "risk")):
+                for task, score in ((LABEL_REPORT, "prob"), (SURVIVAL_REPORT, "risk")):
                     rows = subject_rows(pred, split, score, outcomes)
                     if len(rows):
                         parts.append(rows.assign(model=f"{model}@{key}", task=task, split=split)[SCORE_COLUMNS])

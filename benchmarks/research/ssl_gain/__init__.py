@@ -1,6 +1,6 @@
 """Does self-supervised pretraining pay off? The whole comparison, end to end, on the synthetic cohort.
 
-    python -m benchmarks.ssl_gain --preset cpu|gpu --out DIR [--seeds 0 1 2] [--toy] [--show]
+    python -m benchmarks.research.ssl_gain --preset cpu|gpu --out DIR [--seeds 0 1 2] [--toy] [--show]
 
 Shaped like the published study (necrosis vs progression after radiosurgery): a large unlabelled
 pretraining set; ~109 labelled patients with 20% held out at the same site; ~28 external patients
@@ -45,24 +45,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.ssl_gain.presets import (
-    FUSIONS,
-    MODELS,
-    PRESETS,
-    REFERENCE,
-    TEST_SETS,
-    TOY,
-    Preset,
-    Run,
-    finetune_runs,
-    resolve_preset,
-)
-from benchmarks.ssl_gain.stages import (
-    preset_levels,
-    pretrain_config,
-    run_benchmark,
-    run_config,
-)
+from benchmarks.research.ssl_gain.presets import (FUSIONS, MODELS, PRESETS, REFERENCE, TEST_SETS, TOY, Preset, Run,
+                                                  finetune_runs, resolve_preset)
+from benchmarks.research.ssl_gain.stages import preset_levels, pretrain_config, run_benchmark, run_config
 from core.errors import InputError, cli_entry
 
 # InputError is what a bad preset, seed list or --out raises.
@@ -83,7 +68,7 @@ def show(preset: Preset, out: Path) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.ssl_gain", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.research.ssl_gain", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
     ap.add_argument("--out", required=True, help="output folder (a rerun skips the stages already done there)")
     ap.add_argument("--seeds", type=int, nargs="+", help="seeds (pretraining + splits); default: the preset's")
@@ -100,6 +85,6 @@ def main(argv=None) -> int:
     if args.show:
         show(preset, out)
         return 0
-    command = "python -m benchmarks.ssl_gain " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.research.ssl_gain " + " ".join(sys.argv[1:] if argv is None else argv)
     run_benchmark(preset, out, command)
     return 0

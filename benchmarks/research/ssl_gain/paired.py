@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.ssl_gain.presets import EVAL_SETS, REFERENCE, Preset
+from benchmarks.research.ssl_gain.presets import EVAL_SETS, REFERENCE, Preset
 from finetune.evaluate import bootstrap_counts, paired_diff_summary
 from finetune.metrics import auc_kernel, harrell_kernel, kernel_values
+from models.tasks import LABEL_REPORT, SURVIVAL_REPORT
 
 # A ">=" claim (non-inferiority) holds when the lower 95% bound of a - b is above -margin: a loses at
 # most this much AUC. 0.02 is a common non-inferiority margin for diagnostic AUCs.
@@ -25,7 +26,7 @@ NON_INFERIORITY_MARGIN = 0.02
 CLAIMS = (("mim>scratch", "mim", "scratch", ">"), ("mim>=mae", "mim", "mae", ">="),
           ("mim>radiomics", "mim", "radiomics", ">"), ("multimodal>=mim", "multimodal", "mim", ">="),
           ("radiomics>scratch", "radiomics", "scratch", ">"))
-METRICS = {"auc": "classification", "c_index": "survival"}  # metric -> the task whose scores it reads
+METRICS = {"auc": LABEL_REPORT, "c_index": SURVIVAL_REPORT}  # metric -> the scores.csv rows it reads
 BOOT_SEED = 0  # every comparison uses the same draws (common random numbers across model pairs)
 
 

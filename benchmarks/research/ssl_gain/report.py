@@ -11,16 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.ssl_gain.presets import (
-    EVAL_SETS,
-    LARGE_SETS,
-    MODELS,
-    PUBLISHED_SOURCE,
-    REFERENCE,
-    TEST_SETS,
-    Preset,
-)
+from benchmarks.research.ssl_gain.presets import (EVAL_SETS, LARGE_SETS, MODELS, PUBLISHED_SOURCE, REFERENCE, TEST_SETS,
+                                                  Preset)
 from core.atomic import write_json, write_text
+from models.tasks import LABEL_REPORT, MULTITASK, SURVIVAL_REPORT
 
 # ---------------------------------------------------------------- aggregation
 
@@ -38,8 +32,8 @@ def aggregate(preset: Preset, per_seed: list[dict]) -> dict:
     for model in models:
         summary[model] = {}
         for split in ("val",) + EVAL_SETS:
-            cls = [s["models"][model][split]["classification"] for s in per_seed]
-            sur = [s["models"][model][split]["survival"] for s in per_seed]
+            cls = [s["models"][model][split][LABEL_REPORT] for s in per_seed]
+            sur = [s["models"][model][split][SURVIVAL_REPORT] for s in per_seed]
             entry = {"auc": _summary([c.get("auc") for c in cls]), "c_index": _summary([c.get("c_index") for c in sur])}
             reasons = sorted({c["reason"] for c in cls if c.get("auc") is None and c.get("reason")})
             if reasons:
@@ -92,13 +86,13 @@ def write_results(preset: Preset, per_seed: list[dict], paired: dict, stage_seco
                   command: str, out: Path) -> dict:
     """results.json, results.md and the ROC figures (one per held-out set) of the whole benchmark."""
     results = {
-        "benchmark": "ssl_gain", "command": command or "benchmarks.ssl_gain.run_benchmark",
+        "benchmark": "ssl_gain", "command": command or "benchmarks.research.ssl_gain.run_benchmark",
         "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": _machine(), "preset": asdict(preset),
         "seeds": list(preset.seeds), "models": {m: MODELS[m][0] for m in MODELS},
         "published": {m: {"test": p[0], "external": p[1]} for m, (_, p) in MODELS.items() if p},
         "survival_mode": ("multitask fine-tuning (BCE + Cox) of every ViT / clinical model; radiomics: "
                           "separate Cox model; all on the classification splits")
-        if preset.survival == "multitask" else
+        if preset.survival == MULTITASK.name else
         ("classification fine-tuning for every model; separate survival fine-tuning of mim, scratch and "
          "clinical_only (and a radiomics Cox model) on event-stratified splits"),
         "per_seed": per_seed, **aggregate(preset, per_seed),
@@ -180,7 +174,7 @@ def results_markdown(results: dict) -> str:
     lines = _header(results) + _main_table(results) + _fusion_choice(results) + _per_seed_table(results)
     lines += _paired_table(results) + _claims_table(results) + _claims(results)
     if results.get("label_curve"):
-        from benchmarks.ssl_gain.label_curve import markdown as label_curve_markdown
+        from benchmarks.research.ssl_gain.label_curve import markdown as label_curve_markdown
         lines += label_curve_markdown(results["label_curve"])
     lines += _stage_table(results)
     lines += ["", f"Published numbers: {PUBLISHED_SOURCE}; measured ones come from a synthetic cohort "
@@ -230,12 +224,12 @@ def _main_table(results: dict) -> list[str]:
             label += f" [chosen: {', '.join(s['chosen_fusion'] for s in per_seed)}]"
         cells = [label]
         for i, split in enumerate(TEST_SETS):
-            seed_cls = [s["models"][m][split]["classification"] for s in per_seed]
+            seed_cls = [s["models"][m][split][LABEL_REPORT] for s in per_seed]
             cells += [_fmt(pub[i]) if pub else "—", _cell(seed_cls, summ[m][split], "auc"), _p_cell(summ[m][split])]
         for split in LARGE_SETS:
-            cells.append(_cell([s["models"][m][split]["classification"] for s in per_seed], summ[m][split], "auc"))
+            cells.append(_cell([s["models"][m][split][LABEL_REPORT] for s in per_seed], summ[m][split], "auc"))
         for split in EVAL_SETS:
-            seed_sur = [s["models"][m][split]["survival"] for s in per_seed]
+            seed_sur = [s["models"][m][split][SURVIVAL_REPORT] for s in per_seed]
             cells.append(_cell(seed_sur, summ[m][split], "c_index"))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -289,7 +283,7 @@ def _per_seed_table(results: dict) -> list[str]:
              "| --- " * (3 + len(EVAL_SETS)) + "|"]
     for m in _models(results):
         for s in results["per_seed"]:
-            cls = [s["models"][m][split]["classification"] for split in EVAL_SETS + ("val",)]
+            cls = [s["models"][m][split][LABEL_REPORT] for split in EVAL_SETS + ("val",)]
             cells = [f"n/a ({c.get('reason')})" if c.get("auc") is None else _point_ci(c["auc"], c.get("ci"))
                      for c in cls]
             lines.append(f"| {m} | {s['seed']} | " + " | ".join(cells) + " |")

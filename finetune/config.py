@@ -1,0 +1,105 @@
+"""Stage two's configuration: FinetuneConfig, saved with every run, and the --eval_sets it names.
+
+`--task` and `--fusion` are stored where the model reads them, as model.task and model.fusion.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from core.errors import ConfigError
+from data.prep_config import PrepConfig
+from engine.config import LoopConfig, OptimConfig
+from models.input_spec import ViewSpec
+from models.multimodal import MultimodalConfig
+from models.tasks import Task, get_task
+from models.vit3d import ViT3DConfig
+
+PATH_FIELDS = ("manifest", "external", "pretrained", "output_dir", "cache_dir", "splits")
+
+
+def _default_model() -> MultimodalConfig:
+    return MultimodalConfig(encoder=ViT3DConfig(in_channels=2))
+
+
+@dataclass
+class FinetuneConfig(LoopConfig):
+    manifest: str = ""              # labelled cohort CSV: subject_id, image, mask, label and/or time+event, clinical
+    external: str = ""              # optional external-site CSV, predicted by the fold ensemble, never trained on
+    # More held-out cohorts, each NAME=CSV (e.g. external_large=big.csv): predicted by the fold ensemble
+    # under split NAME, never trained on nor used to choose an epoch; for reporting only.
+    eval_sets: list[str] = field(default_factory=list)
+    pretrained: str = ""            # HF-format encoder folder from pretraining; "" trains from scratch
+    output_dir: str = "runs/finetune"  # predictions, metrics, figures, fold models
+    cache_dir: str = ""             # preprocessing cache (default: <output_dir>/../cache)
+    splits: str = ""                # splits JSON to reuse (default: <output_dir>/splits.json)
+    folds: int = 5                  # cross-validation folds on the non-test patients
+    test_fraction: float = 0.2      # share of patients held out as the same-site test set
+    clinical_columns: list[str] = field(default_factory=list)   # empty: every non-standard column
+    margin_mm: float = 10.0         # peritumoral margin kept around the lesion box
+    # Smallest side of the lesion-centred cube, in mm. The cube (lesion box + margin, at least this)
+    # is resized to the encoder input, so a value below input size x spacing magnifies the lesion.
+    # 0: input size x spacing (native scale). Unset: the pretrained encoder's lesion view, else 0.
+    crop_mm: float | None = None
+    batch_size: int = 8             # subjects per micro-batch and process
+    epochs: int = 30                # at most this many epochs per fold
+    patience: int = 8               # epochs without validation improvement before stopping
+    layer_decay: float = 0.75       # encoder lr x layer_decay per block below the head (timm layer decay)
+    # The encoder's peak rate by MAE's fine-tuning rule, encoder_blr x effective batch (batch_size x
+    # grad_accum x processes) / 256, then layer-decayed; optim.lr is then the head's rate alone.
+    # 0: the encoder follows optim.lr, layer-decayed.
+    encoder_blr: float = 0.0
+    warmup_epochs: float = 0.0      # warm-up in epochs, for head and encoder alike (0: optim.warmup_steps steps)
+    # LP-FT: epochs that fit the fusion and heads on the held encoder (weights unchanged) before it joins
+    # the training with its own warm-up; 0: everything trains from the start
+    lp_epochs: int = 0
+    # which weights a fold keeps: best (validation score; stops early), last, average (of the weights from
+    # min_epochs on; SWA over epochs)
+    epoch_choice: Literal["best", "last", "average"] = "best"
+    min_epochs: int = 0             # epochs before best may be chosen / training may stop, and average begins
+    freeze_encoder: bool = False    # linear probe / frozen-feature fine-tuning
+    class_weighting: bool = True    # weight positives by n_neg / n_pos in the BCE
+    n_time_bins: int = 8            # for model.survival_head = discrete
+    n_boot: int = 1000              # bootstrap resamples for the CIs
+    explain: int = 2                # test subjects to explain (attention rollout + occlusion)
+    num_workers: int = 0            # DataLoader worker processes
+    # reuse the folds already finished in output_dir whose inputs are unchanged (a crashed or extended
+    # run continues); false: train every fold again
+    reuse_folds: bool = True
+    prep: PrepConfig = field(default_factory=PrepConfig)
+    model: MultimodalConfig = field(default_factory=_default_model)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, weight_decay=0.05, warmup_steps=10))
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("encoder_blr", "warmup_epochs", "lp_epochs", "min_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} {getattr(self, name)}: must be >= 0")
+        if self.model.head_norm == "batchnorm" and self.batch_size < 2:
+            raise ConfigError(f"--model.head_norm batchnorm needs --batch_size >= 2, got {self.batch_size}")
+        if self.lp_epochs and (self.lp_epochs >= self.epochs or self.freeze_encoder):
+            raise ConfigError(f"--lp_epochs {self.lp_epochs}: needs --epochs above it and no --freeze_encoder")
+        parse_eval_sets(self.eval_sets)  # a malformed entry fails at parse time, naming the flag
+        if self.crop_mm is not None:
+            ViewSpec(crop_mm=self.crop_mm, margin_mm=self.margin_mm)  # a negative value fails here, at parse time
+
+    @property
+    def task(self) -> Task:
+        """What the run learns (--task, stored as model.task): the registry entry of models/tasks.py."""
+        return get_task(self.model.task)
+
+
+RESERVED_SPLITS = ("train", "val", "test", "external")
+
+
+def parse_eval_sets(entries: list[str]) -> dict[str, str]:
+    """--eval_sets NAME=CSV ... -> {NAME: CSV}; names are split names in predictions.csv."""
+    sets: dict[str, str] = {}
+    for entry in entries:
+        name, sep, path = str(entry).partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--eval_sets {entry!r}: expected NAME=CSV")
+        if name in RESERVED_SPLITS or name in sets:
+            raise ConfigError(f"--eval_sets {entry!r}: split name {name!r} is reserved or repeated")
+        sets[name] = path
+    return sets

@@ -1,0 +1,141 @@
+"""The tasks a fine-tuned model learns, one object each: the registry. Nothing outside it and the CLI
+compares task names; code asks the task what it needs.
+
+A task says which targets it predicts (the binary label, time to event), and from that follow:
+- the manifest columns it needs (`columns`);
+- the heads the model grows (`heads`: "logit" for the label, "risk" or "hazard_logits" for survival);
+- its loss (`loss`: BCE, Cox partial likelihood or discrete-time NLL, summed);
+- the scores it saves and ensembles (`scores`: "prob", "risk");
+- the validation score that chooses epochs (`validation_score`: AUC, Harrell's C, or their mean);
+- its metrics.json sections and figures (`reports`, `figures`: ROC and calibration for the label,
+  Kaplan-Meier for survival).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from core.errors import ConfigError
+
+# metrics.json sections: what is reported of a label score and of a survival score
+LABEL_REPORT, SURVIVAL_REPORT = "classification", "survival"
+LABEL_COLUMNS, SURVIVAL_COLUMNS = ("label",), ("time", "event")
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    label: bool       # predicts the binary label (1 = progression)
+    survival: bool    # predicts time to event
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The manifest's target columns this task trains and is evaluated on."""
+        return LABEL_COLUMNS * self.label + SURVIVAL_COLUMNS * self.survival
+
+    @property
+    def manifest_columns(self) -> tuple[str, ...]:
+        """What a manifest must have for this task: image and mask paths, and the targets."""
+        from data.manifest import IMAGE_COLUMNS  # data.manifest brings pandas: only when a manifest is read
+        return IMAGE_COLUMNS + self.columns
+
+    def read_manifest(self, path, check_files: bool = True):
+        """data.manifest.read_manifest of the columns this task needs."""
+        from data.manifest import read_manifest
+        return read_manifest(path, columns=self.manifest_columns, purpose=f"--task {self.name}",
+                             check_files=check_files)
+
+    def heads(self, survival_head: str, n_time_bins: int) -> dict[str, int]:
+        """Output name -> size of each head: "logit" [1]; "risk" [1] (Cox) or "hazard_logits" [T] (discrete)."""
+        out = {"logit": 1} if self.label else {}
+        if self.survival:
+            out |= {"risk": 1} if survival_head == "cox" else {"hazard_logits": n_time_bins}
+        return out
+
+    def explained_output(self, survival_head: str) -> str:
+        """The output an explanation (occlusion) follows: the label's logit when there is one."""
+        return next(iter(self.heads(survival_head, 1)))
+
+    def loss(self, out: dict[str, Tensor], batch: dict, pos_weight: Tensor | None = None) -> dict[str, Tensor]:
+        """The task's loss terms and their sum under "loss"."""
+        from models.survival_losses import cox_efron_loss, discrete_time_nll
+        terms = {}
+        if self.label:
+            terms["bce"] = F.binary_cross_entropy_with_logits(out["logit"].float(), batch["label"].float(),
+                                                              pos_weight=pos_weight)
+        if self.survival:
+            if "risk" in out:
+                terms["cox"] = cox_efron_loss(out["risk"].float(), batch["time"], batch["event"])
+            else:
+                terms["nll"] = discrete_time_nll(out["hazard_logits"].float(), batch["bin"], batch["event"])
+        terms["loss"] = sum(terms.values())
+        return terms
+
+    def validation_score(self, scores: dict[str, np.ndarray], targets) -> float | None:
+        """Higher is better: AUC of "prob", Harrell's C of "risk", or their mean; None when undefined
+        (a one-class or event-free validation set)."""
+        from sklearn.metrics import roc_auc_score
+        from sksurv.metrics import concordance_index_censored
+        values = []
+        if self.label:
+            if len(np.unique(targets.label)) < 2:
+                return None
+            values.append(roc_auc_score(targets.label, scores["prob"]))
+        if self.survival:
+            if targets.event.sum() == 0:
+                return None
+            values.append(concordance_index_censored(targets.event.astype(bool), targets.time, scores["risk"])[0])
+        return float(np.mean(values))
+
+    @property
+    def validation_metric(self) -> str:
+        return " + ".join(["val AUC"] * self.label + ["val C-index"] * self.survival)
+
+    @property
+    def reports(self) -> tuple[str, ...]:
+        return (LABEL_REPORT,) * self.label + (SURVIVAL_REPORT,) * self.survival
+
+    @property
+    def figures(self) -> tuple[str, ...]:
+        return ("roc", "calibration") * self.label + ("km",) * self.survival
+
+
+CLASSIFICATION = Task("classification", label=True, survival=False)
+SURVIVAL = Task("survival", label=False, survival=True)
+MULTITASK = Task("multitask", label=True, survival=True)
+TASKS = {t.name: t for t in (CLASSIFICATION, SURVIVAL, MULTITASK)}
+TASK_NAMES = tuple(TASKS)  # the choices of --task
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ConfigError(f"--task {name!r}: expected one of {list(TASKS)}")
+    return TASKS[name]
+
+
+def task_of_scores(names) -> Task:
+    """The task whose saved scores are `names` (e.g. a predictions.csv's "prob" / "risk" columns)."""
+    key = ("prob" in names, "risk" in names)
+    for task in TASKS.values():
+        if (task.label, task.survival) == key:
+            return task
+    raise ConfigError(f"scores {sorted(names)}: neither 'prob' nor 'risk'")
+
+
+def output_scores(out: dict[str, Tensor], time_bins=None) -> dict[str, Tensor]:
+    """Model outputs -> the scores that are saved, evaluated and ensembled (training and predict alike):
+    "prob" [B] = sigmoid(logit), and "risk" [B]: the Cox risk, or minus the restricted mean survival
+    time of discrete hazards (over `time_bins` edges, in bins without them). Float32, detached."""
+    from models.survival_losses import survival_risk_from_hazards
+    scores = {}
+    if "logit" in out:
+        scores["prob"] = torch.sigmoid(out["logit"].detach().float())
+    if "risk" in out:
+        scores["risk"] = out["risk"].detach().float()
+    elif "hazard_logits" in out:
+        scores["risk"] = survival_risk_from_hazards(out["hazard_logits"].detach().float(), time_bins)
+    return scores
