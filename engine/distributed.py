@@ -101,6 +101,12 @@ def make_accelerator(loop, output_dir: str | os.PathLike | None = None) -> Accel
                        kwargs_handlers=handlers)
 
 
+def zero_stage(accelerator: Accelerator) -> int:
+    """The run's ZeRO stage; 0 without DeepSpeed."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return int(getattr(plugin, "zero_stage", 0) or 0) if plugin is not None else 0
+
+
 def configure_deepspeed(accelerator: Accelerator, *, micro_batch: int, clip_grad: float, width: int,
                         mixed_precision: str) -> None:
     """Fill the DeepSpeed config's run-dependent values before `accelerator.prepare`; no-op without DeepSpeed.

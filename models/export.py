@@ -29,6 +29,7 @@ from models.input_spec import load_input_spec
 from models.vit3d import ViT3D, ViT3DConfig, vit3d_config_from_dict
 
 ENCODER_PREFIX = "encoder."
+TEACHER_PREFIX = "distiller.teacher.encoder."  # models/distill.py: the EMA teacher of a self-distilled run
 # Wrappers that prefix every key: DDP / DeepSpeed ("module.") and torch.compile ("_orig_mod.").
 WRAPPER_PARTS = ("module", "_orig_mod")
 
@@ -39,6 +40,8 @@ class ExportConfig:
     out: str = ""  # output folder (replaced as a whole)
     format: Literal["hf", "monai"] = "hf"  # hf: ViT3D folder; monai: monai.networks.nets.ViT weights
     max_shard_size: str = "2GB"  # HF format only: larger weights are split into shards
+    # student: the trained encoder; teacher: the EMA teacher of a self-distilled MiM run (model.distill)
+    encoder: Literal["student", "teacher"] = "student"
 
 
 # --- reading a training checkpoint -----------------------------------------------------------------------
@@ -87,20 +90,20 @@ def unwrap_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def encoder_state_dict(state_dict: dict[str, Tensor], where: str) -> dict[str, Tensor]:
-    """The encoder's weights: the "encoder."-prefixed keys (or a bare encoder state dict)."""
+def encoder_state_dict(state_dict: dict[str, Tensor], where: str, prefix: str = ENCODER_PREFIX) -> dict[str, Tensor]:
+    """The encoder's weights: the `prefix`ed keys (or a bare encoder state dict, for the student)."""
     state_dict = unwrap_keys(state_dict)
-    encoder = {k[len(ENCODER_PREFIX):]: v for k, v in state_dict.items() if k.startswith(ENCODER_PREFIX)}
+    encoder = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if encoder:
         return encoder
-    if "patch_embed.weight" in state_dict:  # already a bare ViT3D state dict
+    if prefix == ENCODER_PREFIX and "patch_embed.weight" in state_dict:  # already a bare ViT3D state dict
         return state_dict
-    raise InputError(f"{where}: no '{ENCODER_PREFIX}*' keys (found e.g. {sorted(state_dict)[:5]})")
+    raise InputError(f"{where}: no '{prefix}*' keys (found e.g. {sorted(state_dict)[:5]})")
 
 
-def read_checkpoint(path: str | Path) -> tuple[ViT3D, dict]:
+def read_checkpoint(path: str | Path, encoder: str = "student") -> tuple[ViT3D, dict]:
     """(encoder loaded strictly, with its input contract when there is one; summary) from a checkpoint
-    folder or weights file."""
+    folder or weights file; encoder "teacher" takes a self-distilled run's EMA teacher instead."""
     path = Path(path)
     if path.is_dir():
         folder, weights = path, load_checkpoint_weights(path)
@@ -111,7 +114,8 @@ def read_checkpoint(path: str | Path) -> tuple[ViT3D, dict]:
     config = vit3d_config_from_dict(read_json(folder / "encoder_config.json"),
                                     where=str(folder / "encoder_config.json"))
     model = ViT3D(config)
-    load_state_dict_strict(model, encoder_state_dict(weights, str(path)), what=str(path))
+    prefix = TEACHER_PREFIX if encoder == "teacher" else ENCODER_PREFIX
+    load_state_dict_strict(model, encoder_state_dict(weights, str(path), prefix), what=str(path))
     model.input_spec = load_input_spec(folder, required=False)
     summary = read_json(folder / "summary.json") if (folder / "summary.json").is_file() else {}
     return model.eval(), summary
@@ -218,14 +222,17 @@ def export_monai(model: ViT3D, out: Path, summary: dict, source: Path) -> None:
         (tmp / "README.md").write_text(text)
 
 
-def export_checkpoint(source: str | Path, out: str | Path, fmt: str = "hf", max_shard_size: str = "2GB") -> Path:
-    """Export the encoder of a training checkpoint (folder or weights file) to `out`."""
+def export_checkpoint(source: str | Path, out: str | Path, fmt: str = "hf", max_shard_size: str = "2GB",
+                      encoder: str = "student") -> Path:
+    """Export the encoder (or a self-distilled run's EMA teacher) of a training checkpoint to `out`."""
     source, out = Path(source), Path(out)
     if source.resolve() == out.resolve() or source.resolve() in out.resolve().parents:
         raise ConfigError(f"--out {out} must not be the checkpoint or lie inside it")
-    model, summary = read_checkpoint(source)
+    model, summary = read_checkpoint(source, encoder)
     if fmt == "hf":
-        model.save_pretrained(out, card=card_from_summary(summary, source), max_shard_size=max_shard_size)
+        card = card_from_summary(summary, source)
+        card["training"]["exported encoder"] = encoder
+        model.save_pretrained(out, card=card, max_shard_size=max_shard_size)
     else:
         export_monai(model, out, summary, source)
     print(f"exported {source} -> {out} ({fmt}, {sum(p.numel() for p in model.parameters()):,} parameters)")
@@ -237,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_config(ExportConfig, argv, description=__doc__.splitlines()[0])
     if not cfg.checkpoint or not cfg.out:
         raise ConfigError("--checkpoint and --out are required")
-    export_checkpoint(cfg.checkpoint, cfg.out, cfg.format, cfg.max_shard_size)
+    export_checkpoint(cfg.checkpoint, cfg.out, cfg.format, cfg.max_shard_size, cfg.encoder)
     return 0
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from core.errors import ConfigError, InputError
+from models.distill import DistillConfig, Distiller
 from models.mim_masks import Level, MaskConfig, check_fits
 from models.pos_embed import sincos_3d
 from models.vit3d import ViT3D, ViT3DConfig, patchify, unpatchify
@@ -53,6 +54,8 @@ class MiMConfig:
     norm_pix_loss: bool = True  # targets are patches normalised by their own mean and variance (MAE)
     align_weight: float = 1.0  # weight of the cross-level alignment terms
     level_weights: tuple[float, ...] = (1.0,)  # reconstruction weight per level; one value applies to all
+    # self-distillation from an EMA teacher beside reconstruction (models/distill.py); weight 0: plain MiM
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self):
         self.level_weights = tuple(float(w) for w in self.level_weights)
@@ -90,6 +93,8 @@ class MiMModel(nn.Module):
         # must be plain MAE.
         self.projector = Mlp(dd, config.proj_dim, dd) if config.masks.levels > 1 else None
         self._init_decoder()
+        # Built last, so plain MiM draws the same initial weights; its teacher starts as the student's copy.
+        self.distiller = Distiller(self.encoder, dd, config.distill) if config.distill.weight > 0 else None
 
     def _init_decoder(self):
         nn.init.normal_(self.mask_token, std=0.02)
@@ -149,8 +154,13 @@ class MiMModel(nn.Module):
             target = target - target.mean(dim=0, keepdim=True)                 # [B_c, Dd]
         return projected, target
 
-    def forward_loss(self, levels: Sequence[Level], out: MiMOutput) -> MiMOutput:
-        return out._replace(losses=mim_losses(out, levels, self.config))
+    def forward_loss(self, levels: Sequence[Level], out: MiMOutput, feats: list[Tensor]) -> MiMOutput:
+        losses = mim_losses(out, levels, self.config)
+        if self.distiller is not None:
+            terms = self.distiller(levels, feats)
+            losses["loss"] = losses["loss"] + self.config.distill.weight * terms["distill"]
+            losses |= terms
+        return out._replace(losses=losses)
 
     def forward(self, levels: Sequence[Level]) -> MiMOutput:
         """The reconstructions, the alignment pairs and the losses of one hierarchy (see MiMOutput)."""
@@ -158,7 +168,17 @@ class MiMModel(nn.Module):
         feats, preds = self.forward_decoder(levels, latents)
         pairs = [self.align_features(levels[i], feats[i], feats[i - 1]) for i in range(1, len(levels))]
         out = MiMOutput(preds=preds, aligned=[p for p, _ in pairs], align_targets=[t for _, t in pairs], losses={})
-        return self.forward_loss(levels, out)
+        return self.forward_loss(levels, out, feats)
+
+    def training_step_started(self, step: int) -> None:
+        """The step's schedules (the teacher's temperature); a no-op without distillation."""
+        if self.distiller is not None:
+            self.distiller.set_step(step)
+
+    def training_step_done(self, step: int, max_steps: int) -> None:
+        """After an optimizer step: the teacher follows the student by EMA; a no-op without distillation."""
+        if self.distiller is not None:
+            self.distiller.update_teacher(self.encoder, self.config.distill.ema_momentum(step, max_steps))
 
 
 # --- losses ---------------------------------------------------------------------------------------------------

@@ -19,10 +19,10 @@ from timm.optim import param_groups_weight_decay
 
 from core.cli import parse_config
 from core.config import absolute_paths, save_config, to_dict
-from core.errors import InputError, cli_entry
+from core.errors import ConfigError, InputError, cli_entry
 from engine.batches import ResumableBatches
 from engine.checkpoints import Checkpointer
-from engine.distributed import configure_deepspeed, make_accelerator, prepare
+from engine.distributed import configure_deepspeed, make_accelerator, prepare, zero_stage
 from engine.logs import RunLogger, progress
 from engine.steps import NonFiniteGuard, WarmupCosine, build_optimizer, optimizer_step, reseed_torch
 from models.mim import MiMModel
@@ -145,6 +145,9 @@ def build(cfg: PretrainConfig, accelerator):
             blk.compile()
     groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=model.no_weight_decay())
     optimizer = build_optimizer(groups, cfg.optim)
+    if cfg.model.distill.weight > 0 and zero_stage(accelerator) == 3:
+        raise ConfigError("--model.distill.weight > 0 under DeepSpeed ZeRO-3: the EMA teacher follows whole student "
+                          "weights, which ZeRO-3 shards; use launch/accelerate/deepspeed_zero2.yaml or DDP")
     configure_deepspeed(accelerator, micro_batch=cfg.batch_size * cfg.crops_per_volume, clip_grad=cfg.optim.clip_grad,
                         width=max(enc.dim, cfg.model.decoder_dim), mixed_precision=cfg.mixed_precision)
     model, optimizer = prepare(accelerator, model, optimizer)
@@ -180,6 +183,7 @@ def train(cfg: PretrainConfig) -> Path:
 
     step = restore(ckpt, resume_from, accelerator, guard, logger)
     enc = cfg.model.encoder
+    unwrapped = accelerator.unwrap_model(model)  # MiMModel: the teacher's schedule and EMA, when distilling
 
     def loss_fn(micro):
         m, batch = micro
@@ -200,12 +204,15 @@ def train(cfg: PretrainConfig) -> Path:
     try:
         while step < last_stop:
             lr = schedule.set_step(step)
+            unwrapped.training_step_started(step)
             clock.start()
             micro = [next(stream) for _ in range(cfg.grad_accum)]  # the time spent here is waiting for data
             clock.loaded(sum(batch["build_s"] for _, batch in micro))
             terms, step_ok, outputs = optimizer_step(accelerator, model, optimizer, guard, cfg.optim.clip_grad,
                                                      micro, loss_fn)
             clock.done()
+            if step_ok:
+                unwrapped.training_step_done(step, cfg.max_steps)
             step += 1
             bar.update(1)
             if step_ok:
@@ -232,6 +239,8 @@ def train(cfg: PretrainConfig) -> Path:
     if main and step >= cfg.max_steps and final is not None:
         from models.export import export_checkpoint
         export_checkpoint(final, out / "encoder")
+        if cfg.model.distill.weight > 0:  # the probe decides which of the two a study uses
+            export_checkpoint(final, out / "encoder_teacher", encoder="teacher")
         print(f"pretraining done: {step} steps; encoder exported to {out / 'encoder'}")
     accelerator.wait_for_everyone()
     accelerator.end_training()

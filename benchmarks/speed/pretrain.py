@@ -112,6 +112,9 @@ class PretrainRunner(Runner):
         self.kind = spec["kind"]
         self.model_cfg = mim_config(cfg.model, spec.get("levels", cfg.model.masks.levels),
                                     spec.get("grad_checkpointing", False))
+        if spec.get("distill"):  # self-distillation beside reconstruction (models/distill.py), its defaults
+            from models.distill import DistillConfig
+            self.model_cfg = dataclasses.replace(self.model_cfg, distill=DistillConfig(weight=1.0))
         enc = self.model_cfg.encoder
         self.amp = bool(spec.get("amp", self.device.type == "cuda"))
         self.clip = cfg.optim.clip_grad
@@ -171,12 +174,16 @@ class PretrainRunner(Runner):
         if self.kind == "mim":  # this step's levels are ready; the next step's are built beside it
             self.batch, self.m = self.ready, self.m + 1
             pending = self.loader.submit(self.collate, self.m, self.items)
+        if self.kind == "mim":
+            self.model.training_step_started(self.m)
         loss = self._loss()
         loss.backward()
         if self.clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.kind == "mim":  # the EMA teacher's update is part of a distilled step's cost
+            self.model.training_step_done(self.m, 1000)
         sync(self.device)
         t_model = time.perf_counter()
         if pending is not None:
@@ -199,6 +206,7 @@ class Row:
     levels: int
     grad_checkpointing: bool = False
     compile: bool = False
+    distill: bool = False
 
 
 def rows_for(model, checkpointing: str, compile: bool = False) -> list[Row]:
@@ -208,6 +216,7 @@ def rows_for(model, checkpointing: str, compile: bool = False) -> list[Row]:
         suffix = ", grad ckpt" if ck else ""
         rows.append(Row(f"mimfm MiM{suffix}", "mim", model.masks.levels, ck))
         rows.append(Row(f"mimfm MiM L=1 (MAE){suffix}", "mim", 1, ck))
+    rows.append(Row("mimfm MiM + self-distillation", "mim", model.masks.levels, distill=True))
     if compile:
         rows.append(Row("mimfm MiM, torch.compile", "mim", model.masks.levels, compile=True))
     return rows
@@ -220,6 +229,7 @@ def spec_for(row: Row, model, level1: int, *, config, device: str, crop_size: in
     batch = level1 if (row.kind == "mim" and row.levels == model.masks.levels) else total
     return {"config": str(config), "kind": row.kind, "levels": row.levels, "batch": batch, "crop_size": crop_size,
             "device": device, "grad_checkpointing": row.grad_checkpointing, "compile": row.compile,
+            "distill": row.distill,
             "threads": threads, "seed": 0}
 
 
