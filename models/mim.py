@@ -54,6 +54,10 @@ class MiMConfig:
     norm_pix_loss: bool = True  # targets are patches normalised by their own mean and variance (MAE)
     align_weight: float = 1.0  # weight of the cross-level alignment terms
     level_weights: tuple[float, ...] = (1.0,)  # reconstruction weight per level; one value applies to all
+    # VoCo-style position contrast (models/contrast.py): each child picks its own cell among its parent's;
+    # 0: off. contrast_temperature: the cosine logits' temperature
+    contrast_weight: float = 0.0
+    contrast_temperature: float = 0.1
     # self-distillation from an EMA teacher beside reconstruction (models/distill.py); weight 0: plain MiM
     distill: DistillConfig = field(default_factory=DistillConfig)
 
@@ -67,6 +71,10 @@ class MiMConfig:
                               f"decoder_heads {self.decoder_heads}")
         if self.proj_dim < 1:
             raise ConfigError(f"proj_dim must be >= 1, got {self.proj_dim}")
+        if self.contrast_weight < 0 or self.contrast_temperature <= 0:
+            raise ConfigError("contrast_weight must be >= 0 and contrast_temperature > 0")
+        if self.contrast_weight > 0 and self.masks.levels < 2:
+            raise ConfigError("contrast_weight > 0 needs masks.levels >= 2: a child contrasts its parent's cells")
         check_fits(self.masks, self.encoder.grid)
 
     def weights(self) -> tuple[float, ...]:
@@ -156,6 +164,10 @@ class MiMModel(nn.Module):
 
     def forward_loss(self, levels: Sequence[Level], out: MiMOutput, feats: list[Tensor]) -> MiMOutput:
         losses = mim_losses(out, levels, self.config)
+        if self.config.contrast_weight > 0:
+            terms = self.position_contrast(levels, out, feats)
+            losses["loss"] = losses["loss"] + self.config.contrast_weight * terms.pop("contrast")
+            losses |= terms
         if self.distiller is not None:
             terms = self.distiller(levels, feats)
             losses["loss"] = losses["loss"] + self.config.distill.weight * terms["distill"]
@@ -169,6 +181,19 @@ class MiMModel(nn.Module):
         pairs = [self.align_features(levels[i], feats[i], feats[i - 1]) for i in range(1, len(levels))]
         out = MiMOutput(preds=preds, aligned=[p for p, _ in pairs], align_targets=[t for _, t in pairs], losses={})
         return self.forward_loss(levels, out, feats)
+
+    def position_contrast(self, levels: Sequence[Level], out: MiMOutput, feats: list[Tensor]) -> dict[str, Tensor]:
+        """The VoCo-style terms: per child level, cross-entropy of each child picking its own parent cell, and
+        how often it does; "contrast" is their mean over the child levels."""
+        from models.contrast import position_contrast_loss
+        c, grid, terms, losses = self.config.masks.child_patches, self.config.encoder.grid, {}, []
+        for i in range(1, len(levels)):
+            loss, acc = position_contrast_loss(out.aligned[i - 1], feats[i - 1], levels[i].parent,
+                                               levels[i].parent_tokens, grid, c, self.config.contrast_temperature)
+            terms[f"contrast_l{i + 1}"], terms[f"contrast_acc_l{i + 1}"] = loss, acc
+            losses.append(loss)
+        terms["contrast"] = torch.stack(losses).mean()
+        return terms
 
     def training_step_started(self, step: int) -> None:
         """The step's schedules (the teacher's temperature); a no-op without distillation."""
