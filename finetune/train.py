@@ -22,7 +22,7 @@ from core.cli import parse_config
 from core.config import absolute_paths, save_config, to_dict
 from core.errors import ConfigError, InputError, cli_entry
 from data.prep_config import PrepConfig
-from engine.distributed import make_accelerator
+from engine.distributed import make_accelerator, zero_stage
 from engine.logs import RunLogger
 from finetune.clinical import unseen_categories_reported_once
 from finetune.config import PATH_FIELDS, FinetuneConfig, parse_eval_sets
@@ -156,8 +156,7 @@ def _folder_stamp(folder: str) -> str:
 def refuse_zero3(accelerator) -> None:
     """Fine-tuning keeps the best epoch's weights and saves each fold model from full state dicts
     held by one process; ZeRO-3 shards the parameters themselves, so those would be empty."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
+    if zero_stage(accelerator) == 3:
         raise ConfigError("fine-tuning does not support DeepSpeed ZeRO-3 (it shards the weights the best-epoch "
                           "snapshot and the fold export read); use launch/accelerate/deepspeed_zero2.yaml or DDP")
 
