@@ -76,7 +76,8 @@ def test_gpu_table_columns():
     assert table.columns[-3:] == ["peak memory MiB", "largest batch (sub-vols)", "sub-vol/s at largest"]
     assert "MFU" in table.columns
     assert table.column("model") == [pretrain_speed.MONAI, pretrain_speed.MONAI_SDPA, "mimfm MiM",
-                                     "mimfm MiM L=1 (MAE)", "mimfm MiM, grad ckpt", "mimfm MiM L=1 (MAE), grad ckpt"]
+                                     "mimfm MiM L=1 (MAE)", "mimfm MiM, grad ckpt", "mimfm MiM L=1 (MAE), grad ckpt",
+                                     "mimfm MiM + self-distillation"]
     assert table.column("largest batch (sub-vols)")[:2] == ["448", "—"]
 
 

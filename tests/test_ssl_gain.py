@@ -213,3 +213,16 @@ def test_label_curve_fine_tunes_nested_subsets_and_compares_with_scratch(toy_run
     want = roc_auc_score(truth.loc[rows.subject_id, "label"], rows["prob"])
     assert point["value"] == pytest.approx(want)
     assert point["vs_scratch"]["diff"] is not None and point["n_patients"] == [n]
+
+
+def test_pretrained_runs_take_their_own_encoder_rate_and_scratch_the_yamls(tmp_path):
+    from dataclasses import replace
+
+    from benchmarks.research.ssl_gain.presets import finetune_runs
+    from benchmarks.research.ssl_gain.stages import run_config
+    preset = replace(ssl_gain.resolve_preset("cpu", toy=True), pretrained_encoder_blr=0.05)
+    rates = {run.name: run_config(preset, tmp_path, 0, run).encoder_blr for run in finetune_runs(preset)}
+    yaml_rate = run_config(replace(preset, pretrained_encoder_blr=0.0), tmp_path, 0,
+                           next(r for r in finetune_runs(preset) if r.name == "ft_scratch_none")).encoder_blr
+    assert rates["ft_mim_none"] == rates["ft_mae_none"] == 0.05
+    assert rates["ft_scratch_none"] == rates["ft_clinical_only"] == yaml_rate != 0.05

@@ -56,6 +56,9 @@ class Preset:
     epochs: int = 10
     patience: int = 4
     finetune_n_boot: int = 100            # bootstrap inside each fine-tuning run's own metrics.json
+    # the encoder rate (--encoder_blr) of runs that fine-tune a pretrained encoder; 0: the YAML's, as scratch.
+    # Each model's rate is chosen on the development cohort (benchmarks.research.finetune_recipe).
+    pretrained_encoder_blr: float = 0.0
     fusions: tuple[str, ...] = FUSIONS
     survival: str = MULTITASK.name        # multitask (the multitask head) | separate (survival runs of their own)
     # label efficiency (label_curve.py): MiM, MAE and scratch also fine-tuned on these many labelled patients,
@@ -85,9 +88,10 @@ PRESETS = {
         pretrain_steps=1000, folds=3, epochs=20, patience=6, finetune_n_boot=50, fusions=FUSIONS,
         survival=MULTITASK.name, n_boot=500, seeds=(0, 1, 2),  # large sets: 528 / 508 patients (seed 9101)
         label_sizes=(20, 40),
+        pretrained_encoder_blr=5e-2,  # 10x the YAML's 5e-3, chosen on the dev cohort (docs/RESULTS.md, E1 rate10)
         note="tiny ViT, the reference CPU recipe (launch/pretrain_cpu.yaml: lesion views, 2 levels) cut to "
              "1000 MiM / MAE steps of 4 volumes x 4 views, 40 mm lesion crops, 3 folds x 20 epochs (launch/finetune_tiny_cpu.yaml: mask pooling, "
-             "mean of the weights from epoch 5), 3 seeds"),
+             "mean of the weights from epoch 5; pretrained encoders at --encoder_blr 5e-2), 3 seeds"),
     # One H100: ViT-B (dim 768, depth 12, 96^3 input, 16^3 patches), bf16, a real pretraining budget.
     "gpu": Preset(
         name="gpu", n_unlabeled=3000, n_labeled=109, n_external=28, n_test_large=570, n_external_large=570,

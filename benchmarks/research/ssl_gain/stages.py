@@ -101,6 +101,8 @@ def finetune_config(preset: Preset, out: Path, seed: int, name: str, *, pretrain
     from finetune.config import FinetuneConfig
     cfg = load_config(FinetuneConfig, LAUNCH / preset.finetune_config)
     cohort = out / "cohort"
+    if pretrained and preset.pretrained_encoder_blr:
+        cfg = replace(cfg, encoder_blr=preset.pretrained_encoder_blr)
     return replace(cfg, manifest=str(manifest or cohort / "manifest.csv"), external=str(cohort / "external.csv"),
                    pretrained=pretrained, model=replace(cfg.model, task=task, fusion=fusion),
                    output_dir=str(out / f"seed{seed}" / name), cache_dir=str(out / "cache"), splits=str(splits),
