@@ -110,6 +110,21 @@ def entropy(probs: Tensor) -> Tensor:
     return -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean()
 
 
+def teacher_verdict(mean_entropy: float, usage: float, prototypes: int) -> str:
+    """One line on the teacher's output at the end of a run. Near uniform: mean entropy within 5% of
+    ln K, where centring has won over sharpening and the targets carry no signal. Collapsed: at most two
+    prototypes win any token. A run in either state has not learned from distillation."""
+    top = math.log(prototypes)
+    if mean_entropy >= 0.95 * top:
+        state = "near uniform, so its targets carry no signal"
+    elif usage * prototypes <= 2:
+        state = "collapsed onto one or two prototypes"
+    else:
+        state = "neither uniform nor collapsed"
+    return (f"teacher: entropy {mean_entropy:.3f} nats (uniform {top:.3f}), {usage:.0%} of {prototypes} "
+            f"prototypes in use: {state}")
+
+
 class Distiller(nn.Module):
     """The student's heads, the EMA teacher (encoder + head) and the centre; MiMModel owns one when
     `distill.weight > 0`. The teacher never trains: its parameters are frozen, followed by `update_teacher`."""

@@ -242,6 +242,9 @@ def train(cfg: PretrainConfig) -> Path:
         if cfg.model.distill.weight > 0:  # the probe decides which of the two a study uses
             export_checkpoint(final, out / "encoder_teacher", encoder="teacher")
         print(f"pretraining done: {step} steps; encoder exported to {out / 'encoder'}")
+        if cfg.model.distill.weight > 0 and "teacher_entropy" in last:
+            from models.distill import teacher_verdict
+            print(teacher_verdict(last["teacher_entropy"], last["prototype_usage"], cfg.model.distill.prototypes))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out

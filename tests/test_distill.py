@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.distill import DistillConfig, distill_cross_entropy, ema_update, entropy, sharpen
+from models.distill import DistillConfig, distill_cross_entropy, ema_update, entropy, sharpen, teacher_verdict
 from models.mim import MiMConfig, MiMModel
 from models.mim_masks import MaskConfig, build_hierarchy
 from models.vit3d import ViT3D, ViT3DConfig
@@ -141,3 +141,12 @@ def test_resume_is_bit_exact_with_the_teacher_and_both_encoders_export(synth_coh
         enc = ViT3D.from_pretrained(Path(tmp_path / "full" / folder))
         for k, v in enc.state_dict().items():
             assert torch.equal(v, a[prefix + k]), (folder, k)
+
+
+def test_teacher_verdict_names_uniform_and_collapse():
+    # E21's end state (docs/EXPERIMENT_LOG.md): 5.541 nats of ln 256 = 5.545, 34% of prototypes winning
+    assert "near uniform" in teacher_verdict(5.541, 0.34, 256)
+    assert "near uniform" not in teacher_verdict(0.95 * math.log(256) - 1e-3, 0.34, 256)
+    assert "collapsed onto" in teacher_verdict(0.2, 2 / 256, 256)
+    assert "collapsed onto" not in teacher_verdict(0.2, 3 / 256, 256)
+    assert "neither" in teacher_verdict(3.9, 0.77, 256)
