@@ -152,7 +152,10 @@ class Distiller(nn.Module):
     @torch.no_grad()
     def teacher_view(self, x: Tensor) -> Tensor:
         """The teacher's augmented copy of a level's input [B, C, I, I, I] (torch's global RNG, reseeded
-        every step: a resumed run draws the same views)."""
+        every step: a resumed run draws the same views). MONAI's RandScaleIntensity, RandShiftIntensity
+        and RandGaussianNoise do this per sample with their own RNG state in the loader; here the view
+        is drawn for the whole batch on the model's device, inside the step, so the same three
+        operations are written out."""
         c = self.config
         b = x.shape[0]
         scale = 1 + (torch.rand(b, 1, 1, 1, 1, device=x.device) * 2 - 1) * c.intensity_jitter
