@@ -166,6 +166,19 @@ def restore(ckpt: Checkpointer, path: Path | None, accelerator, guard: NonFinite
     return state["step"]
 
 
+def export_encoders(cfg: PretrainConfig, final: Path, out: Path, step: int, last: dict) -> None:
+    """The finished run's encoder (and, when distilling, its teacher) as HF folders, and one line on the
+    teacher's state from the last step's terms."""
+    from models.export import export_checkpoint
+    export_checkpoint(final, out / "encoder")
+    if cfg.model.distill.weight > 0:  # the probe decides which of the two a study uses
+        export_checkpoint(final, out / "encoder_teacher", encoder="teacher")
+    print(f"pretraining done: {step} steps; encoder exported to {out / 'encoder'}")
+    if cfg.model.distill.weight > 0 and "teacher_entropy" in last:
+        from models.distill import teacher_verdict
+        print(teacher_verdict(last["teacher_entropy"], last["prototype_usage"], cfg.model.distill.prototypes))
+
+
 def train(cfg: PretrainConfig) -> Path:
     cfg = absolute_paths(cfg, PATH_FIELDS)
     out = Path(cfg.output_dir)
@@ -237,14 +250,7 @@ def train(cfg: PretrainConfig) -> Path:
 
     final = ckpt.latest()
     if main and step >= cfg.max_steps and final is not None:
-        from models.export import export_checkpoint
-        export_checkpoint(final, out / "encoder")
-        if cfg.model.distill.weight > 0:  # the probe decides which of the two a study uses
-            export_checkpoint(final, out / "encoder_teacher", encoder="teacher")
-        print(f"pretraining done: {step} steps; encoder exported to {out / 'encoder'}")
-        if cfg.model.distill.weight > 0 and "teacher_entropy" in last:
-            from models.distill import teacher_verdict
-            print(teacher_verdict(last["teacher_entropy"], last["prototype_usage"], cfg.model.distill.prototypes))
+        export_encoders(cfg, final, out, step, last)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
