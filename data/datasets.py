@@ -18,7 +18,7 @@ from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
 from core.errors import InputError
-from data.crops import lesion_crop
+from data.crops import lesion_box, lesion_crop
 
 
 def pad_value_of(image_path: Path) -> float:
@@ -55,7 +55,8 @@ def lesion_augment(size: int | None = None) -> Compose:
 
 
 class LesionCrops(Dataset):
-    """Item i -> {"x": [2, S, S, S] float32 (image, mask), "index": i}: the lesion-centred crop of row i.
+    """Item i -> {"x": [2, S, S, S] float32 (image, mask), "scale": prepared voxels per crop voxel, "index": i}:
+    the lesion-centred crop of row i (its voxel edge is scale x the prepared spacing).
 
     `df` needs cache_image and cache_mask (the index CSV written by data.prepare).
     """
@@ -95,4 +96,5 @@ class LesionCrops(Dataset):
             x = torch.cat([convert_to_tensor(out["image"], track_meta=False),
                            convert_to_tensor(out["mask"], track_meta=False)])  # [2, S, S, S]
         x = torch.as_tensor(x, dtype=torch.float32)
-        return {"x": x, "index": i}
+        side = lesion_box(mask[0], self.margin_vox, self.min_side_vox or self.crop_size)[1][0]
+        return {"x": x, "scale": torch.tensor(side / self.crop_size, dtype=torch.float32), "index": i}

@@ -30,7 +30,7 @@ class Targets:
 
 
 class CohortDataset(Dataset):
-    """Item i -> dict(x [2, S, S, S] or absent, clinical [F], label, time, event, bin, index)."""
+    """Item i -> dict(x [2, S, S, S] and its crop scale, or absent; clinical [F], label, time, event, bin, index)."""
 
     def __init__(self, crops: Dataset | None, clinical: np.ndarray, targets: Targets,
                  time_bins: np.ndarray | None = None):
@@ -49,7 +49,8 @@ class CohortDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         item = {"clinical": torch.from_numpy(self.clinical[i]), "index": i}
         if self.crops is not None:
-            item["x"] = self.crops[i]["x"]
+            crop = self.crops[i]
+            item["x"], item["scale"] = crop["x"], crop["scale"]
         t = self.targets
         for name in ("label", "time", "event"):
             v = getattr(t, name)

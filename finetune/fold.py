@@ -22,8 +22,10 @@ from finetune.clinical import ClinicalSchema
 from finetune.cohort import make_dataset, time_bins
 from finetune.config import FinetuneConfig
 from finetune.recipe import EpochChoice, FinetuneSchedule, encoder_peak_lr, tag_param_groups
+from finetune.seg_metrics import segmentation_metrics
 from models.input_spec import InputSpec
 from models.multimodal import MultimodalConfig, MultimodalModel
+from models.segmentation import seg_target
 from models.tasks import Task, output_scores
 
 # The seeds of fold k, all derived from the run's --seed: its initial weights come from step_seed's set-up
@@ -110,13 +112,22 @@ def build_fold(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec
 
 
 @torch.no_grad()
-def predict(model: MultimodalModel, dataset, batch_size: int, device, time_bins=None) -> dict[str, np.ndarray]:
+def predict(model: MultimodalModel, dataset, batch_size: int, device, time_bins=None,
+            spacing_mm: float = 1.0) -> dict[str, np.ndarray]:
+    """Per subject: the outcome scores ("prob", "risk") and, with a segmentation head, "dice" of the
+    predicted mask against the crop's own (`spacing_mm`: the prepared voxel edge, for the crop's scale)."""
     import monai.data
     model.eval()
     parts: dict[str, list] = {}
     for batch in monai.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
         x = batch["x"].to(device) if "x" in batch else None
-        for k, v in output_scores(model(x, batch["clinical"].to(device)), time_bins).items():
+        out = model(x, batch["clinical"].to(device))
+        scores = output_scores(out, time_bins)
+        if "seg_logits" in out:
+            seg = segmentation_metrics(out["seg_logits"].float().cpu() > 0, seg_target(x).cpu(),
+                                       batch["scale"].numpy() * spacing_mm)
+            scores["dice"] = torch.from_numpy(seg["dice"])
+        for k, v in scores.items():
             parts.setdefault(k, []).append(v.cpu())
     model.train()
     return {k: torch.cat(v).numpy() for k, v in parts.items()}
@@ -128,7 +139,8 @@ def _epoch(cfg: FinetuneConfig, fold: Fold, accelerator, guard: NonFiniteGuard, 
         m, batch = micro
         reseed_torch(FoldSeeds.of(cfg.seed, fold.index).steps, m, accelerator.process_index)  # dropout, drop-path
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        return cfg.task.loss(fold.model(batch.get("x"), batch["clinical"]), batch, fold.pos_weight)
+        return cfg.task.loss(fold.model(batch.get("x"), batch["clinical"]), batch, fold.pos_weight,
+                             seg_weight=cfg.model.seg_weight)
 
     totals: dict[str, float] = {}
     good = 0
@@ -168,7 +180,7 @@ def fit_fold(cfg: FinetuneConfig, fold: Fold, accelerator, logger: RunLogger) ->
             unwrapped.hold_encoder(epoch < cfg.lp_epochs)
         totals, step = _epoch(cfg, fold, accelerator, guard, stream, step)
         score = cfg.task.validation_score(predict(unwrapped, fold.val_ds, cfg.batch_size, accelerator.device,
-                                                  fold.bins), fold.val_ds.targets)
+                                                  fold.bins, fold.spec.spacing_mm), fold.val_ds.targets)
         choice.update(epoch, _stop_key(score, totals, accelerator))
         logger.log(step, {f"fold{fold.index}/train_{k}": v for k, v in totals.items()}
                    | ({f"fold{fold.index}/val_score": score} if score is not None else {}), epoch=epoch)
@@ -190,11 +202,13 @@ def export_fold(cfg: FinetuneConfig, fold: Fold, choice: EpochChoice, eval_sets:
     """Predict every set with the kept weights and save the fold model (schema, contract inside)."""
     model = accelerator.unwrap_model(fold.model)
     model.load_state_dict(choice.chosen_state())
-    preds = {"val": (fold.val_df, predict(model, fold.val_ds, cfg.batch_size, accelerator.device, fold.bins))}
+    preds = {"val": (fold.val_df, predict(model, fold.val_ds, cfg.batch_size, accelerator.device, fold.bins,
+                                          fold.spec.spacing_mm))}
     val_score = cfg.task.validation_score(preds["val"][1], fold.val_ds.targets)  # of the kept weights
     for name, df in eval_sets.items():
         dataset = dataset_for(fold, df, cfg.task, model.config.uses_image)
-        preds[name] = (df, predict(model, dataset, cfg.batch_size, accelerator.device, fold.bins))
+        preds[name] = (df, predict(model, dataset, cfg.batch_size, accelerator.device, fold.bins,
+                                   fold.spec.spacing_mm))
     folder = Path(cfg.output_dir) / "model" / f"fold{fold.index}"
     if accelerator.is_main_process:
         extra = {"clinical_schema": fold.schema.to_dict() if fold.schema else None, "clinical_columns": columns,

@@ -49,6 +49,8 @@ def resolve_inputs(cfg: FinetuneConfig) -> tuple[MultimodalConfig, InputSpec]:
         pretrained = load_input_spec(folder)
         prep = pretrained.prep
         view_mm = pretrained.view.crop_mm if pretrained.view.centre == "lesion" else 0.0
+    if cfg.task.segment:  # the segmentation task reads the image alone: no clinical path
+        model_cfg = replace(model_cfg, fusion="none")
     crop_mm = cfg.crop_mm if cfg.crop_mm is not None else view_mm
     spec = InputSpec(prep=prep, input_size=model_cfg.encoder.img_size, channels=("image", "lesion_mask"),
                      view=ViewSpec(centre="lesion", crop_mm=crop_mm, margin_mm=cfg.margin_mm))
@@ -219,8 +221,8 @@ def run(cfg: FinetuneConfig) -> dict:
         finally:
             logger.close()
         if main:
-            metrics = write_results(cfg, frames, fold_info, eval_sets, df)
-            if cfg.explain and cfg.model.uses_image:
+            metrics = write_results(cfg, frames, fold_info, eval_sets, df, spec, model_cfg)
+            if cfg.explain and model_cfg.uses_image and model_cfg.predicts_outcome:
                 explain_subjects(cfg, fold_info[0]["folder"], test_df.head(cfg.explain), out / "explain")
     if main:
         print_summary(metrics, out)
@@ -228,18 +230,26 @@ def run(cfg: FinetuneConfig) -> dict:
     return metrics
 
 
-def write_results(cfg: FinetuneConfig, frames: list, fold_info: list, eval_sets: dict, df) -> dict:
-    """predictions.csv (folds + fold ensemble), model/ensemble.json, metrics.json and the figures."""
+def write_results(cfg: FinetuneConfig, frames: list, fold_info: list, eval_sets: dict, df, spec: InputSpec,
+                  model_cfg: MultimodalConfig) -> dict:
+    """predictions.csv (folds + fold ensemble), model/ensemble.json, metrics.json and the figures; with a
+    segmentation head, segmentation.csv, its overlays and a "segmentation" section (finetune.segmentation)."""
     out = Path(cfg.output_dir)
-    preds = pd.concat(frames + [fold_ensemble(frames, n) for n in eval_sets], ignore_index=True)
-    with atomic_path(out / "predictions.csv") as tmp:
-        preds.to_csv(tmp, index=False)
     write_json(out / "model" / "ensemble.json", {"folds": [i["folder"] for i in fold_info],
-                                                 "combine": "mean of prob / mean of risk"})
-    from finetune.evaluate import evaluate
-    # test rows come from df; subject ids are unique across the cohorts (checked in load_cohort)
-    outcomes = pd.concat([df] + [d for n, d in eval_sets.items() if n != "test"], ignore_index=True)
-    metrics = evaluate(preds, outcomes, out_dir=out, n_boot=cfg.n_boot, seed=cfg.seed)
+                                                 "combine": "mean of prob / mean of risk / mean of lesion probability"})
+    metrics = {"n_boot": cfg.n_boot, "seed": cfg.seed, "splits": {}}
+    if model_cfg.predicts_outcome:
+        preds = pd.concat(frames + [fold_ensemble(frames, n) for n in eval_sets], ignore_index=True)
+        with atomic_path(out / "predictions.csv") as tmp:
+            preds.to_csv(tmp, index=False)
+        from finetune.evaluate import evaluate
+        # test rows come from df; subject ids are unique across the cohorts (checked in load_cohort)
+        outcomes = pd.concat([df] + [d for n, d in eval_sets.items() if n != "test"], ignore_index=True)
+        metrics = evaluate(preds, outcomes, out_dir=out, n_boot=cfg.n_boot, seed=cfg.seed)
+    if model_cfg.segments:
+        from finetune.segmentation import segmentation_results
+        metrics["segmentation"] = segmentation_results(out, fold_info, frames, df, eval_sets, spec,
+                                                       cfg.n_boot, cfg.seed)
     metrics["folds"] = fold_info
     write_json(out / "metrics.json", metrics)
     return metrics
@@ -248,9 +258,13 @@ def write_results(cfg: FinetuneConfig, frames: list, fold_info: list, eval_sets:
 def print_summary(metrics: dict, out: Path) -> None:
     """The headline numbers on the console: per split, AUC and C-index with their 95% CIs."""
     from finetune.evaluate import format_table
-    print(f"fine-tuning done: predictions {out / 'predictions.csv'}, metrics {out / 'metrics.json'}, "
-          f"figures {out}/*.png, models {out / 'model'}")
-    print(format_table(metrics))
+    from finetune.segmentation import format_segmentation
+    print(f"fine-tuning done: metrics {out / 'metrics.json'}, figures {out}/*.png, models {out / 'model'}")
+    if metrics.get("splits"):
+        print(format_table(metrics))
+    if metrics.get("segmentation"):
+        print(f"segmentation (per subject: {out / 'segmentation.csv'}; overlays: {out / 'segmentation'}/):")
+        print(format_segmentation(metrics["segmentation"]))
 
 
 def explain_subjects(cfg: FinetuneConfig, folder: str, rows: pd.DataFrame, out_dir: Path) -> None:

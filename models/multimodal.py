@@ -4,6 +4,10 @@
     clinical [B, F]   -> fusion (none | concat | film | tokens | clinical_only)
     fused features [B, D_fused] -> dropout -> heads: "logit" [B] and/or "risk" [B] / "hazard_logits" [B, T]
 
+The segmentation head (--task segmentation, or any task with --seg_weight > 0: DeepMTS's hard sharing)
+reads a second pass of the same encoder over the image with the mask channel zeroed:
+    [image, 0] -> ViT3D -> tokens + intermediate blocks -> SegDecoder -> "seg_logits" [B, 1, S, S, S]
+
 Losses live in the training loop; this module only returns raw scores.
 """
 from __future__ import annotations
@@ -22,6 +26,7 @@ from models.fusion import ClinicalEmbedding, ClinicalTokens, FiLM
 from models.hf import load_hf_folder, load_state_dict_strict, model_card, save_hf_folder
 from models.input_spec import InputSpec
 from models.pooling import POOLS, TokenPool
+from models.segmentation import SEG_HEADS, SegDecoder, image_only
 from models.tasks import CLASSIFICATION, TASK_NAMES, TASKS, get_task
 from models.vit3d import ViT3D, ViT3DConfig, inflate_patch_embed
 
@@ -54,12 +59,20 @@ class MultimodalConfig:
     # probe: BatchNorm without affine parameters, since pretrained features are scaled unlike a random
     # or supervised encoder's); layernorm (per sample, no affine parameters)
     head_norm: Literal["none", "batchnorm", "layernorm"] = "none"
+    # weight of the auxiliary segmentation loss (Dice + CE of the lesion mask from the image alone) beside
+    # the task's own; 0 = none, and no segmentation head. --task segmentation trains it alone, at weight 1.
+    seg_weight: float = field(default=0.0, metadata={"flag": "seg_weight"})
+    # the segmentation decoder (models/segmentation.py): primus (light, no skips) or unetr (skips from
+    # intermediate blocks and the image)
+    seg_head: Literal["primus", "unetr"] = "primus"
+    seg_width: int = 16  # channels of the decoder's finest stage (doubling per coarser stage)
 
     def __post_init__(self):
         if isinstance(self.encoder, dict):
             self.encoder = from_dict(ViT3DConfig, self.encoder, "encoder")
         choices = {"task": tuple(TASKS), "fusion": FUSIONS, "survival_head": ("cox", "discrete"),
-                   "mask_channel_init": ("zero", "mean"), "pool": POOLS, "head_norm": HEAD_NORMS}
+                   "mask_channel_init": ("zero", "mean"), "pool": POOLS, "head_norm": HEAD_NORMS,
+                   "seg_head": SEG_HEADS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
@@ -69,6 +82,13 @@ class MultimodalConfig:
             raise ConfigError(f"fusion='tokens' needs n_clinical_tokens >= 1, got {self.n_clinical_tokens}")
         if self.pool == "mask" and self.encoder.in_channels < 2:
             raise ConfigError("pool='mask' needs the lesion-mask channel (encoder in_channels 2)")
+        if self.seg_weight < 0 or self.seg_width < 1:
+            raise ConfigError(f"--seg_weight must be >= 0 and seg_width >= 1, got {self.seg_weight}, {self.seg_width}")
+        if self.segments and self.encoder.in_channels != 2:
+            raise ConfigError("segmentation needs the [image, lesion mask] input (encoder in_channels 2): "
+                              "the mask is its target")
+        if get_task(self.task).segment and self.fusion not in ("none", "concat"):
+            raise ConfigError(f"--task segmentation reads no clinical data; --fusion {self.fusion} does not apply")
         if not 0.0 <= self.head_dropout < 1.0:
             raise ConfigError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
 
@@ -77,7 +97,7 @@ class MultimodalConfig:
 
         Kept out of __post_init__ so a YAML preset can name a fusion mode before the data is seen.
         """
-        if self.fusion != "none" and self.clinical_dim < 1:
+        if self.uses_clinical and self.clinical_dim < 1:
             raise ConfigError(f"fusion={self.fusion!r} needs clinical_dim >= 1, got {self.clinical_dim}")
         if get_task(self.task).survival and self.survival_head == "discrete" and self.n_time_bins < 1:
             raise ConfigError(f"survival_head='discrete' needs n_time_bins >= 1, got {self.n_time_bins}")
@@ -88,7 +108,16 @@ class MultimodalConfig:
 
     @property
     def uses_clinical(self) -> bool:
-        return self.fusion != "none"
+        return self.fusion != "none" and not get_task(self.task).segment
+
+    @property
+    def segments(self) -> bool:
+        """Whether the model grows the segmentation head."""
+        return get_task(self.task).segment or self.seg_weight > 0
+
+    @property
+    def predicts_outcome(self) -> bool:
+        return not get_task(self.task).segment
 
 
 def head_norm(kind: str, dim: int) -> nn.Module | None:
@@ -108,10 +137,18 @@ class MultimodalModel(nn.Module):
         self.config = config
         c = config
         self.encoder = ViT3D(c.encoder) if c.uses_image else None
+        self.seg_decoder = SegDecoder(c.encoder, c.seg_head, c.seg_width) if c.segments else None
+        self.pool = self.image_norm = self.clinical_embed = self.film = self.clinical_tokens = None
+        self.cls_head = self.surv_head = None
+        self.feature_dim = 0
+        if c.predicts_outcome:
+            self._build_outcome_path(c)
+
+    def _build_outcome_path(self, c: MultimodalConfig) -> None:
+        """Pooling, fusion and the task heads: everything that turns tokens (+ clinical) into outcome scores."""
         self.pool = TokenPool(c.pool, c.encoder.dim, c.encoder.heads, c.encoder.patch_size) if c.uses_image else None
         d = c.encoder.hidden_size
         self.image_norm = head_norm(c.head_norm, d) if c.uses_image else None
-        self.clinical_embed = self.film = self.clinical_tokens = None
         if c.fusion == "none":
             self.feature_dim = d
         elif c.fusion == "concat":
@@ -146,6 +183,21 @@ class MultimodalModel(nn.Module):
             if x is None or x.ndim != 5 or x.shape[1] != c.encoder.in_channels:
                 got = None if x is None else tuple(x.shape)
                 raise InputError(f"image input: expected [B, {c.encoder.in_channels}, S, S, S], got {got}")
+        out = {"seg_logits": self.segment(x)} if self.seg_decoder is not None else {}
+        if not c.predicts_outcome:
+            return out
+        return out | self._outcome(x, clinical)
+
+    def segment(self, x: Tensor) -> Tensor:
+        """x [B, 2, S, S, S] -> lesion logits [B, 1, S, S, S], from the image alone (the mask channel is
+        zeroed, so the given mask never leaks into the segmentation)."""
+        x_img = image_only(x)  # [B, 2, S, S, S]
+        tokens, hidden = self.encoder.forward_hidden(x_img, tuple(self.seg_decoder.skip_blocks))  # [B, N, D]
+        return self.seg_decoder(tokens, hidden, x_img[:, :1])
+
+    def _outcome(self, x: Tensor | None, clinical: Tensor | None) -> dict[str, Tensor]:
+        """The outcome path: [image, mask] (+ clinical) -> features [B, D_fused] and the task heads' outputs."""
+        c = self.config
         if c.fusion == "clinical_only":
             features = self.clinical_embed(clinical)  # [B, F_hidden]
         elif c.fusion == "tokens":

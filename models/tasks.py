@@ -1,14 +1,16 @@
 """The tasks a fine-tuned model learns, one object each: the registry. Nothing outside it and the CLI
 compares task names; code asks the task what it needs.
 
-A task says which targets it predicts (the binary label, time to event), and from that follow:
-- the manifest columns it needs (`columns`);
-- the heads the model grows (`heads`: "logit" for the label, "risk" or "hazard_logits" for survival);
-- its loss (`loss`: BCE, Cox partial likelihood or discrete-time NLL, summed);
-- the scores it saves and ensembles (`scores`: "prob", "risk");
-- the validation score that chooses epochs (`validation_score`: AUC, Harrell's C, or their mean);
+A task says which targets it predicts (the binary label, time to event, the lesion mask), and from that
+follow:
+- the manifest columns it needs (`columns`; the mask column is every task's input anyway);
+- the heads the model grows (`heads`: "logit" for the label, "risk" or "hazard_logits" for survival; the
+  segmentation head, "seg_logits", is grown by the model for this task or for any task's --seg_weight);
+- its loss (`loss`: BCE, Cox partial likelihood or discrete-time NLL, plus Dice + cross-entropy, summed);
+- the scores it saves and ensembles (`scores`: "prob", "risk"; "dice" per subject for segmentation);
+- the validation score that chooses epochs (`validation_score`: AUC, Harrell's C, their mean, or Dice);
 - its metrics.json sections and figures (`reports`, `figures`: ROC and calibration for the label,
-  Kaplan-Meier for survival).
+  Kaplan-Meier for survival, mask overlays for segmentation).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from torch import Tensor
 from core.errors import ConfigError
 
 # metrics.json sections: what is reported of a label score and of a survival score
-LABEL_REPORT, SURVIVAL_REPORT = "classification", "survival"
+LABEL_REPORT, SURVIVAL_REPORT, SEGMENTATION_REPORT = "classification", "survival", "segmentation"
 LABEL_COLUMNS, SURVIVAL_COLUMNS = ("label",), ("time", "event")
 
 
@@ -31,6 +33,7 @@ class Task:
     name: str
     label: bool       # predicts the binary label (1 = progression)
     survival: bool    # predicts time to event
+    segment: bool = False  # predicts the lesion mask (from the image alone)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -60,10 +63,20 @@ class Task:
         """The output an explanation (occlusion) follows: the label's logit when there is one."""
         return next(iter(self.heads(survival_head, 1)))
 
-    def loss(self, out: dict[str, Tensor], batch: dict, pos_weight: Tensor | None = None) -> dict[str, Tensor]:
-        """The task's loss terms and their sum under "loss"."""
+    def seg_weight(self, seg_weight: float) -> float:
+        """The weight of the segmentation loss: 1 for the segmentation task, else --seg_weight (0: none)."""
+        return 1.0 if self.segment else float(seg_weight)
+
+    def loss(self, out: dict[str, Tensor], batch: dict, pos_weight: Tensor | None = None,
+             seg_weight: float = 0.0) -> dict[str, Tensor]:
+        """The task's loss terms and their sum under "loss". The segmentation term (Dice + cross-entropy
+        against the mask channel of batch["x"]) enters with `self.seg_weight(seg_weight)`."""
+        from models.segmentation import seg_target, segmentation_loss
         from models.survival_losses import cox_efron_loss, discrete_time_nll
         terms = {}
+        w = self.seg_weight(seg_weight)
+        if w > 0:
+            terms["seg"] = w * segmentation_loss()(out["seg_logits"].float(), seg_target(batch["x"]))
         if self.label:
             terms["bce"] = F.binary_cross_entropy_with_logits(out["logit"].float(), batch["label"].float(),
                                                               pos_weight=pos_weight)
@@ -81,6 +94,8 @@ class Task:
         from sklearn.metrics import roc_auc_score
         from sksurv.metrics import concordance_index_censored
         values = []
+        if self.segment:
+            return float(np.mean(scores["dice"]))
         if self.label:
             if len(np.unique(targets.label)) < 2:
                 return None
@@ -93,21 +108,22 @@ class Task:
 
     @property
     def validation_metric(self) -> str:
-        return " + ".join(["val AUC"] * self.label + ["val C-index"] * self.survival)
+        return " + ".join(["val AUC"] * self.label + ["val C-index"] * self.survival + ["val Dice"] * self.segment)
 
     @property
     def reports(self) -> tuple[str, ...]:
-        return (LABEL_REPORT,) * self.label + (SURVIVAL_REPORT,) * self.survival
+        return (LABEL_REPORT,) * self.label + (SURVIVAL_REPORT,) * self.survival + (SEGMENTATION_REPORT,) * self.segment
 
     @property
     def figures(self) -> tuple[str, ...]:
-        return ("roc", "calibration") * self.label + ("km",) * self.survival
+        return ("roc", "calibration") * self.label + ("km",) * self.survival + ("overlay",) * self.segment
 
 
 CLASSIFICATION = Task("classification", label=True, survival=False)
 SURVIVAL = Task("survival", label=False, survival=True)
 MULTITASK = Task("multitask", label=True, survival=True)
-TASKS = {t.name: t for t in (CLASSIFICATION, SURVIVAL, MULTITASK)}
+SEGMENTATION = Task("segmentation", label=False, survival=False, segment=True)
+TASKS = {t.name: t for t in (CLASSIFICATION, SURVIVAL, MULTITASK, SEGMENTATION)}
 TASK_NAMES = tuple(TASKS)  # the choices of --task
 
 
@@ -121,7 +137,7 @@ def task_of_scores(names) -> Task:
     """The task whose saved scores are `names` (e.g. a predictions.csv's "prob" / "risk" columns)."""
     key = ("prob" in names, "risk" in names)
     for task in TASKS.values():
-        if (task.label, task.survival) == key:
+        if (task.label, task.survival) == key and not task.segment:
             return task
     raise ConfigError(f"scores {sorted(names)}: neither 'prob' nor 'risk'")
 

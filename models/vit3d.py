@@ -195,13 +195,22 @@ class ViT3D(nn.Module):
 
     def forward(self, x: Tensor, visible_idx: Tensor | None = None, extra_tokens: Tensor | None = None) -> Tensor:
         """x [B, C, D, H, W] -> normed tokens [B, N_vis (+T), D]; extra tokens come back last."""
+        return self.forward_hidden(x, (), visible_idx, extra_tokens)[0]
+
+    def forward_hidden(self, x: Tensor, keep: tuple[int, ...], visible_idx: Tensor | None = None,
+                       extra_tokens: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """forward's normed tokens, plus the (un-normed) output [B, N, D] of each block index in `keep`,
+        in that order: the intermediate features a UNETR-style decoder takes as skips."""
         tokens = self._tokens(x, visible_idx, extra_tokens)
-        for blk in self.blocks:
+        hidden = {}
+        for i, blk in enumerate(self.blocks):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(blk, tokens, use_reentrant=False)
             else:
                 tokens = blk(tokens)
-        return self.norm(tokens)
+            if i in keep:
+                hidden[i] = tokens
+        return self.norm(tokens), [hidden[i] for i in keep]
 
     def forward_with_attention(self, x: Tensor, extra_tokens: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
         """Same output as forward, on the explicit softmax(q k^T) path, plus every block's [B, heads, N, N] map."""

@@ -1,0 +1,110 @@
+"""Segmentation results of a fine-tuning run: per-subject Dice / HD95 / volume error, their summary with
+bootstrap CIs, and overlays of predicted and true masks.
+
+Validation subjects are segmented by their own fold's model; held-out sets by the fold ensemble, whose
+mask is the mean of the fold models' lesion probabilities, thresholded at 0.5. All metrics are measured
+on the lesion-centred crop the model sees (its voxel edge: the crop scale x the prepared spacing).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from core.atomic import atomic_path
+from finetune.cohort import make_dataset
+from finetune.seg_metrics import SEG_METRICS, segmentation_metrics, segmentation_report
+from models.input_spec import InputSpec
+from models.segmentation import seg_target
+from models.tasks import SEGMENTATION
+
+OVERLAYS = 3  # subjects per held-out set drawn as overlay PNGs
+
+
+@torch.no_grad()
+def lesion_probabilities(models: list, df: pd.DataFrame, spec: InputSpec, batch_size: int = 8):
+    """The mean lesion probability of `models` over each row's crop -> (prob [N, 1, S, S, S], crops
+    [N, 2, S, S, S], voxel_mm [N])."""
+    import monai.data
+    dataset = make_dataset(df, SEGMENTATION, None, use_images=True, crop_size=spec.input_size, augment=False,
+                           seed=0, **spec.view_voxels())
+    probs, crops, scales = [], [], []
+    for batch in monai.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        x = batch["x"]  # [B, 2, S, S, S]
+        p = torch.stack([torch.sigmoid(m.segment(x).float()) for m in models]).mean(0)  # [B, 1, S, S, S]
+        probs.append(p)
+        crops.append(x)
+        scales.append(batch["scale"])
+    return torch.cat(probs), torch.cat(crops), torch.cat(scales).numpy() * spec.spacing_mm
+
+
+def metric_rows(split: str, fold: int, df: pd.DataFrame, prob, crops, voxel_mm) -> pd.DataFrame:
+    m = segmentation_metrics(prob > 0.5, seg_target(crops), voxel_mm)
+    rows = pd.DataFrame({"subject_id": df["subject_id"].to_numpy(), "split": split, "fold": fold})
+    for k in SEG_METRICS:
+        rows[k] = m[k]
+    return rows
+
+
+def segmentation_results(out: Path, fold_info: list, frames: list, df: pd.DataFrame, eval_sets: dict,
+                         spec: InputSpec, n_boot: int, seed: int) -> dict:
+    """segmentation.csv (one row per subject and split), overlays under segmentation/, and the report
+    {split: {dice: {mean, ci95}, hd95_mm, volume errors, missed, n}} that goes into metrics.json."""
+    from finetune.predict import load_model
+    models = [load_model(info["folder"])[0] for info in fold_info]
+    by_id = df.set_index("subject_id", drop=False)
+    tables = []
+    for k, (model, frame) in enumerate(zip(models, frames)):  # each validation subject by its own fold
+        val = by_id.loc[frame.loc[frame["split"] == "val", "subject_id"].astype(str)].reset_index(drop=True)
+        tables.append(metric_rows("val", k, val, *lesion_probabilities([model], val, spec)))
+    for name, held in eval_sets.items():
+        prob, crops, voxel_mm = lesion_probabilities(models, held, spec)
+        tables.append(metric_rows(name, -1, held, prob, crops, voxel_mm))
+        for i in range(min(OVERLAYS, len(held))):
+            save_overlay(out / "segmentation" / f"overlay_{name}_{held['subject_id'].iloc[i]}.png",
+                         crops[i, 0].numpy(), crops[i, 1].numpy(), prob[i, 0].numpy() > 0.5,
+                         title=f"{held['subject_id'].iloc[i]} ({name})")
+    table = pd.concat(tables, ignore_index=True)
+    with atomic_path(out / "segmentation.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    return {split: segmentation_report(rows, n_boot=n_boot, seed=seed) for split, rows in table.groupby("split", sort=False)}
+
+
+def save_overlay(path: Path, image: np.ndarray, true_mask: np.ndarray | None, pred_mask: np.ndarray,
+                 title: str = "") -> None:
+    """Three orthogonal slices through the lesion's centre: the image in grey, the true mask's outline in
+    green (when given) and the predicted one in red. image, masks [X, Y, Z] on one grid."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ref = true_mask if true_mask is not None and true_mask.any() else pred_mask
+    centre = np.round(np.argwhere(ref > 0.5).mean(0)).astype(int) if ref.any() else np.array(image.shape) // 2
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
+    for axis, ax in enumerate(axes):
+        take = lambda a: np.take(a, centre[axis], axis=axis).T  # noqa: E731  rows = second remaining axis
+        ax.imshow(take(image), cmap="gray", origin="lower")
+        if true_mask is not None:
+            ax.contour(take(true_mask.astype(float)), levels=[0.5], colors="lime", linewidths=1.2)
+        if pred_mask.any():
+            ax.contour(take(pred_mask.astype(float)), levels=[0.5], colors="red", linewidths=1.2)
+        ax.set_title(["sagittal", "coronal", "axial"][axis], fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"{title}  green: given mask, red: predicted" if true_mask is not None
+                 else f"{title}  red: predicted", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def format_segmentation(report: dict) -> str:
+    header = f"{'split':<14} {'n':>5}  {'Dice [95% CI]':<24} {'HD95 mm':>8} {'|vol err| ml':>12} {'missed':>6}"
+    lines = [header, "-" * len(header)]
+    for split, r in report.items():
+        d, h, v = r["dice"], r["hd95_mm"], r["abs_volume_error_ml"]
+        ci = f" [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]" if d["ci95"] else ""
+        lines.append(f"{split:<14} {r['n']:>5}  {d['mean']:.3f}{ci:<17} "
+                     f"{h['mean'] if h['mean'] is not None else float('nan'):>8.2f} {v['mean']:>12.3f} {r['missed']:>6}")
+    return "\n".join(lines)

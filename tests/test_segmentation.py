@@ -1,0 +1,144 @@
+"""The segmentation head, its loss and metrics, and --task segmentation / --seg_weight end to end."""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from finetune.seg_metrics import segmentation_metrics, segmentation_report
+from models.multimodal import MultimodalConfig, MultimodalModel
+from models.segmentation import SegDecoder, skip_blocks, upsample_factors
+from models.tasks import CLASSIFICATION, SEGMENTATION
+from models.vit3d import ViT3DConfig
+
+TINY = ViT3DConfig(in_channels=2, img_size=24, patch_size=6, dim=24, depth=3, heads=2)
+
+
+def test_upsample_factors_and_skip_blocks():
+    assert upsample_factors(16) == [2, 2, 2, 2] and upsample_factors(12) == [3, 2, 2]
+    assert upsample_factors(6) == [3, 2] and upsample_factors(7) == [7]
+    assert skip_blocks(12, 4) == [9, 6, 3]  # UNETR's own choice for a 12-block ViT
+    assert skip_blocks(4, 3) == [2, 1]
+
+
+@pytest.mark.parametrize("kind", ["primus", "unetr"])
+def test_decoder_maps_tokens_back_to_voxels(kind):
+    torch.manual_seed(0)
+    model = MultimodalModel(MultimodalConfig(encoder=TINY, task="segmentation", fusion="none", seg_head=kind))
+    x = torch.randn(2, 2, 24, 24, 24)
+    out = model(x, None)
+    assert set(out) == {"seg_logits"} and out["seg_logits"].shape == (2, 1, 24, 24, 24)
+    # the given mask never reaches the segmentation: any mask channel gives the same logits
+    x2 = x.clone()
+    x2[:, 1] = torch.rand_like(x2[:, 1])
+    model.eval()
+    assert torch.equal(model(x, None)["seg_logits"], model(x2, None)["seg_logits"])
+    # the skips are the outputs of the blocks skip_blocks names
+    dec = SegDecoder(TINY, kind)
+    assert dec.skip_blocks == ([] if kind == "primus" else [1])
+
+
+def toy_batch(n=6, size=24, seed=0):
+    """Bright balls on noise; the ball is the lesion mask."""
+    g = torch.Generator().manual_seed(seed)
+    zz, yy, xx = torch.meshgrid(*(torch.arange(size, dtype=torch.float32),) * 3, indexing="ij")
+    x = torch.zeros(n, 2, size, size, size)
+    for i in range(n):
+        c = 6 + torch.rand(3, generator=g) * (size - 12)
+        r = 3 + 2 * torch.rand(1, generator=g)
+        ball = ((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) <= r ** 2
+        x[i, 0] = 0.3 * torch.randn(size, size, size, generator=g) + 2.0 * ball
+        x[i, 1] = ball.float()
+    return x
+
+
+@pytest.mark.parametrize("kind", ["primus", "unetr"])
+def test_segmentation_loss_falls_and_dice_rises(kind):
+    torch.manual_seed(0)
+    model = MultimodalModel(MultimodalConfig(encoder=TINY, task="segmentation", fusion="none", seg_head=kind))
+    x = toy_batch()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        loss = SEGMENTATION.loss(model(x, None), {"x": x})["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+    model.eval()
+    with torch.no_grad():
+        dice = segmentation_metrics(model(x, None)["seg_logits"] > 0, x[:, 1:], 1.0)["dice"]
+    assert dice.mean() > 0.5
+
+
+def test_metrics_of_a_hand_made_pair():
+    """Two 4x4x4 cubes offset by one voxel along x, voxels of 2 mm."""
+    true = torch.zeros(1, 1, 10, 10, 10)
+    pred = torch.zeros(1, 1, 10, 10, 10)
+    true[0, 0, 2:6, 2:6, 2:6] = 1
+    pred[0, 0, 3:7, 2:6, 2:6] = 1
+    m = segmentation_metrics(pred, true, [2.0])
+    assert m["dice"][0] == pytest.approx(2 * 48 / 128)  # overlap 3x4x4 of two 64-voxel cubes
+    # every surface voxel of one cube lies within one voxel of the other's surface, and the outer faces
+    # are exactly one voxel (2 mm) away: the 95th percentile is 2 mm
+    assert m["hd95_mm"][0] == pytest.approx(2.0)
+    assert m["true_volume_ml"][0] == pytest.approx(64 * 8 / 1000) and m["volume_error_ml"][0] == pytest.approx(0.0)
+    # a prediction that misses half the lesion: volume error -32 voxels of 8 mm^3
+    half = true.clone()
+    half[0, 0, 4:6] = 0
+    m = segmentation_metrics(half, true, [2.0])
+    assert m["volume_error_ml"][0] == pytest.approx(-32 * 8 / 1000) and m["dice"][0] == pytest.approx(2 * 32 / 96)
+    # nothing predicted: Dice 0, HD95 undefined, counted as missed
+    m = segmentation_metrics(torch.zeros_like(true), true, [2.0])
+    assert m["dice"][0] == 0 and np.isnan(m["hd95_mm"][0])
+    rows = pd.DataFrame({k: np.concatenate([v, v]) for k, v in m.items()})
+    rep = segmentation_report(rows, n_boot=50)
+    assert rep["missed"] == 2 and rep["hd95_mm"]["n"] == 0 and rep["dice"]["mean"] == 0
+
+
+def test_seg_weight_zero_is_the_plain_outcome_model():
+    cfg = MultimodalConfig(encoder=TINY, task="classification", fusion="none")
+    torch.manual_seed(0)
+    plain = MultimodalModel(cfg)
+    assert plain.seg_decoder is None and not any(k.startswith("seg_decoder") for k in plain.state_dict())
+    x = toy_batch(n=4)
+    batch = {"x": x, "label": torch.tensor([0.0, 1.0, 0.0, 1.0])}
+    out = plain(x, None)
+    terms = CLASSIFICATION.loss(out, batch, seg_weight=0.0)
+    assert set(terms) == {"bce", "loss"} and torch.equal(terms["loss"], terms["bce"])
+    # with a segmentation head, the outcome path still reads [image, mask] and gives the same logit
+    joint = MultimodalModel(replace(cfg, seg_weight=0.5))
+    missing = joint.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("seg_decoder.") for k in missing)
+    plain.eval(), joint.eval()
+    out_joint = joint(x, None)
+    assert torch.equal(out_joint["logit"], plain(x, None)["logit"])
+    terms = CLASSIFICATION.loss(out_joint, batch, seg_weight=0.5)
+    assert set(terms) == {"bce", "seg", "loss"}
+    assert torch.allclose(terms["loss"], terms["bce"] + terms["seg"])
+
+
+def test_segmentation_run_end_to_end(synth_cohort, tmp_path):
+    from finetune.train import run
+    from tests.test_finetune_loop import tiny_cfg
+    out = tmp_path / "seg"
+    cfg = tiny_cfg(synth_cohort, out, task="segmentation", fusion="concat", explain=0)
+    metrics = run(cfg)
+    saved = json.loads((out / "model" / "fold0" / "config.json").read_text())
+    assert saved["multimodal"]["task"] == "segmentation" and saved["multimodal"]["fusion"] == "none"
+    table = pd.read_csv(out / "segmentation.csv", dtype={"subject_id": str})
+    splits = json.loads((out / "splits.json").read_text())
+    assert sorted(table[table.split == "test"].subject_id) == sorted(splits["test"])
+    assert set(table.split) == {"val", "test", "external"} and table["dice"].between(0, 1).all()
+    for split in ("val", "test", "external"):
+        rep = metrics["segmentation"][split]
+        assert rep["n"] == (table.split == split).sum() and 0 <= rep["dice"]["mean"] <= 1
+    assert list((out / "segmentation").glob("overlay_test_*.png"))
+    assert not (out / "predictions.csv").exists()  # no outcome scores to write
+    from finetune.predict import load_model
+    model, _ = load_model(out / "model" / "fold0")  # the HF folder round-trips the head (strict load)
+    assert model.seg_decoder is not None
