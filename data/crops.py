@@ -113,6 +113,13 @@ def _lesion_crop(image, mask, out_size, margin_vox, min_size, pad_value):
     out_size = _triple(out_size)
     image, mask = (np.asarray(a) if isinstance(a, torch.Tensor) else a for a in (image, mask))
     start, size = lesion_box(np.asarray(mask[0]), margin_vox, min_size if min_size is not None else max(out_size))
+    return crop_box(image, mask, start, size, out_size, pad_value), start, size
+
+
+def crop_box(image, mask, start, size, out_size, pad_value=None) -> np.ndarray:
+    """Image [1,X,Y,Z] and mask [1,X,Y,Z] cut at the box (start, size) and resized to `out_size` ->
+    [2, *out_size] float32, as lesion_crop resizes them (image trilinear, mask exact nearest)."""
+    out_size, size = _triple(out_size), _triple(size)
     if pad_value is None:
         pad_value = float(np.min(image))
     img = crop_with_pad(image, start, size, pad_value).astype(np.float32, copy=False)  # [1, *size]
@@ -120,7 +127,19 @@ def _lesion_crop(image, mask, out_size, margin_vox, min_size, pad_value):
     if size != out_size:
         img = _resize(img, out_size, mode="trilinear", align_corners=False)
         msk = _resize(msk, out_size, mode="nearest-exact")
-    return np.concatenate([img, msk], axis=0), start, size  # [2, *out_size] float32
+    return np.concatenate([img, msk], axis=0)  # [2, *out_size] float32
+
+
+def segmentation_box(start, size, shape, rng: np.random.Generator) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Where a segmentation training crop of the lesion box's size goes: half the time the lesion box shifted
+    by up to half its side on each axis (the lesion anywhere in view, or partly out of it), half the time
+    anywhere in the volume (mostly lesion-free), so the head also learns what is not a lesion, which
+    sliding-window inference over the whole brain asks of it."""
+    size = _triple(size)
+    if rng.random() < 0.5:
+        shift = rng.integers(-(np.array(size) // 2), np.array(size) // 2 + 1)  # [3]
+        return tuple(int(a) for a in np.add(start, shift)), size
+    return random_crop_boxes(shape, size, 1, rng)[0]
 
 
 def _resize(a: np.ndarray, out_size, **kw) -> np.ndarray:

@@ -18,7 +18,7 @@ from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
 from core.errors import InputError
-from data.crops import lesion_box, lesion_crop
+from data.crops import crop_box, lesion_box, segmentation_box
 
 
 def pad_value_of(image_path: Path) -> float:
@@ -62,7 +62,7 @@ class LesionCrops(Dataset):
     """
 
     def __init__(self, df: pd.DataFrame, crop_size: int, margin_vox: int, augment: bool, seed: int,
-                 min_side_vox: int | None = None):
+                 min_side_vox: int | None = None, placement: str = "lesion"):
         for col in ("cache_image", "cache_mask"):
             if col not in df.columns:
                 raise InputError(f"LesionCrops: column {col!r} missing; use the index CSV written by data.prepare")
@@ -78,6 +78,8 @@ class LesionCrops(Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.transform = lesion_augment(self.crop_size) if augment else None
+        # "lesion": centred on the lesion; "segmentation": data.crops.segmentation_box (training the mask)
+        self.placement = placement
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -88,13 +90,15 @@ class LesionCrops(Dataset):
     def __getitem__(self, i: int) -> dict:
         image = np.load(self.images[i], mmap_mode="r")  # [1, X, Y, Z] float32
         mask = np.load(self.masks[i], mmap_mode="r")  # [1, X, Y, Z] uint8
-        x = lesion_crop(image, mask, self.crop_size, self.margin_vox, min_size=self.min_side_vox,
-                        pad_value=self.pad_values[i])  # [2, S, S, S]
+        start, size = lesion_box(mask[0], self.margin_vox, self.min_side_vox or self.crop_size)
+        if self.placement == "segmentation":
+            rng = np.random.default_rng(item_seed(self.seed + 1, self.epoch, i))
+            start, size = segmentation_box(start, size, image.shape[1:], rng)
+        x = crop_box(image, mask, start, size, self.crop_size, self.pad_values[i])  # [2, S, S, S]
         if self.transform is not None:
             self.transform.set_random_state(seed=item_seed(self.seed, self.epoch, i))
             out = self.transform({"image": torch.from_numpy(x[:1]), "mask": torch.from_numpy(x[1:])})
             x = torch.cat([convert_to_tensor(out["image"], track_meta=False),
                            convert_to_tensor(out["mask"], track_meta=False)])  # [2, S, S, S]
         x = torch.as_tensor(x, dtype=torch.float32)
-        side = lesion_box(mask[0], self.margin_vox, self.min_side_vox or self.crop_size)[1][0]
-        return {"x": x, "scale": torch.tensor(side / self.crop_size, dtype=torch.float32), "index": i}
+        return {"x": x, "scale": torch.tensor(size[0] / self.crop_size, dtype=torch.float32), "index": i}

@@ -94,8 +94,11 @@ def to_bin(time, edges) -> np.ndarray:
 
 def make_dataset(df: pd.DataFrame, task: Task, schema: ClinicalSchema | None, *, use_images: bool,
                  crop_size: int, margin_vox: int, augment: bool, seed: int,
-                 min_side_vox: int | None = None, time_bins: np.ndarray | None = None) -> CohortDataset:
+                 min_side_vox: int | None = None, time_bins: np.ndarray | None = None,
+                 placement: str = "lesion") -> CohortDataset:
+    """`placement`: where the crops go (data.datasets.LesionCrops): "lesion"-centred, or "segmentation"
+    (around and away from the lesion, for training the segmentation task)."""
     from data.datasets import LesionCrops
     crops = LesionCrops(df.reset_index(drop=True), crop_size=crop_size, margin_vox=margin_vox,
-                        augment=augment, seed=seed, min_side_vox=min_side_vox) if use_images else None
+                        augment=augment, seed=seed, min_side_vox=min_side_vox, placement=placement) if use_images else None
     return CohortDataset(crops, clinical_matrix(schema, df), Targets.from_table(df, task), time_bins)

@@ -80,7 +80,8 @@ def build_fold(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec
                    n_time_bins=cfg.n_time_bins if bins is not None else model_cfg.n_time_bins)
     seeds = FoldSeeds.of(cfg.seed, index)
     kw = dict(use_images=mcfg.uses_image, crop_size=spec.input_size, time_bins=bins, **spec.view_voxels())
-    train_ds = make_dataset(train_df, cfg.task, schema, augment=True, seed=seeds.data, **kw)
+    train_ds = make_dataset(train_df, cfg.task, schema, augment=True, seed=seeds.data,
+                            placement="segmentation" if cfg.task.segment else "lesion", **kw)
     val_ds = make_dataset(val_df, cfg.task, schema, augment=False, seed=0, **kw)
 
     reseed_torch(cfg.seed, seeds.init_phase)  # the fold's initial weights

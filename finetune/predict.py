@@ -2,6 +2,12 @@
 
     python -m finetune.predict --model runs/ft/model --manifest new.csv --out predictions.csv
 
+A row with no mask (no mask column, an empty cell, or a mask file without a lesion) is segmented first by
+a model with a segmentation head (--seg_model, default --model itself): finetune.auto_mask writes the
+index lesion as <out stem>_masks/<subject_id>_pred_mask.nii.gz on the image's own grid, its path goes into
+the `predicted_mask` column, and the outcome is then predicted from it. A row where the segmentation finds
+nothing is named and left out; the rest go on.
+
 The manifest is checked as a whole first (the clinical columns the model was trained on): a missing
 column is one line and exit code 2, before any preprocessing, and no output file is written. Then every
 row is validated on its own (files, grids, mask, clinical values against the saved schema); bad rows are
@@ -113,6 +119,65 @@ def predict_table(folders: list[Path], df: pd.DataFrame, cache_dir: str,
     return res, rejected
 
 
+def needs_mask(df: pd.DataFrame) -> np.ndarray:
+    """[N] bool: rows with no mask to read (no column, an empty cell, or a mask file with no lesion voxel).
+    A mask path that does not exist is not one of them: validation names it as a bad file."""
+    import nibabel as nib
+    if "mask" not in df.columns:
+        return np.ones(len(df), bool)
+    out = []
+    for m in df["mask"]:
+        if not isinstance(m, str) or not m.strip():
+            out.append(True)
+        elif Path(m).is_file():
+            try:
+                out.append(not np.asanyarray(nib.load(m).dataobj).any())
+            except Exception:  # an unreadable file is validation's to report, with its reason
+                out.append(False)
+        else:
+            out.append(False)
+    return np.array(out, bool)
+
+
+def segmenting_models(path: str | Path) -> list[MultimodalModel]:
+    """The fold models of `path`, each with a segmentation head; InputError when they have none."""
+    models = [load_model(f)[0] for f in model_folders(path)]
+    if any(m.seg_decoder is None for m in models):
+        raise InputError(f"{path}: has no segmentation head, and some rows have no mask; pass --seg_model with "
+                         "a model trained with --task segmentation or --seg_weight > 0")
+    return models
+
+
+def fill_masks(df: pd.DataFrame, need: np.ndarray, models: list, spec, cache_dir: str, masks_dir: Path
+               ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """Segment the rows in `need` and point their mask at the written NIfTI; (table, rejected rows).
+    The table gains mask_source ("given" / "predicted"), predicted_mask and predicted_volume_ml."""
+    from data.prepare import prepare_table
+    from engine.logs import progress
+    from finetune.auto_mask import predict_mask
+    df = df.copy()
+    df["mask_source"] = np.where(need, "predicted", "given")
+    df["predicted_mask"], df["predicted_volume_ml"] = "", np.nan
+    todo = df[need].drop(columns=["mask"], errors="ignore")
+    good, rejected = prepare_table(todo, spec.prep, cache_dir, require_lesion=False, on_error="collect")
+    masks_dir.mkdir(parents=True, exist_ok=True)
+    found = []
+    bar = progress(len(good), 0, True, "segmenting rows without a mask")
+    for _, row in good.iterrows():
+        try:
+            path, ml = predict_mask(models, row, spec, masks_dir)
+            found.append((row["subject_id"], str(path), ml))
+        except InputError as e:
+            rejected.append((row["subject_id"], str(e)))
+        bar.update(1)
+    bar.close()
+    lost = {sid for sid, _ in rejected}
+    df = df[~df["subject_id"].isin(lost)].set_index("subject_id", drop=False)
+    for sid, path, ml in found:
+        df.loc[sid, ["mask", "predicted_mask", "predicted_volume_ml"]] = [path, path, ml]
+    return df.reset_index(drop=True), rejected
+
+
 def rejected_summary(rejected: list[tuple[str, str]]) -> str:
     named = "; ".join(f"{sid}: {reason}" for sid, reason in rejected[:MAX_NAMED])
     more = f"; and {len(rejected) - MAX_NAMED} more" if len(rejected) > MAX_NAMED else ""
@@ -124,18 +189,46 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m finetune.predict", description=__doc__.splitlines()[0],
                                  allow_abbrev=False)
     ap.add_argument("--model", required=True, help="fine-tuned model folder, or the model/ folder of a run (fold ensemble)")
-    ap.add_argument("--manifest", required=True, help="CSV with subject_id, image, mask (+ clinical columns)")
-    ap.add_argument("--out", required=True, help="output CSV: subject_id, prob and/or risk")
+    ap.add_argument("--manifest", required=True, help="CSV with subject_id, image, optionally mask (rows without one "
+                    "are segmented), the model's clinical columns, and optionally lesion_x_mm, lesion_y_mm, "
+                    "lesion_z_mm: a lesion centre in world RAS mm that picks the index lesion")
+    ap.add_argument("--out", required=True, help="output CSV: subject_id, prob and/or risk (+ mask_source, "
+                    "predicted_mask, predicted_volume_ml); predicted masks go to <out stem>_masks/")
+    ap.add_argument("--seg_model", default="", help="model (folder or run model/ folder) that segments rows without "
+                    "a mask (default: --model, when it has a segmentation head)")
     ap.add_argument("--cache_dir", default="", help="preprocessing cache (default: a cache/ folder next to --out)")
     args = ap.parse_args(argv)
-    from data.manifest import IMAGE_COLUMNS, read_manifest
-    df = read_manifest(args.manifest, columns=IMAGE_COLUMNS, purpose="predict", check_files=False)
+    from data.manifest import read_manifest
+    df = read_manifest(args.manifest, columns=("image",), purpose="predict", check_files=False)
     folders = model_folders(args.model)
     first = load_model(folders[0])
-    check_manifest(df, first[1], args.manifest)
+    outcome = first[0].config.predicts_outcome
+    if outcome:
+        check_manifest(df, first[1], args.manifest)
+    need = needs_mask(df)
+    if not outcome and not need.any():
+        raise InputError(f"{args.model} is a segmentation model and every row of {args.manifest} has a mask: "
+                         "nothing to predict (drop the mask column to segment, or pass an outcome model)")
+    seg_models = segmenting_models(args.seg_model or args.model) if need.any() else []
     cache = args.cache_dir or str(Path(args.out).resolve().parent / "cache")
-    with unseen_categories_reported_once():
-        res, rejected = predict_table(folders, df, cache, first)
+    rejected: list[tuple[str, str]] = []
+    if need.any():
+        seg_spec = load_input_spec(model_folders(args.seg_model or args.model)[0])
+        masks_dir = Path(args.out).parent / f"{Path(args.out).stem}_masks"
+        df, rejected = fill_masks(df, need, seg_models, seg_spec, cache, masks_dir)
+    res = df[["subject_id"]].copy()
+    if outcome and len(df):
+        with unseen_categories_reported_once():
+            res, more = predict_table(folders, df, cache, first)
+        rejected += more
+    if need.any():
+        res = res.merge(df[["subject_id", "mask_source", "predicted_mask", "predicted_volume_ml"]], on="subject_id")
+    write_outputs(res, rejected, args, len(folders))
+    return 0
+
+
+def write_outputs(res: pd.DataFrame, rejected: list, args, n_models: int) -> None:
+    """The output CSV and <out>.rejected.csv (removed when nothing was rejected); nothing when no row survived."""
     rej_path = Path(args.out).with_suffix(".rejected.csv")
     if rejected:
         with atomic_path(rej_path) as tmp:
@@ -147,10 +240,9 @@ def main(argv=None) -> int:
                          f"(reasons in {rej_path}); no output written")
     with atomic_path(args.out) as tmp:
         res.to_csv(tmp, index=False)
-    print(f"predicted {len(res)} subject(s) with {len(folders)} model(s) -> {args.out}")
+    print(f"predicted {len(res)} subject(s) with {n_models} model(s) -> {args.out}")
     if rejected:
         print(f"{rejected_summary(rejected)} (all reasons in {rej_path})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,121 @@
+"""Predict without a mask: the lesion found comes back on the image's own grid, and predict fills the
+masks of a manifest that has none, names a row where nothing is found and predicts the rest."""
+import math
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from data.nifti import save_volume
+from data.prep_config import PrepConfig
+from data.prepare import prepare_table
+from finetune import auto_mask
+from models.input_spec import InputSpec, ViewSpec
+
+
+def oblique_lps_affine(spacing=(1.2, 1.0, 4.0), angle=0.35, origin=(60.0, 40.0, -20.0)) -> np.ndarray:
+    """An LPS-stored (x and y axes flipped), obliquely rotated, anisotropic voxel grid."""
+    c, s = math.cos(angle), math.sin(angle)
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]) @ np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+    a = np.eye(4)
+    a[:3, :3] = rot @ np.diag([-1.0, -1.0, 1.0]) @ np.diag(spacing)
+    a[:3, 3] = origin
+    return a
+
+
+def brain_with_ball(path_dir, name, ball_centre_vox, shape=(56, 60, 16), radius_mm=7.0, affine=None, ball=True):
+    """A bright ball in a noisy ellipsoidal 'brain' surrounded by air; returns (image path, true mask on the
+    same grid)."""
+    affine = oblique_lps_affine() if affine is None else affine
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(float)  # [X, Y, Z, 3]
+    world = idx @ affine[:3, :3].T + affine[:3, 3]
+    centre_world = affine[:3, :3] @ np.asarray(ball_centre_vox, float) + affine[:3, 3]
+    mask = (np.linalg.norm(world - centre_world, axis=-1) <= radius_mm) & ball
+    rng = np.random.default_rng(0)
+    box_centre = (np.array(shape) - 1) / 2
+    brain = (((idx - box_centre) / (0.45 * np.array(shape))) ** 2).sum(-1) <= 1  # an ellipsoid in air
+    image = np.where(brain, 100 + 5 * rng.standard_normal(shape), 0.0)
+    image[mask] += 200
+    path = path_dir / f"{name}.nii.gz"
+    save_volume(path, image.astype(np.float32), affine)
+    return path, mask
+
+
+class ThresholdSegmenter:
+    """Stands in for a trained head: lesion logits where the (normalised) image exceeds `threshold`."""
+    def __init__(self, threshold):
+        self.threshold = threshold
+
+    def segment(self, x):
+        return 20.0 * (x[:, :1] - self.threshold)  # [B, 1, S, S, S]
+
+
+SPEC = InputSpec(prep=PrepConfig(spacing=(2.0, 2.0, 2.0)), input_size=24, channels=("image", "lesion_mask"),
+                 view=ViewSpec(crop_mm=24.0))  # model voxel 1 mm: the sliding window runs at 2x the prepared grid
+
+
+def test_predicted_mask_lands_on_the_source_grid(tmp_path):
+    centre_vox = (30.0, 26.0, 8.0)
+    path, true_mask = brain_with_ball(tmp_path, "s1", centre_vox)
+    df = pd.DataFrame({"subject_id": ["s1"], "image": [str(path)]})
+    good, rejected = prepare_table(df, SPEC.prep, tmp_path / "cache", require_lesion=False, on_error="collect",
+                                   progress=False)
+    assert not rejected
+    image = np.load(good["cache_image"].iloc[0])[0]
+    model = ThresholdSegmenter(threshold=(image.max() + np.median(image)) / 2)
+    out, ml = auto_mask.predict_mask([model], good.iloc[0], SPEC, tmp_path / "masks")
+    written = nib.load(out)
+    assert np.allclose(written.affine, nib.load(path).affine) and written.shape == true_mask.shape
+    pred = np.asanyarray(written.dataobj) > 0
+    got, want = np.argwhere(pred).mean(0), np.argwhere(true_mask).mean(0)
+    assert np.all(np.abs(got - want) <= 1.0), (got, want)  # centroid within one source voxel on every axis
+    assert ml == pytest.approx(4 / 3 * math.pi * 7.0 ** 3 / 1000, rel=0.3)
+
+
+def test_index_lesion_largest_or_nearest_the_given_centre():
+    prob = np.zeros((20, 20, 20))
+    prob[2:5, 2:5, 2:5] = 0.9     # small, near the origin
+    prob[10:18, 10:18, 10:18] = 0.9  # large
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    largest = auto_mask.index_lesion(prob, affine)
+    assert largest.sum() == 8 ** 3
+    near = auto_mask.index_lesion(prob, affine, centre_mm=[6.0, 6.0, 6.0])  # voxel (3, 3, 3)
+    assert near.sum() == 27 and near[3, 3, 3]
+    assert auto_mask.index_lesion(np.zeros((5, 5, 5)), affine) is None
+
+
+def test_predict_without_a_mask_column(tmp_path, monkeypatch):
+    """A manifest with no mask column: masks are written and outcomes predicted; a row with no lesion is
+    named and skipped, the others go on."""
+    from finetune import predict
+    from models.multimodal import MultimodalConfig, MultimodalModel
+    from models.vit3d import ViT3DConfig
+    paths = [brain_with_ball(tmp_path, f"s{i}", (28.0 + i, 30.0, 8.0), ball=i != 2)[0] for i in range(3)]
+    pd.DataFrame({"subject_id": ["s0", "s1", "s2"], "image": [str(p) for p in paths]}).to_csv(
+        tmp_path / "m.csv", index=False)
+    torch.manual_seed(0)
+    cfg = MultimodalConfig(encoder=ViT3DConfig(in_channels=2, img_size=24, patch_size=6, dim=24, depth=2, heads=2),
+                           task="classification", fusion="none", seg_weight=0.5)
+    MultimodalModel(cfg).save_pretrained(tmp_path / "model", extra_config={"clinical_schema": None}, card={},
+                                         input_spec=SPEC)
+    real = auto_mask.lesion_probability
+
+    def thresholded(models, image, spec, pad_value, **kw):  # the untrained head replaced by a threshold
+        real(models, image, spec, pad_value, **kw)  # the real sliding window still runs
+        brain = image[0][image[0] > image.min()]
+        return (image[0] > brain.mean() + 5 * brain.std()).astype(float)  # s2, with no ball: nothing
+
+    monkeypatch.setattr(auto_mask, "lesion_probability", thresholded)
+    out = tmp_path / "out" / "pred.csv"
+    assert predict.main(["--model", str(tmp_path / "model"), "--manifest", str(tmp_path / "m.csv"),
+                         "--out", str(out)]) == 0
+    res = pd.read_csv(out, dtype={"subject_id": str})
+    assert list(res.subject_id) == ["s0", "s1"] and res["prob"].between(0, 1).all()
+    assert (res.mask_source == "predicted").all() and (res.predicted_volume_ml > 0).all()
+    for sid, mask_path in zip(res.subject_id, res.predicted_mask):
+        assert mask_path == str(out.parent / "pred_masks" / f"{sid}_pred_mask.nii.gz")  # beside --out
+        assert nib.load(mask_path).shape == nib.load(paths[int(sid[1])]).shape
+    rejected = pd.read_csv(out.with_suffix(".rejected.csv"), dtype={"subject_id": str})
+    assert list(rejected.subject_id) == ["s2"] and "found no lesion" in rejected.reason[0]
