@@ -131,12 +131,16 @@ def crop_box(image, mask, start, size, out_size, pad_value=None) -> np.ndarray:
 
 
 def segmentation_box(start, size, shape, rng: np.random.Generator) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """Where a segmentation training crop of the lesion box's size goes: half the time the lesion box shifted
-    by up to half its side on each axis (the lesion anywhere in view, or partly out of it), half the time
-    anywhere in the volume (mostly lesion-free), so the head also learns what is not a lesion, which
-    sliding-window inference over the whole brain asks of it."""
+    """Where a segmentation training crop of the lesion box's size goes, in thirds: the lesion box itself
+    (as validation and the outcome tasks see it), the box shifted by up to half its side on each axis
+    (the lesion anywhere in view, or partly out of it), or anywhere in the volume (mostly lesion-free).
+    The last two teach the head what is not a lesion, which sliding-window inference over the whole
+    brain asks of it (nnU-Net samples a third of its patches around foreground for the same reason)."""
     size = _triple(size)
-    if rng.random() < 0.5:
+    draw = rng.random()
+    if draw < 1 / 3:
+        return tuple(int(a) for a in start), size
+    if draw < 2 / 3:
         shift = rng.integers(-(np.array(size) // 2), np.array(size) // 2 + 1)  # [3]
         return tuple(int(a) for a in np.add(start, shift)), size
     return random_crop_boxes(shape, size, 1, rng)[0]

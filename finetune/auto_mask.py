@@ -93,8 +93,9 @@ def lesion_centre(row) -> list[float] | None:
 
 
 def predict_mask(models: list, row, spec: InputSpec, out_dir: Path) -> tuple[Path, float]:
-    """Segment one prepared row (cache_image), write its index lesion beside the --out CSV; returns the
-    NIfTI's path and the lesion's volume in ml. InputError when nothing is found."""
+    """Segment one prepared row (cache_image), write its index lesion into `out_dir` (NIfTI on the source
+    grid, and a PNG overlay on the prepared image); returns the NIfTI's path and the lesion's volume in ml.
+    InputError when nothing is found."""
     from data.cache import CacheEntry
     from data.nifti import save_volume
     entry = CacheEntry.from_path(row["cache_image"])
@@ -109,5 +110,8 @@ def predict_mask(models: list, row, spec: InputSpec, out_dir: Path) -> tuple[Pat
         raise InputError(f"subject {row['subject_id']}: the lesion found lies outside the image grid of {row['image']}")
     path = out_dir / f"{row['subject_id']}_pred_mask.nii.gz"
     save_volume(path, mask, src_affine, dtype=np.uint8)
+    from finetune.segmentation import save_overlay  # a look at what was found, for quality control
+    save_overlay(path.with_name(f"{row['subject_id']}_pred_mask.png"), np.asarray(entry.image()[0]), None, lesion,
+                 title=str(row["subject_id"]))
     volume_ml = float(lesion.sum() * abs(np.linalg.det(affine[:3, :3])) / 1000.0)
     return path, volume_ml

@@ -26,7 +26,7 @@ from models.fusion import ClinicalEmbedding, ClinicalTokens, FiLM
 from models.hf import load_hf_folder, load_state_dict_strict, model_card, save_hf_folder
 from models.input_spec import InputSpec
 from models.pooling import POOLS, TokenPool
-from models.segmentation import SEG_HEADS, SegDecoder, image_only
+from models.segmentation import MASK_FEATURES, SEG_HEADS, SegDecoder, image_only, mask_shape_features
 from models.tasks import CLASSIFICATION, TASK_NAMES, TASKS, get_task
 from models.vit3d import ViT3D, ViT3DConfig, inflate_patch_embed
 
@@ -66,13 +66,19 @@ class MultimodalConfig:
     # intermediate blocks and the image)
     seg_head: Literal["primus", "unetr"] = "primus"
     seg_width: int = 16  # channels of the decoder's finest stage (doubling per coarser stage)
+    # DeepMTS's cascade: the outcome heads also see what the predicted mask shows (its size, surface to
+    # volume and extent; models.segmentation.mask_shape_features); needs --seg_weight > 0
+    seg_cascade: bool = False
+    # the mask channel the outcome path reads: the given mask, or the predicted one (thresholded, no
+    # gradient), so training sees what predict without a drawn mask will; needs --seg_weight > 0
+    outcome_mask: Literal["given", "predicted"] = "given"
 
     def __post_init__(self):
         if isinstance(self.encoder, dict):
             self.encoder = from_dict(ViT3DConfig, self.encoder, "encoder")
         choices = {"task": tuple(TASKS), "fusion": FUSIONS, "survival_head": ("cox", "discrete"),
                    "mask_channel_init": ("zero", "mean"), "pool": POOLS, "head_norm": HEAD_NORMS,
-                   "seg_head": SEG_HEADS}
+                   "seg_head": SEG_HEADS, "outcome_mask": ("given", "predicted")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
@@ -87,6 +93,9 @@ class MultimodalConfig:
         if self.segments and self.encoder.in_channels != 2:
             raise ConfigError("segmentation needs the [image, lesion mask] input (encoder in_channels 2): "
                               "the mask is its target")
+        if (self.seg_cascade or self.outcome_mask == "predicted") and not (self.seg_weight > 0 and self.predicts_outcome):
+            raise ConfigError("model.seg_cascade and model.outcome_mask predicted need an outcome task with "
+                              "--seg_weight > 0 (they read the segmentation head's mask)")
         if get_task(self.task).segment and self.fusion not in ("none", "concat"):
             raise ConfigError(f"--task segmentation reads no clinical data; --fusion {self.fusion} does not apply")
         if not 0.0 <= self.head_dropout < 1.0:
@@ -163,6 +172,8 @@ class MultimodalModel(nn.Module):
         else:  # clinical_only
             self.clinical_embed = ClinicalEmbedding(c.clinical_dim, c.clinical_hidden)
             self.feature_dim = self.clinical_embed.out_dim
+        if c.seg_cascade:
+            self.feature_dim += len(MASK_FEATURES)
         # The clinical-only linear path must be exactly a linear model (compared with a linear Cox fit).
         linear_baseline = c.fusion == "clinical_only" and c.clinical_hidden == 0
         self.head_drop = nn.Identity() if linear_baseline else nn.Dropout(c.head_dropout)
@@ -186,7 +197,9 @@ class MultimodalModel(nn.Module):
         out = {"seg_logits": self.segment(x)} if self.seg_decoder is not None else {}
         if not c.predicts_outcome:
             return out
-        return out | self._outcome(x, clinical)
+        if c.outcome_mask == "predicted":
+            x = torch.cat([x[:, :1], (out["seg_logits"].detach() > 0).to(x.dtype)], dim=1)  # p > 0.5
+        return out | self._outcome(x, clinical, out.get("seg_logits"))
 
     def segment(self, x: Tensor) -> Tensor:
         """x [B, 2, S, S, S] -> lesion logits [B, 1, S, S, S], from the image alone (the mask channel is
@@ -195,8 +208,9 @@ class MultimodalModel(nn.Module):
         tokens, hidden = self.encoder.forward_hidden(x_img, tuple(self.seg_decoder.skip_blocks))  # [B, N, D]
         return self.seg_decoder(tokens, hidden, x_img[:, :1])
 
-    def _outcome(self, x: Tensor | None, clinical: Tensor | None) -> dict[str, Tensor]:
-        """The outcome path: [image, mask] (+ clinical) -> features [B, D_fused] and the task heads' outputs."""
+    def _outcome(self, x: Tensor | None, clinical: Tensor | None, seg_logits: Tensor | None = None) -> dict[str, Tensor]:
+        """The outcome path: [image, mask] (+ clinical) -> features [B, D_fused] and the task heads' outputs;
+        with seg_cascade the predicted mask's shape features join the fused features."""
         c = self.config
         if c.fusion == "clinical_only":
             features = self.clinical_embed(clinical)  # [B, F_hidden]
@@ -212,6 +226,8 @@ class MultimodalModel(nn.Module):
             features = self.pool_image(tokens, x)  # [B, D]
             if c.fusion == "concat":
                 features = torch.cat([features, self.clinical_embed(clinical)], dim=-1)  # [B, D + H]
+        if c.seg_cascade:
+            features = torch.cat([features, mask_shape_features(seg_logits)], dim=-1)  # [B, D_fused + 3]
         out = {"features": features}
         h = self.head_drop(features)  # [B, D_fused]
         if self.cls_head is not None:

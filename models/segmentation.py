@@ -116,3 +116,28 @@ def seg_target(x: Tensor) -> Tensor:
 def image_only(x: Tensor) -> Tensor:
     """x [B, 2, S, S, S] with the mask channel zeroed: what the segmentation pass sees."""
     return torch.cat([x[:, :1], torch.zeros_like(x[:, 1:])], dim=1)
+
+
+MASK_FEATURES = ("log_volume_fraction", "surface_to_volume", "radius_of_gyration")
+
+
+def mask_shape_features(seg_logits: Tensor) -> Tensor:
+    """DeepMTS's cascade, as features: what the predicted mask shows, from its soft probabilities p
+    [B, 1, S, S, S] (differentiable, so the outcome loss also trains the segmentation) -> [B, 3]:
+    - log of the lesion's share of the crop (size);
+    - soft surface over soft volume, sum |grad p| / sum p (shape: irregular or small is high);
+    - the radius of gyration of p over the crop edge (extent: how spread the lesion is)."""
+    p = torch.sigmoid(seg_logits.float())[:, 0]  # [B, S, S, S]
+    s = p.shape[-1]
+    volume = p.flatten(1).sum(1)  # [B] voxels
+    grads = [p.diff(dim=d).abs().flatten(1).sum(1) for d in (1, 2, 3)]  # 3 x [B]
+    surface = torch.stack(grads).sum(0)  # [B] voxel faces
+    axes = torch.arange(s, dtype=p.dtype, device=p.device)
+    w = p / (volume[:, None, None, None] + 1e-6)  # [B, S, S, S], sums to 1
+    spread = 0.0
+    for d in (1, 2, 3):
+        coord = axes.view([-1 if i == d else 1 for i in range(4)])  # broadcast along axis d
+        mean = (w * coord).flatten(1).sum(1)  # [B]
+        spread = spread + (w * coord ** 2).flatten(1).sum(1) - mean ** 2  # [B]
+    return torch.stack([torch.log(volume / s ** 3 + 1e-4), surface / (volume + 1.0),
+                        spread.clamp_min(0).sqrt() / s], dim=1)  # [B, 3]

@@ -142,3 +142,32 @@ def test_segmentation_run_end_to_end(synth_cohort, tmp_path):
     from finetune.predict import load_model
     model, _ = load_model(out / "model" / "fold0")  # the HF folder round-trips the head (strict load)
     assert model.seg_decoder is not None
+
+
+def test_mask_shape_features_of_a_cube():
+    from models.segmentation import mask_shape_features
+    logits = torch.full((1, 1, 20, 20, 20), -30.0)
+    logits[0, 0, 5:9, 5:9, 5:9] = 30.0  # a 4^3 cube: p = 1 inside, 0 outside
+    f = mask_shape_features(logits)[0]
+    assert f[0].item() == pytest.approx(np.log(64 / 20 ** 3 + 1e-4), abs=1e-4)
+    assert f[1].item() == pytest.approx(6 * 16 / 65, abs=1e-4)  # 96 faces over (64 + 1) voxels
+    # each axis: coordinates 5..8, variance 1.25; sqrt(3 x 1.25) over the 20-voxel edge
+    assert f[2].item() == pytest.approx(np.sqrt(3 * 1.25) / 20, abs=1e-4)
+
+
+def test_cascade_and_predicted_outcome_mask():
+    cfg = MultimodalConfig(encoder=TINY, task="multitask", fusion="none", seg_weight=0.5, seg_cascade=True,
+                           outcome_mask="predicted")
+    torch.manual_seed(0)
+    model = MultimodalModel(cfg).eval()
+    x = toy_batch(n=3)
+    out = model(x, None)
+    assert out["features"].shape == (3, TINY.dim + 3) and out["logit"].shape == (3,) and out["risk"].shape == (3,)
+    # the outcome path reads the predicted mask, so the given one changes nothing
+    x2 = x.clone()
+    x2[:, 1] = 0
+    assert torch.equal(model(x2, None)["logit"], out["logit"])
+    # without a segmentation loss there is no head to cascade from
+    from core.errors import ConfigError
+    with pytest.raises(ConfigError, match="seg_weight"):
+        MultimodalConfig(encoder=TINY, task="classification", fusion="none", seg_cascade=True)
