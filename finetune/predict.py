@@ -196,6 +196,8 @@ def main(argv=None) -> int:
                     "predicted_mask, predicted_volume_ml); predicted masks go to <out stem>_masks/")
     ap.add_argument("--seg_model", default="", help="model (folder or run model/ folder) that segments rows without "
                     "a mask (default: --model, when it has a segmentation head)")
+    ap.add_argument("--segment_all", action="store_true", help="segment every row, ignoring the manifest's masks: "
+                    "what the outcome would be without a drawn mask (the masks stay untouched on disk)")
     ap.add_argument("--cache_dir", default="", help="preprocessing cache (default: a cache/ folder next to --out)")
     args = ap.parse_args(argv)
     from data.manifest import read_manifest
@@ -205,7 +207,7 @@ def main(argv=None) -> int:
     outcome = first[0].config.predicts_outcome
     if outcome:
         check_manifest(df, first[1], args.manifest)
-    need = needs_mask(df)
+    need = np.ones(len(df), bool) if args.segment_all else needs_mask(df)
     if not outcome and not need.any():
         raise InputError(f"{args.model} is a segmentation model and every row of {args.manifest} has a mask: "
                          "nothing to predict (drop the mask column to segment, or pass an outcome model)")
