@@ -151,7 +151,8 @@ def segmenting_models(path: str | Path) -> list[MultimodalModel]:
 def fill_masks(df: pd.DataFrame, need: np.ndarray, models: list, spec, cache_dir: str, masks_dir: Path
                ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Segment the rows in `need` and point their mask at the written NIfTI; (table, rejected rows).
-    The table gains mask_source ("given" / "predicted"), predicted_mask and predicted_volume_ml."""
+    The table gains mask_source ("given" / "predicted"), predicted_mask and predicted_volume_ml, and,
+    where a row's drawn mask was set aside (--segment_all), dice_vs_given."""
     from data.prepare import prepare_table
     from engine.logs import progress
     from finetune.auto_mask import predict_mask
@@ -174,8 +175,22 @@ def fill_masks(df: pd.DataFrame, need: np.ndarray, models: list, spec, cache_dir
     lost = {sid for sid, _ in rejected}
     df = df[~df["subject_id"].isin(lost)].set_index("subject_id", drop=False)
     for sid, path, ml in found:
+        given = df.loc[sid, "mask"] if "mask" in df.columns else None
+        if isinstance(given, str) and Path(given).is_file():  # --segment_all on a drawn mask: how close?
+            df.loc[sid, "dice_vs_given"] = dice_on_grid(path, given)
         df.loc[sid, ["mask", "predicted_mask", "predicted_volume_ml"]] = [path, path, ml]
     return df.reset_index(drop=True), rejected
+
+
+def dice_on_grid(pred_path: str, given_path: str) -> float:
+    """Dice of two masks on the same voxel grid (the predicted mask is written on the image's, as the
+    given one must be): 2 |A and B| / (|A| + |B|)."""
+    import nibabel as nib
+    a, b = (np.asanyarray(nib.load(p).dataobj) > 0.5 for p in (pred_path, given_path))
+    if a.shape != b.shape:
+        return float("nan")
+    total = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / total) if total else 1.0
 
 
 def rejected_summary(rejected: list[tuple[str, str]]) -> str:
@@ -197,7 +212,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seg_model", default="", help="model (folder or run model/ folder) that segments rows without "
                     "a mask (default: --model, when it has a segmentation head)")
     ap.add_argument("--segment_all", action="store_true", help="segment every row, ignoring the manifest's masks: "
-                    "what the outcome would be without a drawn mask (the masks stay untouched on disk)")
+                    "what the outcome would be without a drawn mask; the CSV gains dice_vs_given (the masks stay "
+                    "untouched on disk)")
     ap.add_argument("--cache_dir", default="", help="preprocessing cache (default: a cache/ folder next to --out)")
     args = ap.parse_args(argv)
     from data.manifest import read_manifest
@@ -224,7 +240,8 @@ def main(argv=None) -> int:
             res, more = predict_table(folders, df, cache, first)
         rejected += more
     if need.any():
-        res = res.merge(df[["subject_id", "mask_source", "predicted_mask", "predicted_volume_ml"]], on="subject_id")
+        extra = [c for c in ("mask_source", "predicted_mask", "predicted_volume_ml", "dice_vs_given") if c in df.columns]
+        res = res.merge(df[["subject_id", *extra]], on="subject_id")
     write_outputs(res, rejected, args, len(folders))
     return 0
 

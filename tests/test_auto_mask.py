@@ -86,15 +86,10 @@ def test_index_lesion_largest_or_nearest_the_given_centre():
     assert auto_mask.index_lesion(np.zeros((5, 5, 5)), affine) is None
 
 
-def test_predict_without_a_mask_column(tmp_path, monkeypatch):
-    """A manifest with no mask column: masks are written and outcomes predicted; a row with no lesion is
-    named and skipped, the others go on."""
-    from finetune import predict
+def joint_model_and_threshold(tmp_path, monkeypatch):
+    """A saved outcome model with a segmentation head, its untrained head replaced by a threshold."""
     from models.multimodal import MultimodalConfig, MultimodalModel
     from models.vit3d import ViT3DConfig
-    paths = [brain_with_ball(tmp_path, f"s{i}", (28.0 + i, 30.0, 8.0), ball=i != 2)[0] for i in range(3)]
-    pd.DataFrame({"subject_id": ["s0", "s1", "s2"], "image": [str(p) for p in paths]}).to_csv(
-        tmp_path / "m.csv", index=False)
     torch.manual_seed(0)
     cfg = MultimodalConfig(encoder=ViT3DConfig(in_channels=2, img_size=24, patch_size=6, dim=24, depth=2, heads=2),
                            task="classification", fusion="none", seg_weight=0.5)
@@ -102,20 +97,50 @@ def test_predict_without_a_mask_column(tmp_path, monkeypatch):
                                          input_spec=SPEC)
     real = auto_mask.lesion_probability
 
-    def thresholded(models, image, spec, pad_value, **kw):  # the untrained head replaced by a threshold
+    def thresholded(models, image, spec, pad_value, **kw):
         real(models, image, spec, pad_value, **kw)  # the real sliding window still runs
         brain = image[0][image[0] > image.min()]
-        return (image[0] > brain.mean() + 5 * brain.std()).astype(float)  # s2, with no ball: nothing
+        return (image[0] > brain.mean() + 5 * brain.std()).astype(float)  # a row with no ball: nothing
 
     monkeypatch.setattr(auto_mask, "lesion_probability", thresholded)
+    return tmp_path / "model"
+
+
+def test_predict_without_a_mask_column(tmp_path, monkeypatch):
+    """A manifest with no mask column: masks are written and outcomes predicted; a row with no lesion is
+    named and skipped, the others go on."""
+    from finetune import predict
+    paths = [brain_with_ball(tmp_path, f"s{i}", (28.0 + i, 30.0, 8.0), ball=i != 2)[0] for i in range(3)]
+    pd.DataFrame({"subject_id": ["s0", "s1", "s2"], "image": [str(p) for p in paths]}).to_csv(
+        tmp_path / "m.csv", index=False)
+    model = joint_model_and_threshold(tmp_path, monkeypatch)
     out = tmp_path / "out" / "pred.csv"
-    assert predict.main(["--model", str(tmp_path / "model"), "--manifest", str(tmp_path / "m.csv"),
-                         "--out", str(out)]) == 0
+    assert predict.main(["--model", str(model), "--manifest", str(tmp_path / "m.csv"), "--out", str(out)]) == 0
     res = pd.read_csv(out, dtype={"subject_id": str})
     assert list(res.subject_id) == ["s0", "s1"] and res["prob"].between(0, 1).all()
     assert (res.mask_source == "predicted").all() and (res.predicted_volume_ml > 0).all()
+    assert "dice_vs_given" not in res.columns  # there was no drawn mask to compare with
     for sid, mask_path in zip(res.subject_id, res.predicted_mask):
         assert mask_path == str(out.parent / "pred_masks" / f"{sid}_pred_mask.nii.gz")  # beside --out
         assert nib.load(mask_path).shape == nib.load(paths[int(sid[1])]).shape
+        assert (out.parent / "pred_masks" / f"{sid}_pred_mask.png").is_file()
     rejected = pd.read_csv(out.with_suffix(".rejected.csv"), dtype={"subject_id": str})
     assert list(rejected.subject_id) == ["s2"] and "found no lesion" in rejected.reason[0]
+
+
+def test_segment_all_scores_the_drawn_masks(tmp_path, monkeypatch):
+    from finetune import predict
+    rows = []
+    for i in range(2):
+        image, mask = brain_with_ball(tmp_path, f"s{i}", (26.0 + 2 * i, 30.0, 8.0))
+        save_volume(tmp_path / f"s{i}_mask.nii.gz", mask.astype(np.uint8), nib.load(image).affine, dtype=np.uint8)
+        rows.append({"subject_id": f"s{i}", "image": str(image), "mask": str(tmp_path / f"s{i}_mask.nii.gz")})
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    model = joint_model_and_threshold(tmp_path, monkeypatch)
+    before = (tmp_path / "s0_mask.nii.gz").read_bytes()
+    out = tmp_path / "pred.csv"
+    assert predict.main(["--model", str(model), "--manifest", str(tmp_path / "m.csv"), "--out", str(out),
+                         "--segment_all"]) == 0
+    res = pd.read_csv(out, dtype={"subject_id": str})
+    assert (res.mask_source == "predicted").all() and (res.dice_vs_given > 0.7).all()
+    assert (tmp_path / "s0_mask.nii.gz").read_bytes() == before  # the drawn mask stays as it was
