@@ -69,6 +69,14 @@ demo: $(STAMP)
 	$(PY) -m finetune --config launch/finetune_tiny_cpu.yaml --manifest $(DEMO)/cohort/manifest.csv \
 	    --external $(DEMO)/cohort/external.csv --pretrained $(DEMO)/pretrain/encoder --cache_dir $(DEMO)/cache \
 	    --splits $(DEMO)/splits.json --task survival --fusion concat --output_dir $(DEMO)/finetune_surv --explain 0
+	$(PY) -m finetune --config launch/finetune_tiny_cpu.yaml --manifest $(DEMO)/cohort/manifest.csv \
+	    --pretrained $(DEMO)/pretrain/encoder --cache_dir $(DEMO)/cache --splits $(DEMO)/splits.json \
+	    --task segmentation --folds 2 --epochs 12 --output_dir $(DEMO)/finetune_seg
+	@# two external patients as if nobody had outlined them: segmented, then classified from the predicted mask
+	head -n 3 $(DEMO)/cohort/external.csv > $(DEMO)/cohort/external_first2.csv
+	$(PY) -m finetune.predict --model $(DEMO)/finetune_cls/model --seg_model $(DEMO)/finetune_seg/model/fold0 \
+	    --manifest $(DEMO)/cohort/external_first2.csv --segment_all --out $(DEMO)/predict/without_masks.csv \
+	    --cache_dir $(DEMO)/cache
 	$(PY) -m finetune.evaluate --predictions $(DEMO)/finetune_cls/predictions.csv \
 	    --manifest $(DEMO)/cohort/manifest.csv --external $(DEMO)/cohort/external.csv --out $(DEMO)/evaluate_cls
 	$(PY) -m finetune.predict --model $(DEMO)/finetune_cls/model --manifest $(DEMO)/cohort/external.csv \
@@ -78,7 +86,9 @@ demo: $(STAMP)
 	@echo "  pretraining previews   $(DEMO)/pretrain/previews/*.png   (encoder: $(DEMO)/pretrain/encoder)"
 	@echo "  classification         $(DEMO)/finetune_cls/metrics.json, roc_*.png, calibration_*.png, explain/"
 	@echo "  survival               $(DEMO)/finetune_surv/metrics.json, km_*.png"
+	@echo "  segmentation           $(DEMO)/finetune_seg/metrics.json, segmentation.csv, segmentation/*.png"
 	@echo "  predictions            $(DEMO)/predict/external_predictions.csv"
+	@echo "  without a drawn mask   $(DEMO)/predict/without_masks.csv, without_masks_masks/*.png (predicted masks)"
 
 clean:
 	rm -rf $(DEMO)

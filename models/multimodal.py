@@ -371,10 +371,14 @@ class MultimodalModel(nn.Module):
             raise InputError(f"extra_config may not use the reserved key(s) {sorted(reserved)}")
         config = {"model_type": MODEL_TYPE, "architectures": ["MultimodalModel"],
                   "multimodal": to_dict(self.config), **extra_config}
-        card = {"title": "mimfm multimodal model",
-                "intended_use": "Research model: [image, lesion mask] crops and clinical data to "
-                                f"{self.config.task} scores (fusion: {self.config.fusion}).",
-                "training": {}, "metrics": {}, **card}
+        use = ("Research model: [image, lesion mask] crops and clinical data to "
+               f"{self.config.task} scores (fusion: {self.config.fusion}).")
+        if self.config.segments:
+            use += (f" Its segmentation head ({self.config.seg_head}, models/segmentation.py) predicts the lesion "
+                    "mask from the image channel alone. It is mimfm's own decoder, not MONAI's UNETR, which fixes "
+                    "16^3 patches, 12 blocks and its own decoder layout, so the folder loads with "
+                    "MultimodalModel.from_pretrained (strict), not into monai.networks.nets.UNETR.")
+        card = {"title": "mimfm multimodal model", "intended_use": use, "training": {}, "metrics": {}, **card}
         # The card lists the encoder's shape, which model_card reads from top-level keys.
         card_config = {**to_dict(self.config.encoder), **config}
         save_hf_folder(folder, self.state_dict(), config, model_card(card_config, input_spec=input_spec, **card),

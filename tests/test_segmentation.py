@@ -142,6 +142,8 @@ def test_segmentation_run_end_to_end(synth_cohort, tmp_path):
     from finetune.predict import load_model
     model, _ = load_model(out / "model" / "fold0")  # the HF folder round-trips the head (strict load)
     assert model.seg_decoder is not None
+    card = (out / "model" / "fold0" / "README.md").read_text()
+    assert "not into monai.networks.nets.UNETR" in card  # the card says why there is no UNETR export
 
 
 def test_mask_shape_features_of_a_cube():
