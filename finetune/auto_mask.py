@@ -110,7 +110,7 @@ def predict_mask(models: list, row, spec: InputSpec, out_dir: Path) -> tuple[Pat
         raise InputError(f"subject {row['subject_id']}: the lesion found lies outside the image grid of {row['image']}")
     path = out_dir / f"{row['subject_id']}_pred_mask.nii.gz"
     save_volume(path, mask, src_affine, dtype=np.uint8)
-    from finetune.segmentation import save_overlay  # a look at what was found, for quality control
+    from finetune.figures import save_overlay  # a look at what was found, for quality control
     save_overlay(path.with_name(f"{row['subject_id']}_pred_mask.png"), np.asarray(entry.image()[0]), None, lesion,
                  title=str(row["subject_id"]))
     volume_ml = float(lesion.sum() * abs(np.linalg.det(affine[:3, :3])) / 1000.0)

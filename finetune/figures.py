@@ -1,9 +1,12 @@
-"""Evaluation figures as PNG: ROC with bootstrap bands, Kaplan-Meier by risk group, reliability diagram.
+"""Evaluation figures as PNG: ROC with bootstrap bands, Kaplan-Meier by risk group, reliability diagram,
+and segmentation overlays (predicted and given lesion outlines on the image).
 
 Each is written atomically. Where a figure is undefined (one class, no events) a figure saying why
 is written instead, so a run directory always has the file and the reader knows the reason.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
@@ -202,4 +205,27 @@ def plot_calibration(y, prob, path, n_bins: int | None = None, title: str = "Cal
     hist.hist(prob[y == 1], bins=20, range=(0, 1), alpha=0.6, color="C3", label="positive")
     hist.set(xlabel="Predicted probability", ylabel="Count")
     hist.legend(fontsize=8)
+    _save(fig, path)
+
+
+def save_overlay(path: Path, image: np.ndarray, true_mask: np.ndarray | None, pred_mask: np.ndarray,
+                 title: str = "") -> None:
+    """Three orthogonal slices through the lesion's centre: the image in grey, the true mask's outline in
+    green (when given) and the predicted one in red. image, masks [X, Y, Z] on one grid."""
+    ref = true_mask if true_mask is not None and true_mask.any() else pred_mask
+    centre = np.round(np.argwhere(ref > 0.5).mean(0)).astype(int) if ref.any() else np.array(image.shape) // 2
+    fig, axes = _subplots(1, 3, figsize=(9, 3.3))
+    for axis, ax in enumerate(axes):
+        def take(a, axis=axis):  # the slice through the centre, rows = the second remaining axis
+            return np.take(a, centre[axis], axis=axis).T
+        ax.imshow(take(image), cmap="gray", origin="lower")
+        if true_mask is not None and take(true_mask).any():
+            ax.contour(take(true_mask.astype(float)), levels=[0.5], colors="lime", linewidths=1.2)
+        if take(pred_mask).any():
+            ax.contour(take(pred_mask.astype(float)), levels=[0.5], colors="red", linewidths=1.2)
+        ax.set_title(["sagittal", "coronal", "axial"][axis], fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"{title}  green: given mask, red: predicted" if true_mask is not None
+                 else f"{title}  red: predicted", fontsize=9)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     _save(fig, path)

@@ -206,7 +206,8 @@ def export_fold(cfg: FinetuneConfig, fold: Fold, choice: EpochChoice, eval_sets:
     preds = {"val": (fold.val_df, predict(model, fold.val_ds, cfg.batch_size, accelerator.device, fold.bins,
                                           fold.spec.spacing_mm))}
     val_score = cfg.task.validation_score(preds["val"][1], fold.val_ds.targets)  # of the kept weights
-    for name, df in eval_sets.items():
+    # A segmentation-only model's held-out sets are scored once, by the fold ensemble (finetune.segmentation).
+    for name, df in eval_sets.items() if model.config.predicts_outcome else ():
         dataset = dataset_for(fold, df, cfg.task, model.config.uses_image)
         preds[name] = (df, predict(model, dataset, cfg.batch_size, accelerator.device, fold.bins,
                                    fold.spec.spacing_mm))

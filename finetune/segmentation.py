@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 from core.atomic import atomic_path
 from finetune.cohort import make_dataset
+from finetune.figures import save_overlay
 from finetune.seg_metrics import SEG_METRICS, segmentation_metrics, segmentation_report
 from models.input_spec import InputSpec
+from models.multimodal import MultimodalModel
 from models.segmentation import seg_target
 from models.tasks import SEGMENTATION
 
@@ -52,8 +53,7 @@ def segmentation_results(out: Path, fold_info: list, frames: list, df: pd.DataFr
                          spec: InputSpec, n_boot: int, seed: int) -> dict:
     """segmentation.csv (one row per subject and split), overlays under segmentation/, and the report
     {split: {dice: {mean, ci95}, hd95_mm, volume errors, missed, n}} that goes into metrics.json."""
-    from finetune.predict import load_model
-    models = [load_model(info["folder"])[0] for info in fold_info]
+    models = [MultimodalModel.from_pretrained(info["folder"])[0].eval() for info in fold_info]
     by_id = df.set_index("subject_id", drop=False)
     tables = []
     for k, (model, frame) in enumerate(zip(models, frames)):  # each validation subject by its own fold
@@ -70,33 +70,6 @@ def segmentation_results(out: Path, fold_info: list, frames: list, df: pd.DataFr
     with atomic_path(out / "segmentation.csv") as tmp:
         table.to_csv(tmp, index=False)
     return {split: segmentation_report(rows, n_boot=n_boot, seed=seed) for split, rows in table.groupby("split", sort=False)}
-
-
-def save_overlay(path: Path, image: np.ndarray, true_mask: np.ndarray | None, pred_mask: np.ndarray,
-                 title: str = "") -> None:
-    """Three orthogonal slices through the lesion's centre: the image in grey, the true mask's outline in
-    green (when given) and the predicted one in red. image, masks [X, Y, Z] on one grid."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    ref = true_mask if true_mask is not None and true_mask.any() else pred_mask
-    centre = np.round(np.argwhere(ref > 0.5).mean(0)).astype(int) if ref.any() else np.array(image.shape) // 2
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
-    for axis, ax in enumerate(axes):
-        take = lambda a: np.take(a, centre[axis], axis=axis).T  # noqa: E731  rows = second remaining axis
-        ax.imshow(take(image), cmap="gray", origin="lower")
-        if true_mask is not None:
-            ax.contour(take(true_mask.astype(float)), levels=[0.5], colors="lime", linewidths=1.2)
-        if pred_mask.any():
-            ax.contour(take(pred_mask.astype(float)), levels=[0.5], colors="red", linewidths=1.2)
-        ax.set_title(["sagittal", "coronal", "axial"][axis], fontsize=9)
-        ax.axis("off")
-    fig.suptitle(f"{title}  green: given mask, red: predicted" if true_mask is not None
-                 else f"{title}  red: predicted", fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
-    plt.close(fig)
 
 
 def format_segmentation(report: dict) -> str:

@@ -1,7 +1,6 @@
 """The segmentation head, its loss and metrics, and --task segmentation / --seg_weight end to end."""
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -10,10 +10,8 @@ The runs must have scored the same patients under each split name (the same spli
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from core.atomic import write_json
