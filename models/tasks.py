@@ -23,7 +23,7 @@ from torch import Tensor
 
 from core.errors import ConfigError
 
-# metrics.json sections: what is reported of a label score and of a survival score
+# metrics.json sections: what is reported of a label score, a survival score and a segmentation
 LABEL_REPORT, SURVIVAL_REPORT, SEGMENTATION_REPORT = "classification", "survival", "segmentation"
 LABEL_COLUMNS, SURVIVAL_COLUMNS = ("label",), ("time", "event")
 
