@@ -71,7 +71,7 @@ demo: $(STAMP)
 	    --splits $(DEMO)/splits.json --task survival --fusion concat --output_dir $(DEMO)/finetune_surv --explain 0
 	$(PY) -m finetune --config launch/finetune_tiny_cpu.yaml --manifest $(DEMO)/cohort/manifest.csv \
 	    --pretrained $(DEMO)/pretrain/encoder --cache_dir $(DEMO)/cache --splits $(DEMO)/splits.json \
-	    --task segmentation --folds 2 --epochs 12 --output_dir $(DEMO)/finetune_seg
+	    --task segmentation --epochs 25 --batch_size 4 --output_dir $(DEMO)/finetune_seg
 	@# two external patients as if nobody had outlined them: segmented, then classified from the predicted mask
 	head -n 3 $(DEMO)/cohort/external.csv > $(DEMO)/cohort/external_first2.csv
 	$(PY) -m finetune.predict --model $(DEMO)/finetune_cls/model --seg_model $(DEMO)/finetune_seg/model/fold0 \

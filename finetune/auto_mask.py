@@ -4,7 +4,9 @@
       -> resampled to the model's own voxel (the contract's view: crop_mm / input_size mm)
       -> MONAI sliding_window_inference of the segmentation head (fold ensemble: mean probability)
       -> back to the prepared grid -> connected components of p > 0.5
-      -> the index lesion: the largest component, or the one nearest a given lesion centre (world RAS mm)
+      -> the index lesion: the largest component whose centre lies deeper than `surface_margin_mm` below
+         the head's surface (scalp and skull are bright rims too), or the one nearest a given lesion
+         centre (world RAS mm)
       -> resampled (nearest) onto the source image's own voxel grid and affine, written as NIfTI
 
 finetune.predict then reads that file as the row's mask, exactly as it reads a drawn one.
@@ -21,6 +23,7 @@ from core.errors import InputError
 from models.input_spec import InputSpec
 
 CENTRE_COLUMNS = ("lesion_x_mm", "lesion_y_mm", "lesion_z_mm")  # optional lesion centre, world RAS mm
+SURFACE_MARGIN_MM = 10.0  # scalp + skull: a candidate centred shallower than this is not a brain lesion
 OVERLAP = 0.25  # sliding-window overlap (MONAI's default); Gaussian weighting blends the windows
 
 
@@ -48,16 +51,32 @@ def lesion_probability(models: list, image: np.ndarray, spec: InputSpec, pad_val
     return F.interpolate(prob, size=list(shape), mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
-def index_lesion(prob: np.ndarray, affine: np.ndarray, centre_mm=None) -> np.ndarray | None:
+def head_depth_mm(image: np.ndarray, pad_value: float, spacing) -> np.ndarray:
+    """[X, Y, Z] distance in mm of each voxel of a prepared image below the head's surface (0 outside):
+    the head is every voxel above the background value data.prepare gives, holes filled."""
+    from scipy import ndimage
+    head = ndimage.binary_fill_holes(np.asarray(image) > pad_value + 1e-6)
+    return ndimage.distance_transform_edt(head, sampling=[float(s) for s in spacing])
+
+
+def index_lesion(prob: np.ndarray, affine: np.ndarray, centre_mm=None, depth_mm: np.ndarray | None = None,
+                 surface_margin_mm: float = SURFACE_MARGIN_MM) -> np.ndarray | None:
     """The index lesion of a probability map [X, Y, Z] with voxel-to-world `affine`: the largest connected
-    component of p > 0.5, or, with `centre_mm` (3 world RAS mm), the component with a voxel nearest it.
-    None when nothing exceeds 0.5."""
+    component of p > 0.5 whose centroid lies deeper than `surface_margin_mm` (by `depth_mm` [X, Y, Z],
+    when given), or, with `centre_mm` (3 world RAS mm), the component with a voxel nearest it.
+    None when no component qualifies."""
     from scipy import ndimage  # connected components with the full 26-neighbourhood
     labels, n = ndimage.label(prob > 0.5, structure=np.ones((3, 3, 3)))
     if n == 0:
         return None
     if centre_mm is None:
-        sizes = np.bincount(labels.ravel())[1:]  # [n]
+        sizes = np.bincount(labels.ravel())[1:].astype(float)  # [n]
+        if depth_mm is not None and surface_margin_mm > 0:
+            centres = ndimage.center_of_mass(np.ones_like(prob), labels, range(1, n + 1))
+            shallow = [depth_mm[tuple(np.round(c).astype(int))] < surface_margin_mm for c in centres]
+            sizes[np.array(shallow)] = 0
+        if not sizes.any():
+            return None
         return labels == 1 + int(np.argmax(sizes))
     idx = np.argwhere(labels > 0)  # [M, 3]
     world = idx @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]  # [M, 3] mm
@@ -92,7 +111,8 @@ def lesion_centre(row) -> list[float] | None:
     return centre
 
 
-def predict_mask(models: list, row, spec: InputSpec, out_dir: Path) -> tuple[Path, float]:
+def predict_mask(models: list, row, spec: InputSpec, out_dir: Path,
+                 surface_margin_mm: float = SURFACE_MARGIN_MM) -> tuple[Path, float]:
     """Segment one prepared row (cache_image), write its index lesion into `out_dir` (NIfTI on the source
     grid, and a PNG overlay on the prepared image); returns the NIfTI's path and the lesion's volume in ml.
     InputError when nothing is found."""
@@ -100,11 +120,13 @@ def predict_mask(models: list, row, spec: InputSpec, out_dir: Path) -> tuple[Pat
     from data.nifti import save_volume
     entry = CacheEntry.from_path(row["cache_image"])
     affine = np.asarray(entry.meta["affine"], dtype=np.float64)
-    prob = lesion_probability(models, entry.image(), spec, entry.meta.get("pad_value", 0.0))
-    lesion = index_lesion(prob, affine, lesion_centre(row))
+    pad_value = entry.meta.get("pad_value", 0.0)
+    prob = lesion_probability(models, entry.image(), spec, pad_value)
+    depth = head_depth_mm(entry.image()[0], pad_value, np.linalg.norm(affine[:3, :3], axis=0))
+    lesion = index_lesion(prob, affine, lesion_centre(row), depth, surface_margin_mm)
     if lesion is None:
-        raise InputError(f"subject {row['subject_id']}: the segmentation found no lesion "
-                         f"(no voxel with p > 0.5) in {row['image']}")
+        raise InputError(f"subject {row['subject_id']}: the segmentation found no lesion (no component of "
+                         f"p > 0.5 deeper than {surface_margin_mm:g} mm below the head's surface) in {row['image']}")
     mask, src_affine = on_source_grid(lesion, affine, str(row["image"]))
     if not mask.any():
         raise InputError(f"subject {row['subject_id']}: the lesion found lies outside the image grid of {row['image']}")

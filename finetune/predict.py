@@ -148,8 +148,8 @@ def segmenting_models(path: str | Path) -> list[MultimodalModel]:
     return models
 
 
-def fill_masks(df: pd.DataFrame, need: np.ndarray, models: list, spec, cache_dir: str, masks_dir: Path
-               ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+def fill_masks(df: pd.DataFrame, need: np.ndarray, models: list, spec, cache_dir: str, masks_dir: Path,
+               surface_margin_mm: float) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Segment the rows in `need` and point their mask at the written NIfTI; (table, rejected rows).
     The table gains mask_source ("given" / "predicted"), predicted_mask and predicted_volume_ml, and,
     where a row's drawn mask was set aside (--segment_all), dice_vs_given."""
@@ -166,7 +166,7 @@ def fill_masks(df: pd.DataFrame, need: np.ndarray, models: list, spec, cache_dir
     bar = progress(len(good), 0, True, "segmenting rows without a mask")
     for _, row in good.iterrows():
         try:
-            path, ml = predict_mask(models, row, spec, masks_dir)
+            path, ml = predict_mask(models, row, spec, masks_dir, surface_margin_mm)
             found.append((row["subject_id"], str(path), ml))
         except InputError as e:
             rejected.append((row["subject_id"], str(e)))
@@ -214,6 +214,9 @@ def main(argv=None) -> int:
     ap.add_argument("--segment_all", action="store_true", help="segment every row, ignoring the manifest's masks: "
                     "what the outcome would be without a drawn mask; the CSV gains dice_vs_given (the masks stay "
                     "untouched on disk)")
+    ap.add_argument("--surface_margin_mm", type=float, default=10.0, help="a predicted lesion whose centre lies "
+                    "shallower than this below the head's surface is taken for scalp or skull and passed over "
+                    "(default 10; 0 keeps every candidate; skull-stripped images may want less)")
     ap.add_argument("--cache_dir", default="", help="preprocessing cache (default: a cache/ folder next to --out)")
     args = ap.parse_args(argv)
     from data.manifest import read_manifest
@@ -233,7 +236,7 @@ def main(argv=None) -> int:
     if need.any():
         seg_spec = load_input_spec(model_folders(args.seg_model or args.model)[0])
         masks_dir = Path(args.out).parent / f"{Path(args.out).stem}_masks"
-        df, rejected = fill_masks(df, need, seg_models, seg_spec, cache, masks_dir)
+        df, rejected = fill_masks(df, need, seg_models, seg_spec, cache, masks_dir, args.surface_margin_mm)
     res = df[["subject_id"]].copy()
     if outcome and len(df):
         with unseen_categories_reported_once():

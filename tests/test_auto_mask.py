@@ -84,6 +84,17 @@ def test_index_lesion_largest_or_nearest_the_given_centre():
     near = auto_mask.index_lesion(prob, affine, centre_mm=[6.0, 6.0, 6.0])  # voxel (3, 3, 3)
     assert near.sum() == 27 and near[3, 3, 3]
     assert auto_mask.index_lesion(np.zeros((5, 5, 5)), affine) is None
+    # a bright rim at the head's surface (scalp) is larger, but shallower than the margin: passed over
+    image = np.zeros((20, 20, 20))
+    image[1:19, 1:19, 1:19] = 1.0  # the head, 18 voxels of 2 mm across
+    depth = auto_mask.head_depth_mm(image, 0.0, (2.0, 2.0, 2.0))
+    assert depth[0, 0, 0] == 0 and depth[1, 10, 10] == pytest.approx(2.0) and depth[10, 10, 10] == pytest.approx(18.0)
+    scalp = np.zeros_like(prob)
+    scalp[1:3, 1:19, 1:19] = 0.9  # 2 x 18 x 18 voxels along one face
+    scalp[9:12, 9:12, 9:12] = 0.9  # a 27-voxel lesion in the middle
+    assert auto_mask.index_lesion(scalp, affine).sum() == 2 * 18 * 18
+    deep = auto_mask.index_lesion(scalp, affine, depth_mm=depth, surface_margin_mm=10.0)
+    assert deep.sum() == 27 and deep[10, 10, 10]
 
 
 def joint_model_and_threshold(tmp_path, monkeypatch):
