@@ -219,6 +219,8 @@ def main(argv=None) -> int:
                     "(default 10; 0 keeps every candidate; skull-stripped images may want less)")
     ap.add_argument("--cache_dir", default="", help="preprocessing cache (default: a cache/ folder next to --out)")
     args = ap.parse_args(argv)
+    if args.surface_margin_mm < 0:
+        raise InputError(f"--surface_margin_mm {args.surface_margin_mm}: must be >= 0")
     from data.manifest import read_manifest
     df = read_manifest(args.manifest, columns=("image",), purpose="predict", check_files=False)
     folders = model_folders(args.model)
