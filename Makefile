@@ -69,9 +69,10 @@ demo: $(STAMP)
 	$(PY) -m finetune --config launch/finetune_tiny_cpu.yaml --manifest $(DEMO)/cohort/manifest.csv \
 	    --external $(DEMO)/cohort/external.csv --pretrained $(DEMO)/pretrain/encoder --cache_dir $(DEMO)/cache \
 	    --splits $(DEMO)/splits.json --task survival --fusion concat --output_dir $(DEMO)/finetune_surv --explain 0
+	@# the light Primus-style decoder: a third of UNETR-style's compute, so the demo stays short
 	$(PY) -m finetune --config launch/finetune_tiny_cpu.yaml --manifest $(DEMO)/cohort/manifest.csv \
 	    --pretrained $(DEMO)/pretrain/encoder --cache_dir $(DEMO)/cache --splits $(DEMO)/splits.json \
-	    --task segmentation --epochs 25 --batch_size 4 --output_dir $(DEMO)/finetune_seg
+	    --task segmentation --model.seg_head primus --epochs 25 --batch_size 4 --output_dir $(DEMO)/finetune_seg
 	@# two external patients as if nobody had outlined them: segmented, then classified from the predicted mask
 	head -n 3 $(DEMO)/cohort/external.csv > $(DEMO)/cohort/external_first2.csv
 	$(PY) -m finetune.predict --model $(DEMO)/finetune_cls/model --seg_model $(DEMO)/finetune_seg/model/fold0 \

@@ -62,9 +62,10 @@ class MultimodalConfig:
     # weight of the auxiliary segmentation loss (Dice + CE of the lesion mask from the image alone) beside
     # the task's own; 0 = none, and no segmentation head. --task segmentation trains it alone, at weight 1.
     seg_weight: float = field(default=0.0, metadata={"flag": "seg_weight"})
-    # the segmentation decoder (models/segmentation.py): primus (light, no skips) or unetr (skips from
-    # intermediate blocks and the image)
-    seg_head: Literal["primus", "unetr"] = "primus"
+    # the segmentation decoder (models/segmentation.py): unetr (skips from intermediate blocks and the
+    # image) or primus (light, no skips). unetr by validation Dice, scratch, 20 patients: 0.599 against
+    # 0.255 (docs/EXPERIMENT_LOG.md "Segmentation"); primus costs about a third of its compute.
+    seg_head: Literal["primus", "unetr"] = "unetr"
     seg_width: int = 16  # channels of the decoder's finest stage (doubling per coarser stage)
     # DeepMTS's cascade: the outcome heads also see what the predicted mask shows (its size, surface to
     # volume and extent; models.segmentation.mask_shape_features); needs --seg_weight > 0

@@ -126,6 +126,7 @@ def test_segmentation_run_end_to_end(synth_cohort, tmp_path):
     from tests.test_finetune_loop import tiny_cfg
     out = tmp_path / "seg"
     cfg = tiny_cfg(synth_cohort, out, task="segmentation", fusion="concat", explain=0)
+    cfg.model.seg_head = "primus"  # the run's plumbing is under test here; both decoders are tested above
     metrics = run(cfg)
     saved = json.loads((out / "model" / "fold0" / "config.json").read_text())
     assert saved["multimodal"]["task"] == "segmentation" and saved["multimodal"]["fusion"] == "none"
