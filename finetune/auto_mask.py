@@ -4,9 +4,9 @@
       -> resampled to the model's own voxel (the contract's view: crop_mm / input_size mm)
       -> MONAI sliding_window_inference of the segmentation head (fold ensemble: mean probability)
       -> back to the prepared grid -> connected components of p > 0.5
-      -> the index lesion: the largest component whose centre lies deeper than `surface_margin_mm` below
-         the head's surface (scalp and skull are bright rims too), or the one nearest a given lesion
-         centre (world RAS mm)
+      -> the index lesion: the largest component whose voxels lie, at the median, deeper than
+         `surface_margin_mm` below the head's surface (scalp and skull are bright rims too), or the one
+         nearest a given lesion centre (world RAS mm)
       -> resampled (nearest) onto the source image's own voxel grid and affine, written as NIfTI
 
 finetune.predict then reads that file as the row's mask, exactly as it reads a drawn one.
@@ -23,7 +23,7 @@ from core.errors import InputError
 from models.input_spec import InputSpec
 
 CENTRE_COLUMNS = ("lesion_x_mm", "lesion_y_mm", "lesion_z_mm")  # optional lesion centre, world RAS mm
-SURFACE_MARGIN_MM = 10.0  # scalp + skull: a candidate centred shallower than this is not a brain lesion
+SURFACE_MARGIN_MM = 10.0  # scalp + skull: a candidate mostly shallower than this is not a brain lesion
 OVERLAP = 0.25  # sliding-window overlap (MONAI's default); Gaussian weighting blends the windows
 
 
@@ -62,7 +62,7 @@ def head_depth_mm(image: np.ndarray, pad_value: float, spacing) -> np.ndarray:
 def index_lesion(prob: np.ndarray, affine: np.ndarray, centre_mm=None, depth_mm: np.ndarray | None = None,
                  surface_margin_mm: float = SURFACE_MARGIN_MM) -> np.ndarray | None:
     """The index lesion of a probability map [X, Y, Z] with voxel-to-world `affine`: the largest connected
-    component of p > 0.5 whose centroid lies deeper than `surface_margin_mm` (by `depth_mm` [X, Y, Z],
+    component of p > 0.5 whose median voxel depth exceeds `surface_margin_mm` (by `depth_mm` [X, Y, Z],
     when given), or, with `centre_mm` (3 world RAS mm), the component with a voxel nearest it.
     None when no component qualifies."""
     from scipy import ndimage  # connected components with the full 26-neighbourhood
@@ -72,9 +72,10 @@ def index_lesion(prob: np.ndarray, affine: np.ndarray, centre_mm=None, depth_mm:
     if centre_mm is None:
         sizes = np.bincount(labels.ravel())[1:].astype(float)  # [n]
         if depth_mm is not None and surface_margin_mm > 0:
-            centres = ndimage.center_of_mass(np.ones_like(prob), labels, range(1, n + 1))
-            shallow = [depth_mm[tuple(np.round(c).astype(int))] < surface_margin_mm for c in centres]
-            sizes[np.array(shallow)] = 0
+            # the median depth, not the centroid's: a scalp rim closed around the head has its centroid
+            # deep inside the brain, but most of its voxels at the surface
+            depth = np.asarray(ndimage.median(depth_mm, labels, range(1, n + 1)))  # [n]
+            sizes[depth < surface_margin_mm] = 0
         if not sizes.any():
             return None
         return labels == 1 + int(np.argmax(sizes))
@@ -126,7 +127,7 @@ def predict_mask(models: list, row, spec: InputSpec, out_dir: Path,
     lesion = index_lesion(prob, affine, lesion_centre(row), depth, surface_margin_mm)
     if lesion is None:
         raise InputError(f"subject {row['subject_id']}: the segmentation found no lesion (no component of "
-                         f"p > 0.5 deeper than {surface_margin_mm:g} mm below the head's surface) in {row['image']}")
+                         f"p > 0.5 lying deeper than {surface_margin_mm:g} mm below the head's surface) in {row['image']}")
     mask, src_affine = on_source_grid(lesion, affine, str(row["image"]))
     if not mask.any():
         raise InputError(f"subject {row['subject_id']}: the lesion found lies outside the image grid of {row['image']}")

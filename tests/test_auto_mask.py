@@ -95,6 +95,12 @@ def test_index_lesion_largest_or_nearest_the_given_centre():
     assert auto_mask.index_lesion(scalp, affine).sum() == 2 * 18 * 18
     deep = auto_mask.index_lesion(scalp, affine, depth_mm=depth, surface_margin_mm=10.0)
     assert deep.sum() == 27 and deep[10, 10, 10]
+    # a rim closed all around the head: its centroid is deep, most of its voxels are not
+    shell = (depth > 0) & (depth <= 2.0)
+    closed = np.where(shell, 0.9, scalp * (depth > 10))
+    assert auto_mask.index_lesion(closed, affine).sum() == shell.sum()
+    deep = auto_mask.index_lesion(closed, affine, depth_mm=depth, surface_margin_mm=10.0)
+    assert deep.sum() == 27 and deep[10, 10, 10]
 
 
 def joint_model_and_threshold(tmp_path, monkeypatch):
