@@ -265,7 +265,7 @@ def test_task_and_fusion_are_declared_once_where_the_model_reads_them():
     assert (model_cfg.task, model_cfg.fusion) == ("survival", "film") and cfg.task is SURVIVAL
     long, _ = parse_config(FinetuneConfig, ["--model.task", "survival", "--model.fusion", "film"])
     assert long == cfg  # --task is --model.task: one field, two spellings
-    with pytest.raises(ConfigError, match="--model.task: 'segmentation' is not one of"):
-        parse_config(FinetuneConfig, ["--task", "segmentation"])
+    with pytest.raises(ConfigError, match="--model.task: 'detection' is not one of"):
+        parse_config(FinetuneConfig, ["--task", "detection"])
     with pytest.raises(SystemExit):  # argparse: two spellings of one flag in one command line are refused
         parse_config(FinetuneConfig, ["--fusion", "none", "--model.fusion", "tokens"])
