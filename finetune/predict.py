@@ -184,13 +184,13 @@ def fill_masks(df: pd.DataFrame, need: np.ndarray, models: list, spec, cache_dir
 
 def dice_on_grid(pred_path: str, given_path: str) -> float:
     """Dice of two masks on the same voxel grid (the predicted mask is written on the image's, as the
-    given one must be): 2 |A and B| / (|A| + |B|)."""
+    given one must be); NaN when the grids differ."""
     import nibabel as nib
-    a, b = (np.asanyarray(nib.load(p).dataobj) > 0.5 for p in (pred_path, given_path))
+    from finetune.seg_metrics import dice_scores
+    a, b = (torch.as_tensor(np.asanyarray(nib.load(p).dataobj) > 0.5)[None, None] for p in (pred_path, given_path))
     if a.shape != b.shape:
         return float("nan")
-    total = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / total) if total else 1.0
+    return float(dice_scores(a, b)[0])
 
 
 def rejected_summary(rejected: list[tuple[str, str]]) -> str:

@@ -21,14 +21,21 @@ def binary(t: Tensor) -> Tensor:
     return (t > 0.5).to(torch.float32)
 
 
+def dice_scores(pred: Tensor, target: Tensor) -> np.ndarray:
+    """MONAI Dice of binary masks pred, target [B, 1, X, Y, Z] -> [B]; two empty masks score 1."""
+    from monai.metrics import compute_dice
+    return compute_dice(binary(pred), binary(target), include_background=True,
+                        ignore_empty=False)[:, 0].numpy().astype(np.float64)
+
+
 def segmentation_metrics(pred: Tensor, target: Tensor, voxel_mm) -> dict[str, np.ndarray]:
     """pred, target [B, 1, X, Y, Z] binary masks; voxel_mm [B] (isotropic voxel edge of each subject's
     grid, mm) -> each of SEG_METRICS as [B]. Dice of two empty masks is 1; HD95 is NaN when either mask
     is empty (no surface to measure)."""
-    from monai.metrics import compute_dice, compute_hausdorff_distance
+    from monai.metrics import compute_hausdorff_distance
     pred, target = binary(pred), binary(target)
     voxel_mm = np.broadcast_to(np.asarray(voxel_mm, dtype=np.float64), (pred.shape[0],))
-    dice = compute_dice(pred, target, include_background=True, ignore_empty=False)[:, 0].numpy()  # [B]
+    dice = dice_scores(pred, target)  # [B]
     hd = np.full(pred.shape[0], np.nan)
     for i in range(pred.shape[0]):
         if pred[i].any() and target[i].any():
@@ -39,7 +46,7 @@ def segmentation_metrics(pred: Tensor, target: Tensor, voxel_mm) -> dict[str, np
     voxel_ml = voxel_mm ** 3 / 1000.0  # [B]
     true_ml = target.flatten(1).sum(1).double().numpy() * voxel_ml
     pred_ml = pred.flatten(1).sum(1).double().numpy() * voxel_ml
-    return {"dice": dice.astype(np.float64), "hd95_mm": hd, "volume_error_ml": pred_ml - true_ml,
+    return {"dice": dice, "hd95_mm": hd, "volume_error_ml": pred_ml - true_ml,
             "true_volume_ml": true_ml, "pred_volume_ml": pred_ml}
 
 
