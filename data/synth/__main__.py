@@ -1,5 +1,6 @@
 """CLI: python -m data.synth --out DIR --n-unlabeled N --n-labeled M --n-external K --seed S [--workers W]
 
+`--sequences t1ce,flair,pet` adds FLAIR and FET-PET volumes and their manifest columns (default: t1ce only).
 Every generator parameter is also a flag (e.g. --site_b.noise 0.08, --outcome.image_weight 0.7) or
 a key in --config FILE.yaml; the resolved values are saved in DIR/cohort.json.
 """
@@ -15,7 +16,8 @@ from data.synth.params import CohortParams
 
 def build_parser() -> argparse.ArgumentParser:
     usage = ("python -m data.synth --out DIR [--n-unlabeled N] [--n-labeled M] [--n-external K] [--seed S] "
-             "[--workers W] [--overwrite] [--no-progress] [--config FILE] [--SECTION.PARAM V ...]")
+             "[--workers W] [--sequences t1ce[,flair][,pet]] [--overwrite] [--no-progress] [--config FILE] "
+             "[--SECTION.PARAM V ...]")
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m data.synth", usage=usage, description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output directory (created; replaced only with --overwrite)")
     p.add_argument("--n-unlabeled", "--n_unlabeled", dest="n_unlabeled", type=int, default=24)

@@ -42,6 +42,8 @@ LAYERS = (
     (11.0, 0.45),  # temporalis / galea
     (16.0, 1.1),  # scalp fat
 )
+# The same layers on FLAIR: CSF suppressed, dura not enhancing, fat still bright.
+FLAIR_LAYERS = ((2.5, 0.1), (3.5, 0.6), (5.0, 0.08), (8.0, 0.8), (9.5, 0.08), (11.0, 0.5), (16.0, 1.0))
 LAYER_EDGE_MM = 0.6  # softness of layer boundaries
 VESSEL_INTENSITY = 1.45
 SINUS_INTENSITY = 1.5
@@ -56,6 +58,9 @@ class Template:
     candidates: np.ndarray  # [N, 3] MNI mm, lesion-centre candidates at the grey-white junction
     depth: np.ndarray  # [N] mm from each candidate to the brain surface
     weight: np.ndarray  # [N] junction score, the sampling preference
+    gm: np.ndarray  # [X, Y, Z] float32 grey-matter probability (FLAIR and PET contrast)
+    flair_head: np.ndarray  # [X, Y, Z] float32 extra-axial layers on FLAIR (used where brain < 1)
+    head: np.ndarray  # [X, Y, Z] float32 in [0, 1], soft tissue or bone outside the brain (not air)
 
     @property
     def spacing(self) -> float:
@@ -122,7 +127,9 @@ def load_template(spacing: float = 1.5) -> Template:
     ix = ix[:: max(1, len(ix) // 20000)]  # a thinned list is plenty and keeps workers light
     candidates = (ix * spacing + affine[:3, 3]).astype(np.float32)
     return Template(intensity=intensity, brain=brain.astype(np.float32), wm=wm.astype(np.float32), affine=affine,
-                    candidates=candidates, depth=depth_mm[tuple(ix.T)], weight=junction[tuple(ix.T)])
+                    candidates=candidates, depth=depth_mm[tuple(ix.T)], weight=junction[tuple(ix.T)],
+                    gm=gm.astype(np.float32), flair_head=_layers(outside_mm / wobble, FLAIR_LAYERS).astype(np.float32),
+                    head=_step(LAYERS[-1][0] - outside_mm / wobble).astype(np.float32))
 
 
 def _linear_along(array: np.ndarray, idx: np.ndarray, axis: int) -> np.ndarray:
@@ -143,11 +150,11 @@ def _step(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1 + np.tanh(x / LAYER_EDGE_MM))
 
 
-def _layers(d: np.ndarray) -> np.ndarray:
+def _layers(d: np.ndarray, layers=LAYERS) -> np.ndarray:
     """Intensity of the extra-axial tissue at distance d (mm) outside the brain; air beyond."""
     out = np.zeros_like(d)
     inner = 0.0
-    for outer, value in LAYERS:
+    for outer, value in layers:
         out += value * _band(d, inner, outer)
         inner = outer
     return out
@@ -181,9 +188,13 @@ class SubjectWarp:
 
     def template_vox_grid(self) -> np.ndarray:
         """Template voxel coordinates of every output voxel, [3, X, Y, Z] float32."""
+        return self.template_vox_on_axes([np.arange(n, dtype=np.float32) for n in self.out_shape])
+
+    def template_vox_on_axes(self, axes: list[np.ndarray]) -> np.ndarray:
+        """Template voxel coordinates of the grid spanned by output-voxel coordinates along each axis
+        (3 arrays [n_i] float32, may be fractional or outside the scan, e.g. a PET grid): [3, n0, n1, n2]."""
         m, b = self.vox_to_mm
-        mm = self.elastic.grid()  # [3, X, Y, Z] displacement in mm
-        axes = [np.arange(n, dtype=np.float32) for n in self.out_shape]
+        mm = self.elastic.on_axes(axes)  # [3, n0, n1, n2] displacement in mm
         for c in range(3):
             mm[c] += (m[c, 0] * axes[0][:, None, None] + m[c, 1] * axes[1][None, :, None]
                       + m[c, 2] * axes[2][None, None, :] + b[c]).astype(np.float32)

@@ -19,17 +19,21 @@ from core.errors import InputError
 from data.synth.anatomy import TEMPLATE_FILES, load_template
 from data.synth.clinical_outcomes import observed_clinical, sample_subjects
 from data.synth.lesions import physical, sample_latents
-from data.synth.params import CLINICAL_COLUMNS, GENERATOR_VERSION, LATENTS, CohortParams, validate
+from data.synth.params import CLINICAL_COLUMNS, GENERATOR_VERSION, LATENTS, PET_COLUMNS, CohortParams, validate
 from data.synth.render import ScanJob, render_scan
 
 MANIFEST_COLUMNS = ("subject_id", "patient_id", "site", "image", "mask", "label", "time", "event") + CLINICAL_COLUMNS
+# Per-lesion FLAIR/PET draws that oracle.csv gains when those sequences are requested.
+SEQUENCE_ORACLE = {"flair": ("flair_match", "flair_mismatch"), "pet": ("pet_tbr",)}
+NEW_SECTIONS = ("sequences", "flair", "pet", "pet_a", "pet_b")  # params that only matter with FLAIR/PET
 PHYSICAL = ("radius_mm", "rim_mm", "nodularity", "core_fraction", "oedema_mm", "peritumoral", "irregularity",
             "septation", "enhancement", "necrotic")
 
 
 def _streams(seed: int) -> dict[str, np.random.SeedSequence]:
     """Independent streams per part, so e.g. more unlabeled scans never change the labeled ones."""
-    names = ("table_a", "table_b", "table_u", "missing", "scans_a", "scans_b", "scans_u")
+    # Appended names get new children and leave the earlier ones (child i = spawn key (i,)) unchanged.
+    names = ("table_a", "table_b", "table_u", "missing", "scans_a", "scans_b", "scans_u", "seq_a", "seq_b", "seq_u")
     return dict(zip(names, np.random.SeedSequence(seed).spawn(len(names))))
 
 
@@ -46,20 +50,53 @@ def _lesion_dict(row) -> dict:
     return {k: float(row[f"ph_{k}"]) for k in PHYSICAL}
 
 
-def _labeled_jobs(df: pd.DataFrame, folder: str, site, seeds, extra_p, rng) -> list[ScanJob]:
+def columns_with_sequences(columns, sequences) -> list[str]:
+    """Manifest columns with the FLAIR/PET paths and PET injection columns right after `image`."""
+    new = [k for k in ("flair", "pet") if k in sequences] + (list(PET_COLUMNS) if "pet" in sequences else [])
+    i = list(columns).index("image") + 1
+    return list(columns[:i]) + new + list(columns[i:])
+
+
+def _paths(folder: str, subjects, kind: str, wanted: bool) -> list[str]:
+    return [f"{folder}/{s}_{kind}.nii.gz" for s in subjects] if wanted else []
+
+
+def _injections(rng, n: int, p: CohortParams) -> pd.DataFrame:
+    """Per patient: injected FET dose, body weight, minutes from injection to scan. Rounded as written
+    to the CSVs, and the renderer converts with these same values, so SUV can be recovered exactly."""
+    q = p.pet
+    dose = rng.uniform(*q.dose_mbq_range, n)
+    weight = np.clip(rng.normal(q.weight_kg_mean, q.weight_kg_sd, n), *q.weight_kg_range)
+    minutes = rng.uniform(*q.minutes_range, n)
+    return pd.DataFrame({"pet_dose_mbq": dose.round(2), "pet_weight_kg": weight.round(1), "pet_minutes": minutes.round(2)})
+
+
+def _labeled_jobs(df: pd.DataFrame, folder: str, site, seeds, rng, p: CohortParams,
+                  inj: pd.DataFrame) -> list[ScanJob]:
+    """One job per patient (a scan); `inj` holds the patient's PET injection, indexed by patient_id."""
     jobs = []
     groups = list(df.groupby("patient_id", sort=False))
     for (pid, rows), seed in zip(groups, seeds.spawn(len(groups))):
         n_index = len(rows)
-        p_extra = np.asarray(extra_p[: 4 - n_index], float)  # at most 3 lesions per scan
+        p_extra = np.asarray(p.lesion.extra_lesions_p[: 4 - n_index], float)  # at most 3 lesions per scan
+        subjects = rows["subject_id"]
         jobs.append(ScanJob(
             scan_id=str(pid), site=site, seed=seed,
-            images=[f"{folder}/{s}_image.nii.gz" for s in rows["subject_id"]],
+            images=[f"{folder}/{s}_image.nii.gz" for s in subjects],
             lesions=[_lesion_dict(r) for _, r in rows.iterrows()],
-            masks=[f"{folder}/{s}_mask.nii.gz" for s in rows["subject_id"]],
+            masks=[f"{folder}/{s}_mask.nii.gz" for s in subjects],
             n_extra=int(rng.choice(len(p_extra), p=p_extra / p_extra.sum())),
-            steroid=int(rows["steroid_use"].iloc[0])))
+            steroid=int(rows["steroid_use"].iloc[0]),
+            labels=[int(v) for v in rows["label"]],
+            flair=_paths(folder, subjects, "flair", "flair" in p.sequences),
+            pet=_paths(folder, subjects, "pet", "pet" in p.sequences), pet_site=p.site_pet(site.name),
+            pet_injection=tuple(float(inj.loc[pid, c]) for c in PET_COLUMNS)))
     return jobs
+
+
+def _patient_injections(df: pd.DataFrame, stream, p: CohortParams) -> pd.DataFrame:
+    patients = df["patient_id"].drop_duplicates().tolist()  # groupby(sort=False) order
+    return _injections(np.random.default_rng(stream), len(patients), p).set_index(pd.Index(patients, name="patient_id"))
 
 
 def _unlabeled_jobs(n: int, p: CohortParams, s) -> tuple[list[ScanJob], pd.DataFrame]:
@@ -67,17 +104,27 @@ def _unlabeled_jobs(n: int, p: CohortParams, s) -> tuple[list[ScanJob], pd.DataF
     counts = rng.choice(len(p.lesion.unlabeled_lesions_p), n, p=np.asarray(p.lesion.unlabeled_lesions_p) / np.sum(p.lesion.unlabeled_lesions_p))
     site_b = rng.random(n) < p.unlabeled_site_b_fraction
     steroid = (rng.random(n) < 0.3).astype(int)
+    # Pretraining data is incomplete: some subjects lack FLAIR or PET (own stream; T1-CE draws unchanged).
+    seq_rng = np.random.default_rng(s["seq_u"])
+    has = seq_rng.random((n, 2)) >= [p.flair.unlabeled_missing_p, p.pet.unlabeled_missing_p]  # [n, (flair, pet)]
+    inj = _injections(seq_rng, n, p)
     jobs, rows = [], []
     for i, seed in enumerate(s["scans_u"].spawn(n)):
         k = int(counts[i])
         ph = physical(sample_latents(rng, k, p.lesion), np.full(k, steroid[i]), p.lesion)
         site = p.site_b if site_b[i] else p.site_a
         sid = f"U{i + 1:04d}"
+        flair = [f"unlabeled/{sid}_flair.nii.gz"] if "flair" in p.sequences and has[i, 0] else []
+        pet = [f"unlabeled/{sid}_pet.nii.gz"] if "pet" in p.sequences and has[i, 1] else []
+        injection = tuple(float(inj.loc[i, c]) for c in PET_COLUMNS)
         jobs.append(ScanJob(scan_id=sid, site=site, seed=seed, images=[f"unlabeled/{sid}.nii.gz"],
-                            lesions=[{key: float(v[j]) for key, v in ph.items()} for j in range(k)], masks=[None] * k))
+                            lesions=[{key: float(v[j]) for key, v in ph.items()} for j in range(k)], masks=[None] * k,
+                            flair=flair, pet=pet, pet_site=p.site_pet(site.name), pet_injection=injection))
         rows.append({"subject_id": sid, "patient_id": f"PU{i + 1:04d}", "site": site.name,
-                     "image": f"unlabeled/{sid}.nii.gz", "n_lesions": k})
-    return jobs, pd.DataFrame(rows, columns=["subject_id", "patient_id", "site", "image", "n_lesions"])
+                     "image": f"unlabeled/{sid}.nii.gz", "flair": (flair or [None])[0], "pet": (pet or [None])[0],
+                     **{c: (v if pet else None) for c, v in zip(PET_COLUMNS, injection)}, "n_lesions": k})
+    columns = columns_with_sequences(["subject_id", "patient_id", "site", "image", "n_lesions"], p.sequences)
+    return jobs, pd.DataFrame(rows, columns=columns)
 
 
 def _package_version() -> str:
@@ -131,14 +178,15 @@ def generate_cohort(out, n_unlabeled: int, n_labeled: int, n_external: int, seed
     s = _streams(seed)
 
     lab, ext = sample_tables(n_labeled, n_external, seed, p)
+    inj_a, inj_b = _patient_injections(lab, s["seq_a"], p), _patient_injections(ext, s["seq_b"], p)
     job_rng = np.random.default_rng(s["missing"])  # extra-lesion counts and missing cells
-    jobs = (_labeled_jobs(lab, "labeled", p.site_a, s["scans_a"], p.lesion.extra_lesions_p, job_rng)
-            + _labeled_jobs(ext, "external", p.site_b, s["scans_b"], p.lesion.extra_lesions_p, job_rng))
+    jobs = (_labeled_jobs(lab, "labeled", p.site_a, s["scans_a"], job_rng, p, inj_a)
+            + _labeled_jobs(ext, "external", p.site_b, s["scans_b"], job_rng, p, inj_b))
     u_jobs, unlabeled = _unlabeled_jobs(n_unlabeled, p, s)
     jobs = u_jobs + jobs
 
     load_template(p.template_spacing_mm)  # build once here; forked workers inherit it
-    volumes: dict[str, float] = {}
+    volumes: dict[str, dict] = {}  # mask path -> lesion volume and FLAIR/PET draws
     with atomic_dir(out) as tmp:
         umask = os.umask(0)
         os.umask(umask)
@@ -158,18 +206,21 @@ def generate_cohort(out, n_unlabeled: int, n_labeled: int, n_external: int, seed
                     volumes.update(v)
                     bar.update()
         bar.close()
-        _write_tables(tmp, lab, ext, unlabeled, volumes, job_rng, p)
+        _write_tables(tmp, lab, ext, unlabeled, volumes, job_rng, p, (inj_a, inj_b))
         (tmp / "cohort.json").write_text(json.dumps(_summary(seed, p, lab, ext, unlabeled), indent=2) + "\n")
     return out
 
 
-def _manifest(df: pd.DataFrame, folder: str, rng, p: CohortParams) -> pd.DataFrame:
+def _manifest(df: pd.DataFrame, folder: str, rng, p: CohortParams, inj: pd.DataFrame) -> pd.DataFrame:
     m = pd.DataFrame({
         "subject_id": df["subject_id"], "patient_id": df["patient_id"], "site": df["site"],
         "image": [f"{folder}/{s}_image.nii.gz" for s in df["subject_id"]],
+        "flair": [f"{folder}/{s}_flair.nii.gz" for s in df["subject_id"]],
+        "pet": [f"{folder}/{s}_pet.nii.gz" for s in df["subject_id"]],
+        **{c: inj.loc[df["patient_id"], c].to_numpy() for c in PET_COLUMNS},
         "mask": [f"{folder}/{s}_mask.nii.gz" for s in df["subject_id"]],
-        "label": df["label"], "time": df["time"], "event": df["event"]})
-    return pd.concat([m, observed_clinical(df, rng, p.outcome)], axis=1)[list(MANIFEST_COLUMNS)]
+        "label": df["label"], "time": df["time"], "event": df["event"]}, index=df.index)
+    return pd.concat([m, observed_clinical(df, rng, p.outcome)], axis=1)[columns_with_sequences(MANIFEST_COLUMNS, p.sequences)]
 
 
 def _write_csv(path: Path, df: pd.DataFrame) -> None:
@@ -177,15 +228,18 @@ def _write_csv(path: Path, df: pd.DataFrame) -> None:
     df.to_csv(path, index=False, na_rep="", lineterminator="\n")
 
 
-def _write_tables(root: Path, lab, ext, unlabeled, volumes, rng, p: CohortParams) -> None:
-    _write_csv(root / "manifest.csv", _manifest(lab, "labeled", rng, p))
-    _write_csv(root / "external.csv", _manifest(ext, "external", rng, p))
+def _write_tables(root: Path, lab, ext, unlabeled, volumes, rng, p: CohortParams, injections) -> None:
+    _write_csv(root / "manifest.csv", _manifest(lab, "labeled", rng, p, injections[0]))
+    _write_csv(root / "external.csv", _manifest(ext, "external", rng, p, injections[1]))
     _write_csv(root / "unlabeled.csv", unlabeled)
     oracle = pd.concat([lab.assign(cohort="internal", mask=[f"labeled/{s}_mask.nii.gz" for s in lab["subject_id"]]),
                         ext.assign(cohort="external", mask=[f"external/{s}_mask.nii.gz" for s in ext["subject_id"]])])
-    oracle["lesion_volume_ml"] = oracle["mask"].map(volumes).round(3)
+    drawn = [k for seq, keys in SEQUENCE_ORACLE.items() if seq in p.sequences for k in keys]
+    for key in ["lesion_volume_ml"] + drawn:
+        oracle[key] = [volumes[m][key] for m in oracle["mask"]]
+    oracle["lesion_volume_ml"] = oracle["lesion_volume_ml"].round(3)
     cols = (["subject_id", "patient_id", "site", "cohort", "label", "time", "event", "true_logit", "true_prob",
-             "true_risk"] + [f"z_{k}" for k in LATENTS] + [f"ph_{k}" for k in PHYSICAL] + ["lesion_volume_ml"]
+             "true_risk"] + [f"z_{k}" for k in LATENTS] + [f"ph_{k}" for k in PHYSICAL] + ["lesion_volume_ml"] + drawn
             + list(CLINICAL_COLUMNS))
     oracle = oracle[cols].copy()
     floats = oracle.select_dtypes("float").columns.difference(["time", "dose_gy", "months_since_srs", "lesion_volume_ml"])
@@ -215,5 +269,15 @@ def _summary(seed: int, p: CohortParams, lab, ext, unlabeled) -> dict:
         "files": {"manifest": "manifest.csv", "external": "external.csv", "unlabeled": "unlabeled.csv",
                   "oracle": "oracle.csv"},
         "label_meaning": {"1": "tumour progression", "0": "radiation necrosis"},
-        "params": to_dict(p),
+        "params": _params_record(p),
     }
+
+
+def _params_record(p: CohortParams) -> dict:
+    """Every parameter; the FLAIR/PET sections only when those sequences are requested, so a T1-CE-only
+    cohort.json is the same as before they existed (they have no effect on it)."""
+    d = to_dict(p)
+    if tuple(p.sequences) == ("t1ce",):
+        for key in NEW_SECTIONS:
+            d.pop(key, None)
+    return d

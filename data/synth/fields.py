@@ -34,7 +34,12 @@ class LowFreqField:
 
     def grid(self) -> np.ndarray:
         """The fields on the whole grid, [F, X, Y, Z] float32."""
-        bx, by, bz = (self._basis(np.arange(n), n).astype(np.float32) for n in self.shape)  # [o, n]
+        return self.on_axes([np.arange(n) for n in self.shape])
+
+    def on_axes(self, axes) -> np.ndarray:
+        """The fields on the grid spanned by voxel coordinates along each axis (3 arrays [n_i], may be
+        fractional or beyond the box, where the cosines continue smoothly), [F, n0, n1, n2] float32."""
+        bx, by, bz = (self._basis(v, n).astype(np.float32) for v, n in zip(axes, self.shape))  # [o, n_i]
         c = self.coef.astype(np.float32)
         t = np.einsum("fabc,ck->fabk", c, bz)  # [F, o, o, Z]
         t = np.einsum("fabk,bj->fajk", t, by)  # [F, o, Y, Z]

@@ -63,11 +63,14 @@ def _sigmoid(x):
 
 
 def render_lesion(x: np.ndarray, tissue: np.ndarray, brain: np.ndarray, wm: np.ndarray, ph: dict,
-                  rng: np.random.Generator, voxel_mm: float, oedema_depth: float) -> tuple[np.ndarray, np.ndarray]:
+                  rng: np.random.Generator, voxel_mm: float, oedema_depth: float,
+                  parts: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Draw one lesion into a box of the image.
 
     x: [..., 3] mm from the lesion centre; tissue, brain, wm: [...] image (WM = 1) and tissue
     probabilities on the same box. Returns (new tissue [...], lesion occupancy alpha [...] in [0, 1]).
+    `parts`, if given, is filled with the maps other sequences redraw the same lesion from (FLAIR, PET):
+    r and Ru (mm), edge (mm), enhancing fraction `frac`, texture `hetero`, `oedema` and `alpha` [...].
     """
     R = float(ph["radius_mm"])
     r = np.sqrt((x ** 2).sum(-1)) + 1e-3  # [...]
@@ -115,4 +118,6 @@ def render_lesion(x: np.ndarray, tissue: np.ndarray, brain: np.ndarray, wm: np.n
     around = around + ptex * speck * brain * np.maximum(0.8 * enh - around, 0)
 
     out = (1 - alpha) * around + alpha * lesion
+    if parts is not None:
+        parts.update(r=r, Ru=Ru, edge=edge, frac=frac, hetero=hetero, oedema=oedema, alpha=alpha)
     return out.astype(np.float32), alpha.astype(np.float32)

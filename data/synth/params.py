@@ -1,4 +1,5 @@
-"""Every knob of the synthetic cohort, as dataclasses (saved whole into cohort.json).
+"""Every knob of the synthetic cohort, as dataclasses (saved whole into cohort.json; the FLAIR and PET
+sections only when those sequences are requested, so a default cohort.json is unchanged).
 
 The numbers are chosen so the cohort behaves like a post-radiosurgery brain-metastasis T1-CE study:
 see docs/SYNTHETIC_COHORT.md for the equations they enter.
@@ -14,6 +15,10 @@ HISTOLOGIES = ("lung", "breast", "melanoma", "renal", "other")
 LATENTS = ("rim", "nodularity", "core", "oedema", "peritumoral", "irregularity", "septation")
 # Clinical variables of every subject row, in manifest order; `outcome.missing_columns` names some of them.
 CLINICAL_COLUMNS = ("age", "sex", "kps", "histology", "dose_gy", "months_since_srs", "steroid_use")
+# Image channels the generator can write; T1-CE is the `image` column and always present.
+SEQUENCES = ("t1ce", "flair", "pet")
+# Per-patient PET acquisition columns, written right after the image columns when PET is requested.
+PET_COLUMNS = ("pet_dose_mbq", "pet_weight_kg", "pet_minutes")
 
 
 @dataclass
@@ -121,6 +126,70 @@ class ExternalCaseMix(CaseMix):
 
 
 @dataclass
+class FlairParams:
+    """FLAIR contrast (normal WM = 1) and the T1/T2 match-mismatch sign of each lesion (Kano 2010)."""
+    grey_matter: float = 1.25  # cortex is a little brighter than white matter on FLAIR
+    white_matter: float = 1.0
+    csf: float = 0.12  # fluid is suppressed (dark)
+    oedema: float = 1.8  # vasogenic oedema is hyperintense
+    solid: float = 1.2  # enhancing / solid tumour: darker than the oedema around it
+    necrotic: float = 1.4  # proteinaceous necrotic fluid is not suppressed
+    # P(FLAIR margin matches the enhancing region) by label; unknown = non-index or unlabeled lesions.
+    match_p_progression: float = 0.75
+    match_p_necrosis: float = 0.25
+    match_p_unknown: float = 0.5
+    mismatch_range: tuple[float, float] = (0.35, 1.0)  # degree of a mismatch, uniform
+    mismatch_shrink: float = 0.5  # at degree 1 the FLAIR lesion radius is (1 - this) x the enhancing one
+    mismatch_blur_mm: float = 4.0  # at degree 1 the FLAIR lesion margin widens by this much (ill-defined)
+    noise_factor: float = 1.3  # FLAIR noise relative to the site's T1-CE noise
+    unlabeled_missing_p: float = 0.15  # share of unlabeled subjects without a FLAIR
+
+
+@dataclass
+class PetParams:
+    """FET-PET uptake in SUV and the per-patient injection that turns it into Bq/mL."""
+    suv_grey_matter: float = 1.3
+    suv_white_matter: float = 0.9
+    suv_csf: float = 0.15
+    suv_head: float = 0.15  # scalp, muscle and bone outside the brain
+    # Lesion uptake of the enhancing part = TBR x mean normal-brain SUV; TBR is log-normal by label.
+    tbr_median_progression: float = 2.4
+    tbr_median_necrosis: float = 1.6
+    tbr_log_sd: float = 0.25
+    core_uptake: float = 0.35  # necrotic core uptake relative to the enhancing part
+    oedema_depth: float = 0.1  # oedema lowers background uptake a little
+    dose_mbq_range: tuple[float, float] = (150.0, 250.0)  # injected activity, uniform
+    weight_kg_mean: float = 75.0
+    weight_kg_sd: float = 14.0
+    weight_kg_range: tuple[float, float] = (45.0, 130.0)
+    minutes_range: tuple[float, float] = (20.0, 40.0)  # injection to scan, uniform
+    half_life_min: float = 109.77  # F-18
+    unlabeled_missing_p: float = 0.5  # share of unlabeled subjects without a PET
+
+
+@dataclass
+class PetSiteParams:
+    """One PET scanner: its own isotropic grid (stored RAS, registered to the MRI in world mm), PSF,
+    calibration and noise."""
+    voxel_mm: float = 2.5
+    fov_mm: tuple[float, float, float] = (250.0, 250.0, 200.0)  # x, y, z
+    offset_mm: float = 6.0  # std of the FOV centre's offset from the isocentre, per axis
+    fwhm_mm: float = 5.0  # Gaussian point-spread function
+    calibration: float = 1.0  # reported / true activity
+    noise: float = 0.08  # relative noise at SUV 1 (grows as sqrt of the uptake)
+
+
+@dataclass
+class ExternalPetSiteParams(PetSiteParams):
+    """Site B's PET: coarser voxels, a blurrier older scanner that reads 10% low, more noise."""
+    voxel_mm: float = 3.0
+    fov_mm: tuple[float, float, float] = (300.0, 300.0, 180.0)
+    fwhm_mm: float = 7.0
+    calibration: float = 0.9
+    noise: float = 0.12
+
+
+@dataclass
 class CohortParams:
     site_a: SiteParams = field(default_factory=SiteParams)
     site_b: ExternalSiteParams = field(default_factory=ExternalSiteParams)
@@ -135,6 +204,15 @@ class CohortParams:
     head_shift_mm: float = 5.0  # std of head position
     elastic_mm: float = 2.0  # rms of the smooth elastic displacement
     gzip_level: int = 6
+    # Image channels to write: t1ce (always) plus any of flair, pet, e.g. --sequences t1ce,flair,pet.
+    sequences: tuple[str, ...] = ("t1ce",)
+    flair: FlairParams = field(default_factory=FlairParams)
+    pet: PetParams = field(default_factory=PetParams)
+    pet_a: PetSiteParams = field(default_factory=PetSiteParams)  # PET scanner of site A
+    pet_b: ExternalPetSiteParams = field(default_factory=ExternalPetSiteParams)  # PET scanner of site B
+
+    def site_pet(self, site_name: str) -> PetSiteParams:
+        return self.pet_b if site_name == self.site_b.name else self.pet_a
 
 
 def validate(p: CohortParams) -> None:
@@ -178,3 +256,31 @@ def validate(p: CohortParams) -> None:
     need(op.weibull_shape > 0 and op.weibull_scale_months > 0, "outcome.weibull_shape/weibull_scale_months", "must be > 0")
     need(0.5 <= p.template_spacing_mm <= 4, "template_spacing_mm", "must be between 0.5 and 4 mm")
     need(1 <= p.gzip_level <= 9, "gzip_level", "must be 1..9")
+    _validate_sequences(p, need)
+
+
+def _validate_sequences(p: CohortParams, need) -> None:
+    unknown = sorted(set(p.sequences) - set(SEQUENCES))
+    need(not unknown, "sequences", f"has unknown name(s) {unknown}; known: {list(SEQUENCES)}")
+    need("t1ce" in p.sequences, "sequences", "must include t1ce (the `image` column)")
+    need(len(set(p.sequences)) == len(p.sequences), "sequences", "names a sequence twice")
+    f, q = p.flair, p.pet
+    for name, v in (("flair.match_p_progression", f.match_p_progression), ("flair.match_p_necrosis", f.match_p_necrosis),
+                    ("flair.match_p_unknown", f.match_p_unknown), ("flair.mismatch_shrink", f.mismatch_shrink),
+                    ("flair.unlabeled_missing_p", f.unlabeled_missing_p), ("pet.unlabeled_missing_p", q.unlabeled_missing_p),
+                    ("pet.core_uptake", q.core_uptake), ("pet.oedema_depth", q.oedema_depth)):
+        need(0 <= v <= 1, name, f"must be a fraction in [0, 1], got {v}")
+    lo, hi = f.mismatch_range
+    need(0 <= lo <= hi <= 1, "flair.mismatch_range", f"must be 0 <= low <= high <= 1, got ({lo}, {hi})")
+    need(f.mismatch_blur_mm >= 0 and f.noise_factor >= 0, "flair.mismatch_blur_mm/noise_factor", "must be >= 0")
+    need(q.tbr_median_progression > 0 and q.tbr_median_necrosis > 0 and q.tbr_log_sd >= 0, "pet.tbr_*",
+         "medians must be > 0 and the log-sd >= 0")
+    need(q.half_life_min > 0 and q.weight_kg_sd >= 0, "pet.half_life_min/weight_kg_sd", "must be > 0 / >= 0")
+    for name, (lo, hi) in (("pet.dose_mbq_range", q.dose_mbq_range), ("pet.weight_kg_range", q.weight_kg_range),
+                           ("pet.minutes_range", q.minutes_range)):
+        need(0 < lo <= hi, name, f"must be 0 < low <= high, got ({lo}, {hi})")
+    for key in ("pet_a", "pet_b"):
+        s = getattr(p, key)
+        need(s.voxel_mm > 0 and min(s.fov_mm) > 0 and s.fwhm_mm >= 0 and s.offset_mm >= 0, f"{key}.voxel_mm/fov_mm/fwhm_mm",
+             "must be positive")
+        need(s.calibration > 0 and s.noise >= 0, f"{key}.calibration/noise", "need calibration > 0 and noise >= 0")

@@ -15,8 +15,9 @@ from core.errors import InputError
 from data.nifti import save_volume
 from data.synth.anatomy import SubjectWarp, load_template
 from data.synth.lesions import physical, reach_mm, render_lesion, sample_latents
-from data.synth.params import CohortParams, SiteParams
+from data.synth.params import CohortParams, PetSiteParams, SiteParams
 from data.synth.scanner import acquire, jitter, scan_grid, to_storage
+from data.synth.sequences import ExtraSequences
 
 MASK_THRESHOLD = 0.5  # lesion occupancy above which a voxel belongs to the index-lesion mask
 
@@ -31,6 +32,11 @@ class ScanJob:
     masks: list[str | None] = field(default_factory=list)  # per lesion: mask path, None = not an index lesion
     n_extra: int = 0  # further non-index lesions drawn from the scan's own stream
     steroid: int = 0
+    labels: list[int] = field(default_factory=list)  # per index lesion (FLAIR sign, PET TBR); none if unknown
+    flair: list[str] = field(default_factory=list)  # FLAIR paths like `images`; empty = no FLAIR
+    pet: list[str] = field(default_factory=list)  # PET paths like `images`; empty = no PET
+    pet_site: PetSiteParams | None = None
+    pet_injection: tuple[float, float, float] | None = None  # dose (MBq), weight (kg), minutes to scan
 
 
 def _place(rng, template, warp: SubjectWarp, radius_mm: float, placed: list[tuple[np.ndarray, float]],
@@ -55,8 +61,9 @@ def _place(rng, template, warp: SubjectWarp, radius_mm: float, placed: list[tupl
     raise InputError(f"no room for a {radius_mm:.1f} mm lesion in the brain; lower lesion.radius_mm_range")
 
 
-def render_scan(job: ScanJob, root: Path, params: CohortParams) -> dict:
-    """Render and write one scan; returns {mask path: lesion volume in mL}."""
+def render_scan(job: ScanJob, root: Path, params: CohortParams) -> dict[str, dict]:
+    """Render and write one scan; returns {mask path: {"lesion_volume_ml", and with FLAIR or PET the
+    index lesion's "flair_match", "flair_mismatch", "pet_tbr"}}."""
     rng = np.random.default_rng(job.seed)
     template = load_template(params.template_spacing_mm)
     affine, shape = scan_grid(job.site, rng)
@@ -65,6 +72,8 @@ def render_scan(job: ScanJob, root: Path, params: CohortParams) -> dict:
                        params.head_shift_mm, params.elastic_mm)
     tvox = warp.template_vox_grid()  # [3, X, Y, Z] template voxel of every scan voxel
     truth = warp.sample(template.intensity, tvox)  # [X, Y, Z], normal WM = 1
+    # FLAIR and PET draw from streams of their own: `rng` sees exactly the draws it always did.
+    seqs = ExtraSequences(job, params, template, warp, tvox) if (job.flair or job.pet) else None
 
     lesions, masks = list(job.lesions), list(job.masks)
     if job.n_extra:
@@ -88,13 +97,16 @@ def render_scan(job: ScanJob, root: Path, params: CohortParams) -> dict:
         tv = tvox[(slice(None),) + box]  # [3, bx, by, bz]
         brain, wm = warp.sample(template.brain, tv), warp.sample(template.wm, tv)
         before = truth[box]
-        drawn, alpha = render_lesion(x, before, brain, wm, ph, rng, float(spacing.mean()), params.lesion.oedema_depth)
+        parts: dict = {}
+        drawn, alpha = render_lesion(x, before, brain, wm, ph, rng, float(spacing.mean()), params.lesion.oedema_depth,
+                                     parts)
         keep = occupied[box]  # earlier lesions are not overdrawn by this one's oedema or satellites
         truth[box] = keep * before + (1 - keep) * drawn
+        draw = seqs.add_lesion(box, keep, parts, float(spacing.mean())) if seqs is not None else {}
         if mask_path is not None:
             m = np.zeros(shape, np.uint8)
             m[box] = (alpha * (1 - keep)) >= MASK_THRESHOLD
-            volumes[mask_path] = m
+            volumes[mask_path] = (m, draw)
         occupied[box] = np.maximum(keep, alpha)
 
     image = acquire(truth, job.site, acq, rng)
@@ -102,9 +114,11 @@ def render_scan(job: ScanJob, root: Path, params: CohortParams) -> dict:
     save_volume(root / job.images[0], stored, stored_affine, dtype=stored.dtype, compresslevel=params.gzip_level)
     for rel in job.images[1:]:  # a scan with several index lesions: one identical image file per subject row
         shutil.copyfile(root / job.images[0], root / rel)
+    if seqs is not None:
+        seqs.write(root, affine)
     out = {}
-    for rel, m in volumes.items():
+    for rel, (m, draw) in volumes.items():
         m_stored, _ = to_storage(m, affine, job.site.orientation)
         save_volume(root / rel, m_stored, stored_affine, dtype=m_stored.dtype, compresslevel=params.gzip_level)
-        out[rel] = float(m.sum() * np.prod(spacing) / 1000.0)
+        out[rel] = {"lesion_volume_ml": float(m.sum() * np.prod(spacing) / 1000.0), **draw}
     return out
