@@ -83,7 +83,7 @@ def lesion_box(mask, margin_vox, min_size) -> Box:
 
 
 def lesion_crop(image, mask, out_size, margin_vox, *, min_size=None, pad_value: float | None = None) -> np.ndarray:
-    """Lesion-centred crop of image [1,X,Y,Z] and mask [1,X,Y,Z], resized to `out_size` -> [2, *out_size] float32.
+    """Lesion-centred crop of image [C,X,Y,Z] and mask [1,X,Y,Z], resized to `out_size` -> [C + 1, *out_size] float32.
 
     The cube is `lesion_box(mask, margin_vox, min_size)`, with min_size defaulting to out_size so a
     small lesion keeps its native scale instead of being magnified. The image is resized trilinearly,
@@ -117,17 +117,23 @@ def _lesion_crop(image, mask, out_size, margin_vox, min_size, pad_value):
 
 
 def crop_box(image, mask, start, size, out_size, pad_value=None) -> np.ndarray:
-    """Image [1,X,Y,Z] and mask [1,X,Y,Z] cut at the box (start, size) and resized to `out_size` ->
-    [2, *out_size] float32, as lesion_crop resizes them (image trilinear, mask exact nearest)."""
+    """Image [C,X,Y,Z] and mask [1,X,Y,Z] cut at the box (start, size) and resized to `out_size` ->
+    [C + 1, *out_size] float32 (the mask last), as lesion_crop resizes them (image trilinear, mask exact
+    nearest). `pad_value`: one number, or one per image channel (default: each channel's minimum)."""
     out_size, size = _triple(out_size), _triple(size)
+    n = image.shape[0]
     if pad_value is None:
-        pad_value = float(np.min(image))
-    img = crop_with_pad(image, start, size, pad_value).astype(np.float32, copy=False)  # [1, *size]
+        pad_value = [float(np.min(image[c])) for c in range(n)]
+    pads = [float(v) for v in pad_value] if isinstance(pad_value, Sequence) else [float(pad_value)] * n
+    if len(pads) != n:
+        raise ValueError(f"crop_box: {len(pads)} pad values for {n} image channels")
+    img = np.concatenate([crop_with_pad(image[c:c + 1], start, size, pads[c]) for c in range(n)])
+    img = img.astype(np.float32, copy=False)  # [C, *size]
     msk = crop_with_pad(mask, start, size, 0).astype(np.float32, copy=False)  # [1, *size]
     if size != out_size:
         img = _resize(img, out_size, mode="trilinear", align_corners=False)
         msk = _resize(msk, out_size, mode="nearest-exact")
-    return np.concatenate([img, msk], axis=0)  # [2, *out_size] float32
+    return np.concatenate([img, msk], axis=0)  # [C + 1, *out_size] float32
 
 
 def segmentation_box(start, size, shape, rng: np.random.Generator) -> tuple[tuple[int, int, int], tuple[int, int, int]]:

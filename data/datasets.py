@@ -22,13 +22,22 @@ from data.crops import crop_box, lesion_box, segmentation_box
 
 
 def pad_value_of(image_path: Path) -> float:
-    """Background value stored by data.prepare next to image.npy; else the volume's minimum."""
+    """Background value of the (first) image channel: see pad_values_of."""
+    return pad_values_of(image_path)[0]
+
+
+def pad_values_of(image_path: Path) -> list[float]:
+    """Background value of each image channel, stored by data.prepare next to image.npy; else each
+    channel's minimum."""
     meta = image_path.parent / "meta.json"
     if meta.is_file():
-        value = json.loads(meta.read_text()).get("pad_value")
-        if value is not None:
-            return float(value)
-    return float(np.load(image_path, mmap_mode="r").min())
+        d = json.loads(meta.read_text())
+        if d.get("pad_values") is not None:
+            return [float(v) for v in d["pad_values"]]
+        if d.get("pad_value") is not None:
+            return [float(d["pad_value"])]
+    image = np.load(image_path, mmap_mode="r")  # [C, X, Y, Z]
+    return [float(image[c].min()) for c in range(image.shape[0])]
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
@@ -55,14 +64,15 @@ def lesion_augment(size: int | None = None) -> Compose:
 
 
 class LesionCrops(Dataset):
-    """Item i -> {"x": [2, S, S, S] float32 (image, mask), "scale": prepared voxels per crop voxel, "index": i}:
+    """Item i -> {"x": [C + 1, S, S, S] float32 (the image channels, then the mask), "scale": prepared voxels
+    per crop voxel, "index": i}:
     the lesion-centred crop of row i (its voxel edge is scale x the prepared spacing).
 
     `df` needs cache_image and cache_mask (the index CSV written by data.prepare).
     """
 
     def __init__(self, df: pd.DataFrame, crop_size: int, margin_vox: int, augment: bool, seed: int,
-                 min_side_vox: int | None = None, placement: str = "lesion"):
+                 min_side_vox: int | None = None, placement: str = "lesion", wide_margin_vox: int | None = None):
         for col in ("cache_image", "cache_mask"):
             if col not in df.columns:
                 raise InputError(f"LesionCrops: column {col!r} missing; use the index CSV written by data.prepare")
@@ -71,7 +81,7 @@ class LesionCrops(Dataset):
             raise InputError(f"LesionCrops: subject(s) {no_mask[:5]} have no cached mask; lesion crops need one")
         self.images = [Path(p) for p in df["cache_image"]]
         self.masks = [Path(p) for p in df["cache_mask"]]
-        self.pad_values = [pad_value_of(p) for p in self.images]
+        self.pad_values = [pad_values_of(p) for p in self.images]  # [C] each
         self.crop_size = int(crop_size)
         self.margin_vox = int(margin_vox)
         self.min_side_vox = None if min_side_vox is None else int(min_side_vox)  # None: crop_size (native scale)
@@ -80,6 +90,8 @@ class LesionCrops(Dataset):
         self.transform = lesion_augment(self.crop_size) if augment else None
         # "lesion": centred on the lesion; "segmentation": data.crops.segmentation_box (training the mask)
         self.placement = placement
+        # a second, wide (peritumoral) crop of each lesion after the first, at the same crop size
+        self.wide_margin_vox = None if wide_margin_vox is None else int(wide_margin_vox)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -88,17 +100,24 @@ class LesionCrops(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict:
-        image = np.load(self.images[i], mmap_mode="r")  # [1, X, Y, Z] float32
+        image = np.load(self.images[i], mmap_mode="r")  # [C, X, Y, Z] float32
         mask = np.load(self.masks[i], mmap_mode="r")  # [1, X, Y, Z] uint8
         start, size = lesion_box(mask[0], self.margin_vox, self.min_side_vox or self.crop_size)
         if self.placement == "segmentation":
             rng = np.random.default_rng(item_seed(self.seed + 1, self.epoch, i))
             start, size = segmentation_box(start, size, image.shape[1:], rng)
-        x = crop_box(image, mask, start, size, self.crop_size, self.pad_values[i])  # [2, S, S, S]
+        x = self._augment(crop_box(image, mask, start, size, self.crop_size, self.pad_values[i]), i)  # [C + 1, S, S, S]
+        if self.wide_margin_vox is not None:
+            wide_start, wide_size = lesion_box(mask[0], self.wide_margin_vox, self.min_side_vox or self.crop_size)
+            wide = crop_box(image, mask, wide_start, wide_size, self.crop_size, self.pad_values[i])
+            x = torch.cat([x, self._augment(wide, i)])  # [2 (C + 1), S, S, S]: lesion crop, then the wide one
+        return {"x": x, "scale": torch.tensor(size[0] / self.crop_size, dtype=torch.float32), "index": i}
+
+    def _augment(self, x: np.ndarray, i: int) -> torch.Tensor:
+        """[C + 1, S, S, S] -> the same, augmented (both crops of a lesion get the same draws)."""
         if self.transform is not None:
             self.transform.set_random_state(seed=item_seed(self.seed, self.epoch, i))
-            out = self.transform({"image": torch.from_numpy(x[:1]), "mask": torch.from_numpy(x[1:])})
+            out = self.transform({"image": torch.from_numpy(x[:-1]), "mask": torch.from_numpy(x[-1:])})
             x = torch.cat([convert_to_tensor(out["image"], track_meta=False),
-                           convert_to_tensor(out["mask"], track_meta=False)])  # [2, S, S, S]
-        x = torch.as_tensor(x, dtype=torch.float32)
-        return {"x": x, "scale": torch.tensor(size[0] / self.crop_size, dtype=torch.float32), "index": i}
+                           convert_to_tensor(out["mask"], track_meta=False)])  # [C + 1, S, S, S]
+        return torch.as_tensor(x, dtype=torch.float32)

@@ -5,7 +5,9 @@ Standard columns (any other column is clinical data and passes through untouched
   subject_id  one row per subject (string; "007" stays "007")
   patient_id  groups subjects for patient-level splits (default: subject_id)
   site        acquisition site (default: "site0")
-  image, mask absolute paths to NIfTI files (relative paths are resolved against the manifest's folder)
+  image, mask absolute paths to NIfTI files (relative paths are resolved against the manifest's folder);
+              with several image channels (PrepConfig.images, --images t1ce,flair,pet) those columns replace
+              `image`, and PET in Bq/mL adds its dose, weight and time columns
   label       1 = tumour progression, 0 = radiation necrosis
   time, event survival time (> 0) and event indicator (1 = event, 0 = censored)
 """
@@ -14,12 +16,14 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from core.errors import ConfigError, ManifestError
+from data.prep_config import PrepConfig
 
 STANDARD_COLUMNS = ("subject_id", "patient_id", "site", "image", "mask", "label", "time", "event")
 STRING_COLUMNS = ("subject_id", "patient_id", "site", "image", "mask")
@@ -29,20 +33,25 @@ MAX_LISTED = 5
 
 
 def read_manifest(path, *, columns: tuple[str, ...] = IMAGE_COLUMNS, purpose: str = "this run",
-                  check_files: bool = True) -> pd.DataFrame:
+                  check_files: bool = True, prep: PrepConfig | None = None) -> pd.DataFrame:
     """Read and validate a manifest CSV that must have subject_id and `columns` (image and mask paths,
     targets: label, time, event; models/tasks.py says which a task needs); see the module docstring.
-    `purpose` names what needs them in the error, e.g. "--task survival"."""
+    `purpose` names what needs them in the error, e.g. "--task survival". "image" in `columns` stands for
+    the image channels of `prep` (default: the one column `image`) and any PET columns they need."""
     unknown = sorted(set(columns) - set(STANDARD_COLUMNS))
     if unknown:
         raise ConfigError(f"read_manifest: {unknown} are not standard columns {list(STANDARD_COLUMNS)}")
+    prep = prep or PrepConfig()
+    images = prep.image_columns() if "image" in columns else []
+    numeric = prep.acquisition_columns() if images else []
     path = Path(path)
     where = f"manifest {path}"
-    df = _read_csv(path, where)
-    required = ("subject_id", *columns)
+    df = _read_csv(path, where, strings=images)
+    required = ("subject_id", *[c for c in columns if c != "image"], *images, *numeric)
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise ManifestError(f"{where}: missing column(s) {missing} required for {purpose}; found {list(df.columns)}")
+        flag = " (named by --images)" if set(missing) & set(images) - {"image"} else ""
+        raise ManifestError(f"{where}: missing column(s) {missing}{flag} required for {purpose}; found {list(df.columns)}")
 
     _check_not_empty(df, "subject_id", where)
     if "patient_id" not in df.columns:
@@ -53,15 +62,21 @@ def read_manifest(path, *, columns: tuple[str, ...] = IMAGE_COLUMNS, purpose: st
     _check_not_empty(df, "site", where)
     _check_unique_subjects(df, where)
 
-    path_columns = [c for c in ("image", "mask") if c in required]
-    for col in path_columns:
-        _check_not_empty(df, col, where)
+    path_columns = [c for c in (*images, "mask") if c in required]
+    _check_image_cells(df, images, prep.missing_image, where)
+    if "mask" in required:
+        _check_not_empty(df, "mask", where)
     base = path.parent.absolute()
-    for col in ("image", "mask"):
+    for col in dict.fromkeys([*images, "image", "mask"]):
         if col in df.columns:  # an optional mask column is resolved too; its blanks stay missing
-            df[col] = [_absolute(p, base) if p else np.nan for p in df[col]]
+            df[col] = [_absolute(p, base) if isinstance(p, str) and p else np.nan for p in df[col]]
     if check_files:
         _check_files_exist(df, path_columns, where)
+    pet = [c for c, m in prep.channels() if m == "pet"] if numeric else []
+    has_pet = np.array([any(isinstance(v, str) and v for v in vals) for vals in zip(*(df[c] for c in pet))]) \
+        if pet else np.zeros(len(df), bool)
+    for col in numeric:  # needed where a row has a PET image (a subject without PET may leave them empty)
+        df[col] = _positive_column(df, col, where, has_pet)
 
     if "label" in required:
         df["label"] = _binary_column(df, "label", where, "0 or 1 (1 = tumour progression, 0 = radiation necrosis)")
@@ -70,6 +85,21 @@ def read_manifest(path, *, columns: tuple[str, ...] = IMAGE_COLUMNS, purpose: st
     if "event" in required:
         df["event"] = _binary_column(df, "event", where, "0 (censored) or 1 (event)")
     return _standard_first(df)
+
+
+def _check_image_cells(df: pd.DataFrame, images: list[str], policy: str, where: str) -> None:
+    """The first channel is never missing (it sets the grid); a later one is refused, or with
+    --missing_image zero recorded in a 0/1 column missing_<column> (a clinical feature when fused)."""
+    if not images:
+        return
+    _check_not_empty(df, images[0], where)
+    for col in images[1:]:
+        empty = [i for i, v in enumerate(df[col]) if not isinstance(v, str) or not v]
+        if policy == "zero":
+            df[f"missing_{col}"] = np.isin(np.arange(len(df)), empty).astype(np.int64)
+        elif empty:
+            raise ManifestError(f"{where}: empty {col} in {_list_rows(df, empty, show_value=False)}; "
+                                "every channel is needed (--missing_image zero fills a missing one with zeros)")
 
 
 def scan_folder(path, pattern: str = "**/*.nii*") -> pd.DataFrame:
@@ -147,29 +177,55 @@ def read_datalist(path, key: str = "training", *, base_dir=None, check_files: bo
     return _standard_first(df)
 
 
-def read_any(path) -> pd.DataFrame:
-    """A folder of NIfTIs, a manifest .csv (pretrain columns) or a .json datalist."""
+def read_any(path, prep: PrepConfig | None = None) -> pd.DataFrame:
+    """A folder of NIfTIs, a manifest .csv (pretrain columns: the image channels of `prep`) or a .json datalist."""
     path = Path(path)
     if path.is_dir():
         return scan_folder(path)
     if not path.exists():
         raise ManifestError(f"{path}: no such file or folder; expected a folder of NIfTIs, a .csv manifest or a .json datalist")
     if path.suffix.lower() == ".csv":
-        return read_manifest(path, columns=("image",), purpose="pretraining")
+        return read_manifest(path, columns=("image",), purpose="pretraining", prep=prep)
     if path.suffix.lower() == ".json":
         return read_datalist(path)
     raise ManifestError(f"{path}: expected a folder of NIfTIs, a .csv manifest or a .json datalist")
+
+
+def one_sample_per_image(df: pd.DataFrame, prep: PrepConfig) -> list[tuple[pd.DataFrame, PrepConfig]]:
+    """Pretraining on several sequences: each sequence of each subject is its own single-channel sample.
+
+    Returns one (table, prep) per image channel: the table's rows that have that sequence, its path in
+    `image` and subject_id "<subject>/<column>", and prep reading that one column with its own modality.
+    A subject missing a sequence just has no sample of it. One channel: [(df, prep)], unchanged.
+    The encoder thus learns every sequence with one 1-channel patch embedding, which fine-tuning
+    inflates to the labelled cohort's channels; no sequence embedding, as fine-tuning would have none.
+    """
+    channels = prep.channels()
+    if len(channels) == 1:
+        return [(df, prep)]
+    parts = []
+    for column, modality in channels:
+        rows = df[[isinstance(v, str) and v != "" for v in df[column]]].copy()
+        rows["subject_id"] = rows["subject_id"].astype(str) + "/" + column
+        rows["image"] = rows[column]
+        rows = rows.drop(columns=[c for c, _ in channels if c != "image"])
+        parts.append((rows.reset_index(drop=True), replace(prep, images=(f"image:{modality}",))))
+    return parts
 
 
 # Columns that data.prepare adds (cache paths): never clinical features.
 DERIVED_COLUMNS = ("cache_image", "cache_mask")
 
 
-def clinical_columns(df: pd.DataFrame) -> list[str]:
-    return [c for c in df.columns if c not in STANDARD_COLUMNS and c not in DERIVED_COLUMNS]
+def clinical_columns(df: pd.DataFrame, prep: PrepConfig | None = None) -> list[str]:
+    """Every column that is not a standard, derived, image-channel or PET-acquisition column of `prep`."""
+    skip = set(STANDARD_COLUMNS) | set(DERIVED_COLUMNS)
+    if prep is not None:
+        skip |= set(prep.image_columns()) | set(prep.acquisition_columns())
+    return [c for c in df.columns if c not in skip]
 
 
-def _read_csv(path: Path, where: str) -> pd.DataFrame:
+def _read_csv(path: Path, where: str, strings=()) -> pd.DataFrame:
     if not path.is_file():
         raise ManifestError(f"{where}: file not found")
     try:
@@ -194,7 +250,7 @@ def _read_csv(path: Path, where: str) -> pd.DataFrame:
     raw = raw.rename(columns=names)
     if df.empty:
         raise ManifestError(f"{where}: no data rows; expected one row per subject")
-    for col in STRING_COLUMNS:
+    for col in dict.fromkeys([*STRING_COLUMNS, *strings]):  # paths and ids keep their exact spelling
         if col in df.columns:
             df[col] = raw[col].str.strip()
     return df
@@ -214,7 +270,8 @@ def _check_unique_subjects(df: pd.DataFrame, where: str) -> None:
 
 
 def _check_files_exist(df: pd.DataFrame, columns: list[str], where: str) -> None:
-    missing = [f"{s} {col} {p}" for col in columns for s, p in zip(df["subject_id"], df[col]) if not os.path.isfile(p)]
+    missing = [f"{s} {col} {p}" for col in columns for s, p in zip(df["subject_id"], df[col])
+               if isinstance(p, str) and not os.path.isfile(p)]  # an empty cell is --missing_image's to judge
     if missing:
         raise ManifestError(f"{where}: {len(missing)} missing file(s): {_head(missing)}")
 
@@ -225,6 +282,15 @@ def _binary_column(df: pd.DataFrame, col: str, where: str, expected: str) -> pd.
     if bad:
         raise ManifestError(f"{where}: {col} must be {expected}; bad {_list_rows(df, bad, col)}")
     return values.astype(np.int64)
+
+
+def _positive_column(df: pd.DataFrame, col: str, where: str, needed: np.ndarray) -> pd.Series:
+    values = pd.to_numeric(df[col], errors="coerce").astype(np.float64)
+    bad = [i for i, v in enumerate(values) if needed[i] and not (np.isfinite(v) and v >= 0)]
+    if bad:
+        raise ManifestError(f"{where}: PET column {col} must be a number >= 0 (or --prep.pet.units suv); "
+                            f"bad {_list_rows(df, bad, col)}")
+    return values
 
 
 def _time_column(df: pd.DataFrame, where: str) -> pd.Series:

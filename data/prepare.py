@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 from monai.data import MetaTensor
-from monai.transforms import ScaleIntensityRange, Spacingd
+from monai.transforms import ScaleIntensityRange, SpatialResample, Spacingd
 from monai.transforms.utils import generate_spatial_bounding_box
 from scipy.ndimage import binary_fill_holes
 from skimage.filters import threshold_otsu
@@ -28,12 +28,15 @@ from core.atomic import write_text
 from core.cli import parse_config
 from core.config import to_dict
 from core.errors import ConfigError, InputError, NiftiError, cli_entry
-from data import cache
+from data import cache, pet
 from data.manifest import read_datalist, read_manifest, scan_folder
 from data.nifti import Volume, load_pair, load_volume
 from data.prep_config import PREP_VERSION, PrepConfig
 
 CT_BODY_HU = -500.0  # above air and lung, below fat: voxels inside the body for the foreground box
+# A further channel must cover this share of the first channel's head; less means another field of view
+# or another scanner space, which no resampling can repair.
+MIN_COVERAGE = 0.9
 
 # ---- volume operations -------------------------------------------------------------------------
 
@@ -73,21 +76,22 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 
 
 def foreground_mask(image: np.ndarray, modality: str) -> np.ndarray:
-    """Head/body voxels of `image` [X,Y,Z] as bool: CT above CT_BODY_HU; MRI above Otsu, holes filled."""
+    """Head/body voxels of `image` [X,Y,Z] as bool: CT above CT_BODY_HU; MRI (and PET) above Otsu, holes filled."""
     if modality == "ct":
         return image > CT_BODY_HU
     # Filling holes keeps dark structures enclosed by tissue (ventricles, necrotic cores) in the foreground.
     return binary_fill_holes(image > otsu_threshold(image))
 
 
-def normalise(image: np.ndarray, fg: np.ndarray, cfg: PrepConfig) -> tuple[np.ndarray, dict]:
-    """Intensity normalisation -> (image [X,Y,Z] float32, stats incl. the background/pad value).
+def normalise(image: np.ndarray, fg: np.ndarray, cfg: PrepConfig, modality: str | None = None) -> tuple[np.ndarray, dict]:
+    """Intensity normalisation of an MRI or CT channel -> (image [X,Y,Z] float32, stats incl. the pad value).
 
     CT: HU window -> [0, 1] (MONAI ScaleIntensityRange). MRI: clip to percentiles of the
     foreground, then z-score with the foreground mean/std; background is set to the clipped minimum.
     MONAI's NormalizeIntensity(nonzero=True) would use nonzero voxels, not this foreground, hence by hand.
+    PET is `normalise_pet`. `modality` defaults to cfg.modality.
     """
-    if cfg.modality == "ct":
+    if (modality or cfg.modality) == "ct":
         lo, hi = cfg.ct_window
         out = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(image)
         return np.asarray(out, dtype=np.float32), {"window": [lo, hi], "pad_value": 0.0}
@@ -102,6 +106,39 @@ def normalise(image: np.ndarray, fg: np.ndarray, cfg: PrepConfig) -> tuple[np.nd
     return out, {"clip": [float(lo), float(hi)], "mean": mean, "std": std, "pad_value": background}
 
 
+def normalise_pet(image: np.ndarray, fg: np.ndarray, lesion: np.ndarray | None, spacing, row: Mapping,
+                  cfg: PrepConfig, where: str) -> tuple[np.ndarray, dict]:
+    """A PET channel [X,Y,Z] -> SUV (body weight, from the row's dose, weight and time unless the file is
+    SUV already), then TBR over normal-appearing brain (data/pet.py) unless --prep.pet.scale suv."""
+    factor = 1.0 if cfg.pet.units == "suv" else pet.suv_from_row(row, cfg.pet, where)
+    suv = (image * factor).astype(np.float32)
+    stats = {"units": cfg.pet.units, "suv_factor": factor, "scale": cfg.pet.scale, "pad_value": 0.0}
+    if cfg.pet.scale == "suv":
+        return suv, stats
+    region = pet.reference_region(fg, lesion, spacing, cfg.pet)
+    tbr, ref = pet.to_tbr(suv, region, where)
+    return tbr, {**stats, "reference_suv": ref, "reference_voxels": int(region.sum())}
+
+
+def onto_grid(volume: Volume, affine: np.ndarray, shape, spacing) -> tuple[np.ndarray, np.ndarray]:
+    """A further channel on the first channel's prepared grid (`affine`, `shape`) -> (image [X,Y,Z] float32,
+    inside [X,Y,Z] bool: the voxels its own field of view covers).
+
+    A channel acquired on the first one's grid goes through the same Spacingd, so it lands on the same
+    voxels exactly; any other grid is resampled through the two affines (world mm) by MONAI's SpatialResample.
+    """
+    img, _, own_affine = resample(volume, None, spacing)
+    if img.shape == tuple(shape) and np.allclose(own_affine, affine, atol=1e-4):
+        return img, np.ones(shape, bool)
+    src = MetaTensor(torch.from_numpy(volume.array)[None], affine=torch.as_tensor(volume.affine, dtype=torch.float64))
+    dst = torch.as_tensor(affine, dtype=torch.float64)
+    out = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=np.float32)(src, dst_affine=dst, spatial_size=shape)
+    ones = MetaTensor(torch.ones(tuple(src.shape)), affine=src.affine.clone())
+    inside = SpatialResample(mode="nearest", padding_mode="zeros", dtype=np.float32)(ones, dst_affine=dst, spatial_size=shape)
+    return (out.as_tensor()[0].numpy().astype(np.float32, copy=False),  # [X, Y, Z]
+            inside.as_tensor()[0].numpy() > 0.5)
+
+
 def foreground_box(fg: np.ndarray, mask: np.ndarray | None, margin: int) -> tuple[list[int], list[int]]:
     """Box [start, end) around foreground ∪ lesion, grown by `margin` and clipped to the volume."""
     keep = fg if mask is None else (fg | (mask > 0))
@@ -114,11 +151,15 @@ def foreground_box(fg: np.ndarray, mask: np.ndarray | None, margin: int) -> tupl
 
 # ---- one subject -------------------------------------------------------------------------------
 
-def _source_paths(row: Mapping) -> tuple[str, str, str | None]:
-    mask = row.get("mask")
-    if mask is None or (isinstance(mask, float) and math.isnan(mask)) or str(mask).strip() == "":
-        mask = None
-    return str(row["subject_id"]), str(row["image"]), (str(mask) if mask is not None else None)
+def _cell(value) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == "":
+        return None
+    return str(value)
+
+
+def _source_paths(row: Mapping, cfg: PrepConfig) -> tuple[str, list[str | None], str | None]:
+    """(subject, one path per image channel (None: missing), mask path or None)."""
+    return str(row["subject_id"]), [_cell(row.get(c)) for c in cfg.image_columns()], _cell(row.get("mask"))
 
 
 def _digest(hashes: cache.HashIndex, path: str, role: str) -> str:
@@ -131,10 +172,15 @@ def _digest(hashes: cache.HashIndex, path: str, role: str) -> str:
 
 
 def subject_key(row: Mapping, cfg: PrepConfig, hashes: cache.HashIndex) -> str:
-    """Cache key of a subject: content of its image and mask files plus the preprocessing parameters."""
-    _, image_path, mask_path = _source_paths(row)
+    """Cache key of a subject: content of its image and mask files, the PET columns it reads, and the
+    preprocessing parameters. One image channel gives the key it had before channels existed."""
+    subject, image_paths, mask_path = _source_paths(row, cfg)
+    if image_paths[0] is None:
+        raise NiftiError(f"subject {subject}: no {cfg.image_columns()[0]} image (the first channel sets the grid)")
+    parts = [_digest(hashes, p, col) if p else "missing" for p, col in zip(image_paths, cfg.image_columns())]
+    parts += [f"{c}={row.get(c)}" for c in cfg.acquisition_columns()]
     mask_digest = _digest(hashes, mask_path, "mask") if mask_path else None
-    return cache.entry_key(_digest(hashes, image_path, "image"), mask_digest, cfg.key())
+    return cache.entry_key("|".join(parts), mask_digest, cfg.key())
 
 
 def _check_lesion(entry: cache.CacheEntry, subject: str, require_lesion: bool) -> cache.CacheEntry:
@@ -144,56 +190,96 @@ def _check_lesion(entry: cache.CacheEntry, subject: str, require_lesion: bool) -
     return entry
 
 
-def build_entry(row: Mapping, cfg: PrepConfig, cache_dir, key: str, *, require_lesion: bool = True) -> cache.CacheEntry:
-    """Do the work for one subject and write its cache entry (no cache lookup)."""
-    subject, image_path, mask_path = _source_paths(row)
+def _first_channel(row: Mapping, cfg: PrepConfig, require_lesion: bool):
+    """Load, check and resample the first channel (and the mask): the grid every other channel joins."""
+    subject, image_paths, mask_path = _source_paths(row, cfg)
+    image_path = image_paths[0]
     if mask_path:
         image, mask = load_pair(image_path, mask_path, require_lesion=require_lesion)
     else:
         image, mask = load_volume(image_path), None
     if float(image.array.min()) == float(image.array.max()):
         raise NiftiError(f"image {image_path}: constant intensity {float(image.array.min()):g}; nothing to normalise")
-
     img, msk, affine = resample(image, mask, cfg.spacing)  # [X', Y', Z'] each
     if require_lesion and mask is not None and not msk.any():
         raise NiftiError(f"subject {subject}: the lesion in mask {mask_path} ({int(mask.array.sum())} voxels) "
                          f"vanishes when resampled to {list(cfg.spacing)} mm; use a finer spacing")
-    fg = foreground_mask(img, cfg.modality)  # [X', Y', Z'] bool
-    try:
-        img, stats = normalise(img, fg, cfg)
-    except InputError as e:
-        raise NiftiError(f"image {image_path}: {e}") from None
+    return image, img, msk, affine
+
+
+def _channels(row: Mapping, cfg: PrepConfig, first: np.ndarray, fg: np.ndarray, msk, affine) -> tuple[list, list]:
+    """Every image channel on the first one's grid, normalised by its modality -> ([X,Y,Z] arrays, stats)."""
+    subject, image_paths, _ = _source_paths(row, cfg)
+    spacing = [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)]
+    arrays, stats = [], []
+    for k, ((column, modality), path) in enumerate(zip(cfg.channels(), image_paths)):
+        where = f"subject {subject} {column} {path}"
+        if path is None:  # only after the first channel, and only with --missing_image zero (manifest checks)
+            arrays.append(np.zeros_like(first))
+            stats.append({"column": column, "modality": modality, "source": None, "missing": True, "pad_value": 0.0})
+            continue
+        inside = None
+        img = first
+        if k > 0:
+            img, inside = onto_grid(load_volume(path), affine, first.shape, cfg.spacing)
+            covered = float(inside[fg].mean()) if fg.any() else 1.0
+            if covered < MIN_COVERAGE:
+                raise NiftiError(f"{where}: covers {covered:.0%} of the head in {cfg.image_columns()[0]} (by the "
+                                 f"two files' affines); expected >= {MIN_COVERAGE:.0%}: are they in one scanner space?")
+        try:
+            if modality == "pet":
+                out, st = normalise_pet(img, fg, msk, spacing, row, cfg, where)
+            else:
+                out, st = normalise(img, fg, cfg, modality)
+        except InputError as e:
+            raise NiftiError(f"{where}: {e}" if not str(e).startswith(where) else str(e)) from None
+        if inside is not None:
+            out[~inside] = st["pad_value"]
+        arrays.append(out)
+        stats.append({"column": column, "modality": modality, "source": path, **st})
+    return arrays, stats
+
+
+def build_entry(row: Mapping, cfg: PrepConfig, cache_dir, key: str, *, require_lesion: bool = True) -> cache.CacheEntry:
+    """Do the work for one subject and write its cache entry (no cache lookup)."""
+    subject, image_paths, mask_path = _source_paths(row, cfg)
+    image, first, msk, affine = _first_channel(row, cfg, require_lesion)
+    fg = foreground_mask(first, cfg.channels()[0][1])  # [X', Y', Z'] bool: the head, from the first channel
+    arrays, stats = _channels(row, cfg, first, fg, msk, affine)
 
     if cfg.crop_foreground:
         start, end = foreground_box(fg, msk, cfg.foreground_margin)
     else:
-        start, end = [0, 0, 0], list(img.shape)
+        start, end = [0, 0, 0], list(first.shape)
     window = tuple(slice(s, e) for s, e in zip(start, end))
-    img = img[window]
+    img = np.stack([a[window] for a in arrays])  # [C, X, Y, Z]
     msk = msk[window] if msk is not None else None
     crop_affine = affine.copy()
     crop_affine[:3, 3] = affine[:3, :3] @ np.array(start, dtype=np.float64) + affine[:3, 3]  # voxel `start` is the new origin
 
     meta = {
         "subject_id": subject,
-        "source_image": image_path,
+        "source_image": image_paths[0],
         "source_mask": mask_path,
         "source_shape": list(image.shape),
         "source_spacing": list(image.spacing),
         "resampled_shape": [int(s) for s in fg.shape],
         "crop_start": start,
         "crop_end": end,
-        "shape": [int(s) for s in img.shape],
+        "shape": [int(s) for s in img.shape[1:]],
         "spacing": [float(s) for s in np.linalg.norm(crop_affine[:3, :3], axis=0)],
         "affine": crop_affine.tolist(),
         "mask_voxels": int(msk.sum()) if msk is not None else None,
-        "intensity": stats,
-        "pad_value": stats["pad_value"],
+        "intensity": {k: v for k, v in stats[0].items() if k not in ("column", "modality", "source")},
+        "pad_value": stats[0]["pad_value"],
         "prep": to_dict(cfg),
         "prep_key": cfg.key(),
         "prep_version": PREP_VERSION,
     }
-    return cache.write_entry(cache_dir, key, img[None], None if msk is None else msk[None], meta)
+    if len(arrays) > 1:
+        meta["channels"] = stats
+        meta["pad_values"] = [st["pad_value"] for st in stats]
+    return cache.write_entry(cache_dir, key, img, None if msk is None else msk[None], meta)
 
 
 def prepare_subject(row: Mapping, cfg: PrepConfig, cache_dir, *, require_lesion: bool = True) -> cache.CacheEntry:
@@ -326,9 +412,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_source(ns) -> tuple[pd.DataFrame, str]:
+def _read_source(ns, cfg: PrepConfig) -> tuple[pd.DataFrame, str]:
     if ns.manifest:
-        return read_manifest(ns.manifest, columns=("image",), purpose="preparing"), Path(ns.manifest).stem
+        return read_manifest(ns.manifest, columns=("image",), purpose="preparing", prep=cfg), Path(ns.manifest).stem
     if ns.folder:
         return scan_folder(ns.folder), Path(ns.folder).absolute().name
     return read_datalist(ns.datalist, key=ns.datalist_key), Path(ns.datalist).stem
@@ -339,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, ns = parse_config(PrepConfig, argv, parser=_parser())
     if ns.workers < 0:
         raise ConfigError(f"--workers: expected >= 0, got {ns.workers}")
-    df, default_name = _read_source(ns)
+    df, default_name = _read_source(ns, cfg)
     name = ns.name or default_name
     cache_dir = Path(ns.cache)
     try:

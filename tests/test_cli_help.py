@@ -32,7 +32,7 @@ def test_finetune_help_shows_description_default_and_choices(capsys):
     assert text.startswith("usage: python -m finetune ")
     # description from the trailing comment, default, and the Literal's choices as the metavar
     modality = _entry(text, "--prep.modality")
-    assert modality.startswith("{mri,ct} mri: percentile clip") and "(default: mri)" in modality
+    assert modality.startswith("{mri,ct,pet} mri: percentile clip") and "(default: mri)" in modality
     patience = _entry(text, "--patience")
     assert patience.startswith("INT epochs without validation improvement") and "(default: 8)" in patience
     # a fixed-length tuple shows how many numbers it takes; a nested default_factory's value is shown
@@ -95,8 +95,8 @@ def test_bad_flag_value_is_blamed_on_the_flag(tmp_path):
     with pytest.raises(ConfigError) as e:
         parse_config(FinetuneConfig, ["--config", str(y), "--epochs", "two"])
     assert str(e.value) == "--epochs: 'two' is not a number (int)"
-    with pytest.raises(ConfigError, match=r"^--prep\.modality: 'pet' is not one of \['mri', 'ct'\]"):
-        parse_config(FinetuneConfig, ["--config", str(y), "--prep.modality", "pet"])
+    with pytest.raises(ConfigError, match=r"^--prep\.modality: 'spect' is not one of \['mri', 'ct', 'pet'\]"):
+        parse_config(FinetuneConfig, ["--config", str(y), "--prep.modality", "spect"])
 
 
 def test_bad_file_value_is_blamed_on_the_file_and_key(tmp_path):
