@@ -36,13 +36,15 @@ def model_voxel_mm(spec: InputSpec) -> float:
 @torch.no_grad()
 def lesion_probability(models: list, image: np.ndarray, spec: InputSpec, pad_value: float,
                        sw_batch_size: int = 8) -> np.ndarray:
-    """image [1, X, Y, Z] on the prepared grid -> the mean lesion probability of `models` [X, Y, Z] there."""
+    """image [C, X, Y, Z] on the prepared grid -> the mean lesion probability of `models` [X, Y, Z] there.
+    `pad_value`: the first channel's background (where a window passes the volume's edge; the head crop
+    keeps a margin, so windows seldom do)."""
     from monai.inferers import sliding_window_inference
     factor = spec.spacing_mm / model_voxel_mm(spec)  # prepared voxels -> model voxels
-    x = torch.from_numpy(np.array(image, dtype=np.float32))[None]  # [1, 1, X, Y, Z]
+    x = torch.from_numpy(np.array(image, dtype=np.float32))[None]  # [1, C, X, Y, Z]
     shape = x.shape[2:]
     up = F.interpolate(x, size=[max(1, round(s * factor)) for s in shape], mode="trilinear", align_corners=False)
-    x2 = torch.cat([up, torch.zeros_like(up)], dim=1)  # [1, 2, X', Y', Z']: the mask channel is unused
+    x2 = torch.cat([up, torch.zeros_like(up[:, :1])], dim=1)  # [1, C + 1, X', Y', Z']: the mask channel is unused
     roi = (spec.input_size,) * 3
     prob = torch.stack([
         sliding_window_inference(x2, roi, sw_batch_size, lambda w, m=m: torch.sigmoid(m.segment(w).float()),
@@ -121,16 +123,17 @@ def predict_mask(models: list, row, spec: InputSpec, out_dir: Path,
     from data.nifti import save_volume
     entry = CacheEntry.from_path(row["cache_image"])
     affine = np.asarray(entry.meta["affine"], dtype=np.float64)
-    pad_value = entry.meta.get("pad_value", 0.0)
+    pad_value = entry.meta.get("pad_value", 0.0)  # the first channel's: it sets the head and the grid
     prob = lesion_probability(models, entry.image(), spec, pad_value)
     depth = head_depth_mm(entry.image()[0], pad_value, np.linalg.norm(affine[:3, :3], axis=0))
     lesion = index_lesion(prob, affine, lesion_centre(row), depth, surface_margin_mm)
     if lesion is None:
         raise InputError(f"subject {row['subject_id']}: the segmentation found no lesion (no component of "
-                         f"p > 0.5 lying deeper than {surface_margin_mm:g} mm below the head's surface) in {row['image']}")
-    mask, src_affine = on_source_grid(lesion, affine, str(row["image"]))
+                         f"p > 0.5 lying deeper than {surface_margin_mm:g} mm below the head's surface) in {entry.meta['source_image']}")
+    source = entry.meta["source_image"]  # the first channel's file: the mask is written on its grid
+    mask, src_affine = on_source_grid(lesion, affine, source)
     if not mask.any():
-        raise InputError(f"subject {row['subject_id']}: the lesion found lies outside the image grid of {row['image']}")
+        raise InputError(f"subject {row['subject_id']}: the lesion found lies outside the image grid of {source}")
     path = out_dir / f"{row['subject_id']}_pred_mask.nii.gz"
     save_volume(path, mask, src_affine, dtype=np.uint8)
     from finetune.figures import save_overlay  # a look at what was found, for quality control

@@ -30,7 +30,8 @@ class Targets:
 
 
 class CohortDataset(Dataset):
-    """Item i -> dict(x [2, S, S, S] and its crop scale, or absent; clinical [F], label, time, event, bin, index)."""
+    """Item i -> dict(x [C + 1, S, S, S] (x2 with the peritumoral crop) and its crop scale, or absent;
+    clinical [F], label, time, event, bin, index)."""
 
     def __init__(self, crops: Dataset | None, clinical: np.ndarray, targets: Targets,
                  time_bins: np.ndarray | None = None):
@@ -95,10 +96,12 @@ def to_bin(time, edges) -> np.ndarray:
 def make_dataset(df: pd.DataFrame, task: Task, schema: ClinicalSchema | None, *, use_images: bool,
                  crop_size: int, margin_vox: int, augment: bool, seed: int,
                  min_side_vox: int | None = None, time_bins: np.ndarray | None = None,
-                 placement: str = "lesion") -> CohortDataset:
+                 placement: str = "lesion", wide_margin_vox: int | None = None) -> CohortDataset:
     """`placement`: where the crops go (data.datasets.LesionCrops): "lesion"-centred, or "segmentation"
-    (around and away from the lesion, for training the segmentation task)."""
+    (around and away from the lesion, for training the segmentation task). `wide_margin_vox`: a second,
+    peritumoral crop of each lesion (InputSpec.view_voxels)."""
     from data.datasets import LesionCrops
     crops = LesionCrops(df.reset_index(drop=True), crop_size=crop_size, margin_vox=margin_vox,
-                        augment=augment, seed=seed, min_side_vox=min_side_vox, placement=placement) if use_images else None
+                        augment=augment, seed=seed, min_side_vox=min_side_vox, placement=placement,
+                        wide_margin_vox=wide_margin_vox) if use_images else None
     return CohortDataset(crops, clinical_matrix(schema, df), Targets.from_table(df, task), time_bins)

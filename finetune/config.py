@@ -37,6 +37,9 @@ class FinetuneConfig(LoopConfig):
     test_fraction: float = 0.2      # share of patients held out as the same-site test set
     clinical_columns: list[str] = field(default_factory=list)   # empty: every non-standard column
     margin_mm: float = 10.0         # peritumoral margin kept around the lesion box
+    # 0: one crop per lesion. > 0: a second, wide crop beside it, the lesion box plus this margin in mm,
+    # through the same encoder, tokens fused (the PET seed's intra- and peritumoral scales)
+    peritumoral_mm: float = 0.0
     # Smallest side of the lesion-centred cube, in mm. The cube (lesion box + margin, at least this)
     # is resized to the encoder input, so a value below input size x spacing magnifies the lesion.
     # 0: input size x spacing (native scale). Unset: the pretrained encoder's lesion view, else 0.
@@ -82,6 +85,7 @@ class FinetuneConfig(LoopConfig):
         parse_eval_sets(self.eval_sets)  # a malformed entry fails at parse time, naming the flag
         if self.crop_mm is not None:
             ViewSpec(crop_mm=self.crop_mm, margin_mm=self.margin_mm)  # a negative value fails here, at parse time
+        ViewSpec(margin_mm=self.margin_mm, peritumoral_mm=self.peritumoral_mm)
 
     @property
     def task(self) -> Task:

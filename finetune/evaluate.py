@@ -112,7 +112,9 @@ def check_predictions(df: pd.DataFrame, where: str = "predictions") -> pd.DataFr
 def read_outcomes(manifest, external=None, scores=("prob", "risk")) -> pd.DataFrame:
     """Outcomes (label and/or time, event, patient_id) from the manifest and an optional external one."""
     task = task_of_scores(scores)
-    frames = [task.read_manifest(p, check_files=False) for p in [manifest, external] if p is not None]
+    from data.manifest import read_manifest  # the targets only: evaluation reads no image, of any channel
+    frames = [read_manifest(p, columns=task.columns, purpose=f"evaluating {'/'.join(scores)}", check_files=False)
+              for p in [manifest, external] if p is not None]
     outcomes = pd.concat(frames, ignore_index=True)
     both = outcomes["subject_id"][outcomes["subject_id"].duplicated()]
     if len(both):

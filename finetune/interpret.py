@@ -85,19 +85,23 @@ def attention_rollout(model: MultimodalModel, x: Tensor, clinical: Tensor | None
 class _ScoreOfImage(nn.Module):
     """Adapts the dict-output model to MONAI's `module(image) -> [n, 1]`.
 
-    MONAI occludes every channel; only the image channel should be occluded, so the other channels
-    (the lesion mask) are put back from the original input before the model sees the batch.
+    MONAI occludes every channel; only the image channels should be occluded (a region hidden in every
+    sequence at once), so the lesion mask, the last channel, is put back from the original input before
+    the model sees the batch.
     """
 
     def __init__(self, model: nn.Module, x: Tensor, clinical: Tensor | None, key: str):
         super().__init__()
         self.model, self.key = model, key
-        self.context = x[:, 1:]  # [1, C-1, D, H, W]
+        # the mask, and with two scales the whole wide crop: [1, C_x - C_img, D, H, W] ([1, 0, ...] without a mask)
+        n_img = model.config.encoder.in_channels - 1 if hasattr(model, "config") else x.shape[1] - 1
+        self.context = x[:, max(n_img, 1):]
         self.clinical = clinical
 
     def forward(self, images: Tensor) -> Tensor:  # [n, C, D, H, W] -> [n, 1]
         n = images.shape[0]
-        images = torch.cat([images[:, :1], self.context.expand(n, *self.context.shape[1:])], dim=1)
+        keep = images.shape[1] - self.context.shape[1]  # the image channels
+        images = torch.cat([images[:, :keep], self.context.expand(n, *self.context.shape[1:])], dim=1)
         clinical = None if self.clinical is None else self.clinical.expand(n, -1)  # [n, F]
         out = self.model(images, clinical)
         if self.key not in out:
@@ -113,7 +117,7 @@ class _ScoreOfImage(nn.Module):
 def occlusion_sensitivity(model: nn.Module, x: Tensor, clinical: Tensor | None, output_key: str = "logit",
                           patch: int = 8, stride: int = 8, baseline: float = 0.0,
                           batch_size: int = 8) -> np.ndarray:
-    """Drop in `output_key` when a patch^3 cube of the image channel is set to `baseline`, as [D, H, W].
+    """Drop in `output_key` when a patch^3 cube of the image channels is set to `baseline`, as [D, H, W].
 
     output_key: "logit", "risk", or "hazard_logits" (reduced to the discrete-time risk score,
     models.survival_losses.survival_risk_from_hazards, as predictions report it).
@@ -224,7 +228,7 @@ def _save_overlay(path: Path, title: str, image: np.ndarray, mask: np.ndarray | 
 def save_explanations(out_dir: str | Path, subject_id: str, x, maps: dict, affine: np.ndarray) -> list[Path]:
     """Write each map as `<subject>_<name>.nii.gz` (the crop's grid and affine) and `<subject>_<name>.png`.
 
-    x: [C, D, H, W] model input (channel 0 image, channel 1 lesion mask when present); maps: name ->
+    x: [C, D, H, W] model input (channel 0 the first image, the last the lesion mask when C > 1); maps: name ->
     [D, H, W]; affine: the crop's 4x4 voxel-to-world matrix. The PNG shows the three orthogonal slices
     through the lesion centre of mass: image in grey, map as a semi-transparent heatmap, mask contour,
     a colour bar saying what the map's values mean, and anatomical letters (R/L, A/P, S/I, from the
@@ -240,7 +244,7 @@ def save_explanations(out_dir: str | Path, subject_id: str, x, maps: dict, affin
     if not _SAFE_NAME.match(subject_id):
         raise InputError(f"subject id {subject_id!r} cannot be used in a file name")
     image = x[0]
-    mask = x[1] > 0.5 if x.shape[0] > 1 else None
+    mask = x[-1] > 0.5 if x.shape[0] > 1 else None
     centre = _centre(mask, image.shape)
     written = []
     for name, heat in maps.items():

@@ -58,14 +58,20 @@ def load_model(folder: str | Path) -> tuple[MultimodalModel, dict]:
 
 
 def subject_inputs(row, meta: dict) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """x [2, S, S, S] (image, mask), clinical [F], and the crop's voxel-to-world affine."""
+    """x [C + 1, S, S, S] (the contract's image channels, then the mask), clinical [F], and the crop's
+    voxel-to-world affine."""
     from data.cache import CacheEntry
-    from data.crops import lesion_crop_with_affine
+    from data.crops import lesion_crop, lesion_crop_with_affine
+    from data.datasets import pad_values_of
     entry = CacheEntry.from_path(row["cache_image"])
     spec, view = meta["spec"], meta["spec"].view_voxels()
+    pads = pad_values_of(entry.image_path)
     x, affine = lesion_crop_with_affine(entry.image(), entry.mask(), spec.input_size, view["margin_vox"],
-                                        np.asarray(entry.meta["affine"]), min_size=view["min_side_vox"],
-                                        pad_value=entry.meta.get("pad_value"))
+                                        np.asarray(entry.meta["affine"]), min_size=view["min_side_vox"], pad_value=pads)
+    if view["wide_margin_vox"] is not None:  # the peritumoral crop after the lesion crop
+        wide = lesion_crop(entry.image(), entry.mask(), spec.input_size, view["wide_margin_vox"],
+                           min_size=view["min_side_vox"], pad_value=pads)
+        x = np.concatenate([x, wide])  # [2 (C + 1), S, S, S]
     schema = meta["schema"]
     clin = schema.transform(pd.DataFrame([row]))[0] if schema is not None else np.zeros(0, np.float32)
     return torch.as_tensor(x), torch.as_tensor(clin), affine
@@ -204,7 +210,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m finetune.predict", description=__doc__.splitlines()[0],
                                  allow_abbrev=False)
     ap.add_argument("--model", required=True, help="fine-tuned model folder, or the model/ folder of a run (fold ensemble)")
-    ap.add_argument("--manifest", required=True, help="CSV with subject_id, image, optionally mask (rows without one "
+    ap.add_argument("--manifest", required=True, help="CSV with subject_id, the model's image columns (its "
+                    "input_spec.json, e.g. image, or t1ce, flair, pet), optionally mask (rows without one "
                     "are segmented), the model's clinical columns, and optionally lesion_x_mm, lesion_y_mm, "
                     "lesion_z_mm: a lesion centre in world RAS mm that picks the index lesion")
     ap.add_argument("--out", required=True, help="output CSV: subject_id, prob and/or risk (+ mask_source, "
@@ -222,9 +229,11 @@ def main(argv=None) -> int:
     if args.surface_margin_mm < 0:
         raise InputError(f"--surface_margin_mm {args.surface_margin_mm}: must be >= 0")
     from data.manifest import read_manifest
-    df = read_manifest(args.manifest, columns=("image",), purpose="predict", check_files=False)
     folders = model_folders(args.model)
     first = load_model(folders[0])
+    # The image channels are the contract's, read by column name: a missing one is one line, before any work.
+    df = read_manifest(args.manifest, columns=("image",), purpose=f"predict with {args.model}", check_files=False,
+                       prep=first[1]["spec"].prep)
     outcome = first[0].config.predicts_outcome
     if outcome:
         check_manifest(df, first[1], args.manifest)

@@ -38,23 +38,27 @@ def resolve_inputs(cfg: FinetuneConfig) -> tuple[MultimodalConfig, InputSpec]:
     preprocessing come from the pretrained folder (so they always agree) and so does the lesion view
     scale unless --crop_mm is given."""
     model_cfg, prep, view_mm = cfg.model, cfg.prep, 0.0
+    in_channels = len(cfg.prep.images) + 1  # the image channels, then the lesion mask
+    model_cfg = replace(model_cfg, encoder=replace(model_cfg.encoder, in_channels=in_channels))
     if cfg.pretrained:
         folder = Path(cfg.pretrained)
         if not (folder / "config.json").is_file():
             raise InputError(f"{folder}: not a pretrained model folder (no config.json)")
         saved = vit3d_config_from_dict(read_json(folder / "config.json"), where=str(folder / "config.json"))
-        enc = replace(saved, in_channels=2, drop_path=cfg.model.encoder.drop_path,
+        enc = replace(saved, in_channels=in_channels, drop_path=cfg.model.encoder.drop_path,
                       grad_checkpointing=cfg.model.encoder.grad_checkpointing)
         model_cfg = replace(model_cfg, encoder=enc)
         pretrained = load_input_spec(folder)
-        prep = pretrained.prep
+        # Spacing and normalisation are the encoder's; the channels are this cohort's (--images).
+        prep = replace(pretrained.prep, images=cfg.prep.images, missing_image=cfg.prep.missing_image, pet=cfg.prep.pet)
         view_mm = pretrained.view.crop_mm if pretrained.view.centre == "lesion" else 0.0
     if cfg.task.segment:  # the segmentation task reads the image alone: no clinical path
         model_cfg = replace(model_cfg, fusion="none")
     crop_mm = cfg.crop_mm if cfg.crop_mm is not None else view_mm
-    spec = InputSpec(prep=prep, input_size=model_cfg.encoder.img_size, channels=("image", "lesion_mask"),
-                     view=ViewSpec(centre="lesion", crop_mm=crop_mm, margin_mm=cfg.margin_mm))
-    return model_cfg, spec
+    spec = InputSpec(prep=prep, input_size=model_cfg.encoder.img_size, channels=(*prep.image_columns(), "lesion_mask"),
+                     view=ViewSpec(centre="lesion", crop_mm=crop_mm, margin_mm=cfg.margin_mm,
+                                   peritumoral_mm=cfg.peritumoral_mm))
+    return replace(model_cfg, scales=spec.scales), spec
 
 
 def load_cohort(cfg: FinetuneConfig, prep: PrepConfig, show_progress: bool):
@@ -63,8 +67,8 @@ def load_cohort(cfg: FinetuneConfig, prep: PrepConfig, show_progress: bool):
     if not cfg.manifest:
         raise InputError("--manifest is required")
     cache = cfg.cache_dir or str(Path(cfg.output_dir).parent / "cache")
-    table = cfg.task.read_manifest(cfg.manifest)
-    cols = list(cfg.clinical_columns) or clinical_columns(table)
+    table = cfg.task.read_manifest(cfg.manifest, prep=prep)
+    cols = list(cfg.clinical_columns) or clinical_columns(table, prep)
     missing = [c for c in cols if c not in table.columns]
     if missing:  # checked on the manifests, before any preprocessing
         raise InputError(f"{cfg.manifest}: clinical column(s) {missing} not found")
@@ -72,7 +76,7 @@ def load_cohort(cfg: FinetuneConfig, prep: PrepConfig, show_progress: bool):
         raise InputError(f"{cfg.manifest}: --fusion {cfg.model.fusion} needs clinical columns, found none")
     # the held-out cohorts by split name: the external site and every --eval_sets entry
     paths = ({"external": cfg.external} if cfg.external else {}) | parse_eval_sets(cfg.eval_sets)
-    held_tables = {name: cfg.task.read_manifest(path) for name, path in paths.items()}
+    held_tables = {name: cfg.task.read_manifest(path, prep=prep) for name, path in paths.items()}
     owner = dict.fromkeys(table["subject_id"], cfg.manifest)  # subject_id -> the manifest it came from
     for name, other in held_tables.items():
         clash = sorted(set(other["subject_id"]) & set(owner))
@@ -273,11 +277,12 @@ def explain_subjects(cfg: FinetuneConfig, folder: str, rows: pd.DataFrame, out_d
     from finetune.predict import load_model, subject_inputs
     model, meta = load_model(folder)
     key = cfg.task.explained_output(model.config.survival_head)
+    c = model.config.encoder.in_channels
     for _, row in rows.iterrows():
-        x, clin, affine = subject_inputs(row, meta)
-        maps = {"attention_rollout": attention_rollout(model, x[None], clin[None]),
+        x, clin, affine = subject_inputs(row, meta)  # [scales (C + 1), S, S, S]: the maps are of the lesion crop
+        maps = {"attention_rollout": attention_rollout(model, x[None, :c], clin[None]),
                 "occlusion": occlusion_sensitivity(model, x[None], clin[None], output_key=key)}
-        save_explanations(out_dir, row["subject_id"], x, maps, affine)
+        save_explanations(out_dir, row["subject_id"], x[:c], maps, affine)
 
 
 @cli_entry

@@ -1,10 +1,11 @@
-"""Export the pretrained ViT3D encoder from a training checkpoint as an HF-format folder or as MONAI ViT weights.
+"""Export the ViT3D encoder of a training checkpoint as an HF-format folder or as MONAI ViT weights.
 
     python -m models.export --checkpoint runs/pretrain/checkpoint-final --out exports/vit3d [--format hf|monai]
 
 The checkpoint is a folder from the pretraining loop (weights with "encoder."-prefixed keys,
 encoder_config.json, input_spec.json and summary.json) or a single weights file (.safetensors, or .bin/.pt
 such as DeepSpeed's zero_to_fp32 output, read with weights_only=True) next to an encoder_config.json.
+A fine-tuned model folder (finetune's model/fold_k) exports its encoder with all its input channels.
 Both formats carry the input contract (input_spec.json) when the checkpoint has one.
 """
 from __future__ import annotations
@@ -103,8 +104,11 @@ def encoder_state_dict(state_dict: dict[str, Tensor], where: str, prefix: str = 
 
 def read_checkpoint(path: str | Path, encoder: str = "student") -> tuple[ViT3D, dict]:
     """(encoder loaded strictly, with its input contract when there is one; summary) from a checkpoint
-    folder or weights file; encoder "teacher" takes a self-distilled run's EMA teacher instead."""
+    folder or weights file; encoder "teacher" takes a self-distilled run's EMA teacher instead.
+    A fine-tuned model folder (finetune's model/fold_k) gives its encoder, with every input channel."""
     path = Path(path)
+    if path.is_dir() and not (path / "encoder_config.json").is_file() and (path / "config.json").is_file():
+        return _finetuned_encoder(path)
     if path.is_dir():
         folder, weights = path, load_checkpoint_weights(path)
     elif path.is_file():
@@ -119,6 +123,17 @@ def read_checkpoint(path: str | Path, encoder: str = "student") -> tuple[ViT3D, 
     model.input_spec = load_input_spec(folder, required=False)
     summary = read_json(folder / "summary.json") if (folder / "summary.json").is_file() else {}
     return model.eval(), summary
+
+
+def _finetuned_encoder(folder: Path) -> tuple[ViT3D, dict]:
+    """The encoder of a fine-tuned folder, with the folder's contract ([images..., lesion_mask])."""
+    from models.multimodal import MultimodalModel
+    model, config = MultimodalModel.from_pretrained(folder)
+    if model.encoder is None:
+        raise InputError(f"{folder}: a clinical_only model has no image encoder to export")
+    encoder = model.encoder.eval()
+    encoder.input_spec = load_input_spec(folder, required=False)
+    return encoder, {"fine-tuned task": config["multimodal"]["task"], "fusion": config["multimodal"]["fusion"]}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

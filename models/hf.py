@@ -196,7 +196,8 @@ def model_card(config: dict, *, title: str, intended_use: str, training: dict, m
         f"## Training data and steps\n\n{_bullets(training)}",
         f"## Losses and metrics reached\n\n{_bullets(metrics)}",
         "## Input contract\n\nInputs must be prepared exactly as in training (input_spec.json, read by "
-        "`models.input_spec.load_input_spec`):\n\n"
+        "`models.input_spec.load_input_spec`)."
+        + (f" Channels, in order: {input_spec.describe_channels()}." if input_spec is not None else "") + "\n\n"
         f"{_bullets(input_spec.to_dict() if input_spec is not None else {})}",
         f"## How to load\n\n{how_to_load or _load_snippet(arch)}\n",
     ]

@@ -33,6 +33,10 @@ class ViewSpec:
     # random views: the crop edge. 0 = input_size x spacing, i.e. native scale, no magnification.
     crop_mm: float = 0.0
     margin_mm: float = 10.0  # lesion views: the peritumoral margin kept around the lesion box
+    # Lesion views: 0 = one scale. > 0 = a second, wide crop of the same lesion beside the first: the lesion
+    # box plus this margin (the PET seed's peritumoral scale), resized to the same input; both crops go
+    # through the one encoder and their tokens are pooled together.
+    peritumoral_mm: float = 0.0
 
     def __post_init__(self):
         if self.centre not in VIEW_CENTRES:
@@ -41,6 +45,9 @@ class ViewSpec:
             raise ConfigError(f"--crop_mm must be >= 0, got {self.crop_mm}")
         if self.margin_mm < 0:
             raise ConfigError(f"--margin_mm must be >= 0, got {self.margin_mm}")
+        if self.peritumoral_mm and self.peritumoral_mm <= self.margin_mm:
+            raise ConfigError(f"--peritumoral_mm {self.peritumoral_mm}: the wide crop's margin must exceed "
+                              f"--margin_mm {self.margin_mm} (0 turns the second scale off)")
 
     def crop_voxels(self, spacing: float) -> int | None:
         """The cube side in voxels at `spacing` mm; None at native scale (crop_mm 0)."""
@@ -71,9 +78,29 @@ class InputSpec:
         return float(sum(self.prep.spacing) / len(self.prep.spacing))
 
     def view_voxels(self) -> dict:
-        """The lesion view in voxels at the prepared spacing: `margin_vox` and `min_side_vox`."""
+        """The lesion view in voxels at the prepared spacing: `margin_vox`, `min_side_vox` and
+        `wide_margin_vox` (None with one scale)."""
         s = self.spacing_mm
-        return {"margin_vox": self.view.margin_voxels(s), "min_side_vox": self.view.crop_voxels(s)}
+        wide = int(round(self.view.peritumoral_mm / s)) if self.view.peritumoral_mm else None
+        return {"margin_vox": self.view.margin_voxels(s), "min_side_vox": self.view.crop_voxels(s), "wide_margin_vox": wide}
+
+    @property
+    def scales(self) -> int:
+        """How many crops of each lesion the model reads: 1, or 2 with the peritumoral crop."""
+        return 2 if self.view.peritumoral_mm else 1
+
+    def describe_channels(self) -> str:
+        """'image 1 t1ce (MRI, percentile z-score), ..., lesion_mask (0/1)': what each input channel holds."""
+        methods = {"mri": f"MRI, clipped to percentiles {list(self.prep.mri_percentiles)} and z-scored in the head",
+                   "ct": f"CT, HU window {list(self.prep.ct_window)} to [0, 1]",
+                   "pet": f"PET, SUV body weight{' from the dose, weight and time columns' if self.prep.pet.units == 'bqml' else ''}"
+                          + (", over normal-brain mean SUV (TBR)" if self.prep.pet.scale == "tbr" else "")}
+        images = dict(self.prep.channels())
+        parts = []
+        for i, name in enumerate(self.channels):
+            what = methods[images[name]] if name in images else ("0/1 lesion mask" if "mask" in name else "as trained")
+            parts.append(f"{i}: {name} ({what})")
+        return "; ".join(parts)
 
     def to_dict(self) -> dict:
         return to_dict(self)

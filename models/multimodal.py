@@ -73,6 +73,9 @@ class MultimodalConfig:
     # the mask channel the outcome path reads: the given mask, or the predicted one (thresholded, no
     # gradient), so training sees what predict without a drawn mask will; needs --seg_weight > 0
     outcome_mask: Literal["given", "predicted"] = "given"
+    # crops of each lesion in the input, stacked on the channel axis: 1, or 2 (the lesion crop, then the
+    # wide peritumoral one; set from the input contract's view.peritumoral_mm by fine-tuning)
+    scales: int = 1
 
     def __post_init__(self):
         if isinstance(self.encoder, dict):
@@ -88,17 +91,22 @@ class MultimodalConfig:
         if self.fusion == "tokens" and self.n_clinical_tokens < 1:
             raise ConfigError(f"fusion='tokens' needs n_clinical_tokens >= 1, got {self.n_clinical_tokens}")
         if self.pool == "mask" and self.encoder.in_channels < 2:
-            raise ConfigError("pool='mask' needs the lesion-mask channel (encoder in_channels 2)")
+            raise ConfigError("pool='mask' needs the lesion-mask channel (encoder in_channels >= 2)")
         if self.seg_weight < 0 or self.seg_width < 1:
             raise ConfigError(f"--seg_weight must be >= 0 and seg_width >= 1, got {self.seg_weight}, {self.seg_width}")
-        if self.segments and self.encoder.in_channels != 2:
-            raise ConfigError("segmentation needs the [image, lesion mask] input (encoder in_channels 2): "
+        if self.segments and self.encoder.in_channels < 2:
+            raise ConfigError("segmentation needs the [images..., lesion mask] input (encoder in_channels >= 2): "
                               "the mask is its target")
         if (self.seg_cascade or self.outcome_mask == "predicted") and not (self.seg_weight > 0 and self.predicts_outcome):
             raise ConfigError("model.seg_cascade and model.outcome_mask predicted need an outcome task with "
                               "--seg_weight > 0 (they read the segmentation head's mask)")
         if get_task(self.task).segment and self.fusion not in ("none", "concat"):
             raise ConfigError(f"--task segmentation reads no clinical data; --fusion {self.fusion} does not apply")
+        if self.scales not in (1, 2):
+            raise ConfigError(f"model.scales must be 1 or 2, got {self.scales}")
+        if self.scales == 2 and (self.segments or self.fusion == "tokens"):
+            raise ConfigError("--peritumoral_mm (two scales) works with an outcome task and --fusion none, concat "
+                              "or film; not with segmentation or --fusion tokens")
         if not 0.0 <= self.head_dropout < 1.0:
             raise ConfigError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
 
@@ -192,22 +200,22 @@ class MultimodalModel(nn.Module):
         c = self.config
         clinical = self._check_clinical(clinical) if c.uses_clinical else None
         if c.uses_image:
-            if x is None or x.ndim != 5 or x.shape[1] != c.encoder.in_channels:
+            if x is None or x.ndim != 5 or x.shape[1] != c.scales * c.encoder.in_channels:
                 got = None if x is None else tuple(x.shape)
-                raise InputError(f"image input: expected [B, {c.encoder.in_channels}, S, S, S], got {got}")
+                raise InputError(f"image input: expected [B, {c.scales * c.encoder.in_channels}, S, S, S], got {got}")
         out = {"seg_logits": self.segment(x)} if self.seg_decoder is not None else {}
         if not c.predicts_outcome:
             return out
         if c.outcome_mask == "predicted":
-            x = torch.cat([x[:, :1], (out["seg_logits"].detach() > 0).to(x.dtype)], dim=1)  # p > 0.5
+            x = torch.cat([x[:, :-1], (out["seg_logits"].detach() > 0).to(x.dtype)], dim=1)  # p > 0.5
         return out | self._outcome(x, clinical, out.get("seg_logits"))
 
     def segment(self, x: Tensor) -> Tensor:
-        """x [B, 2, S, S, S] -> lesion logits [B, 1, S, S, S], from the image alone (the mask channel is
+        """x [B, C + 1, S, S, S] -> lesion logits [B, 1, S, S, S], from the images alone (the mask channel is
         zeroed, so the given mask never leaks into the segmentation)."""
-        x_img = image_only(x)  # [B, 2, S, S, S]
+        x_img = image_only(x)  # [B, C + 1, S, S, S]
         tokens, hidden = self.encoder.forward_hidden(x_img, tuple(self.seg_decoder.skip_blocks))  # [B, N, D]
-        return self.seg_decoder(tokens, hidden, x_img[:, :1])
+        return self.seg_decoder(tokens, hidden, x_img[:, :-1])
 
     def _outcome(self, x: Tensor | None, clinical: Tensor | None, seg_logits: Tensor | None = None) -> dict[str, Tensor]:
         """The outcome path: [image, mask] (+ clinical) -> features [B, D_fused] and the task heads' outputs;
@@ -221,7 +229,7 @@ class MultimodalModel(nn.Module):
             n = tokens.shape[1] - extra.shape[1]  # N follows the input size, not necessarily img_size
             features = torch.cat([self.pool_image(tokens[:, :n], x), tokens[:, n:].mean(1)], dim=-1)  # [B, 2D]
         else:
-            tokens = self.encoder(x)  # [B, N, D]
+            tokens = self.image_tokens(x)  # [B, N, D] ([B, 2N, D] with two scales)
             if c.fusion == "film":
                 tokens = self.film(tokens, clinical)  # [B, N, D]
             features = self.pool_image(tokens, x)  # [B, D]
@@ -240,10 +248,24 @@ class MultimodalModel(nn.Module):
                 out["hazard_logits"] = self.surv_head(h)  # [B, T]
         return out
 
+    def image_tokens(self, x: Tensor) -> Tensor:
+        """x [B, scales x (C + 1), S, S, S] -> tokens [B, scales x N, D]: with two scales, both crops go through
+        the encoder in one batch and their tokens are fused into one sequence (lesion crop first)."""
+        if self.config.scales == 1:
+            return self.encoder(x)  # [B, N, D]
+        b, c = x.shape[0], self.config.encoder.in_channels
+        tokens = self.encoder(torch.cat([x[:, :c], x[:, c:]]))  # [2B, N, D]
+        return torch.cat([tokens[:b], tokens[b:]], dim=1)  # [B, 2N, D]
+
     def pool_image(self, tokens: Tensor, x: Tensor) -> Tensor:
         """[B, N, D] image tokens -> [B, D], then head_norm; the mask pool reads the lesion-mask channel of
-        x [B, 2, S, S, S]."""
-        pooled = self.pool(tokens, mask=x[:, 1] if x.shape[1] > 1 else None)  # [B, D]
+        x [B, C + 1, S, S, S], the last. With two scales each crop's mask channel weighs its own tokens:
+        the masks are stacked along depth, which is the patch embedding's outermost token order."""
+        mask = None
+        if x.shape[1] > 1:
+            c = self.config.encoder.in_channels
+            mask = torch.cat([x[:, k * c + c - 1] for k in range(self.config.scales)], dim=1)  # [B, scales S, S, S]
+        pooled = self.pool(tokens, mask=mask)  # [B, D]
         return pooled if self.image_norm is None else self.image_norm(pooled)
 
     def extra_tokens(self, clinical: Tensor | None) -> Tensor | None:
@@ -336,7 +358,8 @@ class MultimodalModel(nn.Module):
     def from_pretrained_encoder(cls, config: MultimodalConfig, folder: str | Path | None) -> "MultimodalModel":
         """A fresh model whose encoder holds the pretrained ViT3D in `folder` (None: random init).
 
-        The 1-channel patch embedding is inflated to config.encoder.in_channels; any other difference
+        The 1-channel patch embedding is inflated to config.encoder.in_channels (image channels, then the
+        mask: models.vit3d.inflate_patch_embed); any other difference
         between the folder and config.encoder (dim, depth, heads, patch size, image size, ...) is an
         InputError naming the mismatched keys, never a silent partial load.
         """
@@ -355,7 +378,8 @@ class MultimodalModel(nn.Module):
                              + "; ".join(diff))
         state = pretrained.state_dict()
         key = "patch_embed.weight"
-        state[key] = inflate_patch_embed(state[key], config.encoder.in_channels, config.mask_channel_init)
+        state[key] = inflate_patch_embed(state[key], config.encoder.in_channels, config.mask_channel_init,
+                                         image_channels=config.encoder.in_channels - 1)
         load_state_dict_strict(model.encoder, state, f"{folder} (pretrained encoder)")
         model.encoder.input_spec = pretrained.input_spec  # what pretraining inputs looked like
         return model
@@ -372,11 +396,12 @@ class MultimodalModel(nn.Module):
             raise InputError(f"extra_config may not use the reserved key(s) {sorted(reserved)}")
         config = {"model_type": MODEL_TYPE, "architectures": ["MultimodalModel"],
                   "multimodal": to_dict(self.config), **extra_config}
-        use = ("Research model: [image, lesion mask] crops and clinical data to "
+        channels = ", ".join(input_spec.channels)
+        use = (f"Research model: lesion crops of [{channels}] and clinical data to "
                f"{self.config.task} scores (fusion: {self.config.fusion}).")
         if self.config.segments:
             use += (f" Its segmentation head ({self.config.seg_head}, models/segmentation.py) predicts the lesion "
-                    "mask from the image channel alone. It is mimfm's own decoder, not MONAI's UNETR, which fixes "
+                    "mask from the image channels alone. It is mimfm's own decoder, not MONAI's UNETR, which fixes "
                     "16^3 patches, 12 blocks and its own decoder layout, so the folder loads with "
                     "MultimodalModel.from_pretrained (strict), not into monai.networks.nets.UNETR.")
         card = {"title": "mimfm multimodal model", "intended_use": use, "training": {}, "metrics": {}, **card}

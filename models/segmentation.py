@@ -73,8 +73,9 @@ class SegDecoder(nn.Module):
                 scale *= self.factors[i]
                 skips.append(UnetrPrUpBlock(3, d, widths[i], num_layer=0, kernel_size=3, stride=1,
                                             upsample_kernel_size=scale, norm_name=NORM, res_block=True))
-            skips.append(UnetrBasicBlock(3, 1, widths[-1], kernel_size=3, stride=1, norm_name=NORM,
-                                         res_block=True))  # full resolution: the image channel
+            # full resolution: the image channels (every input channel but the mask, which is last)
+            skips.append(UnetrBasicBlock(3, max(1, encoder.in_channels - 1), widths[-1], kernel_size=3, stride=1,
+                                         norm_name=NORM, res_block=True))
             self.skips = nn.ModuleList(skips)
             self.stages = nn.ModuleList(
                 UnetrUpBlock(3, c_in, c_out, kernel_size=3, upsample_kernel_size=f, norm_name=NORM, res_block=True)
@@ -90,7 +91,7 @@ class SegDecoder(nn.Module):
         return tokens.transpose(1, 2).reshape(b, d, g, g, g)
 
     def forward(self, tokens: Tensor, hidden: list[Tensor], image: Tensor) -> Tensor:
-        """tokens [B, N, D] (final, normed), hidden: the outputs of blocks `skip_blocks`, image [B, 1, S, S, S]
+        """tokens [B, N, D] (final, normed), hidden: the outputs of blocks `skip_blocks`, image [B, C, S, S, S]
         -> logits [B, out_channels, S, S, S]."""
         h = self.to_grid(tokens)  # [B, D, g, g, g]
         if self.kind == "primus":
@@ -110,13 +111,13 @@ def segmentation_loss() -> nn.Module:
 
 
 def seg_target(x: Tensor) -> Tensor:
-    """The lesion mask of an [image, mask] input x [B, 2, S, S, S] as the target [B, 1, S, S, S] in {0, 1}."""
-    return (x[:, 1:2] > 0.5).to(torch.float32)
+    """The lesion mask of an [images..., mask] input x [B, C + 1, S, S, S] as the target [B, 1, S, S, S] in {0, 1}."""
+    return (x[:, -1:] > 0.5).to(torch.float32)
 
 
 def image_only(x: Tensor) -> Tensor:
-    """x [B, 2, S, S, S] with the mask channel zeroed: what the segmentation pass sees."""
-    return torch.cat([x[:, :1], torch.zeros_like(x[:, 1:])], dim=1)
+    """x [B, C + 1, S, S, S] with the mask channel (the last) zeroed: what the segmentation pass sees."""
+    return torch.cat([x[:, :-1], torch.zeros_like(x[:, -1:])], dim=1)
 
 
 MASK_FEATURES = ("log_volume_fraction", "surface_to_volume", "radius_of_gyration")

@@ -46,11 +46,12 @@ class Task:
         from data.manifest import IMAGE_COLUMNS  # data.manifest brings pandas: only when a manifest is read
         return IMAGE_COLUMNS + self.columns
 
-    def read_manifest(self, path, check_files: bool = True):
-        """data.manifest.read_manifest of the columns this task needs."""
+    def read_manifest(self, path, check_files: bool = True, prep=None):
+        """data.manifest.read_manifest of the columns this task needs; the image channels are `prep`'s
+        (a data.prep_config.PrepConfig; default: the one column `image`)."""
         from data.manifest import read_manifest
         return read_manifest(path, columns=self.manifest_columns, purpose=f"--task {self.name}",
-                             check_files=check_files)
+                             check_files=check_files, prep=prep)
 
     def heads(self, survival_head: str, n_time_bins: int) -> dict[str, int]:
         """Output name -> size of each head: "logit" [1]; "risk" [1] (Cox) or "hazard_logits" [T] (discrete)."""

@@ -294,11 +294,15 @@ def _explicit_attention(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return out, probs
 
 
-def inflate_patch_embed(weight: Tensor, in_channels: int, mode: str = "zero") -> Tensor:
+def inflate_patch_embed(weight: Tensor, in_channels: int, mode: str = "zero", image_channels: int | None = None) -> Tensor:
     """[D, C_old, p, p, p] -> [D, in_channels, p, p, p]; the pretrained kernels stay as channels 0..C_old-1.
 
     New channels (e.g. the lesion mask) are zeros ("zero": the inflated encoder computes exactly what the
     pretrained one did on the original channels) or the mean of the old kernels ("mean").
+
+    A 1-channel kernel pretrained on several sequences, one at a time, and `image_channels` > 1 images:
+    each image channel gets the kernel / image_channels (I3D's inflation rule), so a volume repeated in
+    every channel embeds exactly as pretraining embedded it, and fine-tuning tells the channels apart.
     """
     d, c_old, *kernel = weight.shape
     if in_channels < c_old:
@@ -307,4 +311,9 @@ def inflate_patch_embed(weight: Tensor, in_channels: int, mode: str = "zero") ->
         raise ConfigError(f"inflate mode {mode!r} is not 'zero' or 'mean'")
     weight = weight.detach()
     extra = torch.zeros_like(weight[:, :1]) if mode == "zero" else weight.mean(1, keepdim=True)  # [D, 1, p, p, p]
+    if image_channels and image_channels > c_old:
+        if c_old != 1 or image_channels > in_channels:
+            raise ConfigError(f"cannot spread a {c_old}-channel patch embedding over {image_channels} image channels")
+        weight = (weight / image_channels).expand(d, image_channels, *kernel)  # [D, C_img, p, p, p]
+        c_old = image_channels
     return torch.cat([weight, extra.expand(d, in_channels - c_old, *kernel)], dim=1)  # [D, in_channels, p, p, p]

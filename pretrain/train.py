@@ -13,6 +13,7 @@ as a Hugging Face-format folder in `output_dir/encoder`. The configuration is pr
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from timm.optim import param_groups_weight_decay
@@ -33,13 +34,16 @@ from pretrain.config import PATH_FIELDS, PretrainConfig
 def load_training_volumes(cfg: PretrainConfig, show_progress: bool, max_volumes: int = 0):
     """(views dataset, subject names) from the --data folder / manifest / datalist, prepared into the cache;
     with max_volumes, only its first max_volumes volumes (nothing is prepared for the rest)."""
-    from data.manifest import read_any
+    import pandas as pd
+
+    from data.manifest import one_sample_per_image, read_any
     from data.prepare import prepare_table
     from data.views import PretrainCrops, anchor_fractions
 
     if not cfg.data:
         raise InputError("--data is required: a folder of NIfTI files, a manifest CSV or a datalist JSON")
-    table = read_any(cfg.data)
+    # Each sequence is its own sample, so a subject without one simply has fewer samples.
+    table = read_any(cfg.data, replace(cfg.prep, missing_image="zero"))
     if max_volumes:
         table = table.head(max_volumes)
     if len(table) == 0:
@@ -48,8 +52,12 @@ def load_training_volumes(cfg: PretrainConfig, show_progress: bool, max_volumes:
     use_masks = bool(cfg.lesion_view_fraction) and "mask" in table.columns and table["mask"].notna().all()
     if not use_masks:  # labels are not needed: pretraining sees the images only
         table = table.drop(columns=[c for c in ("mask",) if c in table.columns])
-    prepared, _ = prepare_table(table, cfg.prep, cache, require_lesion=False, on_error="raise",
-                                progress=show_progress)
+    parts = one_sample_per_image(table, cfg.prep)
+    if len(parts) > 1 and show_progress:
+        print("pretraining samples per sequence: "
+              + ", ".join(f"{column} {len(t)}" for (column, _), (t, _) in zip(cfg.prep.channels(), parts)))
+    prepared = pd.concat([prepare_table(t, prep, cache, require_lesion=False, on_error="raise",
+                                        progress=show_progress)[0] for t, prep in parts], ignore_index=True)
     centres = lesion_centres(prepared, cfg, use_masks, show_progress) if cfg.lesion_view_fraction else None
     fractions, jitter = anchor_fractions(cfg.model.encoder.grid, cfg.model.masks.child_patches, cfg.model.masks.levels)
     dataset = PretrainCrops(list(prepared["cache_image"]), crop_size=cfg.crop_size,

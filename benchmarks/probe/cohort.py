@@ -8,7 +8,7 @@ encoder's own preprocessing, and cut into deterministic lesion-centred crops at 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +92,8 @@ def _cohort(manifest: pd.DataFrame, oracle: pd.DataFrame, spacing: tuple[float, 
 def load_cohort(cohort_dir: Path, prep: PrepConfig, workers: int = 0, progress: bool = True) -> ProbeCohort:
     """The manifest joined with oracle.csv, every lesion prepared into cohort_dir/cache (built once)."""
     manifest, oracle = _tables(cohort_dir, check_files=True)
+    if prep.image_columns() != ["image"]:  # an encoder pretrained on several sequences: probe its first one's kind
+        prep = replace(prep, images=(f"image:{prep.channels()[0][1]}",))
     df, _ = prepare_table(manifest, prep, cohort_dir / "cache", workers=workers, progress=progress)
     return _cohort(df, oracle, tuple(prep.spacing), df["cache_image"], df["cache_mask"])
 

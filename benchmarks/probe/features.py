@@ -39,8 +39,8 @@ def lesion_weights(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
 @torch.no_grad()
 def _batch_features(encoder: ViT3D, x: torch.Tensor, blocks: dict[str, int]) -> dict[str, torch.Tensor]:
     """x [B, 2, S, S, S] (image, mask) -> {group: [B, D]}."""
-    weight = lesion_weights(x[:, 1:], encoder.config.patch_size)  # [B, N]
-    tokens = encoder.embed(x[:, :1])  # [B, N, D]
+    weight = lesion_weights(x[:, -1:], encoder.config.patch_size)  # [B, N]: the mask is the last channel
+    tokens = encoder.embed(x[:, :-1])  # [B, N, D]: the image channel(s)
     out, done = {}, 0
     for name, depth in sorted(blocks.items(), key=lambda kv: kv[1]):
         for blk in encoder.blocks[done:depth]:
