@@ -214,3 +214,32 @@ def test_two_scales_pool_each_crop_with_its_own_mask_and_share_the_encoder():
         model(near, None)
     with pytest.raises(ConfigError, match="peritumoral_mm"):
         MultimodalConfig(encoder=enc, fusion="tokens", scales=2)
+
+
+def test_the_probe_prepares_a_several_sequence_encoders_cohort_like_a_t1_encoders():
+    from benchmarks.probe.cohort import probe_prep
+    pooled = PrepConfig(images=("image", "flair", "pet:pet"))
+    assert probe_prep(pooled) == PrepConfig() and probe_prep(PrepConfig()) is not None
+    assert probe_prep(PrepConfig(images=("fet:pet", "t1"))).images == ("image:pet",)
+
+
+def test_channel_gain_reports_each_comparison_as_a_row():
+    from benchmarks.research.channel_gain import report
+    d = {"n": 10, "auc": {"a": 0.8, "diff": 0.05, "ci": [0.01, 0.09]}, "c_index": {"a": 0.7, "diff": -0.01, "ci": [-0.03, 0.01]}}
+    results = {"models": {"mim": {"vs_t1ce": {"t1ce_flair": {"splits": {"test_large": d}}}}}}
+    assert "| mim | t1ce_flair | test_large (n = 10) | 0.800 | +0.050 [+0.010, +0.090] | 0.700 | -0.010 [-0.030, +0.010] |" \
+        in report(results)
+
+
+def test_a_ct_channel_gets_its_hounsfield_window_by_hand(tmp_path):
+    row = _subject(tmp_path)
+    t1, head = _head(0)
+    hu = np.where(head, 40.0 + 10 * np.arange(SHAPE[0])[:, None, None] - 150, -1000.0).astype(np.float32)
+    save_volume(tmp_path / "s1_ct.nii.gz", hu, AFFINE)
+    row["ct"] = "s1_ct.nii.gz"
+    prep = PrepConfig(images=("t1", "ct:ct"), crop_foreground=False, ct_window=(-100.0, 200.0))
+    df = read_manifest(_manifest(tmp_path, [row]), columns=("image", "mask"), prep=prep)
+    out, _ = prepare_table(df, prep, tmp_path / "cache", progress=False)
+    x = np.asarray(CacheEntry.from_path(out["cache_image"][0]).image())
+    np.testing.assert_allclose(x[1], np.clip((hu + 100.0) / 300.0, 0, 1), atol=1e-6)
+    assert CacheEntry.from_path(out["cache_image"][0]).meta["channels"][1]["window"] == [-100.0, 200.0]

@@ -92,10 +92,19 @@ def _cohort(manifest: pd.DataFrame, oracle: pd.DataFrame, spacing: tuple[float, 
 def load_cohort(cohort_dir: Path, prep: PrepConfig, workers: int = 0, progress: bool = True) -> ProbeCohort:
     """The manifest joined with oracle.csv, every lesion prepared into cohort_dir/cache (built once)."""
     manifest, oracle = _tables(cohort_dir, check_files=True)
-    if prep.image_columns() != ["image"]:  # an encoder pretrained on several sequences: probe its first one's kind
-        prep = replace(prep, images=(f"image:{prep.channels()[0][1]}",))
+    prep = probe_prep(prep)
     df, _ = prepare_table(manifest, prep, cohort_dir / "cache", workers=workers, progress=progress)
     return _cohort(df, oracle, tuple(prep.spacing), df["cache_image"], df["cache_mask"])
+
+
+def probe_prep(prep: PrepConfig) -> PrepConfig:
+    """How the probe prepares its cohort's one `image` column (T1-CE lesions) for an encoder: with the
+    encoder's preprocessing. An encoder pretrained on several sequences, one at a time, is probed on
+    the first one's kind; its contract then names the same preparation as a T1-CE-only encoder's."""
+    column, modality = prep.channels()[0]
+    if column == "image" and len(prep.images) == 1:
+        return prep
+    return replace(prep, images=("image" if modality == prep.modality else f"image:{modality}",))
 
 
 def load_labels(cohort_dir: Path) -> ProbeCohort:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from benchmarks.probe import evaluate as ev
-from benchmarks.probe.cohort import ProbeCohort, lesion_crops, lesion_regions, probe_view
+from benchmarks.probe.cohort import ProbeCohort, lesion_crops, lesion_regions, probe_prep, probe_view
 from benchmarks.probe.features import encoder_features, handmade_features, pixel_features
 from benchmarks.probe.geometry import GEOMETRY_GROUP, geometry
 from benchmarks.probe.geometry import summarise as summarise_geometry
@@ -35,7 +35,8 @@ class Setup:
 
     def key(self) -> str:
         arch = {k: v for k, v in to_dict(self.config).items() if k not in ("drop_path", "grad_checkpointing")}
-        return json.dumps([arch, to_dict(self.spec.prep), self.spec.input_size, to_dict(self.view)], sort_keys=True)
+        return json.dumps([arch, to_dict(probe_prep(self.spec.prep)), self.spec.input_size, to_dict(self.view)],
+                          sort_keys=True)
 
 
 def load_encoder(folder: str) -> tuple[ViT3D, InputSpec]:
