@@ -56,11 +56,14 @@ test: $(STAMP)
 # One intra-op thread: on 2 cores beside data workers, two OpenMP threads thrash (4-7x slower, measured).
 demo: export OMP_NUM_THREADS ?= 1
 demo: $(STAMP)
-	$(PY) -m data.synth --out $(DEMO)/cohort --n-unlabeled 24 --n-labeled 48 --n-external 12 --seed 0 --overwrite
-	$(PY) -m data.prepare --folder $(DEMO)/cohort/unlabeled --cache $(DEMO)/cache
+	@# T1-CE (column image), FLAIR and FET-PET (own grid, Bq/mL); the T1-CE volumes are those of a T1-CE-only cohort
+	$(PY) -m data.synth --out $(DEMO)/cohort --n-unlabeled 24 --n-labeled 48 --n-external 12 --seed 0 --overwrite \
+	    --sequences t1ce,flair,pet
+	$(PY) -m data.prepare --manifest $(DEMO)/cohort/unlabeled.csv --cache $(DEMO)/cache
 	$(PY) -m data.prepare --manifest $(DEMO)/cohort/manifest.csv --cache $(DEMO)/cache
-	$(PY) -m pretrain --config launch/pretrain_tiny_cpu.yaml --data $(DEMO)/cohort/unlabeled \
-	    --cache_dir $(DEMO)/cache --output_dir $(DEMO)/pretrain
+	@# every sequence of the unlabelled scans, each as its own sample (some subjects lack FLAIR or PET)
+	$(PY) -m pretrain --config launch/pretrain_tiny_cpu.yaml --data $(DEMO)/cohort/unlabeled.csv \
+	    --images image,flair,pet:pet --cache_dir $(DEMO)/cache --output_dir $(DEMO)/pretrain
 	$(PY) -m models.export --checkpoint $$(ls -d $(DEMO)/pretrain/checkpoints/ckpt-* | tail -n 1) \
 	    --out $(DEMO)/pretrain/encoder_monai --format monai
 	$(PY) -m finetune --config launch/finetune_tiny_cpu.yaml --manifest $(DEMO)/cohort/manifest.csv \
@@ -78,6 +81,13 @@ demo: $(STAMP)
 	$(PY) -m finetune.predict --model $(DEMO)/finetune_cls/model --seg_model $(DEMO)/finetune_seg/model/fold0 \
 	    --manifest $(DEMO)/cohort/external_first2.csv --segment_all --out $(DEMO)/predict/without_masks.csv \
 	    --cache_dir $(DEMO)/cache
+	@# T1-CE + FLAIR + FET-PET (SUV from the manifest's dose, weight and time, then TBR) + mask: 4 channels
+	$(PY) -m finetune --config launch/finetune_tiny_cpu.yaml --manifest $(DEMO)/cohort/manifest.csv \
+	    --external $(DEMO)/cohort/external.csv --pretrained $(DEMO)/pretrain/encoder --cache_dir $(DEMO)/cache \
+	    --splits $(DEMO)/splits.json --task classification --fusion concat --images image,flair,pet:pet \
+	    --epochs 10 --explain 1 --output_dir $(DEMO)/finetune_3ch
+	$(PY) -m finetune.predict --model $(DEMO)/finetune_3ch/model --manifest $(DEMO)/cohort/external.csv \
+	    --out $(DEMO)/predict/external_3ch.csv --cache_dir $(DEMO)/cache
 	$(PY) -m finetune.evaluate --predictions $(DEMO)/finetune_cls/predictions.csv \
 	    --manifest $(DEMO)/cohort/manifest.csv --external $(DEMO)/cohort/external.csv --out $(DEMO)/evaluate_cls
 	$(PY) -m finetune.predict --model $(DEMO)/finetune_cls/model --manifest $(DEMO)/cohort/external.csv \
@@ -88,6 +98,7 @@ demo: $(STAMP)
 	@echo "  classification         $(DEMO)/finetune_cls/metrics.json, roc_*.png, calibration_*.png, explain/"
 	@echo "  survival               $(DEMO)/finetune_surv/metrics.json, km_*.png"
 	@echo "  segmentation           $(DEMO)/finetune_seg/metrics.json, segmentation.csv, segmentation/*.png"
+	@echo "  T1-CE + FLAIR + PET    $(DEMO)/finetune_3ch/metrics.json, explain/, predict/external_3ch.csv"
 	@echo "  predictions            $(DEMO)/predict/external_predictions.csv"
 	@echo "  without a drawn mask   $(DEMO)/predict/without_masks.csv, without_masks_masks/*.png (predicted masks)"
 

@@ -96,6 +96,9 @@ class InputSpec:
                    "pet": f"PET, SUV body weight{' from the dose, weight and time columns' if self.prep.pet.units == 'bqml' else ''}"
                           + (", over normal-brain mean SUV (TBR)" if self.prep.pet.scale == "tbr" else "")}
         images = dict(self.prep.channels())
+        if len(self.channels) == 1 and len(images) > 1:  # pretrained on several sequences, one per sample
+            each = "; ".join(f"{name} ({methods[m]})" for name, m in images.items())
+            return f"0: {self.channels[0]}, one sequence at a time, any of those it was pretrained on: {each}"
         parts = []
         for i, name in enumerate(self.channels):
             what = methods[images[name]] if name in images else ("0/1 lesion mask" if "mask" in name else "as trained")

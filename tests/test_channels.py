@@ -243,3 +243,13 @@ def test_a_ct_channel_gets_its_hounsfield_window_by_hand(tmp_path):
     x = np.asarray(CacheEntry.from_path(out["cache_image"][0]).image())
     np.testing.assert_allclose(x[1], np.clip((hu + 100.0) / 300.0, 0, 1), atol=1e-6)
     assert CacheEntry.from_path(out["cache_image"][0]).meta["channels"][1]["window"] == [-100.0, 200.0]
+
+
+def test_the_contract_describes_each_channel_for_the_model_card():
+    from models.input_spec import InputSpec
+    spec = InputSpec(prep=PrepConfig(images=("t1ce", "fet:pet")), channels=("t1ce", "fet", "lesion_mask"))
+    text = spec.describe_channels()
+    assert text.startswith("0: t1ce (MRI, clipped") and "1: fet (PET, SUV body weight from the dose" in text
+    assert "(TBR)" in text and text.endswith("2: lesion_mask (0/1 lesion mask)")
+    pooled = InputSpec(prep=PrepConfig(images=("t1ce", "fet:pet")), channels=("image",)).describe_channels()
+    assert pooled.startswith("0: image, one sequence at a time") and "fet (PET" in pooled
