@@ -133,13 +133,14 @@ def make_cohort(preset: Preset, out: Path) -> None:
                     workers=preset.workers, overwrite=(out / "cohort" / "cohort.json").is_file())
 
 
-def make_large_sets(preset: Preset, out: Path) -> None:
+def make_large_sets(preset: Preset, out: Path, params=None) -> None:
     """The large evaluation sets: one more draw of the generator (site A and site B), its own seed and
-    folder; ids get LARGE_PREFIX, since fine-tuning refuses held-out ids that are also training ids."""
+    folder; ids get LARGE_PREFIX, since fine-tuning refuses held-out ids that are also training ids.
+    `params`: data.synth CohortParams (default: the generator's defaults)."""
     from data.synth import generate_cohort
     folder = out / LARGE_DIR
     generate_cohort(folder, 0, preset.n_test_large, preset.n_external_large, seed=LARGE_SEED,
-                    workers=preset.workers, overwrite=(folder / "cohort.json").is_file())
+                    workers=preset.workers, overwrite=(folder / "cohort.json").is_file(), params=params)
     for target, src in (("test_large.csv", "manifest.csv"), ("external_large.csv", "external.csv"),
                         ("oracle_large.csv", "oracle.csv")):
         df = pd.read_csv(folder / src, dtype=str, keep_default_na=False)  # every cell kept as written
