@@ -136,6 +136,39 @@ def report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_figure(results: dict, path: Path) -> None:
+    """AUC of every model and variant on each large set; whiskers: the paired 95% CI of its difference to
+    the same model's T1-CE run, drawn around its own AUC."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(SPLITS), figsize=(5.5 * len(SPLITS), 4), sharey=True)
+    variants = list(VARIANTS)
+    for ax, split in zip(axes, SPLITS):
+        for k, (model, entry) in enumerate(results["models"].items()):
+            xs, ys, lo, hi = [], [], [], []
+            for i, v in enumerate(variants):
+                cmp = entry["vs_t1ce"].get(v, {}).get("splits", {}).get(split) if v != "t1ce" else None
+                if v != "t1ce" and cmp is None:  # a variant this run did not include
+                    continue
+                base = next(iter(entry["vs_t1ce"].values()))["splits"][split]["auc"]["b"]
+                auc = cmp["auc"]["a"] if cmp else base
+                ci = (cmp["auc"]["ci"][0] - cmp["auc"]["diff"], cmp["auc"]["ci"][1] - cmp["auc"]["diff"]) if cmp else (0, 0)
+                xs.append(i + 0.2 * (k - 1))
+                ys.append(auc)
+                lo.append(-ci[0])
+                hi.append(ci[1])
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, label=model)
+        ax.set_xticks(range(len(variants)), [v.replace("_", "\n") for v in variants])
+        ax.set_title(split)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("AUC (progression vs necrosis)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run(source: Path, out: Path, seed: int, models: list[str], n_boot: int) -> dict:
     preset = PRESETS["cpu"]
     if not (source / f"seed{seed}" / "splits.json").is_file():
@@ -156,6 +189,7 @@ def run(source: Path, out: Path, seed: int, models: list[str], n_boot: int) -> d
                         for v in VARIANTS if v != "t1ce"}}
         write_json(out / "results.json", results)
     write_text(out / "results.md", report(results))
+    save_figure(results, out / "channel_gain.png")
     return results
 
 
