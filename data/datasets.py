@@ -18,7 +18,7 @@ from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
 from core.errors import InputError
-from data.crops import crop_box, lesion_box, segmentation_box
+from data.crops import crop_box, lesion_box, lesion_crop, segmentation_box
 
 
 def pad_value_of(image_path: Path) -> float:
@@ -108,8 +108,8 @@ class LesionCrops(Dataset):
             start, size = segmentation_box(start, size, image.shape[1:], rng)
         x = self._augment(crop_box(image, mask, start, size, self.crop_size, self.pad_values[i]), i)  # [C + 1, S, S, S]
         if self.wide_margin_vox is not None:
-            wide_start, wide_size = lesion_box(mask[0], self.wide_margin_vox, self.min_side_vox or self.crop_size)
-            wide = crop_box(image, mask, wide_start, wide_size, self.crop_size, self.pad_values[i])
+            wide = lesion_crop(image, mask, self.crop_size, self.wide_margin_vox,
+                               min_size=self.min_side_vox or self.crop_size, pad_value=self.pad_values[i])
             x = torch.cat([x, self._augment(wide, i)])  # [2 (C + 1), S, S, S]: lesion crop, then the wide one
         return {"x": x, "scale": torch.tensor(size[0] / self.crop_size, dtype=torch.float32), "index": i}
 

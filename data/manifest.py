@@ -63,7 +63,7 @@ def read_manifest(path, *, columns: tuple[str, ...] = IMAGE_COLUMNS, purpose: st
     _check_unique_subjects(df, where)
 
     path_columns = [c for c in (*images, "mask") if c in required]
-    _check_image_cells(df, images, prep.missing_image, where)
+    _check_and_mark_missing_images(df, images, prep.missing_image, where)
     if "mask" in required:
         _check_not_empty(df, "mask", where)
     base = path.parent.absolute()
@@ -87,7 +87,7 @@ def read_manifest(path, *, columns: tuple[str, ...] = IMAGE_COLUMNS, purpose: st
     return _standard_first(df)
 
 
-def _check_image_cells(df: pd.DataFrame, images: list[str], policy: str, where: str) -> None:
+def _check_and_mark_missing_images(df: pd.DataFrame, images: list[str], policy: str, where: str) -> None:
     """The first channel is never missing (it sets the grid); a later one is refused, or with
     --missing_image zero recorded in a 0/1 column missing_<column> (a clinical feature when fused)."""
     if not images:

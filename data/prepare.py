@@ -190,10 +190,8 @@ def _check_lesion(entry: cache.CacheEntry, subject: str, require_lesion: bool) -
     return entry
 
 
-def _first_channel(row: Mapping, cfg: PrepConfig, require_lesion: bool):
+def _first_channel(subject: str, image_path: str, mask_path: str | None, cfg: PrepConfig, require_lesion: bool):
     """Load, check and resample the first channel (and the mask): the grid every other channel joins."""
-    subject, image_paths, mask_path = _source_paths(row, cfg)
-    image_path = image_paths[0]
     if mask_path:
         image, mask = load_pair(image_path, mask_path, require_lesion=require_lesion)
     else:
@@ -207,9 +205,9 @@ def _first_channel(row: Mapping, cfg: PrepConfig, require_lesion: bool):
     return image, img, msk, affine
 
 
-def _channels(row: Mapping, cfg: PrepConfig, first: np.ndarray, fg: np.ndarray, msk, affine) -> tuple[list, list]:
+def _channels(row: Mapping, cfg: PrepConfig, subject: str, image_paths: list, first: np.ndarray, fg: np.ndarray,
+              msk, affine) -> tuple[list, list]:
     """Every image channel on the first one's grid, normalised by its modality -> ([X,Y,Z] arrays, stats)."""
-    subject, image_paths, _ = _source_paths(row, cfg)
     spacing = [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)]
     arrays, stats = [], []
     for k, ((column, modality), path) in enumerate(zip(cfg.channels(), image_paths)):
@@ -243,9 +241,9 @@ def _channels(row: Mapping, cfg: PrepConfig, first: np.ndarray, fg: np.ndarray, 
 def build_entry(row: Mapping, cfg: PrepConfig, cache_dir, key: str, *, require_lesion: bool = True) -> cache.CacheEntry:
     """Do the work for one subject and write its cache entry (no cache lookup)."""
     subject, image_paths, mask_path = _source_paths(row, cfg)
-    image, first, msk, affine = _first_channel(row, cfg, require_lesion)
+    image, first, msk, affine = _first_channel(subject, image_paths[0], mask_path, cfg, require_lesion)
     fg = foreground_mask(first, cfg.channels()[0][1])  # [X', Y', Z'] bool: the head, from the first channel
-    arrays, stats = _channels(row, cfg, first, fg, msk, affine)
+    arrays, stats = _channels(row, cfg, subject, image_paths, first, fg, msk, affine)
 
     if cfg.crop_foreground:
         start, end = foreground_box(fg, msk, cfg.foreground_margin)

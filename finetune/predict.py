@@ -65,12 +65,12 @@ def subject_inputs(row, meta: dict) -> tuple[torch.Tensor, torch.Tensor, np.ndar
     from data.datasets import pad_values_of
     entry = CacheEntry.from_path(row["cache_image"])
     spec, view = meta["spec"], meta["spec"].view_voxels()
-    pads = pad_values_of(entry.image_path)
-    x, affine = lesion_crop_with_affine(entry.image(), entry.mask(), spec.input_size, view["margin_vox"],
+    image, mask, pads = entry.image(), entry.mask(), pad_values_of(entry.image_path)
+    x, affine = lesion_crop_with_affine(image, mask, spec.input_size, view["margin_vox"],
                                         np.asarray(entry.meta["affine"]), min_size=view["min_side_vox"], pad_value=pads)
     if view["wide_margin_vox"] is not None:  # the peritumoral crop after the lesion crop
-        wide = lesion_crop(entry.image(), entry.mask(), spec.input_size, view["wide_margin_vox"],
-                           min_size=view["min_side_vox"], pad_value=pads)
+        wide = lesion_crop(image, mask, spec.input_size, view["wide_margin_vox"], min_size=view["min_side_vox"],
+                           pad_value=pads)
         x = np.concatenate([x, wide])  # [2 (C + 1), S, S, S]
     schema = meta["schema"]
     clin = schema.transform(pd.DataFrame([row]))[0] if schema is not None else np.zeros(0, np.float32)

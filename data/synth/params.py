@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from data.prep_config import F18_HALF_LIFE_MIN
+
 GENERATOR_VERSION = 1  # bump when the same seed and parameters would give different files
 
 HISTOLOGIES = ("lung", "breast", "melanoma", "renal", "other")
@@ -163,7 +165,7 @@ class PetParams:
     weight_kg_sd: float = 14.0
     weight_kg_range: tuple[float, float] = (45.0, 130.0)
     minutes_range: tuple[float, float] = (20.0, 40.0)  # injection to scan, uniform
-    half_life_min: float = 109.77  # F-18
+    half_life_min: float = F18_HALF_LIFE_MIN  # F-18
     unlabeled_missing_p: float = 0.5  # share of unlabeled subjects without a PET
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from data.nifti import save_volume
+from data.pet import suv_factor
 from data.synth.anatomy import SubjectWarp, Template, load_template
 from data.synth.params import CohortParams, FlairParams, PetParams
 from data.synth.scanner import acquire, jitter, to_storage
@@ -39,11 +40,6 @@ def scan_streams(seed: np.random.SeedSequence) -> tuple[np.random.Generator, ...
     from each other so e.g. adding PET leaves the FLAIR bytes alone."""
     key = tuple(seed.spawn_key) + (SEQUENCE_STREAM,)
     return tuple(np.random.default_rng(np.random.SeedSequence(seed.entropy, spawn_key=key + (i,))) for i in range(3))
-
-
-def bq_per_ml_per_suv(dose_mbq: float, weight_kg: float, minutes: float, half_life_min: float = 109.77) -> float:
-    """Activity concentration of SUV 1: the decayed injected activity spread over the body (1 g = 1 mL)."""
-    return dose_mbq * 1e6 * 2.0 ** (-minutes / half_life_min) / (weight_kg * 1000.0)
 
 
 def draw_lesion_sequences(rng: np.random.Generator, label: int | None, fp: FlairParams, pp: PetParams) -> dict:
@@ -146,7 +142,8 @@ class ExtraSequences:
         if self.suv is not None:
             suv, pet_affine = self.pet_suv(affine)
             dose, weight, minutes = self.job.pet_injection
-            bq = suv * np.float32(bq_per_ml_per_suv(dose, weight, minutes, self.p.pet.half_life_min))
+            # Bq/mL of SUV 1: the inverse of what preprocessing multiplies by (data.pet.suv_factor)
+            bq = suv * np.float32(1.0 / suv_factor(dose, weight, minutes, self.p.pet.half_life_min))
             _save_copies(root, self.job.pet, bq.astype(np.float32), pet_affine, level)
 
     def pet_suv(self, mri_affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
