@@ -48,6 +48,10 @@ class DistillConfig:
     momentum: float = 0.996          # the teacher's EMA momentum at step 0; a cosine takes it to 1
     intensity_jitter: float = 0.2    # the teacher's view: x (1 + a) + b with a, b ~ U(-j, j) per sample ...
     noise: float = 0.1               # ... plus Gaussian noise of this SD (in prepared intensity units)
+    # What the teacher's head reads. "encoder": its encoder's tokens (DINO / iBOT, where the student's head
+    # reads encoder tokens too). "decoder": an EMA copy of the decoder and projection as well, run on the
+    # whole view, so the teacher's head sees the kind of feature the student's head was trained on.
+    teacher_features: str = "encoder"
 
     def __post_init__(self):
         if self.weight < 0 or self.masked_weight < 0 or self.cross_weight < 0:
@@ -58,6 +62,8 @@ class DistillConfig:
             raise ConfigError("distill.center_momentum must be in [0, 1) and distill.momentum in [0, 1]")
         if self.prototypes < 2 or self.head_hidden < 1 or self.head_bottleneck < 1:
             raise ConfigError("distill.prototypes must be >= 2 and the head widths >= 1")
+        if self.teacher_features not in ("encoder", "decoder"):
+            raise ConfigError(f"distill.teacher_features must be encoder or decoder, got {self.teacher_features!r}")
 
     def teacher_temperature(self, step: int) -> float:
         if step >= self.teacher_temp_steps:
@@ -126,16 +132,25 @@ def teacher_verdict(mean_entropy: float, usage: float, prototypes: int) -> str:
 
 
 class Distiller(nn.Module):
-    """The student's heads, the EMA teacher (encoder + head) and the centre; MiMModel owns one when
-    `distill.weight > 0`. The teacher never trains: its parameters are frozen, followed by `update_teacher`."""
+    """The student's heads, the EMA teacher and the centre; MiMModel owns one when `distill.weight > 0`. The
+    teacher (encoder + head, plus the decoder and projection when `teacher_features` is "decoder") never
+    trains: its parameters are frozen, followed by `update_teacher`."""
 
-    def __init__(self, encoder: nn.Module, decoder_dim: int, config: DistillConfig):
+    def __init__(self, encoder: nn.Module, decoder: dict[str, nn.Module], decoder_pos_embed: Tensor,
+                 config: DistillConfig):
+        """decoder: the student's decoder modules by name ("embed", "blocks", "norm"), copied into the teacher
+        only when it reads decoder features; decoder_pos_embed [1, N, Dd] is fixed (sincos), so it is a buffer."""
         super().__init__()
         self.config = config
-        dim = encoder.config.dim
+        dim, decoder_dim = encoder.config.dim, decoder_pos_embed.shape[-1]
         self.proj = nn.Linear(decoder_dim, dim)     # decoder features -> the encoder's width the head reads
         self.head = DINOHead(dim, config)
-        self.teacher = nn.ModuleDict({"encoder": copy.deepcopy(encoder), "head": copy.deepcopy(self.head)})
+        teacher = {"encoder": copy.deepcopy(encoder), "head": copy.deepcopy(self.head)}
+        if config.teacher_features == "decoder":
+            teacher |= {f"decoder_{k}": copy.deepcopy(m) for k, m in decoder.items()}
+            teacher["proj"] = copy.deepcopy(self.proj)
+            self.register_buffer("decoder_pos_embed", decoder_pos_embed.detach().clone())
+        self.teacher = nn.ModuleDict(teacher)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.register_buffer("center", torch.zeros(1, config.prototypes))
@@ -145,9 +160,13 @@ class Distiller(nn.Module):
         self.temperature = self.config.teacher_temperature(step)
 
     @torch.no_grad()
-    def update_teacher(self, student_encoder: nn.Module, momentum: float) -> None:
-        ema_update(self.teacher["encoder"], student_encoder, momentum)
-        ema_update(self.teacher["head"], self.head, momentum)
+    def update_teacher(self, encoder: nn.Module, decoder: dict[str, nn.Module], momentum: float) -> None:
+        """Each teacher module follows its student module: encoder, head, and (when it has them) the
+        decoder modules given as to __init__ and the projection."""
+        student = {"encoder": encoder, "head": self.head, "proj": self.proj} | {f"decoder_{k}": m
+                                                                                 for k, m in decoder.items()}
+        for name, teacher in self.teacher.items():
+            ema_update(teacher, student[name], momentum)
 
     @torch.no_grad()
     def teacher_view(self, x: Tensor) -> Tensor:
@@ -164,8 +183,16 @@ class Distiller(nn.Module):
 
     @torch.no_grad()
     def teacher_tokens(self, x: Tensor) -> Tensor:
-        """The teacher's tokens [B, N, D] of the whole (augmented) view: every token visible."""
-        return self.teacher["encoder"](self.teacher_view(x)).float()
+        """The features [B, N, D] the teacher's head reads for the whole (augmented) view, every token
+        visible: its encoder's tokens, or those through its decoder and projection."""
+        t = self.teacher
+        tokens = t["encoder"](self.teacher_view(x))                      # [B, N, D]
+        if self.config.teacher_features == "decoder":
+            h = t["decoder_embed"](tokens) + self.decoder_pos_embed      # [B, N, Dd], no mask tokens
+            for blk in t["decoder_blocks"]:
+                h = blk(h)
+            tokens = t["proj"](t["decoder_norm"](h))                     # [B, N, D]
+        return tokens.float()
 
     def student(self, feats: Tensor) -> Tensor:
         """Student decoder features [..., Dd] -> logits [..., K]."""

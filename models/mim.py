@@ -102,7 +102,12 @@ class MiMModel(nn.Module):
         self.projector = Mlp(dd, config.proj_dim, dd) if config.masks.levels > 1 else None
         self._init_decoder()
         # Built last, so plain MiM draws the same initial weights; its teacher starts as the student's copy.
-        self.distiller = Distiller(self.encoder, dd, config.distill) if config.distill.weight > 0 else None
+        self.distiller = (Distiller(self.encoder, self.decoder_modules(), self.decoder_pos_embed, config.distill)
+                          if config.distill.weight > 0 else None)
+
+    def decoder_modules(self) -> dict[str, nn.Module]:
+        """The decoder's trainable modules by name, for the distillation teacher's copy of them."""
+        return {"embed": self.decoder_embed, "blocks": self.decoder_blocks, "norm": self.decoder_norm}
 
     def _init_decoder(self):
         nn.init.normal_(self.mask_token, std=0.02)
@@ -203,7 +208,8 @@ class MiMModel(nn.Module):
     def training_step_done(self, step: int, max_steps: int) -> None:
         """After an optimizer step: the teacher follows the student by EMA; a no-op without distillation."""
         if self.distiller is not None:
-            self.distiller.update_teacher(self.encoder, self.config.distill.ema_momentum(step, max_steps))
+            self.distiller.update_teacher(self.encoder, self.decoder_modules(),
+                                          self.config.distill.ema_momentum(step, max_steps))
 
 
 # --- losses ---------------------------------------------------------------------------------------------------

@@ -116,7 +116,8 @@ def test_teacher_leaves_uniform_without_collapsing_on_a_toy_run():
     assert any(not torch.equal(v, model.encoder.state_dict()[k]) for k, v in teacher.items())  # it follows by EMA
 
 
-def test_resume_is_bit_exact_with_the_teacher_and_both_encoders_export(synth_cohort, tmp_path):
+@pytest.mark.parametrize("teacher_features", ["encoder", "decoder"])
+def test_resume_is_bit_exact_with_the_teacher_and_both_encoders_export(synth_cohort, tmp_path, teacher_features):
     from core.config import load_config
     from pretrain.config import PretrainConfig
     from pretrain.train import train
@@ -126,7 +127,8 @@ def test_resume_is_bit_exact_with_the_teacher_and_both_encoders_export(synth_coh
         c.data, c.cache_dir, c.output_dir = str(synth_cohort / "unlabeled"), str(tmp_path / "cache"), str(out)
         c.mixed_precision, c.report_to, c.log_every, c.preview_every = "no", "none", 1, 0
         c.crop_size, c.crops_per_volume, c.batch_size, c.max_steps, c.ckpt_every = 64, 1, 1, 6, 3
-        c.model.distill = DistillConfig(weight=0.5, prototypes=32, teacher_temp_steps=4)  # --model.distill.weight
+        c.model.distill = DistillConfig(weight=0.5, prototypes=32, teacher_temp_steps=4,  # --model.distill.weight
+                                        teacher_features=teacher_features)
         for k, v in over.items():
             setattr(c, k, v)
         return c
@@ -136,6 +138,7 @@ def test_resume_is_bit_exact_with_the_teacher_and_both_encoders_export(synth_coh
     a = load_file(str(tmp_path / "full" / "checkpoints" / "ckpt-0000006" / "weights.safetensors"))
     b = load_file(str(tmp_path / "cut" / "checkpoints" / "ckpt-0000006" / "weights.safetensors"))
     assert any(k.startswith("distiller.teacher.encoder.") for k in a) and "distiller.center" in a
+    assert any(k.startswith("distiller.teacher.decoder_blocks.") for k in a) == (teacher_features == "decoder")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     for folder, prefix in (("encoder", "encoder."), ("encoder_teacher", "distiller.teacher.encoder.")):
         enc = ViT3D.from_pretrained(Path(tmp_path / "full" / folder))
@@ -150,3 +153,36 @@ def test_teacher_verdict_names_uniform_and_collapse():
     assert "collapsed onto" in teacher_verdict(0.2, 2 / 256, 256)
     assert "collapsed onto" not in teacher_verdict(0.2, 3 / 256, 256)
     assert "neither" in teacher_verdict(3.9, 0.77, 256)
+
+
+def test_a_decoder_reading_teacher_runs_the_students_decoder_path_and_follows_it_by_ema():
+    torch.manual_seed(0)
+    model = MiMModel(config(1.0, teacher_features="decoder"))
+    d = model.distiller
+    assert {"decoder_embed", "decoder_blocks", "decoder_norm", "proj"} <= set(d.teacher)
+    x = fields(2, 3)[:, :, :16, :16, :16]
+    torch.manual_seed(7)
+    got = d.teacher_tokens(x)                                           # [2, N, D]
+    torch.manual_seed(7)
+    h = model.decoder_embed(model.encoder(d.teacher_view(x))) + model.decoder_pos_embed
+    for blk in model.decoder_blocks:
+        h = blk(h)
+    want = d.proj(model.decoder_norm(h))  # at step 0 the teacher is the student's copy: the student's own path
+    assert got.shape == (2, ENC.grid**3, ENC.dim) and torch.allclose(got, want, atol=1e-6)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("distiller.teacher."):
+                p.add_(0.1)  # move the student, then one EMA step
+    before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
+    model.training_step_done(0, 100)
+    m = model.config.distill.ema_momentum(0, 100)
+    student = {"decoder_blocks.": model.decoder_blocks.state_dict(), "proj.": d.proj.state_dict(),
+               "encoder.": model.encoder.state_dict()}
+    for prefix, params in student.items():
+        for k, v in params.items():
+            assert torch.allclose(d.teacher.state_dict()[prefix + k], m * before[prefix + k] + (1 - m) * v), k
+
+
+def test_teacher_features_names_its_choices():
+    with pytest.raises(Exception, match="teacher_features must be encoder or decoder"):
+        DistillConfig(weight=1.0, teacher_features="encoders")
