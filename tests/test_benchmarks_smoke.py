@@ -11,10 +11,11 @@ def test_pretrain_speed_table():
     assert table.columns == ["model", "levels", "sub-vols/step", "loader ms", "data wait", "step ms", "sub-vol/s",
                              "ours ÷ MONAI", "model FLOP/s", "peak memory MiB"]
     assert table.column("model") == [pretrain_speed.MONAI, pretrain_speed.MONAI_SDPA, "mimfm MiM",
-                                     "mimfm MiM L=1 (MAE)", "mimfm MiM + self-distillation"]
-    assert table.column("levels") == ["1", "1", "3", "1", "3"]
+                                     "mimfm MiM L=1 (MAE)", "mimfm MiM + self-distillation",
+                                     "mimfm MiM + self-distillation, decoder teacher"]
+    assert table.column("levels") == ["1", "1", "3", "1", "3", "3"]
     # One level-1 crop with L=3, K=2 is 1 + 2 + 4 sub-volumes; every row trains on that many.
-    assert table.column("sub-vols/step") == ["7"] * 5
+    assert table.column("sub-vols/step") == ["7"] * 6
     assert table.column("ours ÷ MONAI")[0] == "1.00x"
     assert table.column("loader ms")[:2] == ["—", "—"]
     # our rows' levels come from the loader thread (pretrain.batches), built while the step runs
@@ -77,7 +78,7 @@ def test_gpu_table_columns():
     assert "MFU" in table.columns
     assert table.column("model") == [pretrain_speed.MONAI, pretrain_speed.MONAI_SDPA, "mimfm MiM",
                                      "mimfm MiM L=1 (MAE)", "mimfm MiM, grad ckpt", "mimfm MiM L=1 (MAE), grad ckpt",
-                                     "mimfm MiM + self-distillation"]
+                                     "mimfm MiM + self-distillation", "mimfm MiM + self-distillation, decoder teacher"]
     assert table.column("largest batch (sub-vols)")[:2] == ["448", "—"]
 
 

@@ -113,8 +113,9 @@ class PretrainRunner(Runner):
         self.model_cfg = mim_config(cfg.model, spec.get("levels", cfg.model.masks.levels),
                                     spec.get("grad_checkpointing", False))
         if spec.get("distill"):  # self-distillation beside reconstruction (models/distill.py), its defaults
-            from models.distill import DistillConfig
-            self.model_cfg = dataclasses.replace(self.model_cfg, distill=DistillConfig(weight=1.0))
+            from models.distill import DistillConfig  # spec["distill"]: what the teacher's head reads
+            distill = DistillConfig(weight=1.0, teacher_features=spec["distill"])
+            self.model_cfg = dataclasses.replace(self.model_cfg, distill=distill)
         enc = self.model_cfg.encoder
         self.amp = bool(spec.get("amp", self.device.type == "cuda"))
         self.clip = cfg.optim.clip_grad
@@ -206,7 +207,7 @@ class Row:
     levels: int
     grad_checkpointing: bool = False
     compile: bool = False
-    distill: bool = False
+    distill: str = ""  # "": no distillation; else the teacher's features, "encoder" | "decoder"
 
 
 def rows_for(model, checkpointing: str, compile: bool = False) -> list[Row]:
@@ -216,7 +217,8 @@ def rows_for(model, checkpointing: str, compile: bool = False) -> list[Row]:
         suffix = ", grad ckpt" if ck else ""
         rows.append(Row(f"mimfm MiM{suffix}", "mim", model.masks.levels, ck))
         rows.append(Row(f"mimfm MiM L=1 (MAE){suffix}", "mim", 1, ck))
-    rows.append(Row("mimfm MiM + self-distillation", "mim", model.masks.levels, distill=True))
+    rows.append(Row("mimfm MiM + self-distillation", "mim", model.masks.levels, distill="encoder"))
+    rows.append(Row("mimfm MiM + self-distillation, decoder teacher", "mim", model.masks.levels, distill="decoder"))
     if compile:
         rows.append(Row("mimfm MiM, torch.compile", "mim", model.masks.levels, compile=True))
     return rows
