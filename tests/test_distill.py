@@ -184,5 +184,6 @@ def test_a_decoder_reading_teacher_runs_the_students_decoder_path_and_follows_it
 
 
 def test_teacher_features_names_its_choices():
-    with pytest.raises(Exception, match="teacher_features must be encoder or decoder"):
+    from core.errors import ConfigError
+    with pytest.raises(ConfigError, match="teacher_features must be encoder or decoder"):
         DistillConfig(weight=1.0, teacher_features="encoders")
