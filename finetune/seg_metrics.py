@@ -3,6 +3,14 @@
 Dice and HD95 are MONAI's (compute_dice, compute_hausdorff_distance with percentile 95 and the voxel
 spacing in mm); the volume error is the predicted minus the true lesion volume in ml. The summary is the
 mean over subjects with a percentile-bootstrap 95% CI over subjects, as the other reports are.
+
+Empty masks follow the BraTS convention, so that a miss is counted rather than dropped:
+- a lesion with nothing predicted (a miss), or a prediction where there is no lesion: Dice 0 and HD95 the
+  diagonal of the grid in mm (voxel edge x sqrt(X^2 + Y^2 + Z^2)), the worst the grid can show; BraTS's
+  373.13 mm is this diagonal of its 240 x 240 x 155 grid of 1 mm;
+- no lesion and nothing predicted: Dice 1 and HD95 0, a correct "nothing here".
+The report gives the mean HD95 over every subject with the number of misses beside it, and the mean over
+the subjects where both masks have a lesion ("found"), which is the figure that drops the misses.
 """
 from __future__ import annotations
 
@@ -30,15 +38,16 @@ def dice_scores(pred: Tensor, target: Tensor) -> np.ndarray:
 
 def segmentation_metrics(pred: Tensor, target: Tensor, voxel_mm) -> dict[str, np.ndarray]:
     """pred, target [B, 1, X, Y, Z] binary masks; voxel_mm [B] (isotropic voxel edge of each subject's
-    grid, mm) -> each of SEG_METRICS as [B]. Dice of two empty masks is 1; HD95 is NaN when either mask
-    is empty (no surface to measure)."""
+    grid, mm) -> each of SEG_METRICS as [B]. With one mask empty, Dice is 0 and HD95 the grid's diagonal
+    in mm; with both empty, Dice is 1 and HD95 0 (the module's docstring says why)."""
     from monai.metrics import compute_hausdorff_distance
     pred, target = binary(pred), binary(target)
     voxel_mm = np.broadcast_to(np.asarray(voxel_mm, dtype=np.float64), (pred.shape[0],))
     dice = dice_scores(pred, target)  # [B]
-    hd = np.full(pred.shape[0], np.nan)
-    for i in range(pred.shape[0]):
-        if pred[i].any() and target[i].any():
+    has_pred, has_true = pred.flatten(1).any(1).numpy(), target.flatten(1).any(1).numpy()  # [B], [B]
+    # MONAI gives NaN where a mask has no surface, so those are set here
+    hd = np.where(has_pred == has_true, 0.0, voxel_mm * float(np.linalg.norm(pred.shape[2:])))  # [B]
+    for i in np.flatnonzero(has_pred & has_true):
             with warnings.catch_warnings():  # MONAI 1.6 warns about its own internal always_return_as_numpy
                 warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
                 hd[i] = float(compute_hausdorff_distance(pred[i:i + 1], target[i:i + 1], include_background=True,
@@ -52,7 +61,6 @@ def segmentation_metrics(pred: Tensor, target: Tensor, voxel_mm) -> dict[str, np
 
 def _mean_ci(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> dict:
     v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
     if not len(v):
         return {"mean": None, "ci95": None, "n": 0}
     boots = [float(np.mean(v[rng.integers(0, len(v), len(v))])) for _ in range(n_boot)]
@@ -61,12 +69,17 @@ def _mean_ci(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> dict:
 
 
 def segmentation_report(rows, n_boot: int = 1000, seed: int = 0) -> dict:
-    """rows: a table with SEG_METRICS columns, one row per subject -> {metric: {mean, ci95, n}}, plus the
-    median Dice and how many subjects got an empty prediction ("missed")."""
+    """rows: a table with SEG_METRICS columns, one row per subject -> {metric: {mean, ci95, n}} over every
+    subject (a miss in HD95 at the grid's diagonal), plus "hd95_found_mm" over the subjects where both masks
+    have a lesion, "hd95_misses" (subjects with one mask empty: HD95 is the diagonal), "missed" (a lesion
+    with nothing predicted), the median Dice and "n"."""
     rng = np.random.default_rng(seed)
+    has_true, has_pred = rows["true_volume_ml"].to_numpy() > 0, rows["pred_volume_ml"].to_numpy() > 0
     out = {m: _mean_ci(rows[m].to_numpy(), n_boot, rng) for m in ("dice", "hd95_mm", "volume_error_ml")}
     out["abs_volume_error_ml"] = _mean_ci(np.abs(rows["volume_error_ml"].to_numpy()), n_boot, rng)
+    out["hd95_found_mm"] = _mean_ci(rows["hd95_mm"].to_numpy()[has_true & has_pred], n_boot, rng)
+    out["hd95_misses"] = int((has_true != has_pred).sum())
     out["median_dice"] = float(np.median(rows["dice"])) if len(rows) else None
-    out["missed"] = int((rows["pred_volume_ml"] <= 0).sum())
+    out["missed"] = int((has_true & ~has_pred).sum())
     out["n"] = int(len(rows))
     return out

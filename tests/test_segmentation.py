@@ -91,12 +91,13 @@ def test_metrics_of_a_hand_made_pair():
     half[0, 0, 4:6] = 0
     m = segmentation_metrics(half, true, [2.0])
     assert m["volume_error_ml"][0] == pytest.approx(-32 * 8 / 1000) and m["dice"][0] == pytest.approx(2 * 32 / 96)
-    # nothing predicted: Dice 0, HD95 undefined, counted as missed
+    # nothing predicted: Dice 0, HD95 the 10^3 grid's diagonal of 2 mm voxels, counted as missed
     m = segmentation_metrics(torch.zeros_like(true), true, [2.0])
-    assert m["dice"][0] == 0 and np.isnan(m["hd95_mm"][0])
+    assert m["dice"][0] == 0 and m["hd95_mm"][0] == pytest.approx(2.0 * np.sqrt(300))
     rows = pd.DataFrame({k: np.concatenate([v, v]) for k, v in m.items()})
     rep = segmentation_report(rows, n_boot=50)
-    assert rep["missed"] == 2 and rep["hd95_mm"]["n"] == 0 and rep["dice"]["mean"] == 0
+    assert rep["missed"] == rep["hd95_misses"] == rep["hd95_mm"]["n"] == 2 and rep["dice"]["mean"] == 0
+    assert rep["hd95_found_mm"]["n"] == 0  # tests/test_seg_metrics.py covers the misses in full
 
 
 def test_seg_weight_zero_is_the_plain_outcome_model():
