@@ -48,6 +48,7 @@ def load_volume(path, *, role: str = "image") -> Volume:
         # A 4D file holding a single volume is common (exported series); trailing 1s are dropped.
         if len(shape) < 3 or (len(shape) > 3 and any(s != 1 for s in shape[3:])):
             raise NiftiError(f"{where}: expected a 3D volume, got shape {shape}")
+        _check_voxel_size(path, img.header, where)
         affine = np.asarray(img.affine, dtype=np.float64)
         if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
             raise NiftiError(f"{where}: affine is not finite and invertible: {_one_line(affine)}")
@@ -63,19 +64,34 @@ def load_volume(path, *, role: str = "image") -> Volume:
     return Volume(array=array, affine=np.asarray(img.affine, dtype=np.float64), path=path)
 
 
-def load_mask(path, image: Volume, *, require_lesion: bool = True, atol: float = 1e-3) -> Volume:
-    """Load a binary lesion mask on the same grid as `image`; returned as float32 0/1."""
-    mask = load_volume(path, role="mask")
+def _check_voxel_size(path: Path, header, where: str) -> None:
+    """Refuse a stored voxel size (pixdim[1:4]) that is not positive: nibabel's reader turns 0 into 1 mm and
+    -s into s with only a log line, so a broken header would silently set the grid (qform files)."""
+    if not isinstance(header, nib.Nifti1Header):  # Nifti2Header is one too; other formats have no pixdim
+        return
+    from nibabel.openers import ImageOpener
+    with ImageOpener(str(path)) as f:
+        stored = type(header).from_fileobj(f, check=False)["pixdim"][1:4]  # as written, before nibabel's fix
+    if not np.all(np.isfinite(stored) & (stored > 0)):
+        raise NiftiError(f"{where}: voxel size (pixdim[1:4]) is {[float(v) for v in stored]} mm in the header; "
+                         "expected 3 positive numbers")
+
+
+def load_mask(path, image: Volume, *, require_lesion: bool = True, atol: float = 1e-3, role: str = "mask") -> Volume:
+    """Load a binary mask (`role`: the lesion "mask", or e.g. "brain_mask") on the same grid as `image`;
+    returned as float32 0/1. `require_lesion`: an empty mask is refused."""
+    mask = load_volume(path, role=role)
     check_same_grid(image, mask, atol=atol)
     other = (mask.array != 0) & (mask.array != 1)  # [X, Y, Z] bool
     if other.any():
         values = np.unique(mask.array[other])
         shown = ", ".join(f"{v:g}" for v in values[:5]) + (f" and {len(values) - 5} more" if len(values) > 5 else "")
         raise NiftiError(
-            f"mask {mask.path}: expected binary 0/1 values, found {shown} in {int(other.sum())} voxels"
+            f"{role} {mask.path}: expected binary 0/1 values, found {shown} in {int(other.sum())} voxels"
         )
     if require_lesion and not mask.array.any():
-        raise NiftiError(f"mask {mask.path}: empty (no voxel is 1); expected a lesion")
+        raise NiftiError(f"{role} {mask.path}: empty (no voxel is 1); expected "
+                         f"{'a lesion' if role == 'mask' else 'a region'}")
     mask.array = (mask.array > 0.5).astype(np.float32)  # also turns -0.0 into 0.0
     return mask
 

@@ -251,3 +251,27 @@ def test_save_volume_is_byte_identical_on_rerun_and_sets_scanner_codes(tmp_path)
 
 def test_save_volume_rejects_unknown_suffix(tmp_path):
     assert_error(r"out\.npy: expected a \.nii or \.nii\.gz", save_volume, tmp_path / "out.npy", random_volume(), RAS)
+
+
+def _with_pixdim(path: Path, pixdim) -> Path:
+    """Overwrite the header's voxel size (pixdim[1:4], bytes 80-91) as a broken writer would; nibabel's
+    own writer refuses to, and its reader silently turns 0 into 1 and -s into s."""
+    import struct
+    gz = path.name.endswith(".gz")
+    blob = bytearray(gzip.decompress(path.read_bytes()) if gz else path.read_bytes())
+    blob[80:92] = struct.pack("<3f", *pixdim)
+    path.write_bytes(gzip.compress(bytes(blob)) if gz else bytes(blob))
+    return path
+
+
+@pytest.mark.parametrize("name", ["vox.nii", "vox.nii.gz"])
+@pytest.mark.parametrize("pixdim", [(0.0, 2.0, 3.0), (1.5, -2.0, 3.0), (1.5, 2.0, float("nan"))])
+def test_zero_negative_or_nan_voxel_size_is_refused_naming_the_file(tmp_path, name, pixdim):
+    img = nib.Nifti1Image(random_volume((6, 5, 4)), None)
+    img.set_qform(RAS, code=1)  # the grid from pixdim alone (no sform), as some converters write
+    img.set_sform(None, code=0)
+    path = tmp_path / name
+    nib.save(img, str(path))
+    assert load_volume(path).spacing == pytest.approx((1.5, 2.0, 3.0))
+    _with_pixdim(path, pixdim)
+    assert_error(rf"image .*{name}: voxel size .* expected 3 positive", load_volume, path)
