@@ -14,10 +14,14 @@ from accelerate.utils import DistributedType
 from safetensors.torch import save_file
 
 from core.atomic import write_json
-from core.errors import InputError
+from core.errors import InputError, RunStopped
 from engine.distributed import full_state_dict
 
 _CKPT = re.compile(r"^ckpt-(\d+)$")
+
+
+class CheckpointNotWritten(RunStopped):
+    """A checkpoint could not be written (a full disk, a quota): the run stops; the last complete one stays."""
 
 
 class Checkpointer:
@@ -44,7 +48,12 @@ class Checkpointer:
         return done[-1] if done else None
 
     def resolve(self, resume: str) -> Path | None:
+        """The checkpoint to resume from: None for a fresh run, the newest complete one for "auto" (None when
+        there is none yet), else the path given. A fresh run in a folder that holds another run's checkpoints
+        (complete or not) or log is refused before anything is written: its rotation and export would take
+        the other run's steps for its own."""
         if not resume:
+            self.refuse_used()
             return None
         if resume == "auto":
             return self.latest()
@@ -52,6 +61,17 @@ class Checkpointer:
         if not (p / "trainer_state.json").is_file():
             raise InputError(f"{p}: not a complete checkpoint (no trainer_state.json)")
         return p
+
+    def refuse_used(self) -> None:
+        """InputError when checkpoints/ is not empty (a half-written checkpoint counts: a run died in it) or
+        output_dir has a metrics.jsonl with rows (a run died before its first checkpoint)."""
+        found = sorted(p.name for p in self.root.iterdir()) if self.root.is_dir() else []
+        log = self.root.parent / "metrics.jsonl"
+        if not found and not (log.is_file() and log.stat().st_size):
+            return
+        what = f"{self.root} holds another run's checkpoints ({', '.join(found[-2:])})" if found else \
+            f"{log} holds another run's log"
+        raise InputError(f"{what}: continue that run with --resume auto, or start a fresh one in a new --output_dir")
 
     @staticmethod
     def check_resumable(accelerator: Accelerator, path: Path | None) -> None:
@@ -66,32 +86,68 @@ class Checkpointer:
 
     def save(self, accelerator: Accelerator, model: torch.nn.Module, step: int, state: dict,
              files: dict[str, Any]) -> Path:
+        """Write ckpt-<step> (a collective: every rank calls it). A write that fails (OSError: a full disk)
+        stops the run on every rank with CheckpointNotWritten; the half-written folder is removed, so the
+        last complete checkpoint stays the newest that `latest()` and `--resume auto` find."""
         final = self.root / f"ckpt-{step:07d}"
         tmp = self.root / f".tmp-ckpt-{step:07d}"
+        error = None
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()  # every rank's files are in tmp before it is renamed
+            error = _attempt(lambda: tmp.mkdir(parents=True))
+        self._agree(accelerator, error, tmp, step)  # also the barrier: tmp exists before any rank writes
+        error = _attempt(lambda: accelerator.save_state(str(tmp)))
+        self._agree(accelerator, error, tmp, step)  # every rank's files are in tmp before it is renamed
         full = full_state_dict(accelerator, model)  # a collective: gathers ZeRO partitions
         if accelerator.is_main_process:
-            # Every step reseeds from (seed, step, rank), so accelerate's pickled RNG states are not
-            # needed; dropping them means resuming never unpickles anything.
-            for rng in tmp.glob("random_states_*.pkl"):
-                rng.unlink()
-            # Not model.safetensors: accelerate wrote that one (wrapped keys) and load_state needs it.
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in full.items()}, str(tmp / "weights.safetensors"))
-            for name, obj in files.items():
-                write_json(tmp / name, obj)
-            write_json(tmp / "trainer_state.json", {"step": step, "world_size": accelerator.num_processes, **state})
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in self.complete()[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+            error = _attempt(lambda: self._finish(accelerator, tmp, final, full, step, state, files))
+        self._agree(accelerator, error, tmp, step)
         return final
+
+    def _finish(self, accelerator: Accelerator, tmp: Path, final: Path, full: dict, step: int, state: dict,
+                files: dict[str, Any]) -> None:
+        """Main process: the full weights and the JSON files into tmp, trainer_state.json last (it marks the
+        folder complete), then the rename and the rotation."""
+        # Every step reseeds from (seed, step, rank), so accelerate's pickled RNG states are not
+        # needed; dropping them means resuming never unpickles anything.
+        for rng in tmp.glob("random_states_*.pkl"):
+            rng.unlink()
+        # Not model.safetensors: accelerate wrote that one (wrapped keys) and load_state needs it.
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in full.items()}, str(tmp / "weights.safetensors"))
+        for name, obj in files.items():
+            write_json(tmp / name, obj)
+        write_json(tmp / "trainer_state.json", {"step": step, "world_size": accelerator.num_processes, **state})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in self.complete()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _agree(self, accelerator: Accelerator, error: OSError | None, tmp: Path, step: int) -> None:
+        """Every rank learns whether any rank failed to write, so all stop together rather than waiting for
+        the failed one at the next collective; the half-written tmp folder is removed."""
+        failed = torch.tensor([float(error is not None)], device=accelerator.device)  # [1]
+        if accelerator.num_processes > 1:
+            failed = accelerator.reduce(failed, reduction="sum")
+        if failed.item() == 0:
+            return
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        last = self.latest()
+        why = (error.strerror or str(error)) if error is not None else "a write failed on another rank"
+        kept = f"the last complete checkpoint {last} is kept" if last else "no complete checkpoint exists yet"
+        raise CheckpointNotWritten(f"{self.root}: could not write the checkpoint of step {step} ({why}); {kept}: "
+                                   "free some space, then continue with --resume auto")
 
     def load(self, accelerator: Accelerator, path: Path) -> dict:
         accelerator.load_state(str(path))
         return json.loads((path / "trainer_state.json").read_text())
+
+
+def _attempt(write) -> OSError | None:
+    """Run `write`; the OSError it raises (ENOSPC, EDQUOT, EFBIG, ...) is returned rather than raised, so the
+    ranks can agree on it before anyone stops."""
+    try:
+        write()
+    except OSError as e:
+        return e
+    return None

@@ -6,10 +6,11 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from accelerate import Accelerator
 
+from core.atomic import write_text
 from core.errors import ConfigError
 
 # --report_to names -> the package each tracker needs (accelerate silently drops a tracker whose
@@ -54,18 +55,30 @@ class RunLogger:
         self.accelerator.log(scalars, step=step)
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop rows logged after the checkpoint so the log has no duplicate steps."""
+        """On resume, drop rows logged after the checkpoint so the log has no duplicate steps; at step 0 (a
+        run that starts afresh) drop them all, so two runs never share one log."""
+        self.keep_rows(lambda row: row["step"] <= step)
+
+    def keep_rows(self, keep: Callable[[dict], bool]) -> None:
+        """Rewrite metrics.jsonl (atomically) with the rows that `keep` accepts. A torn last line (the
+        process died while appending it) is dropped too: it was never a whole row."""
         if not self.enabled or not self.path.exists():
             return
-        rows = [r for r in self.path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(r + "\n" for r in rows))
-        os.replace(tmp, self.path)
+        rows = [r for r in map(_parse_row, self.path.read_text().splitlines()) if r is not None and keep(r)]
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def close(self) -> None:
         # Not accelerator.end_training(): that also destroys the process group, which the run still needs.
         for tracker in self.accelerator.trackers:
             tracker.finish()
+
+
+def _parse_row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and "step" in row else None
 
 
 def progress(total: int, initial: int, enabled: bool, desc: str):

@@ -163,8 +163,11 @@ def build(cfg: PretrainConfig, accelerator):
 
 
 def restore(ckpt: Checkpointer, path: Path | None, accelerator, guard: NonFiniteGuard, logger: RunLogger) -> int:
-    """The step to continue from: 0 for a fresh run, else the checkpoint's, with its state loaded."""
+    """The step to continue from: 0 for a fresh run, else the checkpoint's, with its state loaded. The log
+    keeps only the rows up to that step: none when the run starts at 0 (a --resume auto that found no
+    checkpoint follows a run that died before its first), so two runs never share a metrics.jsonl."""
     if path is None:
+        logger.truncate_after(0)
         return 0
     state = ckpt.load(accelerator, path)
     guard.load_state_dict(state.get("nonfinite", {}))
@@ -220,6 +223,7 @@ def train(cfg: PretrainConfig) -> Path:
     bar = progress(cfg.max_steps, step, main, "pretrain")
     stream = batches.iterate(step * cfg.grad_accum)
     last: dict = {}
+    final = resume_from  # the checkpoint of this run's current step: what it exports once max_steps is reached
     t0 = time.time()
     clock = StepClock()
     try:
@@ -249,14 +253,15 @@ def train(cfg: PretrainConfig) -> Path:
             if step % cfg.ckpt_every == 0 or step == last_stop:
                 summary.update(step=step, losses=last, nonfinite_skipped=guard.total,
                                seconds=round(time.time() - t0, 1))
-                ckpt.save(accelerator, model, step, {"nonfinite": guard.state_dict()},
-                          checkpoint_files(cfg, summary))
+                final = ckpt.save(accelerator, model, step, {"nonfinite": guard.state_dict()},
+                                  checkpoint_files(cfg, summary))
     finally:
         stream.close()  # stops the loader's workers now, not at garbage collection
         bar.close()
         logger.close()
 
-    final = ckpt.latest()
+    # Not ckpt.latest(): a checkpoint of a higher step can be another timeline's (a run resumed from an
+    # earlier checkpoint); the export is the weights of this run's own last step.
     if main and step >= cfg.max_steps and final is not None:
         export_encoders(cfg, final, out, step, last)
     accelerator.wait_for_everyone()
