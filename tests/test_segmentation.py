@@ -174,3 +174,33 @@ def test_cascade_and_predicted_outcome_mask():
     from core.errors import ConfigError
     with pytest.raises(ConfigError, match="seg_weight"):
         MultimodalConfig(encoder=TINY, task="classification", fusion="none", seg_cascade=True)
+
+
+def test_overlay_draws_the_mask_channel_with_two_images(monkeypatch, tmp_path):
+    """Issue 32, defect 6: with [t1ce, flair, mask] crops the overlay's true mask is the mask (the last channel,
+    a 2^3 cube), not the second image (a bright 4^3 block), and its image is the first channel."""
+    import finetune.segmentation as seg
+    from models.input_spec import InputSpec
+    spec = InputSpec(input_size=8, channels=("t1ce", "flair", "lesion_mask"))
+    crops = torch.zeros(1, 3, 8, 8, 8)  # [N, C + 1, S, S, S]
+    crops[0, 0] = torch.arange(512.0).reshape(8, 8, 8)  # t1ce
+    crops[0, 1, 2:6, 2:6, 2:6] = 3.0  # flair: oedema, brighter than 0.5 over a larger block
+    crops[0, 2, 3:5, 3:5, 3:5] = 1.0  # the lesion mask
+    prob = crops[:, 2:3].clone()  # a perfect prediction [N, 1, S, S, S]
+    held = pd.DataFrame({"subject_id": ["s1"]})
+    monkeypatch.setattr(seg.MultimodalModel, "from_pretrained", lambda folder: (torch.nn.Identity(), None))
+    monkeypatch.setattr(seg, "lesion_probabilities", lambda models, df, spec: (prob[:len(df)], crops[:len(df)],
+                                                                               np.full(len(df), 1.0)))
+    drawn = []
+    monkeypatch.setattr(seg, "save_overlay", lambda path, image, true_mask, pred_mask, title="":
+                        drawn.append((image, true_mask, pred_mask)))
+    frame = pd.DataFrame({"subject_id": ["s1"], "split": ["val"]})
+    report = seg.segmentation_results(tmp_path, [{"folder": "f0"}], [frame], held, {"external": held}, spec,
+                                      n_boot=5, seed=0)
+    assert len(drawn) == 1
+    image, true_mask, pred_mask = drawn[0]
+    assert np.array_equal(image, crops[0, 0].numpy())
+    assert np.array_equal(np.asarray(true_mask) > 0.5, crops[0, 2].numpy() > 0.5)
+    assert np.array_equal(np.asarray(pred_mask), crops[0, 2].numpy() > 0.5)
+    assert report["external"]["dice"]["mean"] == 1.0  # the metrics read the same mask channel
+    assert [line.split()[0] for line in seg.format_segmentation(report).splitlines()[2:]] == ["val", "external"]
