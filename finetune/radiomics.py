@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import inspect
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,7 @@ class RadiomicsModel:
     y for survival is a sksurv structured array (event: bool, time: float), e.g. from `survival_target`.
     """
 
+    NAME = "radiomics"  # how errors and results name the model
     SELECTIONS = ("univariate_l1", "none")
     DEFAULT_SELECTION_LABEL, DEFAULT_SELECTION_SURVIVAL = "none", "univariate_l1"
     K_GRID = (5, 10, 20, "all")  # features after the univariate filter; "all" leaves selection to L1
@@ -137,26 +139,41 @@ class RadiomicsModel:
                  selection: str | None = None):
         task = get_task(task) if isinstance(task, str) else task
         if task.label == task.survival:
-            raise InputError(f"radiomics: --task {task.name} predicts {list(task.columns)}; a radiomics model "
+            raise InputError(f"{self.NAME}: --task {task.name} predicts {list(task.columns)}; a {self.NAME} model "
                              f"predicts one target: --task {CLASSIFICATION.name} or {SURVIVAL.name}")
         if selection is None:
             selection = self.DEFAULT_SELECTION_LABEL if task.label else self.DEFAULT_SELECTION_SURVIVAL
         if selection not in self.SELECTIONS:
-            raise InputError(f"radiomics: selection {selection!r} is not one of {self.SELECTIONS}")
+            raise InputError(f"{self.NAME}: selection {selection!r} is not one of {self.SELECTIONS}")
         self.task, self.seed, self.inner_folds, self.selection = task, seed, inner_folds, selection
 
-    def _pipeline(self, model, k=None) -> Pipeline:
+    # Where the univariate filter's k sits in the pipeline's parameters (a subclass nests it deeper).
+    SELECT_PARAM = "select__k"
+
+    def _radiomics_steps(self, k=None) -> list:
+        """Impute -> standardise -> constant/correlation filter -> [k best], each fitted on training rows only."""
         steps = [("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
                  ("scale", StandardScaler()), ("filter", FeatureFilter())]
         if k is not None:
             score = f_classif if self.task.label else concordance_scores
             steps.append(("select", SelectKBest(score, k=k)))
-        return Pipeline(steps + [("model", model)])
+        return steps
+
+    def _feature_steps(self, k=None) -> list:
+        """The steps before the linear model (the clinical baselines replace them)."""
+        return self._radiomics_steps(k)
+
+    def _pipeline(self, model, k=None) -> Pipeline:
+        return Pipeline(self._feature_steps(k) + [("model", model)])
+
+    def _as_input(self, X):
+        """What the pipeline reads: a float matrix (radiomics features are all numeric)."""
+        return np.asarray(X, dtype=np.float64)
 
     def _search_space(self, X, y):
         """(pipeline, parameter grid, scoring) for this task and selection."""
         select = self.selection == "univariate_l1"
-        k_grid = {"select__k": list(self.K_GRID)} if select else {}
+        k_grid = {self.SELECT_PARAM: list(self.K_GRID)} if select else {}
         if self.task.label:
             if select:
                 pipe, C = self._pipeline(_l1_logistic(), k="all"), np.logspace(-2, 2, 9)
@@ -177,7 +194,7 @@ class RadiomicsModel:
 
     def fit(self, X, y) -> "RadiomicsModel":
         self.feature_names_ = list(X.columns) if isinstance(X, pd.DataFrame) else None
-        X = np.asarray(X, dtype=np.float64)
+        X = self._as_input(X)
         if self.task.label:
             y = np.asarray(y).astype(int)
             strata = y
@@ -186,7 +203,7 @@ class RadiomicsModel:
         smallest = int(np.bincount(strata, minlength=2).min())
         if smallest < 2:
             what = "class" if self.task.label else "event/censored group"
-            raise InputError(f"radiomics: each {what} needs at least 2 training rows (counts "
+            raise InputError(f"{self.NAME}: each {what} needs at least 2 training rows (counts "
                              f"{np.bincount(strata, minlength=2).tolist()})")
         with warnings.catch_warnings():
             # Inner folds with too little signal fail or converge poorly; they score NaN and lose. A k
@@ -204,36 +221,46 @@ class RadiomicsModel:
         self.best_params_ = self._chosen(search.best_params_)
         return self
 
+    def _selection_steps(self) -> dict:
+        """The fitted filter and selector steps (named_steps) of the radiomics part."""
+        return self.pipeline_.named_steps
+
     def _chosen(self, chosen: dict) -> dict:
         """The tuned values and how many features each step kept (JSON-ready)."""
-        steps = self.pipeline_.named_steps
+        steps = self._selection_steps()
         out = ({"C": float(chosen["model__C"])} if self.task.label
                else {"alpha": float(chosen["model__alphas"][0])})
-        out["n_features_kept"] = int(len(steps["filter"].keep_))  # after the constant/correlation filter
+        if "filter" in steps:
+            out["n_features_kept"] = int(len(steps["filter"].keep_))  # after the constant/correlation filter
         out["selection"] = self.selection
         if "select" in steps:
-            out["k"] = str(chosen["select__k"]) if chosen["select__k"] == "all" else int(chosen["select__k"])
+            k = chosen[self.SELECT_PARAM]
+            out["k"] = str(k) if k == "all" else int(k)
             out["n_features_selected"] = int(steps["select"].get_support().sum())
-        coef = np.ravel(steps["model"].coef_)
+        coef = np.ravel(self.pipeline_.named_steps["model"].coef_)
         out["n_nonzero"] = int(np.count_nonzero(coef))  # features the final linear model uses
         return out
 
-    def used_features(self) -> list:
-        """The columns the final model uses (nonzero coefficient): names if fitted on a DataFrame, else indices."""
-        steps = self.pipeline_.named_steps
+    def model_inputs(self) -> list:
+        """The final linear model's input columns: names if fitted on a DataFrame, else indices."""
+        steps = self._selection_steps()
         cols = steps["filter"].keep_
         if "select" in steps:
             cols = cols[steps["select"].get_support()]
-        cols = cols[np.ravel(steps["model"].coef_) != 0]
         return [self.feature_names_[c] for c in cols] if self.feature_names_ else [int(c) for c in cols]
+
+    def used_features(self) -> list:
+        """The model inputs with a nonzero coefficient (the features the final model uses)."""
+        coef = np.ravel(self.pipeline_.named_steps["model"].coef_)
+        return [name for name, c in zip(self.model_inputs(), coef) if c != 0]
 
     def predict(self, X) -> np.ndarray:
         if isinstance(X, pd.DataFrame) and self.feature_names_ is not None:
             absent = [c for c in self.feature_names_ if c not in X.columns]
             if absent:
-                raise InputError(f"radiomics: feature column(s) {absent[:5]} missing at prediction")
+                raise InputError(f"{self.NAME}: feature column(s) {absent[:5]} missing at prediction")
             X = X[self.feature_names_]
-        X = np.asarray(X, dtype=np.float64)
+        X = self._as_input(X)
         if self.task.label:
             return self.pipeline_.predict_proba(X)[:, 1]
         return self.pipeline_.predict(X)
@@ -246,27 +273,30 @@ def survival_target(event, time) -> np.ndarray:
 # ---------------------------------------------------------------- cross-validated predictions
 
 def predict_splits(features: pd.DataFrame, targets: pd.DataFrame, splits: dict, task: Task | str, seed: int = 0,
-                   external: pd.DataFrame | None = None,
-                   eval_sets: dict[str, pd.DataFrame] | None = None) -> tuple[pd.DataFrame, list[dict]]:
+                   external: pd.DataFrame | None = None, eval_sets: dict[str, pd.DataFrame] | None = None,
+                   make_model: Callable[[Task, int], RadiomicsModel] | None = None) -> tuple[pd.DataFrame, list[dict]]:
     """One model per fold (predicts its val rows) and one on all non-test rows (test, external and each
     further held-out set in `eval_sets`, predicted under its own split name).
 
-    features/targets are indexed by subject_id; targets has `label` or `time`/`event`.
+    features/targets are indexed by subject_id; targets has `label` or `time`/`event`. make_model(task, seed)
+    builds an unfitted model (default: RadiomicsModel; finetune.baselines.clinical_models has the others).
     Returns predictions (subject_id, split, fold, prob|risk) and each model's chosen parameters.
     """
     task = get_task(task) if isinstance(task, str) else task
+    make_model = make_model or RadiomicsModel
     score = "prob" if task.label else "risk"
     listed = {s for fold in splits["folds"] for part in ("train", "val") for s in fold[part]} | set(splits["test"])
     absent = sorted(listed - set(features.index))
     if absent:
-        raise InputError(f"radiomics: {len(absent)} subject(s) in the splits have no features: {absent[:5]}")
+        raise InputError(f"{make_model(task, seed).NAME}: {len(absent)} subject(s) in the splits have no "
+                         f"features: {absent[:5]}")
 
     def target(ids):
         t = targets.loc[ids]
         return t["label"].to_numpy() if task.label else survival_target(t["event"], t["time"])
 
     def fit(ids):
-        return RadiomicsModel(task, seed).fit(features.loc[ids], target(ids))
+        return make_model(task, seed).fit(features.loc[ids], target(ids))
 
     rows, params = [], []
 
