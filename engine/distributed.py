@@ -78,6 +78,15 @@ def check_deepspeed_json(path: str | os.PathLike) -> dict:
             where = " (and DeepSpeed refuses fp16 on a host with no GPU)" if dtype == "fp16" else ""
             raise ConfigError(f"{path}: {dtype}.enabled is true, which keeps 16-bit weights{where}; set it to "
                               "\"auto\" and choose the precision with --mixed_precision (bf16 runs under autocast)")
+    # A non-finite loss skips its optimizer step through ZeRO's overflow check (engine/steps.py); without
+    # ZeRO, or with its gradient norm off, DeepSpeed would apply the spoiled step.
+    stage = flat.get("zero_optimization.stage", 0)
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage is {stage!r}; use 1, 2 or 3 (a non-finite loss is "
+                          "skipped through ZeRO's overflow check), or DDP: launch/accelerate/multi_gpu_ddp.yaml")
+    if flat.get("zero_optimization.compute_grad_norm", True) is False:
+        raise ConfigError(f"{path}: zero_optimization.compute_grad_norm is false, which turns off the overflow "
+                          "check that skips a step spoiled by a non-finite loss; remove it")
     unfilled = sorted(k for k, v in flat.items() if v == "auto" and k not in FILLED_AUTO)
     if unfilled:
         raise ConfigError(f"{path}: {unfilled[0]} is \"auto\", which nothing fills; give it a number")

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from core.errors import RunStopped
 from engine.config import OptimConfig
@@ -104,13 +105,16 @@ def backward_and_step(accelerator: Accelerator, model, optimizer, loss: torch.Te
 
     Backpropagates a finite loss; a non-finite one (decided alike on every rank) is skipped and
     spoils the whole optimizer step it belongs to, which is then not taken. On the accumulation
-    boundary: clip, step (if the step is still good) and zero the gradients.
+    boundary: clip, step (if the step is still good) and zero the gradients. DeepSpeed steps inside
+    its backward, so there the skip goes through DeepSpeed's own (`_deepspeed_backward`).
     Returns (this micro-batch's loss was finite, the optimizer step is still good).
     """
     finite = guard.ok(loss, accelerator)
+    step_ok = step_ok and finite
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return finite, _deepspeed_backward(accelerator, optimizer, loss, finite, step_ok)
     if finite:
         accelerator.backward(loss)
-    step_ok = step_ok and finite
     if accelerator.sync_gradients:
         if step_ok and clip_grad > 0:
             accelerator.clip_grad_norm_(model.parameters(), clip_grad)
@@ -118,6 +122,29 @@ def backward_and_step(accelerator: Accelerator, model, optimizer, loss: torch.Te
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return finite, step_ok
+
+
+def _deepspeed_backward(accelerator: Accelerator, optimizer, loss: torch.Tensor, finite: bool, step_ok: bool) -> bool:
+    """One micro-batch's backward under DeepSpeed; returns whether the optimizer step is still good.
+
+    Here `accelerator.backward` also runs the engine's step at the accumulation boundary, and the engine
+    accumulates the micro-batches' gradients in its own partitions, which `optimizer.zero_grad` (a no-op
+    under DeepSpeed) never reaches. Skipping a bad micro-batch's backward would therefore still apply the
+    other micro-batches (a bad non-boundary one), or leave their gradients to leak into the next step (a
+    bad boundary one). So a bad micro-batch backpropagates NaN instead (`loss * nan` is NaN whatever its
+    gradient was, and keeps the graph, so every rank's reduction hooks fire alike): at the boundary
+    DeepSpeed's own overflow check (ZeRO 1-3) finds a non-finite gradient norm, skips the update and
+    clears the accumulated gradients, and AdamW's step counter stays where it was.
+    """
+    accelerator.backward(loss if finite else loss * float("nan"))
+    if not accelerator.sync_gradients:
+        return step_ok
+    skipped = optimizer.step_was_skipped  # DeepSpeed's verdict on the update it just ran
+    if not step_ok and not skipped:
+        raise TrainingStopped(
+            "DeepSpeed applied an optimizer step that a non-finite loss spoiled: its overflow check is off "
+            "(zero_optimization.stage 0, or compute_grad_norm false). The last good checkpoint is kept.")
+    return step_ok and not skipped
 
 
 def optimizer_step(accelerator: Accelerator, model, optimizer, guard: NonFiniteGuard, clip_grad: float,

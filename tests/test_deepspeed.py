@@ -224,6 +224,18 @@ def test_deepspeed_json_a_run_cannot_honour_is_one_line(tmp_path, over, words):
     assert str(path) in res.stderr and words in res.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("over, words", [
+    ({"zero_optimization__stage": 0}, "zero_optimization.stage is 0"),
+    ({"zero_optimization__compute_grad_norm": False}, "zero_optimization.compute_grad_norm is false"),
+])
+def test_deepspeed_json_without_the_overflow_check_is_refused(tmp_path, over, words):
+    # A non-finite loss skips its step through ZeRO's overflow check (engine/steps.py); without it the
+    # spoiled step would be applied.
+    with pytest.raises(ConfigError, match=words) as e:
+        check_deepspeed_json(_json(tmp_path, **over))
+    assert str(tmp_path / "ds.json") in str(e.value) and "\n" not in str(e.value)
+
+
 def test_shipped_deepspeed_jsons_pass_the_check():
     for name in ("zero2.json", "zero3.json"):
         check_deepspeed_json(ROOT / "launch" / "deepspeed" / name)
