@@ -3,7 +3,9 @@
 - **Rates.** The fusion blocks and task heads train at the head's rate (`optim.lr`). With
   `encoder_blr`, the encoder's peak rate follows MAE's fine-tuning rule, blr x effective batch / 256,
   and is then layer-decayed (timm's param_groups_layer_decay), so a pretrained block moves far less
-  than the fresh head on top of it.
+  than the fresh head on top of it. `encoder_blr auto` (the default) is the measured rate for the
+  encoder at hand: a pretrained encoder needs 10x scratch's, because its features have about a third of
+  a random encoder's scale (docs/RESULTS.md).
 - **Warm-up over epochs** (`warmup_epochs`), so the warm-up means the same on 20 or 2000 subjects.
 - **LP-FT** (Kumar et al. 2022): for the first `lp_epochs` the encoder is held (its rate is 0 and its
   gradients are zeroed, so its weights do not move) while the head fits the frozen features; then the
@@ -24,6 +26,15 @@ import torch
 from engine.steps import WarmupCosine
 
 EPOCH_CHOICES = ("best", "last", "average")
+# `encoder_blr auto`, by whether the encoder is pretrained. Chosen on the development cohort
+# (benchmarks.research.finetune_recipe, variants base / rate10): at 30 labelled patients a pretrained
+# encoder at the scratch rate fell 0.05-0.12 AUC behind scratch and at 10x it is level; on the large sets
+# at 20 patients it leads (ssl_gain's cpu preset, pretrained_encoder_blr). Segmentation measured the
+# same way round (Dice -0.072 against scratch at the scratch rate, -0.058 at 10x), so the rate does
+# not depend on the task. The 10x rate costs scratch 0.02-0.03 AUC, hence two rates.
+SCRATCH_ENCODER_BLR = 5e-3
+PRETRAINED_ENCODER_BLR = 5e-2
+AUTO = "auto"
 
 
 def tag_param_groups(groups: list[dict], encoder_params) -> list[dict]:
@@ -36,6 +47,13 @@ def tag_param_groups(groups: list[dict], encoder_params) -> list[dict]:
             raise RuntimeError("an optimizer group mixes encoder and head parameters")
         g["role"] = "encoder" if roles.pop() else "head"
     return groups
+
+
+def resolve_encoder_blr(encoder_blr: float | str, pretrained: bool) -> float:
+    """A number as given; `auto`: the pretrained rate for a pretrained encoder, else scratch's."""
+    if encoder_blr != AUTO:
+        return float(encoder_blr)
+    return PRETRAINED_ENCODER_BLR if pretrained else SCRATCH_ENCODER_BLR
 
 
 def encoder_peak_lr(encoder_blr: float, effective_batch: int) -> float | None:
