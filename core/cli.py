@@ -153,6 +153,10 @@ def _metavar(flag: _Flag) -> tuple[str, str | None]:
         return "{" + ",".join(str(c) for c in choices) + "}", None
     tp = _unwrap_optional(flag.tp)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):  # e.g. float | Literal["auto"] -> FLOAT|auto
+        parts = [",".join(map(str, typing.get_args(a))) if typing.get_origin(a) is typing.Literal
+                 else _TYPE_NAMES.get(a, "VALUE") for a in args if a is not type(None)]
+        return "|".join(parts), None
     if tp is bool:
         return _TYPE_NAMES[bool], "?"  # a bare `--flag` means true
     if origin in (tuple, list):
@@ -202,14 +206,28 @@ def _prog_from_main() -> str | None:
     return "python -m " + name.removesuffix(".__main__")
 
 
+def _underscore_spellings(parser: argparse.ArgumentParser) -> None:
+    """Every command takes underscores (`--skip_bad`): a command's own hyphenated flag (`--skip-bad`) gains
+    the underscore spelling, first in --help, and keeps the hyphenated one as an alias."""
+    for action in list(parser._actions):
+        for option in list(action.option_strings):
+            alias = "--" + option[2:].replace("-", "_")
+            if option.startswith("--") and alias not in parser._option_string_actions:
+                action.option_strings.insert(0, alias)
+                parser._option_string_actions[alias] = action
+
+
 def _prepare_parser(parser: argparse.ArgumentParser | None, description: str,
-                    prog: str | None) -> argparse.ArgumentParser:
+                    prog: str | None, epilog: str | None = None) -> argparse.ArgumentParser:
     prog = prog or _prog_from_main()
     if parser is None:
         parser = argparse.ArgumentParser(description=description, **({"prog": prog} if prog else {}))
         parser.usage = "%(prog)s [--config FILE] [--OPTION VALUE ...]"  # the full list is below
     elif prog and parser.prog == "__main__.py":
         parser.prog = prog
+    _underscore_spellings(parser)
+    if epilog and not parser.epilog:
+        parser.epilog = epilog
     # Without this `--epoch 2` silently sets --epochs; read at parse time, so it holds for a given parser.
     parser.allow_abbrev = False
     if not issubclass(parser.formatter_class, _MetavarHelp):
@@ -277,17 +295,17 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
 
     Multi-value fields take several words (`--spacing 1 1 1`) or a comma list. `--help` lists every
     flag with its description (field metadata "help", else the field's comment), default and choices.
-    `prog` names the command in --help (default: `python -m <module>` of the running module).
+    `prog` names the command in --help (default: `python -m <module>` of the running module); the
+    config class's `HELP` text, if any, is shown beneath the flags. Flags of `parser` spelt with hyphens
+    are accepted with underscores too.
     Returns the config and the namespace of any extra arguments `parser` defines.
     """
-    parser = _prepare_parser(parser, description, prog)
+    parser = _prepare_parser(parser, description, prog, getattr(cls, "HELP", None))
     parser.add_argument("--config", metavar="FILE",
                         help="YAML or JSON file with the run configuration; flags override it")
-    try:
-        defaults = cls()
-    except (TypeError, ValueError):  # a required field or an invalid default: show field defaults
-        defaults = None
-    flags = _flags(cls, instance=defaults)
+    # Each field's declared default, as the user would type it (`auto`, not what __post_init__ resolves
+    # it to); a nested section shows its default_factory's values.
+    flags = _flags(cls)
     _add_flags(parser, cls, flags)
     ns = parser.parse_args(argv)
     over = _flag_overrides(ns, flags)

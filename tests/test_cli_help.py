@@ -34,11 +34,11 @@ def test_finetune_help_shows_description_default_and_choices(capsys):
     modality = _entry(text, "--prep.modality")
     assert modality.startswith("{mri,ct,pet} mri: percentile clip") and "(default: mri)" in modality
     patience = _entry(text, "--patience")
-    assert patience.startswith("INT epochs without validation improvement") and "(default: 8)" in patience
+    assert patience.startswith("INT epochs without validation improvement") and "(default: 6)" in patience
     # a fixed-length tuple shows how many numbers it takes; a nested default_factory's value is shown
     spacing = _entry(text, "--prep.spacing")
     assert spacing.startswith("FLOAT FLOAT FLOAT target voxel size, mm") and "(default: 2.0 2.0 2.0)" in spacing
-    assert "(default: 0.0003)" in _entry(text, "--optim.lr")
+    assert "(default: 0.001)" in _entry(text, "--optim.lr")
     # a bool takes true/false; a comment block above the field (crop_mm) is its description
     assert _entry(text, "--freeze_encoder").startswith("{true,false} linear probe")
     assert "Smallest side of the lesion-centred cube" in _entry(text, "--crop_mm")
@@ -119,3 +119,45 @@ def test_a_check_that_only_the_flags_break_is_blamed_on_the_flags(tmp_path):
     y.write_text("model: {task: bogus}\n")
     with pytest.raises(ConfigError, match=re.escape(str(y))):
         parse_config(FinetuneConfig, ["--config", str(y), "--folds", "3"])
+
+
+def _own_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="p")
+    p.add_argument("--skip-bad", action="store_true", help="skip")
+    p.add_argument("--datalist-key", default="training")
+    p.add_argument("--n_kept", "--n-kept", dest="n_kept", type=int, default=0)  # both spellings already
+    return p
+
+
+@pytest.mark.parametrize("spelling", ["--skip_bad", "--skip-bad"])
+def test_a_commands_hyphenated_flags_also_take_underscores(spelling):
+    """Every command takes underscores; a command's own hyphenated flag keeps its spelling as an alias."""
+    _, ns = parse_config(Small, [spelling, "--datalist_key", "k", "--n-kept", "2"], parser=_own_parser())
+    assert ns.skip_bad is True and ns.datalist_key == "k" and ns.n_kept == 2
+    _, ns = parse_config(Small, ["--datalist-key", "j", "--n_kept", "3"], parser=_own_parser())
+    assert ns.skip_bad is False and ns.datalist_key == "j" and ns.n_kept == 3
+
+
+def test_help_shows_the_underscore_spelling_first(capsys):
+    text = _help_text(Small, capsys, parser=_own_parser())
+    assert "--skip_bad, --skip-bad" in text and "--datalist_key DATALIST_KEY, --datalist-key" in text
+    assert "--n_kept N_KEPT, --n-kept N_KEPT" in text
+
+
+@pytest.mark.parametrize("spelling", ["_", "-"])
+def test_data_synth_takes_both_spellings(spelling):
+    from data.synth.__main__ import build_parser
+    from data.synth.params import CohortParams
+    argv = ["--out", "x", f"--n{spelling}unlabeled", "1", f"--n{spelling}labeled", "2",
+            f"--n{spelling}external", "3", f"--no{spelling}progress"]
+    _, ns = parse_config(CohortParams, argv, parser=build_parser())
+    assert (ns.n_unlabeled, ns.n_labeled, ns.n_external, ns.no_progress) == (1, 2, 3, True)
+
+
+def test_data_synth_usage_and_help_spell_with_underscores(capsys):
+    from data.synth.__main__ import build_parser
+    from data.synth.params import CohortParams
+    text = _help_text(CohortParams, capsys, parser=build_parser())
+    usage = text.split(" options:")[0]
+    assert "--n_labeled" in usage and "--no_progress" in usage and "--n-labeled" not in usage
+    assert "--n_labeled N_LABELED, --n-labeled N_LABELED" in text
