@@ -98,3 +98,52 @@ def _accelerate_per_node(argv: list[str]) -> dict:
     cmd, _ = prepare_deepspeed_cmd_env(args)
     return {"cmd": cmd, **{k: getattr(args, k, None) for k in
                            ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend")}}
+
+
+def _header(path: Path) -> str:
+    """The comment block a YAML opens with, as one line."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(lines)
+
+
+def test_gpu_pretraining_carries_the_measured_recipe_scaled():
+    """launch/pretrain_base_gpu.yaml keeps what the probe chose on the CPU (lesion views at 0.75, 2 levels, the
+    alignment weight) and the scales in mm (level 1 about 80 mm of context, the lesion view about 40 mm, which
+    fine-tuning then crops at), on ViT-B's 6^3 token grid."""
+    from core.config import load_config
+    from pretrain.config import PretrainConfig
+    cpu = load_config(PretrainConfig, LAUNCH / "pretrain_cpu.yaml")
+    gpu = load_config(PretrainConfig, LAUNCH / "pretrain_base_gpu.yaml")
+    assert gpu.lesion_view_fraction == cpu.lesion_view_fraction == 0.75
+    assert gpu.lesion_view_level == cpu.lesion_view_level
+    assert gpu.model.masks.levels == cpu.model.masks.levels == 2
+    assert gpu.model.align_weight == cpu.model.align_weight
+    # a child covers the same share of its parent's edge (2 of 4 patches on the CPU, 3 of 6 on ViT-B)
+    assert (gpu.model.masks.child_patches / gpu.model.encoder.grid
+            == cpu.model.masks.child_patches / cpu.model.encoder.grid)
+    level1 = lambda cfg: cfg.crop_size * cfg.prep.spacing[0]  # noqa: E731
+    assert level1(gpu) == pytest.approx(level1(cpu), rel=0.05)
+    assert gpu.input_spec().view.centre == "lesion"
+    assert gpu.input_spec().view.crop_mm == pytest.approx(cpu.input_spec().view.crop_mm, rel=0.05)
+
+
+@pytest.mark.parametrize("name", ["pretrain_base_gpu.yaml", "finetune_base_gpu.yaml"])
+def test_gpu_presets_say_what_was_measured_and_what_is_extrapolated(name):
+    header = _header(LAUNCH / name).lower()
+    assert "not yet run" in header and "measured" in header and "extrapolated" in header
+
+
+@pytest.mark.parametrize("name", ["pretrain_cpu.yaml", "finetune_tiny_cpu.yaml"])
+def test_cpu_recipes_say_they_were_measured(name):
+    assert "measured" in _header(LAUNCH / name).lower()
+
+
+def test_finetune_recipe_yaml_runs_the_epochs_results_report():
+    """RESULTS' numbers were fine-tuned 3 folds x 20 epochs, averaging from epoch 5 (ssl_gain's cpu preset)."""
+    import yaml
+    recipe = yaml.safe_load((LAUNCH / "finetune_tiny_cpu.yaml").read_text())
+    assert (recipe["folds"], recipe["epochs"], recipe["min_epochs"]) == (3, 20, 5)
