@@ -8,6 +8,8 @@ Standard columns (any other column is clinical data and passes through untouched
   image, mask absolute paths to NIfTI files (relative paths are resolved against the manifest's folder);
               with several image channels (PrepConfig.images, --images t1ce,flair,pet) those columns replace
               `image`, and PET in Bq/mL adds its dose, weight and time columns
+  brain_mask  optional: a 0/1 brain mask on the first image's grid, the TBR reference of a PET channel
+              (data/pet.py; without it the brain is estimated); a blank cell means none
   label       1 = tumour progression, 0 = radiation necrosis
   time, event survival time (> 0) and event indicator (1 = event, 0 = censored)
 """
@@ -25,8 +27,8 @@ import pandas as pd
 from core.errors import ConfigError, ManifestError
 from data.prep_config import PrepConfig
 
-STANDARD_COLUMNS = ("subject_id", "patient_id", "site", "image", "mask", "label", "time", "event")
-STRING_COLUMNS = ("subject_id", "patient_id", "site", "image", "mask")
+STANDARD_COLUMNS = ("subject_id", "patient_id", "site", "image", "mask", "brain_mask", "label", "time", "event")
+STRING_COLUMNS = ("subject_id", "patient_id", "site", "image", "mask", "brain_mask")
 IMAGE_COLUMNS = ("image", "mask")  # what a lesion-level run reads besides its targets
 DEFAULT_SITE = "site0"
 MAX_LISTED = 5
@@ -67,11 +69,11 @@ def read_manifest(path, *, columns: tuple[str, ...] = IMAGE_COLUMNS, purpose: st
     if "mask" in required:
         _check_not_empty(df, "mask", where)
     base = path.parent.absolute()
-    for col in dict.fromkeys([*images, "image", "mask"]):
+    for col in dict.fromkeys([*images, "image", "mask", "brain_mask"]):
         if col in df.columns:  # an optional mask column is resolved too; its blanks stay missing
             df[col] = [_absolute(p, base) if isinstance(p, str) and p else np.nan for p in df[col]]
-    if check_files:
-        _check_files_exist(df, path_columns, where)
+    if check_files:  # a brain mask is checked where a row gives one
+        _check_files_exist(df, path_columns + (["brain_mask"] if "brain_mask" in df.columns else []), where)
     pet = [c for c, m in prep.channels() if m == "pet"] if numeric else []
     has_pet = np.array([any(isinstance(v, str) and v for v in vals) for vals in zip(*(df[c] for c in pet))]) \
         if pet else np.zeros(len(df), bool)

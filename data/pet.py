@@ -6,11 +6,16 @@ TorchIO normalise intensities, not tracer uptake), hence these few lines by hand
     SUV_bw = C [Bq/mL] / (D [Bq] x 2^(-t / T_half) / W [g])        (tissue density 1 g/mL)
     TBR    = SUV / mean SUV of normal-appearing brain
 
-Normal-appearing brain: the head mask (the first channel's foreground) eroded by `brain_erode_mm`, so scalp
-and skull are left out, minus the lesion grown by `lesion_margin_mm`, so the tumour's own uptake and its
-spill-over (PET resolution is several mm) do not raise the reference. FET and MET studies draw this
-reference by hand as a large region of normal brain, usually contralateral; the automatic one averages
-grey and white matter of the whole brain, which is what a hand-drawn crescent samples too.
+Normal-appearing brain (what data.prepare records as each PET channel's "reference"): a brain mask, from
+the manifest's `brain_mask` column when a row has one, else estimated from the first channel by
+data.brain.brain_mask (the head eroded by `brain_erode_mm`, Otsu's brighter class: grey and white matter,
+not CSF, ventricles, bone, muscle or scalp; its largest component); only where the PET field of view
+reaches; minus the lesion grown by `lesion_margin_mm`, so the tumour's own uptake and its spill-over (PET
+resolution is several mm) do not raise the reference. FET and MET studies draw this reference by hand as a
+large region of normal brain, usually a contralateral crescent of grey and white matter; the automatic one
+averages grey and white matter of the whole brain, which is what the crescent samples too, so TBR compares
+with the literature's cut-offs (1.6-2.0). A row without a lesion mask keeps the lesion in the reference:
+finetune.predict prepares such a row again once it has found the lesion.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from core.errors import InputError
+from data.brain import dilate_mm
 from data.prep_config import PetConfig
 
 
@@ -43,16 +49,12 @@ def suv_from_row(row, cfg: PetConfig, where: str) -> float:
     return suv_factor(values[cfg.dose_column], values[cfg.weight_column], values[cfg.minutes_column], cfg.half_life_min)
 
 
-def reference_region(head: np.ndarray, lesion: np.ndarray | None, spacing_mm, cfg: PetConfig) -> np.ndarray:
-    """Normal-appearing brain [X, Y, Z] bool: `head` eroded by brain_erode_mm, minus `lesion` grown by
-    lesion_margin_mm (both as ellipsoids in mm, so anisotropic voxels erode the same distance)."""
-    region = head.astype(bool)
-    if cfg.brain_erode_mm > 0:
-        region = ndimage.binary_erosion(region, _ball(cfg.brain_erode_mm, spacing_mm))
+def reference_region(brain: np.ndarray, lesion: np.ndarray | None, spacing_mm, cfg: PetConfig) -> np.ndarray:
+    """Normal-appearing brain [X, Y, Z] bool: `brain` (a brain mask, see the module docstring) minus `lesion`
+    grown by lesion_margin_mm (a ball in mm, so anisotropic voxels grow the same distance)."""
+    region = np.asarray(brain, bool).copy()
     if lesion is not None and lesion.any():
-        grown = ndimage.binary_dilation(lesion > 0, _ball(cfg.lesion_margin_mm, spacing_mm)) \
-            if cfg.lesion_margin_mm > 0 else lesion > 0
-        region &= ~grown
+        region &= ~dilate_mm(lesion > 0, cfg.lesion_margin_mm, spacing_mm)
     return region
 
 
@@ -60,16 +62,10 @@ def to_tbr(suv: np.ndarray, region: np.ndarray, where: str) -> tuple[np.ndarray,
     """SUV [X, Y, Z] over the mean SUV in `region` -> (TBR [X, Y, Z] float32, the reference mean SUV)."""
     if region.sum() < 100:
         raise InputError(f"{where}: the normal-brain reference region for TBR has {int(region.sum())} voxels; "
-                         "lower --prep.pet.brain_erode_mm or --prep.pet.lesion_margin_mm")
+                         "lower --prep.pet.brain_erode_mm or --prep.pet.lesion_margin_mm, "
+                         "or give a brain_mask column")
     ref = float(suv[region].mean())
     if not ref > 0:
         raise InputError(f"{where}: mean SUV of normal brain is {ref:g}; expected > 0 (is this a PET image?)")
     return (suv / ref).astype(np.float32), ref
 
-
-def _ball(radius_mm: float, spacing_mm) -> np.ndarray:
-    """Ellipsoidal structuring element of `radius_mm` on a grid of `spacing_mm` voxels."""
-    half = [max(1, int(np.floor(radius_mm / s))) for s in spacing_mm]
-    axes = [np.arange(-h, h + 1) * s for h, s in zip(half, spacing_mm)]
-    grid = np.meshgrid(*axes, indexing="ij")
-    return sum(g ** 2 for g in grid) <= radius_mm ** 2 + 1e-9

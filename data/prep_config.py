@@ -16,9 +16,13 @@ from core.errors import ConfigError
 
 # Bump when the preprocessing code changes its output, so old cache entries are not served.
 PREP_VERSION = 1
+# Bumped when the preprocessing of a further channel or of PET changes its output, and in the key of those
+# configs only, so a one-image MRI or CT run keeps its key and cache entries. 2: a channel's statistics leave
+# out the voxels its field of view does not cover; the TBR reference is a brain mask (issue 32).
+CHANNELS_VERSION = 2
 MODALITIES = ("mri", "ct", "pet")
 # Manifest columns an image channel may not be named after: they mean something else.
-RESERVED_COLUMNS = ("subject_id", "patient_id", "site", "mask", "label", "time", "event")
+RESERVED_COLUMNS = ("subject_id", "patient_id", "site", "mask", "brain_mask", "label", "time", "event")
 F18_HALF_LIFE_MIN = 109.77
 
 
@@ -28,14 +32,17 @@ class PetConfig:
     # what the PET files hold: bqml = activity concentration in Bq/mL, made SUV (body weight) with the
     # manifest's dose, weight and time columns; suv = already SUV (the columns are not needed)
     units: Literal["bqml", "suv"] = "bqml"
-    # what the channel holds: tbr = SUV over the mean SUV of normal-appearing brain (the first channel's head
-    # mask eroded by brain_erode_mm, minus the lesion grown by lesion_margin_mm); suv = SUV itself
+    # what the channel holds: tbr = SUV over the mean SUV of normal-appearing brain (the manifest's brain_mask
+    # column, else data.brain.brain_mask of the first channel; minus the lesion grown by lesion_margin_mm;
+    # data/pet.py); suv = SUV itself
     scale: Literal["tbr", "suv"] = "tbr"
     dose_column: str = "pet_dose_mbq"      # manifest column: injected dose, MBq
     weight_column: str = "pet_weight_kg"   # manifest column: body weight, kg
     minutes_column: str = "pet_minutes"    # manifest column: minutes from injection to the scan (decay correction)
     half_life_min: float = F18_HALF_LIFE_MIN  # the tracer's half-life in minutes (F-18: FET, FDG, FDOPA)
-    brain_erode_mm: float = 8.0            # the head mask is eroded by this to leave scalp and skull out of the reference
+    # the head is eroded by this before the brain is estimated, to leave scalp and skull out (unused with a
+    # brain_mask column)
+    brain_erode_mm: float = 8.0
     lesion_margin_mm: float = 10.0         # the lesion grown by this is left out of the reference (no uptake spill)
 
     def __post_init__(self):
@@ -113,19 +120,29 @@ class PrepConfig:
     def image_columns(self) -> list[str]:
         return [c for c, _ in self.channels()]
 
+    def has_pet(self) -> bool:
+        return any(m == "pet" for _, m in self.channels())
+
+    def uses_brain_mask(self) -> bool:
+        """Whether preparing reads a brain mask: a PET channel scaled to TBR."""
+        return self.has_pet() and self.pet.scale == "tbr"
+
     def acquisition_columns(self) -> list[str]:
         """Manifest columns preprocessing reads besides the images (PET dose, weight, time): never clinical."""
-        return list(self.pet.columns()) if any(m == "pet" for _, m in self.channels()) else []
+        return list(self.pet.columns()) if self.has_pet() else []
 
     def key(self) -> str:
         """Stable short hash of every parameter and PREP_VERSION: part of each cache key.
 
         The multi-channel fields are left out while they hold their defaults, so a one-image run keeps
-        the keys (and cache entries) it had before they existed."""
+        the keys (and cache entries) it had before they existed; CHANNELS_VERSION joins only configs with a
+        further channel or a PET channel."""
         d = to_dict(self)
         for f in fields(self):
             if f.name in ("images", "missing_image", "pet") and getattr(self, f.name) == _DEFAULTS[f.name]:
                 del d[f.name]
+        if len(self.channels()) > 1 or self.has_pet():
+            d["channels_version"] = CHANNELS_VERSION
         text = json.dumps({"prep_version": PREP_VERSION, **d}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -12,7 +12,7 @@ import math
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -20,8 +20,6 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import ScaleIntensityRange, SpatialResample, Spacingd
 from monai.transforms.utils import generate_spatial_bounding_box
-from scipy.ndimage import binary_fill_holes
-from skimage.filters import threshold_otsu
 from tqdm import tqdm
 
 from core.atomic import write_text
@@ -29,11 +27,11 @@ from core.cli import parse_config
 from core.config import to_dict
 from core.errors import ConfigError, InputError, NiftiError, cli_entry
 from data import cache, pet
+from data.brain import brain_mask, foreground_mask
 from data.manifest import read_datalist, read_manifest, scan_folder
-from data.nifti import Volume, load_pair, load_volume
-from data.prep_config import PREP_VERSION, PrepConfig
+from data.nifti import Volume, load_mask, load_pair, load_volume
+from data.prep_config import CHANNELS_VERSION, PREP_VERSION, PrepConfig
 
-CT_BODY_HU = -500.0  # above air and lung, below fat: voxels inside the body for the foreground box
 # A further channel must cover this share of the first channel's head; less means another field of view
 # or another scanner space, which no resampling can repair.
 MIN_COVERAGE = 0.9
@@ -63,24 +61,20 @@ def resample(image: Volume, mask: Volume | None, spacing) -> tuple[np.ndarray, n
     return img, msk, new_affine
 
 
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold (scikit-image) on values clipped to min..99.9th percentile.
-
-    The clip keeps a few very bright voxels (vessels, fat, artefacts) from squashing the histogram
-    into a handful of bins, where Otsu would cut inside the background.
-    """
-    lo, hi = float(values.min()), float(np.percentile(values, 99.9))
-    if hi <= lo:
-        hi = float(values.max())
-    return float(threshold_otsu(np.clip(values, lo, hi), nbins=bins))
+def resample_mask(mask: Volume, spacing) -> np.ndarray:
+    """A 0/1 mask on an image's grid -> [X', Y', Z'] bool on `resample`'s grid for that image: nearest
+    neighbour, and Spacingd's output grid depends only on the affine and the shape, which the two share."""
+    if np.allclose(mask.spacing, spacing, rtol=1e-4, atol=0):
+        return mask.array > 0.5
+    data = {"mask": MetaTensor(torch.from_numpy(mask.array)[None], affine=torch.as_tensor(mask.affine, dtype=torch.float64))}
+    out = Spacingd(["mask"], pixdim=tuple(spacing), mode="nearest", padding_mode="border", dtype=np.float32)(data)
+    return out["mask"].as_tensor()[0].numpy() > 0.5  # [X', Y', Z']
 
 
-def foreground_mask(image: np.ndarray, modality: str) -> np.ndarray:
-    """Head/body voxels of `image` [X,Y,Z] as bool: CT above CT_BODY_HU; MRI (and PET) above Otsu, holes filled."""
-    if modality == "ct":
-        return image > CT_BODY_HU
-    # Filling holes keeps dark structures enclosed by tissue (ventricles, necrotic cores) in the foreground.
-    return binary_fill_holes(image > otsu_threshold(image))
+class Brain(NamedTuple):
+    """The TBR reference's brain on the prepared grid, and what it is (recorded in the cache metadata)."""
+    mask: np.ndarray  # [X, Y, Z] bool
+    source: str
 
 
 def normalise(image: np.ndarray, fg: np.ndarray, cfg: PrepConfig, modality: str | None = None) -> tuple[np.ndarray, dict]:
@@ -106,18 +100,21 @@ def normalise(image: np.ndarray, fg: np.ndarray, cfg: PrepConfig, modality: str 
     return out, {"clip": [float(lo), float(hi)], "mean": mean, "std": std, "pad_value": background}
 
 
-def normalise_pet(image: np.ndarray, fg: np.ndarray, lesion: np.ndarray | None, spacing, row: Mapping,
+def normalise_pet(image: np.ndarray, brain: Brain | None, lesion: np.ndarray | None, spacing, row: Mapping,
                   cfg: PrepConfig, where: str) -> tuple[np.ndarray, dict]:
     """A PET channel [X,Y,Z] -> SUV (body weight, from the row's dose, weight and time unless the file is
-    SUV already), then TBR over normal-appearing brain (data/pet.py) unless --prep.pet.scale suv."""
+    SUV already), then TBR over normal-appearing brain (`brain` [X,Y,Z] bool, already cut to the voxels the
+    PET covers, minus the lesion: data/pet.py) unless --prep.pet.scale suv."""
     factor = 1.0 if cfg.pet.units == "suv" else pet.suv_from_row(row, cfg.pet, where)
     suv = (image * factor).astype(np.float32)
     stats = {"units": cfg.pet.units, "suv_factor": factor, "scale": cfg.pet.scale, "pad_value": 0.0}
     if cfg.pet.scale == "suv":
         return suv, stats
-    region = pet.reference_region(fg, lesion, spacing, cfg.pet)
+    region = pet.reference_region(brain.mask, lesion, spacing, cfg.pet)
     tbr, ref = pet.to_tbr(suv, region, where)
-    return tbr, {**stats, "reference_suv": ref, "reference_voxels": int(region.sum())}
+    reference = {"brain": brain.source, "lesion_excluded": lesion is not None and bool(lesion.any()),
+                 "lesion_margin_mm": cfg.pet.lesion_margin_mm}
+    return tbr, {**stats, "reference_suv": ref, "reference_voxels": int(region.sum()), "reference": reference}
 
 
 def onto_grid(volume: Volume, affine: np.ndarray, shape, spacing) -> tuple[np.ndarray, np.ndarray]:
@@ -171,14 +168,21 @@ def _digest(hashes: cache.HashIndex, path: str, role: str) -> str:
         raise NiftiError(f"{role} {path}: cannot read ({e.strerror})") from None
 
 
+def _brain_path(row: Mapping, cfg: PrepConfig) -> str | None:
+    """The row's brain-mask file, when preparing reads one (a PET channel in TBR) and the row gives one."""
+    return _cell(row.get("brain_mask")) if cfg.uses_brain_mask() else None
+
+
 def subject_key(row: Mapping, cfg: PrepConfig, hashes: cache.HashIndex) -> str:
-    """Cache key of a subject: content of its image and mask files, the PET columns it reads, and the
-    preprocessing parameters. One image channel gives the key it had before channels existed."""
+    """Cache key of a subject: content of its image, mask and (PET TBR) brain-mask files, the PET columns it
+    reads, and the preprocessing parameters. One image channel gives the key it had before channels existed."""
     subject, image_paths, mask_path = _source_paths(row, cfg)
     if image_paths[0] is None:
         raise NiftiError(f"subject {subject}: no {cfg.image_columns()[0]} image (the first channel sets the grid)")
     parts = [_digest(hashes, p, col) if p else "missing" for p, col in zip(image_paths, cfg.image_columns())]
     parts += [f"{c}={row.get(c)}" for c in cfg.acquisition_columns()]
+    if _brain_path(row, cfg):
+        parts.append("brain_mask=" + _digest(hashes, _brain_path(row, cfg), "brain_mask"))
     mask_digest = _digest(hashes, mask_path, "mask") if mask_path else None
     return cache.entry_key("|".join(parts), mask_digest, cfg.key())
 
@@ -205,9 +209,28 @@ def _first_channel(subject: str, image_path: str, mask_path: str | None, cfg: Pr
     return image, img, msk, affine
 
 
+def _brain(row: Mapping, cfg: PrepConfig, image: Volume, first: np.ndarray, fg: np.ndarray, affine) -> Brain | None:
+    """The PET TBR reference's brain [X', Y', Z']: the row's brain_mask file (checked like the lesion mask:
+    0/1, not empty, on the first image's grid), else data.brain.brain_mask of the first channel. None
+    without a PET channel in TBR."""
+    if not cfg.uses_brain_mask():
+        return None
+    path = _brain_path(row, cfg)
+    if path:
+        return Brain(resample_mask(load_mask(path, image, role="brain_mask"), cfg.spacing), f"brain_mask column: {path}")
+    spacing = [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)]
+    p = cfg.pet
+    source = (f"estimated: data.brain.brain_mask of {cfg.image_columns()[0]} (head eroded {p.brain_erode_mm:g} mm, "
+              "Otsu's brighter class, largest component)")
+    return Brain(brain_mask(first, spacing, head=fg, modality=cfg.channels()[0][1], head_erode_mm=p.brain_erode_mm),
+                 source)
+
+
 def _channels(row: Mapping, cfg: PrepConfig, subject: str, image_paths: list, first: np.ndarray, fg: np.ndarray,
-              msk, affine) -> tuple[list, list]:
-    """Every image channel on the first one's grid, normalised by its modality -> ([X,Y,Z] arrays, stats)."""
+              msk, affine, brain: Brain | None) -> tuple[list, list]:
+    """Every image channel on the first one's grid, normalised by its modality -> ([X,Y,Z] arrays, stats).
+    A channel's statistics (percentiles, mean, the TBR reference) see only the voxels its own field of view
+    covers: the rest are zeros of the resampling, not tissue."""
     spacing = [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)]
     arrays, stats = [], []
     for k, ((column, modality), path) in enumerate(zip(cfg.channels(), image_paths)):
@@ -216,7 +239,7 @@ def _channels(row: Mapping, cfg: PrepConfig, subject: str, image_paths: list, fi
             arrays.append(np.zeros_like(first))
             stats.append({"column": column, "modality": modality, "source": None, "missing": True, "pad_value": 0.0})
             continue
-        inside = None
+        inside = np.ones(first.shape, bool)  # [X', Y', Z']
         img = first
         if k > 0:
             img, inside = onto_grid(load_volume(path), affine, first.shape, cfg.spacing)
@@ -224,15 +247,15 @@ def _channels(row: Mapping, cfg: PrepConfig, subject: str, image_paths: list, fi
             if covered < MIN_COVERAGE:
                 raise NiftiError(f"{where}: covers {covered:.0%} of the head in {cfg.image_columns()[0]} (by the "
                                  f"two files' affines); expected >= {MIN_COVERAGE:.0%}: are they in one scanner space?")
+        seen = Brain(brain.mask & inside, brain.source) if brain is not None else None
         try:
             if modality == "pet":
-                out, st = normalise_pet(img, fg, msk, spacing, row, cfg, where)
+                out, st = normalise_pet(img, seen, msk, spacing, row, cfg, where)
             else:
-                out, st = normalise(img, fg, cfg, modality)
+                out, st = normalise(img, fg & inside, cfg, modality)
         except InputError as e:
             raise NiftiError(f"{where}: {e}" if not str(e).startswith(where) else str(e)) from None
-        if inside is not None:
-            out[~inside] = st["pad_value"]
+        out[~inside] = st["pad_value"]
         arrays.append(out)
         stats.append({"column": column, "modality": modality, "source": path, **st})
     return arrays, stats
@@ -243,7 +266,8 @@ def build_entry(row: Mapping, cfg: PrepConfig, cache_dir, key: str, *, require_l
     subject, image_paths, mask_path = _source_paths(row, cfg)
     image, first, msk, affine = _first_channel(subject, image_paths[0], mask_path, cfg, require_lesion)
     fg = foreground_mask(first, cfg.channels()[0][1])  # [X', Y', Z'] bool: the head, from the first channel
-    arrays, stats = _channels(row, cfg, subject, image_paths, first, fg, msk, affine)
+    brain = _brain(row, cfg, image, first, fg, affine)  # [X', Y', Z'] or None: the TBR reference's brain
+    arrays, stats = _channels(row, cfg, subject, image_paths, first, fg, msk, affine, brain)
 
     if cfg.crop_foreground:
         start, end = foreground_box(fg, msk, cfg.foreground_margin)
@@ -273,6 +297,7 @@ def build_entry(row: Mapping, cfg: PrepConfig, cache_dir, key: str, *, require_l
         "prep": to_dict(cfg),
         "prep_key": cfg.key(),
         "prep_version": PREP_VERSION,
+        "channels_version": CHANNELS_VERSION,
     }
     if len(arrays) > 1:
         meta["channels"] = stats

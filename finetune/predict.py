@@ -165,6 +165,8 @@ def fill_masks(df: pd.DataFrame, need: np.ndarray, models: list, spec, cache_dir
     df = df.copy()
     df["mask_source"] = np.where(need, "predicted", "given")
     df["predicted_mask"], df["predicted_volume_ml"] = "", np.nan
+    if "mask" in df.columns:  # a mask column of blanks reads as float NaN; it receives paths below
+        df["mask"] = df["mask"].astype(object)
     todo = df[need].drop(columns=["mask"], errors="ignore")
     good, rejected = prepare_table(todo, spec.prep, cache_dir, require_lesion=False, on_error="collect")
     masks_dir.mkdir(parents=True, exist_ok=True)

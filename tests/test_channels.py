@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from core.errors import ConfigError, InputError, ManifestError
+from data.brain import brain_mask
 from data.cache import CacheEntry
 from data.manifest import clinical_columns, one_sample_per_image, read_manifest
 from data.nifti import save_volume
@@ -77,10 +78,11 @@ def test_every_channel_is_normalised_on_its_own_by_hand(tmp_path):
         want = (clipped - clipped[fg].mean()) / clipped[fg].std()
         want[~fg] = (lo - clipped[fg].mean()) / clipped[fg].std()
         np.testing.assert_allclose(x[k], want, atol=2e-5)
-    # PET: SUV from the columns, then TBR over the eroded head minus the grown lesion
+    # PET: SUV from the columns, then TBR over the estimated brain minus the grown lesion
     mask = np.zeros(SHAPE, bool)
     mask[LESION] = True
-    region = reference_region(fg, mask, [2.0] * 3, PREP.pet)
+    brain = brain_mask(t1, [2.0] * 3, head=fg, head_erode_mm=PREP.pet.brain_erode_mm)
+    region = reference_region(brain, mask, [2.0] * 3, PREP.pet)
     suv = np.where(_head(0)[1], 1.0, 0.05)
     suv[LESION] = 2.5
     assert not (region & mask).any() and region.sum() > 100
@@ -161,6 +163,15 @@ def test_one_image_keeps_todays_cache_key_and_entry(tmp_path):
     out, _ = prepare_table(df, PrepConfig(), tmp_path / "cache", progress=False)
     entry = CacheEntry.from_path(out["cache_image"][0])
     assert entry.image().shape[0] == 1 and "channels" not in entry.meta
+
+
+def test_several_channel_and_pet_keys_changed_with_issue_32_and_one_image_did_not():
+    # Their outputs changed (covered voxels only, the brain reference): entries prepared before are not served.
+    # The keys before, from the code of 0da7323: t1+pet, t1+flair, one PET image.
+    before = ["6fb7f71e577faf57", "de8704828fc615ed", "3f0ccb0760c698f0"]
+    now = [PrepConfig(images=("t1", "pet:pet")), PrepConfig(images=("t1", "flair")), PrepConfig(modality="pet")]
+    assert all(p.key() != k for p, k in zip(now, before))
+    assert PrepConfig().key() == "8b0bc26a2236c0fb"
 
 
 def test_pretraining_takes_each_sequence_as_its_own_sample(tmp_path):
@@ -253,3 +264,53 @@ def test_the_contract_describes_each_channel_for_the_model_card():
     assert "(TBR)" in text and text.endswith("2: lesion_mask (0/1 lesion mask)")
     pooled = InputSpec(prep=PrepConfig(images=("t1ce", "fet:pet")), channels=("image",)).describe_channels()
     assert pooled.startswith("0: image, one sequence at a time") and "fet (PET" in pooled
+
+
+# ---- issue 32, defect 2: statistics only over the voxels a channel covers ------------------------------------
+
+SLAB = 6  # the last x-slices of the T1 grid that a cut-down FLAIR or PET leaves uncovered
+
+
+def _cut(folder, name: str, array: np.ndarray) -> str:
+    """`array` without its last SLAB x-slices, on the same voxels (same affine): a smaller field of view."""
+    save_volume(folder / name, np.ascontiguousarray(array[:-SLAB]), AFFINE)
+    return name
+
+
+def test_mri_statistics_leave_out_the_voxels_a_channel_does_not_cover(tmp_path):
+    row = _subject(tmp_path)
+    t1, head = _head(0)
+    flair = np.where(head, 300 - 2.0 * t1 + 50, 0).astype(np.float32)
+    row["flair"] = _cut(tmp_path, "s1_flair_cut.nii.gz", flair)
+    prep = PrepConfig(images=("t1", "flair"), crop_foreground=False)
+    df = read_manifest(_manifest(tmp_path, [row]), columns=("image", "mask"), prep=prep)
+    out, _ = prepare_table(df, prep, tmp_path / "cache", progress=False)
+    x = np.asarray(CacheEntry.from_path(out["cache_image"][0]).image())[1]  # [X, Y, Z]
+    fg = foreground_mask(t1, "mri")
+    inside = np.zeros(SHAPE, bool)
+    inside[:-SLAB] = True
+    assert 0.9 <= inside[fg].mean() < 0.99 and (fg & ~inside).any()  # a slab of head, within MIN_COVERAGE
+    seen = fg & inside  # by hand: percentiles, mean and std over the covered head only
+    lo, hi = np.percentile(flair[seen], prep.mri_percentiles)
+    clipped = np.clip(flair, lo, hi)
+    mean, std = clipped[seen].mean(), clipped[seen].std()
+    want = np.where(fg, (clipped - mean) / std, (lo - mean) / std)
+    np.testing.assert_allclose(x[inside], want[inside], atol=2e-5)
+    np.testing.assert_allclose(x[~inside], (lo - mean) / std, rtol=1e-6)  # the pad value
+
+
+def test_tbr_inside_is_the_same_with_and_without_an_uncovered_slab(tmp_path):
+    row = _subject(tmp_path)
+    prep = PrepConfig(images=("t1", "pet:pet"), crop_foreground=False,
+                      pet=PetConfig(brain_erode_mm=4.0, lesion_margin_mm=6.0))
+    full = read_manifest(_manifest(tmp_path, [row]), columns=("image", "mask"), prep=prep)
+    whole, _ = prepare_table(full, prep, tmp_path / "cache", progress=False)
+    pet = np.asarray(__import__("nibabel").load(tmp_path / "s1_pet.nii.gz").dataobj, np.float32)
+    row["pet"] = _cut(tmp_path, "s1_pet_cut.nii.gz", pet)
+    cut = read_manifest(_manifest(tmp_path, [row]), columns=("image", "mask"), prep=prep)
+    part, _ = prepare_table(cut, prep, tmp_path / "cache", progress=False)
+    a = np.asarray(CacheEntry.from_path(whole["cache_image"][0]).image())[1]  # [X, Y, Z] TBR, PET covers all
+    b = np.asarray(CacheEntry.from_path(part["cache_image"][0]).image())[1]  # the same PET less SLAB x-slices
+    # Resampling through the affines leaves float rounding (< 1e-4); zeros in the reference moved it by 1.3%.
+    np.testing.assert_allclose(b[:-SLAB], a[:-SLAB], rtol=2e-4)
+    assert b[LESION].mean() == pytest.approx(2.5, rel=1e-4)  # normal brain is SUV 1 in both: TBR = SUV

@@ -254,3 +254,13 @@ def test_clinical_columns_keep_file_order():
     df = pd.DataFrame(columns=["zeta", "subject_id", "alpha", "image", "kps", "time"])
     assert clinical_columns(df) == ["zeta", "alpha", "kps"]
     assert not set(clinical_columns(pd.DataFrame(columns=list(STANDARD_COLUMNS))))
+
+
+def test_an_optional_brain_mask_column_is_a_path_checked_where_given_and_never_clinical(tmp_path):
+    text = "subject_id,image,mask,brain_mask,age\ns1,s1.nii.gz,s1_m.nii.gz,brain/s1.nii.gz,60\ns2,s2.nii.gz,s2_m.nii.gz,,70\n"
+    path = csv(tmp_path, text)
+    assert_error(r"1 missing file\(s\): s1 brain_mask .*brain/s1\.nii\.gz$", read_manifest, path)
+    touch(tmp_path / "brain" / "s1.nii.gz")
+    df = read_manifest(path)
+    assert df["brain_mask"].iloc[0] == str(tmp_path / "brain" / "s1.nii.gz") and pd.isna(df["brain_mask"].iloc[1])
+    assert clinical_columns(df) == ["age"]
