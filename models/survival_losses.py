@@ -1,14 +1,17 @@
 """The survival heads' losses and scores: Cox partial likelihood (Efron ties), discrete-time hazard NLL,
 and the risk of discrete hazards. models/tasks.py says which head a task grows.
 
-Written by hand because no maintained torch library provides a batched, differentiable Cox loss
-with Efron's tie correction; the discrete-time NLL follows nnet-survival (Gensheimer & Narasimhan
-2019) with pycox's censoring convention.
+The Cox loss is written by hand and tested against torchsurv's `neg_partial_log_likelihood(ties_method=
+"efron")` and scikit-survival: torchsurv's Efron loops in Python over event times and sums exp(risk) without
+a shift, so it overflows (NaN) at large risks and costs O(event times x N) Python steps; this one is one
+vectorised pass in log space. The discrete-time NLL follows nnet-survival (Gensheimer & Narasimhan 2019)
+with pycox's censoring convention.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -68,6 +71,55 @@ def cox_efron_loss(risk: torch.Tensor, time, event, reduction: str = "mean") -> 
     log_denominator = lrs + torch.log1p(-(l / d) * torch.exp(log_tied - lrs))
     neg_loglik = -(r_ev - log_denominator).sum()
     return neg_loglik / n_events if reduction == "mean" else neg_loglik
+
+
+def gather_risk_set(risk: torch.Tensor, time, event) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's (risk [n_r], time [n_r], event [n_r]) -> the whole step's [N] tensors, in rank order, so the
+    Cox risk sets do not depend on the per-GPU batch. Without a process group of 2+ ranks, the inputs as they are.
+
+    The risks keep their gradient, and the backward sums every rank's gradient for the local rows, so each
+    rank's loss is the whole batch's loss and DDP's (or DeepSpeed's) mean over ranks gives the single-process
+    gradient. Ranks may hold different batch sizes: rows are padded to the largest, then cut.
+    """
+    time = _as_tensor(time, risk.device).reshape(-1)
+    event = _as_tensor(event, risk.device).reshape(-1)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return risk, time, event
+    risk = risk.reshape(-1)
+    n = torch.tensor([risk.numel()], device=risk.device)
+    sizes = [int(s) for s in _GatherWithGrad.gather(n)]  # [W] rows per rank
+    pad = max(sizes) - risk.numel()
+
+    def whole(parts: torch.Tensor) -> torch.Tensor:  # [W, max n_r] -> [N]
+        return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+    return (whole(_GatherWithGrad.apply(F.pad(risk, (0, pad)))),
+            whole(_GatherWithGrad.gather(F.pad(time.double(), (0, pad)))),
+            whole(_GatherWithGrad.gather(F.pad(event.double(), (0, pad)))))
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather [m] -> [W, m] whose backward sums the gradient over ranks and keeps this rank's row.
+
+    Written here because torch.distributed.nn.functional.all_gather (which does the same) is deprecated
+    since torch 2.14 and the replacement it names lives in a private module.
+    """
+
+    @staticmethod
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.stack(parts)  # [W, m]
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return _GatherWithGrad.gather(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()  # [W, m]: every rank's loss depends on every rank's rows
+        dist.all_reduce(grad)
+        return grad[dist.get_rank()]
 
 
 def _as_tensor(x, device) -> torch.Tensor:

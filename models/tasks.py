@@ -72,18 +72,19 @@ class Task:
              seg_weight: float = 0.0) -> dict[str, Tensor]:
         """The task's loss terms and their sum under "loss". The segmentation term (Dice + cross-entropy
         against the mask channel of batch["x"]) enters with `self.seg_weight(seg_weight)`."""
-        from models.segmentation import seg_target, segmentation_loss
-        from models.survival_losses import cox_efron_loss, discrete_time_nll
+        from models.survival_losses import cox_efron_loss, discrete_time_nll, gather_risk_set
         terms = {}
         w = self.seg_weight(seg_weight)
         if w > 0:
+            from models.segmentation import seg_target, segmentation_loss  # brings MONAI: only when segmenting
             terms["seg"] = w * segmentation_loss()(out["seg_logits"].float(), seg_target(batch["x"]))
         if self.label:
             terms["bce"] = F.binary_cross_entropy_with_logits(out["logit"].float(), batch["label"].float(),
                                                               pos_weight=pos_weight)
         if self.survival:
             if "risk" in out:
-                terms["cox"] = cox_efron_loss(out["risk"].float(), batch["time"], batch["event"])
+                # the risk set is the whole step's batch, gathered over ranks (each rank's loss is the same)
+                terms["cox"] = cox_efron_loss(*gather_risk_set(out["risk"].float(), batch["time"], batch["event"]))
             else:
                 terms["nll"] = discrete_time_nll(out["hazard_logits"].float(), batch["bin"], batch["event"])
         terms["loss"] = sum(terms.values())

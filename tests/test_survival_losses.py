@@ -4,6 +4,8 @@ import pytest
 import torch
 from sksurv.datasets import load_whas500
 from sksurv.linear_model import CoxPHSurvivalAnalysis
+from sksurv.linear_model.coxph import CoxPHOptimizer
+from torchsurv.loss.cox import neg_partial_log_likelihood
 
 from core.errors import InputError
 from finetune.cohort import time_bins, to_bin
@@ -41,6 +43,50 @@ def test_efron_equals_by_hand_with_ties():
     assert mean.item() == pytest.approx(loss.item() / EVENT.sum(), rel=1e-12)
     # Efron differs from Breslow when there are ties: the test data really exercise the correction.
     assert abs(loss.item() - breslow_neg_loglik_numpy(RISK, TIME, EVENT)) > 1e-3
+
+
+def random_cohort_with_ties(seed: int, n: int = 40):
+    """Risks, times on a coarse grid (many ties, some mixing events and censorings) and events."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=n) * 1.5, rng.integers(1, 9, n).astype(float), rng.integers(0, 2, n)
+
+
+@pytest.mark.filterwarnings("ignore:Ties in `time` detected")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_efron_equals_torchsurv_with_ties(seed):
+    risk, time, event = random_cohort_with_ties(seed)
+    assert len(np.unique(time[event == 1])) < event.sum()  # tied events, so Efron matters
+    ours = cox_efron_loss(torch.tensor(risk), torch.tensor(time), torch.tensor(event))  # mean over events
+    # torchsurv sums the negative log-likelihood over event times like ours; its "mean" is over event times, not
+    # events, so the sum is divided here. Its input checks cast to float32: the per-event mean (about 3) keeps
+    # float32's rounding under 1e-6, a sum of 80 would not.
+    ref = neg_partial_log_likelihood(torch.tensor(risk)[:, None], torch.tensor(event).bool(), torch.tensor(time),
+                                     ties_method="efron", reduction="sum") / event.sum()
+    assert ours.item() == pytest.approx(ref.item(), abs=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Ties in `time` detected")
+def test_torchsurv_overflows_at_large_risks_where_ours_does_not():
+    """Why models/survival_losses.py keeps its own Efron loss: torchsurv sums exp(risk) without a shift. If this
+    fails, torchsurv has become stable and the hand-written loss should give way to it."""
+    risk, time, event = random_cohort_with_ties(0)
+    big = torch.tensor(risk * 100.0)  # float32's exp overflows past 88
+    ref = neg_partial_log_likelihood(big[:, None], torch.tensor(event).bool(), torch.tensor(time), ties_method="efron")
+    assert not torch.isfinite(ref)
+    assert torch.isfinite(cox_efron_loss(big, torch.tensor(time), torch.tensor(event)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_efron_equals_sksurv_at_fixed_coefficients(seed):
+    """sksurv's own Efron negative log-likelihood of a linear predictor X w, at a w nobody fitted."""
+    _, time, event = random_cohort_with_ties(seed)
+    rng = np.random.default_rng(seed + 10)
+    x, w = rng.normal(size=(len(time), 3)), rng.normal(size=3)
+    opt = CoxPHOptimizer(x, event.astype(bool), time, alpha=np.zeros(3), ties="efron")
+    ref_sum = opt.nlog_likelihood(w) * len(time)  # sksurv averages over samples (not events)
+    ours = cox_efron_loss(torch.tensor(x @ w), torch.tensor(time), torch.tensor(event), reduction="sum")
+    assert ours.item() == pytest.approx(ref_sum, abs=1e-6)
+    assert ours.item() == pytest.approx(efron_neg_loglik_numpy(x @ w, time, event), abs=1e-6)
 
 
 def test_efron_equals_breslow_without_ties():
