@@ -7,7 +7,10 @@ changed source file or a changed parameter never serves a stale entry. Layout:
                               mask.npy    [1, X, Y, Z] uint8 (absent without a mask)
                               meta.json   written last: its presence means the entry is complete
 
-Entries are built in a temporary directory and moved into place whole (`atomic_dir`).
+Entries are built in a temporary directory and moved into place whole (`atomic_dir`). An entry damaged
+later (a truncated .npy, garbled meta.json: a full disk, a copy cut short) is not served: `lookup` checks
+each array's header and size against meta.json and misses, so data.prepare builds it again; an array
+damaged while a run reads it is one line naming the file (`load_array`), never numpy's traceback.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from core.atomic import atomic_dir, write_json
+from core.errors import InputError
 
 _CHUNK = 1 << 20
 # A file modified this recently may still change within the same timestamp tick, so its digest
@@ -100,10 +104,23 @@ class CacheEntry:
         return self.dir / "mask.npy" if self.meta.get("has_mask") else None
 
     def image(self) -> np.ndarray:
-        return np.load(self.image_path, mmap_mode="r")  # [1, X, Y, Z] float32
+        return load_array(self.image_path)  # [C, X, Y, Z] float32
 
     def mask(self) -> np.ndarray | None:
-        return np.load(self.mask_path, mmap_mode="r") if self.mask_path else None  # [1, X, Y, Z] uint8
+        return load_array(self.mask_path) if self.mask_path else None  # [1, X, Y, Z] uint8
+
+    def damage(self) -> str | None:
+        """Why the entry's arrays cannot be read back as meta.json describes them, or None when they can."""
+        spatial = tuple(self.meta.get("shape", ()))
+        for path in (self.image_path, self.mask_path):
+            if path is None:
+                continue
+            shape, reason = npy_shape(path)
+            if reason is None and shape[1:] != spatial:
+                reason = f"shape {list(shape)}; meta.json says [C, {', '.join(map(str, spatial))}]"
+            if reason is not None:
+                return f"{path}: {reason}"
+        return None
 
     @classmethod
     def open(cls, directory: str | os.PathLike) -> "CacheEntry":
@@ -117,12 +134,53 @@ class CacheEntry:
         return cls.open(path if path.is_dir() else path.parent)
 
 
+def npy_shape(path: str | os.PathLike) -> tuple[tuple[int, ...] | None, str | None]:
+    """(shape, None) for a complete .npy file, else (None, why not): its header read and its size checked
+    against the header, without reading the data (numpy's own mmap only fails on first access or with a
+    ValueError deep in np.load)."""
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            expected = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return None, "missing"
+    except (OSError, ValueError, EOFError) as e:  # no magic, a cut header, an unreadable file
+        return None, f"unreadable .npy header ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if size != expected:
+        return None, f"{size} bytes where its header needs {expected} (truncated or overwritten)"
+    return tuple(shape), None
+
+
+def load_array(path: str | os.PathLike) -> np.ndarray:
+    """A cache array, memory-mapped; a damaged file is one line naming it and the way out."""
+    shape, reason = npy_shape(path)
+    if reason is None:
+        try:
+            return np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise InputError(f"{path}: damaged cache array ({reason}); run data.prepare (or the run) again with the same "
+                     "--cache, which rebuilds a damaged entry, or delete its folder")
+
+
 def lookup(cache_dir: str | os.PathLike, key: str) -> CacheEntry | None:
-    """The complete entry for `key`, or None (a directory without meta.json is not an entry)."""
+    """The complete, readable entry for `key`, or None: a directory without meta.json is not an entry, and
+    one whose meta.json or arrays are damaged is a miss, so the caller builds it again (`write_entry`
+    replaces the directory whole)."""
     d = entry_dir(cache_dir, key)
     if not (d / "meta.json").is_file():
         return None
-    return CacheEntry.open(d)
+    try:
+        entry = CacheEntry.open(d)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(entry.meta, dict) or entry.damage() is not None:
+        return None
+    return entry
 
 
 def write_entry(cache_dir: str | os.PathLike, key: str, image: np.ndarray, mask: np.ndarray | None,
