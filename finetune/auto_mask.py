@@ -1,30 +1,49 @@
-"""A lesion mask for a subject who has none: segment, pick the index lesion, write it on the image's grid.
+"""A lesion mask for a subject who has none: segment the whole head, score the candidates, write the index lesion.
 
-    prepared image [1, X, Y, Z] (data.prepare: RAS, the contract's spacing, normalised, brain crop)
+    prepared image [C, X, Y, Z] (data.prepare: RAS, the contract's spacing, normalised, head crop)
       -> resampled to the model's own voxel (the contract's view: crop_mm / input_size mm)
       -> MONAI sliding_window_inference of the segmentation head (fold ensemble: mean probability)
-      -> back to the prepared grid -> connected components of p > 0.5
-      -> the index lesion: the largest component whose voxels lie, at the median, deeper than
-         `surface_margin_mm` below the head's surface (scalp and skull are bright rims too), or the one
-         nearest a given lesion centre (world RAS mm)
-      -> resampled (nearest) onto the source image's own voxel grid and affine, written as NIfTI
+      -> back to the prepared grid
+      -> the search region: the brain (the manifest's brain_mask column, else data.brain's estimate from the
+         first channel), holes filled and grown by BRAIN_TOLERANCE_MM; only when no brain is found, the head
+         deeper than `surface_margin_mm` (scalp and skull are bright rims too)
+      -> candidates (finetune/lesion/candidates.py): components of p > 0.5 in the region, scored, ranked
+      -> the index lesion: the best-scoring candidate, or the one nearest a given lesion centre (world RAS
+         mm); none when it is below the confidence threshold, unless low confidence is accepted
+      -> resampled (nearest) onto the source image's own voxel grid and affine, written as NIfTI, with every
+         candidate as a label map (voxel value = rank) beside it
 
-finetune.predict then reads that file as the row's mask, exactly as it reads a drawn one.
+finetune.predict then reads that file as the row's mask, exactly as it reads a drawn one, and writes the
+candidates table as a CSV beside the masks.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from core.errors import InputError
+from data.brain import brain_mask, dilate_mm, fill_slices
+from finetune.lesion import candidates as cand
 from models.input_spec import InputSpec
 
 CENTRE_COLUMNS = ("lesion_x_mm", "lesion_y_mm", "lesion_z_mm")  # optional lesion centre, world RAS mm
-SURFACE_MARGIN_MM = 10.0  # scalp + skull: a candidate mostly shallower than this is not a brain lesion
+SURFACE_MARGIN_MM = 10.0  # the fallback region without a brain: scalp + skull lie shallower than this
+BRAIN_TOLERANCE_MM = 3.0  # the brain grows by this: a cortical lesion and its rim at the pia stay inside
 OVERLAP = 0.25  # sliding-window overlap (MONAI's default); Gaussian weighting blends the windows
+
+
+class LesionSearch(NamedTuple):
+    """What the search of one row found."""
+    mask_path: Path | None   # the index lesion's NIfTI on the source grid; None: no lesion chosen
+    volume_ml: float         # the index lesion's volume (NaN when none)
+    status: str              # candidates.FOUND, NO_CONFIDENT or LOW_ACCEPTED
+    candidates: pd.DataFrame  # candidates.COLUMNS, best first
+    region: str              # what the search region was (Region.source)
 
 
 def model_voxel_mm(spec: InputSpec) -> float:
@@ -61,42 +80,66 @@ def head_depth_mm(image: np.ndarray, pad_value: float, spacing) -> np.ndarray:
     return ndimage.distance_transform_edt(head, sampling=[float(s) for s in spacing])
 
 
-def index_lesion(prob: np.ndarray, affine: np.ndarray, centre_mm=None, depth_mm: np.ndarray | None = None,
-                 surface_margin_mm: float = SURFACE_MARGIN_MM) -> np.ndarray | None:
-    """The index lesion of a probability map [X, Y, Z] with voxel-to-world `affine`: the largest connected
-    component of p > 0.5 whose median voxel depth exceeds `surface_margin_mm` (by `depth_mm` [X, Y, Z],
-    when given), or, with `centre_mm` (3 world RAS mm), the component with a voxel nearest it.
-    None when no component qualifies."""
-    from scipy import ndimage  # connected components with the full 26-neighbourhood
-    labels, n = ndimage.label(prob > 0.5, structure=np.ones((3, 3, 3)))
-    if n == 0:
-        return None
-    if centre_mm is None:
-        sizes = np.bincount(labels.ravel())[1:].astype(float)  # [n]
-        if depth_mm is not None and surface_margin_mm > 0:
-            # the median depth, not the centroid's: a scalp rim closed around the head has its centroid
-            # deep inside the brain, but most of its voxels at the surface
-            depth = np.asarray(ndimage.median(depth_mm, labels, range(1, n + 1)))  # [n]
-            sizes[depth < surface_margin_mm] = 0
-        if not sizes.any():
-            return None
-        return labels == 1 + int(np.argmax(sizes))
-    idx = np.argwhere(labels > 0)  # [M, 3]
-    world = idx @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]  # [M, 3] mm
-    nearest = np.argmin(np.linalg.norm(world - np.asarray(centre_mm, dtype=np.float64), axis=1))
-    return labels == labels[tuple(idx[nearest])]
+class Region(NamedTuple):
+    """Where a lesion may lie on the prepared grid, and what it is (the output names it per row)."""
+    mask: np.ndarray      # [X, Y, Z] bool
+    depth_mm: np.ndarray  # [X, Y, Z] mm below the head's surface
+    source: str
+
+
+def search_region(entry, row, prep, surface_margin_mm: float = SURFACE_MARGIN_MM) -> Region:
+    """The brain of a prepared row (CacheEntry `entry`), holes filled and grown by BRAIN_TOLERANCE_MM: the
+    row's brain_mask file when the manifest gives one, else data.brain's estimate from the first channel.
+    Only when that estimate is empty is the region the head deeper than `surface_margin_mm`."""
+    image = np.asarray(entry.image()[0], dtype=np.float32)  # [X, Y, Z]: the first channel, prepared
+    affine = np.asarray(entry.meta["affine"], dtype=np.float64)
+    spacing = [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)]
+    depth = head_depth_mm(image, entry.meta.get("pad_value", 0.0), spacing)
+    path = row.get("brain_mask") if hasattr(row, "get") else None
+    if isinstance(path, str) and path.strip():
+        brain, source = brain_from_file(path, entry.meta["source_image"], affine, image.shape), f"brain_mask column: {path}"
+    else:
+        modality = prep.channels()[0][1]
+        brain = brain_mask(source_intensity(image, entry.meta, modality), spacing, head=depth > 0, modality=modality)
+        source = "estimated: data.brain.brain_mask of the first channel"
+    if not brain.any():
+        return Region(depth > surface_margin_mm, depth, f"surface margin {surface_margin_mm:g} mm (no brain found)")
+    return Region(dilate_mm(fill_slices(brain), BRAIN_TOLERANCE_MM, spacing), depth, source)
+
+
+def source_intensity(image: np.ndarray, meta: dict, modality: str) -> np.ndarray:
+    """A prepared first channel [X, Y, Z] in the units data.brain reads: CT back to HU (its brain is a HU
+    range, and preparing maps the window to 0..1); MRI and PET as they are (Otsu and erosion are blind to
+    scale)."""
+    if modality != "ct":
+        return image
+    lo, hi = meta["intensity"]["window"]
+    return lo + image * (hi - lo)
+
+
+def brain_from_file(path: str, source_image: str, affine: np.ndarray, shape) -> np.ndarray:
+    """A brain-mask file (0/1, on the source image's grid: data.nifti checks both) -> [X, Y, Z] bool on the
+    prepared grid of voxel-to-world `affine`, nearest neighbour through the two affines."""
+    from data.nifti import load_mask, load_volume
+    brain = load_mask(path, load_volume(source_image), role="brain_mask")
+    return resample_nearest(brain.array, brain.affine, affine, shape) > 0
+
+
+def resample_nearest(volume: np.ndarray, affine: np.ndarray, out_affine: np.ndarray, out_shape) -> np.ndarray:
+    """`volume` [X, Y, Z] with voxel-to-world `affine` -> the grid of `out_affine` and `out_shape`: each output
+    voxel takes the nearest input voxel at the same world position (0 outside), the dtype kept."""
+    from scipy import ndimage
+    to_in = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.asarray(out_affine, dtype=np.float64)
+    return ndimage.affine_transform(volume, to_in[:3, :3], offset=to_in[:3, 3], output_shape=tuple(out_shape),
+                                    order=0, mode="constant", cval=0)
 
 
 def on_source_grid(mask: np.ndarray, affine: np.ndarray, source_path: str) -> tuple[np.ndarray, np.ndarray]:
-    """A mask [X, Y, Z] with voxel-to-world `affine` -> (uint8 mask on the source NIfTI's own grid, that
-    grid's affine): each source voxel takes the nearest mask voxel at the same world position."""
+    """A mask or label map [X, Y, Z] with voxel-to-world `affine` -> (the same on the source NIfTI's own grid,
+    that grid's affine)."""
     import nibabel as nib
-    from scipy import ndimage
     src = nib.load(source_path)
-    to_mask = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ src.affine  # source voxel -> mask voxel
-    out = ndimage.affine_transform(mask.astype(np.uint8), to_mask[:3, :3], offset=to_mask[:3, 3],
-                                   output_shape=tuple(src.shape[:3]), order=0, mode="constant", cval=0)
-    return out.astype(np.uint8), src.affine
+    return resample_nearest(mask, affine, src.affine, src.shape[:3]), src.affine
 
 
 def lesion_centre(row) -> list[float] | None:
@@ -114,30 +157,56 @@ def lesion_centre(row) -> list[float] | None:
     return centre
 
 
-def predict_mask(models: list, row, spec: InputSpec, out_dir: Path,
-                 surface_margin_mm: float = SURFACE_MARGIN_MM) -> tuple[Path, float]:
-    """Segment one prepared row (cache_image), write its index lesion into `out_dir` (NIfTI on the source
-    grid, and a PNG overlay on the prepared image); returns the NIfTI's path and the lesion's volume in ml.
-    InputError when nothing is found."""
+def search_lesion(models: list, row, spec: InputSpec, out_dir: Path, surface_margin_mm: float = SURFACE_MARGIN_MM,
+                  threshold: float = cand.CONFIDENCE_THRESHOLD, accept_low_confidence: bool = False) -> LesionSearch:
+    """Search one prepared row (cache_image) and write, into `out_dir`, its candidates as a label map on the
+    source grid (<subject>_candidates.nii.gz, voxel value = rank) and, when an index lesion is chosen, that
+    lesion (<subject>_pred_mask.nii.gz) with a PNG overlay on the prepared image. InputError when the chosen
+    lesion falls outside the source image's grid."""
     from data.cache import CacheEntry
-    from data.nifti import save_volume
     entry = CacheEntry.from_path(row["cache_image"])
     affine = np.asarray(entry.meta["affine"], dtype=np.float64)
-    pad_value = entry.meta.get("pad_value", 0.0)  # the first channel's: it sets the head and the grid
-    prob = lesion_probability(models, entry.image(), spec, pad_value)
-    depth = head_depth_mm(entry.image()[0], pad_value, np.linalg.norm(affine[:3, :3], axis=0))
-    lesion = index_lesion(prob, affine, lesion_centre(row), depth, surface_margin_mm)
-    if lesion is None:
-        raise InputError(f"subject {row['subject_id']}: the segmentation found no lesion (no component of "
-                         f"p > 0.5 lying deeper than {surface_margin_mm:g} mm below the head's surface) in {entry.meta['source_image']}")
-    source = entry.meta["source_image"]  # the first channel's file: the mask is written on its grid
-    mask, src_affine = on_source_grid(lesion, affine, source)
-    if not mask.any():
-        raise InputError(f"subject {row['subject_id']}: the lesion found lies outside the image grid of {source}")
-    path = out_dir / f"{row['subject_id']}_pred_mask.nii.gz"
-    save_volume(path, mask, src_affine, dtype=np.uint8)
+    prob = lesion_probability(models, entry.image(), spec, entry.meta.get("pad_value", 0.0))  # [X, Y, Z]
+    region = search_region(entry, row, spec.prep, surface_margin_mm)
+    table, labels = cand.find_candidates(prob, affine, region.mask, region.depth_mm, threshold)
+    centre = lesion_centre(row)
+    label = cand.nearest_label(labels, affine, centre) if centre is not None else None
+    choice = cand.choose_index(table, accept_low_confidence, label)
+    sid, source = row["subject_id"], entry.meta["source_image"]  # the first channel's file: masks go on its grid
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if len(table):
+        ranks = np.zeros(labels.max() + 1, np.int16)
+        ranks[table["label"].to_numpy()] = table["rank"].to_numpy()
+        write_on_source_grid(out_dir / f"{sid}_candidates.nii.gz", ranks[labels], affine, source)
+    if choice.label is None:
+        return LesionSearch(None, float("nan"), choice.status, table, region.source)
+    lesion = labels == choice.label  # [X, Y, Z]
+    path = out_dir / f"{sid}_pred_mask.nii.gz"
+    if not write_on_source_grid(path, lesion.astype(np.uint8), affine, source):
+        raise InputError(f"subject {sid}: the lesion found lies outside the image grid of {source}")
     from finetune.figures import save_overlay  # a look at what was found, for quality control
-    save_overlay(path.with_name(f"{row['subject_id']}_pred_mask.png"), np.asarray(entry.image()[0]), None, lesion,
-                 title=str(row["subject_id"]))
-    volume_ml = float(lesion.sum() * abs(np.linalg.det(affine[:3, :3])) / 1000.0)
-    return path, volume_ml
+    save_overlay(path.with_name(f"{sid}_pred_mask.png"), np.asarray(entry.image()[0]), None, lesion, title=str(sid))
+    volume_ml = float(table.loc[table["index_lesion"], "volume_ml"].iloc[0])
+    return LesionSearch(path, volume_ml, choice.status, table, region.source)
+
+
+def predict_mask(models: list, row, spec: InputSpec, out_dir: Path,
+                 surface_margin_mm: float = SURFACE_MARGIN_MM) -> tuple[Path, float]:
+    """The best candidate, however confident (what finetune.predict asks for until it flags rows itself):
+    (its NIfTI's path, its volume in ml); InputError when there is no candidate."""
+    found = search_lesion(models, row, spec, out_dir, surface_margin_mm, accept_low_confidence=True)
+    if found.mask_path is None:
+        raise InputError(f"subject {row['subject_id']}: the segmentation found no lesion (no component of "
+                         f"p > 0.5 in the search region: {found.region})")
+    return found.mask_path, found.volume_ml
+
+
+def write_on_source_grid(path: Path, volume: np.ndarray, affine: np.ndarray, source: str) -> bool:
+    """Write `volume` [X, Y, Z] (integer, voxel-to-world `affine`) as NIfTI on the grid of the NIfTI `source`;
+    False, and nothing written, when nothing of it lands there."""
+    from data.nifti import save_volume
+    out, src_affine = on_source_grid(volume, affine, source)
+    if not out.any():
+        return False
+    save_volume(path, out, src_affine, dtype=volume.dtype)
+    return True

@@ -65,42 +65,41 @@ def test_predicted_mask_lands_on_the_source_grid(tmp_path):
     assert not rejected
     image = np.load(good["cache_image"].iloc[0])[0]
     model = ThresholdSegmenter(threshold=(image.max() + np.median(image)) / 2)
-    out, ml = auto_mask.predict_mask([model], good.iloc[0], SPEC, tmp_path / "masks")
-    written = nib.load(out)
+    found = auto_mask.search_lesion([model], good.iloc[0], SPEC, tmp_path / "masks")
+    assert found.status == "found" and len(found.candidates) == 1 and found.candidates["index_lesion"].all()
+    written = nib.load(found.mask_path)
     assert np.allclose(written.affine, nib.load(path).affine) and written.shape == true_mask.shape
     pred = np.asanyarray(written.dataobj) > 0
     got, want = np.argwhere(pred).mean(0), np.argwhere(true_mask).mean(0)
     assert np.all(np.abs(got - want) <= 1.0), (got, want)  # centroid within one source voxel on every axis
-    assert ml == pytest.approx(4 / 3 * math.pi * 7.0 ** 3 / 1000, rel=0.3)
+    assert found.volume_ml == pytest.approx(4 / 3 * math.pi * 7.0 ** 3 / 1000, rel=0.3)
+    # the candidate's centroid is in world mm: the ball's centre through the LPS oblique source affine
+    affine = nib.load(path).affine
+    centre_world = affine[:3, :3] @ np.asarray(centre_vox) + affine[:3, 3]
+    got_world = found.candidates[["x_mm", "y_mm", "z_mm"]].to_numpy(float)[0]
+    assert np.linalg.norm(got_world - centre_world) < 2.0, (got_world, centre_world)  # one prepared voxel
+    ranks = np.asanyarray(nib.load(tmp_path / "masks" / "s1_candidates.nii.gz").dataobj)
+    np.testing.assert_array_equal(ranks > 0, pred)  # the label map of every candidate, rank 1 here
 
 
-def test_index_lesion_largest_or_nearest_the_given_centre():
-    prob = np.zeros((20, 20, 20))
-    prob[2:5, 2:5, 2:5] = 0.9     # small, near the origin
-    prob[10:18, 10:18, 10:18] = 0.9  # large
+def test_the_fallback_region_passes_over_a_scalp_rim():
+    """Without a brain, the region is the head deeper than the surface margin: a rim at the surface, even one
+    closed all around the head (its centroid deep, its voxels not), is no candidate."""
+    from finetune.lesion import candidates as cand
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    largest = auto_mask.index_lesion(prob, affine)
-    assert largest.sum() == 8 ** 3
-    near = auto_mask.index_lesion(prob, affine, centre_mm=[6.0, 6.0, 6.0])  # voxel (3, 3, 3)
-    assert near.sum() == 27 and near[3, 3, 3]
-    assert auto_mask.index_lesion(np.zeros((5, 5, 5)), affine) is None
-    # a bright rim at the head's surface (scalp) is larger, but shallower than the margin: passed over
     image = np.zeros((20, 20, 20))
     image[1:19, 1:19, 1:19] = 1.0  # the head, 18 voxels of 2 mm across
     depth = auto_mask.head_depth_mm(image, 0.0, (2.0, 2.0, 2.0))
     assert depth[0, 0, 0] == 0 and depth[1, 10, 10] == pytest.approx(2.0) and depth[10, 10, 10] == pytest.approx(18.0)
-    scalp = np.zeros_like(prob)
-    scalp[1:3, 1:19, 1:19] = 0.9  # 2 x 18 x 18 voxels along one face
-    scalp[9:12, 9:12, 9:12] = 0.9  # a 27-voxel lesion in the middle
-    assert auto_mask.index_lesion(scalp, affine).sum() == 2 * 18 * 18
-    deep = auto_mask.index_lesion(scalp, affine, depth_mm=depth, surface_margin_mm=10.0)
-    assert deep.sum() == 27 and deep[10, 10, 10]
-    # a rim closed all around the head: its centroid is deep, most of its voxels are not
+    lesion = np.zeros_like(image)
+    lesion[9:12, 9:12, 9:12] = 0.9  # a 27-voxel lesion in the middle
     shell = (depth > 0) & (depth <= 2.0)
-    closed = np.where(shell, 0.9, scalp * (depth > 10))
-    assert auto_mask.index_lesion(closed, affine).sum() == shell.sum()
-    deep = auto_mask.index_lesion(closed, affine, depth_mm=depth, surface_margin_mm=10.0)
-    assert deep.sum() == 27 and deep[10, 10, 10]
+    for rim in (np.pad(np.ones((2, 18, 18)), ((1, 17), (1, 1), (1, 1))) > 0, shell):  # one face; all around
+        prob = np.where(rim, 0.9, lesion)
+        assert len(cand.find_candidates(prob, affine)[0]) == 2
+        table, labels = cand.find_candidates(prob, affine, depth > 10.0, depth)
+        assert len(table) == 1 and (labels > 0).sum() == 27 and labels[10, 10, 10]
+        assert table["depth_mm"].iloc[0] == pytest.approx(np.median(depth[9:12, 9:12, 9:12]))
 
 
 def joint_model_and_threshold(tmp_path, monkeypatch):

@@ -91,3 +91,75 @@ def test_a_candidate_mostly_outside_the_region_is_dropped():
     assert len(table) == 1 and table["volume_ml"].iloc[0] == pytest.approx(27 * 8 / 1000)
     assert labels[10, 10, 10] == table["label"].iloc[0] and not labels[0].any()
     assert len(cand.find_candidates(prob, affine)[0]) == 2  # without the region the rim is a candidate
+
+
+# ---- the brain region: scalp, skull and face are no candidates ---------------------------------------------------
+
+HEAD_SHAPE, HEAD_MM = (40, 40, 40), 2.0
+# Shells outward from the centre, outer radius in mm and T1-CE value: brain, CSF, skull, scalp (bright fat).
+HEAD_LAYERS = ((24.0, 100.0), (26.0, 20.0), (30.0, 10.0), (36.0, 120.0))
+
+
+def layered_head(folder):
+    """A head on a 2 mm RAS grid (its image, its brain [X, Y, Z] bool and the head's centre in world mm), written
+    as NIfTI with the brain as a 0/1 file beside it."""
+    from data.nifti import save_volume
+    affine = np.diag([HEAD_MM] * 3 + [1.0])
+    world = world_grid(HEAD_SHAPE, affine)
+    centre = world[20, 20, 20] - HEAD_MM / 2
+    r = np.linalg.norm(world - centre, axis=-1)  # [X, Y, Z] mm from the centre
+    t1 = np.zeros(HEAD_SHAPE, np.float32)
+    for outer, value in reversed(HEAD_LAYERS):
+        t1[r <= outer] = value
+    t1 += np.random.default_rng(0).normal(0, 3, HEAD_SHAPE).astype(np.float32) * (r <= HEAD_LAYERS[-1][0])
+    save_volume(folder / "head.nii.gz", t1, affine)
+    save_volume(folder / "brain.nii.gz", (r <= HEAD_LAYERS[0][0]).astype(np.uint8), affine, dtype=np.uint8)
+    return centre
+
+
+@pytest.mark.parametrize("brain_column", [False, True])
+def test_a_scalp_candidate_is_excluded_by_the_brain_mask(tmp_path, brain_column):
+    from data.cache import CacheEntry
+    from data.prep_config import PrepConfig
+    from data.prepare import prepare_table
+    from finetune import auto_mask as search  # finetune.lesion.search after the move
+    centre = layered_head(tmp_path)
+    row = {"subject_id": "s1", "image": str(tmp_path / "head.nii.gz")}
+    if brain_column:
+        row["brain_mask"] = str(tmp_path / "brain.nii.gz")
+    prep = PrepConfig(spacing=(HEAD_MM,) * 3)
+    good, rejected = prepare_table(pd.DataFrame([row]), prep, tmp_path / "cache", require_lesion=False,
+                                   on_error="collect", progress=False)
+    assert not rejected
+    entry = CacheEntry.from_path(good["cache_image"].iloc[0])
+    affine = np.asarray(entry.meta["affine"])
+    world = world_grid(entry.image().shape[1:], affine)  # the prepared grid, cropped to the head
+    r = np.linalg.norm(world - centre, axis=-1)
+    prob = np.zeros(r.shape)
+    prob[(r > 31) & (r < 35) & (world[..., 0] > centre[0])] = 0.95  # a cap of scalp: large and sure
+    lesion_centre = centre + [8.0, 4.0, 0.0]
+    prob[np.linalg.norm(world - lesion_centre, axis=-1) <= 5.0] = 0.9
+    # a zero surface margin keeps every candidate the old rule would: the brain mask alone drops the scalp
+    region = search.search_region(entry, good.iloc[0], prep, surface_margin_mm=0.0)
+    assert region.source.startswith("brain_mask column" if brain_column else "estimated")
+    table, _ = cand.find_candidates(prob, affine, region.mask, region.depth_mm)
+    assert len(table) == 1, table
+    assert np.linalg.norm(table[["x_mm", "y_mm", "z_mm"]].to_numpy(float)[0] - lesion_centre) < 1.0
+    assert table["in_region"].iloc[0] == 1.0 and table["depth_mm"].iloc[0] > 10
+    everything, _ = cand.find_candidates(prob, affine)
+    assert len(everything) == 2 and everything["volume_ml"].max() > 10 * table["volume_ml"].iloc[0]
+
+
+def test_without_a_brain_the_surface_margin_is_the_region(tmp_path, monkeypatch):
+    from data.cache import CacheEntry
+    from data.prep_config import PrepConfig
+    from data.prepare import prepare_table
+    from finetune import auto_mask as search  # finetune.lesion.search after the move
+    layered_head(tmp_path)
+    prep = PrepConfig(spacing=(HEAD_MM,) * 3)
+    good, _ = prepare_table(pd.DataFrame([{"subject_id": "s1", "image": str(tmp_path / "head.nii.gz")}]), prep,
+                            tmp_path / "cache", require_lesion=False, on_error="collect", progress=False)
+    monkeypatch.setattr(search, "brain_mask", lambda image, *a, **k: np.zeros(np.shape(image), bool))
+    region = search.search_region(CacheEntry.from_path(good["cache_image"].iloc[0]), good.iloc[0], prep, 10.0)
+    assert region.source == "surface margin 10 mm (no brain found)"
+    np.testing.assert_array_equal(region.mask, region.depth_mm > 10.0)
