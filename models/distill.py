@@ -11,9 +11,9 @@ differently augmented view assigns there:
   the teacher's distribution for its parent region, and the parent region's pooled student feature
   predicts the teacher's distribution for the child.
 
-The teacher's output is centred (an EMA of its batch means) and sharpened (a temperature warmed up from
-`teacher_temp_start` to `teacher_temp`), which keeps it from collapsing to one prototype or to the
-uniform distribution; its weights follow the student by EMA with a momentum that rises to 1 on a
+The teacher's output is centred (an EMA, over optimizer steps, of the global batch's mean) and sharpened
+(a temperature warmed up from `teacher_temp_start` to `teacher_temp`), which keeps it from collapsing to
+one prototype or to the uniform distribution; its weights follow the student by EMA with a momentum that rises to 1 on a
 cosine. Reconstruction keeps its own weight; weight 0 builds none of this and is plain MiM.
 
 Written here rather than taken from facebookresearch/dino or ibot (DINOHead, DINOLoss): those are not
@@ -74,6 +74,50 @@ class DistillConfig:
         """DINO's schedule: momentum + (1 - momentum) (1 - cos(pi step / max_steps)) / 2, rising to 1."""
         t = min(1.0, step / max(1, max_steps))
         return 1.0 - (1.0 - self.momentum) * (math.cos(math.pi * t) + 1) / 2
+
+
+class CentreSums:
+    """The rows a running centre [S, K] moves toward (S slots, e.g. one per child level), summed over the
+    micro-batches of one optimizer step; `apply` all-reduces the sums and counts across ranks and moves the
+    centre once. What a loss sees then depends on the global batch of an optimizer step, not on the per-GPU
+    batch or on gradient accumulation. A plain object, not buffers: DDP broadcasts rank 0's buffers at every
+    forward, which would overwrite the other ranks' sums; and nothing of it outlives a step, so checkpoints
+    need none of it."""
+
+    def __init__(self, slots: int, width: int):
+        self.slots, self.width = slots, width
+        self.total: Tensor | None = None  # [S, K + 1] float32: each slot's row sum, then its row count
+
+    def reset(self) -> None:
+        """Forget the rows added so far: a skipped (non-finite) step's forwards must not move the centre."""
+        self.total = None
+
+    @torch.no_grad()
+    def add(self, slot: int, rows: Tensor) -> None:
+        """Add rows [R, K] (detached) to slot `slot`."""
+        if self.total is None:
+            self.total = torch.zeros(self.slots, self.width + 1, device=rows.device)
+        self.total[slot, :-1] += rows.detach().float().sum(dim=0)
+        self.total[slot, -1] += rows.shape[0]
+
+    @torch.no_grad()
+    def apply(self, center: Tensor, momentum: float, first_sets: bool = False) -> None:
+        """center [S, K] <- m center + (1 - m) (mean of the rows added since the last reset, over every rank),
+        then reset. A slot no rank saw keeps its value. first_sets: a slot still exactly zero (never moved)
+        takes the mean itself, as an EMA that starts from zero is biased toward zero for ~1 / (1 - m) steps.
+        A collective when torch.distributed is initialised: every rank calls it (the loop calls it after
+        every step taken, and a step is skipped alike on every rank)."""
+        total = self.total if self.total is not None else torch.zeros(self.slots, self.width + 1, device=center.device)
+        self.total = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+        count = total[:, -1:]                                  # [S, 1]
+        mean = total[:, :-1] / count.clamp_min(1)              # [S, K]
+        m = torch.full_like(count, momentum)                   # [S, 1]
+        if first_sets:
+            m[(center == 0).all(dim=1, keepdim=True)] = 0.0
+        moved = m * center.float() + (1 - m) * mean            # [S, K]
+        center.copy_(torch.where(count > 0, moved, center.float()))
 
 
 class DINOHead(nn.Module):
@@ -154,6 +198,7 @@ class Distiller(nn.Module):
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.register_buffer("center", torch.zeros(1, config.prototypes))
+        self.center_sums = CentreSums(1, config.prototypes)  # this step's teacher logits, for update_center
         self.temperature = config.teacher_temp_start
 
     def set_step(self, step: int) -> None:
@@ -230,17 +275,14 @@ class Distiller(nn.Module):
         with torch.no_grad():
             probs = torch.cat([sharpen(t, self.center, self.temperature).reshape(-1, c.prototypes) for t in t_logits])
             used = torch.zeros(c.prototypes, device=probs.device).index_fill_(0, probs.argmax(-1), 1.0)
-            self.update_center(t_logits + pooled)
+            if self.training:  # the centre moves once per optimizer step (update_center), not per forward
+                self.center_sums.add(0, torch.cat([t.reshape(-1, c.prototypes) for t in t_logits + pooled]))
         return {"distill": c.masked_weight * loss_masked + c.cross_weight * loss_cross,
                 "distill_masked": loss_masked.detach(), "distill_cross": loss_cross.detach(),
                 "teacher_entropy": entropy(probs), "prototype_usage": used.mean()}
 
     @torch.no_grad()
-    def update_center(self, teacher_logits: list[Tensor]) -> None:
-        """center <- m center + (1 - m) mean of this step's teacher logits (over every rank)."""
-        rows = torch.cat([t.reshape(-1, t.shape[-1]) for t in teacher_logits])  # [R, K]
-        total = torch.stack([rows.sum(0), torch.full_like(rows[0], rows.shape[0])])  # [2, K]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(total)
-        m = self.config.center_momentum
-        self.center.mul_(m).add_((total[0] / total[1])[None], alpha=1 - m)
+    def update_center(self) -> None:
+        """After an optimizer step: center <- m center + (1 - m) mean of the teacher logits of the step's
+        micro-batches, over every rank (DINO's centre, zero at step 0)."""
+        self.center_sums.apply(self.center, self.config.center_momentum)

@@ -5,9 +5,9 @@ forward(levels) follows MAE's models_mae.py: forward_encoder (visible tokens onl
 (mask tokens in place of the masked ones, every level's patches predicted) and forward_loss. For MiM's
 cross-level alignment it also pools, per child level, each child's decoder feature through the
 projection head, and the stop-gradient target it is pulled toward: its real parent's decoder feature
-over the patches the child covers. All levels are encoded together in as few passes as possible (one,
-when every level keeps the same number of visible tokens) and decoded in one. With one level it is
-exactly MAE.
+over the patches the child covers, centred by a running mean over optimizer steps and ranks. All levels
+are encoded together in as few passes as possible (one, when every level keeps the same number of
+visible tokens) and decoded in one. With one level it is exactly MAE.
 
 Losses: per level, MSE on masked patches against each patch normalised by its own mean and variance
 (MAE's norm_pix_loss); per child level, 2 - 2 cos(projected child, parent target). Patches are
@@ -25,7 +25,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from core.errors import ConfigError, InputError
-from models.distill import DistillConfig, Distiller
+from models.distill import CentreSums, DistillConfig, Distiller
 from models.mim_masks import Level, MaskConfig, check_fits
 from models.pos_embed import sincos_3d
 from models.vit3d import ViT3D, ViT3DConfig, patchify, unpatchify
@@ -39,7 +39,7 @@ class MiMOutput(NamedTuple):
     find the tensors of a forward's output (to hook backward) in tuples, lists and dicts only."""
     preds: list[Tensor]                  # [B_l, N, C p^3] every level's patches, as patchify lays them out
     aligned: list[Tensor]                # [B_l, Dd] each child's pooled decoder feature through the head
-    align_targets: list[Tensor]          # [B_l, Dd] its parent region's centred feature, detached
+    align_targets: list[Tensor]          # [B_l, Dd] its parent region's feature minus the centre, detached
     losses: dict[str, Tensor]            # "loss" and its terms "rec_l1", "align_l2", ...
 
 
@@ -53,6 +53,10 @@ class MiMConfig:
     proj_dim: int = 128      # hidden width of the projection head (decoder_dim -> proj_dim -> decoder_dim)
     norm_pix_loss: bool = True  # targets are patches normalised by their own mean and variance (MAE)
     align_weight: float = 1.0  # weight of the cross-level alignment terms
+    # EMA momentum, per optimizer step, of the alignment centre (the global batch's mean parent-region feature).
+    # Lower than DINO's 0.9: a centre that lags the moving features leaves an offset all targets share, and
+    # the head can score by pointing at it (tests/test_mim.py: 0.9 collapsed there, 0.5 did not)
+    align_center_momentum: float = 0.5
     level_weights: tuple[float, ...] = (1.0,)  # reconstruction weight per level; one value applies to all
     # VoCo-style position contrast (models/contrast.py): each child picks its own cell among its parent's;
     # 0: off. contrast_temperature: the cosine logits' temperature
@@ -69,6 +73,8 @@ class MiMConfig:
         if self.decoder_dim % 2 or self.decoder_heads < 1 or self.decoder_dim % self.decoder_heads:
             raise ConfigError(f"decoder_dim {self.decoder_dim} must be even and divisible by "
                               f"decoder_heads {self.decoder_heads}")
+        if not 0 <= self.align_center_momentum < 1:
+            raise ConfigError(f"align_center_momentum must be in [0, 1), got {self.align_center_momentum}")
         if self.proj_dim < 1:
             raise ConfigError(f"proj_dim must be >= 1, got {self.proj_dim}")
         if self.contrast_weight < 0 or self.contrast_temperature <= 0:
@@ -100,6 +106,11 @@ class MiMModel(nn.Module):
         # sides constant. No head without a second level: unused parameters would break DDP, and L=1
         # must be plain MAE.
         self.projector = Mlp(dd, config.proj_dim, dd) if config.masks.levels > 1 else None
+        if config.masks.levels > 1:
+            # The alignment targets' centre, one row per child level (2..L): a buffer, so it rides in checkpoints;
+            # zero until the first step taken (see training_step_done). Not "encoder.*": export leaves it.
+            self.register_buffer("align_center", torch.zeros(config.masks.levels - 1, dd))  # [L-1, Dd]
+            self.align_sums = CentreSums(config.masks.levels - 1, dd)
         self._init_decoder()
         # Built last, so plain MiM draws the same initial weights; its teacher starts as the student's copy.
         self.distiller = (Distiller(self.encoder, self.decoder_modules(), self.decoder_pos_embed, config.distill)
@@ -155,16 +166,22 @@ class MiMModel(nn.Module):
         sizes = [lvl.x.shape[0] for lvl in levels]
         return list(feats.split(sizes)), list(pred.split(sizes))
 
-    def align_features(self, child: Level, child_feats: Tensor, parent_feats: Tensor) -> tuple[Tensor, Tensor]:
-        """(projected, target), both [B_c, Dd]: each child's pooled decoder feature through the projection
-        head, and the stop-gradient mean of its real parent's decoder features over the patches it covers."""
+    def align_features(self, child: Level, child_feats: Tensor, parent_feats: Tensor,
+                       level: int) -> tuple[Tensor, Tensor]:
+        """(projected, target), both [B_c, Dd], for the child level `level` (2..L): each child's pooled decoder
+        feature through the projection head, and the stop-gradient mean of its real parent's decoder
+        features over the patches it covers, minus the level's running centre."""
         projected = self.projector(child_feats.float().mean(dim=1))  # [B_c, Dd]
         with torch.no_grad():  # stop-gradient target, not passed through the head
             region = parent_feats[child.parent[:, None], child.parent_tokens]  # [B_c, c^3, Dd]
             target = region.float().mean(dim=1)                                # [B_c, Dd]
-            # Centred over this level's children: a direction all targets share (the decoder norm's
-            # bias, "masked region" vs "visible") would otherwise grow until every cosine is 1.
-            target = target - target.mean(dim=0, keepdim=True)                 # [B_c, Dd]
+            if self.training:
+                self.align_sums.add(level - 2, target)
+            # Centred: a direction all targets share (the decoder norm's bias, "masked region" vs "visible")
+            # would otherwise grow until every cosine is 1. By a running mean over steps and ranks, not over
+            # this batch: a batch's own mean ties each target to its batch-mates (one crop with two children
+            # got two opposite targets), so the loss would change with the per-GPU batch.
+            target = target - self.align_center[level - 2].float()            # [B_c, Dd]
         return projected, target
 
     def forward_loss(self, levels: Sequence[Level], out: MiMOutput, feats: list[Tensor]) -> MiMOutput:
@@ -183,7 +200,7 @@ class MiMModel(nn.Module):
         """The reconstructions, the alignment pairs and the losses of one hierarchy (see MiMOutput)."""
         latents = self.forward_encoder(levels)
         feats, preds = self.forward_decoder(levels, latents)
-        pairs = [self.align_features(levels[i], feats[i], feats[i - 1]) for i in range(1, len(levels))]
+        pairs = [self.align_features(levels[i], feats[i], feats[i - 1], i + 1) for i in range(1, len(levels))]
         out = MiMOutput(preds=preds, aligned=[p for p, _ in pairs], align_targets=[t for _, t in pairs], losses={})
         return self.forward_loss(levels, out, feats)
 
@@ -201,13 +218,24 @@ class MiMModel(nn.Module):
         return terms
 
     def training_step_started(self, step: int) -> None:
-        """The step's schedules (the teacher's temperature); a no-op without distillation."""
+        """Before an optimizer step: the step's schedules (the teacher's temperature), and the centres' sums
+        start empty, so the forwards of a skipped step (never followed by training_step_done) move nothing."""
+        if self.projector is not None:
+            self.align_sums.reset()
         if self.distiller is not None:
             self.distiller.set_step(step)
+            self.distiller.center_sums.reset()
 
     def training_step_done(self, step: int, max_steps: int) -> None:
-        """After an optimizer step: the teacher follows the student by EMA; a no-op without distillation."""
+        """After an optimizer step taken: each centre moves once toward the mean of the step's micro-batches
+        over every rank (collectives: every rank calls this), and the teacher follows the student by EMA.
+        A no-op with one level and no distillation (plain MAE)."""
+        if self.projector is not None:
+            # First-batch init: the first step taken sets the centre to its mean; step 0 itself is uncentred
+            # (a zero centre), as a centre from step 0's own batch would tie its targets to that batch.
+            self.align_sums.apply(self.align_center, self.config.align_center_momentum, first_sets=True)
         if self.distiller is not None:
+            self.distiller.update_center()
             self.distiller.update_teacher(self.encoder, self.decoder_modules(),
                                           self.config.distill.ema_momentum(step, max_steps))
 
