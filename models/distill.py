@@ -13,8 +13,9 @@ differently augmented view assigns there:
 
 The teacher's output is centred (an EMA, over optimizer steps, of the global batch's mean) and sharpened
 (a temperature warmed up from `teacher_temp_start` to `teacher_temp`), which keeps it from collapsing to
-one prototype or to the uniform distribution; its weights follow the student by EMA with a momentum that rises to 1 on a
-cosine. Reconstruction keeps its own weight; weight 0 builds none of this and is plain MiM.
+one prototype or to the uniform distribution; its weights follow the student by EMA with a momentum
+that rises to 1 on a cosine. Reconstruction keeps its own weight; weight 0 builds none of this and is
+plain MiM.
 
 Written here rather than taken from facebookresearch/dino or ibot (DINOHead, DINOLoss): those are not
 packaged, and MiM's teacher sees sub-volume hierarchies, not image crops. The maths is theirs.
