@@ -141,6 +141,7 @@ def test_resume_is_bit_exact_with_the_teacher_and_both_encoders_export(synth_coh
     a = load_file(str(tmp_path / "full" / "checkpoints" / "ckpt-0000006" / "weights.safetensors"))
     b = load_file(str(tmp_path / "cut" / "checkpoints" / "ckpt-0000006" / "weights.safetensors"))
     assert any(k.startswith("distiller.teacher.encoder.") for k in a) and "distiller.center" in a
+    assert a["align_center"].shape == (2, 96) and a["align_center"].abs().sum() > 0  # the 3 levels' child centres
     assert any(k.startswith("distiller.teacher.decoder_blocks.") for k in a) == (teacher_features == "decoder")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     for folder, prefix in (("encoder", "encoder."), ("encoder_teacher", "distiller.teacher.encoder.")):
