@@ -136,20 +136,25 @@ def crop_box(image, mask, start, size, out_size, pad_value=None) -> np.ndarray:
     return np.concatenate([img, msk], axis=0)  # [C + 1, *out_size] float32
 
 
-def segmentation_box(start, size, shape, rng: np.random.Generator) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """Where a segmentation training crop of the lesion box's size goes, in thirds: the lesion box itself
-    (as validation and the outcome tasks see it), the box shifted by up to half its side on each axis
-    (the lesion anywhere in view, or partly out of it), or anywhere in the volume (mostly lesion-free).
-    The last two teach the head what is not a lesion, which sliding-window inference over the whole
-    brain asks of it (nnU-Net samples a third of its patches around foreground for the same reason)."""
-    size = _triple(size)
-    draw = rng.random()
-    if draw < 1 / 3:
-        return tuple(int(a) for a in start), size
-    if draw < 2 / 3:
-        shift = rng.integers(-(np.array(size) // 2), np.array(size) // 2 + 1)  # [3]
-        return tuple(int(a) for a in np.add(start, shift)), size
-    return random_crop_boxes(shape, size, 1, rng)[0]
+# nnU-Net's share of patches forced onto foreground; the rest go anywhere, as its sliding window does.
+LESION_FORCED = 1 / 3
+
+
+def segmentation_box(lesion_voxels: np.ndarray, side: int, shape, rng: np.random.Generator) -> Box:
+    """A segmentation training window, nnU-Net's way, at one fixed scale (`side` voxels: the scale the
+    sliding window of whole-head inference uses). With probability LESION_FORCED it holds a lesion voxel
+    (drawn from `lesion_voxels` [N, 3], placed anywhere in the window); else it lies anywhere in the volume
+    of `shape` (the prepared head crop), as the sliding window does, and is mostly lesion-free: those
+    windows teach the head what is not a lesion. Like the sliding window, it stays inside the volume
+    where the volume is larger than it."""
+    size = _triple(side)
+    if rng.random() >= LESION_FORCED:
+        return random_crop_boxes(shape, size, 1, rng)[0]
+    voxel = np.asarray(lesion_voxels)[rng.integers(len(lesion_voxels))]  # [3]
+    start = voxel - rng.integers(0, np.array(size))  # [3]: the voxel at a random place in the window
+    lo = np.minimum(0, np.subtract(shape, size))  # [3], as random_crop_boxes bounds its starts
+    hi = np.maximum(0, np.subtract(shape, size))  # [3]; clipping keeps the voxel inside the window
+    return tuple(int(a) for a in np.clip(start, lo, hi)), size
 
 
 def _resize(a: np.ndarray, out_size, **kw) -> np.ndarray:

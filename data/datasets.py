@@ -72,7 +72,8 @@ class LesionCrops(Dataset):
     """
 
     def __init__(self, df: pd.DataFrame, crop_size: int, margin_vox: int, augment: bool, seed: int,
-                 min_side_vox: int | None = None, placement: str = "lesion", wide_margin_vox: int | None = None):
+                 min_side_vox: int | None = None, placement: str = "lesion", wide_margin_vox: int | None = None,
+                 seg_windows: bool = False):
         for col in ("cache_image", "cache_mask"):
             if col not in df.columns:
                 raise InputError(f"LesionCrops: column {col!r} missing; use the index CSV written by data.prepare")
@@ -89,7 +90,12 @@ class LesionCrops(Dataset):
         self.epoch = 0
         self.transform = lesion_augment(self.crop_size) if augment else None
         # "lesion": centred on the lesion; "segmentation": data.crops.segmentation_box (training the mask)
+        if placement not in ("lesion", "segmentation"):
+            raise InputError(f"LesionCrops: placement {placement!r}, expected 'lesion' or 'segmentation'")
         self.placement = placement
+        # beside the lesion crop, a segmentation window ("seg_x"): an outcome model's auxiliary segmentation
+        # head then also trains on lesion-free windows, as whole-head inference will show it
+        self.seg_windows = bool(seg_windows)
         # a second, wide (peritumoral) crop of each lesion after the first, at the same crop size
         self.wide_margin_vox = None if wide_margin_vox is None else int(wide_margin_vox)
 
@@ -103,20 +109,31 @@ class LesionCrops(Dataset):
         image = np.load(self.images[i], mmap_mode="r")  # [C, X, Y, Z] float32
         mask = np.load(self.masks[i], mmap_mode="r")  # [1, X, Y, Z] uint8
         start, size = lesion_box(mask[0], self.margin_vox, self.min_side_vox or self.crop_size)
+        item = {}
         if self.placement == "segmentation":
-            rng = np.random.default_rng(item_seed(self.seed + 1, self.epoch, i))
-            start, size = segmentation_box(start, size, image.shape[1:], rng)
+            start, size = self._window(i, image.shape[1:], mask)
+        elif self.seg_windows:
+            box = self._window(i, image.shape[1:], mask)
+            window = crop_box(image, mask, *box, self.crop_size, self.pad_values[i])  # [C + 1, S, S, S]
+            item["seg_x"] = self._augment(window, i, stream=2)
         x = self._augment(crop_box(image, mask, start, size, self.crop_size, self.pad_values[i]), i)  # [C + 1, S, S, S]
         if self.wide_margin_vox is not None:
             wide = lesion_crop(image, mask, self.crop_size, self.wide_margin_vox,
                                min_size=self.min_side_vox or self.crop_size, pad_value=self.pad_values[i])
             x = torch.cat([x, self._augment(wide, i)])  # [2 (C + 1), S, S, S]: lesion crop, then the wide one
-        return {"x": x, "scale": torch.tensor(size[0] / self.crop_size, dtype=torch.float32), "index": i}
+        return {"x": x, "scale": torch.tensor(size[0] / self.crop_size, dtype=torch.float32), "index": i, **item}
 
-    def _augment(self, x: np.ndarray, i: int) -> torch.Tensor:
-        """[C + 1, S, S, S] -> the same, augmented (both crops of a lesion get the same draws)."""
+    def _window(self, i: int, shape, mask) -> tuple:
+        """Item i's segmentation window (data.crops.segmentation_box) at the view's fixed scale: min_side_vox,
+        else crop_size voxels, the side of the sliding window finetune.auto_mask runs."""
+        rng = np.random.default_rng(item_seed(self.seed + 1, self.epoch, i))
+        return segmentation_box(np.argwhere(np.asarray(mask[0]) > 0), self.min_side_vox or self.crop_size, shape, rng)
+
+    def _augment(self, x: np.ndarray, i: int, stream: int = 0) -> torch.Tensor:
+        """[C + 1, S, S, S] -> the same, augmented (both crops of a lesion get the same draws; a segmentation
+        window, `stream` 2, its own)."""
         if self.transform is not None:
-            self.transform.set_random_state(seed=item_seed(self.seed, self.epoch, i))
+            self.transform.set_random_state(seed=item_seed(self.seed + stream, self.epoch, i))
             out = self.transform({"image": torch.from_numpy(x[:-1]), "mask": torch.from_numpy(x[-1:])})
             x = torch.cat([convert_to_tensor(out["image"], track_meta=False),
                            convert_to_tensor(out["mask"], track_meta=False)])  # [C + 1, S, S, S]

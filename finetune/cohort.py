@@ -30,8 +30,8 @@ class Targets:
 
 
 class CohortDataset(Dataset):
-    """Item i -> dict(x [C + 1, S, S, S] (x2 with the peritumoral crop) and its crop scale, or absent;
-    clinical [F], label, time, event, bin, index)."""
+    """Item i -> dict(x [C + 1, S, S, S] (x2 with the peritumoral crop) and its crop scale, or absent; with
+    segmentation windows, seg_x [C + 1, S, S, S]; clinical [F], label, time, event, bin, index)."""
 
     def __init__(self, crops: Dataset | None, clinical: np.ndarray, targets: Targets,
                  time_bins: np.ndarray | None = None):
@@ -52,6 +52,8 @@ class CohortDataset(Dataset):
         if self.crops is not None:
             crop = self.crops[i]
             item["x"], item["scale"] = crop["x"], crop["scale"]
+            if "seg_x" in crop:
+                item["seg_x"] = crop["seg_x"]
         t = self.targets
         for name in ("label", "time", "event"):
             v = getattr(t, name)
@@ -96,12 +98,14 @@ def to_bin(time, edges) -> np.ndarray:
 def make_dataset(df: pd.DataFrame, task: Task, schema: ClinicalSchema | None, *, use_images: bool,
                  crop_size: int, margin_vox: int, augment: bool, seed: int,
                  min_side_vox: int | None = None, time_bins: np.ndarray | None = None,
-                 placement: str = "lesion", wide_margin_vox: int | None = None) -> CohortDataset:
+                 placement: str = "lesion", wide_margin_vox: int | None = None,
+                 seg_windows: bool = False) -> CohortDataset:
     """`placement`: where the crops go (data.datasets.LesionCrops): "lesion"-centred, or "segmentation"
-    (around and away from the lesion, for training the segmentation task). `wide_margin_vox`: a second,
-    peritumoral crop of each lesion (InputSpec.view_voxels)."""
+    (windows on and away from the lesion, for training the segmentation task). `wide_margin_vox`: a second,
+    peritumoral crop of each lesion (InputSpec.view_voxels). `seg_windows`: each item also carries a
+    segmentation window, "seg_x" (an outcome task's auxiliary segmentation head trains on it too)."""
     from data.datasets import LesionCrops
     crops = LesionCrops(df.reset_index(drop=True), crop_size=crop_size, margin_vox=margin_vox,
                         augment=augment, seed=seed, min_side_vox=min_side_vox, placement=placement,
-                        wide_margin_vox=wide_margin_vox) if use_images else None
+                        wide_margin_vox=wide_margin_vox, seg_windows=seg_windows) if use_images else None
     return CohortDataset(crops, clinical_matrix(schema, df), Targets.from_table(df, task), time_bins)

@@ -25,13 +25,17 @@ from finetune.recipe import EpochChoice, FinetuneSchedule, encoder_peak_lr, tag_
 from finetune.seg_metrics import segmentation_metrics
 from models.input_spec import InputSpec
 from models.multimodal import MultimodalConfig, MultimodalModel
-from models.segmentation import seg_target
+from models.segmentation import seg_target, segmentation_loss
 from models.tasks import Task, output_scores
 
 # The seeds of fold k, all derived from the run's --seed: its initial weights come from step_seed's set-up
 # phase -1 - k, its augmentation and batch order from seed + k, and its per-step dropout / drop-path from
 # seed + FOLD_STEP_STRIDE * (k + 1), a stream apart from every fold's order seed for --seed below the stride.
 FOLD_STEP_STRIDE = 1000
+
+# In a fold model's config.json: its segmentation head also trained on windows anywhere in the head, at the
+# sliding window's scale (data.crops.segmentation_box), so whole-head search may use it.
+SEG_WINDOWS_KEY = "seg_background_windows"
 
 
 @dataclass(frozen=True)
@@ -80,8 +84,11 @@ def build_fold(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec
                    n_time_bins=cfg.n_time_bins if bins is not None else model_cfg.n_time_bins)
     seeds = FoldSeeds.of(cfg.seed, index)
     kw = dict(use_images=mcfg.uses_image, crop_size=spec.input_size, time_bins=bins, **spec.view_voxels())
+    # The segmentation task trains on segmentation windows alone; an outcome task keeps its lesion crops,
+    # and an auxiliary segmentation head (--seg_weight > 0) also gets a window per item ("seg_x").
     train_ds = make_dataset(train_df, cfg.task, schema, augment=True, seed=seeds.data,
-                            placement="segmentation" if cfg.task.segment else "lesion", **kw)
+                            placement="segmentation" if cfg.task.segment else "lesion",
+                            seg_windows=mcfg.segments and not cfg.task.segment, **kw)
     val_ds = make_dataset(val_df, cfg.task, schema, augment=False, seed=0, **kw)
 
     reseed_torch(cfg.seed, seeds.init_phase)  # the fold's initial weights
@@ -140,8 +147,11 @@ def _epoch(cfg: FinetuneConfig, fold: Fold, accelerator, guard: NonFiniteGuard, 
         m, batch = micro
         reseed_torch(FoldSeeds.of(cfg.seed, fold.index).steps, m, accelerator.process_index)  # dropout, drop-path
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        return cfg.task.loss(fold.model(batch.get("x"), batch["clinical"]), batch, fold.pos_weight,
-                             seg_weight=cfg.model.seg_weight)
+        terms = cfg.task.loss(fold.model(batch.get("x"), batch["clinical"]), batch, fold.pos_weight,
+                              seg_weight=cfg.model.seg_weight)
+        if "seg_x" in batch:
+            terms = window_segmentation_loss(cfg, fold, accelerator, batch["seg_x"], terms)
+        return terms
 
     totals: dict[str, float] = {}
     good = 0
@@ -156,6 +166,18 @@ def _epoch(cfg: FinetuneConfig, fold: Fold, accelerator, guard: NonFiniteGuard, 
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + v
     return {k: v / max(good, 1) for k, v in totals.items()}, step
+
+
+def window_segmentation_loss(cfg: FinetuneConfig, fold: Fold, accelerator, windows: torch.Tensor,
+                             terms: dict) -> dict:
+    """`terms` plus "seg_windows": the segmentation loss (Dice + CE, weighted by --seg_weight) of the head on
+    the items' segmentation windows [B, C + 1, S, S, S], most of them lesion-free, added to "loss".
+    The head is called on the unwrapped model: its parameters already take part in this step's forward
+    through the wrapper (the lesion crop's segmentation), so DDP and ZeRO-1/2 gather their gradients, summed
+    over both uses, once per backward."""
+    logits = accelerator.unwrap_model(fold.model).segment(windows)  # [B, 1, S, S, S]
+    extra = cfg.task.seg_weight(cfg.model.seg_weight) * segmentation_loss()(logits.float(), seg_target(windows))
+    return {**terms, "seg_windows": extra, "loss": terms["loss"] + extra}
 
 
 def _stop_key(score: float | None, totals: dict, accelerator) -> float:
@@ -216,6 +238,8 @@ def export_fold(cfg: FinetuneConfig, fold: Fold, choice: EpochChoice, eval_sets:
         extra = {"clinical_schema": fold.schema.to_dict() if fold.schema else None, "clinical_columns": columns,
                  "time_bins": fold.bins.tolist() if fold.bins is not None else None,
                  "pretrained": cfg.pretrained or None, "fold": fold.index}
+        if model.config.segments:  # its head trained on windows anywhere in the head, not lesion crops only
+            extra[SEG_WINDOWS_KEY] = True
         card = {"training": {"fold": fold.index, "train_subjects": len(fold.train_ds),
                              "kept_weights": choice.describe(), "pretrained": cfg.pretrained or "none (from scratch)"},
                 "metrics": {"validation_score": val_score}}

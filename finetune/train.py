@@ -26,7 +26,7 @@ from engine.distributed import make_accelerator, zero_stage
 from engine.logs import RunLogger
 from finetune.clinical import unseen_categories_reported_once
 from finetune.config import PATH_FIELDS, FinetuneConfig, parse_eval_sets
-from finetune.fold import train_fold
+from finetune.fold import SEG_WINDOWS_KEY, train_fold
 from models.hf import read_json
 from models.input_spec import InputSpec, ViewSpec, load_input_spec
 from models.multimodal import MultimodalConfig
@@ -134,6 +134,8 @@ def fold_fingerprint(cfg: FinetuneConfig, splits: dict) -> str:
         d.pop(k, None)
     d["folds_content"] = splits["folds"]
     d["pretrained_weights"] = _folder_stamp(cfg.pretrained)
+    if cfg.model.segments:  # a segmentation head trained before it saw lesion-free windows is not reused
+        d["seg_windows"] = SEG_WINDOWS_KEY
     return _digest(json.dumps(d, sort_keys=True, default=str))
 
 

@@ -214,3 +214,32 @@ def test_lesion_crops_magnify_with_a_smaller_minimum_side(tmp_path):
     assert size == (8, 8, 8)
     np.testing.assert_array_equal(zoomed[0]["x"].numpy(), lesion_crop(image, mask, 24, 1, min_size=4, pad_value=-3.0))
     assert zoomed[0]["x"][1].mean() > 5 * native[0]["x"][1].mean()
+
+
+def test_segmentation_windows_are_fixed_size_in_the_volume_and_mostly_lesion_free():
+    """data.crops.segmentation_box, nnU-Net's way: every window has the sliding window's side and lies in
+    the volume as the sliding window does; about a third hold a lesion voxel (forced), the rest anywhere."""
+    from data.crops import LESION_FORCED, segmentation_box
+    shape, side = (40, 36, 30), 12
+    lesion = np.argwhere(np.ones((3, 3, 3), bool)) + np.array([20, 5, 25])  # [27, 3], near two faces
+    rng = np.random.default_rng(0)
+    hits = []
+    for _ in range(600):
+        start, size = segmentation_box(lesion, side, shape, rng)
+        assert size == (side,) * 3
+        assert all(0 <= s <= n - side for s, n in zip(start, shape))
+        inside = np.all((lesion >= start) & (lesion < np.add(start, side)), axis=1)  # [27]
+        hits.append(inside.any())
+    # forced windows always hold the lesion; a uniform one does with probability ~0.04 here
+    assert LESION_FORCED - 0.06 < np.mean(hits) < LESION_FORCED + 0.12, np.mean(hits)
+    # a corner voxel is still inside its forced window after the window is moved into the volume
+    corner = np.array([[0, 35, 29]])
+    for _ in range(50):
+        start, _ = segmentation_box(corner, side, shape, np.random.default_rng(_))
+        if all(0 <= c - s < side for c, s in zip(corner[0], start)):
+            break
+    else:
+        raise AssertionError("no forced window held the corner voxel")
+    # a volume smaller than the window: the window holds the whole volume, as a padded sliding window does
+    start, size = segmentation_box(lesion, 64, shape, np.random.default_rng(1))
+    assert all(s <= 0 and s + 64 >= n for s, n in zip(start, shape))

@@ -269,3 +269,79 @@ def test_task_and_fusion_are_declared_once_where_the_model_reads_them():
         parse_config(FinetuneConfig, ["--task", "detection"])
     with pytest.raises(SystemExit):  # argparse: two spellings of one flag in one command line are refused
         parse_config(FinetuneConfig, ["--fusion", "none", "--model.fusion", "tokens"])
+
+
+# ---- issue 32: the segmentation head sees lesion-free windows (defect 4) ---------------------------------
+
+
+def _windows_table(tmp_path, n=4, side=64):
+    """n cached subjects: noise volumes of side^3 voxels, each with a 5^3 lesion somewhere inside."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(n):
+        d = tmp_path / f"w{k}"
+        d.mkdir(parents=True)
+        image = rng.normal(size=(1, side, side, side)).astype(np.float32)
+        mask = np.zeros((1, side, side, side), np.uint8)
+        lo = rng.integers(8, side - 13, 3)
+        mask[0, lo[0]:lo[0] + 5, lo[1]:lo[1] + 5, lo[2]:lo[2] + 5] = 1
+        np.save(d / "image.npy", image)
+        np.save(d / "mask.npy", mask)
+        (d / "meta.json").write_text(json.dumps({"has_mask": True, "pad_value": -5.0}))
+        rows.append({"subject_id": f"w{k}", "patient_id": f"w{k}", "label": k % 2,
+                     "cache_image": str(d / "image.npy"), "cache_mask": str(d / "mask.npy")})
+    return pd.DataFrame(rows)
+
+
+def _seg_cfg(out, seg_weight: float) -> FinetuneConfig:
+    cfg = load_config(FinetuneConfig, ROOT / "launch" / "finetune_tiny_cpu.yaml")
+    cfg.output_dir, cfg.mixed_precision, cfg.num_workers, cfg.batch_size = str(out), "no", 0, 2
+    cfg.crop_mm, cfg.epochs, cfg.min_epochs, cfg.warmup_epochs = 0.0, 1, 0, 0.0
+    cfg.model.task, cfg.model.fusion, cfg.model.seg_weight = "classification", "none", seg_weight
+    cfg.model.encoder.img_size, cfg.model.encoder.patch_size, cfg.model.encoder.depth = 16, 8, 1
+    return cfg
+
+
+def test_an_auxiliary_segmentation_head_also_trains_on_lesion_free_windows(tmp_path):
+    """--seg_weight > 0 beside an outcome task: the segmentation loss also sees windows at the sliding
+    window's scale, most of them lesion-free (whole-head inference shows the head such windows); the
+    outcome still sees the same lesion crops as without segmentation; the fold model records it."""
+    from accelerate import Accelerator
+
+    from engine.logs import RunLogger
+    from finetune.fold import build_fold, train_fold
+    from finetune.train import resolve_inputs
+    df = _windows_table(tmp_path)
+    accelerator = Accelerator(cpu=True)
+
+    def training_items(seg_weight):
+        cfg = _seg_cfg(tmp_path / "out", seg_weight)
+        model_cfg, spec = resolve_inputs(cfg)
+        fold = build_fold(cfg, model_cfg, spec, 0, df, df, [], accelerator)
+        items = []
+        for epoch in range(6):
+            fold.train_ds.set_epoch(epoch)
+            items += [fold.train_ds[i] for i in range(len(df))]
+        return items
+
+    plain, joint = training_items(0.0), training_items(0.5)
+    assert not any("seg_x" in item for item in plain)
+    for a, b in zip(plain, joint):  # the outcome's crops do not change with segmentation on
+        assert torch.equal(a["x"], b["x"])
+    # what the segmentation loss trains on: the lesion crop and, with windows, the window
+    seen = [b["x"][-1] for b in joint] + [b["seg_x"][-1] for b in joint if "seg_x" in b]
+    lesion_free = np.mean([float(m.sum() == 0) for m in seen])
+    assert lesion_free > 0.15, lesion_free
+    windows = [b["seg_x"] for b in joint]
+    assert all(w.shape == (2, 16, 16, 16) for w in windows)  # the sliding window's input, at native scale
+    with_lesion = np.mean([float(w[-1].sum() > 0) for w in windows])
+    assert 0.2 < with_lesion < 0.7, with_lesion  # about a third forced onto the lesion, a few more by chance
+
+    cfg = _seg_cfg(tmp_path / "trained", 0.5)
+    model_cfg, spec = resolve_inputs(cfg)
+    logger = RunLogger(accelerator, tmp_path / "trained")
+    train_fold(cfg, model_cfg, spec, 0, df, df, {}, [], accelerator, logger)
+    saved = json.loads((tmp_path / "trained" / "model" / "fold0" / "config.json").read_text())
+    assert saved["seg_background_windows"] is True
+    row = json.loads((tmp_path / "trained" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["fold0/train_seg_windows"] > 0
