@@ -5,8 +5,10 @@
 A row with no mask (no mask column, an empty cell, or a mask file without a lesion) is segmented first by
 a model with a segmentation head (--seg_model, default --model itself): finetune.auto_mask writes the
 index lesion as <out stem>_masks/<subject_id>_pred_mask.nii.gz on the image's own grid, its path goes into
-the `predicted_mask` column, and the outcome is then predicted from it. A row where the segmentation finds
-nothing is named and left out; the rest go on.
+the `predicted_mask` column, and the outcome is then predicted from it. The row is prepared again with
+that mask, exactly as a drawn one, so a PET channel's TBR reference leaves the found lesion out (the
+segmentation itself reads a preparation without a mask, whose reference still holds it). A row where the
+segmentation finds nothing is named and left out; the rest go on.
 
 The manifest is checked as a whole first (the clinical columns the model was trained on): a missing
 column is one line and exit code 2, before any preprocessing, and no output file is written. Then every

@@ -169,3 +169,9 @@ def test_a_row_predicted_without_a_mask_gets_the_tbr_of_its_drawn_mask(tmp_path,
     got = CacheEntry.from_path(good["cache_image"][0])
     np.testing.assert_allclose(np.asarray(got.image())[1], np.asarray(want.image())[1], rtol=1e-6)
     assert got.meta["channels"][1]["reference"]["lesion_excluded"]
+
+
+def test_the_morphology_benchmark_runs_and_finds_the_same_masks():
+    from benchmarks.speed import pet_morphology
+    table = pet_morphology.main(["--shape", "30", "34", "26", "--spacing", "1", "1.5", "2", "--repeats", "1"])
+    assert table.column("same masks") == ["—", "yes"] and table.column("ratio")[0] == "1.00x"
