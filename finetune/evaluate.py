@@ -1,7 +1,8 @@
 """Evaluate predictions against outcomes: metrics.json, ROC / Kaplan-Meier / calibration figures, a table.
 
     python -m finetune.evaluate --predictions run/predictions.csv --manifest manifest.csv \\
-        [--external external.csv] [--compare other/predictions.csv] [--out DIR] [--n_boot N] [--seed S]
+        [--external external.csv] [--compare other/predictions.csv] [--baselines baselines/] [--out DIR] \\
+        [--n_boot N] [--seed S]
 
 predictions.csv: subject_id, split ("val", "test", "external", ...), fold (-1 = fold ensemble),
 and prob and/or risk. Per split one row per subject is evaluated: the fold ensemble if present,
@@ -200,9 +201,12 @@ def _safe_name(split: str) -> str:
 # ---------------------------------------------------------------- evaluate
 
 def evaluate(pred_df: pd.DataFrame, outcomes_df: pd.DataFrame, compare_df: pd.DataFrame | None = None,
-             out_dir=None, n_boot: int = 1000, seed: int = 0, names=("model", "compare")) -> dict:
+             out_dir=None, n_boot: int = 1000, seed: int = 0, names=("model", "compare"),
+             baselines: dict[str, pd.DataFrame] | None = None) -> dict:
     """Metrics per split (pooled, and per fold where there are several), optional paired DeLong
-    against `compare_df`; with `out_dir`, writes metrics.json and roc/km/calibration PNGs there."""
+    against `compare_df`, and against each of `baselines` (name -> predictions: the baselines a user fits
+    first) paired CIs of the differences (finetune.baselines.compare); with `out_dir`, writes metrics.json
+    and roc/km/calibration PNGs there."""
     pred = join_outcomes(check_predictions(pred_df), outcomes_df)
     compare = None if compare_df is None else join_outcomes(check_predictions(compare_df, "compare predictions"),
                                                             outcomes_df)
@@ -230,6 +234,9 @@ def evaluate(pred_df: pd.DataFrame, outcomes_df: pd.DataFrame, compare_df: pd.Da
 
     if compare is not None:
         result["comparison"] = compare_models(selected, compare, names)
+    if baselines:
+        from finetune.baselines.compare import compare_baselines  # it builds on this module's paired statistics
+        result["baselines"] = compare_baselines(selected, baselines, outcomes_df, n_boot, seed)
     if out_dir is not None:
         cuts = {split: km_threshold(split, reference, pooled_val) for split in selected}
         result["figures"] = _figures(selected, compare, cuts, Path(out_dir), n_boot, seed, names)
@@ -381,6 +388,9 @@ def format_table(result: dict) -> str:
         else:
             lines.append(f"paired DeLong {split}: {cmp['models'][0]} {cmp['auc_a']:.3f} vs {cmp['models'][1]} "
                          f"{cmp['auc_b']:.3f}, diff {cmp['diff']:+.3f}, p = {cmp['p']:.3g} (n = {cmp['n_common']})")
+    if result.get("baselines"):
+        from finetune.baselines.compare import format_lines
+        lines += format_lines(result["baselines"])
     return "\n".join(lines)
 
 
@@ -392,6 +402,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--manifest", required=True, help="manifest CSV with the outcomes (label and/or time, event)")
     ap.add_argument("--external", help="manifest CSV of an external cohort")
     ap.add_argument("--compare", help="second predictions CSV: paired DeLong per split on common subjects")
+    ap.add_argument("--baselines", nargs="+", default=[], metavar="DIR|NAME=CSV",
+                    help="the baselines' predictions (a folder of <name>/predictions.csv, as python -m "
+                         "finetune.baselines writes, or name=predictions.csv): paired CIs of the differences")
     ap.add_argument("--out", help="output folder (default: the predictions file's folder)")
     ap.add_argument("--n_boot", type=int, help=f"bootstrap resamples for CIs (0: none); default: the run's "
                     f"{RUN_CONFIG} next to the predictions, else {DEFAULT_N_BOOT}")
@@ -436,7 +449,12 @@ def main(argv=None) -> int:
         names = tuple(p.parent.name for p in pair)
         if names[0] == names[1] or not all(names):
             names = tuple(str(p) for p in pair)
-    result = evaluate(pred, outcomes, compare, out_dir=out_dir, n_boot=n_boot, seed=seed, names=names)
+    baselines = None
+    if args.baselines:
+        from finetune.baselines.compare import read_baselines
+        baselines = read_baselines(args.baselines)
+    result = evaluate(pred, outcomes, compare, out_dir=out_dir, n_boot=n_boot, seed=seed, names=names,
+                      baselines=baselines)
     print(f"bootstrap: n_boot {n_boot}, seed {seed} ({source})")
     print(format_table(result))
     print(f"wrote {out_dir / 'metrics.json'} and {len(result['figures'])} figure(s) in {out_dir}")

@@ -301,3 +301,68 @@ def test_re_evaluating_a_run_in_its_folder_keeps_its_fold_record(tmp_path):
     result = json.loads((run / "metrics.json").read_text())
     assert result["folds"] == record
     assert "comparison" not in result and "old" not in result["splits"] and "val" in result["splits"]
+
+
+def _baseline(pred: pd.DataFrame, manifest: pd.DataFrame, seed: int, val_perfect: bool = False) -> pd.DataFrame:
+    """A baseline's predictions on val (out-of-fold) and test (fold ensemble): noise, or the truth on val."""
+    rng = np.random.default_rng(seed)
+    rows = pred[pred.split.isin(["val", "test"]) & ((pred.split == "val") | (pred.fold == -1))].copy()
+    truth = manifest.set_index("subject_id").loc[rows.subject_id]
+    rows["prob"] = rng.uniform(size=len(rows))
+    rows["risk"] = rng.normal(size=len(rows))
+    if val_perfect:
+        on_val = (rows.split == "val").to_numpy()
+        rows.loc[on_val, "prob"] = truth["label"].to_numpy()[on_val] * 0.9 + 0.05
+        rows.loc[on_val, "risk"] = -truth["time"].to_numpy()[on_val]
+    return rows
+
+
+def test_baselines_get_paired_bootstrap_cis_and_the_best_is_picked_on_val(tmp_path, capsys):
+    """Each baseline's AUC / Harrell's C (sklearn / sksurv), the model's paired difference to it with a CI
+    recomputed by a plain roc_auc_score / sksurv loop over the same patient resamples, and the best baseline
+    picked on the out-of-fold val rows (B, perfect there), not on test (where A and B are both noise)."""
+    manifest, _, pred = make_cohort(tmp_path)
+    pred = pred[pred.split != "external"]
+    bases = {"A": _baseline(pred, manifest, 1), "B": _baseline(pred, manifest, 2, val_perfect=True)}
+    n_boot = 40
+    result = evaluate(pred, manifest, n_boot=n_boot, seed=3, baselines=bases)["baselines"]
+    assert result["best"] == {"auc": "B", "harrell_c": "B"} and result["chosen_on"] == "val"
+    truth = manifest.set_index("subject_id")
+    model = pred[(pred.split == "test") & (pred.fold == -1)].sort_values("subject_id")
+    base = bases["A"][bases["A"].split == "test"].set_index("subject_id").loc[model.subject_id]
+    y, t, e = (truth.loc[model.subject_id, c].to_numpy() for c in ("label", "time", "event"))
+    entry = result["splits"]["test"]["A"]
+    assert entry["auc"]["value"] == pytest.approx(roc_auc_score(y, base.prob))
+    c_base = concordance_index_censored(e.astype(bool), t, base.risk.to_numpy())[0]
+    assert entry["harrell_c"]["value"] == pytest.approx(c_base)
+    auc_d, c_d = entry["auc"]["model_minus_baseline"], entry["harrell_c"]["model_minus_baseline"]
+    assert auc_d["n_common"] == 16
+    assert auc_d["diff"] == pytest.approx(roc_auc_score(y, model.prob) - roc_auc_score(y, base.prob))
+    assert auc_d["delong_p"] == pytest.approx(delong_paired_test(y, model.prob, base.prob)["p"])
+    assert c_d["diff"] == pytest.approx(concordance_index_censored(e.astype(bool), t, model.risk.to_numpy())[0] - c_base)
+    groups = truth.loc[model.subject_id, "patient_id"].to_numpy()
+    diffs = {"auc": [], "c": []}
+    for c in bootstrap_counts([groups], n_boot, 3)[0]:
+        i = np.repeat(np.arange(len(y)), c)
+        if len(set(y[i])) == 2:
+            diffs["auc"].append(roc_auc_score(y[i], model.prob.to_numpy()[i]) - roc_auc_score(y[i], base.prob.to_numpy()[i]))
+        cc = [concordance_index_censored(e[i].astype(bool), t[i], s[i])[0]
+              for s in (model.risk.to_numpy(), base.risk.to_numpy())]
+        diffs["c"].append(cc[0] - cc[1])
+    assert auc_d["ci"] == pytest.approx(list(np.quantile(diffs["auc"], [0.025, 0.975])))
+    assert c_d["ci"] == pytest.approx(list(np.quantile(diffs["c"], [0.025, 0.975])))
+
+    folder = tmp_path / "baselines"
+    for name, df in bases.items():
+        (folder / name).mkdir(parents=True)
+        df.to_csv(folder / name / "predictions.csv", index=False)
+    pred.to_csv(tmp_path / "run" / "predictions.csv", index=False)
+    main(["--predictions", str(tmp_path / "run" / "predictions.csv"), "--manifest", str(tmp_path / "manifest.csv"),
+          "--baselines", str(folder), "--n_boot", "0", "--out", str(tmp_path / "eval")])
+    printed = capsys.readouterr().out
+    assert "baseline A" in printed and "(best on val)" in printed
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["baselines"]["models"] == ["A", "B"]
+    with pytest.raises(SystemExit):
+        main(["--predictions", str(tmp_path / "run" / "predictions.csv"), "--manifest", str(tmp_path / "manifest.csv"),
+              "--baselines", str(tmp_path / "run"), "--n_boot", "0", "--out", str(tmp_path / "eval2")])
+    assert "no <baseline>/predictions.csv" in capsys.readouterr().err
