@@ -9,13 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
+from sksurv.metrics import concordance_index_censored
 
 from benchmarks.research import ssl_gain
 from benchmarks.research.ssl_gain.paired import BOOT_SEED, CLAIMS, NON_INFERIORITY_MARGIN
-from benchmarks.research.ssl_gain.presets import EVAL_SETS, LARGE_DIR, LARGE_SEED, LARGE_SETS
+from benchmarks.research.ssl_gain.presets import BASELINES, EVAL_SETS, LARGE_DIR, LARGE_SEED, LARGE_SETS, default_model
 from finetune.evaluate import bootstrap_counts
 
-MODELS = ("mim", "multimodal", "scratch", "mae", "radiomics", "clinical_only", "oracle")
+MODELS = ("mim", "multimodal", "scratch", "mae", "radiomics", "clinical_only", "clinical_linear", "radiomics_clinical",
+          "oracle")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ def test_table_and_figures_exist(toy_run):
     for published in ("0.916", "0.764", "0.624", "0.496", "0.807", "0.691", "0.947", "0.821"):
         assert published in md
     assert "| model | test AUC (published) |" in md
-    assert "| test_large AUC | external_large AUC |" in md and "| claim | split | a | b | a − b | 95% CI | holds |" in md
+    assert "| test_large AUC | external_large AUC |" in md and "| claim | model a | model b | metric | split | a | b | a − b | 95% CI | holds |" in md
     assert f"δ = {NON_INFERIORITY_MARGIN}" in md
     for name in [f"roc_{s}.png" for s in EVAL_SETS]:
         data = (toy_run / name).read_bytes()
@@ -117,7 +119,7 @@ def test_large_sets_are_held_out_and_predicted_by_every_model(toy_run):
         rows = pred[pred["split"] == split]
         assert set(rows["subject_id"]) == ids
         assert set(rows["fold"]) == {-1, *range(preset.folds)}  # every fold and the fold ensemble
-        for run in ("radiomics_classification", "radiomics_survival"):
+        for run in [f"{m}_{t}" for m in BASELINES for t in ("classification", "survival")]:
             rad = pd.read_csv(toy_run / "seed0" / run / "predictions.csv", dtype={"subject_id": str})
             assert set(rad.loc[rad["split"] == split, "subject_id"]) == ids
         scores = pd.read_csv(toy_run / "seed0" / "scores.csv", dtype={"subject_id": str})
@@ -140,12 +142,11 @@ def test_every_claim_and_split_is_decided_by_its_ci(toy_run):
     results = json.loads((toy_run / "results.json").read_text())
     claims = results["claims"]
     assert [(c["name"], c["split"]) for c in claims] == [(n, s) for n, *_ in CLAIMS for s in EVAL_SETS]
-    assert len(claims) == 20 and results["non_inferiority_margin"] == NON_INFERIORITY_MARGIN == 0.02
+    assert len(claims) == 28 and results["non_inferiority_margin"] == NON_INFERIORITY_MARGIN == 0.02
     for c in claims:
-        assert {"name", "split", "holds", "a", "b", "ci"} <= set(c)
-        a_model, b_model = c["name"].replace(">=", ">").split(">")
-        for model, value in ((a_model, c["a"]), (b_model, c["b"])):  # the seed-mean AUC of the main table
-            mean = results["summary"][model][c["split"]]["auc"]["mean"]
+        assert {"name", "split", "holds", "a", "b", "ci", "models", "metric"} <= set(c)
+        for model, value in zip(c["models"], (c["a"], c["b"])):  # the seed-mean AUC / C of the main table
+            mean = results["summary"][model][c["split"]][c["metric"]]["mean"]
             assert value == pytest.approx(mean, abs=1e-9) if mean is not None else value is None
         if c["ci"] is None:
             assert c["holds"] is None and c["reason"]
@@ -158,15 +159,22 @@ def test_every_claim_and_split_is_decided_by_its_ci(toy_run):
     assert all(set(vs[m]) == set(EVAL_SETS) and set(vs[m]["test"]) == {"auc", "c_index"} for m in vs)
 
 
+def _harrell(both: pd.DataFrame, idx: np.ndarray, score: str) -> float:
+    event, time = both["event"].to_numpy(bool)[idx], both["time"].to_numpy(float)[idx]
+    return concordance_index_censored(event, time, both[score].to_numpy()[idx])[0]
+
+
 def test_claim_ci_recomputed_with_sklearn_from_the_saved_scores(toy_run):
-    """The end-to-end wiring: a claim's CI equals a plain roc_auc_score loop over the same patient resamples."""
+    """The end-to-end wiring: a claim's CI equals a plain roc_auc_score (AUC claims) or sksurv Harrell's C
+    (the survival claim) loop over the same patient resamples."""
     results = json.loads((toy_run / "results.json").read_text())
     n_boot = results["paired_bootstrap"]["n_boot"]
     scores = pd.read_csv(toy_run / "seed0" / "scores.csv", dtype={"subject_id": str, "patient_id": str})
     checked = 0
     for claim in results["claims"]:
         a, b = claim["models"]
-        rows = scores[(scores["task"] == "classification") & (scores["split"] == claim["split"])]
+        task = "classification" if claim["metric"] == "auc" else "survival"
+        rows = scores[(scores["task"] == task) & (scores["split"] == claim["split"])]
         both = rows[rows["model"] == a].merge(rows.loc[rows["model"] == b, ["subject_id", "score"]],
                                               on="subject_id", suffixes=("", "_b")).sort_values("subject_id")
         y, sa, sb = both["label"].to_numpy(int), both["score"].to_numpy(), both["score_b"].to_numpy()
@@ -174,7 +182,14 @@ def test_claim_ci_recomputed_with_sklearn_from_the_saved_scores(toy_run):
         diffs = []
         for c in counts:
             idx = np.repeat(np.arange(len(y)), c)
-            if len(set(y[idx])) == 2:
+            if task == "survival":
+                try:
+                    d = _harrell(both, idx, "score") - _harrell(both, idx, "score_b")
+                except ValueError:  # sksurv: no event in this resample; undefined, skipped
+                    continue
+                if np.isfinite(d):  # NaN: no comparable pair; undefined, skipped
+                    diffs.append(d)
+            elif len(set(y[idx])) == 2:
                 diffs.append(roc_auc_score(y[idx], sa[idx]) - roc_auc_score(y[idx], sb[idx]))
         if len(diffs) >= n_boot / 2:
             assert claim["ci"] == pytest.approx(list(np.quantile(diffs, [0.025, 0.975])), abs=1e-9)
@@ -226,3 +241,25 @@ def test_pretrained_runs_take_their_own_encoder_rate_and_scratch_the_yamls(tmp_p
                            next(r for r in finetune_runs(preset) if r.name == "ft_scratch_none")).encoder_blr
     assert rates["ft_mim_none"] == rates["ft_mae_none"] == 0.05
     assert rates["ft_scratch_none"] == rates["ft_clinical_only"] == yaml_rate != 0.05
+
+
+def test_default_model_is_judged_against_the_baselines_a_user_fits_first(toy_run):
+    """Issue 33's claims: the default model (MiM + the default --fusion, concat today) above radiomics +
+    clinical (AUC) and, in survival, above the clinical-only Cox model (Harrell's C), on both large sets;
+    both baselines are rows of the main table and of results.md."""
+    results = json.loads((toy_run / "results.json").read_text())
+    default = default_model()
+    assert default == "mim_concat"
+    got = {(c["name"], c["split"]): c for c in results["claims"]}
+    for split in LARGE_SETS:
+        best = got[("best>radiomics+clinical", split)]
+        surv = got[("survival>clinical_only", split)]
+        assert best["models"] == [default, "radiomics_clinical"] and best["metric"] == "auc"
+        assert surv["models"] == [default, "clinical_linear"] and surv["metric"] == "c_index"
+        for c in (best, surv):
+            assert c["diff"] is not None and c["diff"] == pytest.approx(c["a"] - c["b"])
+    md = (toy_run / "results.md").read_text()
+    assert "| best>radiomics+clinical | mim_concat | radiomics_clinical | auc | test_large |" in md
+    assert "radiomics + clinical, one penalised linear model" in md
+    for model in ("clinical_linear", "radiomics_clinical"):
+        assert results["summary"][model]["external_large"]["c_index"]["mean"] is not None

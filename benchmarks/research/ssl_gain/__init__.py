@@ -11,7 +11,9 @@ from a second site with a shifted acquisition. On identical patient-level splits
     3. scratch       the same ViT from random init                               (fusion none)
     4. mae           plain MAE pretraining (MiM with L = 1, same steps), fine-tuned (fusion none)
     5. radiomics     hand-crafted lesion + peritumoral features, penalised linear model
-    6. clinical_only clinical variables only
+    6. clinical_only clinical variables only (the ViT pipeline's clinical_only fusion)
+    7. clinical_linear    the clinical variables in a penalised logistic / Cox model (sklearn / sksurv)
+    8. radiomics_clinical radiomics + clinical variables in one penalised linear model
        oracle        the generative model's own true_prob / true_risk (oracle.csv): the ceiling
 
 and reports AUC with a 95% DeLong CI on the same-site and external test sets (fold-ensemble rows),
@@ -21,11 +23,15 @@ of the generator (test_large: site A, external_large: site B; >= 500 patients ea
 presets), never used to train or select anything, which are what can order the models: every model
 gets a paired patient-bootstrap CI of its AUC and C-index difference to (1) on all four held-out sets
 (paired.py), and the published claims (mim>scratch, mim>=mae, mim>radiomics, multimodal>=mim,
-radiomics>scratch) are decided by those CIs (">": lower bound > 0; ">=": > -0.02). Survival: presets with `survival = "multitask"` train every
-ViT / clinical model with the multitask head (BCE + Cox), so one run gives both scores on the same
-splits; `survival = "separate"` trains classification models and, for mim, scratch and
-clinical_only, survival models on their own event-stratified splits. Radiomics fits a logistic
-model and a Cox model separately in both modes.
+radiomics>scratch) are decided by those CIs (">": lower bound > 0; ">=": > -0.02), as are the default model's
+(the MiM ViT with the default --fusion) against the baselines a user fits first: best>radiomics+clinical
+(AUC) and survival>clinical_only (Harrell's C against clinical_linear's Cox model).
+
+Survival: presets with `survival = "multitask"` train every ViT / clinical model with the multitask
+head (BCE + Cox), so one run gives both scores on the same splits; `survival = "separate"` trains
+classification models and, for mim, scratch and clinical_only, survival models on their own
+event-stratified splits (the fusion rows, the default model's included, then have no survival score).
+Radiomics and the linear clinical baselines fit a logistic model and a Cox model separately in both modes.
 
 Writes DIR/results.json (with `claims`), DIR/results.md (table next to the published numbers, paired
 differences, claims), DIR/roc_{test,external,test_large,external_large}.png (first seed), and every

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.research.ssl_gain.presets import (CLS_RUN, EVAL_SETS, LARGE_DIR, LARGE_SETS, MODELS, REFERENCE, Preset,
-                                                  finetune_runs, large_manifests, surv_run)
+from benchmarks.research.ssl_gain.presets import (BASELINES, CLS_RUN, EVAL_SETS, LARGE_DIR, LARGE_SETS, MODELS, REFERENCE,
+                                                  Preset, finetune_runs, large_manifests, surv_run)
 from core.atomic import atomic_path
 from finetune.evaluate import bootstrap_counts, one_row_per_subject, paired_delong, read_predictions
 from finetune.metrics import auc_delong, bootstrap_ci, harrell_c, harrell_kernel, kernel_values, try_metric
@@ -117,7 +117,7 @@ def evaluate_seed(preset: Preset, out: Path, seed: int) -> dict:
     sd = out / f"seed{seed}"
     outcomes = _outcomes(preset, out)
     preds = {run.name: _predictions(sd / run.name) for run in finetune_runs(preset)}
-    preds |= {f"radiomics_{t.name}": _predictions(sd / f"radiomics_{t.name}") for t in (CLASSIFICATION, SURVIVAL)}
+    preds |= {f"{m}_{t.name}": _predictions(sd / f"{m}_{t.name}") for m in BASELINES for t in (CLASSIFICATION, SURVIVAL)}
 
     fusion_val, chosen = _choose_fusion(preset, preds, outcomes)
     cls_run = CLS_RUN | {"multimodal": f"ft_mim_{chosen}"}

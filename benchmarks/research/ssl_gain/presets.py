@@ -17,6 +17,9 @@ MODELS: dict[str, tuple[str, tuple[float, float] | None]] = {
     "mae": ("plain MAE (L = 1) ViT (image + mask)", None),
     "radiomics": ("radiomics + linear model", (0.807, 0.691)),
     "clinical_only": ("clinical variables only", None),
+    # the baselines a user fits first (finetune.baselines.clinical_models), beside the fine-tuned ones above
+    "clinical_linear": ("clinical variables, penalised logistic / Cox (sklearn / sksurv)", None),
+    "radiomics_clinical": ("radiomics + clinical, one penalised linear model", None),
     "oracle": ("oracle (true generative probability / risk)", None),
 }
 REFERENCE = "mim"              # paired DeLong tests are against this model
@@ -151,14 +154,24 @@ def finetune_runs(preset: Preset) -> list[Run]:
     return runs
 
 
+# ssl_gain model -> finetune.baselines.clinical_models baseline; each fits a logistic and a Cox model in
+# the folder f"{model}_{task}" of a seed, on that task's splits
+BASELINES = {"radiomics": "radiomics", "clinical_linear": "clinical_only", "radiomics_clinical": "radiomics_clinical"}
+
 # which run gives each model's classification / survival scores (multimodal: chosen per seed)
 CLS_RUN = {"mim": "ft_mim_none", "scratch": "ft_scratch_none", "mae": "ft_mae_none",
-           "clinical_only": "ft_clinical_only", "radiomics": "radiomics_classification"}
+           "clinical_only": "ft_clinical_only"} | {m: f"{m}_{CLASSIFICATION.name}" for m in BASELINES}
+
+
+def default_model() -> str:
+    """The table's row of the model a user gets without a flag: the MiM ViT with the default --fusion."""
+    from models.multimodal import MultimodalConfig
+    return f"mim_{MultimodalConfig().fusion}"
 
 
 def surv_run(model: str, preset: Preset, chosen_fusion: str | None) -> str | None:
-    if model == "radiomics":
-        return "radiomics_survival"
+    if model in BASELINES:
+        return f"{model}_{SURVIVAL.name}"
     if preset.survival == "separate":
         return {"mim": "surv_mim_none", "scratch": "surv_scratch_none",
                 "clinical_only": "surv_clinical_only"}.get(model)

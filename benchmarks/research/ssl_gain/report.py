@@ -90,8 +90,8 @@ def write_results(preset: Preset, per_seed: list[dict], paired: dict, stage_seco
         "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": _machine(), "preset": asdict(preset),
         "seeds": list(preset.seeds), "models": {m: MODELS[m][0] for m in MODELS},
         "published": {m: {"test": p[0], "external": p[1]} for m, (_, p) in MODELS.items() if p},
-        "survival_mode": ("multitask fine-tuning (BCE + Cox) of every ViT / clinical model; radiomics: "
-                          "separate Cox model; all on the classification splits")
+        "survival_mode": ("multitask fine-tuning (BCE + Cox) of every ViT / clinical model; radiomics and the "
+                          "linear clinical baselines: separate Cox models; all on the classification splits")
         if preset.survival == MULTITASK.name else
         ("classification fine-tuning for every model; separate survival fine-tuning of mim, scratch and "
          "clinical_only (and a radiomics Cox model) on event-stratified splits"),
@@ -257,15 +257,18 @@ def _paired_table(results: dict) -> list[str]:
 
 def _claims_table(results: dict) -> list[str]:
     margin = results["non_inferiority_margin"]
-    lines = ["", f"Claims of the published study, decided by the paired bootstrap CI of the AUC difference a − b: "
+    lines = ["", f"Claims of the published study, and of the default model (`best`, `survival`: "
+             f"{results['claims'][-1]['models'][0]}) against the baselines a user fits first, decided by the "
+             f"paired bootstrap CI of the difference a − b in the claim's metric: "
              f"`X>Y` holds when the CI's lower bound is > 0; `X>=Y` (non-inferiority) when it is > −δ, "
-             f"δ = {margin} AUC. `n/a`: no CI (too few resamples where both AUCs exist).", "",
-             "| claim | split | a | b | a − b | 95% CI | holds |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"δ = {margin} AUC. `n/a`: no CI (too few resamples where both values exist).", "",
+             "| claim | model a | model b | metric | split | a | b | a − b | 95% CI | holds |", "| --- " * 10 + "|"]
     for c in results["claims"]:
         verdict = {True: "**yes**", False: "no", None: "n/a"}[c["holds"]]
         ci = "—" if c["ci"] is None else f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
         diff = "—" if c["diff"] is None else f"{c['diff']:+.3f}"
-        lines.append(f"| {c['name']} | {c['split']} | {_fmt(c['a'])} | {_fmt(c['b'])} | {diff} | {ci} | {verdict} |")
+        lines.append(f"| {c['name']} | {c['models'][0]} | {c['models'][1]} | {c.get('metric', 'auc')} | {c['split']} "
+                     f"| {_fmt(c['a'])} | {_fmt(c['b'])} | {diff} | {ci} | {verdict} |")
     return lines
 
 

@@ -13,8 +13,8 @@ import pandas as pd
 from benchmarks.research.ssl_gain.evaluation import evaluate_seed
 from benchmarks.research.ssl_gain.label_curve import evaluate_label_curve, label_runs, make_subset, subset_paths
 from benchmarks.research.ssl_gain.paired import paired_comparisons
-from benchmarks.research.ssl_gain.presets import (BINS, EVAL_SETS, LARGE_DIR, LARGE_PREFIX, LARGE_SEED, RING_MM, Preset,
-                                                  Run, finetune_runs, large_manifests)
+from benchmarks.research.ssl_gain.presets import (BASELINES, BINS, EVAL_SETS, LARGE_DIR, LARGE_PREFIX, LARGE_SEED,
+                                                  RING_MM, Preset, Run, finetune_runs, large_manifests)
 from benchmarks.research.ssl_gain.report import write_results
 from core.atomic import atomic_path, write_json
 from core.errors import InputError
@@ -209,28 +209,42 @@ def radiomics_features(preset: Preset, out: Path) -> None:
     write_json(target.parent / "done.json", {"ring_mm": RING_MM, "bins": BINS})
 
 
-def radiomics_predict(preset: Preset, out: Path, seed: int, task: str) -> None:
+def baseline_predict(preset: Preset, out: Path, seed: int, task: str, model: str) -> None:
+    """One baseline (presets.BASELINES) on one task: fold models and the all-rows model, as radiomics' CLI fits them."""
+    from data.manifest import clinical_columns
+    from finetune.baselines.clinical_models import make_baseline
     from finetune.radiomics import predict_splits
     feats = pd.read_csv(out / "radiomics" / "features.csv", dtype={"subject_id": str})
     key_cols = [c for c in ("cohort", "subject_id", "cache_image", "extraction") if c in feats.columns]
+    manifests = {"internal": out / "cohort" / "manifest.csv", "external": out / "cohort" / "external.csv"}
+    manifests |= large_manifests(preset, out)
+    tables = {name: MULTITASK.read_manifest(csv) for name, csv in manifests.items()}
+    clinical = clinical_columns(tables["internal"], prep_config(preset))
+    baseline = BASELINES[model]
 
     def table(cohort):
         rows = feats[feats["cohort"] == cohort]
-        return rows.drop(columns=key_cols).set_index(pd.Index(rows["subject_id"].astype(str), name="subject_id"))
+        radiomics = rows.drop(columns=key_cols).set_index(pd.Index(rows["subject_id"].astype(str), name="subject_id"))
+        df = tables[cohort]
+        values = df.set_index(pd.Index(df["subject_id"].astype(str), name="subject_id"))[clinical]
+        if baseline == "radiomics":
+            return radiomics
+        return values if baseline == "clinical_only" else radiomics.join(values, how="left")
 
-    internal, external = table("internal"), table("external")
-    df = MULTITASK.read_manifest(out / "cohort" / "manifest.csv")
-    targets = df.set_index(df["subject_id"].astype(str))[["label", "time", "event"]]
+    internal = table("internal")
+    targets = tables["internal"].set_index(tables["internal"]["subject_id"].astype(str))[["label", "time", "event"]]
     sd = out / f"seed{seed}"
     split_file = sd / ("splits_survival.json" if task == SURVIVAL.name and preset.survival == "separate"
                        else "splits.json")
     splits = json.loads(split_file.read_text())
     large = {name: table(name) for name in large_manifests(preset, out)}
-    pred, params = predict_splits(internal, targets, splits, task, seed, external, eval_sets=large)
-    folder = sd / f"radiomics_{task}"
+    pred, params = predict_splits(internal, targets, splits, task, seed, table("external"), eval_sets=large,
+                                  make_model=make_baseline(baseline, clinical))
+    folder = sd / f"{model}_{task}"
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "radiomics.json", {"task": task, "seed": seed, "splits": str(split_file),
-                                           "n_features": internal.shape[1], "models": params})
+    write_json(folder / "baseline.json", {"baseline": baseline, "task": task, "seed": seed, "splits": str(split_file),
+                                          "clinical_columns": clinical, "n_features": internal.shape[1],
+                                          "models": params})
     with atomic_path(folder / "predictions.csv") as tmp:
         pred.to_csv(tmp, index=False)
 
@@ -294,9 +308,10 @@ def run_seed(preset: Preset, out: Path, seed: int, stages: Stages) -> dict:
     for run in finetune_runs(preset) + label_runs(preset):
         stages.run(tag + f"{run.name} ({run.task})", [sd / run.name / "predictions.csv", sd / run.name / "metrics.json"],
                    lambda r=run: run_finetune(preset, out, seed, r))
-    for task in (CLASSIFICATION.name, SURVIVAL.name):
-        stages.run(tag + f"radiomics_{task}", [sd / f"radiomics_{task}" / "predictions.csv"],
-                   lambda t=task: radiomics_predict(preset, out, seed, t))
+    for model in BASELINES:
+        for task in (CLASSIFICATION.name, SURVIVAL.name):
+            stages.run(tag + f"{model}_{task}", [sd / f"{model}_{task}" / "predictions.csv"],
+                       lambda m=model, t=task: baseline_predict(preset, out, seed, t, m))
     # Re-evaluate whenever anything it reads was (re)made in this invocation.
     res = stages.run(tag + "evaluate", [sd / "evaluation.json", sd / "scores.csv"],
                      lambda: evaluate_seed(preset, out, seed),
