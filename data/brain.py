@@ -1,4 +1,5 @@
-"""A brain mask from a head image, and erosion / dilation by a distance in mm.
+"""A brain mask from a head image, erosion / dilation by a distance in mm, and the head (foreground) mask and
+Otsu threshold that data.prepare crops and normalises with.
 
     brain_mask(image, spacing) -> [X, Y, Z] bool
 
