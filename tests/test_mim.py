@@ -127,7 +127,7 @@ def test_single_level_equals_mae():
     torch.manual_seed(0)
     cfg = tiny_config(levels=1)
     model = MiMModel(cfg).eval()
-    assert model.projector is None
+    assert model.projector is None and "align_center" not in model.state_dict()  # MAE's weights, nothing more
     crops = torch.randn(3, 1, 32, 32, 32)
     levels = build_hierarchy(crops, cfg.masks, P, 16, torch.Generator().manual_seed(11))
     out = model(levels).losses  # forward returns the model's tensors and its losses, as MAE's does
