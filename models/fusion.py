@@ -2,7 +2,8 @@
 
 Each block maps an encoded clinical vector `[B, F]` into the form one fusion mode needs:
 an embedding to concatenate (`ClinicalEmbedding`), per-channel gamma/beta that modulate the
-image tokens (`FiLM`), or tokens that join the transformer sequence (`ClinicalTokens`).
+image tokens (`FiLM`), or tokens that join the transformer sequence (`ClinicalTokens`); and the survival
+hazard whose clinical part stays linear beside the image term (`LinearClinicalHazard`).
 """
 from __future__ import annotations
 
@@ -67,3 +68,30 @@ class ClinicalTokens(nn.Module):
     def forward(self, clinical: Tensor) -> Tensor:
         tokens = self.proj(clinical).view(clinical.shape[0], self.n_tokens, self.dim)  # [B, T, D]
         return tokens + self.type_embed  # [B, T, D]
+
+
+class LinearClinicalHazard(nn.Module):
+    """The survival hazard eta = beta . clinical + g(features): a Cox model's linear clinical part beside an image
+    term g, so an image that carries nothing costs nothing (survival_design "linear_clinical").
+
+    beta [F] can start from the clinical Cox fit on the training fold (finetune/baselines/cox_init.py); g is one
+    linear layer over the fused features (and what else the model feeds it) that starts at zero, so the untrained
+    model ranks exactly as the Cox fit, and its output is penalised towards 0 by the task's loss ("image_hazard").
+    n_out: 1 (a Cox risk; no bias, the partial likelihood ignores a constant) or T discrete-time bins, which get
+    one learned baseline logit each that the penalty does not touch.
+    """
+
+    def __init__(self, clinical_dim: int, in_dim: int, n_out: int, baseline: bool):
+        super().__init__()
+        self.clinical = nn.Linear(clinical_dim, 1, bias=False) if clinical_dim > 0 else None  # beta
+        if self.clinical is not None:  # no prior: zero until set from the Cox fit, or learned
+            nn.init.zeros_(self.clinical.weight)
+        self.image = nn.Linear(in_dim, n_out, bias=False)  # g
+        nn.init.zeros_(self.image.weight)
+        self.baseline = nn.Parameter(torch.zeros(n_out)) if baseline else None
+
+    def forward(self, features: Tensor, clinical: Tensor | None) -> tuple[Tensor, Tensor]:
+        """features [B, D_in], clinical [B, F] -> (eta [B, n_out], the image term g [B, n_out])."""
+        image = self.image(features)  # [B, n_out]
+        eta = image if self.clinical is None else image + self.clinical(clinical)  # [B, n_out]
+        return (eta if self.baseline is None else eta + self.baseline), image

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from core.config import from_dict, to_dict
 from core.errors import ClinicalError, ConfigError, InputError
-from models.fusion import ClinicalEmbedding, ClinicalTokens, FiLM
+from models.fusion import ClinicalEmbedding, ClinicalTokens, FiLM, LinearClinicalHazard
 from models.hf import load_hf_folder, load_state_dict_strict, model_card, save_hf_folder
 from models.input_spec import InputSpec
 from models.pooling import POOLS, TokenPool
@@ -31,6 +31,7 @@ from models.tasks import CLASSIFICATION, TASK_NAMES, TASKS, get_task
 from models.vit3d import ViT3D, ViT3DConfig, inflate_patch_embed
 
 FUSIONS = ("none", "concat", "film", "tokens", "clinical_only")
+SURVIVAL_DESIGNS = ("linear_clinical", "deep")
 HEAD_NORMS = ("none", "batchnorm", "layernorm")
 MODEL_TYPE = "mimfm-multimodal"
 # Encoder settings that only affect training, not the weights: they may differ from the pretrained folder.
@@ -50,6 +51,19 @@ class MultimodalConfig:
     n_clinical_tokens: int = 4  # fusion tokens: clinical tokens added to the transformer sequence
     head_dropout: float = 0.1  # dropout before the task heads
     survival_head: Literal["cox", "discrete"] = "cox"  # cox: one risk score; discrete: hazards over n_time_bins
+    # the survival hazard: linear_clinical (eta = beta . clinical + g(image), g starting at 0 and penalised by
+    # hazard_l2, beta set from the training fold's clinical Cox fit: models.fusion.LinearClinicalHazard), or deep
+    # (one linear layer over the fused features, the clinical part inside them)
+    survival_design: Literal["linear_clinical", "deep"] = field(default="linear_clinical",
+                                                                metadata={"flag": "survival_design"})
+    # linear_clinical: weight of mean(g^2), the image term's pull towards 0. 3 keeps a noise image (which a ViT
+    # memorises) within 0.002 of the clinical Cox C on a toy cohort, where 1 loses 0.011 (tests/test_survival_hazard.py)
+    hazard_l2: float = 3.0
+    hazard_from_logit: bool = True  # linear_clinical with a label head (multitask): g also reads the label's logit
+    # linear_clinical: g also reads log(lesion volume in mL) from the mask channel; needs the crops' scale in
+    # forward and voxel_mm (the prepared voxel edge, set by fine-tuning from the input contract)
+    hazard_lesion_volume: bool = False
+    voxel_mm: float = 1.0
     n_time_bins: int = 0  # discrete-time bins (set by fine-tuning from n_time_bins)
     mask_channel_init: Literal["zero", "mean"] = "zero"  # the mask kernel when a 1-channel patch embedding is inflated
     # image tokens -> one vector: mean; mask (weighted by each token's lesion share); attention (a learned
@@ -82,7 +96,8 @@ class MultimodalConfig:
             self.encoder = from_dict(ViT3DConfig, self.encoder, "encoder")
         choices = {"task": tuple(TASKS), "fusion": FUSIONS, "survival_head": ("cox", "discrete"),
                    "mask_channel_init": ("zero", "mean"), "pool": POOLS, "head_norm": HEAD_NORMS,
-                   "seg_head": SEG_HEADS, "outcome_mask": ("given", "predicted")}
+                   "seg_head": SEG_HEADS, "outcome_mask": ("given", "predicted"),
+                   "survival_design": SURVIVAL_DESIGNS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
@@ -107,8 +122,16 @@ class MultimodalConfig:
         if self.scales == 2 and (self.segments or self.fusion == "tokens"):
             raise ConfigError("--peritumoral_mm (two scales) works with an outcome task and --fusion none, concat "
                               "or film; not with segmentation or --fusion tokens")
+        self._check_hazard()
         if not 0.0 <= self.head_dropout < 1.0:
             raise ConfigError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+
+    def _check_hazard(self) -> None:
+        if self.hazard_l2 < 0 or self.voxel_mm <= 0:
+            raise ConfigError(f"model.hazard_l2 must be >= 0 and model.voxel_mm > 0, got {self.hazard_l2}, {self.voxel_mm}")
+        if self.hazard_lesion_volume and (not self.linear_clinical_hazard or self.encoder.in_channels < 2):
+            raise ConfigError("model.hazard_lesion_volume needs survival_design linear_clinical, an image model and "
+                              "the lesion-mask channel")
 
     def check_buildable(self) -> None:
         """Sizes that come from the data (clinical width, time bins) must be set before building a model.
@@ -119,6 +142,12 @@ class MultimodalConfig:
             raise ConfigError(f"fusion={self.fusion!r} needs clinical_dim >= 1, got {self.clinical_dim}")
         if get_task(self.task).survival and self.survival_head == "discrete" and self.n_time_bins < 1:
             raise ConfigError(f"survival_head='discrete' needs n_time_bins >= 1, got {self.n_time_bins}")
+
+    @property
+    def linear_clinical_hazard(self) -> bool:
+        """Whether the survival hazard is beta . clinical + g(image): survival_design linear_clinical, in a model
+        that reads an image (the clinical_only baseline keeps its one head, exactly linear at clinical_hidden 0)."""
+        return self.survival_design == "linear_clinical" and self.uses_image
 
     @property
     def uses_image(self) -> bool:
@@ -188,15 +217,22 @@ class MultimodalModel(nn.Module):
         self.head_drop = nn.Identity() if linear_baseline else nn.Dropout(c.head_dropout)
         task = get_task(c.task)
         self.cls_head = nn.Linear(self.feature_dim, 1) if task.label else None
-        self.surv_head = None
-        if task.survival:
+        self.surv_head = self._survival_head(c) if task.survival else None
+
+    def _survival_head(self, c: MultimodalConfig) -> nn.Module:
+        n_out = 1 if c.survival_head == "cox" else c.n_time_bins
+        if not c.linear_clinical_hazard:
             # Cox partial likelihood is invariant to an additive constant, so the risk has no bias.
-            self.surv_head = (nn.Linear(self.feature_dim, 1, bias=False) if c.survival_head == "cox"
-                              else nn.Linear(self.feature_dim, c.n_time_bins))
+            return nn.Linear(self.feature_dim, n_out, bias=c.survival_head != "cox")
+        extra = int(get_task(c.task).label and c.hazard_from_logit) + int(c.hazard_lesion_volume)
+        return LinearClinicalHazard(c.clinical_dim if c.uses_clinical else 0, self.feature_dim + extra, n_out,
+                                    baseline=c.survival_head == "discrete")
 
     # ---- forward -------------------------------------------------------------------------------
 
-    def forward(self, x: Tensor | None, clinical: Tensor | None) -> dict[str, Tensor]:
+    def forward(self, x: Tensor | None, clinical: Tensor | None, scale: Tensor | None = None) -> dict[str, Tensor]:
+        """x [B, scales x (C + 1), S, S, S], clinical [B, F], scale [B] (prepared voxels per crop voxel: only
+        read for hazard_lesion_volume) -> the heads' outputs."""
         c = self.config
         clinical = self._check_clinical(clinical) if c.uses_clinical else None
         if c.uses_image:
@@ -208,7 +244,7 @@ class MultimodalModel(nn.Module):
             return out
         if c.outcome_mask == "predicted":
             x = torch.cat([x[:, :-1], (out["seg_logits"].detach() > 0).to(x.dtype)], dim=1)  # p > 0.5
-        return out | self._outcome(x, clinical, out.get("seg_logits"))
+        return out | self._outcome(x, clinical, out.get("seg_logits"), scale)
 
     def segment(self, x: Tensor) -> Tensor:
         """x [B, C + 1, S, S, S] -> lesion logits [B, 1, S, S, S], from the images alone (the mask channel is
@@ -217,7 +253,8 @@ class MultimodalModel(nn.Module):
         tokens, hidden = self.encoder.forward_hidden(x_img, tuple(self.seg_decoder.skip_blocks))  # [B, N, D]
         return self.seg_decoder(tokens, hidden, x_img[:, :-1])
 
-    def _outcome(self, x: Tensor | None, clinical: Tensor | None, seg_logits: Tensor | None = None) -> dict[str, Tensor]:
+    def _outcome(self, x: Tensor | None, clinical: Tensor | None, seg_logits: Tensor | None = None,
+                 scale: Tensor | None = None) -> dict[str, Tensor]:
         """The outcome path: [image, mask] (+ clinical) -> features [B, D_fused] and the task heads' outputs;
         with seg_cascade the predicted mask's shape features join the fused features."""
         c = self.config
@@ -242,11 +279,48 @@ class MultimodalModel(nn.Module):
         if self.cls_head is not None:
             out["logit"] = self.cls_head(h).squeeze(-1)  # [B]
         if self.surv_head is not None:
-            if c.survival_head == "cox":
-                out["risk"] = self.surv_head(h).squeeze(-1)  # [B]
-            else:
-                out["hazard_logits"] = self.surv_head(h)  # [B, T]
+            out |= self._hazard(h, clinical, out.get("logit"), x, scale)
         return out
+
+    def _hazard(self, h: Tensor, clinical: Tensor | None, logit: Tensor | None, x: Tensor | None,
+                scale: Tensor | None) -> dict[str, Tensor]:
+        """Fused features h [B, D_fused] (+ clinical [B, F], the label's logit [B], the crop) -> "risk" [B] or
+        "hazard_logits" [B, T]; linear_clinical also returns its image term g as "image_hazard" ([B] or [B, T])."""
+        c = self.config
+        cox = c.survival_head == "cox"
+        if not c.linear_clinical_hazard:
+            eta = self.surv_head(h)  # [B, 1] or [B, T]
+            return {"risk": eta.squeeze(-1)} if cox else {"hazard_logits": eta}
+        inputs = [h]
+        if logit is not None and c.hazard_from_logit:
+            inputs.append(logit.detach()[:, None])  # what the image says of the label; BCE alone trains the logit
+        if c.hazard_lesion_volume:
+            inputs.append(self.lesion_log_ml(x, scale)[:, None])
+        eta, image = self.surv_head(torch.cat(inputs, dim=-1), clinical)  # [B, 1] or [B, T] each
+        return {"risk": eta.squeeze(-1), "image_hazard": image.squeeze(-1)} if cox else \
+            {"hazard_logits": eta, "image_hazard": image}
+
+    def lesion_log_ml(self, x: Tensor, scale: Tensor | None) -> Tensor:
+        """log of the lesion's volume in mL [B]: the lesion crop's mask channel, scale [B] prepared voxels per crop
+        voxel, voxel_mm per prepared voxel. 1e-3 mL (a 1 mm cube) keeps an empty mask finite."""
+        if scale is None:
+            raise InputError("model.hazard_lesion_volume: forward needs the crops' scale (batch['scale'])")
+        voxels = x[:, self.config.encoder.in_channels - 1].flatten(1).sum(1)  # [B] crop voxels in the lesion
+        return torch.log(voxels * (scale.to(x.dtype) * self.config.voxel_mm) ** 3 / 1000.0 + 1e-3)  # [B]
+
+    def set_clinical_hazard(self, beta) -> None:
+        """beta [F]: the clinical part of a linear_clinical hazard, e.g. the training fold's Cox coefficients
+        (finetune.baselines.cox_init) on the clinical encoding this model reads. Call before wrapping the model."""
+        head = self.surv_head
+        if not isinstance(head, LinearClinicalHazard) or head.clinical is None:
+            raise ConfigError("set_clinical_hazard: the model has no linear clinical hazard (needs a survival task, "
+                              "survival_design linear_clinical and clinical data)")
+        beta = torch.as_tensor(beta, dtype=head.clinical.weight.dtype).reshape(1, -1)  # [1, F]
+        if beta.shape != head.clinical.weight.shape:
+            raise ClinicalError(f"set_clinical_hazard: {beta.shape[1]} coefficients for {self.config.clinical_dim} "
+                                "clinical features")
+        with torch.no_grad():
+            head.clinical.weight.copy_(beta)
 
     def image_tokens(self, x: Tensor) -> Tensor:
         """x [B, scales x (C + 1), S, S, S] -> tokens [B, scales x N, D]: with two scales, both crops go through
@@ -298,7 +372,8 @@ class MultimodalModel(nn.Module):
                     else [(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.norm", (99999,))])
 
     def no_weight_decay(self) -> set[str]:
-        names = {"clinical_tokens.type_embed"}
+        # beta is the Cox fit's, whose ridge is its own
+        names = {"clinical_tokens.type_embed", "surv_head.clinical.weight"}
         if self.encoder is not None:
             names |= {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
         return names
@@ -417,6 +492,7 @@ class MultimodalModel(nn.Module):
         if config.get("model_type") != MODEL_TYPE or not isinstance(config.get("multimodal"), dict):
             raise InputError(f"{folder}: config.json is not a {MODEL_TYPE} model "
                              f"(model_type={config.get('model_type')!r})")
-        model = cls(from_dict(MultimodalConfig, config["multimodal"], f"{folder}/config.json:multimodal"))
+        multimodal = {"survival_design": "deep", **config["multimodal"]}  # folders saved before it existed were deep
+        model = cls(from_dict(MultimodalConfig, multimodal, f"{folder}/config.json:multimodal"))
         load_state_dict_strict(model, state, str(folder))
         return model, config

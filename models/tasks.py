@@ -69,9 +69,10 @@ class Task:
         return 1.0 if self.segment else float(seg_weight)
 
     def loss(self, out: dict[str, Tensor], batch: dict, pos_weight: Tensor | None = None,
-             seg_weight: float = 0.0) -> dict[str, Tensor]:
+             seg_weight: float = 0.0, hazard_l2: float = 0.0) -> dict[str, Tensor]:
         """The task's loss terms and their sum under "loss". The segmentation term (Dice + cross-entropy
-        against the mask channel of batch["x"]) enters with `self.seg_weight(seg_weight)`."""
+        against the mask channel of batch["x"]) enters with `self.seg_weight(seg_weight)`; the image term of a
+        linear_clinical hazard ("image_hazard") is pulled towards 0 by `hazard_l2` x its mean square."""
         from models.survival_losses import cox_efron_loss, discrete_time_nll, gather_risk_set
         terms = {}
         w = self.seg_weight(seg_weight)
@@ -87,6 +88,8 @@ class Task:
                 terms["cox"] = cox_efron_loss(*gather_risk_set(out["risk"].float(), batch["time"], batch["event"]))
             else:
                 terms["nll"] = discrete_time_nll(out["hazard_logits"].float(), batch["bin"], batch["event"])
+            if hazard_l2 > 0 and "image_hazard" in out:
+                terms["image_l2"] = hazard_l2 * out["image_hazard"].float().pow(2).mean()
         terms["loss"] = sum(terms.values())
         return terms
 

@@ -103,15 +103,18 @@ def test_every_fusion_runs_forward_and_backward(fusion):
         assert fusion_params and any(p.grad.abs().sum() > 0 for p in fusion_params)
 
 
+@pytest.mark.parametrize("design", ["linear_clinical", "deep"])
 @pytest.mark.parametrize("task, head, keys", [("classification", "cox", {"logit"}), ("survival", "cox", {"risk"}),
                                               ("survival", "discrete", {"hazard_logits"}),
                                               ("multitask", "cox", {"logit", "risk"})])
-def test_heads_match_the_task(task, head, keys):
-    model = make("concat", task, survival_head=head, n_time_bins=4)
+def test_heads_match_the_task(task, head, keys, design):
+    model = make("concat", task, survival_head=head, n_time_bins=4, survival_design=design)
     out = model(*inputs())
-    assert set(out) == keys | {"features"}
-    if "risk" in keys:
-        assert model.surv_head.bias is None  # Cox is shift-invariant
+    image_term = {"image_hazard"} if design == "linear_clinical" and task != "classification" else set()
+    assert set(out) == keys | {"features"} | image_term
+    if "risk" in keys:  # Cox is shift-invariant: no bias
+        surv = model.surv_head
+        assert surv.bias is None if design == "deep" else (surv.baseline is None and surv.image.bias is None)
 
 
 def test_clinical_tokens_join_the_sequence():
@@ -205,6 +208,32 @@ def test_save_load_round_trip_is_exact_and_strict(tmp_path):
     path.write_text(json.dumps(saved))
     with pytest.raises(InputError, match="unexpected keys: clinical_tokens"):
         MultimodalModel.from_pretrained(tmp_path / "mm")
+
+
+@pytest.mark.parametrize("task, head", [("survival", "cox"), ("multitask", "discrete")])
+def test_linear_clinical_hazard_round_trips(tmp_path, task, head):
+    model = make("concat", task, survival_head=head, n_time_bins=3).eval()
+    model.set_clinical_hazard(torch.arange(F, dtype=torch.float32) - 2.0)
+    torch.nn.init.normal_(model.surv_head.image.weight)  # g off zero, so the comparison sees it
+    model.save_pretrained(tmp_path / "mm", extra_config={}, card={}, input_spec=InputSpec(input_size=S))
+    loaded, _ = MultimodalModel.from_pretrained(tmp_path / "mm")
+    x, clin = inputs()
+    with torch.no_grad():
+        a, b = model(x, clin), loaded.eval()(x, clin)
+    assert loaded.config.survival_design == "linear_clinical" and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_folder_saved_before_survival_design_loads_as_deep(tmp_path):
+    model = make("concat", "survival", survival_design="deep").eval()
+    model.save_pretrained(tmp_path / "mm", extra_config={}, card={}, input_spec=InputSpec(input_size=S))
+    path = tmp_path / "mm" / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["multimodal"]["survival_design"]
+    path.write_text(json.dumps(saved))
+    loaded, _ = MultimodalModel.from_pretrained(tmp_path / "mm")
+    assert loaded.config.survival_design == "deep"
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(*inputs())["risk"], model(*inputs())["risk"])
 
 
 # ---- normalisation before the head ---------------------------------------------------------------
