@@ -366,9 +366,8 @@ def _prepared(manifest: str, task: Task, cache: str, workers: int) -> pd.DataFra
     return prepared
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m finetune.radiomics", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of every baseline CLI (this one and python -m finetune.baselines)."""
     p.add_argument("--manifest", required=True, help="CSV manifest of the development cohort")
     p.add_argument("--cache", required=True, help="preprocessing cache directory")
     p.add_argument("--splits", required=True, help="splits JSON (made here if absent; shared with the ViT runs)")
@@ -381,7 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ring-mm", type=float, default=5.0, help="peritumoral ring width (mm)")
     p.add_argument("--bins", type=int, default=32, help="grey levels for texture and entropy")
     p.add_argument("--workers", type=int, default=0, help="preprocessing worker processes")
-    args = p.parse_args(argv)
+
+
+def load_inputs(args) -> dict:
+    """Prepared tables, splits and radiomics features (out/features.csv) of the cohort(s) the flags name."""
     from data.splits import load_or_make_splits
 
     task = get_task(args.task)
@@ -391,15 +393,26 @@ def main(argv: list[str] | None = None) -> int:
     splits = load_or_make_splits(args.splits, df, test_fraction=args.test_fraction, folds=args.folds,
                                  stratify="label" if task.label else "event", seed=args.seed)
     features = extract_table(df, "internal", args.ring_mm, args.bins, out / "features.csv")
-    external = None
+    ext_df = external = None
     if args.external:
-        external = extract_table(_prepared(args.external, task, args.cache, args.workers), "external",
-                                 args.ring_mm, args.bins, out / "features.csv")
-    predictions, params = predict_splits(features, _targets(df, task), splits, task, args.seed, external)
+        ext_df = _prepared(args.external, task, args.cache, args.workers)
+        external = extract_table(ext_df, "external", args.ring_mm, args.bins, out / "features.csv")
+    return {"task": task, "out": out, "df": df, "splits": splits, "features": features, "ext_df": ext_df,
+            "external": external, "targets": _targets(df, task)}
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m finetune.radiomics", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    d = load_inputs(args)
+    out = d["out"]
+    predictions, params = predict_splits(d["features"], d["targets"], d["splits"], d["task"], args.seed, d["external"])
     with atomic_path(out / "predictions.csv") as tmp:
         predictions.to_csv(tmp, index=False)
     write_json(out / "radiomics.json", {**vars(args), "feature_version": FEATURE_VERSION,
-                                        "n_features": features.shape[1], "models": params})
+                                        "n_features": d["features"].shape[1], "models": params})
     print(f"wrote {out / 'predictions.csv'} ({len(predictions)} rows)")
     return 0
 

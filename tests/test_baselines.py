@@ -152,3 +152,35 @@ def test_bad_input_names_the_column():
         make_baseline("clinical_only", [])
     with pytest.raises(InputError, match="baseline 'deep'"):
         make_baseline("deep", CLINICAL)
+
+
+def test_cli_fits_every_baseline_on_the_shared_splits_and_evaluate_reads_them(tmp_path, capsys):
+    """python -m finetune.baselines writes <name>/predictions.csv per baseline on one splits file; its
+    clinical_only rows are predict_splits' with a ClinicalModel; finetune.evaluate --baselines reads the folder."""
+    import json
+
+    from finetune.baselines.__main__ import main
+    from finetune.evaluate import main as evaluate_main
+    from tests.test_radiomics import _write_cohort
+
+    manifest = _write_cohort(tmp_path, 16, np.random.default_rng(7))
+    table = pd.read_csv(manifest, dtype={"subject_id": str})
+    table["age"] = np.random.default_rng(1).normal(60, 10, len(table)).round(1)
+    table.to_csv(manifest, index=False)
+    out = tmp_path / "baselines"
+    assert main(["--manifest", str(manifest), "--cache", str(tmp_path / "cache"), "--out", str(out), "--folds", "2",
+                 "--splits", str(tmp_path / "splits.json"), "--task", "classification"]) == 0
+    splits = json.loads((tmp_path / "splits.json").read_text())
+    for name in ("clinical_only", "radiomics", "radiomics_clinical"):
+        pred = pd.read_csv(out / name / "predictions.csv", dtype={"subject_id": str})
+        assert sorted(pred[pred.split == "test"].subject_id) == sorted(splits["test"])
+        assert json.loads((out / name / "baseline.json").read_text())["clinical_columns"] == ["age"]
+    by_hand, _ = predict_splits(table.set_index("subject_id")[["age"]], table.set_index("subject_id")[["label"]],
+                                splits, "classification", make_model=make_baseline("clinical_only", ["age"]))
+    ours = pd.read_csv(out / "clinical_only" / "predictions.csv", dtype={"subject_id": str})
+    np.testing.assert_allclose(ours["prob"], by_hand["prob"], atol=1e-12)
+    capsys.readouterr()
+    assert evaluate_main(["--predictions", str(out / "radiomics" / "predictions.csv"), "--manifest", str(manifest),
+                          "--baselines", f"clinical_only={out / 'clinical_only' / 'predictions.csv'}",
+                          "--n_boot", "0", "--out", str(tmp_path / "eval")]) == 0
+    assert "baseline clinical_only" in capsys.readouterr().out
