@@ -206,15 +206,17 @@ def _prog_from_main() -> str | None:
     return "python -m " + name.removesuffix(".__main__")
 
 
-def _underscore_spellings(parser: argparse.ArgumentParser) -> None:
+def underscore_spellings(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Every command takes underscores (`--skip_bad`): a command's own hyphenated flag (`--skip-bad`) gains
-    the underscore spelling, first in --help, and keeps the hyphenated one as an alias."""
+    the underscore spelling, first in --help, and keeps the hyphenated one as an alias. parse_config applies
+    it to the parser it is given; a CLI with a plain argparse parser calls it before parsing."""
     for action in list(parser._actions):
         for option in list(action.option_strings):
             alias = "--" + option[2:].replace("-", "_")
             if option.startswith("--") and alias not in parser._option_string_actions:
                 action.option_strings.insert(0, alias)
                 parser._option_string_actions[alias] = action
+    return parser
 
 
 def _prepare_parser(parser: argparse.ArgumentParser | None, description: str,
@@ -225,7 +227,7 @@ def _prepare_parser(parser: argparse.ArgumentParser | None, description: str,
         parser.usage = "%(prog)s [--config FILE] [--OPTION VALUE ...]"  # the full list is below
     elif prog and parser.prog == "__main__.py":
         parser.prog = prog
-    _underscore_spellings(parser)
+    underscore_spellings(parser)
     if epilog and not parser.epilog:
         parser.epilog = epilog
     # Without this `--epoch 2` silently sets --epochs; read at parse time, so it holds for a given parser.

@@ -161,3 +161,11 @@ def test_data_synth_usage_and_help_spell_with_underscores(capsys):
     usage = text.split(" options:")[0]
     assert "--n_labeled" in usage and "--no_progress" in usage and "--n-labeled" not in usage
     assert "--n_labeled N_LABELED, --n-labeled N_LABELED" in text
+
+
+def test_a_plain_argparse_cli_gets_both_spellings_too():
+    """A CLI that parses with argparse alone (no config) calls underscore_spellings before parsing."""
+    from core.cli import underscore_spellings
+    parser = underscore_spellings(_own_parser())
+    assert parser.parse_args(["--skip_bad", "--datalist_key", "k"]).datalist_key == "k"
+    assert parser.parse_args(["--skip-bad"]).skip_bad is True
