@@ -84,6 +84,7 @@ def load_cohort(cfg: FinetuneConfig, prep: PrepConfig, show_progress: bool):
             raise InputError(f"{paths[name]}: subject_id(s) {clash[:5]} also appear in {owner[clash[0]]}; "
                              "ids must be unique across the training and held-out cohorts")
         owner |= dict.fromkeys(other["subject_id"], paths[name])
+        refuse_training_patients(other, paths[name], table, cfg.manifest)
         absent = [c for c in cols if c not in other.columns]
         if absent and cfg.model.uses_clinical:
             raise InputError(f"{paths[name]}: clinical column(s) {absent} not found")
@@ -91,6 +92,20 @@ def load_cohort(cfg: FinetuneConfig, prep: PrepConfig, show_progress: bool):
     held = {name: prepare_table(t, prep, cache, progress=show_progress)[0].reset_index(drop=True)
             for name, t in held_tables.items()}
     return df.reset_index(drop=True), held, cols
+
+
+def refuse_training_patients(held: pd.DataFrame, where: str, train: pd.DataFrame, manifest: str) -> None:
+    """A held-out patient is never a training patient: a follow-up scan of one (its own subject_id, the
+    same patient_id) would inflate the held-out figures. Patients are compared by patient_id as
+    data.manifest reads it (subject_id where a manifest has no patient_id column), as the splits are."""
+    trained = dict(zip(train["patient_id"].astype(str), train["subject_id"].astype(str)))  # patient -> a subject
+    clash = held[held["patient_id"].astype(str).isin(trained)]
+    if len(clash):
+        pairs = [f"{p} (subject {s} here, {trained[p]} there)" for p, s in
+                 zip(clash["patient_id"].astype(str), clash["subject_id"].astype(str))]
+        raise InputError(f"{where}: patient_id {', '.join(pairs[:3])}{' and more' if len(pairs) > 3 else ''} "
+                         f"also in the training manifest {manifest}; a held-out patient must not be a training "
+                         "patient: drop those rows or hold the patient out of the training manifest")
 
 
 def load_splits(cfg: FinetuneConfig, df: pd.DataFrame) -> dict:
@@ -169,6 +184,28 @@ def refuse_zero3(accelerator) -> None:
                           "snapshot and the fold export read); use launch/accelerate/deepspeed_zero2.yaml or DDP")
 
 
+def refuse_other_runs_folds(cfg: FinetuneConfig, fingerprint: str) -> None:
+    """Folds saved under another fingerprint are another run's (other settings, splits or pretrained
+    weights): with reuse_folds (the default) this run would retrain them one by one over that run's models,
+    log and predictions, so the two would mix. Refused, naming the ways out; --reuse_folds false says to
+    train every fold again over them."""
+    folds = Path(cfg.output_dir) / "folds"
+    if not cfg.reuse_folds or not folds.is_dir():
+        return
+    other = sorted(p.stem for p in folds.glob("fold*.json") if _saved_fingerprint(p) != fingerprint)
+    if other:
+        raise InputError(f"{folds}: {', '.join(other)} are another run's (other settings, splits or pretrained "
+                         "weights); start this run in a new --output_dir, or pass --reuse_folds false to train "
+                         "every fold again over them")
+
+
+def _saved_fingerprint(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable: not this run's
+
+
 def run_folds(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec, df: pd.DataFrame,
               splits: dict, eval_sets: dict, columns: list[str], accelerator, logger) -> tuple[list, list]:
     """Train every fold, or reuse a finished one whose fingerprint still matches; (prediction frames, fold info)."""
@@ -190,6 +227,8 @@ def run_folds(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec,
                 frames.append(frame)
                 fold_info.append(saved)
                 continue
+        # the log keeps one training of each fold: rows of an earlier one (crashed, stale) go
+        logger.keep_rows(lambda row, k=k: not any(key.startswith(f"fold{k}/") for key in row))
         res = train_fold(cfg, model_cfg, spec, k, by_id.loc[fold["train"]].reset_index(drop=True),
                          by_id.loc[fold["val"]].reset_index(drop=True), eval_sets, columns, accelerator, logger)
         fr = pd.concat([prediction_rows(name, k, d, p) for name, (d, p) in res["preds"].items()])
@@ -213,10 +252,12 @@ def run(cfg: FinetuneConfig) -> dict:
     model_cfg, spec = resolve_inputs(cfg)
     with accelerator.main_process_first():  # one rank fills the cache; the others then hit it
         df, held_out, columns = load_cohort(cfg, spec.prep, show_progress=main)
+    with accelerator.main_process_first():  # one rank writes a new splits file; the others then read it
+        splits = load_splits(cfg, df)
+    refuse_other_runs_folds(cfg, fold_fingerprint(cfg, splits))
     if main:  # only now that the run can start: nothing is written for a refused one
         out.mkdir(parents=True, exist_ok=True)
         save_config(replace(cfg, model=model_cfg, prep=spec.prep, crop_mm=spec.view.crop_mm), out / "config.yaml")
-    splits = load_splits(cfg, df)
     test_df = df.set_index("subject_id", drop=False).loc[splits["test"]].reset_index(drop=True)
     eval_sets = ({"test": test_df} if len(test_df) else {}) | held_out
     logger = RunLogger(accelerator, out)

@@ -94,6 +94,11 @@ def test_a_held_out_set_that_changed_under_its_name_is_predicted_afresh(classifi
     for fold in (-1, 0, 1):  # the ensemble and each fold predict exactly the new rows
         got = pred[(pred.split == "external_copy") & (pred.fold == fold)].subject_id
         assert sorted(got) == sorted(new.subject_id)
+    # metrics.jsonl holds each retrained fold's epochs once: the first training's rows were dropped
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for fold in (0, 1):
+        epochs = [r["epoch"] for r in rows if f"fold{fold}/train_loss" in r]
+        assert epochs and len(epochs) == len(set(epochs)), (fold, epochs)
 
 
 def test_fold_fingerprint_tracks_what_a_fold_depends_on(synth_cohort, tmp_path):
@@ -345,3 +350,45 @@ def test_an_auxiliary_segmentation_head_also_trains_on_lesion_free_windows(tmp_p
     assert saved["seg_background_windows"] is True
     row = json.loads((tmp_path / "trained" / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["fold0/train_seg_windows"] > 0
+
+
+# ---- issue 32: another run's folds (defect 1) and held-out patients (defect 5) -----------------------------
+
+
+def test_another_runs_folds_are_refused_before_anything_is_written(classification_run, synth_cohort):
+    """The same folder, splits and seed but another fusion: its folds are another run's (their fingerprint
+    differs). Retraining over them silently would mix the two runs' folds, models and logs."""
+    from core.errors import InputError
+    out, _ = classification_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(InputError) as e:
+        run(tiny_cfg(synth_cohort, out, task="classification", fusion="film", explain=0))
+    msg = str(e.value)
+    assert str(out / "folds") in msg and "--output_dir" in msg and "--reuse_folds false" in msg and "\n" not in msg
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_held_out_patient_who_is_also_a_training_patient_is_refused(synth_cohort, tmp_path):
+    """A follow-up scan of a training patient in --external (its own subject_id, the same patient_id)
+    would inflate the external figures: refused by patient_id, in one line, before any training."""
+    from core.errors import InputError
+    manifest = pd.read_csv(synth_cohort / "manifest.csv", dtype=str)
+    external = pd.read_csv(synth_cohort / "external.csv", dtype=str)
+    external.loc[2, "patient_id"] = manifest.loc[5, "patient_id"]  # a follow-up of training patient 5
+    path = synth_cohort / "external_followup.csv"
+    external.to_csv(path, index=False)
+    out = tmp_path / "leak"
+    cfg = tiny_cfg(synth_cohort, out, task="classification", fusion="concat")
+    cfg.external = str(path)
+    with pytest.raises(InputError) as e:
+        run(cfg)
+    msg = str(e.value)
+    assert str(path) in msg and manifest.loc[5, "patient_id"] in msg and str(synth_cohort / "manifest.csv") in msg
+    assert external.loc[2, "subject_id"] in msg and manifest.loc[5, "subject_id"] in msg and "\n" not in msg
+    assert not out.exists()
+    # the same through --eval_sets
+    cfg = tiny_cfg(synth_cohort, out, task="classification", fusion="concat", eval_sets=[f"followup={path}"])
+    cfg.external = ""
+    with pytest.raises(InputError, match="patient_id"):
+        run(cfg)
+    assert not out.exists()
