@@ -175,3 +175,15 @@ def test_the_morphology_benchmark_runs_and_finds_the_same_masks():
     from benchmarks.speed import pet_morphology
     table = pet_morphology.main(["--shape", "30", "34", "26", "--spacing", "1", "1.5", "2", "--repeats", "1"])
     assert table.column("same masks") == ["—", "yes"] and table.column("ratio")[0] == "1.00x"
+
+
+def test_a_pet_image_alone_takes_its_reference_from_its_own_head(tmp_path):
+    # No MRI to find the brain in: the PET's own head, eroded, its largest component, less the grown lesion.
+    row = _row(tmp_path)
+    row["image"] = row.pop("pet")
+    prep = PrepConfig(modality="pet", crop_foreground=False, pet=PetConfig(units="suv", lesion_margin_mm=6.0))
+    (entry,) = _prepared(tmp_path, [row], prep=prep)
+    _, suv, _, lesion = _phantom()
+    region = brain_mask(suv, SPACING, modality="pet") & ~dilate_mm(lesion, 6.0, SPACING)
+    np.testing.assert_allclose(np.asarray(entry.image())[0], suv / suv[region].mean(), rtol=1e-5)
+    assert entry.meta["intensity"]["reference"]["brain"].startswith("estimated: data.brain.brain_mask of image")
