@@ -125,7 +125,8 @@ def format_lines(result: dict) -> list[str]:
             cells = []
             for metric, e in entry.items():
                 v, d = e["value"], e["model_minus_baseline"]
-                shown = "n/a" if v is None else f"{v:.3f}" + (f" [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]" if e["ci"] else "")
+                shown = "n/a" if v is None else f"{v:.3f}" + (
+                    f" [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]" if e["ci"] else "")
                 diff = "n/a" if d["diff"] is None else f"{d['diff']:+.3f}" + (
                     f" [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d["ci"] else "")
                 star = " (best on val)" if best.get(metric) == name else ""
