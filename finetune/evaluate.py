@@ -11,6 +11,10 @@ over folds. Splits with several folds also get per-fold point estimates. Rows of
 if present, are the reference for Uno's C, time-dependent AUC, the integrated Brier score's
 Breslow baseline, and the Kaplan-Meier risk cut.
 
+--baselines adds the baselines a user fits first (python -m finetune.baselines writes them on the run's
+splits): each one's AUC and Harrell's C, and the model's paired difference to it with a patient-bootstrap
+CI; the best baseline of each metric is picked on the out-of-fold val rows (finetune/baselines/compare.py).
+
 --n_boot and --seed default to the fine-tuning run's own (its config.yaml next to the predictions),
 else 1000 and 0, so re-evaluating a run reproduces the CIs of the metrics.json it wrote.
 """
