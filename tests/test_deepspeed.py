@@ -34,8 +34,8 @@ def _env() -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def launch(config: str, *args: str, processes: int = 2, ok: bool = True) -> subprocess.CompletedProcess:
-    """`accelerate launch` with a shipped config and 2 processes; config "ddp" is the CPU DDP recipe."""
+def command(config: str, *args: str, processes: int = 2) -> tuple[list[str], dict]:
+    """(argv, env) of `accelerate launch` with a shipped config; config "ddp" is the CPU DDP recipe."""
     env, cmd = _env(), [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                         "--main_process_port", _port()]
     if config == "ddp":  # launch/cpu_two_process.sh
@@ -43,7 +43,13 @@ def launch(config: str, *args: str, processes: int = 2, ok: bool = True) -> subp
         cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no"]
     else:
         cmd += ["--config_file", f"launch/accelerate/{config}.yaml"]
-    res = subprocess.run(cmd + list(args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return cmd + list(args), env
+
+
+def launch(config: str, *args: str, processes: int = 2, ok: bool = True) -> subprocess.CompletedProcess:
+    """`accelerate launch` with a shipped config and 2 processes, run to its end."""
+    cmd, env = command(config, *args, processes=processes)
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert (res.returncode == 0) == ok, res.stderr[-4000:]
     return res
 
