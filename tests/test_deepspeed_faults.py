@@ -21,10 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import ds_nonfinite_script as plan
 from test_deepspeed import ROOT, command, launch
-
-sys.path.insert(0, str(ROOT / "tests"))
-import ds_nonfinite_script as plan  # noqa: E402
 
 
 def _reference() -> list[dict[str, torch.Tensor]]:
