@@ -43,29 +43,33 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 class HashIndex:
-    """Memoised file digests keyed by (resolved path, size, mtime_ns, inode), kept in cache_dir/hash-index.json.
+    """Memoised file digests keyed by (resolved path, size, mtime_ns, inode), kept in cache_dir.
 
-    Only a speed-up: a file whose stat changed, or that was modified within the last
-    `_RACY_SECONDS` when hashed, is hashed again.
+    Only a speed-up: a file whose stat changed, or that was modified within the last `_RACY_SECONDS` when
+    hashed, is hashed again. Each writer keeps its own file: `hash-index.json`, or `hash-index.<part>.json`
+    for a shard (a rank, a --shard job), so writers that run at once never replace each other's digests;
+    every index reads them all.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike | None = None):
-        self.path = Path(cache_dir) / HASH_INDEX if cache_dir is not None else None
-        self.table: dict[str, list] = {}
+    def __init__(self, cache_dir: str | os.PathLike | None = None, part: str | None = None):
+        folder = Path(cache_dir) if cache_dir is not None else None
+        self.path = None if folder is None else folder / (f"hash-index.{part}.json" if part else HASH_INDEX)
+        self.table: dict[str, list] = _read_memo(self.path) if self.path is not None else {}  # this writer's own
+        self.others: dict[str, list] = {}  # the other writers', read only
+        if folder is not None and folder.is_dir():
+            for other in sorted(folder.glob("hash-index*.json")):
+                if other != self.path:
+                    self.others.update(_read_memo(other))
         self.dirty = False
-        if self.path is not None and self.path.is_file():
-            try:
-                self.table = json.loads(self.path.read_text())
-            except (OSError, json.JSONDecodeError):
-                self.table = {}  # a damaged index only costs a rehash
 
     def digest(self, path: str | os.PathLike) -> str:
         real = os.path.realpath(path)
         st = os.stat(real)
         stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
-        known = self.table.get(real)
-        if known is not None and known[:3] == stamp:
-            return known[3]
+        for table in (self.table, self.others):
+            known = table.get(real)
+            if known is not None and known[:3] == stamp:
+                return known[3]
         digest = file_digest(real)
         if time.time() - st.st_mtime_ns / 1e9 > _RACY_SECONDS:
             self.table[real] = stamp + [digest]
@@ -74,9 +78,18 @@ class HashIndex:
 
     def save(self) -> None:
         if self.path is not None and self.dirty:
-            # Concurrent writers each replace the whole file; a lost update only costs a rehash.
+            # Two writers of one part (two runs with one layout) each replace the whole file; a lost update
+            # only costs a rehash.
             write_json(self.path, self.table)
             self.dirty = False
+
+
+def _read_memo(path: Path) -> dict[str, list]:
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # a missing or damaged memo only costs a rehash
+    return table if isinstance(table, dict) else {}
 
 
 def entry_key(image_digest: str, mask_digest: str | None, prep_key: str) -> str:
@@ -183,15 +196,32 @@ def lookup(cache_dir: str | os.PathLike, key: str) -> CacheEntry | None:
     return entry
 
 
+class _Built(Exception):
+    """Another writer finished the same entry while this one was writing it."""
+
+
 def write_entry(cache_dir: str | os.PathLike, key: str, image: np.ndarray, mask: np.ndarray | None,
                 meta: dict) -> CacheEntry:
-    """Write image [1,X,Y,Z] float32, optional mask [1,X,Y,Z] (stored uint8) and meta, all or nothing."""
+    """Write image [1,X,Y,Z] float32, optional mask [1,X,Y,Z] (stored uint8) and meta, all or nothing.
+
+    Two writers of one key (two ranks or --shard jobs given the same files) build the same content: the
+    one that finds the other's complete entry in place keeps it and drops its own, so a reader never sees
+    the entry move. A damaged entry is replaced whole."""
     final = entry_dir(cache_dir, key)
     meta = {**meta, "key": key, "has_mask": mask is not None}
-    with atomic_dir(final) as tmp:
-        np.save(tmp / "image.npy", np.ascontiguousarray(image, dtype=np.float32))
-        if mask is not None:
-            np.save(tmp / "mask.npy", np.ascontiguousarray(mask > 0.5, dtype=np.uint8))
-        # meta.json last: a reader treats its presence as "entry complete".
-        write_json(tmp / "meta.json", meta)
+    try:
+        with atomic_dir(final) as tmp:
+            np.save(tmp / "image.npy", np.ascontiguousarray(image, dtype=np.float32))
+            if mask is not None:
+                np.save(tmp / "mask.npy", np.ascontiguousarray(mask > 0.5, dtype=np.uint8))
+            # meta.json last: a reader treats its presence as "entry complete".
+            write_json(tmp / "meta.json", meta)
+            if lookup(cache_dir, key) is not None:
+                raise _Built  # atomic_dir drops the temporary
+    except _Built:
+        pass
+    except OSError:
+        # The other writer's entry landed between that check and the move (the move finds the folder full).
+        if lookup(cache_dir, key) is None:
+            raise
     return CacheEntry(dir=final, meta=meta)
