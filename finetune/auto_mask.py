@@ -204,17 +204,6 @@ def search_lesion(models: list, row, spec: InputSpec, out_dir: Path, surface_mar
     return LesionSearch(path, volume_ml, choice.status, table, region.source)
 
 
-def predict_mask(models: list, row, spec: InputSpec, out_dir: Path,
-                 surface_margin_mm: float = SURFACE_MARGIN_MM) -> tuple[Path, float]:
-    """The best candidate, however confident (what finetune.predict asks for until it flags rows itself):
-    (its NIfTI's path, its volume in ml); InputError when there is no candidate."""
-    found = search_lesion(models, row, spec, out_dir, surface_margin_mm, accept_low_confidence=True)
-    if found.mask_path is None:
-        raise InputError(f"subject {row['subject_id']}: the segmentation found no lesion (no component of "
-                         f"p > 0.5 in the search region: {found.region})")
-    return found.mask_path, found.volume_ml
-
-
 def write_on_source_grid(path: Path, volume: np.ndarray, affine: np.ndarray, source: str) -> bool:
     """Write `volume` [X, Y, Z] (integer, voxel-to-world `affine`) as NIfTI on the grid of the NIfTI `source`;
     False, and nothing written, when nothing of it lands there."""

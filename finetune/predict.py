@@ -3,12 +3,16 @@
     python -m finetune.predict --model runs/ft/model --manifest new.csv --out predictions.csv
 
 A row with no mask (no mask column, an empty cell, or a mask file without a lesion) is segmented first by
-a model with a segmentation head (--seg_model, default --model itself): finetune.auto_mask writes the
-index lesion as <out stem>_masks/<subject_id>_pred_mask.nii.gz on the image's own grid, its path goes into
-the `predicted_mask` column, and the outcome is then predicted from it. The row is prepared again with
+a model with a segmentation head (--seg_model, default --model itself; one trained on windows anywhere in
+the head, not lesion crops only): finetune.auto_mask scores every lesion candidate inside the brain and
+writes them all to <out stem>_masks/candidates.csv (rank, score, whether confident, world RAS centroid,
+volume), and the index lesion, the best candidate, as <out stem>_masks/<subject_id>_pred_mask.nii.gz on the
+image's own grid; its path goes into the `predicted_mask` column, and the outcome is then predicted from it.
+A row whose best candidate is below the confidence threshold gets no outcome: its `lesion_status` says
+no_confident_lesion (with --accept_low_confidence it takes that candidate, marked low_confidence_accepted);
+a drawn mask's row says drawn, a confident one found. The row is prepared again with
 that mask, exactly as a drawn one, so a PET channel's TBR reference leaves the found lesion out (the
-segmentation itself reads a preparation without a mask, whose reference still holds it). A row where the
-segmentation finds nothing is named and left out; the rest go on.
+segmentation itself reads a preparation without a mask, whose reference still holds it).
 
 The manifest is checked as a whole first (the clinical columns the model was trained on): a missing
 column is one line and exit code 2, before any preprocessing, and no output file is written. Then every
@@ -148,24 +152,35 @@ def needs_mask(df: pd.DataFrame) -> np.ndarray:
 
 
 def segmenting_models(path: str | Path) -> list[MultimodalModel]:
-    """The fold models of `path`, each with a segmentation head; InputError when they have none."""
-    models = [load_model(f)[0] for f in model_folders(path)]
-    if any(m.seg_decoder is None for m in models):
+    """The fold models of `path`, each with a segmentation head trained for whole-head search (on windows
+    anywhere in the head, not lesion crops only); InputError naming the first that is not."""
+    from finetune.fold import SEG_WINDOWS_KEY
+    loaded = {folder: load_model(folder) for folder in model_folders(path)}
+    if any(m.seg_decoder is None for m, _ in loaded.values()):
         raise InputError(f"{path}: has no segmentation head, and some rows have no mask; pass --seg_model with "
                          "a model trained with --task segmentation or --seg_weight > 0")
-    return models
+    old = [folder for folder, (_, meta) in loaded.items() if not meta.get(SEG_WINDOWS_KEY)]
+    if old:
+        raise InputError(f"{old[0]}: its segmentation head trained on lesion crops only (config.json has no "
+                         f"{SEG_WINDOWS_KEY}), so it was never shown the rest of a head; fine-tune it again with "
+                         "this version before segmenting rows without a mask")
+    return [m for m, _ in loaded.values()]
 
 
 def fill_masks(df: pd.DataFrame, need: np.ndarray, models: list, spec, cache_dir: str, masks_dir: Path,
-               surface_margin_mm: float) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+               surface_margin_mm: float, accept_low_confidence: bool = False) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Segment the rows in `need` and point their mask at the written NIfTI; (table, rejected rows).
-    The table gains mask_source ("given" / "predicted"), predicted_mask and predicted_volume_ml, and,
-    where a row's drawn mask was set aside (--segment_all), dice_vs_given."""
+    The table gains mask_source ("given" / "predicted"), lesion_status (finetune/lesion/candidates.py),
+    search_region, predicted_mask and predicted_volume_ml, and, where a row's drawn mask was set aside
+    (--segment_all), dice_vs_given. A row with no confident lesion keeps no mask (`scored_rows` leaves it
+    out). Every candidate of every segmented row goes to <masks_dir>/candidates.csv."""
     from data.prepare import prepare_table
     from engine.logs import progress
-    from finetune.auto_mask import predict_mask
+    from finetune.auto_mask import search_lesion
+    from finetune.lesion.candidates import DRAWN
     df = df.copy()
     df["mask_source"] = np.where(need, "predicted", "given")
+    df["lesion_status"], df["search_region"] = np.where(need, "", DRAWN), ""
     df["predicted_mask"], df["predicted_volume_ml"] = "", np.nan
     if "mask" in df.columns:  # a mask column of blanks reads as float NaN; it receives paths below
         df["mask"] = df["mask"].astype(object)
@@ -176,20 +191,38 @@ def fill_masks(df: pd.DataFrame, need: np.ndarray, models: list, spec, cache_dir
     bar = progress(len(good), 0, True, "segmenting rows without a mask")
     for _, row in good.iterrows():
         try:
-            path, ml = predict_mask(models, row, spec, masks_dir, surface_margin_mm)
-            found.append((row["subject_id"], str(path), ml))
+            found.append((row["subject_id"], search_lesion(models, row, spec, masks_dir, surface_margin_mm,
+                                                           accept_low_confidence=accept_low_confidence)))
         except InputError as e:
             rejected.append((row["subject_id"], str(e)))
         bar.update(1)
     bar.close()
+    write_candidates(masks_dir / "candidates.csv", found)
     lost = {sid for sid, _ in rejected}
     df = df[~df["subject_id"].isin(lost)].set_index("subject_id", drop=False)
-    for sid, path, ml in found:
+    for sid, res in found:
+        path = str(res.mask_path) if res.mask_path is not None else ""
         given = df.loc[sid, "mask"] if "mask" in df.columns else None
         if isinstance(given, str) and Path(given).is_file():  # --segment_all on a drawn mask: how close?
-            df.loc[sid, "dice_vs_given"] = dice_on_grid(path, given)
-        df.loc[sid, ["mask", "predicted_mask", "predicted_volume_ml"]] = [path, path, ml]
+            df.loc[sid, "dice_vs_given"] = dice_on_grid(path, given) if path else 0.0  # no lesion: a miss
+        df.loc[sid, ["mask", "predicted_mask", "predicted_volume_ml", "lesion_status", "search_region"]] = [
+            path, path, res.volume_ml, res.status, res.region]
     return df.reset_index(drop=True), rejected
+
+
+def write_candidates(path: Path, found: list) -> None:
+    """Every candidate of every segmented row (subject_id, then finetune/lesion/candidates.py's columns)."""
+    from finetune.lesion.candidates import COLUMNS
+    tables = [res.candidates.assign(subject_id=sid) for sid, res in found]
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["subject_id", *COLUMNS])
+    with atomic_path(path) as tmp:
+        table[["subject_id", *COLUMNS]].to_csv(tmp, index=False)
+
+
+def scored_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows that get an outcome: all but those flagged with no confident lesion."""
+    from finetune.lesion.candidates import NO_CONFIDENT
+    return df[df["lesion_status"] != NO_CONFIDENT] if "lesion_status" in df.columns else df
 
 
 def dice_on_grid(pred_path: str, given_path: str) -> float:
@@ -225,9 +258,14 @@ def main(argv=None) -> int:
     ap.add_argument("--segment_all", action="store_true", help="segment every row, ignoring the manifest's masks: "
                     "what the outcome would be without a drawn mask; the CSV gains dice_vs_given (the masks stay "
                     "untouched on disk)")
-    ap.add_argument("--surface_margin_mm", type=float, default=10.0, help="a predicted lesion whose centre lies "
-                    "shallower than this below the head's surface is taken for scalp or skull and passed over "
-                    "(default 10; 0 keeps every candidate; skull-stripped images may want less)")
+    ap.add_argument("--surface_margin_mm", type=float, default=10.0, help="the fallback search region when no "
+                    "brain is found (no brain_mask column, and data.brain's estimate is empty): a candidate "
+                    "mostly shallower than this below the head's surface is taken for scalp or skull and passed "
+                    "over (default 10; 0 keeps every candidate). Otherwise lesions are searched for in the brain")
+    ap.add_argument("--accept_low_confidence", action="store_true", help="a row whose best lesion candidate scores "
+                    "below the confidence threshold (finetune/lesion/candidates.py) takes it anyway: its mask and "
+                    "outcome are written, lesion_status low_confidence_accepted. Without this flag such a row is "
+                    "flagged no_confident_lesion and gets no outcome")
     ap.add_argument("--cache_dir", default="", help="preprocessing cache (default: a cache/ folder next to --out)")
     args = ap.parse_args(argv)
     if args.surface_margin_mm < 0:
@@ -251,14 +289,19 @@ def main(argv=None) -> int:
     if need.any():
         seg_spec = load_input_spec(model_folders(args.seg_model or args.model)[0])
         masks_dir = Path(args.out).parent / f"{Path(args.out).stem}_masks"
-        df, rejected = fill_masks(df, need, seg_models, seg_spec, cache, masks_dir, args.surface_margin_mm)
+        df, rejected = fill_masks(df, need, seg_models, seg_spec, cache, masks_dir, args.surface_margin_mm,
+                                  args.accept_low_confidence)
     res = df[["subject_id"]].copy()
-    if outcome and len(df):
+    scored = scored_rows(df)
+    if outcome and len(scored):
         with unseen_categories_reported_once():
-            res, more = predict_table(folders, df, cache, first)
+            outcomes, more = predict_table(folders, scored, cache, first)
         rejected += more
+        kept = set(outcomes["subject_id"]) | set(df["subject_id"][~df["subject_id"].isin(scored["subject_id"])])
+        res = res[res["subject_id"].isin(kept)].merge(outcomes, on="subject_id", how="left")  # flagged: no outcome
     if need.any():
-        extra = [c for c in ("mask_source", "predicted_mask", "predicted_volume_ml", "dice_vs_given") if c in df.columns]
+        extra = [c for c in ("mask_source", "lesion_status", "search_region", "predicted_mask", "predicted_volume_ml",
+                             "dice_vs_given") if c in df.columns]
         res = res.merge(df[["subject_id", *extra]], on="subject_id")
     write_outputs(res, rejected, args, len(folders))
     return 0
@@ -278,6 +321,11 @@ def write_outputs(res: pd.DataFrame, rejected: list, args, n_models: int) -> Non
     with atomic_path(args.out) as tmp:
         res.to_csv(tmp, index=False)
     print(f"predicted {len(res)} subject(s) with {n_models} model(s) -> {args.out}")
+    from finetune.lesion.candidates import NO_CONFIDENT
+    flagged = int((res["lesion_status"] == NO_CONFIDENT).sum()) if "lesion_status" in res.columns else 0
+    if flagged:
+        print(f"{flagged} row(s) have no outcome: lesion_status {NO_CONFIDENT} (their candidates are in the "
+              "masks folder's candidates.csv; --accept_low_confidence takes the best)")
     if rejected:
         print(f"{rejected_summary(rejected)} (all reasons in {rej_path})")
 

@@ -102,46 +102,93 @@ def test_the_fallback_region_passes_over_a_scalp_rim():
         assert table["depth_mm"].iloc[0] == pytest.approx(np.median(depth[9:12, 9:12, 9:12]))
 
 
-def joint_model_and_threshold(tmp_path, monkeypatch):
-    """A saved outcome model with a segmentation head, its untrained head replaced by a threshold."""
+def joint_model_and_threshold(tmp_path, monkeypatch, whole_head_trained=True):
+    """A saved outcome model with a segmentation head, its untrained head replaced by a threshold: the bright
+    ball, with p = 1; a head with no ball gets a faint 6 mm cube at its centre, p = 0.55 over 0.216 ml: a
+    candidate, not a confident one. `whole_head_trained`: its config says the head saw lesion-free windows."""
+    from finetune.fold import SEG_WINDOWS_KEY
     from models.multimodal import MultimodalConfig, MultimodalModel
     from models.vit3d import ViT3DConfig
     torch.manual_seed(0)
     cfg = MultimodalConfig(encoder=ViT3DConfig(in_channels=2, img_size=24, patch_size=6, dim=24, depth=2, heads=2),
                            task="classification", fusion="none", seg_weight=0.5)
-    MultimodalModel(cfg).save_pretrained(tmp_path / "model", extra_config={"clinical_schema": None}, card={},
-                                         input_spec=SPEC)
+    extra = {"clinical_schema": None, **({SEG_WINDOWS_KEY: True} if whole_head_trained else {})}
+    MultimodalModel(cfg).save_pretrained(tmp_path / "model", extra_config=extra, card={}, input_spec=SPEC)
     real = auto_mask.lesion_probability
 
     def thresholded(models, image, spec, pad_value, **kw):
         real(models, image, spec, pad_value, **kw)  # the real sliding window still runs
         brain = image[0][image[0] > image.min()]
-        return (image[0] > brain.mean() + 5 * brain.std()).astype(float)  # a row with no ball: nothing
+        prob = (image[0] > brain.mean() + 5 * brain.std()).astype(float)  # [X, Y, Z]
+        if not prob.any():  # no ball
+            centre = tuple(slice(n // 2 - 1, n // 2 + 2) for n in prob.shape)  # 3 voxels of 2 mm a side
+            prob[centre] = 0.55
+        return prob
 
     monkeypatch.setattr(auto_mask, "lesion_probability", thresholded)
     return tmp_path / "model"
 
 
-def test_predict_without_a_mask_column(tmp_path, monkeypatch):
-    """A manifest with no mask column: masks are written and outcomes predicted; a row with no lesion is
-    named and skipped, the others go on."""
-    from finetune import predict
-    paths = [brain_with_ball(tmp_path, f"s{i}", (28.0 + i, 30.0, 8.0), ball=i != 2)[0] for i in range(3)]
-    pd.DataFrame({"subject_id": ["s0", "s1", "s2"], "image": [str(p) for p in paths]}).to_csv(
+def three_heads(tmp_path, with_ball=(True, True, False)):
+    """Three heads, as NIfTI, in a manifest with no mask column; their paths and the manifest's."""
+    paths = [brain_with_ball(tmp_path, f"s{i}", (28.0 + i, 30.0, 8.0), ball=b)[0] for i, b in enumerate(with_ball)]
+    pd.DataFrame({"subject_id": [f"s{i}" for i in range(len(paths))], "image": [str(p) for p in paths]}).to_csv(
         tmp_path / "m.csv", index=False)
+    return paths, tmp_path / "m.csv"
+
+
+def test_predict_without_a_mask_column(tmp_path, monkeypatch):
+    """A manifest with no mask column: masks are written and outcomes predicted; a row with no confident
+    lesion is flagged and gets no outcome, the others go on; every candidate is in candidates.csv."""
+    from finetune import predict
+    paths, manifest = three_heads(tmp_path)
     model = joint_model_and_threshold(tmp_path, monkeypatch)
     out = tmp_path / "out" / "pred.csv"
-    assert predict.main(["--model", str(model), "--manifest", str(tmp_path / "m.csv"), "--out", str(out)]) == 0
-    res = pd.read_csv(out, dtype={"subject_id": str})
-    assert list(res.subject_id) == ["s0", "s1"] and res["prob"].between(0, 1).all()
-    assert (res.mask_source == "predicted").all() and (res.predicted_volume_ml > 0).all()
+    assert predict.main(["--model", str(model), "--manifest", str(manifest), "--out", str(out)]) == 0
+    res = pd.read_csv(out, dtype={"subject_id": str}, keep_default_na=False, na_values=[""])
+    assert list(res.subject_id) == ["s0", "s1", "s2"] and not out.with_suffix(".rejected.csv").exists()
+    assert list(res.lesion_status) == ["found", "found", "no_confident_lesion"]
+    assert res["prob"][:2].between(0, 1).all() and np.isnan(res["prob"][2])  # the flagged row: no outcome
+    assert (res.mask_source == "predicted").all() and (res.predicted_volume_ml[:2] > 0).all()
+    assert np.isnan(res.predicted_mask[2]) and np.isnan(res.predicted_volume_ml[2])
+    assert res.search_region.str.startswith("estimated").all()
     assert "dice_vs_given" not in res.columns  # there was no drawn mask to compare with
-    for sid, mask_path in zip(res.subject_id, res.predicted_mask):
-        assert mask_path == str(out.parent / "pred_masks" / f"{sid}_pred_mask.nii.gz")  # beside --out
+    masks = out.parent / "pred_masks"
+    for sid, mask_path in zip(res.subject_id[:2], res.predicted_mask[:2]):
+        assert mask_path == str(masks / f"{sid}_pred_mask.nii.gz")  # beside --out
         assert nib.load(mask_path).shape == nib.load(paths[int(sid[1])]).shape
-        assert (out.parent / "pred_masks" / f"{sid}_pred_mask.png").is_file()
-    rejected = pd.read_csv(out.with_suffix(".rejected.csv"), dtype={"subject_id": str})
-    assert list(rejected.subject_id) == ["s2"] and "found no lesion" in rejected.reason[0]
+        assert (masks / f"{sid}_pred_mask.png").is_file()
+    assert not (masks / "s2_pred_mask.nii.gz").exists()
+    cands = pd.read_csv(masks / "candidates.csv", dtype={"subject_id": str})
+    assert list(cands.subject_id) == ["s0", "s1", "s2"] and list(cands["rank"]) == [1, 1, 1]
+    assert list(cands.confident) == [True, True, False] and list(cands.index_lesion) == [True, True, False]
+    assert cands.score[2] == pytest.approx(0.55 * 0.216 / (0.216 + 0.05))  # the faint cube, by hand
+
+
+def test_accept_low_confidence_takes_the_best_candidate_marked(tmp_path, monkeypatch):
+    from finetune import predict
+    paths, manifest = three_heads(tmp_path, with_ball=(False,))
+    model = joint_model_and_threshold(tmp_path, monkeypatch)
+    out = tmp_path / "pred.csv"
+    assert predict.main(["--model", str(model), "--manifest", str(manifest), "--out", str(out),
+                         "--accept_low_confidence"]) == 0
+    res = pd.read_csv(out, dtype={"subject_id": str})
+    assert list(res.lesion_status) == ["low_confidence_accepted"] and res["prob"].between(0, 1).all()
+    assert res.predicted_volume_ml[0] == pytest.approx(0.216)
+    assert nib.load(res.predicted_mask[0]).shape == nib.load(paths[0]).shape
+    cands = pd.read_csv(tmp_path / "pred_masks" / "candidates.csv")
+    assert list(cands.index_lesion) == [True] and list(cands.confident) == [False]
+
+
+def test_a_head_trained_on_lesion_crops_only_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from finetune import predict
+    _, manifest = three_heads(tmp_path, with_ball=(True,))
+    model = joint_model_and_threshold(tmp_path, monkeypatch, whole_head_trained=False)
+    with pytest.raises(SystemExit) as info:
+        predict.main(["--model", str(model), "--manifest", str(manifest), "--out", str(tmp_path / "pred.csv")])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "\n" not in err and "seg_background_windows" in err and str(model) in err
+    assert not (tmp_path / "pred.csv").exists()
 
 
 def test_segment_all_scores_the_drawn_masks(tmp_path, monkeypatch):
