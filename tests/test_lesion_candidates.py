@@ -163,3 +163,21 @@ def test_without_a_brain_the_surface_margin_is_the_region(tmp_path, monkeypatch)
     region = search.search_region(CacheEntry.from_path(good["cache_image"].iloc[0]), good.iloc[0], prep, 10.0)
     assert region.source == "surface margin 10 mm (no brain found)"
     np.testing.assert_array_equal(region.mask, region.depth_mm > 10.0)
+
+
+def test_a_prepared_ct_is_read_back_in_hounsfield_units_for_the_brain_mask(tmp_path):
+    from data.cache import CacheEntry
+    from data.nifti import save_volume
+    from data.prep_config import PrepConfig
+    from data.prepare import prepare_table
+    from finetune import auto_mask as search  # finetune.lesion.search after the move
+    hu = np.full((12, 12, 12), -1000.0, np.float32)  # air
+    hu[2:10, 2:10, 2:10] = np.linspace(-200, 300, 8 ** 3).reshape(8, 8, 8)  # fat to bone, the brain range inside
+    save_volume(tmp_path / "ct.nii.gz", hu, np.diag([2.0, 2.0, 2.0, 1.0]))
+    prep = PrepConfig(spacing=(2.0, 2.0, 2.0), modality="ct", ct_window=(-100.0, 200.0), crop_foreground=False)
+    good, rejected = prepare_table(pd.DataFrame([{"subject_id": "c1", "image": str(tmp_path / "ct.nii.gz")}]), prep,
+                                   tmp_path / "cache", require_lesion=False, on_error="collect", progress=False)
+    assert not rejected
+    entry = CacheEntry.from_path(good["cache_image"].iloc[0])
+    back = search.source_intensity(np.asarray(entry.image()[0]), entry.meta, "ct")
+    np.testing.assert_allclose(back, np.clip(hu, -100, 200), atol=1e-3)  # the window's HU, voxel for voxel
