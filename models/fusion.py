@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from core.errors import InputError
+
 
 def clinical_mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     """Linear -> GELU -> Linear; a single Linear when hidden == 0 (keeps a purely linear path available)."""
@@ -95,3 +97,12 @@ class LinearClinicalHazard(nn.Module):
         image = self.image(features)  # [B, n_out]
         eta = image if self.clinical is None else image + self.clinical(clinical)  # [B, n_out]
         return (eta if self.baseline is None else eta + self.baseline), image
+
+
+def lesion_log_ml(mask: Tensor, scale: Tensor | None, voxel_mm: float) -> Tensor:
+    """log of the lesion's volume in mL [B]: mask [B, S, S, S] of a crop, scale [B] prepared voxels per crop voxel,
+    voxel_mm per prepared voxel. 1e-3 mL (a 1 mm cube) keeps an empty mask finite."""
+    if scale is None:
+        raise InputError("model.hazard_lesion_volume: forward needs the crops' scale (batch['scale'])")
+    voxels = mask.flatten(1).sum(1)  # [B] crop voxels in the lesion
+    return torch.log(voxels * (scale.to(mask.dtype) * voxel_mm) ** 3 / 1000.0 + 1e-3)  # [B]

@@ -6,7 +6,8 @@ follow:
 - the manifest columns it needs (`columns`; the mask column is every task's input anyway);
 - the heads the model grows (`heads`: "logit" for the label, "risk" or "hazard_logits" for survival; the
   segmentation head, "seg_logits", is grown by the model for this task or for any task's --seg_weight);
-- its loss (`loss`: BCE, Cox partial likelihood or discrete-time NLL, plus Dice + cross-entropy, summed);
+- its loss (`loss`: BCE, Cox partial likelihood over the risk set gathered across ranks, or discrete-time NLL,
+  plus Dice + cross-entropy and the L2 pull of a linear_clinical hazard's image term, summed);
 - the scores it saves and ensembles (`scores`: "prob", "risk"; "dice" per subject for segmentation);
 - the validation score that chooses epochs (`validation_score`: AUC, Harrell's C, their mean, or Dice);
 - its metrics.json sections and figures (`reports`, `figures`: ROC and calibration for the label,

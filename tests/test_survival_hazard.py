@@ -50,7 +50,8 @@ def cohort():
 def model_for(cohort, **kw) -> MultimodalModel:
     torch.manual_seed(0)
     kw = {"task": "survival", "fusion": "concat", **kw}
-    return MultimodalModel(MultimodalConfig(encoder=ViT3DConfig(**ENCODER), clinical_dim=cohort["z_train"].shape[1], **kw))
+    cfg = MultimodalConfig(encoder=ViT3DConfig(**ENCODER), clinical_dim=cohort["z_train"].shape[1], **kw)
+    return MultimodalModel(cfg)
 
 
 @pytest.mark.parametrize("task, fusion", [("survival", "concat"), ("multitask", "film")])
@@ -68,7 +69,8 @@ def train_c(cohort, steps: int, **kw) -> float:
     """Harrell's C on the test cohort after `steps` full-batch AdamW steps from beta = 0 (not the Cox fit)."""
     model = model_for(cohort, **kw)
     opt = torch.optim.AdamW(model.param_groups(1e-2, 0.05))
-    batch = {"time": torch.tensor(cohort["train"]["time"].values), "event": torch.tensor(cohort["train"]["event"].values)}
+    train = cohort["train"]
+    batch = {"time": torch.tensor(train["time"].values), "event": torch.tensor(train["event"].values)}
     for _ in range(steps):
         out = model(cohort["x_train"], cohort["z_train"])
         loss = get_task("survival").loss(out, batch, hazard_l2=model.config.hazard_l2)["loss"]
