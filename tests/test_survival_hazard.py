@@ -112,3 +112,23 @@ def test_clinical_hazard_refuses_what_it_cannot_set(cohort):
         model_for(cohort, survival_design="deep").set_clinical_hazard(cohort["cox"].coef_)
     with pytest.raises(ConfigError, match="hazard_lesion_volume"):
         MultimodalConfig(task="survival", fusion="clinical_only", hazard_lesion_volume=True)
+
+
+def test_the_multitask_hazard_reads_the_logit_without_training_it(cohort):
+    model = model_for(cohort, task="multitask").eval()  # no dropout: two passes compare
+    assert model.surv_head.image.in_features == model.feature_dim + 1  # the fused features, then the logit
+    torch.nn.init.normal_(model.surv_head.image.weight)
+    x, z = cohort["x_test"][:4], cohort["z_test"][:4]
+    risk = model(x, z)["risk"]
+    risk.sum().backward()
+    assert model.cls_head.weight.grad is None  # only BCE trains the label head
+    with torch.no_grad():
+        model.cls_head.bias += 1.0  # every logit up by 1: the risk moves by the logit's weight in g
+        moved = model(x, z)["risk"] - risk
+    torch.testing.assert_close(moved, model.surv_head.image.weight[0, -1].expand(4).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_cox_fit_needs_events(cohort):
+    schema = ClinicalSchema.fit(cohort["train"], COLUMNS)
+    with pytest.raises(InputError, match="no events"):
+        clinical_cox_fit(schema, cohort["train"].assign(event=0))
