@@ -1,18 +1,20 @@
 """Preprocess subjects into the cache: load and check, resample, normalise intensity, crop foreground.
 
     python -m data.prepare --manifest cohort/manifest.csv --cache cache/ [--spacing 2 2 2] [--modality mri] [--workers 4]
+        [--shard I/N] [--skip_bad]
 
 writes one cache entry per subject (see data/cache.py) and cache/index-<name>.csv: the input
-table plus `cache_image` and `cache_mask` columns, which the datasets read.
+table plus `cache_image` and `cache_mask` columns, which the datasets read. With --shard I/N it prepares
+rows I::N only, and the last of the N shards writes the index (data/shard.py).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -22,13 +24,11 @@ from monai.transforms import ScaleIntensityRange, SpatialResample, Spacingd
 from monai.transforms.utils import generate_spatial_bounding_box
 from tqdm import tqdm
 
-from core.atomic import write_text
 from core.cli import parse_config
 from core.config import to_dict
 from core.errors import ConfigError, InputError, NiftiError, cli_entry
 from data import cache, pet
 from data.brain import brain_mask, foreground_mask
-from data.manifest import read_datalist, read_manifest, scan_folder
 from data.nifti import Volume, load_mask, load_pair, load_volume
 from data.prep_config import CHANNELS_VERSION, PREP_VERSION, PrepConfig
 
@@ -330,11 +330,20 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # the parallelism is across subjects
 
 
-def _hash_rows(rows: list[dict], cfg: PrepConfig, cache_dir: Path, on_error: str, progress: bool,
+class Prepared(NamedTuple):
+    """What preparing some rows did, by row position: their entries, their errors, and the rows whose
+    entry this call built (the other entries came from the cache)."""
+    entries: dict[int, cache.CacheEntry]
+    errors: dict[int, InputError]
+    built: set[int]
+
+
+def _hash_rows(rows: list[dict], cfg: PrepConfig, cache_dir: Path, stop: bool, progress: bool, hash_part: str | None,
                entries: dict, errors: dict) -> dict[str, list[int]]:
-    """Fill `entries` with cache hits and `errors` with unreadable rows; return key -> rows still to build."""
+    """Fill `entries` with cache hits and `errors` with unreadable rows (with `stop`, up to the first one);
+    return key -> rows still to build."""
     todo: dict[str, list[int]] = {}
-    hashes = cache.HashIndex(cache_dir)
+    hashes = cache.HashIndex(cache_dir, part=hash_part)
     # `with`: a raise closes (and, leave=False, clears) the bar, so the CLI's error gets a line of its own.
     with tqdm(rows, desc="hash", unit="subject", disable=not progress, leave=False) as bar:
         for i, row in enumerate(bar):
@@ -342,9 +351,8 @@ def _hash_rows(rows: list[dict], cfg: PrepConfig, cache_dir: Path, on_error: str
                 key = subject_key(row, cfg, hashes)
             except InputError as e:
                 errors[i] = e
-                if on_error == "raise":
-                    hashes.save()
-                    raise
+                if stop:
+                    break
                 continue
             hit = cache.lookup(cache_dir, key)
             if hit is not None:
@@ -355,24 +363,83 @@ def _hash_rows(rows: list[dict], cfg: PrepConfig, cache_dir: Path, on_error: str
     return todo
 
 
-def _build_jobs(jobs: list[tuple], on_error: str, workers: int, progress: bool) -> list[tuple]:
-    """(entry, error) per job, in job order; serial on_error="raise" stops at the first bad subject."""
+def _build_jobs(jobs: list[tuple], stop: bool, workers: int, progress: bool, desc: str,
+                on_first: Callable[[float, int], None] | None) -> list[tuple]:
+    """(entry, error) per job, in job order; serially with `stop`, up to the first bad subject. An error that
+    is not bad input propagates. `on_first(seconds, jobs left)` is called once the first job is done: the
+    measured time a volume takes here."""
     outcomes = []
-    with tqdm(total=len(jobs), desc="prepare", unit="subject", disable=not progress or not jobs) as bar:
+    t0 = time.perf_counter()
+
+    def done(outcome, bar) -> None:
+        outcomes.append(outcome)
+        bar.update()
+        if on_first is not None and len(outcomes) == 1:
+            on_first(time.perf_counter() - t0, len(jobs) - 1)
+
+    with tqdm(total=len(jobs), desc=desc, unit="subject", disable=not progress or not jobs) as bar:
         if workers > 0 and len(jobs) > 1:
             with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
                 for r in pool.map(_build_in_worker, jobs):
-                    outcomes.append(r)
-                    bar.update()
+                    done(r, bar)
             return outcomes
         for job in jobs:
-            if on_error == "raise":  # serial: fail at the first bad subject, with its own exception
-                row, cfg, cache_dir, key, require_lesion = job
-                outcomes.append((build_entry(row, cfg, cache_dir, key, require_lesion=require_lesion), None))
-            else:
-                outcomes.append(_build_in_worker(job))
-            bar.update()
+            done(_build_in_worker(job), bar)
+            if stop and outcomes[-1][1] is not None:
+                break
     return outcomes
+
+
+def prepare_rows(df: pd.DataFrame, cfg: PrepConfig, cache_dir, *, require_lesion: bool = True, stop: bool = False,
+                 workers: int = 0, progress: bool = True, desc: str = "prepare", hash_part: str | None = None,
+                 on_first: Callable[[float, int], None] | None = None) -> Prepared:
+    """Prepare every row of `df` (or, with `stop`, up to its first bad one); nothing is raised for bad input.
+
+    Subjects with identical files and parameters share one entry and are built once. `hash_part` names
+    this writer's hash memo (a shard's own; data/cache.py HashIndex). Progress bars are closed on return."""
+    cache_dir = Path(cache_dir)
+    rows = [dict(r) for r in df.to_dict(orient="records")]
+    entries: dict[int, cache.CacheEntry] = {}
+    errors: dict[int, InputError] = {}
+    todo = _hash_rows(rows, cfg, cache_dir, stop, progress, hash_part, entries, errors)
+    if stop and errors:
+        return Prepared(entries, errors, set())
+
+    jobs = [(rows[idx[0]], cfg, cache_dir, key, require_lesion) for key, idx in todo.items()]
+    built: set[int] = set()
+    outcomes = _build_jobs(jobs, stop, workers, progress, desc, on_first)  # with `stop`, maybe fewer than jobs
+    for (key, idx), (entry, err) in zip(todo.items(), outcomes):
+        for i in idx:
+            if err is None:
+                entries[i] = entry
+                built.add(i)
+            else:
+                errors[i] = err
+
+    for i, entry in list(entries.items()):
+        try:
+            _check_lesion(entry, str(rows[i]["subject_id"]), require_lesion)
+        except InputError as e:
+            errors[i] = e
+            del entries[i]
+            built.discard(i)
+    return Prepared(entries, errors, built)
+
+
+def indexed(df: pd.DataFrame, paths: Mapping[int, tuple[str, str | None]], reasons: Mapping[int, str]
+            ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """(the prepared rows of `df` + cache_image, cache_mask columns, rejected [(subject_id, reason)]), from
+    row position -> (image path, mask path or None) and row position -> why it failed."""
+    ok = sorted(paths)
+    out = df.iloc[ok].copy().reset_index(drop=True)
+    out["cache_image"] = [paths[i][0] for i in ok]
+    out["cache_mask"] = [paths[i][1] for i in ok]
+    subjects = df["subject_id"].astype(str).tolist()
+    return out, [(subjects[i], reasons[i]) for i in sorted(reasons)]
+
+
+def entry_paths(entry: cache.CacheEntry) -> tuple[str, str | None]:
+    return str(entry.image_path), str(entry.mask_path) if entry.mask_path else None
 
 
 def prepare_table(df: pd.DataFrame, cfg: PrepConfig, cache_dir, *, require_lesion: bool = True,
@@ -386,88 +453,26 @@ def prepare_table(df: pd.DataFrame, cfg: PrepConfig, cache_dir, *, require_lesio
     """
     if on_error not in ("raise", "collect"):
         raise ConfigError(f"on_error: expected 'raise' or 'collect', got {on_error!r}")
-    cache_dir = Path(cache_dir)
-    rows = [dict(r) for r in df.to_dict(orient="records")]
-    entries: dict[int, cache.CacheEntry] = {}
-    errors: dict[int, InputError] = {}
-    todo = _hash_rows(rows, cfg, cache_dir, on_error, progress, entries, errors)
-
-    jobs = [(rows[idx[0]], cfg, cache_dir, key, require_lesion) for key, idx in todo.items()]
-    for (key, idx), (entry, err) in zip(todo.items(), _build_jobs(jobs, on_error, workers, progress)):
-        for i in idx:
-            if err is None:
-                entries[i] = entry
-            else:
-                errors[i] = err
-
-    for i, entry in list(entries.items()):
-        try:
-            _check_lesion(entry, str(rows[i]["subject_id"]), require_lesion)
-        except InputError as e:
-            errors[i] = e
-            del entries[i]
-    if errors and on_error == "raise":
-        raise errors[min(errors)]
-
-    ok = sorted(entries)
-    out = df.iloc[ok].copy().reset_index(drop=True)
-    out["cache_image"] = [str(entries[i].image_path) for i in ok]
-    out["cache_mask"] = [str(entries[i].mask_path) if entries[i].mask_path else None for i in ok]
-    rejected = [(str(rows[i]["subject_id"]), str(errors[i])) for i in sorted(errors)]
-    return out, rejected
+    done = prepare_rows(df, cfg, cache_dir, require_lesion=require_lesion, stop=on_error == "raise",
+                        workers=workers, progress=progress)
+    if done.errors and on_error == "raise":
+        raise done.errors[min(done.errors)]
+    return indexed(df, {i: entry_paths(e) for i, e in done.entries.items()},
+                   {i: str(e) for i, e in done.errors.items()})
 
 
 # ---- CLI ---------------------------------------------------------------------------------------
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--manifest", help="manifest CSV (subject_id, image, optional mask, ...)")
-    src.add_argument("--folder", help="folder of NIfTI volumes (no masks), e.g. unlabeled pretraining data")
-    src.add_argument("--datalist", help="MSD/MONAI JSON datalist")
-    p.add_argument("--datalist-key", default="training", help="section of the datalist to read")
-    p.add_argument("--cache", required=True, help="cache folder (entries plus index-<name>.csv)")
-    p.add_argument("--name", help="index name; default: the manifest/folder/datalist name")
-    p.add_argument("--workers", type=int, default=0, help="worker processes (0: in this process)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip subjects that fail a check and list them in rejected-<name>.csv, instead of stopping")
-    p.add_argument("--allow-empty-mask", action="store_true", help="accept masks without a lesion")
-    return p
-
-
-def _read_source(ns, cfg: PrepConfig) -> tuple[pd.DataFrame, str]:
-    if ns.manifest:
-        return read_manifest(ns.manifest, columns=("image",), purpose="preparing", prep=cfg), Path(ns.manifest).stem
-    if ns.folder:
-        return scan_folder(ns.folder), Path(ns.folder).absolute().name
-    return read_datalist(ns.datalist, key=ns.datalist_key), Path(ns.datalist).stem
-
-
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    cfg, ns = parse_config(PrepConfig, argv, parser=_parser())
+    from data.shard import Shard, command_parser, parse_shard, prepare_command, read_source  # they import this module
+    cfg, ns = parse_config(PrepConfig, argv, parser=command_parser(__doc__.split("\n\n")[0]))
     if ns.workers < 0:
         raise ConfigError(f"--workers: expected >= 0, got {ns.workers}")
-    df, default_name = _read_source(ns, cfg)
-    name = ns.name or default_name
-    cache_dir = Path(ns.cache)
-    try:
-        out, rejected = prepare_table(df, cfg, cache_dir, require_lesion=not ns.allow_empty_mask,
-                                      on_error="collect" if ns.skip_bad else "raise", workers=ns.workers)
-    except InputError as e:
-        # The first bad subject stops the run; say how to get past it (and to see every bad one at once).
-        raise type(e)(f"{e} (to skip bad subjects and list each in {cache_dir / f'rejected-{name}.csv'}, "
-                      "rerun with --skip-bad)") from None
-    index = cache_dir / f"index-{name}.csv"
-    write_text(index, out.to_csv(index=False))
-    msg = f"prepared {len(out)} of {len(df)} subjects ({cfg.modality}, {list(cfg.spacing)} mm, prep {cfg.key()}) -> {index}"
-    if rejected:
-        bad = cache_dir / f"rejected-{name}.csv"
-        write_text(bad, pd.DataFrame(rejected, columns=["subject_id", "reason"]).to_csv(index=False))
-        for subject, reason in rejected:  # the bars are closed by now: one clean line per subject
-            print(f"skipped {subject}: {reason}", file=sys.stderr)
-        msg += f"; {len(rejected)} rejected, see {bad}"
-    print(msg)
+    shard = parse_shard(ns.shard) if ns.shard else Shard()
+    df, default_name = read_source(ns, cfg)
+    print(prepare_command(df, cfg, Path(ns.cache), ns.name or default_name, shard=shard, workers=ns.workers,
+                          skip_bad=ns.skip_bad, require_lesion=not ns.allow_empty_mask))
     return 0
 
 

@@ -89,3 +89,48 @@ def test_hash_memos_of_two_shards_are_both_kept(tmp_path):
     finally:
         cache_mod.file_digest = later_hash
     assert calls == []
+
+
+# ---- python -m data.prepare --shard I/N ----------------------------------------------------------
+
+def _prepare(capsys, *args) -> str:
+    import data.prepare as prep
+    assert prep.main([str(a) for a in args]) == 0
+    return capsys.readouterr().out
+
+
+def test_two_shards_fill_exactly_the_cache_one_prepare_fills(tmp_path, capsys):
+    """--shard 0/2 then --shard 1/2 (each spelling of --skip_bad once) fill the entries a single
+    data.prepare fills; the index appears only when the last shard is done, equal to the single run's,
+    with the bad volume rejected in both; a rerun over the complete cache prepares nothing."""
+    df = _cohort(tmp_path / "cohort")
+    save_volume(tmp_path / "cohort" / "flat.nii.gz", np.full((14, 12, 10), 5.0, np.float32), np.diag([2.0] * 3 + [1]))
+    df = pd.concat([df, pd.DataFrame([{"subject_id": "flat", "image": str(tmp_path / "cohort" / "flat.nii.gz")}])])
+    df.to_csv(tmp_path / "cohort" / "manifest.csv", index=False)
+    manifest = tmp_path / "cohort" / "manifest.csv"
+    one, two = tmp_path / "one", tmp_path / "two"
+    out = _prepare(capsys, "--manifest", manifest, "--cache", one, "--skip_bad")
+    assert f"data: {N_VOLUMES + 1} volumes: {N_VOLUMES} prepared, 0 from cache, 1 failed" in out
+
+    out = _prepare(capsys, "--manifest", manifest, "--cache", two, "--shard", "0/2", "--skip_bad")
+    assert "data: 5 volumes: 4 prepared, 0 from cache, 1 failed" in out  # rows 0, 2, 4, 6 and 8 (flat)
+    assert not (two / "index-manifest.csv").exists()  # shard 1 is not done yet
+    assert 0 < len(_entries(two)) < N_VOLUMES
+    out = _prepare(capsys, "--manifest", manifest, "--cache", two, "--shard", "1/2", "--skip-bad")
+    assert "data: 4 volumes: 4 prepared, 0 from cache, 0 failed" in out  # rows 1, 3, 5, 7
+    assert _entries(two) == _entries(one) and len(_entries(one)) == N_VOLUMES
+    a, b = (pd.read_csv(c / "index-manifest.csv") for c in (one, two))
+    for col in ("cache_image", "cache_mask"):
+        a[col], b[col] = (t[col].astype(str).str.replace(str(c), "", regex=False) for t, c in ((a, one), (b, two)))
+    pd.testing.assert_frame_equal(a, b)
+    assert list(pd.read_csv(two / "rejected-manifest.csv")["subject_id"]) == ["flat"]
+
+    out = _prepare(capsys, "--manifest", manifest, "--cache", two, "--skip_bad")
+    assert f"0 prepared, {N_VOLUMES} from cache, 1 failed" in out
+
+
+@pytest.mark.parametrize("text", ["2/2", "1", "a/2", "-1/2", "0/0"])
+def test_a_bad_shard_names_the_flag(text):
+    from data.shard import parse_shard
+    with pytest.raises(ConfigError, match="--shard"):
+        parse_shard(text)
