@@ -76,3 +76,21 @@ def test_a_run_that_starts_at_step_zero_starts_a_new_log(synth_cohort, tmp_path)
     train(tiny_cfg(synth_cohort, out, max_steps=2, resume="auto"))
     rows = _rows(out)
     assert [r["step"] for r in rows] == [1, 2] and all(r["train/loss"] < 90 for r in rows)
+
+
+def test_fine_tuning_refuses_another_runs_folds_unless_told_to_retrain(tmp_path):
+    """finetune.train.refuse_other_runs_folds: saved folds of another fingerprint (or unreadable) are another
+    run's; this run's own folds (a crashed or extended run) continue; --reuse_folds false retrains over them."""
+    from finetune.config import FinetuneConfig
+    from finetune.train import refuse_other_runs_folds
+    folds = tmp_path / "folds"
+    folds.mkdir()
+    (folds / "fold0.json").write_text(json.dumps({"fold": 0, "fingerprint": "mine"}))
+    cfg = FinetuneConfig(output_dir=str(tmp_path))
+    refuse_other_runs_folds(cfg, "mine")  # this run's own folds: reused, not refused
+    (folds / "fold1.json").write_text(json.dumps({"fold": 1, "fingerprint": "theirs"}))
+    (folds / "fold2.json").write_text("{torn")
+    with pytest.raises(InputError, match=r"fold1, fold2 are another run's.*--reuse_folds false"):
+        refuse_other_runs_folds(cfg, "mine")
+    cfg.reuse_folds = False
+    refuse_other_runs_folds(cfg, "mine")  # told: every fold is trained again
