@@ -11,7 +11,7 @@ from typing import Any, Callable
 from accelerate import Accelerator
 
 from core.atomic import write_text
-from core.errors import ConfigError
+from core.errors import ConfigError, RunStopped
 
 # --report_to names -> the package each tracker needs (accelerate silently drops a tracker whose
 # package is missing; we refuse instead, naming the package).
@@ -50,8 +50,12 @@ class RunLogger:
         scalars = {k: float(v) for k, v in scalars.items()}
         if self.enabled:
             row = {"step": step, "time": round(time.time(), 3), **scalars, **extra}
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as e:  # a full disk: one line, not a traceback; a torn row is dropped on resume
+                raise RunStopped(f"{self.path}: could not append step {step}'s row ({e.strerror or e}); free "
+                                 "some space, then continue with --resume auto") from None
         self.accelerator.log(scalars, step=step)
 
     def truncate_after(self, step: int) -> None:

@@ -77,3 +77,24 @@ def test_a_half_written_checkpoint_is_never_taken_as_complete(tmp_path):
     (root / "ckpt-0000006").mkdir()  # renamed is impossible without trainer_state.json; still refused
     ckpt = Checkpointer(tmp_path, keep=2)
     assert ckpt.complete() == [root / "ckpt-0000002"] and ckpt.resolve("auto") == root / "ckpt-0000002"
+
+
+def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch):
+    """metrics.jsonl cannot take another row: RunStopped naming the file (the CLI prints it as one line)."""
+    import builtins
+
+    from accelerate import Accelerator
+
+    from core.errors import RunStopped
+    from engine.logs import RunLogger
+    logger = RunLogger(Accelerator(cpu=True), tmp_path)
+    logger.log(1, {"loss": 1.0})
+    real_open = builtins.open
+
+    def full(path, mode="r", *a, **k):
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *a, **k)
+    monkeypatch.setattr(builtins, "open", full)
+    with pytest.raises(RunStopped, match=r"metrics.jsonl: could not append step 2's row \(No space left"):
+        logger.log(2, {"loss": 0.5})
