@@ -134,3 +134,103 @@ def test_a_bad_shard_names_the_flag(text):
     from data.shard import parse_shard
     with pytest.raises(ConfigError, match="--shard"):
         parse_shard(text)
+
+
+# ---- processes at once, and a process killed mid-entry -------------------------------------------
+
+def _prepare_in_child(df, cache, start=None, slow_meta_s=0.0):
+    """prepare_table in a forked process (the modules are already imported), after `start` (a barrier);
+    with slow_meta_s, each entry waits that long between its arrays and its meta.json."""
+    import time
+
+    from data.prep_config import PrepConfig
+    from data.prepare import prepare_table
+    if slow_meta_s:
+        real = cache_mod.write_json
+
+        def slow(path, obj):
+            if path.name == "meta.json":
+                time.sleep(slow_meta_s)
+            real(path, obj)
+        cache_mod.write_json = slow
+    if start is not None:
+        start.wait()
+    prepare_table(df, PrepConfig(), cache, require_lesion=False, progress=False)
+
+
+def _half_entries(cache) -> list:
+    """Folders that a reader would take for an entry (not a writer's hidden temporary) but lack meta.json."""
+    return [d for d in cache.glob("??/*") if d.is_dir() and not d.name.startswith(".") and not (d / "meta.json").is_file()]
+
+
+def test_two_processes_preparing_the_same_rows_at_once_leave_one_whole_entry_each(tmp_path):
+    import multiprocessing as mp
+    df = _cohort(tmp_path / "cohort")
+    ctx = mp.get_context("fork")
+    start = ctx.Barrier(2)
+    procs = [ctx.Process(target=_prepare_in_child, args=(df, tmp_path / "cache", start)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len(_entries(tmp_path / "cache")) == N_VOLUMES and not _half_entries(tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("??/*"))) == N_VOLUMES  # nothing else is left beside them
+
+
+def test_a_kill_9_mid_entry_leaves_no_half_entry_and_the_next_run_completes_the_cache(tmp_path):
+    import multiprocessing as mp
+    import signal
+    import time
+
+    from data.prep_config import PrepConfig
+    from data.prepare import prepare_rows
+    df = _cohort(tmp_path / "cohort")
+    cache = tmp_path / "cache"
+    child = mp.get_context("fork").Process(target=_prepare_in_child, args=(df, cache, None, 0.5))
+    child.start()
+    deadline = time.time() + 120
+    # killed once two entries are whole and a third has its arrays written but not its meta.json
+    while time.time() < deadline and not (len(_entries(cache)) >= 2 and list(cache.glob("??/.*.tmp/image.npy"))):
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    assert child.exitcode == -signal.SIGKILL
+    whole = _entries(cache)
+    assert 2 <= len(whole) < N_VOLUMES and not _half_entries(cache)
+    done = prepare_rows(df, PrepConfig(), cache, require_lesion=False, progress=False)
+    assert not done.errors and len(done.built) == N_VOLUMES - len(whole)  # only the missing ones are built
+    assert len(_entries(cache)) == N_VOLUMES and not _half_entries(cache)
+
+
+# ---- launch/slurm_prepare_array.sh ---------------------------------------------------------------
+
+def test_slurm_array_submits_one_shard_per_task_then_training_after_all(tmp_path):
+    """From the login node: one array of SHARDS tasks, then the training job with afterok on the array;
+    as an array task: data.prepare --shard I/COUNT with the task's CPUs as workers (fake sbatch/python)."""
+    import stat
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    script = root / "launch" / "slurm_prepare_array.sh"
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, body in {"sbatch": 'echo "sbatch $*" >> "$LOG"; echo "4242;cluster"',
+                       "python": 'echo "python $*" >> "$LOG"'}.items():
+        (bin_ / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_ / name).chmod(stat.S_IRWXU)
+    log = tmp_path / "log"
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "LOG": str(log), "SHARDS": "4",
+           "TRAIN": "launch/slurm_pretrain.sh --data /d.json --cache_dir /c"}
+    env.pop("SLURM_ARRAY_TASK_ID", None)
+    prep_args = ["--config", "launch/pretrain_base_gpu.yaml", "--datalist", "/d.json", "--cache", "/c"]
+    res = subprocess.run(["bash", str(script), *prep_args], cwd=root, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert log.read_text().splitlines() == [
+        f"sbatch --parsable --array=0-3 {script} {' '.join(prep_args)}",
+        "sbatch --dependency=afterok:4242 launch/slurm_pretrain.sh --data /d.json --cache_dir /c"]
+    log.unlink()
+    task = {**env, "SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_CPUS_PER_TASK": "16"}
+    res = subprocess.run(["bash", str(script), *prep_args], cwd=root, env=task, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert log.read_text().split() == ["python", "-m", "data.prepare", "--shard", "2/4", "--workers", "16", *prep_args]
