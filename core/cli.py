@@ -290,16 +290,27 @@ def _build(cls: type[T], file_dict: dict, over: dict, source: str | None) -> T:
     return from_dict(cls, _merge(file_dict, over), where="flags")  # raises: the flags broke it
 
 
+def _section(file_dict: dict, section: str | None, source: str) -> tuple[dict, str]:
+    """(the `section:` mapping of a stage's file, where it came from): data.prepare reads a stage YAML's
+    prep:. A file without that key is the config's own file, whole."""
+    if section is None or section not in file_dict:
+        return file_dict, source
+    if not isinstance(file_dict[section], dict):
+        raise ConfigError(f"{source}: {section}: expected a mapping, got {type(file_dict[section]).__name__}")
+    return file_dict[section], f"{source}: {section}"
+
+
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str = "",
-                 parser: argparse.ArgumentParser | None = None,
-                 prog: str | None = None) -> tuple[T, argparse.Namespace]:
+                 parser: argparse.ArgumentParser | None = None, prog: str | None = None,
+                 section: str | None = None) -> tuple[T, argparse.Namespace]:
     """Parse `--config FILE` plus one flag per (dotted) field of `cls`.
 
     Multi-value fields take several words (`--spacing 1 1 1`) or a comma list. `--help` lists every
     flag with its description (field metadata "help", else the field's comment), default and choices.
     `prog` names the command in --help (default: `python -m <module>` of the running module); the
     config class's `HELP` text, if any, is shown beneath the flags. Flags of `parser` spelt with hyphens
-    are accepted with underscores too.
+    are accepted with underscores too. With `section`, a `--config` file that has that top-level key gives
+    only that mapping (e.g. the `prep:` of a stage's YAML).
     Returns the config and the namespace of any extra arguments `parser` defines.
     """
     parser = _prepare_parser(parser, description, prog, getattr(cls, "HELP", None))
@@ -311,5 +322,5 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
     _add_flags(parser, cls, flags)
     ns = parser.parse_args(argv)
     over = _flag_overrides(ns, flags)
-    file_dict = load_file(ns.config) if ns.config else {}
-    return _build(cls, file_dict, over, str(ns.config) if ns.config else None), ns
+    file_dict, source = _section(load_file(ns.config), section, str(ns.config)) if ns.config else ({}, None)
+    return _build(cls, file_dict, over, source), ns

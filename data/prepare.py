@@ -1,7 +1,7 @@
 """Preprocess subjects into the cache: load and check, resample, normalise intensity, crop foreground.
 
     python -m data.prepare --manifest cohort/manifest.csv --cache cache/ [--spacing 2 2 2] [--modality mri] [--workers 4]
-        [--shard I/N] [--skip_bad]
+        [--config launch/finetune_tiny_cpu.yaml] [--shard I/N] [--skip_bad]
 
 writes one cache entry per subject (see data/cache.py) and cache/index-<name>.csv: the input
 table plus `cache_image` and `cache_mask` columns, which the datasets read. With --shard I/N it prepares
@@ -466,7 +466,8 @@ def prepare_table(df: pd.DataFrame, cfg: PrepConfig, cache_dir, *, require_lesio
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     from data.shard import Shard, command_parser, parse_shard, prepare_command, read_source  # they import this module
-    cfg, ns = parse_config(PrepConfig, argv, parser=command_parser(__doc__.split("\n\n")[0]))
+    # --config: a stage's YAML gives its prep: section, so every stage finds the entries made here
+    cfg, ns = parse_config(PrepConfig, argv, parser=command_parser(__doc__.split("\n\n")[0]), section="prep")
     if ns.workers < 0:
         raise ConfigError(f"--workers: expected >= 0, got {ns.workers}")
     shard = parse_shard(ns.shard) if ns.shard else Shard()

@@ -2,6 +2,7 @@
 meeting on one entry leave one whole entry, a killed preparation leaves no half entry, and a stage's YAML
 prepares the cache its run then finds (issue 34)."""
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -210,7 +211,6 @@ def test_slurm_array_submits_one_shard_per_task_then_training_after_all(tmp_path
     as an array task: data.prepare --shard I/COUNT with the task's CPUs as workers (fake sbatch/python)."""
     import stat
     import subprocess
-    from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     script = root / "launch" / "slurm_prepare_array.sh"
     bin_ = tmp_path / "bin"
@@ -234,3 +234,47 @@ def test_slurm_array_submits_one_shard_per_task_then_training_after_all(tmp_path
     res = subprocess.run(["bash", str(script), *prep_args], cwd=root, env=task, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert log.read_text().split() == ["python", "-m", "data.prepare", "--shard", "2/4", "--workers", "16", *prep_args]
+
+
+# ---- data.prepare --config <a stage's YAML> (issue 34) -------------------------------------------
+
+def _labelled_cohort(folder, n=4) -> Path:
+    """n tiny volumes, each with a lesion mask and a label: a fine-tuning manifest."""
+    df = _cohort(folder, n)
+    for i, row in df.iterrows():
+        mask = np.zeros((14, 12, 10), np.float32)
+        mask[5:8, 5:8, 4:6] = 1
+        save_volume(folder / f"v{i:02d}_mask.nii.gz", mask, np.diag([2.0, 2.0, 2.0, 1.0]))
+        df.loc[i, "mask"] = str(folder / f"v{i:02d}_mask.nii.gz")
+    df["label"] = [i % 2 for i in range(n)]
+    df["age"] = [50.0 + i for i in range(n)]  # a clinical column, which the YAML's fusion reads
+    df.to_csv(folder / "manifest.csv", index=False)
+    return Path(folder) / "manifest.csv"
+
+
+def test_prepare_with_a_stage_yaml_writes_the_entries_its_fine_tuning_finds(tmp_path, capsys, monkeypatch):
+    """data.prepare --config launch/finetune_tiny_cpu.yaml reads the YAML's prep: section and prints the key;
+    fine-tuning with that YAML then finds every entry (building one would fail here). Flags still win."""
+    import data.prepare as prep
+    from core.config import load_config
+    from data.prep_config import PrepConfig
+    from finetune.config import FinetuneConfig
+    from finetune.train import resolve_inputs
+    yaml = Path(__file__).resolve().parents[1] / "launch" / "finetune_tiny_cpu.yaml"
+    manifest, cache = _labelled_cohort(tmp_path / "cohort"), tmp_path / "cache"
+    cfg = load_config(FinetuneConfig, yaml)
+    cfg.manifest, cfg.cache_dir, cfg.output_dir = str(manifest), str(cache), str(tmp_path / "run")
+    _, spec = resolve_inputs(cfg)
+    out = _prepare(capsys, "--config", yaml, "--manifest", manifest, "--cache", cache)
+    assert f"preprocessing key {spec.prep.key()}" in out and "4 prepared" in out
+
+    def no_second_preparation(*a, **k):
+        raise AssertionError("fine-tuning prepared a volume that data.prepare had prepared")
+    monkeypatch.setattr(prep, "build_entry", no_second_preparation)
+    from finetune.train import load_cohort
+    df, _, _ = load_cohort(cfg, spec.prep, show_progress=False)
+    assert len(df) == 4 and all(Path(p).is_file() for p in df["cache_image"])
+
+    monkeypatch.undo()
+    out = _prepare(capsys, "--config", yaml, "--manifest", manifest, "--cache", cache, "--spacing", "3", "3", "3")
+    assert f"preprocessing key {PrepConfig(spacing=(3.0, 3.0, 3.0)).key()}" in out
