@@ -82,6 +82,14 @@ def _alone(payload: list) -> list:
     return payload
 
 
+def of_run(accelerator) -> tuple[Shard, Callable[[list], list]]:
+    """This rank's Shard of a run and the gather its ranks meet in (accelerate's gather_object: every
+    rank's list joined, over the run's process group and under its timeout)."""
+    from accelerate.utils import gather_object
+    shard = Shard(accelerator.process_index, accelerator.num_processes, accelerator.is_local_main_process)
+    return shard, gather_object if accelerator.num_processes > 1 else _alone
+
+
 def timeout_warning(shard: Shard, timeout_s: float | None, workers: int) -> Callable[[float, int], None]:
     """on_first for prepare_rows: once one volume is timed, say up front when this rank's share is expected
     to outlast the process group's timeout, which the other ranks wait under."""

@@ -278,3 +278,55 @@ def test_prepare_with_a_stage_yaml_writes_the_entries_its_fine_tuning_finds(tmp_
     monkeypatch.undo()
     out = _prepare(capsys, "--config", yaml, "--manifest", manifest, "--cache", cache, "--spacing", "3", "3", "3")
     assert f"preprocessing key {PrepConfig(spacing=(3.0, 3.0, 3.0)).key()}" in out
+
+
+# ---- ranks of a run ------------------------------------------------------------------------------
+
+def _as_two_ranks(fn):
+    """fn(shard, gather) on two threads standing for two ranks, meeting in a gather; their results."""
+    import threading
+
+    from data.shard import Shard
+    shares, results, meet = [None, None], [None, None], threading.Barrier(2)
+
+    def gather(payload, rank):
+        shares[rank] = payload
+        meet.wait()
+        return shares[0] + shares[1]
+
+    def rank(r):
+        try:
+            results[r] = fn(Shard(r, 2, show=False), lambda payload: gather(payload, r))
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            results[r] = e
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def test_each_rank_prepares_its_share_and_every_rank_gets_the_whole_table(tmp_path, capsys):
+    from data.prep_config import PrepConfig
+    from data.shard import prepare_shared
+    df = _cohort(tmp_path / "cohort")
+    a, b = _as_two_ranks(lambda shard, gather: prepare_shared(df, PrepConfig(), tmp_path / "cache", shard=shard,
+                                                                gather=gather, workers=1)[0])
+    pd.testing.assert_frame_equal(a, b)
+    assert list(a["subject_id"]) == list(df["subject_id"]) and len(_entries(tmp_path / "cache")) == N_VOLUMES
+    assert f"data: {N_VOLUMES} volumes: {N_VOLUMES} prepared (4 + 4 on 2 ranks), 0 from cache, 0 failed" in \
+        capsys.readouterr().out
+
+
+def test_a_bad_volume_in_one_ranks_share_stops_every_rank_after_the_gather(tmp_path):
+    """No rank is left waiting for one that raised: both raise the table's first bad row, naming its file."""
+    from core.errors import NiftiError
+    from data.prep_config import PrepConfig
+    from data.shard import prepare_shared
+    df = _cohort(tmp_path / "cohort", 4)
+    save_volume(tmp_path / "flat.nii.gz", np.full((14, 12, 10), 5.0, np.float32), np.diag([2.0] * 3 + [1]))
+    df.loc[1, "image"] = str(tmp_path / "flat.nii.gz")  # rank 1's share
+    results = _as_two_ranks(lambda shard, gather: prepare_shared(df, PrepConfig(), tmp_path / "cache", shard=shard,
+                                                                   gather=gather, workers=1))
+    assert all(isinstance(r, NiftiError) and "flat.nii.gz" in str(r) for r in results), results
