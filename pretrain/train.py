@@ -7,7 +7,8 @@ from masks or from candidates found without labels, the rest uniform) -> hierarc
 (models.mim_masks; a lesion view's first child holds the lesion), built with their loss targets in the
 DataLoader workers (pretrain.batches) so they overlap the step -> MiMModel (its forward returns a
 MiMOutput: per-level reconstructions and alignment pairs, and the losses). Checkpoints are atomic and
-rotated; `--resume auto` continues exactly; at the end the encoder is exported, with its input contract,
+rotated; `--resume auto` continues exactly; a fresh run refuses an output folder that holds another run's
+checkpoints or log; at the end the checkpoint of this run's last step is exported, with its input contract,
 as a Hugging Face-format folder in `output_dir/encoder`. The configuration is pretrain/config.py.
 """
 from __future__ import annotations
