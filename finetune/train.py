@@ -6,8 +6,9 @@
 Patient-level splits: a held-out test set plus K folds on the rest. Each fold (finetune.fold) trains
 with early stopping on its validation metric; test and external sets are predicted by the fold
 ensemble; a held-out patient (by patient_id) that is also a training patient is refused, and so is an
-output folder whose folds are another run's (unless --reuse_folds false). Writes predictions.csv, metrics.json, figures, metrics.jsonl/trackers and one HF-format
-folder per fold model (clinical schema and input contract inside) under model/.
+output folder whose folds are another run's (unless --reuse_folds false). Writes predictions.csv,
+metrics.json, figures, metrics.jsonl/trackers and one HF-format folder per fold model (clinical schema and
+input contract inside) under model/.
 """
 from __future__ import annotations
 
