@@ -114,10 +114,10 @@ def summary_line(n: int, prepared: list[int], cached: int, failed: int, seconds:
 
 
 def prepare_shared(df: pd.DataFrame, cfg: PrepConfig, cache_dir, *, shard: Shard = Shard(),
-                   gather: Callable[[list], list] = _alone, workers: int = 0, require_lesion: bool = True,
+                   gather: Callable[[list], list] | None = None, workers: int = 0, require_lesion: bool = True,
                    on_error: str = "raise", timeout_s: float | None = None) -> tuple[pd.DataFrame, list]:
     """prepare_table for one rank of a run: this rank prepares its share, `gather` (every rank calls it:
-    list in, the ranks' lists joined out) brings every share's cache paths to every rank.
+    list in, the ranks' lists joined out; None: one process) brings every share's cache paths to every rank.
 
     Returns what prepare_table does, on every rank. on_error="raise" raises the first bad row of the whole
     table on every rank, after the gather, so no rank is left waiting; "collect" drops bad rows and lists
@@ -133,7 +133,7 @@ def prepare_shared(df: pd.DataFrame, cfg: PrepConfig, cache_dir, *, shard: Shard
                         hash_part=shard.part, on_first=timeout_warning(shard, timeout_s, pool))
     mine = {"paths": {rows[i]: entry_paths(e) for i, e in done.entries.items()},
             "errors": {rows[i]: e for i, e in done.errors.items()}, "built": len(done.built)}
-    shares = gather([mine])  # the one wait: every rank has prepared its share
+    shares = (gather or _alone)([mine])  # the one wait: every rank has prepared its share
     paths = {i: p for s in shares for i, p in s["paths"].items()}
     errors = {i: e for s in shares for i, e in s["errors"].items()}
     if shard.index == 0:

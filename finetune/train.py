@@ -63,9 +63,11 @@ def resolve_inputs(cfg: FinetuneConfig) -> tuple[MultimodalConfig, InputSpec]:
     return replace(model_cfg, scales=spec.scales), spec
 
 
-def load_cohort(cfg: FinetuneConfig, prep: PrepConfig, show_progress: bool):
+def load_cohort(cfg: FinetuneConfig, prep: PrepConfig, show_progress: bool, accelerator=None):
+    """(training table, held-out tables by split name, clinical columns), prepared into the cache; under an
+    `accelerator`, each rank prepares its share of each table and then reads the whole cache (data/shard.py)."""
     from data.manifest import clinical_columns
-    from data.prepare import prepare_table
+    from data.shard import Shard, of_run, prepare_shared
     if not cfg.manifest:
         raise InputError("--manifest is required")
     cache = cfg.cache_dir or str(Path(cfg.output_dir).parent / "cache")
@@ -90,9 +92,10 @@ def load_cohort(cfg: FinetuneConfig, prep: PrepConfig, show_progress: bool):
         absent = [c for c in cols if c not in other.columns]
         if absent and cfg.model.uses_clinical:
             raise InputError(f"{paths[name]}: clinical column(s) {absent} not found")
-    df, _ = prepare_table(table, prep, cache, progress=show_progress)
-    held = {name: prepare_table(t, prep, cache, progress=show_progress)[0].reset_index(drop=True)
-            for name, t in held_tables.items()}
+    shard, gather = of_run(accelerator) if accelerator is not None else (Shard(show=show_progress), None)
+    share = {"shard": shard, "gather": gather, "workers": cfg.prep_workers, "timeout_s": cfg.dist_timeout_min * 60}
+    df, _ = prepare_shared(table, prep, cache, **share)
+    held = {name: prepare_shared(t, prep, cache, **share)[0].reset_index(drop=True) for name, t in held_tables.items()}
     return df.reset_index(drop=True), held, cols
 
 
@@ -147,7 +150,7 @@ def fold_fingerprint(cfg: FinetuneConfig, splits: dict) -> str:
     """What a finished fold depends on; a fold saved under another fingerprint is retrained, not reused."""
     d = to_dict(cfg)
     for k in ("output_dir", "cache_dir", "n_boot", "explain", "num_workers", "reuse_folds", "external", "eval_sets",
-              "splits"):
+              "splits", "prep_workers", "dist_timeout_min"):
         d.pop(k, None)
     d["folds_content"] = splits["folds"]
     d["pretrained_weights"] = _folder_stamp(cfg.pretrained)
@@ -252,8 +255,8 @@ def run(cfg: FinetuneConfig) -> dict:
     refuse_zero3(accelerator)
     main = accelerator.is_main_process
     model_cfg, spec = resolve_inputs(cfg)
-    with accelerator.main_process_first():  # one rank fills the cache; the others then hit it
-        df, held_out, columns = load_cohort(cfg, spec.prep, show_progress=main)
+    # every rank prepares its share of the cohorts, then reads the whole cache
+    df, held_out, columns = load_cohort(cfg, spec.prep, show_progress=main, accelerator=accelerator)
     with accelerator.main_process_first():  # one rank writes a new splits file; the others then read it
         splits = load_splits(cfg, df)
     refuse_other_runs_folds(cfg, fold_fingerprint(cfg, splits))

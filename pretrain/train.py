@@ -32,13 +32,14 @@ from pretrain.batches import HierarchyCollate
 from pretrain.config import PATH_FIELDS, PretrainConfig
 
 
-def load_training_volumes(cfg: PretrainConfig, show_progress: bool, max_volumes: int = 0):
+def load_training_volumes(cfg: PretrainConfig, show_progress: bool, max_volumes: int = 0, accelerator=None):
     """(views dataset, subject names) from the --data folder / manifest / datalist, prepared into the cache;
-    with max_volumes, only its first max_volumes volumes (nothing is prepared for the rest)."""
+    with max_volumes, only its first max_volumes volumes (nothing is prepared for the rest). Under an
+    `accelerator`, each rank prepares its share of the volumes and then reads the whole cache (data/shard.py)."""
     import pandas as pd
 
     from data.manifest import one_sample_per_image, read_any
-    from data.prepare import prepare_table
+    from data.shard import Shard, of_run, prepare_shared
     from data.views import PretrainCrops, anchor_fractions
 
     if not cfg.data:
@@ -57,8 +58,10 @@ def load_training_volumes(cfg: PretrainConfig, show_progress: bool, max_volumes:
     if len(parts) > 1 and show_progress:
         print("pretraining samples per sequence: "
               + ", ".join(f"{column} {len(t)}" for (column, _), (t, _) in zip(cfg.prep.channels(), parts)))
-    prepared = pd.concat([prepare_table(t, prep, cache, require_lesion=False, on_error="raise",
-                                        progress=show_progress)[0] for t, prep in parts], ignore_index=True)
+    shard, gather = of_run(accelerator) if accelerator is not None else (Shard(show=show_progress), None)
+    prepared = pd.concat([prepare_shared(t, prep, cache, shard=shard, gather=gather, workers=cfg.prep_workers,
+                                         require_lesion=False, timeout_s=cfg.dist_timeout_min * 60)[0]
+                          for t, prep in parts], ignore_index=True)
     centres = lesion_centres(prepared, cfg, use_masks, show_progress) if cfg.lesion_view_fraction else None
     fractions, jitter = anchor_fractions(cfg.model.encoder.grid, cfg.model.masks.child_patches, cfg.model.masks.levels)
     dataset = PretrainCrops(list(prepared["cache_image"]), crop_size=cfg.crop_size,
@@ -138,8 +141,9 @@ def checkpoint_files(cfg: PretrainConfig, summary: dict) -> dict:
 
 def build(cfg: PretrainConfig, accelerator):
     """Model, optimizer (prepared), schedule and the resumable batch stream's source."""
-    with accelerator.main_process_first():  # one rank fills the cache; the others then hit it
-        dataset, subjects = load_training_volumes(cfg, show_progress=accelerator.is_main_process)
+    # Every rank prepares its share of the volumes (rows rank::world), the ranks meet once, and each reads
+    # the whole cache: no rank waits for a whole corpus's preparing.
+    dataset, subjects = load_training_volumes(cfg, accelerator.is_main_process, accelerator=accelerator)
     enc = cfg.model.encoder
     collate = HierarchyCollate(cfg.model, cfg.seed, accelerator.process_index)
     batches = ResumableBatches(dataset, cfg.batch_size, cfg.seed, accelerator.num_processes,

@@ -330,3 +330,89 @@ def test_a_bad_volume_in_one_ranks_share_stops_every_rank_after_the_gather(tmp_p
     results = _as_two_ranks(lambda shard, gather: prepare_shared(df, PrepConfig(), tmp_path / "cache", shard=shard,
                                                                    gather=gather, workers=1))
     assert all(isinstance(r, NiftiError) and "flat.nii.gz" in str(r) for r in results), results
+
+
+def test_a_share_measured_to_outlast_the_timeout_is_said_up_front(tmp_path, capsys, monkeypatch):
+    import time
+
+    import data.prepare as prep
+    from data.prep_config import PrepConfig
+    from data.shard import prepare_shared
+    real = prep.build_entry
+    monkeypatch.setattr(prep, "build_entry", lambda *a, **k: time.sleep(0.2) or real(*a, **k))
+    prepare_shared(_cohort(tmp_path / "cohort", 4), PrepConfig(), tmp_path / "cache", workers=1, timeout_s=0.3)
+    err = capsys.readouterr().err
+    assert "3 volumes left to prepare" in err and "past the process group's timeout" in err
+    assert "--dist_timeout_min" in err and "data.prepare --shard" in err
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SLOW_PRETRAIN = """import os, runpy, time
+import data.prepare as prep
+real = prep.build_entry
+def slow(*a, **k):  # a volume that takes SLOW_PREP_S to prepare
+    time.sleep(float(os.environ["SLOW_PREP_S"]))
+    return real(*a, **k)
+prep.build_entry = slow
+runpy.run_module("pretrain", run_name="__main__")
+"""
+
+
+def test_two_ranks_prepare_half_each_within_a_timeout_a_serial_preparation_outlasts_then_resume(tmp_path):
+    """2 CPU ranks, an empty cache, 8 volumes of 3 s each (by a wrapper), a process-group timeout of 12 s:
+    one rank preparing all 8 (24 s) would leave the other waiting past it. Each rank prepares 4, the run
+    trains; its resume finds the cache complete and prepares nothing."""
+    import json
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    _cohort(tmp_path / "volumes")
+    (tmp_path / "volumes" / "manifest.csv").unlink()  # a folder of NIfTIs
+    script = tmp_path / "slow_pretrain.py"
+    script.write_text(SLOW_PRETRAIN)
+    out = tmp_path / "run"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root),
+           "SLOW_PREP_S": "3"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+           str(script), "--config", str(root / "launch" / "pretrain_tiny_cpu.yaml"),
+           "--data", str(tmp_path / "volumes"), "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"),
+           "--max_steps", "2", "--ckpt_every", "2", "--batch_size", "1", "--crops_per_volume", "1",
+           "--crop_size", "48", "--lesion_view_fraction", "0", "--preview_every", "0", "--mixed_precision", "no",
+           "--dist_timeout_min", "0.2", "--prep_workers", "1"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "data: 8 volumes: 8 prepared (4 + 4 on 2 ranks), 0 from cache, 0 failed" in res.stdout
+    assert json.loads((out / "checkpoints" / "ckpt-0000002" / "summary.json").read_text())["world_size"] == 2
+    cmd[cmd.index("--max_steps") + 1] = "3"
+    res = subprocess.run(cmd + ["--resume", "auto"], env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout and "data: 8 volumes: 0 prepared (0 + 0 on 2 ranks), 8 from cache" in res.stdout
+    assert json.loads((out / "checkpoints" / "ckpt-0000003" / "summary.json").read_text())["step"] == 3
+
+
+def test_shards_prepared_with_the_pretraining_yaml_leave_pretraining_nothing_to_prepare(tmp_path, capsys,
+                                                                                      monkeypatch):
+    """data.prepare --config launch/pretrain_tiny_cpu.yaml --shard I/2 over a folder, then pretraining's own
+    loading of that folder with that YAML builds nothing: both use one preprocessing key."""
+    import data.prepare as prep
+    from core.config import load_config
+    from pretrain.config import PretrainConfig
+    from pretrain.train import load_training_volumes
+    yaml = Path(__file__).resolve().parents[1] / "launch" / "pretrain_tiny_cpu.yaml"
+    folder = tmp_path / "volumes"
+    _cohort(folder, 4)
+    (folder / "manifest.csv").unlink()
+    for shard in ("0/2", "1/2"):
+        _prepare(capsys, "--config", yaml, "--folder", folder, "--cache", tmp_path / "cache", "--shard", shard)
+    monkeypatch.setattr(prep, "build_entry", lambda *a, **k: pytest.fail("pretraining prepared a volume again"))
+    cfg = load_config(PretrainConfig, yaml)
+    cfg.data, cfg.cache_dir, cfg.lesion_view_fraction = str(folder), str(tmp_path / "cache"), 0.0
+    dataset, subjects = load_training_volumes(cfg, show_progress=False)
+    assert len(subjects) == 4 and "data: 4 volumes: 0 prepared, 4 from cache" in capsys.readouterr().out
