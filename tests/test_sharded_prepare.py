@@ -416,3 +416,15 @@ def test_shards_prepared_with_the_pretraining_yaml_leave_pretraining_nothing_to_
     cfg.data, cfg.cache_dir, cfg.lesion_view_fraction = str(folder), str(tmp_path / "cache"), 0.0
     dataset, subjects = load_training_volumes(cfg, show_progress=False)
     assert len(subjects) == 4 and "data: 4 volumes: 0 prepared, 4 from cache" in capsys.readouterr().out
+
+
+def test_startup_benchmark_tables_each_phase_per_row(tmp_path):
+    """benchmarks.speed.startup at a toy size: every phase timed for each row count, and the dataset's
+    memory per row, from a warm cache."""
+    from benchmarks.speed import startup
+    text = startup.main(["--rows", "12", "24", "--files", "3", "--size", "16", "--out", str(tmp_path),
+                         "--skip_import"])
+    lines = text.splitlines()
+    assert lines[0].count("rows") == 2 and len(lines) == 2 + 7
+    assert any(line.startswith("| hash + cache lookup |") for line in lines)
+    assert len(list((tmp_path / "rows24").iterdir())) == 24 and len(_entries(tmp_path / "cache")) == 3
