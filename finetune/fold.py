@@ -80,7 +80,7 @@ def build_fold(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec
     bins = None
     if cfg.task.survival and model_cfg.survival_head == "discrete":
         bins = np.asarray(time_bins(train_df["time"].to_numpy(), train_df["event"].to_numpy(), cfg.n_time_bins))
-    mcfg = replace(model_cfg, clinical_dim=schema.n_features if schema else 0,
+    mcfg = replace(model_cfg, clinical_dim=schema.n_features if schema else 0, voxel_mm=spec.spacing_mm,
                    n_time_bins=cfg.n_time_bins if bins is not None else model_cfg.n_time_bins)
     seeds = FoldSeeds.of(cfg.seed, index)
     kw = dict(use_images=mcfg.uses_image, crop_size=spec.input_size, time_bins=bins, **spec.view_voxels())
@@ -93,6 +93,11 @@ def build_fold(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec
 
     reseed_torch(cfg.seed, seeds.init_phase)  # the fold's initial weights
     model = MultimodalModel.from_pretrained_encoder(mcfg, cfg.pretrained or None)
+    if cfg.task.survival and mcfg.linear_clinical_hazard and schema is not None and train_df["event"].any():
+        # the hazard's linear clinical part starts as this fold's clinical Cox fit (its training rows only),
+        # so the untrained model already ranks as the Cox model a user would fit first
+        from finetune.baselines.cox_init import clinical_cox_fit
+        model.set_clinical_hazard(clinical_cox_fit(schema, train_df).coef_)
     if cfg.freeze_encoder and mcfg.uses_image:
         model.freeze_encoder(linear_probe=True)
     batch_size = min(cfg.batch_size, len(train_ds) // accelerator.num_processes)
@@ -129,7 +134,7 @@ def predict(model: MultimodalModel, dataset, batch_size: int, device, time_bins=
     parts: dict[str, list] = {}
     for batch in monai.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
         x = batch["x"].to(device) if "x" in batch else None
-        out = model(x, batch["clinical"].to(device))
+        out = model(x, batch["clinical"].to(device), batch["scale"].to(device) if "scale" in batch else None)
         scores = output_scores(out, time_bins)
         if "seg_logits" in out:
             seg = segmentation_metrics(out["seg_logits"].float().cpu() > 0, seg_target(x).cpu(),
@@ -147,8 +152,8 @@ def _epoch(cfg: FinetuneConfig, fold: Fold, accelerator, guard: NonFiniteGuard, 
         m, batch = micro
         reseed_torch(FoldSeeds.of(cfg.seed, fold.index).steps, m, accelerator.process_index)  # dropout, drop-path
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        terms = cfg.task.loss(fold.model(batch.get("x"), batch["clinical"]), batch, fold.pos_weight,
-                              seg_weight=cfg.model.seg_weight)
+        terms = cfg.task.loss(fold.model(batch.get("x"), batch["clinical"], batch.get("scale")), batch,
+                              fold.pos_weight, seg_weight=cfg.model.seg_weight, hazard_l2=cfg.model.hazard_l2)
         if "seg_x" in batch:
             terms = window_segmentation_loss(cfg, fold, accelerator, batch["seg_x"], terms)
         return terms

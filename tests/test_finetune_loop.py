@@ -392,3 +392,23 @@ def test_a_held_out_patient_who_is_also_a_training_patient_is_refused(synth_coho
     with pytest.raises(InputError, match="patient_id"):
         run(cfg)
     assert not out.exists()
+
+
+def test_a_survival_fold_starts_from_its_own_clinical_cox_fit(synth_cohort, tmp_path):
+    """The linear-clinical hazard's beta is the Cox fit on this fold's training rows, not on all rows."""
+    from accelerate import Accelerator
+
+    from finetune.baselines.cox_init import clinical_cox_fit
+    from finetune.clinical import ClinicalSchema
+    from finetune.fold import build_fold
+    from finetune.train import load_cohort, resolve_inputs
+    cfg = tiny_cfg(synth_cohort, tmp_path / "run", task="survival", fusion="concat")
+    model_cfg, spec = resolve_inputs(cfg)
+    df, _, columns = load_cohort(cfg, spec.prep, show_progress=False)
+    train_df, val_df = df.iloc[: len(df) // 2].reset_index(drop=True), df.iloc[len(df) // 2:].reset_index(drop=True)
+    fold = build_fold(cfg, model_cfg, spec, 0, train_df, val_df, columns, Accelerator(cpu=True))
+    beta = fold.model.surv_head.clinical.weight.detach().numpy()[0]
+    own = clinical_cox_fit(ClinicalSchema.fit(train_df, columns), train_df).coef_
+    np.testing.assert_allclose(beta, own, rtol=1e-5, atol=1e-6)
+    other = clinical_cox_fit(ClinicalSchema.fit(train_df, columns), val_df).coef_  # the same encoding, other rows
+    assert not np.allclose(beta, other, atol=1e-3)  # so the test can tell whose rows shaped beta
