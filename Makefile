@@ -56,8 +56,10 @@ test: $(STAMP)
 # One intra-op thread: on 2 cores beside data workers, two OpenMP threads thrash (4-7x slower, measured).
 demo: export OMP_NUM_THREADS ?= 1
 demo: $(STAMP)
+	@# a demo is a fresh run: runs refuse another run's output folders, so the last demo's go first
+	rm -rf $(DEMO)
 	@# T1-CE (column image), FLAIR and FET-PET (own grid, Bq/mL); the T1-CE volumes are those of a T1-CE-only cohort
-	$(PY) -m data.synth --out $(DEMO)/cohort --n-unlabeled 24 --n-labeled 48 --n-external 12 --seed 0 --overwrite \
+	$(PY) -m data.synth --out $(DEMO)/cohort --n_unlabeled 24 --n_labeled 48 --n_external 12 --seed 0 --overwrite \
 	    --sequences t1ce,flair,pet
 	$(PY) -m data.prepare --manifest $(DEMO)/cohort/unlabeled.csv --cache $(DEMO)/cache
 	$(PY) -m data.prepare --manifest $(DEMO)/cohort/manifest.csv --cache $(DEMO)/cache

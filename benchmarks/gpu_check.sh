@@ -41,7 +41,7 @@ step throughput 90 "$PY" -m benchmarks.speed.throughput --device cuda --preset b
     --write-docs --doc "$OUT/BENCHMARKS_gpu.md"
 
 # DeepSpeed: a small cohort, ViT-B, 24 steps stopped at 12 and resumed.
-step cohort 60 "$PY" -m data.synth --out "$OUT/cohort" --n-unlabeled 16 --n-labeled 0 --n-external 0 \
+step cohort 60 "$PY" -m data.synth --out "$OUT/cohort" --n_unlabeled 16 --n_labeled 0 --n_external 0 \
     --seed 5 --workers 4 --no-progress --overwrite
 for zero in 2 3; do
     run=(--config launch/pretrain_base_gpu.yaml --data "$OUT/cohort/unlabeled" --cache_dir "$OUT/cache"
