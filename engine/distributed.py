@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -93,17 +94,25 @@ def check_deepspeed_json(path: str | os.PathLike) -> dict:
     return config
 
 
-def make_accelerator(loop, output_dir: str | os.PathLike | None = None) -> Accelerator:
-    """The Accelerator for a run with LoopConfig `loop` (trackers only when there is an output_dir)."""
+def make_accelerator(loop, output_dir: str | os.PathLike | None = None, timeout_min: float | None = None
+                     ) -> Accelerator:
+    """The Accelerator for a run with LoopConfig `loop` (trackers only when there is an output_dir).
+    `timeout_min`: how long any collective may wait (the process group's timeout, --dist_timeout_min);
+    None: the backend's default (NCCL 10 min, gloo 30)."""
     precision = resolve_precision(loop.mixed_precision)
     if launched_deepspeed():
         check_deepspeed_json(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", ""))
         precision = "no"  # accelerate's bf16 under DeepSpeed is 16-bit weights; configure_deepspeed autocasts
-    handlers = []
+    group = {}
     if int(os.environ.get("LOCAL_RANK", -1)) != -1 and not torch.cuda.is_available():
         # Launched ranks on a host with no GPU: accelerate leaves its backend unset under DeepSpeed, and
         # every rank would call itself rank 0 of 1 while DeepSpeed's gloo group has them all.
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        group["backend"] = "gloo"
+    if timeout_min is not None:
+        if not timeout_min > 0:
+            raise ConfigError(f"--dist_timeout_min: expected > 0 minutes, got {timeout_min}")
+        group["timeout"] = timedelta(minutes=timeout_min)
+    handlers = [InitProcessGroupKwargs(**group)] if group else []
     log_with = trackers(loop.report_to) if output_dir is not None else []
     return Accelerator(mixed_precision=precision, gradient_accumulation_steps=loop.grad_accum,
                        log_with=log_with or None, project_dir=str(output_dir) if output_dir else None,

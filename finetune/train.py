@@ -251,7 +251,7 @@ def run_folds(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec,
 def run(cfg: FinetuneConfig) -> dict:
     cfg = absolute_paths(cfg, PATH_FIELDS)
     out = Path(cfg.output_dir)
-    accelerator = make_accelerator(cfg, out)
+    accelerator = make_accelerator(cfg, out, timeout_min=cfg.dist_timeout_min)
     refuse_zero3(accelerator)
     main = accelerator.is_main_process
     model_cfg, spec = resolve_inputs(cfg)

@@ -198,7 +198,7 @@ def export_encoders(cfg: PretrainConfig, final: Path, out: Path, step: int, last
 def train(cfg: PretrainConfig) -> Path:
     cfg = absolute_paths(cfg, PATH_FIELDS)
     out = Path(cfg.output_dir)
-    accelerator = make_accelerator(cfg, out)
+    accelerator = make_accelerator(cfg, out, timeout_min=cfg.dist_timeout_min)
     main = accelerator.is_main_process
     ckpt = Checkpointer(out, cfg.keep_ckpts)
     resume_from = ckpt.resolve(cfg.resume)

@@ -428,3 +428,21 @@ def test_startup_benchmark_tables_each_phase_per_row(tmp_path):
     assert lines[0].count("rows") == 2 and len(lines) == 2 + 7
     assert any(line.startswith("| hash + cache lookup |") for line in lines)
     assert len(list((tmp_path / "rows24").iterdir())) == 24 and len(_entries(tmp_path / "cache")) == 3
+
+
+def test_dist_timeout_min_is_the_process_groups_timeout(monkeypatch):
+    """make_accelerator hands accelerate one InitProcessGroupKwargs with --dist_timeout_min (and gloo for
+    launched ranks on a host with no GPU); a timeout that is not positive names the flag."""
+    from datetime import timedelta
+
+    import engine.distributed as dist
+    from engine.config import LoopConfig
+    seen = {}
+    monkeypatch.setattr(dist, "Accelerator", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(dist.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    dist.make_accelerator(LoopConfig(mixed_precision="no"), timeout_min=0.2)
+    (group,) = seen["kwargs_handlers"]
+    assert group.timeout == timedelta(seconds=12) and group.backend == "gloo"
+    with pytest.raises(ConfigError, match="--dist_timeout_min"):
+        dist.make_accelerator(LoopConfig(mixed_precision="no"), timeout_min=0)
