@@ -16,7 +16,7 @@ from sksurv.util import Surv
 
 from core.errors import InputError
 from finetune.baselines.clinical_models import ClinicalModel, RadiomicsClinicalModel, make_baseline
-from finetune.radiomics import predict_splits
+from finetune.baselines.radiomics import predict_splits
 
 NUMERIC, CATEGORICAL = ["age", "kps"], ["histology"]
 CLINICAL = NUMERIC + CATEGORICAL

@@ -11,7 +11,7 @@ from sksurv.datasets import load_veterans_lung_cancer
 from sksurv.metrics import concordance_index_censored
 
 from core.errors import InputError
-from finetune.radiomics import (RadiomicsModel, extract_features, first_order_features, glcm_features, glcm_matrices,
+from finetune.baselines.radiomics import (RadiomicsModel, extract_features, first_order_features, glcm_features, glcm_matrices,
                                 peritumoral_ring, predict_splits, quantise, shape_features, survival_target)
 
 
@@ -222,7 +222,7 @@ def _write_cohort(folder, n, rng):
 
 
 def test_cli_writes_predictions_for_every_split(tmp_path, monkeypatch):
-    from finetune import radiomics
+    from finetune.baselines import radiomics
 
     manifest = _write_cohort(tmp_path, 20, np.random.default_rng(7))
     out = tmp_path / "run"
@@ -281,7 +281,7 @@ def test_survival_selection_keeps_the_informative_feature():
     assert model.best_params_["selection"] == "univariate_l1" and "alpha" in model.best_params_
     assert "f0" in model.used_features()
     # The univariate score is direction-free and 0 for a constant column.
-    from finetune.radiomics import concordance_scores
+    from finetune.baselines.radiomics import concordance_scores
 
     y = survival_target(np.ones(50, bool), np.arange(50.0))
     cols = np.column_stack([-np.arange(50.0), np.arange(50.0), np.zeros(50)])
@@ -296,7 +296,7 @@ def test_survival_selection_keeps_the_informative_feature():
 def test_selection_is_fitted_on_training_rows_only(monkeypatch):
     # The univariate score must be computed inside each inner-CV training fold and at the final refit, never
     # on rows the model did not get: record the row count of every call.
-    from finetune import radiomics
+    from finetune.baselines import radiomics
 
     seen, real = [], radiomics.f_classif
 

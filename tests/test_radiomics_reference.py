@@ -24,7 +24,7 @@ pytest.importorskip("radiomics", reason="PyRadiomics is not installed: `make ins
 import SimpleITK as sitk  # noqa: E402
 from radiomics import featureextractor  # noqa: E402
 
-from finetune.radiomics import extract_features, peritumoral_ring  # noqa: E402
+from finetune.baselines.radiomics import extract_features, peritumoral_ring  # noqa: E402
 
 BINS = 32
 REL = {"firstorder": 1e-9, "glcm": 1e-9, "shape": 1e-6, "mesh": 5e-2}

@@ -27,7 +27,7 @@ def fold_scores(feats, df, task: Task, selection: str, repeats: int) -> np.ndarr
     from sklearn.model_selection import StratifiedGroupKFold
     from sksurv.metrics import concordance_index_censored
 
-    from finetune.radiomics import RadiomicsModel, survival_target
+    from finetune.baselines.radiomics import RadiomicsModel, survival_target
     scores = []
     y_surv = survival_target(df["event"], df["time"])
     label = df["label"].to_numpy()
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     from data.prepare import prepare_table
     from data.synth import generate_cohort
     from finetune.config import FinetuneConfig
-    from finetune.radiomics import extract_table
+    from finetune.baselines.radiomics import extract_table
     from models.tasks import CLASSIFICATION, MULTITASK, SURVIVAL
     out = Path(args.out).resolve()
     if not (out / "cohort" / "cohort.json").is_file():

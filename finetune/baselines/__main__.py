@@ -17,7 +17,7 @@ import pandas as pd
 from core.atomic import atomic_path, write_json
 from core.errors import InputError, cli_entry
 from finetune.baselines.clinical_models import BASELINES, make_baseline
-from finetune.radiomics import FEATURE_VERSION, add_arguments, load_inputs, predict_splits
+from finetune.baselines.radiomics import FEATURE_VERSION, add_arguments, load_inputs, predict_splits
 
 
 def _table(name: str, features: pd.DataFrame, df: pd.DataFrame, clinical: list[str]) -> pd.DataFrame:

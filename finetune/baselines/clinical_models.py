@@ -23,7 +23,7 @@ from sklearn.preprocessing import StandardScaler
 
 from core.errors import InputError
 from finetune.clinical import ClinicalSchema
-from finetune.radiomics import RadiomicsModel
+from finetune.baselines.radiomics import RadiomicsModel
 from models.tasks import CLASSIFICATION, Task
 
 

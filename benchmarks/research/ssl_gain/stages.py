@@ -198,7 +198,7 @@ def run_finetune(preset: Preset, out: Path, seed: int, run: Run) -> None:
 
 def radiomics_features(preset: Preset, out: Path) -> None:
     from data.prepare import prepare_table
-    from finetune.radiomics import extract_table
+    from finetune.baselines.radiomics import extract_table
     prep, cohort, cache = prep_config(preset), out / "cohort", out / "cache"
     target = out / "radiomics" / "features.csv"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -213,7 +213,7 @@ def baseline_predict(preset: Preset, out: Path, seed: int, task: str, model: str
     """One baseline (presets.BASELINES) on one task: fold models and the all-rows model, as radiomics' CLI fits them."""
     from data.manifest import clinical_columns
     from finetune.baselines.clinical_models import make_baseline
-    from finetune.radiomics import predict_splits
+    from finetune.baselines.radiomics import predict_splits
     feats = pd.read_csv(out / "radiomics" / "features.csv", dtype={"subject_id": str})
     key_cols = [c for c in ("cohort", "subject_id", "cache_image", "extraction") if c in feats.columns]
     manifests = {"internal": out / "cohort" / "manifest.csv", "external": out / "cohort" / "external.csv"}

@@ -39,7 +39,7 @@ from sksurv.util import Surv
 from core.atomic import atomic_path, write_json
 from core.errors import InputError, cli_entry
 from data.cache import CacheEntry
-from finetune.radiomics_features import (  # noqa: F401
+from finetune.baselines.radiomics_features import (  # noqa: F401
     DIRECTIONS_3D,
     FEATURE_VERSION,
     extract_features,
