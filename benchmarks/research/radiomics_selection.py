@@ -3,7 +3,7 @@
     python -m benchmarks.research.radiomics_selection --out runs/radiomics_selection [--repeats 3]
 
 On the labelled part of a development cohort (generator seed 4242, the one benchmarks.research.finetune_recipe
-uses; never an ssl_gain or probe set), each selection of finetune.radiomics.RadiomicsModel is fitted on
+uses; never an ssl_gain or probe set), each selection of finetune.baselines.radiomics.RadiomicsModel is fitted on
 patient-grouped 5-fold training folds and scored on the held-out fold (AUC for the label, Harrell's C
 for survival), repeated; it prints per-fold means and the paired difference. RadiomicsModel's
 DEFAULT_SELECTION follows this table.

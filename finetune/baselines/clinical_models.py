@@ -3,7 +3,7 @@
 - ClinicalModel: the clinical variables alone, encoded as every mimfm model encodes them
   (finetune.clinical.ClinicalSchema: standardised numbers, one-hot categories, missing indicators),
   then an L2 LogisticRegression (label) or an elastic-net Coxnet (survival; sksurv).
-- RadiomicsClinicalModel: the radiomics signature's steps (finetune.radiomics: impute, standardise,
+- RadiomicsClinicalModel: the radiomics signature's steps (finetune.baselines.radiomics: impute, standardise,
   constant/correlation filter, [univariate k best]) on the radiomics columns, beside the encoded clinical
   columns, into one penalised LogisticRegression / Coxnet.
 
@@ -134,7 +134,7 @@ BASELINES = ("clinical_only", "radiomics", "radiomics_clinical")
 
 
 def make_baseline(name: str, clinical_columns=()) -> Callable[[Task, int], RadiomicsModel]:
-    """make_model(task, seed) for finetune.radiomics.predict_splits: the baseline called `name`."""
+    """make_model(task, seed) for finetune.baselines.radiomics.predict_splits: the baseline called `name`."""
     if name not in BASELINES:
         raise InputError(f"baseline {name!r}: expected one of {list(BASELINES)}")
     if name == "radiomics":

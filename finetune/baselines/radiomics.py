@@ -1,6 +1,6 @@
 """Radiomics baseline: hand-crafted lesion + peritumoral features and a regularised linear model.
 
-Features (finetune.radiomics_features, re-exported here): first-order statistics of the lesion and of a
+Features (finetune.baselines.radiomics_features, re-exported here): first-order statistics of the lesion and of a
 peritumoral ring, lesion shape, and 3D GLCM texture, computed with numpy/scipy/scikit-image and
 cross-checked against PyRadiomics (tests/test_radiomics_reference.py).
 
@@ -403,7 +403,8 @@ def load_inputs(args) -> dict:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m finetune.radiomics", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m finetune.baselines.radiomics",
+                                description=__doc__.split("\n\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)
     d = load_inputs(args)
