@@ -27,7 +27,7 @@ from typing import Callable
 import pandas as pd
 
 from core.atomic import write_json, write_text
-from core.errors import ConfigError, InputError
+from core.errors import ConfigError
 from data.manifest import read_datalist, read_manifest, scan_folder
 from data.prep_config import PrepConfig
 from data.prepare import entry_paths, indexed, prepare_rows
