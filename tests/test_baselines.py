@@ -169,7 +169,8 @@ def test_cli_fits_every_baseline_on_the_shared_splits_and_evaluate_reads_them(tm
     table.to_csv(manifest, index=False)
     out = tmp_path / "baselines"
     assert main(["--manifest", str(manifest), "--cache", str(tmp_path / "cache"), "--out", str(out), "--folds", "2",
-                 "--splits", str(tmp_path / "splits.json"), "--task", "classification"]) == 0
+                 "--splits", str(tmp_path / "splits.json"), "--task", "classification", "--clinical_columns", "age",
+                 "--test_fraction", "0.2"]) == 0
     splits = json.loads((tmp_path / "splits.json").read_text())
     for name in ("clinical_only", "radiomics", "radiomics_clinical"):
         pred = pd.read_csv(out / name / "predictions.csv", dtype={"subject_id": str})

@@ -15,6 +15,7 @@ import argparse
 import pandas as pd
 
 from core.atomic import atomic_path, write_json
+from core.cli import underscore_spellings
 from core.errors import InputError, cli_entry
 from finetune.baselines.clinical_models import BASELINES, make_baseline
 from finetune.baselines.radiomics import FEATURE_VERSION, add_arguments, load_inputs, predict_splits
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(p)
     p.add_argument("--baselines", default=",".join(BASELINES), help=f"comma-separated, of {list(BASELINES)}")
     p.add_argument("--clinical-columns", default="", help="comma-separated; default: the manifest's clinical columns")
-    args = p.parse_args(argv)
+    args = underscore_spellings(p).parse_args(argv)  # --clinical_columns as every command spells it
     names = [n.strip() for n in args.baselines.split(",") if n.strip()]
     unknown = [n for n in names if n not in BASELINES]
     if unknown or not names:

@@ -37,6 +37,7 @@ from sksurv.metrics import concordance_index_censored
 from sksurv.util import Surv
 
 from core.atomic import atomic_path, write_json
+from core.cli import underscore_spellings
 from core.errors import InputError, cli_entry
 from data.cache import CacheEntry
 from finetune.baselines.radiomics_features import (  # noqa: F401
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m finetune.baselines.radiomics",
                                 description=__doc__.split("\n\n")[0])
     add_arguments(p)
-    args = p.parse_args(argv)
+    args = underscore_spellings(p).parse_args(argv)
     d = load_inputs(args)
     out = d["out"]
     predictions, params = predict_splits(d["features"], d["targets"], d["splits"], d["task"], args.seed, d["external"])
