@@ -102,6 +102,7 @@ PRESETS = {
         pretrain_config="pretrain_base_gpu.yaml", pretrain_steps=20000,
         finetune_config="finetune_base_gpu.yaml", folds=5, epochs=100, patience=20, finetune_n_boot=500,
         fusions=FUSIONS, survival="separate", n_boot=2000, roc_band_boot=200, seeds=(0, 1, 2), label_sizes=(20, 40),
+        pretrained_encoder_blr=5e-2,  # the CPU recipe's 10x rule (encoder_blr auto); not yet measured on a GPU
         note="ViT-B, 20k MiM / MAE steps of 8 volumes x 4 crops, 5 folds x <= 100 epochs, 3 seeds"),
 }
 # --toy: the pipeline's plumbing in a few minutes on 2 cores (tests); numbers mean nothing.
