@@ -125,7 +125,7 @@ class LesionCrops(Dataset):
 
     def _window(self, i: int, shape, mask) -> tuple:
         """Item i's segmentation window (data.crops.segmentation_box) at the view's fixed scale: min_side_vox,
-        else crop_size voxels, the side of the sliding window finetune.auto_mask runs."""
+        else crop_size voxels, the side of the sliding window finetune.lesion.search runs."""
         rng = np.random.default_rng(item_seed(self.seed + 1, self.epoch, i))
         return segmentation_box(np.argwhere(np.asarray(mask[0]) > 0), self.min_side_vox or self.crop_size, shape, rng)
 

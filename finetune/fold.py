@@ -22,7 +22,7 @@ from finetune.clinical import ClinicalSchema
 from finetune.cohort import make_dataset, time_bins
 from finetune.config import FinetuneConfig
 from finetune.recipe import EpochChoice, FinetuneSchedule, encoder_peak_lr, tag_param_groups
-from finetune.seg_metrics import segmentation_metrics
+from finetune.lesion.seg_metrics import segmentation_metrics
 from models.input_spec import InputSpec
 from models.multimodal import MultimodalConfig, MultimodalModel
 from models.segmentation import seg_target, segmentation_loss
@@ -233,7 +233,7 @@ def export_fold(cfg: FinetuneConfig, fold: Fold, choice: EpochChoice, eval_sets:
     preds = {"val": (fold.val_df, predict(model, fold.val_ds, cfg.batch_size, accelerator.device, fold.bins,
                                           fold.spec.spacing_mm))}
     val_score = cfg.task.validation_score(preds["val"][1], fold.val_ds.targets)  # of the kept weights
-    # A segmentation-only model's held-out sets are scored once, by the fold ensemble (finetune.segmentation).
+    # A segmentation-only model's held-out sets are scored once, by the fold ensemble (finetune.lesion.segmentation).
     for name, df in eval_sets.items() if model.config.predicts_outcome else ():
         dataset = dataset_for(fold, df, cfg.task, model.config.uses_image)
         preds[name] = (df, predict(model, dataset, cfg.batch_size, accelerator.device, fold.bins,

@@ -4,7 +4,7 @@
 
 A row with no mask (no mask column, an empty cell, or a mask file without a lesion) is segmented first by
 a model with a segmentation head (--seg_model, default --model itself; one trained on windows anywhere in
-the head, not lesion crops only): finetune.auto_mask scores every lesion candidate inside the brain and
+the head, not lesion crops only): finetune.lesion.search scores every lesion candidate inside the brain and
 writes them all to <out stem>_masks/candidates.csv (rank, score, whether confident, world RAS centroid,
 volume), and the index lesion, the best candidate, as <out stem>_masks/<subject_id>_pred_mask.nii.gz on the
 image's own grid; its path goes into the `predicted_mask` column, and the outcome is then predicted from it.
@@ -176,7 +176,7 @@ def fill_masks(df: pd.DataFrame, need: np.ndarray, models: list, spec, cache_dir
     out). Every candidate of every segmented row goes to <masks_dir>/candidates.csv."""
     from data.prepare import prepare_table
     from engine.logs import progress
-    from finetune.auto_mask import search_lesion
+    from finetune.lesion.search import search_lesion
     from finetune.lesion.candidates import DRAWN
     df = df.copy()
     df["mask_source"] = np.where(need, "predicted", "given")
@@ -229,7 +229,7 @@ def dice_on_grid(pred_path: str, given_path: str) -> float:
     """Dice of two masks on the same voxel grid (the predicted mask is written on the image's, as the
     given one must be); NaN when the grids differ."""
     import nibabel as nib
-    from finetune.seg_metrics import dice_scores
+    from finetune.lesion.seg_metrics import dice_scores
     a, b = (torch.as_tensor(np.asanyarray(nib.load(p).dataobj) > 0.5)[None, None] for p in (pred_path, given_path))
     if a.shape != b.shape:
         return float("nan")

@@ -285,7 +285,7 @@ def run(cfg: FinetuneConfig) -> dict:
 def write_results(cfg: FinetuneConfig, frames: list, fold_info: list, eval_sets: dict, df, spec: InputSpec,
                   model_cfg: MultimodalConfig) -> dict:
     """predictions.csv (folds + fold ensemble), model/ensemble.json, metrics.json and the figures; with a
-    segmentation head, segmentation.csv, its overlays and a "segmentation" section (finetune.segmentation)."""
+    segmentation head, segmentation.csv, its overlays and a "segmentation" section (finetune.lesion.segmentation)."""
     out = Path(cfg.output_dir)
     write_json(out / "model" / "ensemble.json", {"folds": [i["folder"] for i in fold_info],
                                                  "combine": "mean of prob / mean of risk / mean of lesion probability"})
@@ -299,7 +299,7 @@ def write_results(cfg: FinetuneConfig, frames: list, fold_info: list, eval_sets:
         outcomes = pd.concat([df] + [d for n, d in eval_sets.items() if n != "test"], ignore_index=True)
         metrics = evaluate(preds, outcomes, out_dir=out, n_boot=cfg.n_boot, seed=cfg.seed)
     if model_cfg.segments:
-        from finetune.segmentation import segmentation_results
+        from finetune.lesion.segmentation import segmentation_results
         metrics["segmentation"] = segmentation_results(out, fold_info, frames, df, eval_sets, spec,
                                                        cfg.n_boot, cfg.seed)
     metrics["folds"] = fold_info
@@ -310,7 +310,7 @@ def write_results(cfg: FinetuneConfig, frames: list, fold_info: list, eval_sets:
 def print_summary(metrics: dict, out: Path) -> None:
     """The headline numbers on the console: per split, AUC and C-index with their 95% CIs."""
     from finetune.evaluate import format_table
-    from finetune.segmentation import format_segmentation
+    from finetune.lesion.segmentation import format_segmentation
     print(f"fine-tuning done: metrics {out / 'metrics.json'}, figures {out}/*.png, models {out / 'model'}")
     if metrics.get("splits"):
         print(format_table(metrics))

@@ -11,7 +11,7 @@ import torch
 from data.nifti import save_volume
 from data.prep_config import PrepConfig
 from data.prepare import prepare_table
-from finetune import auto_mask
+from finetune.lesion import search
 from models.input_spec import InputSpec, ViewSpec
 
 
@@ -65,7 +65,7 @@ def test_predicted_mask_lands_on_the_source_grid(tmp_path):
     assert not rejected
     image = np.load(good["cache_image"].iloc[0])[0]
     model = ThresholdSegmenter(threshold=(image.max() + np.median(image)) / 2)
-    found = auto_mask.search_lesion([model], good.iloc[0], SPEC, tmp_path / "masks")
+    found = search.search_lesion([model], good.iloc[0], SPEC, tmp_path / "masks")
     assert found.status == "found" and len(found.candidates) == 1 and found.candidates["index_lesion"].all()
     written = nib.load(found.mask_path)
     assert np.allclose(written.affine, nib.load(path).affine) and written.shape == true_mask.shape
@@ -89,7 +89,7 @@ def test_the_fallback_region_passes_over_a_scalp_rim():
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     image = np.zeros((20, 20, 20))
     image[1:19, 1:19, 1:19] = 1.0  # the head, 18 voxels of 2 mm across
-    depth = auto_mask.head_depth_mm(image, 0.0, (2.0, 2.0, 2.0))
+    depth = search.head_depth_mm(image, 0.0, (2.0, 2.0, 2.0))
     assert depth[0, 0, 0] == 0 and depth[1, 10, 10] == pytest.approx(2.0) and depth[10, 10, 10] == pytest.approx(18.0)
     lesion = np.zeros_like(image)
     lesion[9:12, 9:12, 9:12] = 0.9  # a 27-voxel lesion in the middle
@@ -114,7 +114,7 @@ def joint_model_and_threshold(tmp_path, monkeypatch, whole_head_trained=True):
                            task="classification", fusion="none", seg_weight=0.5)
     extra = {"clinical_schema": None, **({SEG_WINDOWS_KEY: True} if whole_head_trained else {})}
     MultimodalModel(cfg).save_pretrained(tmp_path / "model", extra_config=extra, card={}, input_spec=SPEC)
-    real = auto_mask.lesion_probability
+    real = search.lesion_probability
 
     def thresholded(models, image, spec, pad_value, **kw):
         real(models, image, spec, pad_value, **kw)  # the real sliding window still runs
@@ -125,7 +125,7 @@ def joint_model_and_threshold(tmp_path, monkeypatch, whole_head_trained=True):
             prob[centre] = 0.55
         return prob
 
-    monkeypatch.setattr(auto_mask, "lesion_probability", thresholded)
+    monkeypatch.setattr(search, "lesion_probability", thresholded)
     return tmp_path / "model"
 
 

@@ -149,7 +149,7 @@ def test_a_row_predicted_without_a_mask_gets_the_tbr_of_its_drawn_mask(tmp_path,
     import shutil
     from types import SimpleNamespace
 
-    import finetune.auto_mask
+    import finetune.lesion.search
     from finetune.predict import fill_masks, validate_rows
     drawn = _row(tmp_path)
     (want,) = _prepared(tmp_path, [drawn])
@@ -159,7 +159,7 @@ def test_a_row_predicted_without_a_mask_gets_the_tbr_of_its_drawn_mask(tmp_path,
         shutil.copyfile(tmp_path / "s1_mask.nii.gz", path)
         return path, 1.0
 
-    monkeypatch.setattr(finetune.auto_mask, "predict_mask", found_the_drawn_mask)
+    monkeypatch.setattr(finetune.lesion.search, "predict_mask", found_the_drawn_mask)
     pd.DataFrame([{**drawn, "mask": ""}]).to_csv(tmp_path / "new.csv", index=False)
     df = read_manifest(tmp_path / "new.csv", columns=("image",), prep=PREP)
     spec = SimpleNamespace(prep=PREP)

@@ -122,7 +122,7 @@ def test_a_scalp_candidate_is_excluded_by_the_brain_mask(tmp_path, brain_column)
     from data.cache import CacheEntry
     from data.prep_config import PrepConfig
     from data.prepare import prepare_table
-    from finetune import auto_mask as search  # finetune.lesion.search after the move
+    from finetune.lesion import search
     centre = layered_head(tmp_path)
     row = {"subject_id": "s1", "image": str(tmp_path / "head.nii.gz")}
     if brain_column:
@@ -154,7 +154,7 @@ def test_without_a_brain_the_surface_margin_is_the_region(tmp_path, monkeypatch)
     from data.cache import CacheEntry
     from data.prep_config import PrepConfig
     from data.prepare import prepare_table
-    from finetune import auto_mask as search  # finetune.lesion.search after the move
+    from finetune.lesion import search
     layered_head(tmp_path)
     prep = PrepConfig(spacing=(HEAD_MM,) * 3)
     good, _ = prepare_table(pd.DataFrame([{"subject_id": "s1", "image": str(tmp_path / "head.nii.gz")}]), prep,
@@ -170,7 +170,7 @@ def test_a_prepared_ct_is_read_back_in_hounsfield_units_for_the_brain_mask(tmp_p
     from data.nifti import save_volume
     from data.prep_config import PrepConfig
     from data.prepare import prepare_table
-    from finetune import auto_mask as search  # finetune.lesion.search after the move
+    from finetune.lesion import search
     hu = np.full((12, 12, 12), -1000.0, np.float32)  # air
     hu[2:10, 2:10, 2:10] = np.linspace(-200, 300, 8 ** 3).reshape(8, 8, 8)  # fat to bone, the brain range inside
     save_volume(tmp_path / "ct.nii.gz", hu, np.diag([2.0, 2.0, 2.0, 1.0]))

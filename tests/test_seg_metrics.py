@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from finetune.seg_metrics import segmentation_metrics, segmentation_report
+from finetune.lesion.seg_metrics import segmentation_metrics, segmentation_report
 
 
 def cube(size, lo, hi):

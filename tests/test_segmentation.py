@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from finetune.seg_metrics import segmentation_metrics, segmentation_report
+from finetune.lesion.seg_metrics import segmentation_metrics, segmentation_report
 from models.multimodal import MultimodalConfig, MultimodalModel
 from models.segmentation import SegDecoder, skip_blocks, upsample_factors
 from models.tasks import CLASSIFICATION, SEGMENTATION
@@ -179,7 +179,7 @@ def test_cascade_and_predicted_outcome_mask():
 def test_overlay_draws_the_mask_channel_with_two_images(monkeypatch, tmp_path):
     """Issue 32, defect 6: with [t1ce, flair, mask] crops the overlay's true mask is the mask (the last channel,
     a 2^3 cube), not the second image (a bright 4^3 block), and its image is the first channel."""
-    import finetune.segmentation as seg
+    import finetune.lesion.segmentation as seg
     from models.input_spec import InputSpec
     spec = InputSpec(input_size=8, channels=("t1ce", "flair", "lesion_mask"))
     crops = torch.zeros(1, 3, 8, 8, 8)  # [N, C + 1, S, S, S]

@@ -17,7 +17,7 @@ from core.atomic import atomic_path
 from core.errors import ConfigError
 from finetune.cohort import make_dataset
 from finetune.figures import save_overlay
-from finetune.seg_metrics import SEG_METRICS, segmentation_metrics, segmentation_report
+from finetune.lesion.seg_metrics import SEG_METRICS, segmentation_metrics, segmentation_report
 from models.input_spec import InputSpec
 from models.multimodal import MultimodalModel
 from models.segmentation import seg_target
