@@ -1,5 +1,6 @@
-"""Predict without a mask: the lesion found comes back on the image's own grid, and predict fills the
-masks of a manifest that has none, names a row where nothing is found and predicts the rest."""
+"""Predict without a mask (finetune/lesion/search.py): the lesion found comes back on the image's own grid, and
+predict fills the masks of a manifest that has none, flags a row with no confident lesion (no outcome) unless
+--accept_low_confidence, writes every candidate, and refuses a head trained on lesion crops only."""
 import math
 
 import nibabel as nib

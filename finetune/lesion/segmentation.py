@@ -4,7 +4,7 @@ bootstrap CIs, and overlays of predicted and true masks.
 Validation subjects are segmented by their own fold's model; held-out sets by the fold ensemble, whose
 mask is the mean of the fold models' lesion probabilities, thresholded at 0.5. All metrics are measured
 on the lesion-centred crop the model sees (its voxel edge: the crop scale x the prepared spacing); a lesion
-with nothing predicted counts with Dice 0 and HD95 at the crop's diagonal (finetune/seg_metrics.py).
+with nothing predicted counts with Dice 0 and HD95 at the crop's diagonal (finetune/lesion/seg_metrics.py).
 """
 from __future__ import annotations
 
