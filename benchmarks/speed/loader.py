@@ -1,12 +1,17 @@
 """Loader speed: decoding .nii.gz with nibabel vs reading the uncompressed .npy cache.
 
     python -m benchmarks.speed.loader [--size 160] [--n 16] [--repeats 3]
+    python -m benchmarks.speed.loader --preset base_gpu [--repeats 5]   # level-1 views/s per core vs a GPU's need
 
 Writes `n` synthetic size^3 volumes both ways (int16 .nii.gz as scanners export them; the cache's
 float32 [1, X, Y, Z] .npy), then times a full read into a float32 tensor, one process and
 `--workers` processes (monai.data.DataLoader). Files are read from a warm page cache, as in
 training after the first epoch. Prints a markdown table and puts it in docs/BENCHMARKS.md under
 "Data loader" (a rerun on the same machine replaces its own subsection).
+
+`--preset base_gpu` (or `cpu`, `tiny`) measures instead what a pretraining loader worker does at that
+preset's sizes (reads, crops, every MiM level's resize, masks and targets), in level-1 views per second
+per core, beside the views per second a GPU needs at 40% MFU: benchmarks/speed/loader_need.py.
 """
 from __future__ import annotations
 
@@ -32,6 +37,9 @@ from core.atomic import write_text
 from data.nifti import save_volume
 
 HEADING = "## Data loader"
+LAUNCH = Path(__file__).resolve().parents[2] / "launch"
+PRESETS = {"base_gpu": LAUNCH / "pretrain_base_gpu.yaml", "cpu": LAUNCH / "pretrain_cpu.yaml",
+           "tiny": LAUNCH / "pretrain_tiny_cpu.yaml"}
 
 
 def read_nii(path: str) -> torch.Tensor:
@@ -136,7 +144,13 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers for the parallel rows")
     p.add_argument("--doc", default=str(Path(__file__).resolve().parents[2] / "docs" / "BENCHMARKS.md"))
     p.add_argument("--no-doc", action="store_true", help="only print the table")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="measure the pretraining loader at this preset's crop size against a GPU's need "
+                        "(benchmarks.speed.loader_need; prints, writes no doc)")
     args = p.parse_args(argv)
+    if args.preset:
+        from benchmarks.speed import loader_need
+        return loader_need.main(["--config", str(PRESETS[args.preset]), "--repeats", str(args.repeats)])
     torch.set_num_threads(1)
     load = os.getloadavg()[0]
 
