@@ -150,16 +150,17 @@ def test_a_row_predicted_without_a_mask_gets_the_tbr_of_its_drawn_mask(tmp_path,
     from types import SimpleNamespace
 
     import finetune.lesion.search
+    from finetune.lesion.candidates import COLUMNS
     from finetune.predict import fill_masks, validate_rows
     drawn = _row(tmp_path)
     (want,) = _prepared(tmp_path, [drawn])
 
-    def found_the_drawn_mask(models, row, spec, out_dir, margin):
+    def found_the_drawn_mask(models, row, spec, out_dir, margin, accept_low_confidence=False):
         path = out_dir / f"{row['subject_id']}_pred_mask.nii.gz"
         shutil.copyfile(tmp_path / "s1_mask.nii.gz", path)
-        return path, 1.0
+        return finetune.lesion.search.LesionSearch(path, 1.0, "found", pd.DataFrame(columns=COLUMNS), "a stand-in")
 
-    monkeypatch.setattr(finetune.lesion.search, "predict_mask", found_the_drawn_mask)
+    monkeypatch.setattr(finetune.lesion.search, "search_lesion", found_the_drawn_mask)
     pd.DataFrame([{**drawn, "mask": ""}]).to_csv(tmp_path / "new.csv", index=False)
     df = read_manifest(tmp_path / "new.csv", columns=("image",), prep=PREP)
     spec = SimpleNamespace(prep=PREP)
