@@ -26,6 +26,12 @@ class LoopConfig:
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU (autocast)
     max_nonfinite: int = 5          # consecutive non-finite losses before the run stops
     report_to: str = "tensorboard"  # trackers: tensorboard | wandb | mlflow | all | none (comma-separated)
+    # Worker processes that prepare this rank's share of the volumes into the cache (rank r prepares rows
+    # r::world, then the ranks wait once for each other); 0: the cores per local rank
+    prep_workers: int = 0
+    # Minutes a collective may wait before the run stops (the process group's timeout; NCCL's own default is
+    # 10). A rank's share of preparing that is measured to outlast it is said up front, with an estimate.
+    dist_timeout_min: float = 30.0
 
     def __post_init__(self):
         if self.mixed_precision not in ("auto", "no", "bf16"):

@@ -78,12 +78,6 @@ class FinetuneConfig(LoopConfig):
     n_boot: int = 1000              # bootstrap resamples for the CIs
     explain: int = 2                # test subjects to explain (attention rollout + occlusion)
     num_workers: int = 0            # DataLoader worker processes
-    # Worker processes that prepare this rank's share of the volumes into the cache (rank r prepares rows
-    # r::world, then the ranks wait once for each other); 0: the cores per local rank
-    prep_workers: int = 0
-    # Minutes a collective may wait before the run stops (the process group's timeout; NCCL's own default is
-    # 10). A rank's share of preparing that is measured to outlast it is said up front, with an estimate.
-    dist_timeout_min: float = 30.0
     # reuse the folds already finished in output_dir whose inputs are unchanged (a crashed or extended
     # run continues); false: train every fold again
     reuse_folds: bool = True

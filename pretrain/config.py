@@ -59,12 +59,6 @@ class PretrainConfig(LoopConfig):
     # DataLoader worker processes; they also build the MiM hierarchy (pretrain.batches), so with >= 1
     # it overlaps the model step. 0 = load and build in the training process (same code, same masks).
     num_workers: int = 0
-    # Worker processes that prepare this rank's share of the volumes into the cache (rank r prepares rows
-    # r::world, then the ranks wait once for each other); 0: the cores per local rank
-    prep_workers: int = 0
-    # Minutes a collective may wait before the run stops (the process group's timeout; NCCL's own default is
-    # 10). A rank's share of preparing that is measured to outlast it is said up front, with an estimate.
-    dist_timeout_min: float = 30.0
     # torch.compile the encoder and the decoder blocks (opt-in; the first steps compile, which takes
     # tens of seconds; see docs/BENCHMARKS.md for what it gains, or costs, on CPU)
     torch_compile: bool = False

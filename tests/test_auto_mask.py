@@ -14,16 +14,7 @@ from data.prep_config import PrepConfig
 from data.prepare import prepare_table
 from finetune.lesion import search
 from models.input_spec import InputSpec, ViewSpec
-
-
-def oblique_lps_affine(spacing=(1.2, 1.0, 4.0), angle=0.35, origin=(60.0, 40.0, -20.0)) -> np.ndarray:
-    """An LPS-stored (x and y axes flipped), obliquely rotated, anisotropic voxel grid."""
-    c, s = math.cos(angle), math.sin(angle)
-    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]) @ np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
-    a = np.eye(4)
-    a[:3, :3] = rot @ np.diag([-1.0, -1.0, 1.0]) @ np.diag(spacing)
-    a[:3, 3] = origin
-    return a
+from test_lesion_candidates import oblique_lps_affine  # the LPS oblique anisotropic grid both files test on
 
 
 def brain_with_ball(path_dir, name, ball_centre_vox, shape=(56, 60, 16), radius_mm=7.0, affine=None, ball=True):
