@@ -6,6 +6,8 @@
   before any work; what it asks that a run cannot honour is one line naming the file and key.
 - `configure_deepspeed`: fills the JSON's "auto" values from the run (micro-batch, clipping, bucket
   sizes from the model's width, precision) just before `accelerator.prepare`.
+- `zero3_init`: under ZeRO-3, the context a model is built in so that each module's weights are split
+  across the ranks as soon as its own `__init__` returns (`deepspeed.zero.Init`): no rank holds them whole.
 - `prepare`: `accelerator.prepare(model, optimizer)`, with ZeRO-3 holding one fp32 copy of its partition.
 - `full_state_dict`: the whole model's fp32 weights on the main process, under DDP or any ZeRO stage.
 
@@ -15,8 +17,10 @@ autocast on every path; DeepSpeed's own "bf16"/"fp16" modes (16-bit weights) are
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -152,6 +156,58 @@ def configure_deepspeed(accelerator: Accelerator, *, micro_batch: int, clip_grad
     autocast["enabled"], autocast["dtype"] = bf16, "bfloat16"
     # Gradients are reduced in fp32, as under DDP (DeepSpeed's default reduces Linear/Conv grads in bf16).
     autocast.setdefault("lower_precision_safe_modules", [])
+
+
+def zero3_init(accelerator: Accelerator):
+    """The context to build a model in: `deepspeed.zero.Init` under ZeRO-3, nothing otherwise.
+
+    Under it each module's own parameters are partitioned across the ranks as soon as its `__init__`
+    returns, so the model is never whole on any rank (accelerate and transformers do the same for their
+    models with `zero3_init_flag`). Initialisation that a parent runs afterwards on its children's weights
+    must go through `Module.apply`, which DeepSpeed wraps to gather one module at a time, apply, broadcast
+    rank 0's values and re-partition; a parent that writes a child's weights directly sees empty
+    placeholders. Weights stay fp32 (the run's precision is autocast), tensors keep the dtype they are
+    made in, and `F.linear` is left alone. Call it after `configure_deepspeed`, so that which parameters
+    stay whole (stage3_param_persistence_threshold) is the engine's choice too. Build the optimizer's
+    groups with `weight_decay_groups`: a placeholder's own shape is empty.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if zero_stage(accelerator) != 3:
+        return nullcontext()
+    import deepspeed
+    config = copy.deepcopy(plugin.deepspeed_config)
+    # What zero.Init reads is the ZeRO section and the weights' dtype; the batch sizes accelerate fills at
+    # prepare are placeholders here (as accelerate's own zero3_init_context_manager does).
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if config.get(key, "auto") == "auto":
+            config[key] = accelerator.num_processes if key == "train_batch_size" else 1
+    for dtype in ("fp16", "bf16"):
+        config.setdefault(dtype, {})["enabled"] = False  # fp32 weights: bf16 is autocast (check_deepspeed_json)
+    config.pop("torch_autocast", None)  # a forward-time setting, filled by configure_deepspeed
+    zero = config.get("zero_optimization", {})
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+        if zero.get(key) == "auto":
+            zero.pop(key)
+    # Tensors are created on the rank's device, but in the dtype asked for: DeepSpeed's default also casts
+    # every float tensor made inside to the weights' dtype, float64 sin-cos tables included (changing them).
+    from deepspeed.runtime.zero.partition_parameters import DeepSpeedTensorOverride
+    return deepspeed.zero.Init(config_dict_or_path=config, mem_efficient_linear=False,
+                               tensor_overrides=[DeepSpeedTensorOverride.device])
+
+
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float, no_weight_decay: set[str] = frozenset()
+                        ) -> list[dict]:
+    """timm's `param_groups_weight_decay` by each parameter's whole shape: no decay for biases, 1-D weights
+    and the names in `no_weight_decay`. Under `zero3_init` a parameter is an empty 1-D placeholder (its
+    shape is `ds_shape`), which timm's rule would take for a norm weight and not decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
+        (no_decay if ndim <= 1 or name.endswith(".bias") or name in no_weight_decay else decay).append(p)
+    return [g for g in ({"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay})
+            if g["params"]]
 
 
 def prepare(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
