@@ -22,7 +22,7 @@ Protocol: patient-grouped stratified 5-fold CV repeated 3 times, out-of-fold pre
 
 Controls, on the same splits: random inits of the same config (torch seeds 0 1 2: mean and SD); pixels
 (the crop average-pooled to 8^3 + the intensity histogram inside the lesion); hand-made features
-(finetune.radiomics: shape, first-order and GLCM of the lesion and a 5 mm ring); the oracle (AUC of the
+(finetune.baselines.radiomics: shape, first-order and GLCM of the lesion and a 5 mm ring); the oracle (AUC of the
 generator's true_prob).
 
 Verdict: encoder minus the random mean on "all", in random SDs, for AUC and mean R², with a 95% paired

@@ -81,7 +81,7 @@ def pixel_features(crops: np.ndarray) -> np.ndarray:
 
 
 def handmade_features(regions, spacing) -> np.ndarray:
-    """[N, F] finetune.radiomics features (lesion shape, first-order statistics and GLCM of the lesion and
+    """[N, F] finetune.baselines.radiomics features (lesion shape, first-order statistics and GLCM of the lesion and
     a 5 mm peritumoral ring) per (image, mask) region; undefined values (NaN) are left to the imputer."""
     from finetune.baselines.radiomics import extract_features
     rows = [extract_features(img, msk, spacing) for img, msk in regions]

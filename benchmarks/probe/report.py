@@ -29,7 +29,7 @@ def table(results: dict) -> list[str]:
             rows.append([f"random init (mean ± SD, {n} seeds){tag}", g, _pm(s["auc_mean"], s["auc_sd"]),
                          _pm(s["r2_mean_mean"], s["r2_mean_sd"]), *map(_f, s["r2"])])
         for name, label in (("pixel", "pixels: crop at 8³ + lesion histogram"),
-                            ("handmade", "hand-made: finetune.radiomics features")):
+                            ("handmade", "hand-made: finetune.baselines.radiomics features")):
             s = setup["baselines"][name]["groups"]["—"]
             rows.append([label + tag, "—", _f(s["auc"]), _f(s["r2_mean"]), *map(_f, s["r2"])])
     if "latents_auc" in results["oracle"]:  # probe.json files written before this row existed lack it
