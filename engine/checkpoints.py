@@ -122,7 +122,7 @@ class Checkpointer:
         for old in self.complete()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def _agree(self, accelerator: Accelerator, error: OSError | None, tmp: Path, step: int) -> None:
+    def _agree(self, accelerator: Accelerator, error: Exception | None, tmp: Path, step: int) -> None:
         """Every rank learns whether any rank failed to write, so all stop together rather than waiting for
         the failed one at the next collective; the half-written tmp folder is removed."""
         failed = torch.tensor([float(error is not None)], device=accelerator.device)  # [1]
@@ -133,7 +133,7 @@ class Checkpointer:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         last = self.latest()
-        why = (error.strerror or str(error)) if error is not None else "a write failed on another rank"
+        why = (getattr(error, "strerror", None) or str(error)) if error is not None else "a write failed on another rank"
         kept = f"the last complete checkpoint {last} is kept" if last else "no complete checkpoint exists yet"
         raise CheckpointNotWritten(f"{self.root}: could not write the checkpoint of step {step} ({why}); {kept}: "
                                    "free some space, then continue with --resume auto")
@@ -143,11 +143,12 @@ class Checkpointer:
         return json.loads((path / "trainer_state.json").read_text())
 
 
-def _attempt(write) -> OSError | None:
-    """Run `write`; the OSError it raises (ENOSPC, EDQUOT, EFBIG, ...) is returned rather than raised, so the
-    ranks can agree on it before anyone stops."""
+def _attempt(write) -> Exception | None:
+    """Run `write`; the error it raises is returned rather than raised, so the ranks can agree on it before
+    anyone stops. Not only OSError (ENOSPC, EDQUOT, EFBIG, ...): on a full disk safetensors raises its own
+    SafetensorError and torch.save a RuntimeError ("enforce fail at inline_container.cc")."""
     try:
         write()
-    except OSError as e:
+    except Exception as e:
         return e
     return None

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import engine.checkpoints as checkpoints
@@ -31,7 +32,8 @@ def _disk_full_at(step_to_fail: int, real_save_file):
             size = Path(filename).stat().st_size
             with open(filename, "r+b") as f:
                 f.truncate(size // 2)
-            raise OSError(errno.ENOSPC, "No space left on device")
+            # what safetensors really raises on a full disk: its own error, not an OSError
+            raise SafetensorError("I/O error: No space left on device (os error 28)")
         return real_save_file(tensors, filename, *a, **k)
     return save_file
 
@@ -98,3 +100,12 @@ def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "open", full)
     with pytest.raises(RunStopped, match=r"metrics.jsonl: could not append step 2's row \(No space left"):
         logger.log(2, {"loss": 0.5})
+
+
+@pytest.mark.parametrize("error", [OSError(errno.EDQUOT, "Disk quota exceeded"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos")])
+def test_every_kind_of_failed_write_is_returned_for_the_ranks_to_agree_on(error):
+    """torch.save (accelerate's save_state) raises a RuntimeError on a full disk, not an OSError."""
+    def write():
+        raise error
+    assert checkpoints._attempt(write) is error
