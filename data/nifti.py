@@ -66,8 +66,11 @@ def load_volume(path, *, role: str = "image") -> Volume:
 
 def _check_voxel_size(path: Path, header, where: str) -> None:
     """Refuse a stored voxel size (pixdim[1:4]) that is not positive: nibabel's reader turns 0 into 1 mm and
-    -s into s with only a log line, so a broken header would silently set the grid (qform files)."""
+    -s into s with only a log line, so a broken header would silently set the grid. Only where pixdim sets
+    the grid: with an sform (sform_code > 0) the affine comes from srow_x/y/z and pixdim is not read."""
     if not isinstance(header, nib.Nifti1Header):  # Nifti2Header is one too; other formats have no pixdim
+        return
+    if int(header["sform_code"]) > 0:
         return
     from nibabel.openers import ImageOpener
     with ImageOpener(str(path)) as f:

@@ -275,3 +275,14 @@ def test_zero_negative_or_nan_voxel_size_is_refused_naming_the_file(tmp_path, na
     assert load_volume(path).spacing == pytest.approx((1.5, 2.0, 3.0))
     _with_pixdim(path, pixdim)
     assert_error(rf"image .*{name}: voxel size .* expected 3 positive", load_volume, path)
+
+
+def test_a_zero_pixdim_beside_a_valid_sform_is_read_from_the_sform(tmp_path):
+    """With sform_code > 0 nibabel takes the grid from the sform and never reads pixdim: such a file is valid."""
+    img = nib.Nifti1Image(random_volume((6, 5, 4)), None)
+    img.set_sform(np.diag([2.0, 2.0, 2.0, 1.0]), code=1)
+    img.set_qform(None, code=0)
+    path = tmp_path / "sform.nii.gz"
+    nib.save(img, str(path))
+    _with_pixdim(path, (0.0, 0.0, 0.0))
+    assert load_volume(path).spacing == pytest.approx((2.0, 2.0, 2.0))
