@@ -150,6 +150,13 @@ def all_subjects(splits: dict) -> set[str]:
     return set(splits.get("test", [])) | set(first["train"]) | set(first["val"])
 
 
+def stratify_of(df: pd.DataFrame) -> str:
+    """The column splits are stratified by: the label whenever the cohort has one (0/1), else the event, so
+    the classification and survival runs of one cohort, and the baselines, share one splits file."""
+    has_label = "label" in df.columns and bool(pd.to_numeric(df["label"], errors="coerce").isin([0, 1]).all())
+    return "label" if has_label else "event"
+
+
 def load_or_make_splits(path, df: pd.DataFrame, *, test_fraction: float = 0.2, folds: int = 5,
                         stratify: str | None = "label", seed: int = 0) -> dict:
     """Reuse the splits saved at `path` if they were made for this cohort and these settings; else make and save."""

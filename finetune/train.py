@@ -114,14 +114,10 @@ def refuse_training_patients(held: pd.DataFrame, where: str, train: pd.DataFrame
 
 
 def load_splits(cfg: FinetuneConfig, df: pd.DataFrame) -> dict:
-    from data.splits import load_or_make_splits
+    from data.splits import load_or_make_splits, stratify_of
     path = cfg.splits or str(Path(cfg.output_dir) / "splits.json")
-    # Stratified by label whenever the cohort has one, so the classification and survival runs of one
-    # cohort can share one splits file, i.e. one held-out test set.
-    has_label = "label" in df.columns and bool(pd.to_numeric(df["label"], errors="coerce").isin([0, 1]).all())
-    stratify = "label" if has_label else "event"
     return load_or_make_splits(path, df, test_fraction=cfg.test_fraction, folds=cfg.folds,
-                               stratify=stratify, seed=cfg.seed)
+                               stratify=stratify_of(df), seed=cfg.seed)
 
 
 # --------------------------------------------------------------------------------------------

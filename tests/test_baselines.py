@@ -185,3 +185,21 @@ def test_cli_fits_every_baseline_on_the_shared_splits_and_evaluate_reads_them(tm
                           "--baselines", f"clinical_only={out / 'clinical_only' / 'predictions.csv'}",
                           "--n_boot", "0", "--out", str(tmp_path / "eval")]) == 0
     assert "baseline clinical_only" in capsys.readouterr().out
+
+
+def test_the_baselines_reuse_a_default_fine_tuning_runs_splits(tmp_path):
+    """python -m finetune.baselines --splits run/splits.json with default flags asks for the splits a default
+    fine-tuning run made: the same folds, test fraction and stratification (the label whenever there is one,
+    a survival cohort's included)."""
+    import argparse
+
+    from data.splits import stratify_of
+    from finetune.baselines.radiomics import add_arguments
+    from finetune.config import FinetuneConfig
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--manifest", "m.csv", "--cache", "c", "--splits", "s.json", "--task", "survival",
+                         "--out", "o"])
+    assert (args.folds, args.test_fraction) == (FinetuneConfig().folds, FinetuneConfig().test_fraction)
+    labelled = pd.DataFrame({"label": [0, 1, 1], "event": [1, 0, 1]})
+    assert stratify_of(labelled) == "label" and stratify_of(labelled.drop(columns="label")) == "event"

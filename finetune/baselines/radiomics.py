@@ -52,6 +52,7 @@ from finetune.baselines.radiomics_features import (  # noqa: F401
     quantise,
     shape_features,
 )
+from finetune.config import FinetuneConfig
 from models.tasks import CLASSIFICATION, SURVIVAL, Task, get_task
 
 # ---------------------------------------------------------------- model
@@ -376,8 +377,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--external", help="CSV manifest of an external test cohort")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--folds", type=int, default=5, help="CV folds (as the fine-tuning run, for shared splits)")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out test fraction (as the fine-tuning run)")
+    # the fine-tuning run's defaults, so a run's splits.json is reused as it is
+    ft = FinetuneConfig.__dataclass_fields__
+    p.add_argument("--folds", type=int, default=ft["folds"].default,
+                   help="CV folds (as the fine-tuning run, for shared splits)")
+    p.add_argument("--test-fraction", type=float, default=ft["test_fraction"].default,
+                   help="held-out test fraction (as the fine-tuning run)")
     p.add_argument("--ring-mm", type=float, default=5.0, help="peritumoral ring width (mm)")
     p.add_argument("--bins", type=int, default=32, help="grey levels for texture and entropy")
     p.add_argument("--workers", type=int, default=0, help="preprocessing worker processes")
@@ -385,14 +390,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_inputs(args) -> dict:
     """Prepared tables, splits and radiomics features (out/features.csv) of the cohort(s) the flags name."""
-    from data.splits import load_or_make_splits
+    from data.splits import load_or_make_splits, stratify_of
 
     task = get_task(args.task)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df = _prepared(args.manifest, task, args.cache, args.workers)
     splits = load_or_make_splits(args.splits, df, test_fraction=args.test_fraction, folds=args.folds,
-                                 stratify="label" if task.label else "event", seed=args.seed)
+                                 stratify=stratify_of(df), seed=args.seed)
     features = extract_table(df, "internal", args.ring_mm, args.bins, out / "features.csv")
     ext_df = external = None
     if args.external:
