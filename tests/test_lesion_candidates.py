@@ -56,9 +56,17 @@ def test_two_lesions_are_two_scored_candidates_in_world_mm():
     assert choice == (table["label"].iloc[0], cand.FOUND) and list(table["index_lesion"]) == [True, False]
     # a lesion centre given in world mm picks the small one, however it ranks
     table, labels = cand.find_candidates(prob, affine)
-    near = cand.nearest_label(labels, affine, small_centre)
+    near, distance = cand.nearest_label(labels, affine, small_centre)
+    assert distance < 2.2  # within half a voxel diagonal of the 1.2 x 1 x 4 mm grid
     assert cand.choose_index(table, label=near) == (table["label"].iloc[1], cand.FOUND)
     assert list(table["index_lesion"]) == [False, True]
+    # a centre that matches no candidate (the segmenter missed what the user pointed at) is never scored
+    # silently as the nearest other structure: no confident lesion, or that candidate marked low-confidence
+    table, labels = cand.find_candidates(prob, affine)
+    far_label, distance = cand.nearest_label(labels, affine, small_centre + [0.0, 0.0, 30.0])
+    assert distance > cand.CENTRE_TOLERANCE_MM
+    assert cand.choose_index(table, label=far_label, far=True) == (None, cand.NO_CONFIDENT)
+    assert cand.choose_index(table, True, far_label, far=True) == (far_label, cand.LOW_ACCEPTED)
 
 
 def test_no_lesion_is_no_confident_lesion_unless_low_confidence_is_accepted():

@@ -29,6 +29,9 @@ PROB_THRESHOLD = 0.5        # a voxel belongs to a component where the lesion pr
 VOLUME_HALF_ML = 0.05       # a component of this volume gets half the volume credit (50 mm^3: a 4.6 mm ball)
 MIN_IN_REGION = 0.5         # a component with less than this share of voxels in the search region is dropped
 CONFIDENCE_THRESHOLD = 0.5  # see the module docstring
+# a given lesion centre (world mm) farther than this from every candidate voxel matched nothing: the
+# segmenter missed what the user pointed at, and the nearest candidate is another structure
+CENTRE_TOLERANCE_MM = 10.0
 
 # lesion_status of a row (finetune.predict writes it per row)
 DRAWN, FOUND, NO_CONFIDENT, LOW_ACCEPTED = "drawn", "found", "no_confident_lesion", "low_confidence_accepted"
@@ -78,27 +81,30 @@ def find_candidates(prob: np.ndarray, affine: np.ndarray, region: np.ndarray | N
     return table[list(COLUMNS)], labels.astype(np.int32)
 
 
-def nearest_label(labels: np.ndarray, affine: np.ndarray, centre_mm) -> int | None:
-    """The label of the candidate with a voxel nearest `centre_mm` (3 world RAS mm); None when there is none."""
+def nearest_label(labels: np.ndarray, affine: np.ndarray, centre_mm) -> tuple[int | None, float]:
+    """(label, distance in mm) of the candidate with a voxel nearest `centre_mm` (3 world RAS mm);
+    (None, inf) when there is no candidate."""
     idx = np.argwhere(labels > 0)  # [M, 3]
     if not len(idx):
-        return None
+        return None, float("inf")
     affine = np.asarray(affine, dtype=np.float64)
     world = idx @ affine[:3, :3].T + affine[:3, 3]  # [M, 3] mm
-    nearest = np.argmin(np.linalg.norm(world - np.asarray(centre_mm, dtype=np.float64), axis=1))
-    return int(labels[tuple(idx[nearest])])
+    dist = np.linalg.norm(world - np.asarray(centre_mm, dtype=np.float64), axis=1)  # [M]
+    nearest = int(np.argmin(dist))
+    return int(labels[tuple(idx[nearest])]), float(dist[nearest])
 
 
-def choose_index(table: pd.DataFrame, accept_low_confidence: bool = False, label: int | None = None
-                 ) -> IndexChoice:
+def choose_index(table: pd.DataFrame, accept_low_confidence: bool = False, label: int | None = None,
+                 far: bool = False) -> IndexChoice:
     """The index lesion among `table`'s candidates (find_candidates), marked in its `index_lesion` column
     (in place): the best-ranked, or the one with `label` (a given lesion centre picked it). A candidate that
     is not `confident` is chosen only with `accept_low_confidence` (status LOW_ACCEPTED); otherwise, and
-    when there is no candidate, the row has no confident lesion (label None, status NO_CONFIDENT)."""
+    when there is no candidate, the row has no confident lesion (label None, status NO_CONFIDENT). `far`: the
+    given centre lies beyond CENTRE_TOLERANCE_MM of that candidate, which is then never confident."""
     if not len(table):
         return IndexChoice(None, NO_CONFIDENT)
     row = 0 if label is None else int(np.flatnonzero(table["label"].to_numpy() == label)[0])
-    confident = bool(table["confident"].iloc[row])
+    confident = bool(table["confident"].iloc[row]) and not far
     if not (confident or accept_low_confidence):
         return IndexChoice(None, NO_CONFIDENT)
     table.loc[table.index[row], "index_lesion"] = True

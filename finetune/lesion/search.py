@@ -184,8 +184,11 @@ def search_lesion(models: list, row, spec: InputSpec, out_dir: Path, surface_mar
     region = search_region(entry, row, spec.prep, surface_margin_mm)
     table, labels = cand.find_candidates(prob, affine, region.mask, region.depth_mm, threshold)
     centre = lesion_centre(row)
-    label = cand.nearest_label(labels, affine, centre) if centre is not None else None
-    choice = cand.choose_index(table, accept_low_confidence, label)
+    label, far = None, False
+    if centre is not None:
+        label, distance = cand.nearest_label(labels, affine, centre)
+        far = distance > cand.CENTRE_TOLERANCE_MM
+    choice = cand.choose_index(table, accept_low_confidence, label, far)
     sid, source = row["subject_id"], entry.meta["source_image"]  # the first channel's file: masks go on its grid
     out_dir.mkdir(parents=True, exist_ok=True)
     if len(table):
