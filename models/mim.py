@@ -121,13 +121,16 @@ class MiMModel(nn.Module):
         return {"embed": self.decoder_embed, "blocks": self.decoder_blocks, "norm": self.decoder_norm}
 
     def _init_decoder(self):
+        # The mask token is this module's own parameter, still whole here under zero.Init (a module's own
+        # parameters are partitioned when its __init__ returns); drawn first, as before.
         nn.init.normal_(self.mask_token, std=0.02)
-        for name, m in self.named_modules():
-            if name.startswith("encoder"):
-                continue  # the encoder initialises itself
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        # The children's Linear layers module by module through `apply`, which zero.Init wraps to gather
+        # each one while it is initialised (its weights are already placeholders). Not self.apply: the
+        # encoder initialises itself and would be gathered for nothing. Children in registration order,
+        # so the draws are those of a loop over the non-encoder Linear layers in `named_modules` order.
+        for child in self.children():
+            if child is not self.encoder:
+                child.apply(_init_linear)
 
     def no_weight_decay(self) -> set[str]:
         return {"encoder.pos_embed", "decoder_pos_embed", "mask_token"}
@@ -238,6 +241,13 @@ class MiMModel(nn.Module):
             self.distiller.update_center()
             self.distiller.update_teacher(self.encoder, self.decoder_modules(),
                                           self.config.distill.ema_momentum(step, max_steps))
+
+
+def _init_linear(m: nn.Module) -> None:
+    """MAE's decoder init, one module at a time (for Module.apply): xavier-uniform Linear weights, zero biases."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        nn.init.zeros_(m.bias)
 
 
 # --- losses ---------------------------------------------------------------------------------------------------

@@ -145,15 +145,21 @@ class ViT3D(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        # MAE: the patch projection is initialised like a Linear layer on the flattened patch.
-        w = self.patch_embed.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
-        for m in self.blocks.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        # Module by module through `apply` (as timm's VisionTransformer and HF's `_init_weights`), which
+        # DeepSpeed's zero.Init wraps to gather each module's weights while it is initialised: there a
+        # child's weights are already empty placeholders when this parent's __init__ runs. apply visits
+        # patch_embed first, then the blocks' Linear layers in the order `modules()` lists them, so the
+        # draws (and the weights, for one seed) are those of a loop over the parameters.
+        self.apply(self._init_module)
+
+    def _init_module(self, m: nn.Module) -> None:
+        if m is self.patch_embed:  # MAE: initialised like a Linear layer on the flattened patch
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))  # [D, C p^3]
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):  # every Linear of ViT3D is in its blocks
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
     # --- forward -----------------------------------------------------------------------------------------
 
