@@ -23,6 +23,7 @@ from scipy import ndimage as ndi
 from core.atomic import write_json
 from core.config import to_dict
 from core.errors import ConfigError
+from data.cache import load_array
 
 
 @dataclass
@@ -84,6 +85,6 @@ def cached_candidates(image_path: str | Path, spacing: float, cfg: CandidateConf
     path = Path(image_path).parent / f"candidates-{cfg.key()}.json"
     if path.is_file():
         return np.asarray(json.loads(path.read_text())["centres"], dtype=np.float64).reshape(-1, 3)
-    centres = find_candidates(np.load(image_path, mmap_mode="r")[0], spacing, cfg, background)
+    centres = find_candidates(load_array(image_path)[0], spacing, cfg, background)
     write_json(path, {"centres": centres.tolist(), "config": to_dict(cfg)})
     return centres

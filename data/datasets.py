@@ -18,6 +18,7 @@ from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
 from core.errors import InputError
+from data.cache import load_array
 from data.crops import crop_box, lesion_box, lesion_crop, segmentation_box
 
 
@@ -36,7 +37,7 @@ def pad_values_of(image_path: Path) -> list[float]:
             return [float(v) for v in d["pad_values"]]
         if d.get("pad_value") is not None:
             return [float(d["pad_value"])]
-    image = np.load(image_path, mmap_mode="r")  # [C, X, Y, Z]
+    image = load_array(image_path)  # [C, X, Y, Z]
     return [float(image[c].min()) for c in range(image.shape[0])]
 
 
@@ -106,8 +107,9 @@ class LesionCrops(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict:
-        image = np.load(self.images[i], mmap_mode="r")  # [C, X, Y, Z] float32
-        mask = np.load(self.masks[i], mmap_mode="r")  # [1, X, Y, Z] uint8
+        # load_array: a cache file damaged after preparing is one line naming it, not a traceback mid-epoch
+        image = load_array(self.images[i])  # [C, X, Y, Z] float32
+        mask = load_array(self.masks[i])  # [1, X, Y, Z] uint8
         start, size = lesion_box(mask[0], self.margin_vox, self.min_side_vox or self.crop_size)
         item = {}
         if self.placement == "segmentation":

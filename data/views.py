@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from core.errors import InputError
-from data.cache import CacheEntry
+from data.cache import CacheEntry, load_array
 from data.crops import crop_with_pad, random_crop_boxes
 from data.datasets import pad_value_of
 
@@ -63,7 +63,7 @@ class PretrainCrops(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
-        volume = np.load(self.paths[i], mmap_mode="r")  # [1, X, Y, Z]
+        volume = load_array(self.paths[i])  # [1, X, Y, Z]; a damaged file is one line naming it
         rng = np.random.default_rng([self.seed, self.epoch, i])
         k = self.crops_per_volume
         boxes = random_crop_boxes(volume.shape[1:], self.crop_size, k, rng)
