@@ -177,10 +177,12 @@ def zero3_init(accelerator: Accelerator):
     import deepspeed
     config = copy.deepcopy(plugin.deepspeed_config)
     # What zero.Init reads is the ZeRO section and the weights' dtype; the batch sizes accelerate fills at
-    # prepare are placeholders here (as accelerate's own zero3_init_context_manager does).
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        if config.get(key, "auto") == "auto":
-            config[key] = accelerator.num_processes if key == "train_batch_size" else 1
+    # prepare are placeholders here (as accelerate's own zero3_init_context_manager does), consistent with
+    # whatever configure_deepspeed already filled, as DeepSpeed checks train = micro x accumulation x ranks.
+    micro, accum = (config.get(k, "auto") for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"))
+    config["train_micro_batch_size_per_gpu"] = micro = 1 if micro == "auto" else micro
+    config["gradient_accumulation_steps"] = accum = 1 if accum == "auto" else accum
+    config["train_batch_size"] = micro * accum * accelerator.num_processes
     for dtype in ("fp16", "bf16"):
         config.setdefault(dtype, {})["enabled"] = False  # fp32 weights: bf16 is autocast (check_deepspeed_json)
     config.pop("torch_autocast", None)  # a forward-time setting, filled by configure_deepspeed

@@ -17,14 +17,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from timm.optim import param_groups_weight_decay
-
 from core.cli import parse_config
 from core.config import absolute_paths, save_config, to_dict
 from core.errors import ConfigError, InputError, cli_entry
 from engine.batches import ResumableBatches
 from engine.checkpoints import Checkpointer
-from engine.distributed import configure_deepspeed, make_accelerator, prepare, zero_stage
+from engine.distributed import (configure_deepspeed, make_accelerator, prepare, weight_decay_groups, zero3_init,
+                                zero_stage)
 from engine.logs import RunLogger, progress
 from engine.steps import NonFiniteGuard, WarmupCosine, build_optimizer, optimizer_step, reseed_torch
 from models.mim import MiMModel
@@ -76,6 +75,7 @@ def lesion_centres(prepared, cfg: PretrainConfig, use_masks: bool, show_progress
     """Per volume, the lesion centres [K, 3] in cache voxels: the masks' components, or candidates."""
     import numpy as np
 
+    from data.cache import load_array
     from data.candidates import cached_candidates, mask_centres
     from data.datasets import pad_value_of
     from engine.logs import progress
@@ -84,7 +84,7 @@ def lesion_centres(prepared, cfg: PretrainConfig, use_masks: bool, show_progress
     centres = []
     for _, row in prepared.iterrows():
         if use_masks:
-            centres.append(mask_centres(np.load(row["cache_mask"], mmap_mode="r")[0]))
+            centres.append(mask_centres(load_array(row["cache_mask"])[0]))
         else:
             image = Path(row["cache_image"])
             centres.append(cached_candidates(image, spacing, cfg.candidates, pad_value_of(image)))
@@ -144,27 +144,39 @@ def build(cfg: PretrainConfig, accelerator):
     # Every rank prepares its share of the volumes (rows rank::world), the ranks meet once, and each reads
     # the whole cache: no rank waits for a whole corpus's preparing.
     dataset, subjects = load_training_volumes(cfg, accelerator.is_main_process, accelerator=accelerator)
-    enc = cfg.model.encoder
     collate = HierarchyCollate(cfg.model, cfg.seed, accelerator.process_index)
     batches = ResumableBatches(dataset, cfg.batch_size, cfg.seed, accelerator.num_processes,
                                accelerator.process_index, cfg.num_workers, collate=collate)
+    model = build_model(cfg, accelerator)
+    # By each parameter's whole shape: under ZeRO-3 the module holds empty placeholders (timm's rule reads ndim).
+    groups = weight_decay_groups(model, cfg.optim.weight_decay, model.no_weight_decay())
+    optimizer = build_optimizer(groups, cfg.optim)
+    model, optimizer = prepare(accelerator, model, optimizer)
+    return model, optimizer, WarmupCosine(optimizer, cfg.optim, cfg.max_steps), batches, subjects
+
+
+def build_model(cfg: PretrainConfig, accelerator) -> MiMModel:
+    """The MiMModel of a run, with DeepSpeed's config filled from the run. Under ZeRO-3 it is built inside
+    `zero3_init`: each module's weights are partitioned across the ranks as its own __init__ returns, so no
+    rank ever holds the whole model (its peak memory at start-up). Elsewhere an ordinary build, the same
+    weights for the same seed."""
+    if cfg.model.distill.weight > 0 and zero_stage(accelerator) == 3:
+        raise ConfigError("--model.distill.weight > 0 under DeepSpeed ZeRO-3: the EMA teacher follows whole student "
+                          "weights, which ZeRO-3 shards; use launch/accelerate/deepspeed_zero2.yaml or DDP")
+    enc = cfg.model.encoder
+    # Before the build: zero.Init reads which parameters stay whole from the filled persistence threshold.
+    configure_deepspeed(accelerator, micro_batch=cfg.batch_size * cfg.crops_per_volume, clip_grad=cfg.optim.clip_grad,
+                        width=max(enc.dim, cfg.model.decoder_dim), mixed_precision=cfg.mixed_precision)
     reseed_torch(cfg.seed, -1)  # identical initial weights on every rank and every (re)start
-    model = MiMModel(cfg.model)
+    with zero3_init(accelerator):
+        model = MiMModel(cfg.model)
     if enc.grad_checkpointing:
         model.encoder.set_grad_checkpointing(True)
     if cfg.torch_compile:  # in place (nn.Module.compile), so state-dict keys and checkpoints are unchanged
         model.encoder.compile()
         for blk in model.decoder_blocks:
             blk.compile()
-    groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=model.no_weight_decay())
-    optimizer = build_optimizer(groups, cfg.optim)
-    if cfg.model.distill.weight > 0 and zero_stage(accelerator) == 3:
-        raise ConfigError("--model.distill.weight > 0 under DeepSpeed ZeRO-3: the EMA teacher follows whole student "
-                          "weights, which ZeRO-3 shards; use launch/accelerate/deepspeed_zero2.yaml or DDP")
-    configure_deepspeed(accelerator, micro_batch=cfg.batch_size * cfg.crops_per_volume, clip_grad=cfg.optim.clip_grad,
-                        width=max(enc.dim, cfg.model.decoder_dim), mixed_precision=cfg.mixed_precision)
-    model, optimizer = prepare(accelerator, model, optimizer)
-    return model, optimizer, WarmupCosine(optimizer, cfg.optim, cfg.max_steps), batches, subjects
+    return model
 
 
 def restore(ckpt: Checkpointer, path: Path | None, accelerator, guard: NonFiniteGuard, logger: RunLogger) -> int:
