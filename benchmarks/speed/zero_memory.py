@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -39,23 +40,6 @@ ROOT = Path(__file__).resolve().parents[2]
 HEADING = "What ZeRO buys: memory per rank (ViT-B, 2 ranks)"
 MODES = ("ddp", "zero2", "zero3", "zero3_init")
 LABELS = {"ddp": "DDP", "zero2": "ZeRO-2", "zero3": "ZeRO-3, model built whole", "zero3_init": "ZeRO-3 + zero.Init"}
-
-
-def _init_through_apply(self) -> None:
-    """ViT3D._init_weights (same draws, same order) through `Module.apply`, which DeepSpeed's zero.Init
-    wraps to gather one module at a time: the shipped method writes its children's weights directly,
-    and under zero.Init those are already empty placeholders."""
-    from torch import nn
-
-    def init(m: nn.Module) -> None:
-        if m is self.patch_embed:  # MAE: like a Linear layer on the flattened patch
-            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):  # every Linear of ViT3D is in its blocks
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    self.apply(init)
 
 
 def _status_mib(field: str) -> float:
@@ -109,14 +93,8 @@ def worker(mode: str, steps: int, img_size: int, out: Path) -> None:
     optim = OptimConfig()
     configure_deepspeed(accelerator, micro_batch=1, clip_grad=optim.clip_grad, width=enc.dim, mixed_precision="no")
     torch.manual_seed(0)
-    if mode == "zero3_init":  # each module partitioned as soon as it is built
-        init, ViT3D._init_weights = ViT3D._init_weights, _init_through_apply
-        try:
-            with zero3_init(accelerator):
-                model = ViT3D(enc)
-        finally:
-            ViT3D._init_weights = init
-    else:
+    # zero3_init: each module partitioned as soon as it is built, as pretraining builds under ZeRO-3
+    with zero3_init(accelerator) if mode == "zero3_init" else nullcontext():
         model = ViT3D(enc)
     built_now, built_peak = resident_mib(device)
     reset_peak(device)
@@ -222,7 +200,8 @@ def main(argv=None) -> int:
             "peak: the highest of the build's, prepare's and every step's high-water marks; "
             "peak − baseline ÷ DDP: the peak above the baseline, against DDP's",
             "- ZeRO-3 + zero.Init: the model built under `engine.distributed.zero3_init` (each module partitioned "
-            "as soon as it is built), its post-construction init run module by module through `Module.apply`",
+            "as soon as it is built; its init runs module by module through `Module.apply`), as "
+            "`pretrain.train.build_model` builds it under ZeRO-3",
             "", t.markdown()])
         update_section(args.doc, HEADING, body)
         print(f"updated {args.doc}")
