@@ -318,12 +318,23 @@ def prepare_subject(row: Mapping, cfg: PrepConfig, cache_dir, *, require_lesion:
 
 # ---- a table -----------------------------------------------------------------------------------
 
+class PrepareFailed(RuntimeError):
+    """Preparing a subject failed for a reason that is not bad input (a full disk, a bug); the message names the
+    subject and its first image file, the original exception is the cause."""
+
+
 def _build_in_worker(args) -> tuple[cache.CacheEntry | None, InputError | None]:
     row, cfg, cache_dir, key, require_lesion = args
     try:
         return build_entry(row, cfg, cache_dir, key, require_lesion=require_lesion), None
     except InputError as e:  # returned, not raised, so one bad subject does not stop the pool
         return None, e
+    except Exception as e:
+        # Raised on, with the subject and file it hit: a rank of a run passes this line to every rank.
+        subject, image_paths, _ = _source_paths(row, cfg)
+        text = str(e).strip().splitlines()[0] if str(e).strip() else "no details"
+        raise PrepareFailed(f"subject {subject} {cfg.image_columns()[0]} {image_paths[0]}: "
+                            f"{type(e).__name__}: {text}") from e
 
 
 def _init_worker() -> None:

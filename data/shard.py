@@ -27,10 +27,10 @@ from typing import Callable
 import pandas as pd
 
 from core.atomic import write_json, write_text
-from core.errors import ConfigError
+from core.errors import ConfigError, InputError, RunStopped
 from data.manifest import read_datalist, read_manifest, scan_folder
 from data.prep_config import PrepConfig
-from data.prepare import entry_paths, indexed, prepare_rows
+from data.prepare import PrepareFailed, entry_paths, indexed, prepare_rows
 
 
 @dataclass(frozen=True)
@@ -121,19 +121,30 @@ def prepare_shared(df: pd.DataFrame, cfg: PrepConfig, cache_dir, *, shard: Shard
 
     Returns what prepare_table does, on every rank. on_error="raise" raises the first bad row of the whole
     table on every rank, after the gather, so no rank is left waiting; "collect" drops bad rows and lists
-    them. Rank 0 prints one line: prepared, from cache, failed. `workers`: see `pool_size`.
+    them. A rank whose preparing fails otherwise (a full disk, a bug) still reaches the gather, and every rank
+    then raises RunStopped with one line naming that rank and the subject and file it was preparing.
+    Rank 0 prints one line: prepared, from cache, failed. `workers`: see `pool_size`.
     """
     if on_error not in ("raise", "collect"):
         raise ConfigError(f"on_error: expected 'raise' or 'collect', got {on_error!r}")
     t0 = time.perf_counter()
     rows = shard.rows(len(df))
     pool = pool_size(workers)
-    done = prepare_rows(df.iloc[rows], cfg, cache_dir, require_lesion=require_lesion, stop=on_error == "raise",
-                        workers=pool, progress=shard.show, desc=f"prepare {shard}" if shard.count > 1 else "prepare",
-                        hash_part=shard.part, on_first=timeout_warning(shard, timeout_s, pool))
-    mine = {"paths": {rows[i]: entry_paths(e) for i, e in done.entries.items()},
-            "errors": {rows[i]: e for i, e in done.errors.items()}, "built": len(done.built)}
-    shares = (gather or _alone)([mine])  # the one wait: every rank has prepared its share
+    try:
+        done = prepare_rows(df.iloc[rows], cfg, cache_dir, require_lesion=require_lesion, stop=on_error == "raise",
+                            workers=pool, progress=shard.show,
+                            desc=f"prepare {shard}" if shard.count > 1 else "prepare",
+                            hash_part=shard.part, on_first=timeout_warning(shard, timeout_s, pool))
+    except Exception as e:  # noqa: BLE001 - not only bad input: a full disk, a bug; said in the gather below
+        crash = e
+        mine = {"crash": f"rank {shard} stopped preparing its share: {_one_line(e)}",
+                "bad_input": isinstance(e, InputError)}
+    else:
+        crash = None
+        mine = {"paths": {rows[i]: entry_paths(e) for i, e in done.entries.items()},
+                "errors": {rows[i]: e for i, e in done.errors.items()}, "built": len(done.built)}
+    shares = (gather or _alone)([mine])  # the one wait: every rank has prepared its share, or failed to
+    _stop_on_crash(shares, crash)
     paths = {i: p for s in shares for i, p in s["paths"].items()}
     errors = {i: e for s in shares for i, e in s["errors"].items()}
     if shard.index == 0:
@@ -147,6 +158,22 @@ def prepare_shared(df: pd.DataFrame, cfg: PrepConfig, cache_dir, *, shard: Shard
         for subject, reason in rejected:
             print(f"skipped {subject}: {reason}", file=sys.stderr)
     return out, rejected
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else "no details"
+    return text if isinstance(e, (InputError, PrepareFailed)) else f"{type(e).__name__}: {text}"
+
+
+def _stop_on_crash(shares: list[dict], crash: Exception | None) -> None:
+    """Every rank raises the first crashed rank's line (bad input stays InputError: exit 2), so a rank that fails
+    while preparing stops the run at the gather, not at the process group's timeout."""
+    crashed = [s for s in shares if "crash" in s]
+    if not crashed:
+        return
+    more = f" ({len(crashed)} ranks failed)" if len(crashed) > 1 else ""
+    line = f"{crashed[0]['crash']}; every rank stops here{more}"
+    raise (InputError if crashed[0]["bad_input"] else RunStopped)(line) from crash
 
 
 # ---- --shard I/N as its own job ------------------------------------------------------------------
