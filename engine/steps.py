@@ -1,5 +1,6 @@
 """One optimizer step of either loop, and what it rests on: per-step seeds, AdamW with its warm-up +
-cosine schedule, and the guard that skips a non-finite loss identically on every rank.
+cosine schedule, and the guard that skips a non-finite loss identically on every rank (and counts the
+steps DeepSpeed's overflow check skips on its own).
 
 - `step_seed` / `reseed_torch`: every step reseeds torch from (seed, step, rank), so a resumed run replays
   the same dropout / masks / augmentation as an uninterrupted one without restoring RNG state.
@@ -71,7 +72,14 @@ class WarmupCosine:
 
 
 class NonFiniteGuard:
-    """Decides, identically on every rank, whether this step's loss is usable."""
+    """Decides, identically on every rank, whether this step's loss is usable, and counts what was skipped.
+
+    Two things skip an update: a non-finite loss (the guard's own verdict), and, under DeepSpeed, the
+    overflow check that skips a step whose losses were finite but whose gradients were not. Both count in
+    `total` (train/nonfinite_skipped) and `in_row`. Without DeepSpeed a finite loss ends a run, as it always
+    has; under DeepSpeed only an applied step does, because finite losses say nothing about the gradients
+    that DeepSpeed checks after them.
+    """
 
     def __init__(self, max_in_row: int):
         self.max_in_row = max_in_row
@@ -82,15 +90,35 @@ class NonFiniteGuard:
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)
         bad = accelerator.reduce(bad, reduction="sum") if accelerator.num_processes > 1 else bad
         if bad.item() == 0:
-            self.in_row = 0
+            if accelerator.distributed_type != DistributedType.DEEPSPEED:
+                self.in_row = 0
             return True
+        self._count(accelerator)
+        return False
+
+    def deepspeed_verdict(self, skipped: bool, spoiled: bool, accelerator: Accelerator) -> bool:
+        """After a DeepSpeed optimizer step: count a skip that no non-finite loss explains (`spoiled`: one did,
+        and was counted), end the run when the step was applied. Returns whether the step was applied."""
+        flag = torch.tensor([float(skipped)], device=accelerator.device)  # [1]
+        # DeepSpeed all-reduces the gradient norm it checks, so the ranks agree; the max makes sure of it
+        skipped = bool((accelerator.reduce(flag, reduction="max") if accelerator.num_processes > 1 else flag).item())
+        if not skipped:
+            self.in_row = 0
+        elif not spoiled:
+            self._count(accelerator)
+        return not skipped
+
+    def _count(self, accelerator: Accelerator) -> None:
         self.in_row += 1
         self.total += 1
-        if self.in_row >= self.max_in_row:
-            raise TrainingStopped(
-                f"{self.in_row} non-finite losses in a row ({self.total} in total); stopping. "
-                "The last good checkpoint is kept: lower the learning rate or check the data, then --resume auto.")
-        return False
+        if self.in_row < self.max_in_row:
+            return
+        what = ("non-finite losses or skipped optimizer steps in a row (DeepSpeed's overflow check skips a step "
+                "whose gradients are not finite)" if accelerator.distributed_type == DistributedType.DEEPSPEED
+                else "non-finite losses in a row")
+        raise TrainingStopped(
+            f"{self.in_row} {what} ({self.total} in total); stopping. "
+            "The last good checkpoint is kept: lower the learning rate or check the data, then --resume auto.")
 
     def state_dict(self) -> dict:
         return {"in_row": self.in_row, "total": self.total}
@@ -112,7 +140,7 @@ def backward_and_step(accelerator: Accelerator, model, optimizer, loss: torch.Te
     finite = guard.ok(loss, accelerator)
     step_ok = step_ok and finite
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return finite, _deepspeed_backward(accelerator, optimizer, loss, finite, step_ok)
+        return finite, _deepspeed_backward(accelerator, optimizer, loss, finite, step_ok, guard)
     if finite:
         accelerator.backward(loss)
     if accelerator.sync_gradients:
@@ -124,7 +152,8 @@ def backward_and_step(accelerator: Accelerator, model, optimizer, loss: torch.Te
     return finite, step_ok
 
 
-def _deepspeed_backward(accelerator: Accelerator, optimizer, loss: torch.Tensor, finite: bool, step_ok: bool) -> bool:
+def _deepspeed_backward(accelerator: Accelerator, optimizer, loss: torch.Tensor, finite: bool, step_ok: bool,
+                        guard: NonFiniteGuard) -> bool:
     """One micro-batch's backward under DeepSpeed; returns whether the optimizer step is still good.
 
     Here `accelerator.backward` also runs the engine's step at the accumulation boundary, and the engine
@@ -144,7 +173,8 @@ def _deepspeed_backward(accelerator: Accelerator, optimizer, loss: torch.Tensor,
         raise TrainingStopped(
             "DeepSpeed applied an optimizer step that a non-finite loss spoiled: its overflow check is off "
             "(zero_optimization.stage 0, or compute_grad_norm false). The last good checkpoint is kept.")
-    return step_ok and not skipped
+    # a skip with every loss finite (non-finite gradients) counts in the guard like a non-finite loss
+    return guard.deepspeed_verdict(skipped, spoiled=not step_ok, accelerator=accelerator) and step_ok
 
 
 def optimizer_step(accelerator: Accelerator, model, optimizer, guard: NonFiniteGuard, clip_grad: float,
