@@ -81,6 +81,10 @@ class FinetuneConfig(LoopConfig):
     # reuse the folds already finished in output_dir whose inputs are unchanged (a crashed or extended
     # run continues); false: train every fold again
     reuse_folds: bool = True
+    # the segmenter --task segmentation trains: vit (the encoder above with the decoder --model.seg_head
+    # names), or a MONAI CNN from scratch (models/cnn_segmenter.py: dynunet planned the nnU-Net way, or
+    # segresnet; --model.seg_width channels at its finest stage), on the same crops, loss and folds
+    seg_arch: Literal["vit", "dynunet", "segresnet"] = "vit"
     prep: PrepConfig = field(default_factory=PrepConfig)
     model: MultimodalConfig = field(default_factory=_default_model)
     optim: OptimConfig = field(default_factory=_default_optim)
@@ -102,10 +106,24 @@ class FinetuneConfig(LoopConfig):
             raise ConfigError(f"--model.head_norm batchnorm needs --batch_size >= 2, got {self.batch_size}")
         if self.lp_epochs and (self.lp_epochs >= self.epochs or self.freeze_encoder):
             raise ConfigError(f"--lp_epochs {self.lp_epochs}: needs --epochs above it and no --freeze_encoder")
+        self._check_seg_arch()
         parse_eval_sets(self.eval_sets)  # a malformed entry fails at parse time, naming the flag
         if self.crop_mm is not None:
             ViewSpec(crop_mm=self.crop_mm, margin_mm=self.margin_mm)  # a negative value fails here, at parse time
         ViewSpec(margin_mm=self.margin_mm, peritumoral_mm=self.peritumoral_mm)
+
+    def _check_seg_arch(self) -> None:
+        """A CNN segmenter is a segmentation model alone, trained from scratch, with no ViT encoder."""
+        if self.seg_arch == "vit":
+            return
+        if not self.task.segment:
+            raise ConfigError(f"--seg_arch {self.seg_arch} trains a segmenter alone: it needs --task segmentation "
+                              f"(got --task {self.model.task})")
+        if self.pretrained:
+            raise ConfigError(f"--pretrained {self.pretrained}: --seg_arch {self.seg_arch} is a CNN trained from "
+                              "scratch and has no ViT encoder to load; use --seg_arch vit with a pretrained encoder")
+        if self.freeze_encoder or self.lp_epochs:
+            raise ConfigError(f"--freeze_encoder / --lp_epochs: --seg_arch {self.seg_arch} has no encoder to hold")
 
     @property
     def task(self) -> Task:

@@ -23,6 +23,7 @@ from finetune.cohort import make_dataset, time_bins
 from finetune.config import FinetuneConfig
 from finetune.recipe import EpochChoice, FinetuneSchedule, encoder_peak_lr, tag_param_groups
 from finetune.lesion.seg_metrics import segmentation_metrics
+from models.cnn_segmenter import CNNSegConfig, CNNSegmenter
 from models.input_spec import InputSpec
 from models.multimodal import MultimodalConfig, MultimodalModel
 from models.segmentation import seg_target, segmentation_loss
@@ -92,7 +93,7 @@ def build_fold(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec
     val_ds = make_dataset(val_df, cfg.task, schema, augment=False, seed=0, **kw)
 
     reseed_torch(cfg.seed, seeds.init_phase)  # the fold's initial weights
-    model = MultimodalModel.from_pretrained_encoder(mcfg, cfg.pretrained or None)
+    model = new_model(cfg, mcfg, spec)
     if cfg.task.survival and mcfg.linear_clinical_hazard and schema is not None and train_df["event"].any():
         # the hazard's linear clinical part starts as this fold's clinical Cox fit (its training rows only),
         # so the untrained model already ranks as the Cox model a user would fit first
@@ -124,8 +125,18 @@ def build_fold(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec
                 steps_per_epoch, pos_weight)
 
 
+def new_model(cfg: FinetuneConfig, mcfg: MultimodalConfig, spec: InputSpec) -> torch.nn.Module:
+    """The fold's fresh model: the ViT (pretrained encoder when given), or with a CNN --seg_arch a MONAI CNN
+    segmenter reading the same image channels at the same crop size and voxel as the ViT's head would."""
+    if cfg.seg_arch == "vit":
+        return MultimodalModel.from_pretrained_encoder(mcfg, cfg.pretrained or None)
+    from finetune.lesion.search import model_voxel_mm
+    return CNNSegmenter(CNNSegConfig(arch=cfg.seg_arch, in_channels=mcfg.encoder.in_channels - 1,
+                                     img_size=spec.input_size, voxel_mm=model_voxel_mm(spec), width=mcfg.seg_width))
+
+
 @torch.no_grad()
-def predict(model: MultimodalModel, dataset, batch_size: int, device, time_bins=None,
+def predict(model: MultimodalModel | CNNSegmenter, dataset, batch_size: int, device, time_bins=None,
             spacing_mm: float = 1.0) -> dict[str, np.ndarray]:
     """Per subject: the outcome scores ("prob", "risk") and, with a segmentation head, "dice" of the
     predicted mask against the crop's own (`spacing_mm`: the prepared voxel edge, for the crop's scale)."""

@@ -33,6 +33,7 @@ import torch
 from core.atomic import atomic_path
 from core.errors import InputError, cli_entry
 from finetune.clinical import unseen_categories_reported_once
+from models.cnn_segmenter import CNNSegmenter, load_fold_model
 from models.input_spec import load_input_spec
 from models.multimodal import MultimodalModel
 from models.tasks import output_scores
@@ -51,10 +52,10 @@ def model_folders(path: str | Path) -> list[Path]:
     raise InputError(f"{path}: not a fine-tuned model folder (no config.json or ensemble.json)")
 
 
-def load_model(folder: str | Path) -> tuple[MultimodalModel, dict]:
-    """The model in eval mode, and its saved config plus "schema" (ClinicalSchema or None) and "spec"
-    (the input contract)."""
-    model, config = MultimodalModel.from_pretrained(folder)
+def load_model(folder: str | Path) -> tuple[MultimodalModel | CNNSegmenter, dict]:
+    """The model in eval mode (a fine-tuned ViT, or a CNN segmenter: by its config.json), and its saved config
+    plus "schema" (ClinicalSchema or None) and "spec" (the input contract)."""
+    model, config = load_fold_model(folder)
     model.eval()
     schema = None
     if config.get("clinical_schema"):
@@ -151,12 +152,13 @@ def needs_mask(df: pd.DataFrame) -> np.ndarray:
     return np.array(out, bool)
 
 
-def segmenting_models(path: str | Path) -> list[MultimodalModel]:
-    """The fold models of `path`, each with a segmentation head trained for whole-head search (on windows
-    anywhere in the head, not lesion crops only); InputError naming the first that is not."""
+def segmenting_models(path: str | Path) -> list[MultimodalModel | CNNSegmenter]:
+    """The fold models of `path`, either kind (a ViT with a segmentation head, or a CNN segmenter), each
+    trained for whole-head search (on windows anywhere in the head, not lesion crops only); InputError
+    naming the first that is not."""
     from finetune.fold import SEG_WINDOWS_KEY
     loaded = {folder: load_model(folder) for folder in model_folders(path)}
-    if any(m.seg_decoder is None for m, _ in loaded.values()):
+    if not all(m.config.segments for m, _ in loaded.values()):
         raise InputError(f"{path}: has no segmentation head, and some rows have no mask; pass --seg_model with "
                          "a model trained with --task segmentation or --seg_weight > 0")
     old = [folder for folder, (_, meta) in loaded.items() if not meta.get(SEG_WINDOWS_KEY)]
@@ -254,7 +256,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output CSV: subject_id, prob and/or risk (+ mask_source, "
                     "predicted_mask, predicted_volume_ml); predicted masks go to <out stem>_masks/")
     ap.add_argument("--seg_model", default="", help="model (folder or run model/ folder) that segments rows without "
-                    "a mask (default: --model, when it has a segmentation head)")
+                    "a mask: a ViT run's with a segmentation head, or a CNN run's (--seg_arch dynunet|segresnet), "
+                    "so the outcome model (--model) and the segmenter may differ (default: --model, when it has a "
+                    "segmentation head)")
     ap.add_argument("--segment_all", action="store_true", help="segment every row, ignoring the manifest's masks: "
                     "what the outcome would be without a drawn mask; the CSV gains dice_vs_given (the masks stay "
                     "untouched on disk)")

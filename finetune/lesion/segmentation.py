@@ -19,7 +19,7 @@ from finetune.cohort import make_dataset
 from finetune.figures import save_overlay
 from finetune.lesion.seg_metrics import SEG_METRICS, segmentation_metrics, segmentation_report
 from models.input_spec import InputSpec
-from models.multimodal import MultimodalModel
+from models.cnn_segmenter import load_fold_model
 from models.segmentation import seg_target
 from models.tasks import SEGMENTATION
 
@@ -56,7 +56,7 @@ def segmentation_results(out: Path, fold_info: list, frames: list, df: pd.DataFr
     """segmentation.csv (one row per subject and split), overlays under segmentation/, and the report
     {split: {dice: {mean, ci95}, hd95_mm, hd95_found_mm, hd95_misses, volume errors, missed, n}} that goes into
     metrics.json (seg_metrics says how a miss is counted)."""
-    models = [MultimodalModel.from_pretrained(info["folder"])[0].eval() for info in fold_info]
+    models = [load_fold_model(info["folder"])[0].eval() for info in fold_info]  # the ViT's or a CNN
     by_id = df.set_index("subject_id", drop=False)
     tables = []
     for k, (model, frame) in enumerate(zip(models, frames)):  # each validation subject by its own fold
