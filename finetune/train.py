@@ -102,15 +102,30 @@ def load_cohort(cfg: FinetuneConfig, prep: PrepConfig, show_progress: bool, acce
 def refuse_training_patients(held: pd.DataFrame, where: str, train: pd.DataFrame, manifest: str) -> None:
     """A held-out patient is never a training patient: a follow-up scan of one (its own subject_id, the
     same patient_id) would inflate the held-out figures. Patients are compared by patient_id as
-    data.manifest reads it (subject_id where a manifest has no patient_id column), as the splits are."""
-    trained = dict(zip(train["patient_id"].astype(str), train["subject_id"].astype(str)))  # patient -> a subject
-    clash = held[held["patient_id"].astype(str).isin(trained)]
+    data.manifest reads it (subject_id where a manifest has no patient_id column), as the splits are, and
+    by (site, patient_id) when both tables name their sites: two sites may give different people one id."""
+    by_site = _names_sites(held) and _names_sites(train)
+
+    def key(df: pd.DataFrame) -> pd.Series:
+        pid = df["patient_id"].astype(str)
+        return df["site"].astype(str) + "\x00" + pid if by_site else pid
+    trained = dict(zip(key(train), train["subject_id"].astype(str)))  # patient -> a subject
+    clash = held[key(held).isin(trained)]
     if len(clash):
-        pairs = [f"{p} (subject {s} here, {trained[p]} there)" for p, s in
-                 zip(clash["patient_id"].astype(str), clash["subject_id"].astype(str))]
-        raise InputError(f"{where}: patient_id {', '.join(pairs[:3])}{' and more' if len(pairs) > 3 else ''} "
+        pairs = [f"{p}{f' at site {site}' if by_site else ''} (subject {s} here, {trained[k]} there)"
+                 for k, p, site, s in zip(key(clash), clash["patient_id"].astype(str), clash["site"].astype(str),
+                                          clash["subject_id"].astype(str))]
+        raise InputError(f"{where}: {'(site, patient_id)' if by_site else 'patient_id'} "
+                         f"{', '.join(pairs[:3])}{' and more' if len(pairs) > 3 else ''} "
                          f"also in the training manifest {manifest}; a held-out patient must not be a training "
                          "patient: drop those rows or hold the patient out of the training manifest")
+
+
+def _names_sites(df: pd.DataFrame) -> bool:
+    """Whether a table names its sites: data.manifest gives every row DEFAULT_SITE when it has no site column,
+    and such a table's patient may be any site's, so it is compared by patient_id alone."""
+    from data.manifest import DEFAULT_SITE
+    return "site" in df.columns and bool((df["site"].astype(str) != DEFAULT_SITE).any())
 
 
 def load_splits(cfg: FinetuneConfig, df: pd.DataFrame) -> dict:
