@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from core.atomic import write_json
@@ -139,8 +140,36 @@ class Checkpointer:
                                    "free some space, then continue with --resume auto")
 
     def load(self, accelerator: Accelerator, path: Path) -> dict:
+        refuse_other_keys(accelerator, path)
         accelerator.load_state(str(path))
         return json.loads((path / "trainer_state.json").read_text())
+
+
+def refuse_other_keys(accelerator: Accelerator, path: Path) -> None:
+    """InputError naming `path` and the keys when the checkpoint's weights are not today's model's (a buffer
+    added since it was written, such as MiM's align_center): said before accelerate's or DeepSpeed's strict
+    load raises its multi-line error, and nothing is filled in. The keys are read from weights.safetensors
+    (the full, unwrapped state dict every checkpoint holds; its header only)."""
+    weights = path / "weights.safetensors"
+    models = accelerator._models  # what load_state loads into; accelerate has no public name for it
+    if not weights.is_file() or len(models) != 1:
+        return
+    with safe_open(str(weights), framework="pt") as f:
+        saved = set(f.keys())
+    expected = set(accelerator.unwrap_model(models[0]).state_dict())
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if not missing and not unexpected:
+        return
+    what = "; ".join(f"{name} {_listed(keys)}" for name, keys in (("missing", missing), ("unexpected", unexpected))
+                     if keys)
+    # its encoder still exports (models.export reads the encoder's keys only), so only resuming is refused
+    raise InputError(f"{path}: its weights do not match this model ({what}): the checkpoint was written by an older "
+                     "mimfm; start a new run (a new --output_dir), or resume it with the mimfm that wrote it "
+                     "(python -m models.export still exports its encoder)")
+
+
+def _listed(keys: list[str], most: int = 5) -> str:
+    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
 
 
 def _attempt(write) -> Exception | None:
