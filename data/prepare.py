@@ -47,28 +47,33 @@ def resample(image: Volume, mask: Volume | None, spacing) -> tuple[np.ndarray, n
     """
     if np.allclose(image.spacing, spacing, rtol=1e-4, atol=0):
         return image.array, (mask.array if mask else None), image.affine
-    affine = torch.as_tensor(image.affine, dtype=torch.float64)
-    data = {"image": MetaTensor(torch.from_numpy(image.array)[None], affine=affine)}  # [1, X, Y, Z]
-    keys, modes = ["image"], ["bilinear"]
-    if mask is not None:
-        data["mask"] = MetaTensor(torch.from_numpy(mask.array)[None], affine=affine.clone())
-        keys.append("mask")
-        modes.append("nearest")
-    out = Spacingd(keys, pixdim=tuple(spacing), mode=modes, padding_mode="border", dtype=np.float32)(data)
-    new_affine = out["image"].affine.numpy().astype(np.float64)
-    img = out["image"].as_tensor()[0].numpy().astype(np.float32, copy=False)  # [X', Y', Z']
-    msk = (out["mask"].as_tensor()[0].numpy() > 0.5).astype(np.float32) if mask is not None else None
-    return img, msk, new_affine
+    arrays = {"image": (image.array, "bilinear")} | ({"mask": (mask.array, "nearest")} if mask is not None else {})
+    out, new_affine = _spacingd(arrays, image.affine, spacing)
+    msk = (out["mask"] > 0.5).astype(np.float32) if mask is not None else None
+    return out["image"], msk, new_affine
 
 
-def resample_mask(mask: Volume, spacing) -> np.ndarray:
-    """A 0/1 mask on an image's grid -> [X', Y', Z'] bool on `resample`'s grid for that image: nearest
-    neighbour, and Spacingd's output grid depends only on the affine and the shape, which the two share."""
-    if np.allclose(mask.spacing, spacing, rtol=1e-4, atol=0):
+def resample_mask(mask: Volume, image: Volume, spacing) -> np.ndarray:
+    """A 0/1 mask already checked to lie on `image`'s grid (within check_same_grid's tolerance) -> [X', Y', Z'] bool
+    on `resample`'s grid for that image, as `resample` puts a lesion mask there: nearest neighbour through the
+    image's affine, never the mask's own (within the tolerance, that one can give another shape or voxels)."""
+    if np.allclose(image.spacing, spacing, rtol=1e-4, atol=0):
         return mask.array > 0.5
-    data = {"mask": MetaTensor(torch.from_numpy(mask.array)[None], affine=torch.as_tensor(mask.affine, dtype=torch.float64))}
-    out = Spacingd(["mask"], pixdim=tuple(spacing), mode="nearest", padding_mode="border", dtype=np.float32)(data)
-    return out["mask"].as_tensor()[0].numpy() > 0.5  # [X', Y', Z']
+    out, _ = _spacingd({"mask": (mask.array, "nearest")}, image.affine, spacing)
+    return out["mask"] > 0.5  # [X', Y', Z']
+
+
+def _spacingd(arrays: Mapping[str, tuple[np.ndarray, str]], affine: np.ndarray, spacing
+              ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """MONAI's Spacingd of each array [X, Y, Z] (with its interpolation mode) on one grid, `affine`, to `spacing`
+    mm -> ({name: [X', Y', Z'] float32}, the new affine). One affine for every array gives one output grid."""
+    keys = list(arrays)
+    reference = torch.as_tensor(affine, dtype=torch.float64)
+    data = {k: MetaTensor(torch.from_numpy(arrays[k][0])[None], affine=reference.clone()) for k in keys}  # [1, X, Y, Z]
+    out = Spacingd(keys, pixdim=tuple(spacing), mode=[arrays[k][1] for k in keys], padding_mode="border",
+                   dtype=np.float32)(data)
+    new_affine = out[keys[0]].affine.numpy().astype(np.float64)
+    return {k: out[k].as_tensor()[0].numpy().astype(np.float32, copy=False) for k in keys}, new_affine
 
 
 class Brain(NamedTuple):
@@ -217,7 +222,11 @@ def _brain(row: Mapping, cfg: PrepConfig, image: Volume, first: np.ndarray, fg: 
         return None
     path = _brain_path(row, cfg)
     if path:
-        return Brain(resample_mask(load_mask(path, image, role="brain_mask"), cfg.spacing), f"brain_mask column: {path}")
+        try:
+            drawn = load_mask(path, image, role="brain_mask")
+        except InputError as e:  # the file alone is named there; say whose and which column, as channels do
+            raise NiftiError(f"subject {row['subject_id']} brain_mask {path}: {e}") from None
+        return Brain(resample_mask(drawn, image, cfg.spacing), f"brain_mask column: {path}")
     spacing = [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)]
     p = cfg.pet
     source = (f"estimated: data.brain.brain_mask of {cfg.image_columns()[0]} (head eroded {p.brain_erode_mm:g} mm, "
