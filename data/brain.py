@@ -1,5 +1,5 @@
-"""A brain mask from a head image, erosion / dilation by a distance in mm, and the head (foreground) mask and
-Otsu threshold that data.prepare crops and normalises with.
+"""A brain mask from a head image, erosion / dilation by a distance in mm, and the head (foreground) mask, its
+box and the Otsu threshold that data.prepare crops and normalises with.
 
     brain_mask(image, spacing) -> [X, Y, Z] bool
 
@@ -34,6 +34,7 @@ which equals scipy's binary_erosion / binary_dilation with the ball {offsets d :
 from __future__ import annotations
 
 import numpy as np
+from monai.transforms.utils import generate_spatial_bounding_box
 from scipy import ndimage
 from scipy.ndimage import binary_fill_holes
 from skimage.filters import threshold_otsu
@@ -62,6 +63,16 @@ def foreground_mask(image: np.ndarray, modality: str) -> np.ndarray:
         return image > CT_BODY_HU
     # Filling holes keeps dark structures enclosed by tissue (ventricles, necrotic cores) in the foreground.
     return binary_fill_holes(image > otsu_threshold(image))
+
+
+def foreground_box(fg: np.ndarray, mask: np.ndarray | None, margin: int) -> tuple[list[int], list[int]]:
+    """Box [start, end) around foreground ∪ lesion, grown by `margin` and clipped to the volume."""
+    keep = fg if mask is None else (fg | (mask > 0))
+    start, end = generate_spatial_bounding_box(keep[None], margin=margin, allow_smaller=True)
+    start, end = [int(s) for s in start], [int(e) for e in end]
+    if any(e <= s for s, e in zip(start, end)):  # nothing selected: keep the whole volume
+        return [0, 0, 0], list(fg.shape)
+    return start, end
 
 
 def erode_mm(mask: np.ndarray, radius_mm: float, spacing) -> np.ndarray:

@@ -21,14 +21,13 @@ import pandas as pd
 import torch
 from monai.data import MetaTensor
 from monai.transforms import ScaleIntensityRange, SpatialResample, Spacingd
-from monai.transforms.utils import generate_spatial_bounding_box
 from tqdm import tqdm
 
 from core.cli import parse_config
 from core.config import to_dict
 from core.errors import ConfigError, InputError, NiftiError, cli_entry
 from data import cache, pet
-from data.brain import brain_mask, foreground_mask
+from data.brain import brain_mask, foreground_box, foreground_mask
 from data.nifti import Volume, load_mask, load_pair, load_volume
 from data.prep_config import CHANNELS_VERSION, PREP_VERSION, PrepConfig
 
@@ -54,19 +53,17 @@ def resample(image: Volume, mask: Volume | None, spacing) -> tuple[np.ndarray, n
 
 
 def resample_mask(mask: Volume, image: Volume, spacing) -> np.ndarray:
-    """A 0/1 mask already checked to lie on `image`'s grid (within check_same_grid's tolerance) -> [X', Y', Z'] bool
-    on `resample`'s grid for that image, as `resample` puts a lesion mask there: nearest neighbour through the
-    image's affine, never the mask's own (within the tolerance, that one can give another shape or voxels)."""
+    """A 0/1 mask checked to lie on `image`'s grid -> [X', Y', Z'] bool where `resample` puts a lesion mask: through
+    the image's affine, never the mask's own (within check_same_grid's tolerance, that can give another shape)."""
     if np.allclose(image.spacing, spacing, rtol=1e-4, atol=0):
         return mask.array > 0.5
     out, _ = _spacingd({"mask": (mask.array, "nearest")}, image.affine, spacing)
     return out["mask"] > 0.5  # [X', Y', Z']
 
 
-def _spacingd(arrays: Mapping[str, tuple[np.ndarray, str]], affine: np.ndarray, spacing
-              ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """MONAI's Spacingd of each array [X, Y, Z] (with its interpolation mode) on one grid, `affine`, to `spacing`
-    mm -> ({name: [X', Y', Z'] float32}, the new affine). One affine for every array gives one output grid."""
+def _spacingd(arrays: Mapping[str, tuple[np.ndarray, str]], affine: np.ndarray, spacing) -> tuple[dict, np.ndarray]:
+    """MONAI's Spacingd of arrays [X, Y, Z] (each with its mode) all on `affine`, so onto one grid of `spacing` mm
+    -> ({name: [X', Y', Z'] float32}, the new affine)."""
     keys = list(arrays)
     reference = torch.as_tensor(affine, dtype=torch.float64)
     data = {k: MetaTensor(torch.from_numpy(arrays[k][0])[None], affine=reference.clone()) for k in keys}  # [1, X, Y, Z]
@@ -141,16 +138,6 @@ def onto_grid(volume: Volume, affine: np.ndarray, shape, spacing) -> tuple[np.nd
             inside.as_tensor()[0].numpy() > 0.5)
 
 
-def foreground_box(fg: np.ndarray, mask: np.ndarray | None, margin: int) -> tuple[list[int], list[int]]:
-    """Box [start, end) around foreground ∪ lesion, grown by `margin` and clipped to the volume."""
-    keep = fg if mask is None else (fg | (mask > 0))
-    start, end = generate_spatial_bounding_box(keep[None], margin=margin, allow_smaller=True)
-    start, end = [int(s) for s in start], [int(e) for e in end]
-    if any(e <= s for s, e in zip(start, end)):  # nothing selected: keep the whole volume
-        return [0, 0, 0], list(fg.shape)
-    return start, end
-
-
 # ---- one subject -------------------------------------------------------------------------------
 
 def _cell(value) -> str | None:
@@ -162,6 +149,12 @@ def _cell(value) -> str | None:
 def _source_paths(row: Mapping, cfg: PrepConfig) -> tuple[str, list[str | None], str | None]:
     """(subject, one path per image channel (None: missing), mask path or None)."""
     return str(row["subject_id"]), [_cell(row.get(c)) for c in cfg.image_columns()], _cell(row.get("mask"))
+
+
+def source_files(row: Mapping, cfg: PrepConfig) -> list[str]:
+    """Every file a row's cache entry is prepared from: its image channels, its mask, its (PET TBR) brain mask."""
+    _, image_paths, mask_path = _source_paths(row, cfg)
+    return [p for p in (*image_paths, mask_path, _brain_path(row, cfg)) if p]
 
 
 def _digest(hashes: cache.HashIndex, path: str, role: str) -> str:
@@ -328,8 +321,7 @@ def prepare_subject(row: Mapping, cfg: PrepConfig, cache_dir, *, require_lesion:
 # ---- a table -----------------------------------------------------------------------------------
 
 class PrepareFailed(RuntimeError):
-    """Preparing a subject failed for a reason that is not bad input (a full disk, a bug); the message names the
-    subject and its first image file, the original exception is the cause."""
+    """Preparing a subject failed, not for bad input (a full disk, a bug): names the subject and its first image."""
 
 
 def _build_in_worker(args) -> tuple[cache.CacheEntry | None, InputError | None]:
@@ -338,12 +330,14 @@ def _build_in_worker(args) -> tuple[cache.CacheEntry | None, InputError | None]:
         return build_entry(row, cfg, cache_dir, key, require_lesion=require_lesion), None
     except InputError as e:  # returned, not raised, so one bad subject does not stop the pool
         return None, e
-    except Exception as e:
-        # Raised on, with the subject and file it hit: a rank of a run passes this line to every rank.
+    except Exception as e:  # not bad input: raised on naming the subject and file (a rank tells every rank)
         subject, image_paths, _ = _source_paths(row, cfg)
-        text = str(e).strip().splitlines()[0] if str(e).strip() else "no details"
-        raise PrepareFailed(f"subject {subject} {cfg.image_columns()[0]} {image_paths[0]}: "
-                            f"{type(e).__name__}: {text}") from e
+        raise PrepareFailed(f"subject {subject} {cfg.image_columns()[0]} {image_paths[0]}: {type(e).__name__}: "
+                            f"{first_line(e)}") from e
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or ["no details"])[0]
 
 
 def _init_worker() -> None:

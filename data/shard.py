@@ -5,9 +5,11 @@
   table's cache paths. That collective is the only wait: its length is one rank's share, and a share that
   is measured to outlast the process group's timeout is said up front.
 - As its own job (`python -m data.prepare --shard I/N`, launch/slurm_prepare_array.sh): rows I::N. Each
-  shard writes its part of the index (cache/parts/index-<name>-<table>/I-of-N.json); the shard that finds
-  all N parts there writes index-<name>.csv (and rejected-<name>.csv), so the full index appears once
-  every shard is done, whichever finishes last, and a failed shard leaves none.
+  shard writes its part of the index (cache/parts/index-<name>-<table>/I-of-N.json, carrying the table's
+  stamp, I/N and the stat of each file its rows were prepared from); the shard that finds all N parts there,
+  each covering its rows and made from the files as they are now, writes index-<name>.csv (and
+  rejected-<name>.csv), so the full index appears once every shard is done, whichever finishes last; a failed
+  shard leaves none, and a part left by an earlier run whose files have changed since is never assembled.
 
 Cache entries are content-addressed and written whole (data/cache.py): shards meeting on one entry are safe,
 and a later run finds every entry by its key and builds nothing.
@@ -30,7 +32,7 @@ from core.atomic import write_json, write_text
 from core.errors import ConfigError, InputError, RunStopped
 from data.manifest import read_datalist, read_manifest, scan_folder
 from data.prep_config import PrepConfig
-from data.prepare import PrepareFailed, entry_paths, indexed, prepare_rows
+from data.prepare import PrepareFailed, entry_paths, first_line, indexed, prepare_rows, source_files
 
 
 @dataclass(frozen=True)
@@ -161,8 +163,7 @@ def prepare_shared(df: pd.DataFrame, cfg: PrepConfig, cache_dir, *, shard: Shard
 
 
 def _one_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else "no details"
-    return text if isinstance(e, (InputError, PrepareFailed)) else f"{type(e).__name__}: {text}"
+    return first_line(e) if isinstance(e, (InputError, PrepareFailed)) else f"{type(e).__name__}: {first_line(e)}"
 
 
 def _stop_on_crash(shares: list[dict], crash: Exception | None) -> None:
@@ -189,23 +190,70 @@ def parts_dir(cache_dir, name: str, stamp: str) -> Path:
     return Path(cache_dir) / "parts" / f"index-{name}-{stamp}"
 
 
-def write_part(folder: Path, shard: Shard, paths: dict, reasons: dict) -> None:
+def file_stamps(df: pd.DataFrame, rows: list[int], cfg: PrepConfig) -> dict[int, list]:
+    """Row -> [[file, size, mtime_ns, inode] for each file it is prepared from ([file] alone: missing)], taken
+    before preparing: a part that carries them is later told from one whose files have changed since."""
+    return {i: [_stat(f) for f in source_files(df.iloc[i], cfg)] for i in rows}
+
+
+def _stat(path: str) -> list:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [path]
+    return [path, st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def write_part(folder: Path, shard: Shard, stamp: str, paths: dict, reasons: dict, sources: dict) -> None:
+    """Shard I/N's part of the index: what it belongs to (the table's stamp, I/N), its rows' cache paths and
+    rejections, and the stamps of the files they were prepared from."""
     write_json(folder / f"{shard.index}-of-{shard.count}.json",
-               {"shard": str(shard), "paths": {str(i): p for i, p in paths.items()},
-                "rejected": {str(i): r for i, r in reasons.items()}})
+               {"stamp": stamp, "shard": str(shard), "paths": {str(i): p for i, p in paths.items()},
+                "rejected": {str(i): r for i, r in reasons.items()}, "sources": {str(i): s for i, s in sources.items()}})
 
 
-def read_parts(folder: Path, count: int) -> tuple[dict, dict] | None:
-    """Every shard's paths and rejections, once all `count` parts are there; None while one is missing."""
+def read_parts(folder: Path, stamp: str, count: int, n_rows: int) -> tuple[dict, dict] | str:
+    """Every shard's paths and rejections once all `count` parts are there and current; else why not."""
     paths, reasons = {}, {}
     for i in range(count):
+        shard = Shard(i, count)
         try:
             part = json.loads((folder / f"{i}-of-{count}.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        paths |= {int(k): tuple(v) for k, v in part["paths"].items()}
-        reasons |= {int(k): v for k, v in part["rejected"].items()}
+        except FileNotFoundError:
+            return f"shard {shard} is not done yet (the last shard to finish writes it)"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            part = None
+        why, done = _check_part(part, shard, stamp, n_rows)
+        if why is not None:
+            return f"shard {shard}'s part {why}: run shard {shard} again"
+        paths |= done[0]
+        reasons |= done[1]
     return paths, reasons
+
+
+def _check_part(part, shard: Shard, stamp: str, n_rows: int) -> tuple[str | None, tuple[dict, dict] | None]:
+    """(None, (paths, reasons)) for a part of this table and shard that covers exactly its rows, whose cache
+    entries are there and whose files are as they were when it was prepared; else (why not, None). A part of
+    an earlier run (a crashed one, or one before a file was replaced under the same name) is never assembled."""
+    if not isinstance(part, dict) or part.get("stamp") != stamp or part.get("shard") != str(shard):
+        return "is unreadable or belongs to another table or shard count", None
+    try:
+        paths = {int(k): tuple(v) for k, v in part["paths"].items()}
+        reasons = {int(k): str(v) for k, v in part["rejected"].items()}
+        sources = {int(k): [list(f) for f in v] for k, v in part["sources"].items()}
+    except (KeyError, AttributeError, TypeError, ValueError):
+        return "is incomplete", None
+    rows = set(shard.rows(n_rows))
+    if set(paths) | set(reasons) != rows or set(paths) & set(reasons) or set(sources) != rows:
+        return "does not cover its rows", None
+    for i in sorted(rows):
+        for then in sources[i]:
+            if _stat(then[0]) != then:
+                return f"is out of date ({then[0]} changed after it was written)", None
+    gone = [p[0] for p in paths.values() if not (Path(p[0]).parent / "meta.json").is_file()]
+    if gone:
+        return f"names cache entries that are gone, e.g. {Path(gone[0]).parent}", None
+    return None, (paths, reasons)
 
 
 def write_index(df: pd.DataFrame, paths: dict, reasons: dict, cache_dir: Path, name: str) -> tuple[Path, Path | None]:
@@ -253,6 +301,7 @@ def prepare_command(df: pd.DataFrame, cfg: PrepConfig, cache_dir: Path, name: st
     """python -m data.prepare's work for rows shard.index::shard.count; returns the line to print."""
     t0 = time.perf_counter()
     rows = shard.rows(len(df))
+    sources = file_stamps(df, rows, cfg) if shard.count > 1 else {}  # before hashing: what this part is made from
     done = prepare_rows(df.iloc[rows], cfg, cache_dir, require_lesion=require_lesion, stop=not skip_bad,
                         workers=workers, desc="prepare" if shard.count == 1 else f"prepare {shard}",
                         hash_part=shard.part)
@@ -270,12 +319,13 @@ def prepare_command(df: pd.DataFrame, cfg: PrepConfig, cache_dir: Path, name: st
     head = (f"prepared {len(paths)} of {len(rows)} subjects ({cfg.modality}, {list(cfg.spacing)} mm, "
             f"preprocessing key {cfg.key()})")
     if shard.count > 1:
-        folder = parts_dir(cache_dir, name, table_stamp(df, cfg, require_lesion))
-        write_part(folder, shard, paths, reasons)
+        stamp = table_stamp(df, cfg, require_lesion)
+        folder = parts_dir(cache_dir, name, stamp)
+        write_part(folder, shard, stamp, paths, reasons, sources)
         head = f"shard {shard} (rows {shard.index}::{shard.count}): {head}"
-        whole = read_parts(folder, shard.count)
-        if whole is None:
-            return f"{head}; index-{name}.csv is written by the last shard to finish\n{counts}"
+        whole = read_parts(folder, stamp, shard.count, len(df))
+        if isinstance(whole, str):
+            return f"{head}; index-{name}.csv not written yet: {whole}\n{counts}"
         paths, reasons = whole
     index, bad = write_index(df, paths, reasons, cache_dir, name)
     tail = f" -> {index}" + (f"; {len(reasons)} rejected, see {bad}" if bad else "")
