@@ -3,8 +3,9 @@
     python -m finetune.predict --model runs/ft/model --manifest new.csv --out predictions.csv
 
 A row with no mask (no mask column, an empty cell, or a mask file without a lesion) is segmented first by
-a model with a segmentation head (--seg_model, default --model itself; one trained on windows anywhere in
-the head, not lesion crops only): finetune.lesion.search scores every lesion candidate inside the brain and
+a segmenter (--seg_model, default --model itself: a ViT run's with a segmentation head, or a CNN run's,
+--seg_arch dynunet|segresnet, so a CNN may segment and the pretrained ViT predict the outcome; either
+trained on windows anywhere in the head, not lesion crops only; --tta averages each window over its flips): finetune.lesion.search scores every lesion candidate inside the brain and
 writes them all to <out stem>_masks/candidates.csv (rank, score, whether confident, world RAS centroid,
 volume), and the index lesion, the best candidate, as <out stem>_masks/<subject_id>_pred_mask.nii.gz on the
 image's own grid; its path goes into the `predicted_mask` column, and the outcome is then predicted from it.
@@ -170,7 +171,8 @@ def segmenting_models(path: str | Path) -> list[MultimodalModel | CNNSegmenter]:
 
 
 def fill_masks(df: pd.DataFrame, need: np.ndarray, models: list, spec, cache_dir: str, masks_dir: Path,
-               surface_margin_mm: float, accept_low_confidence: bool = False) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+               surface_margin_mm: float, accept_low_confidence: bool = False,
+               tta: bool = False) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Segment the rows in `need` and point their mask at the written NIfTI; (table, rejected rows).
     The table gains mask_source ("given" / "predicted"), lesion_status (finetune/lesion/candidates.py),
     search_region, predicted_mask and predicted_volume_ml, and, where a row's drawn mask was set aside
@@ -194,7 +196,7 @@ def fill_masks(df: pd.DataFrame, need: np.ndarray, models: list, spec, cache_dir
     for _, row in good.iterrows():
         try:
             found.append((row["subject_id"], search_lesion(models, row, spec, masks_dir, surface_margin_mm,
-                                                           accept_low_confidence=accept_low_confidence)))
+                                                           accept_low_confidence=accept_low_confidence, tta=tta)))
         except InputError as e:
             rejected.append((row["subject_id"], str(e)))
         bar.update(1)
@@ -270,6 +272,9 @@ def main(argv=None) -> int:
                     "below the confidence threshold (finetune/lesion/candidates.py) takes it anyway: its mask and "
                     "outcome are written, lesion_status low_confidence_accepted. Without this flag such a row is "
                     "flagged no_confident_lesion and gets no outcome")
+    ap.add_argument("--tta", action="store_true", help="test-time flips: each sliding window's lesion probability "
+                    "is the mean over its 8 axis flips (8x the search's compute). Off by default until measured on "
+                    "whole heads")
     ap.add_argument("--cache_dir", default="", help="preprocessing cache (default: a cache/ folder next to --out)")
     args = ap.parse_args(argv)
     if args.surface_margin_mm < 0:
@@ -294,7 +299,7 @@ def main(argv=None) -> int:
         seg_spec = load_input_spec(model_folders(args.seg_model or args.model)[0])
         masks_dir = Path(args.out).parent / f"{Path(args.out).stem}_masks"
         df, rejected = fill_masks(df, need, seg_models, seg_spec, cache, masks_dir, args.surface_margin_mm,
-                                  args.accept_low_confidence)
+                                  args.accept_low_confidence, args.tta)
     res = df[["subject_id"]].copy()
     scored = scored_rows(df)
     if outcome and len(scored):

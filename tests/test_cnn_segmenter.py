@@ -125,30 +125,33 @@ def vit_outcome_model(folder):
     return folder
 
 
-def test_seg_model_cnn_fills_a_missing_mask_beside_a_vit_outcome_model(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tta", [False, True])
+def test_seg_model_cnn_fills_a_missing_mask_beside_a_vit_outcome_model(tmp_path, monkeypatch, tta):
     """--model (a ViT outcome model) and --seg_model (a CNN folder) differ: the CNN's fold models go through the
-    real sliding window of the search; its untrained output is then replaced by a threshold of the bright ball,
+    real sliding window of the search (with --tta, the flag reaches the search: the flips themselves are
+    tests/test_cnn_segmenter_tta.py's, and 8x the windows here cost 10 s); its untrained output is then replaced by a threshold of the bright ball,
     so the search path's candidates, mask and outcome are what is checked."""
     from finetune import predict
     from finetune.lesion import search
     save_cnn(tmp_path / "cnn")
-    paths = [brain_with_ball(tmp_path, f"s{i}", (28.0 + i, 30.0, 8.0))[0] for i in range(2)]
-    pd.DataFrame({"subject_id": ["s0", "s1"], "image": [str(p) for p in paths]}).to_csv(tmp_path / "m.csv", index=False)
+    path = brain_with_ball(tmp_path, "s0", (28.0, 30.0, 8.0))[0]
+    pd.DataFrame({"subject_id": ["s0"], "image": [str(path)]}).to_csv(tmp_path / "m.csv", index=False)
     real, seen = search.lesion_probability, []
 
     def thresholded(models, image, spec, pad_value, **kw):
-        seen.append([type(m).__name__ for m in models])
-        real(models, image, spec, pad_value, **kw)  # the CNN runs in the real sliding window
+        seen.append(([type(m).__name__ for m in models], kw.get("tta")))
+        if not kw["tta"]:
+            real(models, image, spec, pad_value, **kw)  # the CNN runs in the real sliding window
         brain = image[0][image[0] > image.min()]
         return (image[0] > brain.mean() + 5 * brain.std()).astype(float)  # [X, Y, Z]
 
     monkeypatch.setattr(search, "lesion_probability", thresholded)
     out = tmp_path / "out" / "pred.csv"
     assert predict.main(["--model", str(vit_outcome_model(tmp_path / "vit")), "--seg_model", str(tmp_path / "cnn"),
-                         "--manifest", str(tmp_path / "m.csv"), "--out", str(out)]) == 0
-    assert seen == [["CNNSegmenter"]] * 2
+                         "--manifest", str(tmp_path / "m.csv"), "--out", str(out), *["--tta"] * tta]) == 0
+    assert seen == [(["CNNSegmenter"], tta)]  # the head searched by the CNN (with test-time flips when asked)
     res = pd.read_csv(out, dtype={"subject_id": str})
-    assert list(res.lesion_status) == ["found", "found"] and res["prob"].between(0, 1).all()
+    assert list(res.lesion_status) == ["found"] and res["prob"].between(0, 1).all()
     assert (res.predicted_volume_ml > 0).all() and (out.parent / "pred_masks" / "s0_pred_mask.nii.gz").is_file()
 
 
