@@ -191,8 +191,9 @@ def parts_dir(cache_dir, name: str, stamp: str) -> Path:
 
 
 def file_stamps(df: pd.DataFrame, rows: list[int], cfg: PrepConfig) -> dict[int, list]:
-    """Row -> [[file, size, mtime_ns, inode] for each file it is prepared from ([file] alone: missing)], taken
-    before preparing: a part that carries them is later told from one whose files have changed since."""
+    """Row -> [[file, size, mtime_ns] for each file it is prepared from ([file] alone: missing)], taken before
+    preparing: a part that carries them is later told from one whose files have changed since. No inode: on some
+    cluster mounts (FUSE) it differs between the nodes the shards run on, and the index would never be written."""
     return {i: [_stat(f) for f in source_files(df.iloc[i], cfg)] for i in rows}
 
 
@@ -201,7 +202,7 @@ def _stat(path: str) -> list:
         st = os.stat(path)
     except OSError:
         return [path]
-    return [path, st.st_size, st.st_mtime_ns, st.st_ino]
+    return [path, st.st_size, st.st_mtime_ns]
 
 
 def write_part(folder: Path, shard: Shard, stamp: str, paths: dict, reasons: dict, sources: dict) -> None:
