@@ -191,12 +191,15 @@ def fill_masks(df: pd.DataFrame, need: np.ndarray, models: list, spec, cache_dir
     todo = df[need].drop(columns=["mask"], errors="ignore")
     good, rejected = prepare_table(todo, spec.prep, cache_dir, require_lesion=False, on_error="collect")
     masks_dir.mkdir(parents=True, exist_ok=True)
+    if tta:
+        from finetune.lesion.search import FlipAveraged
+        models = [FlipAveraged(m) for m in models]
     found = []
     bar = progress(len(good), 0, True, "segmenting rows without a mask")
     for _, row in good.iterrows():
         try:
             found.append((row["subject_id"], search_lesion(models, row, spec, masks_dir, surface_margin_mm,
-                                                           accept_low_confidence=accept_low_confidence, tta=tta)))
+                                                           accept_low_confidence=accept_low_confidence)))
         except InputError as e:
             rejected.append((row["subject_id"], str(e)))
         bar.update(1)

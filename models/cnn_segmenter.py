@@ -171,10 +171,11 @@ def load_fold_model(folder: str | Path) -> tuple[nn.Module, dict]:
     MultimodalModel (the ViT, with or without a segmentation head) or a CNNSegmenter. Any other folder
     (a pretrained encoder, another tool's) is one InputError naming both kinds."""
     from models.multimodal import MODEL_TYPE, MultimodalModel
-    kind = read_json(Path(folder) / "config.json").get("model_type")
+    path = Path(folder) / "config.json"
+    kind = read_json(path).get("model_type") if path.is_file() else None
     if kind == CNN_MODEL_TYPE:
         return CNNSegmenter.from_pretrained(folder)
-    if kind == MODEL_TYPE:
+    if kind in (MODEL_TYPE, None):  # None: no config.json, which the fine-tuned model's loader names
         return MultimodalModel.from_pretrained(folder)
     raise InputError(f"{folder}: config.json's model_type {kind!r} is neither a fine-tuned model ({MODEL_TYPE}) "
                      f"nor a CNN segmenter ({CNN_MODEL_TYPE}); pass the model/ folder of a python -m finetune run")

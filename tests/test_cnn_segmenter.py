@@ -128,7 +128,7 @@ def vit_outcome_model(folder):
 @pytest.mark.parametrize("tta", [False, True])
 def test_seg_model_cnn_fills_a_missing_mask_beside_a_vit_outcome_model(tmp_path, monkeypatch, tta):
     """--model (a ViT outcome model) and --seg_model (a CNN folder) differ: the CNN's fold models go through the
-    real sliding window of the search (with --tta, the flag reaches the search: the flips themselves are
+    real sliding window of the search (with --tta, wrapped in FlipAveraged: the flips themselves are
     tests/test_cnn_segmenter_tta.py's, and 8x the windows here cost 10 s); its untrained output is then replaced by a threshold of the bright ball,
     so the search path's candidates, mask and outcome are what is checked."""
     from finetune import predict
@@ -139,8 +139,9 @@ def test_seg_model_cnn_fills_a_missing_mask_beside_a_vit_outcome_model(tmp_path,
     real, seen = search.lesion_probability, []
 
     def thresholded(models, image, spec, pad_value, **kw):
-        seen.append(([type(m).__name__ for m in models], kw.get("tta")))
-        if not kw["tta"]:
+        flipped = [isinstance(m, search.FlipAveraged) for m in models]
+        seen.append(([type(getattr(m, "model", m)).__name__ for m in models], flipped))
+        if not tta:
             real(models, image, spec, pad_value, **kw)  # the CNN runs in the real sliding window
         brain = image[0][image[0] > image.min()]
         return (image[0] > brain.mean() + 5 * brain.std()).astype(float)  # [X, Y, Z]
@@ -149,7 +150,7 @@ def test_seg_model_cnn_fills_a_missing_mask_beside_a_vit_outcome_model(tmp_path,
     out = tmp_path / "out" / "pred.csv"
     assert predict.main(["--model", str(vit_outcome_model(tmp_path / "vit")), "--seg_model", str(tmp_path / "cnn"),
                          "--manifest", str(tmp_path / "m.csv"), "--out", str(out), *["--tta"] * tta]) == 0
-    assert seen == [(["CNNSegmenter"], tta)]  # the head searched by the CNN (with test-time flips when asked)
+    assert seen == [(["CNNSegmenter"], [tta])]  # the head searched by the CNN (with test-time flips when asked)
     res = pd.read_csv(out, dtype={"subject_id": str})
     assert list(res.lesion_status) == ["found"] and res["prob"].between(0, 1).all()
     assert (res.predicted_volume_ml > 0).all() and (out.parent / "pred_masks" / "s0_pred_mask.nii.gz").is_file()

@@ -1,5 +1,5 @@
-"""--tta of the whole-head search (finetune/lesion/search.py): each window's probability is the mean over its 8 axis
-flips, each flipped back; checked by hand on one window at the prepared scale."""
+"""--tta of the whole-head search (finetune/lesion/search.py FlipAveraged): each window's probability is the mean over
+its 8 axis flips, each flipped back; checked by hand on one window at the prepared scale."""
 import numpy as np
 import torch
 
@@ -32,9 +32,9 @@ def test_tta_is_the_mean_over_the_eight_flips():
     expected = 1 / (1 + np.exp(-np.linspace(-3, 3, 8)))
     np.testing.assert_allclose(plain, np.broadcast_to(expected[:, None, None], (8, 8, 8)), atol=1e-5)
     # half of the flips reverse the first axis: by hand, (sigmoid(r) + sigmoid(-r)) / 2 = 0.5 everywhere
-    flipped = search.lesion_probability([Ramp()], image, ONE_WINDOW, 0.0, tta=True)
+    flipped = search.lesion_probability([search.FlipAveraged(Ramp())], image, ONE_WINDOW, 0.0)
     np.testing.assert_allclose(flipped, 0.5, atol=1e-5)
     rng = np.random.default_rng(0)
     image = rng.standard_normal((1, 8, 8, 8)).astype(np.float32)
-    np.testing.assert_allclose(search.lesion_probability([Identity()], image, ONE_WINDOW, 0.0, tta=True),
+    np.testing.assert_allclose(search.lesion_probability([search.FlipAveraged(Identity())], image, ONE_WINDOW, 0.0),
                                1 / (1 + np.exp(-image[0])), atol=1e-5)

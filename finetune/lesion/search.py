@@ -3,7 +3,8 @@
     prepared image [C, X, Y, Z] (data.prepare: RAS, the contract's spacing, normalised, head crop)
       -> resampled to the model's own voxel (the contract's view: crop_mm / input_size mm)
       -> MONAI sliding_window_inference of the segmenter, the ViT's head or a CNN (fold ensemble: mean
-         probability; with --tta each window's is the mean over its 8 axis flips)
+         probability; with --tta each model is FlipAveraged: a window's probability is the mean over its 8
+         axis flips)
       -> back to the prepared grid
       -> the search region: the brain (the manifest's brain_mask column, else data.brain's estimate from the
          first channel), holes filled and grown by BRAIN_TOLERANCE_MM; only when no brain is found, the head
@@ -61,20 +62,25 @@ def model_voxel_mm(spec: InputSpec) -> float:
 FLIPS = [dims for k in range(4) for dims in itertools.combinations((2, 3, 4), k)]
 
 
-def window_probability(model, window: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """window [B, C + 1, s, s, s] -> the lesion probability [B, 1, s, s, s]; with `tta`, the mean over FLIPS
-    of the probability of the flipped window, flipped back (8x the compute)."""
-    if not tta:
-        return torch.sigmoid(model.segment(window).float())
-    return torch.stack([torch.sigmoid(model.segment(window.flip(d)).float()).flip(d) for d in FLIPS]).mean(0)
+class FlipAveraged:
+    """A segmenter under test-time flips (predict --tta): its lesion probability on a window is the mean over
+    FLIPS of the model's probability on the flipped window, flipped back (8x the compute). It keeps the
+    segmenter's contract, so the search takes it as any other model."""
+    def __init__(self, model):
+        self.model = model
+
+    def segment(self, window: torch.Tensor) -> torch.Tensor:
+        """window [B, C + 1, s, s, s] -> logits [B, 1, s, s, s] of the flip-averaged probability."""
+        prob = torch.stack([torch.sigmoid(self.model.segment(window.flip(d)).float()).flip(d) for d in FLIPS]).mean(0)
+        return torch.logit(prob, eps=1e-7)
 
 
 @torch.no_grad()
 def lesion_probability(models: list, image: np.ndarray, spec: InputSpec, pad_value: float,
-                       sw_batch_size: int = 8, tta: bool = False) -> np.ndarray:
+                       sw_batch_size: int = 8) -> np.ndarray:
     """image [C, X, Y, Z] on the prepared grid -> the mean lesion probability of `models` [X, Y, Z] there.
     `pad_value`: the first channel's background (where a window passes the volume's edge; the head crop
-    keeps a margin, so windows seldom do). `tta`: each window's probability is the mean over its 8 axis flips."""
+    keeps a margin, so windows seldom do)."""
     from monai.inferers import sliding_window_inference
     factor = spec.spacing_mm / model_voxel_mm(spec)  # prepared voxels -> model voxels
     x = torch.from_numpy(np.array(image, dtype=np.float32))[None]  # [1, C, X, Y, Z]
@@ -83,7 +89,7 @@ def lesion_probability(models: list, image: np.ndarray, spec: InputSpec, pad_val
     x2 = torch.cat([up, torch.zeros_like(up[:, :1])], dim=1)  # [1, C + 1, X', Y', Z']: the mask channel is unused
     roi = (spec.input_size,) * 3
     prob = torch.stack([
-        sliding_window_inference(x2, roi, sw_batch_size, lambda w, m=m: window_probability(m, w, tta),
+        sliding_window_inference(x2, roi, sw_batch_size, lambda w, m=m: torch.sigmoid(m.segment(w).float()),
                                  overlap=OVERLAP, mode="gaussian", padding_mode="constant", cval=float(pad_value))
         for m in models]).mean(0)  # [1, 1, X', Y', Z']
     return F.interpolate(prob, size=list(shape), mode="trilinear", align_corners=False)[0, 0].numpy()
@@ -188,8 +194,7 @@ def lesion_centre(row) -> list[float] | None:
 
 
 def search_lesion(models: list, row, spec: InputSpec, out_dir: Path, surface_margin_mm: float = SURFACE_MARGIN_MM,
-                  threshold: float = cand.CONFIDENCE_THRESHOLD, accept_low_confidence: bool = False,
-                  tta: bool = False) -> LesionSearch:
+                  threshold: float = cand.CONFIDENCE_THRESHOLD, accept_low_confidence: bool = False) -> LesionSearch:
     """Search one prepared row (cache_image) and write, into `out_dir`, its candidates as a label map on the
     source grid (<subject>_candidates.nii.gz, voxel value = rank) and, when an index lesion is chosen, that
     lesion (<subject>_pred_mask.nii.gz) with a PNG overlay on the prepared image. InputError when the chosen
@@ -197,7 +202,7 @@ def search_lesion(models: list, row, spec: InputSpec, out_dir: Path, surface_mar
     from data.cache import CacheEntry
     entry = CacheEntry.from_path(row["cache_image"])
     affine = np.asarray(entry.meta["affine"], dtype=np.float64)
-    prob = lesion_probability(models, entry.image(), spec, entry.meta.get("pad_value", 0.0), tta=tta)  # [X, Y, Z]
+    prob = lesion_probability(models, entry.image(), spec, entry.meta.get("pad_value", 0.0))  # [X, Y, Z]
     region = search_region(entry, row, spec.prep, surface_margin_mm)
     table, labels = cand.find_candidates(prob, affine, region.mask, region.depth_mm, threshold)
     centre = lesion_centre(row)

@@ -19,7 +19,8 @@ from finetune.cohort import make_dataset
 from finetune.figures import save_overlay
 from finetune.lesion.seg_metrics import SEG_METRICS, segmentation_metrics, segmentation_report
 from models.input_spec import InputSpec
-from models.cnn_segmenter import load_fold_model
+from models.cnn_segmenter import CNNSegmenter, load_fold_model
+from models.multimodal import MultimodalModel
 from models.segmentation import seg_target
 from models.tasks import SEGMENTATION
 
@@ -27,7 +28,8 @@ OVERLAYS = 3  # subjects per held-out set drawn as overlay PNGs
 
 
 @torch.no_grad()
-def lesion_probabilities(models: list, df: pd.DataFrame, spec: InputSpec, batch_size: int = 8):
+def lesion_probabilities(models: list[MultimodalModel | CNNSegmenter], df: pd.DataFrame, spec: InputSpec,
+                         batch_size: int = 8):
     """The mean lesion probability of `models` over each row's crop -> (prob [N, 1, S, S, S], crops
     [N, C + 1, S, S, S], voxel_mm [N])."""
     import monai.data
