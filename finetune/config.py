@@ -81,8 +81,8 @@ class FinetuneConfig(LoopConfig):
     # reuse the folds already finished in output_dir whose inputs are unchanged (a crashed or extended
     # run continues); false: train every fold again
     reuse_folds: bool = True
-    # the segmenter --task segmentation trains: vit (the encoder above with the decoder --model.seg_head
-    # names), or a MONAI CNN from scratch (models/cnn_segmenter.py: dynunet planned the nnU-Net way, or
+    # the segmenter --task segmentation trains: vit (the ViT3D encoder, --model.encoder, with the decoder
+    # --model.seg_head names), or a MONAI CNN from scratch (models/cnn_segmenter.py: dynunet planned the nnU-Net way, or
     # segresnet; --model.seg_width channels at its finest stage), on the same crops, loss and folds
     seg_arch: Literal["vit", "dynunet", "segresnet"] = "vit"
     prep: PrepConfig = field(default_factory=PrepConfig)
