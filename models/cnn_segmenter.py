@@ -141,7 +141,8 @@ class CNNSegmenter(nn.Module):
                "model, config = CNNSegmenter.from_pretrained(\"path/to/this/folder\")\n```\n")
         card = {"title": f"mimfm CNN lesion segmenter ({self.config.arch})", "intended_use": use, "training": {},
                 "metrics": {}, "how_to_load": how, "tags": ("medical-imaging", "3d", "segmentation", "cnn"), **card}
-        save_hf_folder(folder, self.state_dict(), config, model_card(config, input_spec=input_spec, **card),
+        card_config = {**to_dict(self.config), **config}  # the card's "Model" section reads top-level keys
+        save_hf_folder(folder, self.state_dict(), config, model_card(card_config, input_spec=input_spec, **card),
                        input_spec=input_spec)
 
     @classmethod
