@@ -1,6 +1,5 @@
 """One optimizer step of either loop, and what it rests on: per-step seeds, AdamW with its warm-up +
-cosine schedule, and the guard that skips a non-finite loss identically on every rank (and counts the
-steps DeepSpeed's overflow check skips on its own).
+cosine schedule, and the guard that skips a non-finite loss or gradient identically on every rank.
 
 - `step_seed` / `reseed_torch`: every step reseeds torch from (seed, step, rank), so a resumed run replays
   the same dropout / masks / augmentation as an uninterrupted one without restoring RNG state.
@@ -74,57 +73,61 @@ class WarmupCosine:
 class NonFiniteGuard:
     """Decides, identically on every rank, whether this step's loss is usable, and counts what was skipped.
 
-    Two things skip an update: a non-finite loss (the guard's own verdict), and, under DeepSpeed, the
-    overflow check that skips a step whose losses were finite but whose gradients were not. Both count in
-    `total` (train/nonfinite_skipped) and `in_row`. Without DeepSpeed a finite loss ends a run, as it always
-    has; under DeepSpeed only an applied step does, because finite losses say nothing about the gradients
-    that DeepSpeed checks after them.
+    Two things skip an update: a non-finite loss (the guard's own verdict on each micro-batch), and a
+    non-finite gradient norm behind finite losses (DeepSpeed's overflow check, or the norm taken at the
+    boundary elsewhere; `step_verdict`). Both count in `total` (train/nonfinite_skipped) and `in_row`. A
+    finite loss ends a run of non-finite losses; once a step was skipped, only an applied step ends the run,
+    since finite losses say nothing about the gradients checked after them.
     """
 
     def __init__(self, max_in_row: int):
         self.max_in_row = max_in_row
         self.in_row = 0
         self.total = 0
+        self.holding = False  # a step in the current run was skipped: only an applied step ends it
 
     def ok(self, loss: torch.Tensor, accelerator: Accelerator) -> bool:
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)
         bad = accelerator.reduce(bad, reduction="sum") if accelerator.num_processes > 1 else bad
         if bad.item() == 0:
-            if accelerator.distributed_type != DistributedType.DEEPSPEED:
+            if not self.holding:
                 self.in_row = 0
             return True
-        self._count(accelerator)
+        self._count()
         return False
 
-    def deepspeed_verdict(self, skipped: bool, spoiled: bool, accelerator: Accelerator) -> bool:
-        """After a DeepSpeed optimizer step: count a skip that no non-finite loss explains (`spoiled`: one did,
-        and was counted), end the run when the step was applied. Returns whether the step was applied."""
+    def step_verdict(self, skipped: bool, spoiled: bool, accelerator: Accelerator) -> bool:
+        """At the accumulation boundary: whether the optimizer step is applied. `skipped`: this rank's verdict
+        (any rank's skips it on all); `spoiled`: a non-finite loss, already counted, caused the skip. A skip
+        with finite losses counts here; an applied step ends the run."""
         flag = torch.tensor([float(skipped)], device=accelerator.device)  # [1]
-        # DeepSpeed all-reduces the gradient norm it checks, so the ranks agree; the max makes sure of it
+        # the gradients are all-reduced by now, so the ranks agree; the max makes sure of it
         skipped = bool((accelerator.reduce(flag, reduction="max") if accelerator.num_processes > 1 else flag).item())
         if not skipped:
-            self.in_row = 0
-        elif not spoiled:
-            self._count(accelerator)
-        return not skipped
+            self.in_row, self.holding = 0, False
+            return True
+        self.holding = True
+        if not spoiled:
+            self._count()
+        return False
 
-    def _count(self, accelerator: Accelerator) -> None:
+    def _count(self) -> None:
         self.in_row += 1
         self.total += 1
         if self.in_row < self.max_in_row:
             return
-        what = ("non-finite losses or skipped optimizer steps in a row (DeepSpeed's overflow check skips a step "
-                "whose gradients are not finite)" if accelerator.distributed_type == DistributedType.DEEPSPEED
+        what = ("non-finite losses or steps skipped for non-finite gradients in a row" if self.holding
                 else "non-finite losses in a row")
         raise TrainingStopped(
             f"{self.in_row} {what} ({self.total} in total); stopping. "
             "The last good checkpoint is kept: lower the learning rate or check the data, then --resume auto.")
 
     def state_dict(self) -> dict:
-        return {"in_row": self.in_row, "total": self.total}
+        return {"in_row": self.in_row, "total": self.total, "holding": self.holding}
 
     def load_state_dict(self, d: dict) -> None:
         self.in_row, self.total = int(d.get("in_row", 0)), int(d.get("total", 0))
+        self.holding = bool(d.get("holding", False))
 
 
 def backward_and_step(accelerator: Accelerator, model, optimizer, loss: torch.Tensor, guard: NonFiniteGuard,
@@ -133,7 +136,8 @@ def backward_and_step(accelerator: Accelerator, model, optimizer, loss: torch.Te
 
     Backpropagates a finite loss; a non-finite one (decided alike on every rank) is skipped and
     spoils the whole optimizer step it belongs to, which is then not taken. On the accumulation
-    boundary: clip, step (if the step is still good) and zero the gradients. DeepSpeed steps inside
+    boundary: clip, step (if the step is still good and the gradient norm finite) and zero the gradients;
+    a step skipped for its gradients counts in the guard as a non-finite loss does. DeepSpeed steps inside
     its backward, so there the skip goes through DeepSpeed's own (`_deepspeed_backward`).
     Returns (this micro-batch's loss was finite, the optimizer step is still good).
     """
@@ -144,12 +148,23 @@ def backward_and_step(accelerator: Accelerator, model, optimizer, loss: torch.Te
     if finite:
         accelerator.backward(loss)
     if accelerator.sync_gradients:
-        if step_ok and clip_grad > 0:
-            accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+        # finite losses can still give non-finite gradients (an op at a singular point): they skip the step,
+        # as DeepSpeed's overflow check does, rather than write NaN into every weight
+        skipped = not step_ok or not _clipped_norm_finite(accelerator, model, clip_grad)
+        step_ok = guard.step_verdict(skipped, spoiled=not step_ok, accelerator=accelerator)
         if step_ok:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return finite, step_ok
+
+
+def _clipped_norm_finite(accelerator: Accelerator, model, clip_grad: float) -> bool:
+    """Clip the gradients to `clip_grad` (when > 0); whether their total norm, taken before clipping, is finite."""
+    if clip_grad > 0:
+        norm = accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    return norm is None or bool(torch.isfinite(norm))
 
 
 def _deepspeed_backward(accelerator: Accelerator, optimizer, loss: torch.Tensor, finite: bool, step_ok: bool,
@@ -173,8 +188,7 @@ def _deepspeed_backward(accelerator: Accelerator, optimizer, loss: torch.Tensor,
         raise TrainingStopped(
             "DeepSpeed applied an optimizer step that a non-finite loss spoiled: its overflow check is off "
             "(zero_optimization.stage 0, or compute_grad_norm false). The last good checkpoint is kept.")
-    # a skip with every loss finite (non-finite gradients) counts in the guard like a non-finite loss
-    return guard.deepspeed_verdict(skipped, spoiled=not step_ok, accelerator=accelerator) and step_ok
+    return guard.step_verdict(skipped, spoiled=not step_ok, accelerator=accelerator)
 
 
 def optimizer_step(accelerator: Accelerator, model, optimizer, guard: NonFiniteGuard, clip_grad: float,

@@ -17,6 +17,9 @@ from engine.steps import NonFiniteGuard, TrainingStopped, backward_and_step
 from finetune.train import refuse_training_patients
 
 
+RUN = "{} non-finite losses or steps skipped for non-finite gradients in a row"  # the guard's stop line
+
+
 # --- 1. DeepSpeed's own skipped steps --------------------------------------------------------------------------
 
 class FakeDeepSpeedOptimizer:
@@ -29,8 +32,8 @@ class FakeDeepSpeedOptimizer:
 def fake_deepspeed_accelerator() -> SimpleNamespace:
     """One rank under DeepSpeed with grad_accum 1: every micro-batch is a boundary, and backward is the engine's
     (which steps inside; here a plain backward, as the step itself is DeepSpeed's and only its verdict matters)."""
-    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1, sync_gradients=True, device="cpu",
-                           backward=lambda loss: loss.backward())
+    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1, sync_gradients=True,
+                           device="cpu", backward=lambda loss: loss.backward())
 
 
 def ds_step(acc, optimizer, guard, loss_scale: float, skipped: bool) -> bool:
@@ -48,7 +51,7 @@ def test_deepspeed_skipped_steps_with_finite_losses_count_and_stop_the_run():
     assert not ds_step(acc, opt, guard, 1.0, skipped=True) and (guard.total, guard.in_row) == (2, 2)
     assert ds_step(acc, opt, guard, 1.0, skipped=False) and (guard.total, guard.in_row) == (2, 0)  # applied: reset
     ds_step(acc, opt, guard, 1.0, skipped=True), ds_step(acc, opt, guard, 1.0, skipped=True)
-    with pytest.raises(TrainingStopped, match=r"3 non-finite losses or skipped optimizer steps in a row.*\(5 in total\)"):
+    with pytest.raises(TrainingStopped, match=RUN.format(3) + r" \(5 in total\)"):
         ds_step(acc, opt, guard, 1.0, skipped=True)
 
 
@@ -57,7 +60,7 @@ def test_a_step_spoiled_by_a_nonfinite_loss_counts_once_and_keeps_a_deepspeed_st
     assert not ds_step(acc, opt, guard, float("nan"), skipped=True)  # DeepSpeed skips what the NaN spoiled
     assert (guard.total, guard.in_row) == (1, 1)  # the NaN loss, not counted twice
     assert not ds_step(acc, opt, guard, 1.0, skipped=True) and (guard.total, guard.in_row) == (2, 2)
-    with pytest.raises(TrainingStopped, match="3 non-finite losses or skipped optimizer steps in a row"):
+    with pytest.raises(TrainingStopped, match=RUN.format(3)):
         ds_step(acc, opt, guard, 1.0, skipped=True)  # no update since the NaN: a finite loss does not reset it
 
 
@@ -66,8 +69,35 @@ def test_guard_state_round_trips_a_deepspeed_streak():
     ds_step(acc, opt, guard, 1.0, skipped=True)
     resumed = NonFiniteGuard(max_in_row=2)
     resumed.load_state_dict(guard.state_dict())
-    with pytest.raises(TrainingStopped, match="2 non-finite losses or skipped optimizer steps in a row"):
+    with pytest.raises(TrainingStopped, match=RUN.format(2)):
         ds_step(acc, opt, resumed, 1.0, skipped=True)
+
+
+@pytest.mark.parametrize("clip_grad", [1.0, 0.0])
+def test_without_deepspeed_a_finite_loss_with_nonfinite_gradients_skips_the_step_and_counts(clip_grad):
+    """The same skip without DeepSpeed: the step is not applied (the weights stay finite), and it counts."""
+    acc = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = acc.prepare(torch.nn.Linear(3, 1))
+    opt = acc.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    guard, x = NonFiniteGuard(max_in_row=3), torch.ones(2, 3)
+    w0 = model.weight.detach().clone()
+
+    def step(broken: bool) -> tuple[bool, bool]:
+        with acc.accumulate(model):
+            y = model(x)  # [2, 1]
+            # sqrt(0 * y) is 0, a finite loss, but its gradient is inf * 0 = NaN: what an op at a singular point gives
+            loss = torch.sqrt(y * 0).sum() if broken else y.sum()
+            return backward_and_step(acc, model, opt, loss, guard, clip_grad)
+
+    assert step(broken=True) == (True, False) and torch.equal(model.weight, w0) and model.weight.grad is None
+    assert (guard.total, guard.in_row) == (1, 1)
+    assert step(broken=True) == (True, False) and (guard.total, guard.in_row) == (2, 2)  # a finite loss: still a run
+    assert step(broken=False) == (True, True) and (guard.total, guard.in_row) == (2, 0)
+    assert torch.isfinite(model.weight).all() and not torch.equal(model.weight, w0)
+    step(broken=True), step(broken=True)
+    with pytest.raises(TrainingStopped, match=RUN.format(3) + r" \(5 in total\)"):
+        step(broken=True)
 
 
 # --- 2. a checkpoint written before a buffer existed ------------------------------------------------------------
