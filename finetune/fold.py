@@ -94,11 +94,15 @@ def build_fold(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec
 
     reseed_torch(cfg.seed, seeds.init_phase)  # the fold's initial weights
     model = new_model(cfg, mcfg, spec)
-    if cfg.task.survival and mcfg.linear_clinical_hazard and schema is not None and train_df["event"].any():
-        # the hazard's linear clinical part starts as this fold's clinical Cox fit (its training rows only),
-        # so the untrained model already ranks as the Cox model a user would fit first
-        from finetune.baselines.cox_init import clinical_cox_fit
-        model.set_clinical_hazard(clinical_cox_fit(schema, train_df).coef_)
+    if cfg.task.survival and mcfg.linear_clinical_hazard and schema is not None:
+        if train_df["event"].any():
+            # the hazard's linear clinical part starts as this fold's clinical Cox fit (its training rows only),
+            # so the untrained model already ranks as the Cox model a user would fit first
+            from finetune.baselines.cox_init import clinical_cox_fit
+            model.set_clinical_hazard(clinical_cox_fit(schema, train_df).coef_)
+        elif accelerator.is_main_process:
+            print(f"fold {index}: no events among its training rows, so no clinical Cox fit; the hazard's "
+                  "clinical part starts at beta = 0")
     if cfg.freeze_encoder and mcfg.uses_image:
         model.freeze_encoder(linear_probe=True)
     batch_size = min(cfg.batch_size, len(train_ds) // accelerator.num_processes)

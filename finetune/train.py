@@ -163,6 +163,8 @@ def fold_fingerprint(cfg: FinetuneConfig, splits: dict) -> str:
     for k in ("output_dir", "cache_dir", "n_boot", "explain", "num_workers", "reuse_folds", "external", "eval_sets",
               "splits", "prep_workers", "dist_timeout_min"):
         d.pop(k, None)
+    if d.get("seg_arch") == "vit":  # the default arch leaves the fingerprint of runs made before the flag
+        d.pop("seg_arch")
     d["folds_content"] = splits["folds"]
     d["pretrained_weights"] = _folder_stamp(cfg.pretrained)
     if cfg.model.segments:  # a segmentation head trained before it saw lesion-free windows is not reused

@@ -113,6 +113,21 @@ def test_fold_fingerprint_tracks_what_a_fold_depends_on(synth_cohort, tmp_path):
     assert fold_fingerprint(cfg, {"folds": [{"train": ["b"], "val": ["a"]}]}) != base
 
 
+def test_the_default_seg_arch_leaves_the_fingerprints_of_runs_made_before_it(synth_cohort, tmp_path, monkeypatch):
+    """--seg_arch came after runs whose folds a resume reuses: its default ("vit") is not hashed, so those
+    folds are not taken for another run's; a CNN arch is."""
+    from dataclasses import replace
+
+    import finetune.train as train
+    hashed = []
+    monkeypatch.setattr(train, "_digest", lambda text: hashed.append(json.loads(text)) or str(len(hashed)))
+    cfg = tiny_cfg(synth_cohort, tmp_path / "x", task="segmentation")
+    splits = {"folds": [{"train": ["a"], "val": ["b"]}]}
+    train.fold_fingerprint(cfg, splits)
+    train.fold_fingerprint(replace(cfg, seg_arch="dynunet"), splits)
+    assert "seg_arch" not in hashed[0] and hashed[1]["seg_arch"] == "dynunet"
+
+
 def test_predict_keeps_good_rows_and_lists_bad_ones(classification_run, synth_cohort, tmp_path):
     out, _ = classification_run
     m = pd.read_csv(synth_cohort / "external.csv", dtype={"subject_id": str})
@@ -369,12 +384,13 @@ def test_another_runs_folds_are_refused_before_anything_is_written(classificatio
 
 
 def test_a_held_out_patient_who_is_also_a_training_patient_is_refused(synth_cohort, tmp_path):
-    """A follow-up scan of a training patient in --external (its own subject_id, the same patient_id)
-    would inflate the external figures: refused by patient_id, in one line, before any training."""
+    """A follow-up scan of a training patient in --external (its own subject_id, the same site and patient_id)
+    would inflate the external figures: refused by (site, patient_id), in one line, before any training."""
     from core.errors import InputError
     manifest = pd.read_csv(synth_cohort / "manifest.csv", dtype=str)
     external = pd.read_csv(synth_cohort / "external.csv", dtype=str)
-    external.loc[2, "patient_id"] = manifest.loc[5, "patient_id"]  # a follow-up of training patient 5
+    # a follow-up of training patient 5, at its own site (the same id at another site is another person)
+    external.loc[2, ["patient_id", "site"]] = manifest.loc[5, ["patient_id", "site"]].to_numpy()
     path = synth_cohort / "external_followup.csv"
     external.to_csv(path, index=False)
     out = tmp_path / "leak"
