@@ -1,3 +1,4 @@
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -7,6 +8,12 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# DeepSpeed's CPU ranks JIT-build one C++ op (deepspeed_shm_comm) under TORCH_EXTENSIONS_DIR, and its build
+# command names the venv's own path: two checkouts whose venvs share one home folder rebuilt it in turn,
+# 1.5-7 min of both cores in the first DeepSpeed launch of each test run. One build folder per venv keeps
+# each venv's build.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
+    Path.home() / ".cache" / "torch_extensions" / f"mimfm-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]}"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest
