@@ -86,3 +86,20 @@ def test_vit3d_alone_draws_the_former_weights():
         ViT3D._init_weights = init
     for k in former:
         assert torch.equal(former[k], shipped[k]), k
+
+
+def test_pretraining_groups_equal_timms_on_an_ordinary_build():
+    """pretrain.train now groups by each parameter's whole shape (engine.distributed.weight_decay_groups, for
+    ZeRO-3's placeholders); on an ordinary MiMModel the groups are timm's, in timm's order."""
+    from timm.optim import param_groups_weight_decay
+
+    from engine.distributed import weight_decay_groups
+    model = MiMModel(_mim_config("sincos", 2))
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def split(groups):
+        return [(g["weight_decay"], [names[id(p)] for p in g["params"]]) for g in groups]
+
+    ours = split(weight_decay_groups(model, 0.05, model.no_weight_decay()))
+    assert ours == split(param_groups_weight_decay(model, 0.05, no_weight_decay_list=model.no_weight_decay()))
+    assert "mask_token" in ours[0][1] and "decoder_pred.weight" in ours[1][1]
