@@ -6,6 +6,7 @@ message names the file, subject or column at fault and what was expected.
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from typing import Callable
 
@@ -34,19 +35,46 @@ class RunStopped(RuntimeError):
     """A run stopped on purpose mid-way (e.g. too many non-finite losses); the message says why and what to do."""
 
 
+def first_line(e: BaseException, *, typed: bool = False) -> str:
+    """The first non-blank line of `e`'s message (stripped), or its type's name when it says nothing; `typed`
+    puts the type's name in front ("OSError: disk full"), for errors that are not mimfm's own."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return f"{type(e).__name__}: {lines[0]}" if typed else lines[0]
+
+
+# torch.utils.data re-raises a worker's exception as the same type with this message (torch/_utils.py
+# ExceptionWrapper.reraise): "Caught <Type> in DataLoader worker process N.\nOriginal Traceback ...", whose
+# last line is the original "module.Type: message".
+_WORKER_WRAPPER = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+def _said(e: BaseException) -> str:
+    """What the CLI prints of `e`: its message, or, for an error torch re-raised from a loader worker, the
+    original message alone (the traceback a worker's wrapper carries is not for the user)."""
+    text = str(e)
+    wrapped = _WORKER_WRAPPER.match(text)
+    if wrapped is None:
+        return text
+    last = re.findall(rf"^(?:[\w.]+\.)?{wrapped.group(1)}: (.*)$", text, flags=re.MULTILINE)
+    return last[-1].strip() if last else text
+
+
 def cli_entry(main: Callable[..., int | None]) -> Callable[..., int | None]:
     """Wrap a CLI `main` so bad input prints one line (no traceback) and exits with code 2,
-    and a deliberately stopped run prints one line and exits with code 1."""
+    and a deliberately stopped run prints one line and exits with code 1; either raised in a DataLoader
+    worker prints the worker's own line."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except InputError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {_said(e)}", file=sys.stderr)
             raise SystemExit(2) from None
         except RunStopped as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {_said(e)}", file=sys.stderr)
             raise SystemExit(1) from None
 
     return wrapper
