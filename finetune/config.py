@@ -40,7 +40,7 @@ class FinetuneConfig(LoopConfig):
     # under split NAME, never trained on nor used to choose an epoch; for reporting only.
     eval_sets: list[str] = field(default_factory=list)
     pretrained: str = ""            # HF-format encoder folder from pretraining; "" trains from scratch
-    output_dir: str = "runs/finetune"  # predictions, metrics, figures, fold models
+    output_dir: str = "runs/finetune"  # predictions, metrics, figures (--figures), fold models
     cache_dir: str = ""             # preprocessing cache (default: <output_dir>/../cache)
     splits: str = ""                # splits JSON to reuse (default: <output_dir>/splits.json)
     folds: int = 3                  # cross-validation folds on the non-test patients
@@ -77,6 +77,10 @@ class FinetuneConfig(LoopConfig):
     n_time_bins: int = 8            # for model.survival_head = discrete
     n_boot: int = 1000              # bootstrap resamples for the CIs
     explain: int = 2                # test subjects to explain (attention rollout + occlusion)
+    # write the ROC / calibration / KM / overlay PNGs; false for sweeps and tests where nobody looks at them;
+    # the numbers are identical (metrics.json, predictions, CSVs). --explain keeps its own count: its maps
+    # are NIfTI volumes as well as PNGs.
+    figures: bool = True
     num_workers: int = 0            # DataLoader worker processes
     # reuse the folds already finished in output_dir whose inputs are unchanged (a crashed or extended
     # run continues); false: train every fold again

@@ -2,7 +2,7 @@
 
     python -m finetune.evaluate --predictions run/predictions.csv --manifest manifest.csv \\
         [--external external.csv] [--compare other/predictions.csv] [--baselines baselines/] [--out DIR] \\
-        [--n_boot N] [--seed S]
+        [--n_boot N] [--seed S] [--figures true|false]
 
 predictions.csv: subject_id, split ("val", "test", "external", ...), fold (-1 = fold ensemble),
 and prob and/or risk. Per split one row per subject is evaluated: the fold ensemble if present,
@@ -15,8 +15,9 @@ Breslow baseline, and the Kaplan-Meier risk cut.
 splits): each one's AUC and Harrell's C, and the model's paired difference to it with a patient-bootstrap
 CI; the best baseline of each metric is picked on the out-of-fold val rows (finetune/baselines/compare.py).
 
---n_boot and --seed default to the fine-tuning run's own (its config.yaml next to the predictions),
-else 1000 and 0, so re-evaluating a run reproduces the CIs of the metrics.json it wrote.
+--n_boot, --seed and --figures default to the fine-tuning run's own (its config.yaml next to the predictions),
+else 1000, 0 and true, so re-evaluating a run reproduces the CIs of the metrics.json it wrote (and draws no
+figures for a run made with --figures false unless --figures true says so).
 """
 from __future__ import annotations
 
@@ -206,11 +207,12 @@ def _safe_name(split: str) -> str:
 
 def evaluate(pred_df: pd.DataFrame, outcomes_df: pd.DataFrame, compare_df: pd.DataFrame | None = None,
              out_dir=None, n_boot: int = 1000, seed: int = 0, names=("model", "compare"),
-             baselines: dict[str, pd.DataFrame] | None = None) -> dict:
+             baselines: dict[str, pd.DataFrame] | None = None, figures: bool | None = None) -> dict:
     """Metrics per split (pooled, and per fold where there are several), optional paired DeLong
     against `compare_df`, and against each of `baselines` (name -> predictions: the baselines a user fits
     first) paired CIs of the differences (finetune.baselines.compare); with `out_dir`, writes metrics.json
-    and roc/km/calibration PNGs there."""
+    and, unless `figures` is false, roc/km/calibration PNGs there. `figures` None: the fine-tuning run's
+    --figures from its config.yaml in `out_dir` (figures_setting), so fine-tuning's own evaluation follows it."""
     pred = join_outcomes(check_predictions(pred_df), outcomes_df)
     compare = None if compare_df is None else join_outcomes(check_predictions(compare_df, "compare predictions"),
                                                             outcomes_df)
@@ -242,8 +244,10 @@ def evaluate(pred_df: pd.DataFrame, outcomes_df: pd.DataFrame, compare_df: pd.Da
         from finetune.baselines.compare import compare_baselines  # it builds on this module's paired statistics
         result["baselines"] = compare_baselines(selected, baselines, outcomes_df, n_boot, seed)
     if out_dir is not None:
-        cuts = {split: km_threshold(split, reference, pooled_val) for split in selected}
-        result["figures"] = _figures(selected, compare, cuts, Path(out_dir), n_boot, seed, names)
+        result["figures"] = []  # --figures false: none drawn, the numbers the same
+        if figures_setting(out_dir, figures)[0]:
+            cuts = {split: km_threshold(split, reference, pooled_val) for split in selected}
+            result["figures"] = _figures(selected, compare, cuts, Path(out_dir), n_boot, seed, names)
         result |= run_record(Path(out_dir) / "metrics.json")
         write_json(Path(out_dir) / "metrics.json", result)
     return result
@@ -413,7 +417,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--n_boot", type=int, help=f"bootstrap resamples for CIs (0: none); default: the run's "
                     f"{RUN_CONFIG} next to the predictions, else {DEFAULT_N_BOOT}")
     ap.add_argument("--seed", type=int, help=f"bootstrap seed; default: the run's {RUN_CONFIG}, else {DEFAULT_SEED}")
+    ap.add_argument("--figures", choices=("true", "false"), help=f"write the ROC / calibration / KM PNGs; default: "
+                    f"the run's --figures in its {RUN_CONFIG} next to the predictions, else true")
     return ap.parse_args(argv)
+
+
+def run_config(folder) -> tuple[dict, Path]:
+    """(the fine-tuning run's saved config in `folder`, its path); {} where there is none or it is some
+    other config.yaml (not a mapping)."""
+    path = Path(folder) / RUN_CONFIG
+    run = load_file(path) if path.is_file() else {}
+    return (run if isinstance(run, dict) else {}), path
+
+
+def figures_setting(folder, figures: bool | None) -> tuple[bool, str]:
+    """(whether to draw the figures, where that came from): the flag, else the fine-tuning run's --figures
+    in `folder`'s config.yaml, else true. Fine-tuning evaluates in its own folder after writing its config
+    there, so a run with --figures false draws none, and neither does a re-evaluation of it."""
+    if figures is not None:
+        return bool(figures), "flag"
+    run, path = run_config(folder)
+    if type(run.get("figures")) is bool:
+        return run["figures"], f"figures from {path}"
+    return True, "default"
 
 
 def bootstrap_settings(predictions, n_boot: int | None, seed: int | None) -> tuple[int, int, str]:
@@ -421,9 +447,7 @@ def bootstrap_settings(predictions, n_boot: int | None, seed: int | None) -> tup
 
     Fine-tuning evaluates with its own --n_boot and --seed; taking them from its saved config is
     what makes the CLI give the CIs of that run's metrics.json for the same predictions file."""
-    path = Path(predictions).parent / RUN_CONFIG
-    run = load_file(path) if (n_boot is None or seed is None) and path.is_file() else {}
-    run = run if isinstance(run, dict) else {}  # some other config.yaml: ignore it
+    run, path = run_config(Path(predictions).parent) if n_boot is None or seed is None else ({}, None)
     picked, source = {}, []
     for name, flag, default in (("n_boot", n_boot, DEFAULT_N_BOOT), ("seed", seed, DEFAULT_SEED)):
         if flag is not None:
@@ -440,6 +464,8 @@ def bootstrap_settings(predictions, n_boot: int | None, seed: int | None) -> tup
 def main(argv=None) -> int:
     args = parse_args(argv)
     n_boot, seed, source = bootstrap_settings(args.predictions, args.n_boot, args.seed)
+    figures, figures_source = figures_setting(Path(args.predictions).parent,
+                                              None if args.figures is None else args.figures == "true")
     if n_boot < 0:
         raise InputError(f"--n_boot must be >= 0, got {n_boot} ({source})")
     pred = read_predictions(args.predictions)
@@ -458,10 +484,11 @@ def main(argv=None) -> int:
         from finetune.baselines.compare import read_baselines
         baselines = read_baselines(args.baselines)
     result = evaluate(pred, outcomes, compare, out_dir=out_dir, n_boot=n_boot, seed=seed, names=names,
-                      baselines=baselines)
+                      baselines=baselines, figures=figures)
     print(f"bootstrap: n_boot {n_boot}, seed {seed} ({source})")
     print(format_table(result))
-    print(f"wrote {out_dir / 'metrics.json'} and {len(result['figures'])} figure(s) in {out_dir}")
+    drawn = f"{len(result['figures'])} figure(s)" if figures else f"no figures ({figures_source}: false)"
+    print(f"wrote {out_dir / 'metrics.json'} and {drawn} in {out_dir}")
     return 0
 
 
