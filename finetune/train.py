@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def load_cohort(cfg: FinetuneConfig, prep: PrepConfig, show_progress: bool, acce
             raise InputError(f"{paths[name]}: subject_id(s) {clash[:5]} also appear in {owner[clash[0]]}; "
                              "ids must be unique across the training and held-out cohorts")
         owner |= dict.fromkeys(other["subject_id"], paths[name])
-        refuse_training_patients(other, paths[name], table, cfg.manifest)
+        refuse_training_patients(other, paths[name], table, cfg.manifest, warn=show_progress)
         absent = [c for c in cols if c not in other.columns]
         if absent and cfg.model.uses_clinical:
             raise InputError(f"{paths[name]}: clinical column(s) {absent} not found")
@@ -99,16 +100,19 @@ def load_cohort(cfg: FinetuneConfig, prep: PrepConfig, show_progress: bool, acce
     return df.reset_index(drop=True), held, cols
 
 
-def refuse_training_patients(held: pd.DataFrame, where: str, train: pd.DataFrame, manifest: str) -> None:
+def refuse_training_patients(held: pd.DataFrame, where: str, train: pd.DataFrame, manifest: str, *,
+                             warn: bool = True) -> None:
     """A held-out patient is never a training patient: a follow-up scan of one (its own subject_id, the
     same patient_id) would inflate the held-out figures. Patients are compared by patient_id as
     data.manifest reads it (subject_id where a manifest has no patient_id column), as the splits are, and
-    by (site, patient_id) when both tables name their sites: two sites may give different people one id."""
+    by (site, patient_id) when both tables name their sites: two sites may give different people one id.
+    Site names compare stripped and case-folded ("MGH", "mgh " are one site); a patient_id shared with
+    another site is accepted and, with `warn`, said in one line, so that a misspelt site shows."""
     by_site = _names_sites(held) and _names_sites(train)
 
     def key(df: pd.DataFrame) -> pd.Series:
         pid = df["patient_id"].astype(str)
-        return df["site"].astype(str) + "\x00" + pid if by_site else pid
+        return _site_names(df) + "\x00" + pid if by_site else pid
     trained = dict(zip(key(train), train["subject_id"].astype(str)))  # patient -> a subject
     clash = held[key(held).isin(trained)]
     if len(clash):
@@ -119,6 +123,28 @@ def refuse_training_patients(held: pd.DataFrame, where: str, train: pd.DataFrame
                          f"{', '.join(pairs[:3])}{' and more' if len(pairs) > 3 else ''} "
                          f"also in the training manifest {manifest}; a held-out patient must not be a training "
                          "patient: drop those rows or hold the patient out of the training manifest")
+    if by_site and warn:
+        _say_ids_at_other_sites(held, where, train, manifest)
+
+
+def _site_names(df: pd.DataFrame) -> pd.Series:
+    """A table's site names as the (site, patient_id) rule compares them: stripped and case-folded."""
+    return df["site"].astype(str).str.strip().str.casefold()
+
+
+def _say_ids_at_other_sites(held: pd.DataFrame, where: str, train: pd.DataFrame, manifest: str) -> None:
+    """One warning line naming the first held-out patient_ids that the training manifest has at another site:
+    accepted as other people, but a misspelt site would make them the same patients."""
+    site_of = dict(zip(train["patient_id"].astype(str), train["site"].astype(str)))  # patient_id -> a training site
+    shared = list(dict.fromkeys((p, s) for p, s in zip(held["patient_id"].astype(str), held["site"].astype(str))
+                                if p in site_of))
+    if not shared:
+        return
+    named = ", ".join(f"{p} (site {s} here, {site_of[p]} there)" for p, s in shared[:3])
+    more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
+    print(f"warning: {where}: {len(shared)} patient_id(s) also in the training manifest {manifest} at another "
+          f"site: {named}{more}; taken as other patients (two sites may give one id): if a site is misspelt, "
+          "correct it, or these held-out patients may be training patients", file=sys.stderr)
 
 
 def _names_sites(df: pd.DataFrame) -> bool:
