@@ -5,10 +5,12 @@ message names the file, subject or column at fault and what was expected.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 
 class InputError(ValueError):
@@ -42,6 +44,39 @@ def first_line(e: BaseException, *, typed: bool = False) -> str:
     if not lines:
         return type(e).__name__
     return f"{type(e).__name__}: {lines[0]}" if typed else lines[0]
+
+
+_WORKING_ON = "mimfm_working_on"  # the attribute working_on sets on an exception
+
+
+@contextlib.contextmanager
+def working_on(what: str) -> Iterator[None]:
+    """Tag an exception that is not bad input, raised inside, with `what` was being worked on (e.g. "mask
+    m.nii.gz"), unless a block inside tagged it first: the line that reports a failed subject then names the
+    file that failed (failed_on), where the error itself (an OSError, a bug) may not."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as e:
+        if not hasattr(e, _WORKING_ON):
+            setattr(e, _WORKING_ON, what)
+        raise
+
+
+def failed_on(e: BaseException, default: str) -> str:
+    """What `e` was raised while working on (the innermost working_on block), else `default`."""
+    return getattr(e, _WORKING_ON, default)
+
+
+def restated(where: str, path, e: InputError) -> str:
+    """`e`'s line behind `where` (e.g. "subject s1 brain_mask P": whose file, which column), without `e`'s
+    own naming of the same file ("brain_mask P: ", "P: "), so that the file is named once."""
+    text = str(e)
+    if text.startswith(where):
+        return text
+    head, said, rest = text.partition(f"{Path(path)}: ")  # data.nifti names files as Path prints them
+    return f"{where}: {rest if said and len(head.split()) <= 1 else text}"
 
 
 # torch.utils.data re-raises a worker's exception as the same type with this message (torch/_utils.py

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from core.atomic import atomic_dir, write_json
-from core.errors import InputError
+from core.errors import InputError, first_line
 
 _CHUNK = 1 << 20
 # A file modified this recently may still change within the same timestamp tick, so its digest
@@ -162,7 +162,7 @@ def npy_shape(path: str | os.PathLike) -> tuple[tuple[int, ...] | None, str | No
     except FileNotFoundError:
         return None, "missing"
     except (OSError, ValueError, EOFError) as e:  # no magic, a cut header, an unreadable file
-        return None, f"unreadable .npy header ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        return None, f"unreadable .npy header ({first_line(e)})"
     if size != expected:
         return None, f"{size} bytes where its header needs {expected} (truncated or overwritten)"
     return tuple(shape), None
@@ -175,7 +175,7 @@ def load_array(path: str | os.PathLike) -> np.ndarray:
         try:
             return np.load(path, mmap_mode="r")
         except (OSError, ValueError) as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            reason = first_line(e)
     raise InputError(f"{path}: damaged cache array ({reason}); run data.prepare (or the run) again with the same "
                      "--cache, which rebuilds a damaged entry, or delete its folder")
 

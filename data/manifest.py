@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.errors import ConfigError, ManifestError
+from core.errors import ConfigError, ManifestError, first_line
 from data.prep_config import PrepConfig
 
 STANDARD_COLUMNS = ("subject_id", "patient_id", "site", "image", "mask", "brain_mask", "label", "time", "event")
@@ -241,7 +241,7 @@ def _read_csv(path: Path, where: str, strings=()) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise ManifestError(f"{where}: file is empty; expected a header row and one row per subject") from None
     except (pd.errors.ParserError, pd.errors.ParserWarning, UnicodeDecodeError, OSError) as e:
-        raise ManifestError(f"{where}: cannot parse CSV ({_first_line(e)})") from None
+        raise ManifestError(f"{where}: cannot parse CSV ({first_line(e)})") from None
     # Header names are stripped ("label " is "label"); blank names keep pandas' "Unnamed: N".
     names = {old: new.strip() or old for old, new in zip(df.columns, header)}
     stripped = list(names.values())
@@ -334,8 +334,3 @@ def _strip_nifti_suffix(name: str) -> str | None:
 def _standard_first(df: pd.DataFrame) -> pd.DataFrame:
     order = [c for c in STANDARD_COLUMNS if c in df.columns] + clinical_columns(df)
     return df[order].reset_index(drop=True)
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -16,7 +16,7 @@ from nibabel.affines import voxel_sizes
 from nibabel.funcs import squeeze_image
 
 from core.atomic import atomic_path
-from core.errors import NiftiError
+from core.errors import NiftiError, first_line
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -57,7 +57,7 @@ def load_volume(path, *, role: str = "image") -> Volume:
     except NiftiError:
         raise
     except Exception as e:  # truncated gzip (EOFError, zlib.error), bad header, wrong format...
-        raise NiftiError(f"{where}: cannot read NIfTI ({type(e).__name__}: {_first_line(e)})") from None
+        raise NiftiError(f"{where}: cannot read NIfTI ({first_line(e, typed=True)})") from None
     n_bad = int(array.size - np.count_nonzero(np.isfinite(array)))
     if n_bad:
         raise NiftiError(f"{where}: {n_bad} of {array.size} voxels are not finite (NaN or inf)")
@@ -143,8 +143,3 @@ def save_volume(path, array: np.ndarray, affine: np.ndarray, dtype=np.float32, c
 
 def _one_line(a: np.ndarray) -> str:
     return " ".join(np.array2string(a, precision=4, suppress_small=True, max_line_width=10**6).split())
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else "no details"

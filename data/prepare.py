@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from core.cli import parse_config
 from core.config import to_dict
-from core.errors import ConfigError, InputError, NiftiError, cli_entry
+from core.errors import ConfigError, InputError, NiftiError, cli_entry, failed_on, first_line, restated, working_on
 from data import cache, pet
 from data.brain import brain_mask, foreground_box, foreground_mask
-from data.nifti import Volume, load_mask, load_pair, load_volume
+from data.nifti import Volume, load_mask, load_volume
 from data.prep_config import CHANNELS_VERSION, PREP_VERSION, PrepConfig
 
 # A further channel must cover this share of the first channel's head; less means another field of view
@@ -194,10 +194,10 @@ def _check_lesion(entry: cache.CacheEntry, subject: str, require_lesion: bool) -
 
 def _first_channel(subject: str, image_path: str, mask_path: str | None, cfg: PrepConfig, require_lesion: bool):
     """Load, check and resample the first channel (and the mask): the grid every other channel joins."""
-    if mask_path:
-        image, mask = load_pair(image_path, mask_path, require_lesion=require_lesion)
-    else:
-        image, mask = load_volume(image_path), None
+    with working_on(f"{cfg.image_columns()[0]} {image_path}"):
+        image = load_volume(image_path)
+    with working_on(f"mask {mask_path}"):
+        mask = load_mask(mask_path, image, require_lesion=require_lesion) if mask_path else None
     if float(image.array.min()) == float(image.array.max()):
         raise NiftiError(f"image {image_path}: constant intensity {float(image.array.min()):g}; nothing to normalise")
     img, msk, affine = resample(image, mask, cfg.spacing)  # [X', Y', Z'] each
@@ -216,9 +216,10 @@ def _brain(row: Mapping, cfg: PrepConfig, image: Volume, first: np.ndarray, fg: 
     path = _brain_path(row, cfg)
     if path:
         try:
-            drawn = load_mask(path, image, role="brain_mask")
+            with working_on(f"brain_mask {path}"):
+                drawn = load_mask(path, image, role="brain_mask")
         except InputError as e:  # the file alone is named there; say whose and which column, as channels do
-            raise NiftiError(f"subject {row['subject_id']} brain_mask {path}: {e}") from None
+            raise NiftiError(restated(f"subject {row['subject_id']} brain_mask {path}", path, e)) from None
         return Brain(resample_mask(drawn, image, cfg.spacing), f"brain_mask column: {path}")
     spacing = [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)]
     p = cfg.pet
@@ -244,7 +245,8 @@ def _channels(row: Mapping, cfg: PrepConfig, subject: str, image_paths: list, fi
         inside = np.ones(first.shape, bool)  # [X', Y', Z']
         img = first
         if k > 0:
-            img, inside = onto_grid(load_volume(path), affine, first.shape, cfg.spacing)
+            with working_on(f"{column} {path}"):
+                img, inside = onto_grid(load_volume(path), affine, first.shape, cfg.spacing)
             covered = float(inside[fg].mean()) if fg.any() else 1.0
             if covered < MIN_COVERAGE:
                 raise NiftiError(f"{where}: covers {covered:.0%} of the head in {cfg.image_columns()[0]} (by the "
@@ -256,7 +258,7 @@ def _channels(row: Mapping, cfg: PrepConfig, subject: str, image_paths: list, fi
             else:
                 out, st = normalise(img, fg & inside, cfg, modality)
         except InputError as e:
-            raise NiftiError(f"{where}: {e}" if not str(e).startswith(where) else str(e)) from None
+            raise NiftiError(restated(where, path, e)) from None
         out[~inside] = st["pad_value"]
         arrays.append(out)
         stats.append({"column": column, "modality": modality, "source": path, **st})
@@ -321,7 +323,8 @@ def prepare_subject(row: Mapping, cfg: PrepConfig, cache_dir, *, require_lesion:
 # ---- a table -----------------------------------------------------------------------------------
 
 class PrepareFailed(RuntimeError):
-    """Preparing a subject failed, not for bad input (a full disk, a bug): names the subject and its first image."""
+    """Preparing a subject failed, not for bad input (a full disk, a bug): names the subject and the file that
+    failed (its first image when no file is known)."""
 
 
 def _build_in_worker(args) -> tuple[cache.CacheEntry | None, InputError | None]:
@@ -332,12 +335,8 @@ def _build_in_worker(args) -> tuple[cache.CacheEntry | None, InputError | None]:
         return None, e
     except Exception as e:  # not bad input: raised on naming the subject and file (a rank tells every rank)
         subject, image_paths, _ = _source_paths(row, cfg)
-        raise PrepareFailed(f"subject {subject} {cfg.image_columns()[0]} {image_paths[0]}: {type(e).__name__}: "
-                            f"{first_line(e)}") from e
-
-
-def first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or ["no details"])[0]
+        failed = failed_on(e, f"{cfg.image_columns()[0]} {image_paths[0]}")  # the first image, if none is known
+        raise PrepareFailed(f"subject {subject} {failed}: {first_line(e, typed=True)}") from e
 
 
 def _init_worker() -> None:
