@@ -24,7 +24,8 @@ class LoopConfig:
     seed: int = 0                   # seeds everything: weights, order, masks, augmentation, splits
     grad_accum: int = 1             # micro-batches per optimizer step
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU (autocast)
-    # consecutive skipped steps (a non-finite loss, or non-finite gradients behind a finite one) before the run stops
+    # consecutive skipped optimizer steps (each spoiled by a non-finite loss in any of its grad_accum micro-batches,
+    # or skipped for non-finite gradients behind finite ones) before the run stops
     max_nonfinite: int = 5
     report_to: str = "tensorboard"  # trackers: tensorboard | wandb | mlflow | all | none (comma-separated)
     # Worker processes that prepare this rank's share of the volumes into the cache (rank r prepares rows

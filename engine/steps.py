@@ -22,7 +22,7 @@ from engine.config import OptimConfig
 
 
 class TrainingStopped(RunStopped):
-    """The run cannot go on (e.g. too many non-finite losses in a row); the message says why."""
+    """The run cannot go on (e.g. too many consecutive skipped optimizer steps); the message says why."""
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -71,63 +71,50 @@ class WarmupCosine:
 
 
 class NonFiniteGuard:
-    """Decides, identically on every rank, whether this step's loss is usable, and counts what was skipped.
+    """Decides, identically on every rank, whether a micro-batch's loss is usable, and counts skipped steps.
 
-    Two things skip an update: a non-finite loss (the guard's own verdict on each micro-batch), and a
-    non-finite gradient norm behind finite losses (DeepSpeed's overflow check, or the norm taken at the
-    boundary elsewhere; `step_verdict`). Both count in `total` (train/nonfinite_skipped) and `in_row`. A
-    finite loss ends a run of non-finite losses; once a step was skipped, only an applied step ends the run,
-    since finite losses say nothing about the gradients checked after them.
+    One unit: an optimizer step that is not applied, whether a non-finite loss spoiled it (however many of
+    its micro-batches were non-finite) or its gradients were non-finite behind finite losses (DeepSpeed's
+    overflow check, or the norm taken at the boundary elsewhere). `step_verdict` counts each once, in `total`
+    (train/nonfinite_skipped) and `in_row`; only an applied step ends a run of them, since a finite loss says
+    nothing about the gradients checked after it. `ok` only reports whether a micro-batch's loss is finite.
     """
 
     def __init__(self, max_in_row: int):
         self.max_in_row = max_in_row
         self.in_row = 0
         self.total = 0
-        self.holding = False  # a step in the current run was skipped: only an applied step ends it
 
     def ok(self, loss: torch.Tensor, accelerator: Accelerator) -> bool:
-        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        """Whether this micro-batch's loss is finite on every rank (the same answer on each)."""
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)  # [1]
         bad = accelerator.reduce(bad, reduction="sum") if accelerator.num_processes > 1 else bad
-        if bad.item() == 0:
-            if not self.holding:
-                self.in_row = 0
-            return True
-        self._count()
-        return False
+        return bad.item() == 0
 
-    def step_verdict(self, skipped: bool, spoiled: bool, accelerator: Accelerator) -> bool:
+    def step_verdict(self, skipped: bool, accelerator: Accelerator) -> bool:
         """At the accumulation boundary: whether the optimizer step is applied. `skipped`: this rank's verdict
-        (any rank's skips it on all); `spoiled`: a non-finite loss, already counted, caused the skip. A skip
-        with finite losses counts here; an applied step ends the run."""
+        (any rank's skips it on all). A skipped step counts once; an applied one ends the run."""
         flag = torch.tensor([float(skipped)], device=accelerator.device)  # [1]
         # the gradients are all-reduced by now, so the ranks agree; the max makes sure of it
         skipped = bool((accelerator.reduce(flag, reduction="max") if accelerator.num_processes > 1 else flag).item())
         if not skipped:
-            self.in_row, self.holding = 0, False
+            self.in_row = 0
             return True
-        self.holding = True
-        if not spoiled:
-            self._count()
-        return False
-
-    def _count(self) -> None:
         self.in_row += 1
         self.total += 1
-        if self.in_row < self.max_in_row:
-            return
-        what = ("non-finite losses or steps skipped for non-finite gradients in a row" if self.holding
-                else "non-finite losses in a row")
-        raise TrainingStopped(
-            f"{self.in_row} {what} ({self.total} in total); stopping. "
-            "The last good checkpoint is kept: lower the learning rate or check the data, then --resume auto.")
+        if self.in_row >= self.max_in_row:
+            raise TrainingStopped(
+                f"{self.in_row} consecutive skipped optimizer steps (a non-finite loss, or non-finite gradients "
+                f"behind finite ones; {self.total} skipped in total); stopping. The last good checkpoint is "
+                "kept: lower the learning rate or check the data, then --resume auto.")
+        return False
 
     def state_dict(self) -> dict:
-        return {"in_row": self.in_row, "total": self.total, "holding": self.holding}
+        return {"in_row": self.in_row, "total": self.total}
 
     def load_state_dict(self, d: dict) -> None:
+        # older checkpoints also hold "holding" (a flag this one-unit count no longer needs); it is ignored
         self.in_row, self.total = int(d.get("in_row", 0)), int(d.get("total", 0))
-        self.holding = bool(d.get("holding", False))
 
 
 def backward_and_step(accelerator: Accelerator, model, optimizer, loss: torch.Tensor, guard: NonFiniteGuard,
@@ -137,7 +124,7 @@ def backward_and_step(accelerator: Accelerator, model, optimizer, loss: torch.Te
     Backpropagates a finite loss; a non-finite one (decided alike on every rank) is skipped and
     spoils the whole optimizer step it belongs to, which is then not taken. On the accumulation
     boundary: clip, step (if the step is still good and the gradient norm finite) and zero the gradients;
-    a step skipped for its gradients counts in the guard as a non-finite loss does. DeepSpeed steps inside
+    a step not applied, for either reason, counts once in the guard. DeepSpeed steps inside
     its backward, so there the skip goes through DeepSpeed's own (`_deepspeed_backward`).
     Returns (this micro-batch's loss was finite, the optimizer step is still good).
     """
@@ -151,7 +138,7 @@ def backward_and_step(accelerator: Accelerator, model, optimizer, loss: torch.Te
         # finite losses can still give non-finite gradients (an op at a singular point): they skip the step,
         # as DeepSpeed's overflow check does, rather than write NaN into every weight
         skipped = not step_ok or not _clipped_norm_finite(accelerator, model, clip_grad)
-        step_ok = guard.step_verdict(skipped, spoiled=not step_ok, accelerator=accelerator)
+        step_ok = guard.step_verdict(skipped, accelerator)
         if step_ok:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -188,7 +175,7 @@ def _deepspeed_backward(accelerator: Accelerator, optimizer, loss: torch.Tensor,
         raise TrainingStopped(
             "DeepSpeed applied an optimizer step that a non-finite loss spoiled: its overflow check is off "
             "(zero_optimization.stage 0, or compute_grad_norm false). The last good checkpoint is kept.")
-    return guard.step_verdict(skipped, spoiled=not step_ok, accelerator=accelerator)
+    return guard.step_verdict(skipped, accelerator)
 
 
 def optimizer_step(accelerator: Accelerator, model, optimizer, guard: NonFiniteGuard, clip_grad: float,
