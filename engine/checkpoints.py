@@ -139,33 +139,83 @@ class Checkpointer:
         raise CheckpointNotWritten(f"{self.root}: could not write the checkpoint of step {step} ({why}); {kept}: "
                                    "free some space, then continue with --resume auto")
 
-    def load(self, accelerator: Accelerator, path: Path) -> dict:
-        refuse_other_keys(accelerator, path)
+    def load(self, accelerator: Accelerator, path: Path, model_config: dict | None = None) -> dict:
+        """Load `path` into the prepared model and optimizer; its trainer_state. `model_config` (today's model
+        section of the run config, as a dict) lets a refusal name the model flags that changed."""
+        refuse_other_weights(accelerator, path, model_config)
         accelerator.load_state(str(path))
         return json.loads((path / "trainer_state.json").read_text())
 
 
-def refuse_other_keys(accelerator: Accelerator, path: Path) -> None:
-    """InputError naming `path` and the keys when the checkpoint's weights are not today's model's (a buffer
-    added since it was written, such as MiM's align_center): said before accelerate's or DeepSpeed's strict
-    load raises its multi-line error, and nothing is filled in. The keys are read from weights.safetensors
-    (the full, unwrapped state dict every checkpoint holds; its header only)."""
+def refuse_other_weights(accelerator: Accelerator, path: Path, model_config: dict | None = None) -> None:
+    """InputError in one line naming `path`, the keys and the shapes when the checkpoint's weights are not
+    today's model's: said before accelerate's or DeepSpeed's strict load raises its multi-line error, and
+    nothing is filled in. The checkpoint's names and shapes are read from weights.safetensors (the full,
+    unwrapped state dict every checkpoint holds; its header only). The cause named is the model flags that
+    differ between the checkpoint's run_config.json and `model_config`; an older mimfm only when they agree."""
     weights = path / "weights.safetensors"
     models = accelerator._models  # what load_state loads into; accelerate has no public name for it
     if not weights.is_file() or len(models) != 1:
         return
     with safe_open(str(weights), framework="pt") as f:
-        saved = set(f.keys())
-    expected = set(accelerator.unwrap_model(models[0]).state_dict())
-    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
-    if not missing and not unexpected:
+        saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    expected = _full_shapes(accelerator.unwrap_model(models[0]))
+    missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    resized = [f"{k} {saved[k]} -> {expected[k]}" for k in sorted(saved.keys() & expected.keys())
+               if saved[k] != expected[k]]
+    if not missing and not unexpected and not resized:
         return
-    what = "; ".join(f"{name} {_listed(keys)}" for name, keys in (("missing", missing), ("unexpected", unexpected))
-                     if keys)
+    what = "; ".join(f"{name} {_listed(keys)}" for name, keys in
+                     (("missing", missing), ("unexpected", unexpected), ("other shapes", resized)) if keys)
+    changed = _changed_flags(path / "run_config.json", model_config)
+    if changed:
+        raise InputError(f"{path}: its weights do not match this model ({what}): the run was made with other model "
+                         f"flags ({_listed(changed)}); resume it with the flags it was made with, or start a new "
+                         "run (a new --output_dir)")
     # its encoder still exports (models.export reads the encoder's keys only), so only resuming is refused
     raise InputError(f"{path}: its weights do not match this model ({what}): the checkpoint was written by an older "
                      "mimfm; start a new run (a new --output_dir), or resume it with the mimfm that wrote it "
                      "(python -m models.export still exports its encoder)")
+
+
+def _full_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    """Each state-dict entry's whole shape; under ZeRO-3 a parameter is an empty placeholder whose whole shape
+    DeepSpeed keeps in `ds_shape` (buffers are never partitioned)."""
+    shapes = {k: list(v.shape) for k, v in module.state_dict().items()}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if name in shapes and hasattr(p, "ds_shape"):
+            shapes[name] = list(p.ds_shape)
+    return shapes
+
+
+def _changed_flags(run_config: Path, model_config: dict | None) -> list[str]:
+    """`--model.<flag> <then> -> <now>` for each model flag whose value differs between the checkpoint's saved
+    run config and today's; empty when either is unknown (a checkpoint without run_config.json). A flag only
+    one side has is not counted: it was added or removed since, which is the older-mimfm case."""
+    if model_config is None or not run_config.is_file():
+        return []
+    then = json.loads(run_config.read_text()).get("model")
+    if not isinstance(then, dict):
+        return []
+    now = json.loads(json.dumps(model_config))  # tuples -> lists, as the saved JSON holds them
+    old, new = _flat(then), _flat(now)
+    return [f"--model.{k} {_shown(old[k])} -> {_shown(new[k])}" for k in sorted(old.keys() & new.keys())
+            if old[k] != new[k]]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as {dotted.flag: value}, the way the CLI names its flags."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _shown(v) -> str:
+    return " ".join(map(str, v)) if isinstance(v, list) else str(v)  # a list as the CLI takes it: 0.75 0.75
 
 
 def _listed(keys: list[str], most: int = 5) -> str:

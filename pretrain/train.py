@@ -179,14 +179,14 @@ def build_model(cfg: PretrainConfig, accelerator) -> MiMModel:
     return model
 
 
-def restore(ckpt: Checkpointer, path: Path | None, accelerator, guard: NonFiniteGuard, logger: RunLogger) -> int:
-    """The step to continue from: 0 for a fresh run, else the checkpoint's, with its state loaded. The log
-    keeps only the rows up to that step: none when the run starts at 0 (a --resume auto that found no
-    checkpoint follows a run that died before its first), so two runs never share a metrics.jsonl."""
-    if path is None:
+def restore(state: dict | None, path: Path | None, accelerator, guard: NonFiniteGuard, logger: RunLogger) -> int:
+    """The step to continue from: 0 for a fresh run, else the loaded checkpoint's (`state`, its trainer state),
+    with the guard's state. The log keeps only the rows up to that step: none when the run starts at 0 (a
+    --resume auto that found no checkpoint follows a run that died before its first), so two runs never share
+    a metrics.jsonl."""
+    if state is None:
         logger.truncate_after(0)
         return 0
-    state = ckpt.load(accelerator, path)
     guard.load_state_dict(state.get("nonfinite", {}))
     logger.truncate_after(state["step"])
     if accelerator.is_main_process:
@@ -216,13 +216,16 @@ def train(cfg: PretrainConfig) -> Path:
     resume_from = ckpt.resolve(cfg.resume)
     ckpt.check_resumable(accelerator, resume_from)
     model, optimizer, schedule, batches, subjects = build(cfg, accelerator)
+    # Loaded (its weights' names and shapes checked against this model's, a refusal naming the model flags that
+    # changed) before anything is written: a refused resume leaves the run's config.yaml and log as they were.
+    state = ckpt.load(accelerator, resume_from, to_dict(cfg.model)) if resume_from is not None else None
     if main:  # only now that the run can start: nothing is written for a refused one
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     guard = NonFiniteGuard(cfg.max_nonfinite)
     logger = RunLogger(accelerator, out)
 
-    step = restore(ckpt, resume_from, accelerator, guard, logger)
+    step = restore(state, resume_from, accelerator, guard, logger)
     enc = cfg.model.encoder
     unwrapped = accelerator.unwrap_model(model)  # MiMModel: the teacher's schedule and EMA, when distilling
 
