@@ -59,6 +59,9 @@ class Preset:
     epochs: int = 10
     patience: int = 4
     finetune_n_boot: int = 100            # bootstrap inside each fine-tuning run's own metrics.json
+    # each fine-tuning run's own ROC / calibration / KM PNGs (--figures); the benchmark's summary figures
+    # (roc_*.png, label_curve.png) are drawn either way, and no number depends on it
+    finetune_figures: bool = True
     # the encoder rate (--encoder_blr) of runs that fine-tune a pretrained encoder; 0: the YAML's, as scratch.
     # Each model's rate is chosen on the development cohort (benchmarks.research.finetune_recipe).
     pretrained_encoder_blr: float = 0.0
@@ -109,6 +112,7 @@ PRESETS = {
 TOY = Preset(
     name="toy", n_unlabeled=4, n_labeled=20, n_external=6, n_test_large=8, n_external_large=8, pretrain_steps=2,
     pretrain_batch_size=1, pretrain_crops_per_volume=1, folds=2, epochs=1, patience=1, finetune_n_boot=0,
+    finetune_figures=False,  # 15 PNGs per run were ~40% of its time, and nobody looks at a toy run's figures
     fusions=("concat", "tokens"),
     survival=MULTITASK.name, n_boot=50, seeds=(0,), label_sizes=(8,), note="toy size: plumbing only")
 

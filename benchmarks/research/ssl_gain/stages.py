@@ -108,6 +108,7 @@ def finetune_config(preset: Preset, out: Path, seed: int, name: str, *, pretrain
                    output_dir=str(out / f"seed{seed}" / name), cache_dir=str(out / "cache"), splits=str(splits),
                    folds=preset.folds, test_fraction=preset.test_fraction, epochs=preset.epochs,
                    patience=preset.patience, seed=seed, n_boot=preset.finetune_n_boot, explain=0,
+                   figures=preset.finetune_figures,
                    eval_sets=[f"{name}={csv}" for name, csv in large_manifests(preset, out).items()])
 
 
@@ -322,13 +323,18 @@ def run_seed(preset: Preset, out: Path, seed: int, stages: Stages) -> dict:
     return res
 
 
+# Preset fields a rerun may change in a used folder: more seeds, and whether the fine-tuning runs draw their own
+# figures (no number depends on it, and folders written before the field existed lack it).
+FREE_FIELDS = ("seeds", "finetune_figures")
+
+
 def check_same_preset(preset: Preset, out: Path) -> None:
     """A rerun may add seeds, but must not mix stage outputs of different presets in one folder."""
     path = out / "preset.json"
     now = json.loads(json.dumps(asdict(preset)))
     if path.is_file():
         before = json.loads(path.read_text())
-        diff = sorted(k for k in set(now) | set(before) if k != "seeds" and now.get(k) != before.get(k))
+        diff = sorted(k for k in set(now) | set(before) if k not in FREE_FIELDS and now.get(k) != before.get(k))
         if diff:
             raise InputError(f"--out {out}: holds a run of another preset (differs in {diff}); "
                              f"use a new --out folder or delete this one")
