@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from core.config import from_dict, to_dict
 from core.errors import ConfigError, InputError
-from models.hf import load_hf_folder, load_state_dict_strict, model_card, read_json, save_hf_folder
+from models.hf import load_model_folder, read_json, save_model_folder
 from models.input_spec import InputSpec
 from models.tasks import SEGMENTATION
 
@@ -128,33 +128,24 @@ class CNNSegmenter(nn.Module):
     def save_pretrained(self, folder: str | Path, *, extra_config: dict, card: dict, input_spec: InputSpec) -> None:
         """An HF-format folder: config.json = {"model_type", "architectures", "cnn": CNNSegConfig,
         **extra_config}, model.safetensors, README.md and input_spec.json."""
-        reserved = {"model_type", "architectures", "cnn"} & set(extra_config)
-        if reserved:
-            raise InputError(f"extra_config may not use the reserved key(s) {sorted(reserved)}")
-        config = {"model_type": CNN_MODEL_TYPE, "architectures": ["CNNSegmenter"], "cnn": to_dict(self.config),
-                  **extra_config}
         use = (f"Research model: MONAI {self.config.arch} predicting the lesion mask from the image channels "
                f"({', '.join(input_spec.channels[:-1])}) of {self.config.img_size}^3 crops; the whole-head search "
                "of finetune.predict --seg_model slides it over a head.")
         how = ("With mimfm installed (strict key matching; safetensors only):\n\n```python\n"
                "from models.cnn_segmenter import CNNSegmenter\n"
                "model, config = CNNSegmenter.from_pretrained(\"path/to/this/folder\")\n```\n")
-        card = {"title": f"mimfm CNN lesion segmenter ({self.config.arch})", "intended_use": use, "training": {},
-                "metrics": {}, "how_to_load": how, "tags": ("medical-imaging", "3d", "segmentation", "cnn"), **card}
-        card_config = {**to_dict(self.config), **config}  # the card's "Model" section reads top-level keys
-        save_hf_folder(folder, self.state_dict(), config, model_card(card_config, input_spec=input_spec, **card),
-                       input_spec=input_spec)
+        card = {"title": f"mimfm CNN lesion segmenter ({self.config.arch})", "intended_use": use, "how_to_load": how,
+                "tags": ("medical-imaging", "3d", "segmentation", "cnn"), **card}
+        # the card's "Model" section reads top-level keys: the CNN's own
+        save_model_folder(folder, self, model_type=CNN_MODEL_TYPE, architecture="CNNSegmenter", section="cnn",
+                          section_config=to_dict(self.config), extra_config=extra_config, card=card,
+                          card_shape=to_dict(self.config), input_spec=input_spec)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> tuple["CNNSegmenter", dict]:
         """Load a folder written by save_pretrained, with strict key and shape matching."""
-        config, state = load_hf_folder(folder)
-        if config.get("model_type") != CNN_MODEL_TYPE or not isinstance(config.get("cnn"), dict):
-            raise InputError(f"{folder}: config.json is not a {CNN_MODEL_TYPE} model "
-                             f"(model_type={config.get('model_type')!r})")
-        model = cls(from_dict(CNNSegConfig, config["cnn"], f"{folder}/config.json:cnn"))
-        load_state_dict_strict(model, state, str(folder))
-        return model, config
+        return load_model_folder(folder, model_type=CNN_MODEL_TYPE, section="cnn",
+                                 build=lambda cnn, where: cls(from_dict(CNNSegConfig, cnn, where)))
 
 
 def build_net(c: CNNSegConfig) -> nn.Module:

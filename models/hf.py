@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import yaml
 from huggingface_hub import split_torch_state_dict_into_shards
@@ -152,6 +153,33 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict[str, Tensor], wha
     if problems:
         raise InputError(f"{what}: weights do not match {type(module).__name__}; " + "; ".join(problems))
     module.load_state_dict(state_dict, strict=True)
+
+
+def save_model_folder(folder: str | os.PathLike, module: nn.Module, *, model_type: str, architecture: str,
+                      section: str, section_config: dict, extra_config: dict, card: dict, card_shape: dict,
+                      input_spec: InputSpec) -> None:
+    """A fine-tuned model's HF-format folder: config.json = {"model_type", "architectures": [architecture],
+    section: section_config, **extra_config}, model.safetensors, README.md and input_spec.json. `card` holds
+    model_card's keyword arguments (title, intended_use, ...); `card_shape` the keys its Model section lists."""
+    reserved = {"model_type", "architectures", section} & set(extra_config)
+    if reserved:
+        raise InputError(f"extra_config may not use the reserved key(s) {sorted(reserved)}")
+    config = {"model_type": model_type, "architectures": [architecture], section: section_config, **extra_config}
+    text = model_card({**card_shape, **config}, input_spec=input_spec, **{"training": {}, "metrics": {}, **card})
+    save_hf_folder(folder, module.state_dict(), config, text, input_spec=input_spec)
+
+
+def load_model_folder(folder: str | os.PathLike, *, model_type: str, section: str,
+                      build: Callable[[dict, str], nn.Module]) -> tuple[nn.Module, dict]:
+    """(model, config.json) of a folder save_model_folder wrote: config.json's model_type must be `model_type`
+    (one line naming the folder otherwise), `build(config[section], where)` makes the module, and the
+    safetensors weights load with strict key and shape matching."""
+    config, state = load_hf_folder(folder)
+    if config.get("model_type") != model_type or not isinstance(config.get(section), dict):
+        raise InputError(f"{folder}: config.json is not a {model_type} model (model_type={config.get('model_type')!r})")
+    model = build(config[section], f"{folder}/config.json:{section}")
+    load_state_dict_strict(model, state, str(folder))
+    return model, config
 
 
 def _bullets(d: dict) -> str:

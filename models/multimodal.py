@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from core.config import from_dict, to_dict
 from core.errors import ClinicalError, ConfigError, InputError
 from models.fusion import ClinicalEmbedding, ClinicalTokens, FiLM, LinearClinicalHazard, lesion_log_ml
-from models.hf import load_hf_folder, load_state_dict_strict, model_card, save_hf_folder
+from models.hf import load_model_folder, load_state_dict_strict, save_model_folder
 from models.input_spec import InputSpec
 from models.pooling import POOLS, TokenPool
 from models.segmentation import MASK_FEATURES, SEG_HEADS, SegDecoder, image_only, mask_shape_features
@@ -465,11 +465,6 @@ class MultimodalModel(nn.Module):
 
         `card` holds model_card's keyword arguments (title, intended_use, training, metrics).
         """
-        reserved = {"model_type", "architectures", "multimodal"} & set(extra_config)
-        if reserved:
-            raise InputError(f"extra_config may not use the reserved key(s) {sorted(reserved)}")
-        config = {"model_type": MODEL_TYPE, "architectures": ["MultimodalModel"],
-                  "multimodal": to_dict(self.config), **extra_config}
         channels = ", ".join(input_spec.channels)
         use = (f"Research model: lesion crops of [{channels}] and clinical data to "
                f"{self.config.task} scores (fusion: {self.config.fusion}).")
@@ -478,20 +473,15 @@ class MultimodalModel(nn.Module):
                     "mask from the image channels alone. It is mimfm's own decoder, not MONAI's UNETR, which fixes "
                     "16^3 patches, 12 blocks and its own decoder layout, so the folder loads with "
                     "MultimodalModel.from_pretrained (strict), not into monai.networks.nets.UNETR.")
-        card = {"title": "mimfm multimodal model", "intended_use": use, "training": {}, "metrics": {}, **card}
+        card = {"title": "mimfm multimodal model", "intended_use": use, **card}
         # The card lists the encoder's shape, which model_card reads from top-level keys.
-        card_config = {**to_dict(self.config.encoder), **config}
-        save_hf_folder(folder, self.state_dict(), config, model_card(card_config, input_spec=input_spec, **card),
-                       input_spec=input_spec)
+        save_model_folder(folder, self, model_type=MODEL_TYPE, architecture="MultimodalModel", section="multimodal",
+                          section_config=to_dict(self.config), extra_config=extra_config, card=card,
+                          card_shape=to_dict(self.config.encoder), input_spec=input_spec)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> tuple["MultimodalModel", dict]:
         """Load a folder written by save_pretrained, with strict key and shape matching."""
-        config, state = load_hf_folder(folder)
-        if config.get("model_type") != MODEL_TYPE or not isinstance(config.get("multimodal"), dict):
-            raise InputError(f"{folder}: config.json is not a {MODEL_TYPE} model "
-                             f"(model_type={config.get('model_type')!r})")
-        multimodal = {"survival_design": "deep", **config["multimodal"]}  # folders saved before it existed were deep
-        model = cls(from_dict(MultimodalConfig, multimodal, f"{folder}/config.json:multimodal"))
-        load_state_dict_strict(model, state, str(folder))
-        return model, config
+        def build(multimodal: dict, where: str) -> "MultimodalModel":  # folders saved before survival_design: deep
+            return cls(from_dict(MultimodalConfig, {"survival_design": "deep", **multimodal}, where))
+        return load_model_folder(folder, model_type=MODEL_TYPE, section="multimodal", build=build)
