@@ -282,12 +282,15 @@ def test_prepare_with_a_stage_yaml_writes_the_entries_its_fine_tuning_finds(tmp_
 
 # ---- ranks of a run ------------------------------------------------------------------------------
 
-def _as_two_ranks(fn):
-    """fn(shard, gather) on two threads standing for two ranks, meeting in a gather; their results."""
+def _as_two_ranks(fn, wait_s: float = 120) -> list:
+    """fn(shard, gather) on two threads standing for two ranks, meeting in a gather; their results (a value or
+    the exception raised). A rank that never reaches the gather leaves the other one stuck there until `wait_s`
+    (threading.BrokenBarrierError, as the process group's timeout would stop it); tests/
+    test_data_robustness_s3_gather.py uses this harness too."""
     import threading
 
     from data.shard import Shard
-    shares, results, meet = [None, None], [None, None], threading.Barrier(2)
+    shares, results, meet = [None, None], [None, None], threading.Barrier(2, timeout=wait_s)
 
     def gather(payload, rank):
         shares[rank] = payload
@@ -299,11 +302,13 @@ def _as_two_ranks(fn):
             results[r] = fn(Shard(r, 2, show=False), lambda payload: gather(payload, r))
         except Exception as e:  # noqa: BLE001 - handed to the test
             results[r] = e
+            if not isinstance(e, threading.BrokenBarrierError) and shares[r] is None:
+                meet.abort()  # this rank left before the gather: the other one's wait breaks (test time only)
     threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(120)
+        t.join(2 * wait_s)
     return results
 
 
