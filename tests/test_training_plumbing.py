@@ -26,15 +26,18 @@ def test_warmup_cosine_values_and_lr_scale():
 
 
 def test_nonfinite_guard_counts_and_stops():
+    """ok() only reports a micro-batch; step_verdict counts once per skipped optimizer step, and only an
+    applied step resets the run of skips."""
     acc = make_accelerator(LoopConfig(mixed_precision="no"))
     g = NonFiniteGuard(max_in_row=3)
     assert g.ok(torch.tensor(1.0), acc)
-    assert not g.ok(torch.tensor(float("nan")), acc)
-    assert not g.ok(torch.tensor(float("inf")), acc)
-    assert g.ok(torch.tensor(0.5), acc) and g.in_row == 0 and g.total == 2
-    g.ok(torch.tensor(float("nan")), acc), g.ok(torch.tensor(float("nan")), acc)
-    with pytest.raises(TrainingStopped, match="3 non-finite losses in a row"):
-        g.ok(torch.tensor(float("nan")), acc)
+    assert not g.ok(torch.tensor(float("nan")), acc) and not g.ok(torch.tensor(float("inf")), acc)
+    assert (g.in_row, g.total) == (0, 0)  # ok() only reports
+    assert not g.step_verdict(True, acc) and not g.step_verdict(True, acc) and g.step_verdict(False, acc)
+    assert (g.in_row, g.total) == (0, 2)
+    g.step_verdict(True, acc), g.step_verdict(True, acc)
+    with pytest.raises(TrainingStopped, match="3 consecutive skipped optimizer steps"):
+        g.step_verdict(True, acc)
 
 
 class Numbers(Dataset):
