@@ -35,6 +35,17 @@ def to_dict(cfg) -> dict:
     return out
 
 
+def flat_dict(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as {dotted.key: value}, the way the command line names its flags."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def from_dict(cls: type[T], d: dict, where: str = "config") -> T:
     """Build `cls` from a dict, recursing into nested dataclasses; unknown keys are an error."""
     if not isinstance(d, dict):

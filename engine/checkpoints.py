@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from core.atomic import write_json
+from core.config import flat_dict
 from core.errors import InputError, RunStopped
 from engine.distributed import full_state_dict
 
@@ -198,20 +199,9 @@ def _changed_flags(run_config: Path, model_config: dict | None) -> list[str]:
     if not isinstance(then, dict):
         return []
     now = json.loads(json.dumps(model_config))  # tuples -> lists, as the saved JSON holds them
-    old, new = _flat(then), _flat(now)
+    old, new = flat_dict(then), flat_dict(now)
     return [f"--model.{k} {_shown(old[k])} -> {_shown(new[k])}" for k in sorted(old.keys() & new.keys())
             if old[k] != new[k]]
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """A nested config dict as {dotted.flag: value}, the way the CLI names its flags."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _shown(v) -> str:

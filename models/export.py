@@ -23,6 +23,7 @@ from torch import Tensor
 
 from core.atomic import atomic_dir
 from core.cli import parse_config
+from core.config import flat_dict
 from core.errors import ConfigError, InputError, cli_entry
 from models.hf import (check_replaceable, load_safetensors_file, load_safetensors_weights, load_state_dict_strict,
                        model_card, read_json)
@@ -136,19 +137,9 @@ def _finetuned_encoder(folder: Path) -> tuple[ViT3D, dict]:
     return encoder, {"fine-tuned task": config["multimodal"]["task"], "fusion": config["multimodal"]["fusion"]}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def card_from_summary(summary: dict, source: Path) -> dict:
     """model_card arguments from a training summary: loss-like values are metrics, the rest training facts."""
-    flat = _flat(summary)
+    flat = flat_dict(summary)
     metrics = {k: v for k, v in flat.items() if "loss" in k.lower()}
     training = {"source checkpoint": source.name, **{k: v for k, v in flat.items() if k not in metrics}}
     return {"title": "mimfm ViT3D encoder (MiM pretrained)", "training": training, "metrics": metrics}
