@@ -2,7 +2,8 @@
 and segmentation overlays (predicted and given lesion outlines on the image).
 
 Each is written atomically. Where a figure is undefined (one class, no events) a figure saying why
-is written instead, so a run directory always has the file and the reader knows the reason.
+is written instead, so a run directory always has the file and the reader knows the reason. A fine-tuning
+run with --figures false calls none of them (finetune.evaluate), and its metrics.json lists no figure.
 """
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def _with_flair(cohort: Path, name: str) -> Path:
 @pytest.fixture(scope="module")
 def two_image_run(synth_cohort, tmp_path_factory):
     out = tmp_path_factory.mktemp("ft2") / "cls"
-    cfg = tiny_cfg(synth_cohort, out, task="classification", fusion="concat")
+    cfg = tiny_cfg(synth_cohort, out, task="classification", fusion="concat", figures=False)  # none is asserted
     cfg.manifest, cfg.external = str(_with_flair(synth_cohort, "manifest")), str(_with_flair(synth_cohort, "external"))
     cfg.prep.images = ("image", "flair")
     return out, run(cfg)

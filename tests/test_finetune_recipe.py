@@ -150,6 +150,7 @@ def test_a_multitask_run_with_lp_ft_mask_pooling_and_weight_averaging(synth_coho
     from finetune.train import run
     from tests.test_finetune_loop import tiny_cfg
     cfg = tiny_cfg(synth_cohort, tmp_path / "ft", task="multitask", fusion="none", epochs=3, explain=0,
+                   figures=False,
                    lp_epochs=1, epoch_choice="average", min_epochs=1, warmup_epochs=0.5, encoder_blr=1e-3)
     cfg.model.pool = "mask"
     metrics = run(cfg)
