@@ -186,8 +186,8 @@ def fold_ensemble(frames: list[pd.DataFrame], name: str) -> pd.DataFrame:
 def fold_fingerprint(cfg: FinetuneConfig, splits: dict) -> str:
     """What a finished fold depends on; a fold saved under another fingerprint is retrained, not reused."""
     d = to_dict(cfg)
-    for k in ("output_dir", "cache_dir", "n_boot", "explain", "num_workers", "reuse_folds", "external", "eval_sets",
-              "splits", "prep_workers", "dist_timeout_min"):
+    for k in ("output_dir", "cache_dir", "n_boot", "explain", "figures", "num_workers", "reuse_folds", "external",
+              "eval_sets", "splits", "prep_workers", "dist_timeout_min"):
         d.pop(k, None)
     if d.get("seg_arch") == "vit":  # the default arch leaves the fingerprint of runs made before the flag
         d.pop("seg_arch")
@@ -316,7 +316,7 @@ def run(cfg: FinetuneConfig) -> dict:
             if cfg.explain and model_cfg.uses_image and model_cfg.predicts_outcome:
                 explain_subjects(cfg, fold_info[0]["folder"], test_df.head(cfg.explain), out / "explain")
     if main:
-        print_summary(metrics, out)
+        print_summary(metrics, out, cfg.figures)
     accelerator.wait_for_everyone()
     return metrics
 
@@ -336,21 +336,22 @@ def write_results(cfg: FinetuneConfig, frames: list, fold_info: list, eval_sets:
         from finetune.evaluate import evaluate
         # test rows come from df; subject ids are unique across the cohorts (checked in load_cohort)
         outcomes = pd.concat([df] + [d for n, d in eval_sets.items() if n != "test"], ignore_index=True)
-        metrics = evaluate(preds, outcomes, out_dir=out, n_boot=cfg.n_boot, seed=cfg.seed)
+        metrics = evaluate(preds, outcomes, out_dir=out, n_boot=cfg.n_boot, seed=cfg.seed, figures=cfg.figures)
     if model_cfg.segments:
         from finetune.lesion.segmentation import segmentation_results
         metrics["segmentation"] = segmentation_results(out, fold_info, frames, df, eval_sets, spec,
-                                                       cfg.n_boot, cfg.seed)
+                                                       cfg.n_boot, cfg.seed, overlays=cfg.figures)
     metrics["folds"] = fold_info
     write_json(out / "metrics.json", metrics)
     return metrics
 
 
-def print_summary(metrics: dict, out: Path) -> None:
+def print_summary(metrics: dict, out: Path, figures: bool = True) -> None:
     """The headline numbers on the console: per split, AUC and C-index with their 95% CIs."""
     from finetune.evaluate import format_table
     from finetune.lesion.segmentation import format_segmentation
-    print(f"fine-tuning done: metrics {out / 'metrics.json'}, figures {out}/*.png, models {out / 'model'}")
+    drawn = f"figures {out}/*.png" if figures else "no figures (--figures false)"
+    print(f"fine-tuning done: metrics {out / 'metrics.json'}, {drawn}, models {out / 'model'}")
     if metrics.get("splits"):
         print(format_table(metrics))
     if metrics.get("segmentation"):

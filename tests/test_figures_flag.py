@@ -86,8 +86,6 @@ def test_a_run_without_figures_writes_the_same_numbers_and_predictions_and_no_pn
         assert (bare / table).read_text() == (drawn / table).read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="finetune/train.py fold_fingerprint must leave out 'figures' (as it does "
-                                       "'explain' and 'n_boot'); train.py is not this change's file")
 def test_the_flag_leaves_the_fold_fingerprint_alone():
     from finetune.train import fold_fingerprint
     splits = {"folds": [{"train": ["a"], "val": ["b"]}]}

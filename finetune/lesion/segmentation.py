@@ -54,8 +54,9 @@ def metric_rows(split: str, fold: int, df: pd.DataFrame, prob, crops, voxel_mm) 
 
 
 def segmentation_results(out: Path, fold_info: list, frames: list, df: pd.DataFrame, eval_sets: dict,
-                         spec: InputSpec, n_boot: int, seed: int) -> dict:
-    """segmentation.csv (one row per subject and split), overlays under segmentation/, and the report
+                         spec: InputSpec, n_boot: int, seed: int, overlays: bool = True) -> dict:
+    """segmentation.csv (one row per subject and split), overlays under segmentation/ (unless `overlays` is
+    false: --figures false), and the report
     {split: {dice: {mean, ci95}, hd95_mm, hd95_found_mm, hd95_misses, volume errors, missed, n}} that goes into
     metrics.json (seg_metrics says how a miss is counted)."""
     models = [load_fold_model(info["folder"])[0].eval() for info in fold_info]  # the ViT's or a CNN
@@ -67,7 +68,8 @@ def segmentation_results(out: Path, fold_info: list, frames: list, df: pd.DataFr
     for name, held in eval_sets.items():
         prob, crops, voxel_mm = lesion_probabilities(models, held, spec)
         tables.append(metric_rows(name, -1, held, prob, crops, voxel_mm))
-        save_overlays(out / "segmentation", name, held, prob, crops, spec)
+        if overlays:
+            save_overlays(out / "segmentation", name, held, prob, crops, spec)
     table = pd.concat(tables, ignore_index=True)
     with atomic_path(out / "segmentation.csv") as tmp:
         table.to_csv(tmp, index=False)
