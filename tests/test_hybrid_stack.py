@@ -63,28 +63,33 @@ def _exact(n, rng) -> dict:
             "time": np.exp(-(image - rc)), "event": np.ones(n, int)}
 
 
-def _run(tmp_path, *extra):
+def _run(tmp_path, *extra, clinical="none"):
     out = tmp_path / "out"
     hs.main(["--ssl_gain", str(tmp_path / "ssl"), "--seed", "0", "--out", str(out), "--sets", "test_large",
-             "--n_boot", "20", "--clinical", "none", *extra])
+             "--n_boot", "20", "--clinical", clinical, *extra])
     return json.loads((out / "hybrid_stack.json").read_text())
 
 
 def test_stacker_recovers_an_exact_function_of_its_inputs(tmp_path):
     rng = np.random.default_rng(0)
     write_layout(tmp_path / "ssl", _exact(60, rng), _exact(60, rng))
-    res = _run(tmp_path)
+    res = _run(tmp_path, clinical="auto")
     label, surv = res["tasks"]["label"], res["tasks"]["survival"]
     assert label["sets"]["test_large"]["hybrid"]["value"] == 1.0
     coef = label["stackers"]["hybrid"]["coef"]
     assert coef["image"] > 0 > coef["radiomics_clinical"]
+    # the +clinical variant reads the clinical columns as ClinicalSchema encodes them (age, sex one-hot)
+    assert res["clinical_columns"] == ["age", "sex"]
+    wide = label["stackers"]["hybrid+clinical"]["coef"]
+    assert list(wide)[:2] == ["image", "radiomics_clinical"] and any(k.startswith("sex") for k in wide)
+    assert label["sets"]["test_large"]["hybrid+clinical"]["value"] > 0.95
     # the survival stacker: risk rises with image - rc; the noise input (clinical Cox) barely counts
     c = surv["stackers"]["hybrid"]["coef"]
     assert c["image"] > 0 > c["radiomics_clinical"] and abs(c["clinical_linear"]) < min(c["image"], -c["radiomics_clinical"])
     assert surv["sets"]["test_large"]["hybrid"]["value"] > 0.95
     # the paired comparison is against each first-level model on the same subjects
     assert set(label["sets"]["test_large"]["hybrid"]["vs"]) == {"image", "radiomics_clinical"}
-    assert (tmp_path / "out" / "hybrid_stack.md").read_text().count("| test_large |") == 2
+    assert (tmp_path / "out" / "hybrid_stack.md").read_text().count("| test_large |") == 4
 
 
 def _leak_layout(root, rng, n_val=90, n_held=300):

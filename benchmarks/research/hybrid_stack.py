@@ -167,7 +167,8 @@ def fit_stacker(train: pd.DataFrame, task: str, score_cols: list[str], clinical:
         warnings.simplefilter("ignore")  # a near-separable inner fold warns; it scores on and may lose
         search.fit(train[score_cols + clinical], y)
     pipe = search.best_estimator_
-    names = [n.split("__", 1)[1] for n in pipe.named_steps["features"].get_feature_names_out()]
+    parts = pipe.named_steps["features"].named_transformers_
+    names = score_cols + (list(parts["clinical"].named_steps["encode"].schema_.feature_names) if clinical else [])
     return {"pipeline": pipe, "penalty": {k.split("__")[1]: float(v) for k, v in search.best_params_.items()},
             "inner_cv": {"score": float(search.best_score_), "scoring": "neg_log_loss" if label else "harrell_c",
                          "folds": n_splits, "grouped_by": "patient_id"},
