@@ -85,7 +85,8 @@ def test_stacker_recovers_an_exact_function_of_its_inputs(tmp_path):
     assert label["sets"]["test_large"]["hybrid+clinical"]["value"] > 0.95
     # the survival stacker: risk rises with image - rc; the noise input (clinical Cox) barely counts
     c = surv["stackers"]["hybrid"]["coef"]
-    assert c["image"] > 0 > c["radiomics_clinical"] and abs(c["clinical_linear"]) < min(c["image"], -c["radiomics_clinical"])
+    assert c["image"] > 0 > c["radiomics_clinical"]
+    assert abs(c["clinical_linear"]) < min(c["image"], -c["radiomics_clinical"])
     assert surv["sets"]["test_large"]["hybrid"]["value"] > 0.95
     # the paired comparison is against each first-level model on the same subjects
     assert set(label["sets"]["test_large"]["hybrid"]["vs"]) == {"image", "radiomics_clinical"}

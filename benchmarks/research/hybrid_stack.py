@@ -282,7 +282,8 @@ def format_table(result: dict) -> str:
     for task, t in result["tasks"].items():
         for split, stackers in t["sets"].items():
             for name, e in stackers.items():
-                cells = "; ".join(f"{m}: {_fmt(fl['value'], fl['ci'])}; {_fmt(e['vs'][m]['diff'], e['vs'][m]['ci'], '+')}"
+                cells = "; ".join(f"{m}: {_fmt(fl['value'], fl['ci'])}; "
+                                  f"{_fmt(e['vs'][m]['diff'], e['vs'][m]['ci'], '+')}"
                                   for m, fl in e["first_level"].items())
                 lines.append(f"| {split} | {task} ({e['metric']}) | {name} | {_fmt(e['value'], e['ci'])} | {cells} |")
     head = (f"Stackers fitted on the {FIT_SPLIT} rows only (out-of-fold, n = "
