@@ -95,7 +95,7 @@ def first_level(preds: dict[str, pd.DataFrame], inputs: dict[str, str], score: s
 
     On val each subject must have exactly one row (its out-of-fold prediction) in every input, and every
     input the same subjects: a stacker fitted on val must never see an in-fold or held-out prediction."""
-    table = None
+    table, seen = None, []
     for name, run in inputs.items():
         rows = preds[run][preds[run]["split"] == split]
         if score not in rows.columns or rows.empty:
@@ -109,27 +109,21 @@ def first_level(preds: dict[str, pd.DataFrame], inputs: dict[str, str], score: s
             rows = one_row_per_subject(rows)[0]
         col = rows[["subject_id", score]].rename(columns={score: name})
         if table is not None:
-            _same_subjects(table, col, name, run, split, inputs)
+            _same_subjects(table, col, run, split, seen)
             col = table.merge(col, on="subject_id", validate="one_to_one")
-        table = col
+        table, seen = col, seen + [run]
     return table.sort_values("subject_id", kind="stable").reset_index(drop=True)
 
 
-def _same_subjects(table: pd.DataFrame, col: pd.DataFrame, name: str, run: str, split: str, inputs: dict) -> None:
+def _same_subjects(table: pd.DataFrame, col: pd.DataFrame, run: str, split: str, seen: list[str]) -> None:
+    """InputError naming the run that lacks a subject the others have (every input scores the same rows)."""
     have, new = set(table["subject_id"]), set(col["subject_id"])
-    if have != new:
-        lacking, other = (sorted(have - new), run) if have - new else (sorted(new - have), "an earlier input")
-        raise InputError(f"run {other}: {split} rows missing for subject(s) {lacking[:5]} that another "
-                         f"first-level model ({', '.join(n for n in inputs if n != name) or name}) has")
-
-
-def features(table: pd.DataFrame, inputs: dict, score: str) -> pd.DataFrame:
-    """The stacker's score inputs: a probability as its logit (the scale a logistic model is linear in)."""
-    out = table.copy()
-    if score == "prob":
-        for name in inputs:
-            out[name] = logit(np.clip(out[name].to_numpy(float), PROB_EPS, 1 - PROB_EPS))
-    return out
+    if have - new:
+        raise InputError(f"run {run}: {split} rows missing for subject(s) {sorted(have - new)[:5]} that "
+                         f"{', '.join(seen)} has")
+    if new - have:
+        raise InputError(f"run {', '.join(seen)}: {split} rows missing for subject(s) {sorted(new - have)[:5]} "
+                         f"that {run} has")
 
 
 # ---------------------------------------------------------------- the stacker
