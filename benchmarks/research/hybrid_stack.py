@@ -126,6 +126,15 @@ def _same_subjects(table: pd.DataFrame, col: pd.DataFrame, run: str, split: str,
                          f"that {run} has")
 
 
+def features(table: pd.DataFrame, inputs: dict, score: str) -> pd.DataFrame:
+    """The stacker's score inputs: a probability as its logit (the scale a logistic model is linear in)."""
+    out = table.copy()
+    if score == "prob":
+        for name in inputs:
+            out[name] = logit(np.clip(out[name].to_numpy(float), PROB_EPS, 1 - PROB_EPS))
+    return out
+
+
 # ---------------------------------------------------------------- the stacker
 
 def _pipeline(model, score_cols: list[str], clinical: list[str]) -> Pipeline:
