@@ -118,12 +118,17 @@ def _drop_from_checkpoint(folder: Path, key: str) -> None:
         save_file({k: v for k, v in tensors.items() if k != key}, str(folder / name))
 
 
-def test_resuming_a_checkpoint_without_a_buffer_is_one_line_naming_folder_and_keys(tmp_path):
+def _saved_checkpoint(folder, step: int):
+    """(accelerator, prepared WithCentre, Checkpointer, the checkpoint it wrote at `step`)."""
     acc = Accelerator(cpu=True)
     model = WithCentre()
-    model, opt = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    ckpt = Checkpointer(tmp_path, keep=1)
-    path = ckpt.save(acc, model, step=2, state={}, files={})
+    model, _ = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    ckpt = Checkpointer(folder, keep=1)
+    return acc, model, ckpt, ckpt.save(acc, model, step=step, state={}, files={})
+
+
+def test_resuming_a_checkpoint_without_a_buffer_is_one_line_naming_folder_and_keys(tmp_path):
+    acc, model, ckpt, path = _saved_checkpoint(tmp_path, step=2)
     assert ckpt.load(acc, path)["step"] == 2  # as written, it loads
     _drop_from_checkpoint(path, "align_center")
     with pytest.raises(InputError) as e:
@@ -136,11 +141,7 @@ def test_resuming_a_checkpoint_without_a_buffer_is_one_line_naming_folder_and_ke
 
 
 def test_resuming_a_checkpoint_with_a_key_the_model_lacks_names_it(tmp_path):
-    acc = Accelerator(cpu=True)
-    model = WithCentre()
-    model, opt = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    ckpt = Checkpointer(tmp_path, keep=1)
-    path = ckpt.save(acc, model, step=1, state={}, files={})
+    acc, model, ckpt, path = _saved_checkpoint(tmp_path, step=1)
     for name in ("model.safetensors", "weights.safetensors"):
         save_file({**load_file(str(path / name)), "old_head.weight": torch.ones(1)}, str(path / name))
     with pytest.raises(InputError, match=r"unexpected old_head\.weight") as e:
