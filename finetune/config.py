@@ -128,6 +128,11 @@ class FinetuneConfig(LoopConfig):
                               "scratch and has no ViT encoder to load; use --seg_arch vit with a pretrained encoder")
         if self.freeze_encoder or self.lp_epochs:
             raise ConfigError(f"--freeze_encoder / --lp_epochs: --seg_arch {self.seg_arch} has no encoder to hold")
+        from models.cnn_segmenter import CNNSegConfig
+        try:  # the input size must suit the CNN before any volume is prepared
+            CNNSegConfig(arch=self.seg_arch, img_size=self.model.encoder.img_size)
+        except ConfigError as e:
+            raise ConfigError(f"--model.encoder.img_size {self.model.encoder.img_size}: {e}") from None
 
     @property
     def task(self) -> Task:

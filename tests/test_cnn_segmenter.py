@@ -92,6 +92,18 @@ def test_pretrained_with_a_cnn_arch_is_refused_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("arch,size,patch", [("segresnet", 44, 4), ("dynunet", 6, 2)])
+def test_an_input_size_the_cnn_cannot_take_is_refused_naming_the_flag(tmp_path, capsys, arch, size, patch):
+    """Refused at parse time, before any volume is prepared, naming --model.encoder.img_size."""
+    from finetune.train import main
+    with pytest.raises(SystemExit) as info:
+        main(["--task", "segmentation", "--seg_arch", arch, "--model.encoder.img_size", str(size),
+              "--model.encoder.patch_size", str(patch), "--model.encoder.in_channels", "2", "--manifest", str(tmp_path / "m.csv"), "--output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "\n" not in err and f"--model.encoder.img_size {size}" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_cnn_segmentation_run_trains_reports_and_exports(synth_cohort, tmp_path):
     from finetune.predict import load_model
     from finetune.train import run
