@@ -15,7 +15,7 @@ from typing import Any, Iterable, TypeVar
 import yaml
 
 from core.atomic import write_text
-from core.errors import ConfigError
+from core.errors import ConfigError, first_line
 
 T = TypeVar("T")
 
@@ -137,7 +137,7 @@ def load_file(path: str | os.PathLike) -> dict:
         text = path.read_text()
         d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML/JSON ({first_line(e)})") from None
     return d or {}
 
 

@@ -32,7 +32,7 @@ import pandas as pd
 
 from core.atomic import write_json
 from core.config import load_file
-from core.errors import InputError, cli_entry
+from core.errors import InputError, cli_entry, first_line
 from finetune.figures import plot_calibration, plot_km, plot_roc
 from finetune.metrics import classification_report, delong_paired_test, kernel_values, survival_report, try_metric
 from models.tasks import LABEL_REPORT, SURVIVAL_REPORT, task_of_scores
@@ -61,7 +61,7 @@ def read_predictions(path) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype={"subject_id": str, "split": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise InputError(f"predictions {path}: cannot parse CSV ({str(e).strip().splitlines()[0]})") from None
+        raise InputError(f"predictions {path}: cannot parse CSV ({first_line(e)})") from None
     return check_predictions(df, f"predictions {path}")
 
 

@@ -23,7 +23,7 @@ from sksurv.metrics import (concordance_index_censored, concordance_index_ipcw, 
 from sksurv.nonparametric import kaplan_meier_estimator
 from sksurv.util import Surv
 
-from core.errors import InputError
+from core.errors import InputError, first_line
 
 
 class UndefinedMetric(ValueError):
@@ -94,7 +94,7 @@ def _sksurv(fn: Callable, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except ValueError as e:
-        raise UndefinedMetric(str(e).strip().splitlines()[0]) from None
+        raise UndefinedMetric(first_line(e)) from None
 
 
 # ---------------------------------------------------------------- classification

@@ -24,7 +24,7 @@ from torch import Tensor
 from core.atomic import atomic_dir
 from core.cli import parse_config
 from core.config import flat_dict
-from core.errors import ConfigError, InputError, cli_entry
+from core.errors import ConfigError, InputError, cli_entry, first_line
 from models.hf import (check_replaceable, load_safetensors_file, load_safetensors_weights, load_state_dict_strict,
                        model_card, read_json)
 from models.input_spec import load_input_spec
@@ -56,7 +56,7 @@ def _load_weights_file(path: Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        raise InputError(f"{path}: not a loadable torch weights file ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{path}: not a loadable torch weights file ({first_line(e)})") from None
     # Some savers wrap the state dict: {"module": ...} (DeepSpeed), {"state_dict"|"model": ...}.
     while isinstance(obj, dict) and not all(isinstance(v, Tensor) for v in obj.values()):
         inner = next((obj[k] for k in ("module", "state_dict", "model") if isinstance(obj.get(k), dict)), None)

@@ -58,3 +58,20 @@ def test_first_line_is_the_first_non_blank_line_or_the_type(error, line):
 def test_first_line_typed_names_the_type_before_the_line():
     assert first_line(OSError("disk full\nx"), typed=True) == "OSError: disk full"
     assert first_line(EOFError(), typed=True) == "EOFError"
+
+
+def test_a_library_error_without_a_message_is_named_by_its_type_not_an_index_error():
+    """sksurv's ValueError becomes an undefined metric with its first line as the reason; an empty message
+    (which str(e).splitlines()[0] turned into an IndexError) gives the error's type instead."""
+    from finetune.metrics import UndefinedMetric, _sksurv
+
+    def empty():
+        raise ValueError("")
+
+    def said():
+        raise ValueError("\n  all samples are censored\nmore detail")
+
+    with pytest.raises(UndefinedMetric, match="^ValueError$"):
+        _sksurv(empty)
+    with pytest.raises(UndefinedMetric, match="^all samples are censored$"):
+        _sksurv(said)
