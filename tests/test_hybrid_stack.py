@@ -1,5 +1,6 @@
-"""benchmarks.research.hybrid_stack: the stacker is fitted on out-of-fold val rows only, and scores what
-its inputs determine, on tiny synthetic prediction tables in ssl_gain's layout."""
+"""benchmarks.research.hybrid_stack, the research caller of finetune.baselines.hybrid: the stacker is fitted on
+out-of-fold val rows only, and scores what its inputs determine, on tiny synthetic prediction tables in
+ssl_gain's layout."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from benchmarks.research import hybrid_stack as hs
 from core.errors import InputError
+from finetune.baselines import hybrid
 
 RUNS = ("ft_mim_concat", "radiomics_clinical_classification", "clinical_linear_survival",
         "radiomics_clinical_survival")
@@ -111,9 +113,10 @@ def test_a_leaked_column_does_not_reach_the_held_out_auc(tmp_path):
     # the control: the same stacker fitted on the held-out rows reads the leak and scores them perfectly
     table = pd.DataFrame({"subject_id": [f"LA{i:04d}" for i in range(len(held["label"]))],
                           "patient_id": [f"PLA{i:04d}" for i in range(len(held["label"]))],
-                          "image": held["image"], "radiomics_clinical": held["rc"], "label": held["label"]})
-    leaky = hs.fit_stacker(table, "label", ["image", "radiomics_clinical"], [], seed=0)
-    prob = hs.apply_stacker(leaky, table, "label", ["image", "radiomics_clinical"], "test_large")["prob"]
+                          "image": _prob(held["image"]), "radiomics_clinical": _prob(held["rc"]),
+                          "label": held["label"]})
+    leaky = hybrid.fit_stacker(table, "classification", ["image", "radiomics_clinical"], [], seed=0)
+    prob = hybrid.prediction_rows(leaky, table, "test_large")["prob"]
     assert roc_auc_score(held["label"], prob) == 1.0
     # fitted on val rows only, as the module does, the leak is noise to it
     res = _run(tmp_path)
@@ -133,11 +136,11 @@ def test_val_rows_must_be_one_out_of_fold_row_per_subject_in_every_model(tmp_pat
         _run(tmp_path)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1
-    assert "radiomics_clinical_classification" in err and "A0007" in err and "val" in err
+    assert "radiomics_clinical" in err and "A0007" in err and "val" in err
     # in-fold predictions: a subject scored on val by a second fold model
     dup = pred[(pred["split"] == "val") & (pred["subject_id"] == "A0007")].assign(fold=1 - pred["fold"].iloc[7] % 2)
     pd.concat([pred, dup]).to_csv(path, index=False)
-    with pytest.raises(InputError, match=r"radiomics_clinical_classification.*not out-of-fold.*A0007"):
+    with pytest.raises(InputError, match=r"radiomics_clinical: val rows are not out-of-fold.*A0007"):
         hs.run(hs.parse_args(["--ssl_gain", str(tmp_path / "ssl"), "--out", str(tmp_path / "o")]), "cmd")
 
 

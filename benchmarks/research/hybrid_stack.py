@@ -1,8 +1,9 @@
 """Issue 33, item 3, measured before it is built: would a stacked hybrid (deep image score + radiomics +
 clinical) beat radiomics + clinical on the large evaluation sets?
 
-Reads the predictions of one `python -m benchmarks.research.ssl_gain` seed and fits, on the pooled out-of-fold
-`val` rows only (each row predicted by a model that never saw it), a second-level model:
+Reads the predictions of one `python -m benchmarks.research.ssl_gain` seed and fits, with
+finetune.baselines.hybrid (the stacker's one home), on the pooled out-of-fold `val` rows only (each row
+predicted by a model that never saw it), a second-level model:
 
 - label: standardised L2 logistic regression over [the image run's logit, radiomics + clinical's logit]
   (variant "+clinical": the clinical columns encoded by finetune.clinical.ClinicalSchema beside them);
@@ -25,30 +26,19 @@ import os
 import platform
 import shlex
 import sys
-import warnings
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from scipy.special import logit
-from sklearn.compose import ColumnTransformer
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
-from sksurv.linear_model import CoxPHSurvivalAnalysis
 
 from benchmarks.research.ssl_gain.presets import LARGE_DIR, LARGE_SETS
 from core.atomic import write_json, write_text
 from core.errors import InputError, cli_entry
 from data.manifest import clinical_columns
-from finetune.baselines.clinical_models import ClinicalEncoder
 from finetune.baselines.compare import compare_baselines
-from finetune.baselines.radiomics import survival_target
-from finetune.evaluate import one_row_per_subject, read_predictions
+from finetune.baselines.hybrid import FIT_SPLIT, stack_predictions
+from finetune.evaluate import read_predictions
 from models.tasks import MULTITASK
 
-FIT_SPLIT = "val"  # the only rows a stacker is fitted on: pooled out-of-fold predictions
 IMAGE_RUN = "ft_mim_concat"
 # task -> (score column, {input name: run folder, None = the image run}); the first-level models
 TASKS = {
@@ -56,9 +46,7 @@ TASKS = {
     "survival": ("risk", {"image": None, "clinical_linear": "clinical_linear_survival",
                           "radiomics_clinical": "radiomics_clinical_survival"}),
 }
-C_GRID = np.logspace(-3, 2, 11)      # inverse L2 strength of the label stacker
-ALPHA_GRID = np.logspace(-2, 3, 11)  # ridge strength of the Cox stacker (on the summed partial likelihood)
-PROB_EPS = 1e-6                      # probabilities are clipped before the logit, so 0 or 1 stays finite
+HYBRID_TASK = {"label": "classification", "survival": "survival"}  # this script's task names -> the registry's
 OUTCOME_FILES = ("cohort/manifest.csv", "cohort/external.csv", f"{LARGE_DIR}/test_large.csv",
                  f"{LARGE_DIR}/external_large.csv")
 
@@ -90,132 +78,23 @@ def read_runs(seed_dir: Path, image_run: str) -> dict[str, pd.DataFrame]:
     return out
 
 
-def first_level(preds: dict[str, pd.DataFrame], inputs: dict[str, str], score: str, split: str) -> pd.DataFrame:
-    """subject_id and one column per input: its `score` on `split`, one row per subject.
-
-    On val each subject must have exactly one row (its out-of-fold prediction) in every input, and every
-    input the same subjects: a stacker fitted on val must never see an in-fold or held-out prediction."""
-    table, seen = None, []
-    for name, run in inputs.items():
-        rows = preds[run][preds[run]["split"] == split]
-        if score not in rows.columns or rows.empty:
-            raise InputError(f"run {run}: no {split!r} rows with a {score!r} column")
-        if split == FIT_SPLIT:
-            twice = sorted(rows["subject_id"][rows["subject_id"].duplicated()].unique())
-            if twice:
-                raise InputError(f"run {run}: {split} rows are not out-of-fold, subject(s) {twice[:5]} appear "
-                                 f"more than once (a stacker is fitted on one out-of-fold row per subject)")
-        else:
-            rows = one_row_per_subject(rows)[0]
-        col = rows[["subject_id", score]].rename(columns={score: name})
-        if table is not None:
-            _same_subjects(table, col, run, split, seen)
-            col = table.merge(col, on="subject_id", validate="one_to_one")
-        table, seen = col, seen + [run]
-    return table.sort_values("subject_id", kind="stable").reset_index(drop=True)
-
-
-def _same_subjects(table: pd.DataFrame, col: pd.DataFrame, run: str, split: str, seen: list[str]) -> None:
-    """InputError naming the run that lacks a subject the others have (every input scores the same rows)."""
-    have, new = set(table["subject_id"]), set(col["subject_id"])
-    if have - new:
-        raise InputError(f"run {run}: {split} rows missing for subject(s) {sorted(have - new)[:5]} that "
-                         f"{', '.join(seen)} has")
-    if new - have:
-        raise InputError(f"run {', '.join(seen)}: {split} rows missing for subject(s) {sorted(new - have)[:5]} "
-                         f"that {run} has")
-
-
-def features(table: pd.DataFrame, inputs: dict, score: str) -> pd.DataFrame:
-    """The stacker's score inputs: a probability as its logit (the scale a logistic model is linear in)."""
-    out = table.copy()
-    if score == "prob":
-        for name in inputs:
-            out[name] = logit(np.clip(out[name].to_numpy(float), PROB_EPS, 1 - PROB_EPS))
-    return out
-
-
-# ---------------------------------------------------------------- the stacker
-
-def _pipeline(model, score_cols: list[str], clinical: list[str]) -> Pipeline:
-    parts = [("scores", StandardScaler(), score_cols)]
-    if clinical:
-        # encoded as every mimfm model encodes them, then scaled with the scores under one penalty
-        parts.append(("clinical", Pipeline([("encode", ClinicalEncoder(clinical)), ("scale", StandardScaler())]),
-                      clinical))
-    return Pipeline([("features", ColumnTransformer(parts)), ("model", model)])
-
-
-def fit_stacker(train: pd.DataFrame, task: str, score_cols: list[str], clinical: list[str], seed: int,
-                inner_folds: int = 5) -> dict:
-    """Fit the task's stacker on `train` (val rows, with outcomes and patient_id); the penalty by
-    patient-grouped, outcome-stratified inner CV (log loss / Harrell's C). Returns the fitted pipeline,
-    its penalty, inner-CV score and coefficients."""
-    label = task == "label"
-    strata = train["label" if label else "event"].to_numpy(int)
-    y = strata if label else survival_target(train["event"], train["time"])
-    model = LogisticRegression(solver="lbfgs", max_iter=2000) if label else CoxPHSurvivalAnalysis()
-    grid = {"model__C": list(C_GRID)} if label else {"model__alpha": list(ALPHA_GRID)}
-    counts = np.bincount(strata, minlength=2)
-    # logistic needs both classes in every inner fold; Cox needs events (all-event data is fine)
-    n_splits = min(inner_folds, int(counts.min() if label else counts[1]))
-    if n_splits < 2:
-        raise InputError(f"{task} stacker: needs at least 2 {'rows of each class' if label else 'events'} "
-                         f"among the {FIT_SPLIT} rows (counts {counts.tolist()})")
-    cv = list(StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)
-              .split(train, strata, train["patient_id"]))
-    search = GridSearchCV(_pipeline(model, score_cols, clinical), grid, cv=cv,
-                          scoring="neg_log_loss" if label else None, error_score=np.nan, refit=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a near-separable inner fold warns; it scores on and may lose
-        search.fit(train[score_cols + clinical], y)
-    pipe = search.best_estimator_
-    parts = pipe.named_steps["features"].named_transformers_
-    names = score_cols + (list(parts["clinical"].named_steps["encode"].schema_.feature_names) if clinical else [])
-    return {"pipeline": pipe, "penalty": {k.split("__")[1]: float(v) for k, v in search.best_params_.items()},
-            "inner_cv": {"score": float(search.best_score_), "scoring": "neg_log_loss" if label else "harrell_c",
-                         "folds": n_splits, "grouped_by": "patient_id"},
-            "coef": dict(zip(names, np.ravel(pipe.named_steps["model"].coef_).astype(float).tolist())),
-            "n_fit": int(len(train)), "fit_split": FIT_SPLIT}
-
-
-def apply_stacker(fitted: dict, table: pd.DataFrame, task: str, cols: list[str], split: str) -> pd.DataFrame:
-    """The stacker's predictions as a predictions table (subject_id, split, fold -1, prob | risk)."""
-    pipe = fitted["pipeline"]
-    score = pipe.predict_proba(table[cols])[:, 1] if task == "label" else pipe.predict(table[cols])
-    return pd.DataFrame({"subject_id": table["subject_id"], "split": split, "fold": -1,
-                         "prob" if task == "label" else "risk": score})
-
-
-# ---------------------------------------------------------------- one task
-
 def stack_task(task: str, preds: dict, outcomes: pd.DataFrame, image_run: str, sets: list[str],
                clinical: list[str], n_boot: int, seed: int) -> dict:
-    """Fit both stackers of `task` on val rows, score them and every first-level model on each set."""
+    """Fit both stackers of `task` on val rows (finetune.baselines.hybrid), score them and every first-level
+    model on each set."""
     score, inputs = TASKS[task]
     inputs = {name: run or image_run for name, run in inputs.items()}
-    score_cols = list(inputs)
-    val = features(first_level(preds, inputs, score, FIT_SPLIT), inputs, score)
-    val = val.merge(outcomes, on="subject_id", how="left", validate="one_to_one")
-    unknown = val["subject_id"][val["patient_id"].isna()].tolist()
-    if unknown:
-        raise InputError(f"{FIT_SPLIT} subject(s) {unknown[:5]} not in the cohort's manifests")
+    first = {name: preds[run] for name, run in inputs.items()}
     variants = {"hybrid": []} | ({"hybrid+clinical": clinical} if clinical else {})
-    fitted = {v: fit_stacker(val, task, score_cols, extra, seed) for v, extra in variants.items()}
-    result = {"inputs": inputs, "score": score, "stackers": {}, "sets": {}}
-    for v, f in fitted.items():
-        result["stackers"][v] = {k: f[k] for k in ("penalty", "inner_cv", "coef", "n_fit", "fit_split")}
-    first = {name: preds[run][preds[run]["split"].isin(sets)][["subject_id", "split", "fold", score]]
-             for name, run in inputs.items()}
-    for split in sets:
-        held = features(first_level(preds, inputs, score, split), inputs, score)
-        held = held.merge(outcomes.drop(columns=["label", "time", "event"]), on="subject_id", how="left")
-        result["sets"][split] = {}
-        for v, f in fitted.items():
-            cols = score_cols + variants[v]
-            rows = apply_stacker(f, held, task, cols, split)
-            joined = rows.merge(outcomes[["subject_id", "patient_id", "label", "time", "event"]], on="subject_id")
-            cmp = compare_baselines({split: joined}, {v: rows} | first, outcomes, n_boot, seed)["splits"][split]
+    result = {"inputs": inputs, "score": score, "stackers": {}, "sets": {s: {} for s in sets}}
+    for v, extra in variants.items():
+        rows, stacker, _ = stack_predictions(first, outcomes, HYBRID_TASK[task], sets, extra, seed)
+        result["stackers"][v] = stacker.summary()
+        for split in sets:
+            held = rows[rows["split"] == split]
+            joined = held.merge(outcomes[["subject_id", "patient_id", "label", "time", "event"]], on="subject_id")
+            scored = {name: p[p["split"] == split][["subject_id", "split", "fold", score]] for name, p in first.items()}
+            cmp = compare_baselines({split: joined}, {v: held} | scored, outcomes, n_boot, seed)["splits"][split]
             result["sets"][split][v] = _entries(cmp, v)
     return result
 

@@ -1,0 +1,370 @@
+"""The hybrid (issue 33): a stacked second-level model over first-level models' out-of-fold predictions.
+
+First level: the fine-tuning run's image score and the baselines a user fits first (radiomics + clinical for the
+label; the clinical Cox model and radiomics + clinical for survival). Second level, fitted on the pooled `val`
+rows only (each row predicted by a fold model that never saw it):
+
+- label: standardised L2 logistic regression over the inputs' logits (sklearn LogisticRegression);
+- survival: ridge Cox over the inputs' risks (sksurv CoxPHSurvivalAnalysis);
+
+optionally with the clinical columns beside them (encoded as every mimfm model encodes them). The penalty is
+chosen by patient-grouped, outcome-stratified inner CV on those rows. The fitted stacker is saved as JSON
+(inputs, standardisation, coefficients, penalty, task, the first-level predictions it reads) and applied from it.
+
+`stack_predictions` writes the hybrid as every baseline is written: each fold's `val` rows by a stacker fitted on
+the other folds' `val` rows (so no stacker sees its own fold), held-out sets by the stacker fitted on all of them.
+`python -m finetune.baselines --baselines hybrid --image_run RUN` is its command.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.special import expit, logit
+from sklearn.compose import ColumnTransformer
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sksurv.linear_model import CoxPHSurvivalAnalysis
+
+from core.atomic import write_json
+from core.errors import InputError
+from finetune.baselines.clinical_models import ClinicalEncoder
+from finetune.baselines.radiomics import survival_target
+from finetune.clinical import ClinicalSchema
+from finetune.evaluate import one_row_per_subject
+from models.tasks import Task, get_task
+
+FORMAT = "mimfm.hybrid_stacker/1"
+FIT_SPLIT = "val"  # the only rows a stacker is fitted on: pooled out-of-fold predictions
+IMAGE = "image"    # the input name of the fine-tuning run's score
+# task -> the first-level baselines (python -m finetune.baselines names) the stacker reads beside the image
+FIRST_LEVEL = {"classification": ("radiomics_clinical",), "survival": ("clinical_only", "radiomics_clinical")}
+C_GRID = np.logspace(-3, 2, 11)      # inverse L2 strength of the label stacker
+ALPHA_GRID = np.logspace(-2, 3, 11)  # ridge strength of the Cox stacker (on the summed partial likelihood)
+PROB_EPS = 1e-6                      # probabilities are clipped before the logit, so 0 or 1 stays finite
+
+
+def score_of(task: Task | str) -> str:
+    """The predictions column a task's first-level models give: prob (label) or risk (survival)."""
+    return "prob" if (get_task(task) if isinstance(task, str) else task).label else "risk"
+
+
+# ---------------------------------------------------------------- first-level rows
+
+def stack_inputs(preds: dict[str, pd.DataFrame], score: str, split: str) -> pd.DataFrame:
+    """subject_id and one column per input: its `score` on `split`, one row per subject.
+
+    On val each subject must have exactly one row (its out-of-fold prediction) in every input, and every input
+    the same subjects: a stacker fitted on val must never see an in-fold or held-out prediction. A held-out set
+    is read from the fold ensemble (fold -1) where there is one."""
+    table, seen = None, []
+    for name, pred in preds.items():
+        rows = pred[pred["split"] == split]
+        if score not in rows.columns or rows.empty:
+            raise InputError(f"{name}: no {split!r} rows with a {score!r} column")
+        if split == FIT_SPLIT:
+            twice = sorted(rows["subject_id"][rows["subject_id"].duplicated()].unique())
+            if twice:
+                raise InputError(f"{name}: {split} rows are not out-of-fold, subject(s) {twice[:5]} appear more "
+                                 f"than once (a stacker is fitted on one out-of-fold row per subject)")
+        else:
+            rows = one_row_per_subject(rows)[0]
+        col = rows[["subject_id", score]].rename(columns={score: name})
+        if table is not None:
+            _same_subjects(table, col, name, split, seen)
+            col = table.merge(col, on="subject_id", validate="one_to_one")
+        table, seen = col, seen + [name]
+    return table.sort_values("subject_id", kind="stable").reset_index(drop=True)
+
+
+def _same_subjects(table: pd.DataFrame, col: pd.DataFrame, name: str, split: str, seen: list[str]) -> None:
+    """InputError naming the input that lacks a subject the others have (every input scores the same rows)."""
+    have, new = set(table["subject_id"]), set(col["subject_id"])
+    if have - new:
+        raise InputError(f"{name}: {split} rows missing for subject(s) {sorted(have - new)[:5]} that "
+                         f"{', '.join(seen)} has")
+    if new - have:
+        raise InputError(f"{', '.join(seen)}: {split} rows missing for subject(s) {sorted(new - have)[:5]} "
+                         f"that {name} has")
+
+
+def score_features(table: pd.DataFrame, inputs: list[str], score: str) -> np.ndarray:
+    """The stacker's score inputs [N, len(inputs)]: a probability as its logit (the scale a logistic model is
+    linear in), a risk as it is."""
+    x = table[inputs].to_numpy(np.float64)
+    return logit(np.clip(x, PROB_EPS, 1 - PROB_EPS)) if score == "prob" else x
+
+
+# ---------------------------------------------------------------- the stacker
+
+@dataclass
+class Stacker:
+    """A fitted stacker: everything its prediction needs, saved as JSON (no pickle)."""
+    task: str
+    inputs: list[str]                     # first-level score columns, in this order
+    clinical_columns: list[str]           # raw clinical columns beside them ([] = none)
+    clinical_schema: dict | None          # finetune.clinical.ClinicalSchema.to_dict() of those columns
+    feature_names: list[str]              # the linear model's columns: inputs, then the encoded clinical ones
+    mean: list[float]                     # standardisation of those columns, fitted on the stacker's rows
+    scale: list[float]
+    coef: list[float]
+    intercept: float                      # 0 for Cox (a risk has no intercept)
+    penalty: dict
+    inner_cv: dict
+    n_fit: int
+    fit_split: str = FIT_SPLIT
+    first_level: dict = field(default_factory=dict)  # input name -> the predictions file it is read from
+    format: str = FORMAT
+    pipeline: object = field(default=None, repr=False, compare=False)  # the sklearn fit; not saved
+
+    @property
+    def score(self) -> str:
+        return score_of(self.task)
+
+    def design(self, table: pd.DataFrame) -> np.ndarray:
+        """The standardised design matrix [N, F] of `table` (first-level scores and raw clinical columns)."""
+        absent = [c for c in self.inputs + self.clinical_columns if c not in table.columns]
+        if absent:
+            raise InputError(f"hybrid stacker: column(s) {absent[:5]} missing from the table it is applied to")
+        x = score_features(table, self.inputs, self.score)
+        if self.clinical_columns:
+            schema = ClinicalSchema.from_dict(self.clinical_schema)
+            x = np.hstack([x, schema.transform(table[self.clinical_columns]).astype(np.float64)])
+        return (x - np.asarray(self.mean)) / np.asarray(self.scale)
+
+    def predict(self, table: pd.DataFrame) -> np.ndarray:
+        """P(y=1) for the label, the Cox linear predictor for survival. Computed from the saved numbers by hand:
+        a JSON stacker has no sklearn object to call, and a linear model is one dot product."""
+        eta = self.design(table) @ np.asarray(self.coef) + self.intercept
+        return expit(eta) if self.score == "prob" else eta
+
+    def summary(self) -> dict:
+        """The fit's numbers for a results JSON: penalty, inner-CV score, coefficients by name, rows."""
+        return {"penalty": self.penalty, "inner_cv": self.inner_cv, "coef": dict(zip(self.feature_names, self.coef)),
+                "n_fit": self.n_fit, "fit_split": self.fit_split}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("pipeline")
+        return d
+
+    def save(self, path) -> None:
+        write_json(Path(path), self.to_dict())
+
+    @classmethod
+    def load(cls, path) -> "Stacker":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"stacker {path}: cannot read ({type(e).__name__}: {e})") from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise InputError(f"stacker {path}: not a {FORMAT} file")
+        names = set(cls.__dataclass_fields__) - {"pipeline"}
+        if set(d) != names:
+            raise InputError(f"stacker {path}: keys {sorted(set(d) ^ names)} differ from a {FORMAT} file's")
+        return cls(**d)
+
+
+def _pipeline(model, inputs: list[str], clinical: list[str]) -> Pipeline:
+    parts = [("scores", StandardScaler(), inputs)]
+    if clinical:
+        # encoded as every mimfm model encodes them, then scaled with the scores under one penalty
+        parts.append(("clinical", Pipeline([("encode", ClinicalEncoder(clinical)), ("scale", StandardScaler())]),
+                      clinical))
+    return Pipeline([("features", ColumnTransformer(parts)), ("model", model)])
+
+
+def fit_stacker(train: pd.DataFrame, task: Task | str, inputs: list[str], clinical: list[str] = (), seed: int = 0,
+                inner_folds: int = 5) -> Stacker:
+    """Fit the task's stacker on `train` (one out-of-fold row per subject: the inputs' scores, patient_id, the
+    outcome, the clinical columns); the penalty by patient-grouped, outcome-stratified inner CV (log loss for the
+    label, Harrell's C for survival)."""
+    task = get_task(task) if isinstance(task, str) else task
+    clinical, score = list(clinical), score_of(task)
+    strata = train["label" if task.label else "event"].to_numpy(int)
+    y = strata if task.label else survival_target(train["event"], train["time"])
+    model = LogisticRegression(solver="lbfgs", max_iter=2000) if task.label else CoxPHSurvivalAnalysis()
+    grid = {"model__C": list(C_GRID)} if task.label else {"model__alpha": list(ALPHA_GRID)}
+    counts = np.bincount(strata, minlength=2)
+    # logistic needs both classes in every inner fold; Cox needs events (all-event data is fine)
+    n_splits = min(inner_folds, int(counts.min() if task.label else counts[1]))
+    if n_splits < 2:
+        raise InputError(f"hybrid {task.name} stacker: needs at least 2 {'rows of each class' if task.label else 'events'}"
+                         f" among its {len(train)} {FIT_SPLIT} rows (counts {counts.tolist()})")
+    cv = list(StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)
+              .split(train, strata, train["patient_id"].astype(str)))
+    if set(inputs) & set(clinical):
+        raise InputError(f"hybrid stacker: input(s) {sorted(set(inputs) & set(clinical))} are also clinical columns")
+    X = pd.concat([pd.DataFrame(score_features(train, inputs, score), index=train.index, columns=inputs),
+                   train[clinical]], axis=1)
+    search = GridSearchCV(_pipeline(model, inputs, clinical), grid, cv=cv,
+                          scoring="neg_log_loss" if task.label else None, error_score=np.nan, refit=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a near-separable inner fold warns; it scores on and may lose
+        search.fit(X, y)
+    return _as_stacker(search, task, inputs, clinical, n_splits, len(train))
+
+
+def _as_stacker(search: GridSearchCV, task: Task, inputs: list[str], clinical: list[str], n_splits: int,
+                n_fit: int) -> Stacker:
+    """The fitted pipeline's numbers as a Stacker (the pipeline kept beside them, unsaved)."""
+    pipe = search.best_estimator_
+    parts = pipe.named_steps["features"].named_transformers_
+    scalers, names, schema = [parts["scores"]], list(inputs), None
+    if clinical:
+        encoded = parts["clinical"]
+        schema = encoded.named_steps["encode"].schema_
+        scalers.append(encoded.named_steps["scale"])
+        names += list(schema.feature_names)
+    fitted = pipe.named_steps["model"]
+    return Stacker(
+        task=task.name, inputs=list(inputs), clinical_columns=clinical,
+        clinical_schema=None if schema is None else schema.to_dict(), feature_names=names,
+        mean=np.concatenate([s.mean_ for s in scalers]).tolist(), scale=np.concatenate([s.scale_ for s in scalers]).tolist(),
+        coef=np.ravel(fitted.coef_).astype(float).tolist(),
+        intercept=float(np.ravel(fitted.intercept_)[0]) if task.label else 0.0,
+        penalty={k.split("__")[1]: float(v) for k, v in search.best_params_.items()},
+        inner_cv={"score": float(search.best_score_), "scoring": "neg_log_loss" if task.label else "harrell_c",
+                  "folds": n_splits, "grouped_by": "patient_id"},
+        n_fit=int(n_fit), pipeline=pipe)
+
+
+def prediction_rows(stacker: Stacker, table: pd.DataFrame, split: str, fold: int = -1) -> pd.DataFrame:
+    """The stacker's predictions as a predictions table (subject_id, split, fold, prob | risk)."""
+    return pd.DataFrame({"subject_id": table["subject_id"].to_numpy(), "split": split, "fold": fold,
+                         stacker.score: stacker.predict(table)})
+
+
+# ---------------------------------------------------------------- the hybrid's predictions
+
+def stack_predictions(preds: dict[str, pd.DataFrame], outcomes: pd.DataFrame, task: Task | str, held_out: list[str],
+                      clinical: list[str] = (), seed: int = 0, val_folds: pd.Series | None = None
+                      ) -> tuple[pd.DataFrame, Stacker, list[dict]]:
+    """The hybrid's predictions in the baselines' format, its final stacker, and each fold stacker's summary.
+
+    preds: input name -> predictions table (subject_id, split, fold, prob | risk); outcomes: subject_id,
+    patient_id, the outcome and clinical columns. val_folds: subject_id -> outer fold; where given, each fold's
+    val rows are predicted by a stacker fitted on the other folds' val rows (none sees its own fold). The
+    held-out sets are predicted by the stacker fitted on every val row."""
+    score, inputs = score_of(task), list(preds)
+    val = _with_outcomes(stack_inputs(preds, score, FIT_SPLIT), outcomes)
+    rows, per_fold = [], []
+    if val_folds is not None:
+        fold = val["subject_id"].map(val_folds)
+        if fold.isna().any():
+            raise InputError(f"{FIT_SPLIT} subject(s) {val['subject_id'][fold.isna()].tolist()[:5]} are in no fold")
+        for k in sorted(fold.unique()):
+            stacker = fit_stacker(val[fold != k], task, inputs, clinical, seed)
+            rows.append(prediction_rows(stacker, val[fold == k], FIT_SPLIT, int(k)))
+            per_fold.append({"fold": int(k), **stacker.summary()})
+    final = fit_stacker(val, task, inputs, clinical, seed)
+    per_fold.append({"fold": -1, **final.summary()})
+    for split in held_out:
+        held = stack_inputs(preds, score, split).merge(outcomes, on="subject_id", how="left", validate="one_to_one")
+        rows.append(prediction_rows(final, held, split))
+    return pd.concat(rows, ignore_index=True), final, per_fold
+
+
+def _with_outcomes(val: pd.DataFrame, outcomes: pd.DataFrame) -> pd.DataFrame:
+    """val rows with their outcomes; InputError naming subjects the outcomes lack."""
+    val = val.merge(outcomes, on="subject_id", how="left", validate="one_to_one")
+    unknown = val["subject_id"][val["patient_id"].isna()].tolist()
+    if unknown:
+        raise InputError(f"{FIT_SPLIT} subject(s) {unknown[:5]} not in the cohort's manifests")
+    return val
+
+
+# ---------------------------------------------------------------- the fine-tuning run it reads
+
+RUN_FILES = ("config.yaml", "predictions.csv")  # what python -m finetune writes; the run's splits.json beside them
+
+
+def read_image_run(run, task: Task | str, splits_path, external=None) -> dict:
+    """The fine-tuning run's predictions for `task`, checked before anything is fitted: it is a run, it predicts
+    `task`, its splits are the baselines' (`splits_path`), its val rows are those splits' out-of-fold rows and it
+    predicted every held-out subject. Returns {"predictions", "splits", "path"}; InputError naming flag or file."""
+    from finetune.evaluate import read_predictions, run_config
+
+    run, task = Path(run), get_task(task) if isinstance(task, str) else task
+    absent = [f for f in RUN_FILES if not (run / f).is_file()]
+    if absent:
+        raise InputError(f"--image_run {run}: not a fine-tuning run (no {' or '.join(absent)}; python -m finetune "
+                         f"writes {' and '.join(RUN_FILES)})")
+    cfg, cfg_path = run_config(run)
+    run_task = cfg.get("model", {}).get("task") if isinstance(cfg.get("model"), dict) else None
+    try:
+        run_task = get_task(run_task)
+    except (InputError, KeyError, TypeError, ValueError):
+        raise InputError(f"--image_run {run}: {cfg_path} names no task (model.task); not a fine-tuning run's config")
+    if not (run_task.label if task.label else run_task.survival):
+        raise InputError(f"--task {task.name}: the fine-tuning run {run} was --task {run_task.name} ({cfg_path}), "
+                         f"with no {score_of(task)!r} predictions")
+    splits = _same_splits(run, cfg, splits_path)
+    pred = read_predictions(run / "predictions.csv")
+    where = f"--image_run {run / 'predictions.csv'}"
+    if score_of(task) not in pred.columns:
+        raise InputError(f"{where}: no {score_of(task)!r} column for --task {task.name}")
+    _out_of_fold(pred, splits, where)
+    held = {"test": list(splits["test"])}
+    if external:
+        ids = pd.read_csv(external, usecols=["subject_id"], dtype={"subject_id": str})["subject_id"]
+        held["external"] = list(ids)
+    for split, ids in held.items():
+        have = set(pred["subject_id"][(pred["split"] == split) & (pred["fold"] == -1)])
+        lacking = sorted(set(ids) - have)
+        if lacking:
+            flag = "--external" if split == "external" else "--splits"
+            raise InputError(f"{flag}: the fine-tuning run {run} has no fold-ensemble {split} prediction for "
+                             f"subject(s) {lacking[:5]}")
+    return {"predictions": pred[pred["split"].isin([FIT_SPLIT, *held])], "splits": splits, "path": run}
+
+
+def _splits_content(splits: dict) -> tuple:
+    """What makes two splits the same: each fold's train and val subjects, and the test subjects."""
+    return ([(sorted(map(str, f["train"])), sorted(map(str, f["val"]))) for f in splits["folds"]],
+            sorted(map(str, splits["test"])))
+
+
+def _same_splits(run: Path, cfg: dict, splits_path) -> dict:
+    """The baselines' splits, refused unless they are the fine-tuning run's."""
+    run_path = Path(cfg["splits"]) if cfg.get("splits") else run / "splits.json"
+    ours = Path(splits_path)
+    for path, flag in ((run_path, f"--image_run {run}"), (ours, "--splits")):
+        if not path.is_file():
+            raise InputError(f"{flag}: splits {path} not found (the hybrid fits on the fine-tuning run's splits: "
+                             f"pass --splits {run_path})")
+    read = []
+    for path in (run_path, ours):
+        try:
+            read.append(json.loads(path.read_text()))
+            _splits_content(read[-1])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InputError(f"splits {path}: not a valid splits file ({type(e).__name__}: {e})") from None
+    if _splits_content(read[0]) != _splits_content(read[1]):
+        raise InputError(f"--splits {ours}: differ from the fine-tuning run's {run_path}; the hybrid's first-level "
+                         f"models must share the run's folds (pass --splits {run_path})")
+    return read[1]
+
+
+def _out_of_fold(pred: pd.DataFrame, splits: dict, where: str) -> None:
+    """InputError unless the val rows are one per subject, each from the fold model that held it out."""
+    val = pred[pred["split"] == FIT_SPLIT]
+    expected = {(str(s), k) for k, f in enumerate(splits["folds"]) for s in f["val"]}
+    got = set(zip(val["subject_id"], val["fold"].astype(int)))
+    if len(val) != len(got) or got != expected:
+        wrong = sorted(got ^ expected)[:5]
+        raise InputError(f"{where}: {FIT_SPLIT} rows are not the splits' out-of-fold predictions (one per subject, "
+                         f"by the fold that held it out); (subject, fold) differing: {wrong}")
+
+
+def splits_digest(splits: dict) -> str:
+    """A short fingerprint of the splits' content, saved with each baseline so a refit can tell whether to reuse it."""
+    import hashlib
+    return hashlib.sha1(json.dumps(_splits_content(splits)).encode()).hexdigest()[:16]
