@@ -1,12 +1,20 @@
-"""Fit the baselines a user fits first on the fine-tuning run's splits: clinical-only, radiomics, radiomics + clinical.
+"""Fit the baselines a user fits first on the fine-tuning run's splits: clinical-only, radiomics, radiomics + clinical,
+and the hybrid (the run's image score stacked with them).
 
     python -m finetune.baselines --manifest manifest.csv --cache cache/ --splits run/splits.json \\
         --task classification --out baselines/ [--external external.csv] [--baselines clinical_only,radiomics]
+    python -m finetune.baselines --manifest manifest.csv --cache cache/ --splits run/splits.json \\
+        --task survival --out baselines/ --baselines hybrid --image_run run/
     python -m finetune.evaluate --predictions run/predictions.csv --manifest manifest.csv --baselines baselines/
 
 Each baseline gets OUT/<name>/predictions.csv (one model per CV fold for its val rows, one on all non-test
 rows for test and external, as fine-tuning writes them) and OUT/<name>/baseline.json (each model's tuned
 penalty and kept features); the radiomics features are cached in OUT/features.csv.
+
+The hybrid (finetune.baselines.hybrid) reads the fine-tuning run's out-of-fold val and fold-ensemble held-out
+predictions (RUN/predictions.csv), fits the first-level baselines it stacks on the same splits (or reuses them
+from OUT when they were fitted there on those splits with the same settings), and writes OUT/hybrid/ as the
+others, with the fitted stacker in OUT/hybrid/stacker.json.
 """
 from __future__ import annotations
 
@@ -19,6 +27,11 @@ from core.cli import underscore_spellings
 from core.errors import InputError, cli_entry
 from finetune.baselines.clinical_models import BASELINES, make_baseline
 from finetune.baselines.radiomics import FEATURE_VERSION, add_arguments, load_inputs, predict_splits
+
+HYBRID = "hybrid"
+CHOICES = (*BASELINES, HYBRID)
+# baseline.json keys that must match for a fitted baseline in --out to be reused by the hybrid
+REUSE_KEYS = ("task", "seed", "external", "ring_mm", "bins", "clinical_columns", "feature_version", "splits_digest")
 
 
 def _table(name: str, features: pd.DataFrame, df: pd.DataFrame, clinical: list[str]) -> pd.DataFrame:
@@ -39,34 +52,110 @@ def _clinical(df: pd.DataFrame, flag: str) -> list[str]:
     return columns
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m finetune.baselines",
                                 description=__doc__.split("\n\n")[0])
     add_arguments(p)
-    p.add_argument("--baselines", default=",".join(BASELINES), help=f"comma-separated, of {list(BASELINES)}")
+    p.add_argument("--baselines", default=",".join(BASELINES),
+                   help=f"comma-separated, of {list(CHOICES)}; {HYBRID} needs --image_run")
     p.add_argument("--clinical-columns", default="", help="comma-separated; default: the manifest's clinical columns")
-    args = underscore_spellings(p).parse_args(argv)  # --clinical_columns as every command spells it
+    p.add_argument("--image_run", default="",
+                   help=f"for --baselines {HYBRID}: a python -m finetune output folder (config.yaml, predictions.csv, "
+                        f"on the same --splits) whose out-of-fold image score the hybrid stacks with the baselines")
+    p.add_argument("--hybrid_clinical", action="store_true",
+                   help=f"for --baselines {HYBRID}: also give the stacker the clinical columns themselves, beside "
+                        f"the first-level scores (default: the scores only)")
+    return underscore_spellings(p)  # --clinical_columns as every command spells it
+
+
+def _write(folder, pred: pd.DataFrame, meta: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "predictions.csv") as tmp:
+        pred.to_csv(tmp, index=False)
+    write_json(folder / "baseline.json", meta)
+    print(f"wrote {folder / 'predictions.csv'} ({len(pred)} rows)")
+
+
+def _reusable(folder, meta: dict, held_out: list[str]) -> pd.DataFrame | None:
+    """The predictions of a baseline already fitted in `folder` with the same settings and splits, else None."""
+    import json
+
+    from finetune.evaluate import read_predictions
+    try:
+        saved = json.loads((folder / "baseline.json").read_text())
+        pred = read_predictions(folder / "predictions.csv")
+    except (OSError, ValueError):
+        return None
+    same = isinstance(saved, dict) and all(saved.get(k) == meta[k] for k in REUSE_KEYS)
+    return pred if same and set(held_out) <= set(pred["split"]) else None
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     names = [n.strip() for n in args.baselines.split(",") if n.strip()]
-    unknown = [n for n in names if n not in BASELINES]
+    unknown = [n for n in names if n not in CHOICES]
     if unknown or not names:
-        raise InputError(f"--baselines {args.baselines!r}: expected a comma-separated subset of {list(BASELINES)}")
+        raise InputError(f"--baselines {args.baselines!r}: expected a comma-separated subset of {list(CHOICES)}")
+    run = None
+    if HYBRID in names:
+        from finetune.baselines.hybrid import read_image_run
+        if not args.image_run:
+            raise InputError(f"--baselines {HYBRID}: needs --image_run RUN (a python -m finetune output folder)")
+        run = read_image_run(args.image_run, args.task, args.splits, args.external)  # checked before any work
+    elif args.image_run or args.hybrid_clinical:
+        raise InputError(f"--image_run / --hybrid_clinical: read by --baselines {HYBRID} only; add it to --baselines")
     d = load_inputs(args)
     clinical = _clinical(d["df"], args.clinical_columns) if set(names) - {"radiomics"} else []
     if not clinical and set(names) - {"radiomics"}:
         raise InputError(f"{args.manifest}: no clinical columns; pass --baselines radiomics, or --clinical-columns")
-    for name in names:
+    fitted = _fit_baselines(args, d, names, clinical)
+    if run is not None:
+        _fit_hybrid(args, d, run, fitted, clinical)
+    return 0
+
+
+def _fit_baselines(args, d: dict, names: list[str], clinical: list[str]) -> dict[str, pd.DataFrame]:
+    """Fit each baseline asked for, and each one the hybrid stacks (reused from --out when fitted there alike)."""
+    from finetune.baselines.hybrid import FIRST_LEVEL, splits_digest
+    needed = list(FIRST_LEVEL[d["task"].name]) if HYBRID in names else []
+    held_out = (["test"] if len(d["splits"]["test"]) else []) + (["external"] if d["ext_df"] is not None else [])
+    fitted = {}
+    for name in [n for n in BASELINES if n in names or n in needed]:
+        meta = {**vars(args), "baseline": name, "clinical_columns": clinical, "feature_version": FEATURE_VERSION,
+                "splits_digest": splits_digest(d["splits"])}
+        folder = d["out"] / name
+        if name not in names and (reused := _reusable(folder, meta, held_out)) is not None:
+            print(f"reused {folder / 'predictions.csv'} (fitted there on the same splits and settings)")
+            fitted[name] = reused
+            continue
         external = None if d["ext_df"] is None else _table(name, d["external"], d["ext_df"], clinical)
         pred, params = predict_splits(_table(name, d["features"], d["df"], clinical), d["targets"], d["splits"],
                                       d["task"], args.seed, external, make_model=make_baseline(name, clinical))
-        folder = d["out"] / name
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / "predictions.csv") as tmp:
-            pred.to_csv(tmp, index=False)
-        write_json(folder / "baseline.json", {**vars(args), "baseline": name, "clinical_columns": clinical,
-                                              "feature_version": FEATURE_VERSION, "models": params})
-        print(f"wrote {folder / 'predictions.csv'} ({len(pred)} rows)")
-    return 0
+        _write(folder, pred, meta | {"models": params})
+        fitted[name] = pred
+    return fitted
+
+
+def _fit_hybrid(args, d: dict, run: dict, fitted: dict, clinical: list[str]) -> None:
+    """The stacker over the run's image score and the first-level baselines; OUT/hybrid/ as every baseline."""
+    from finetune.baselines.hybrid import FIRST_LEVEL, IMAGE, splits_digest, stack_predictions
+    task = d["task"]
+    preds = {IMAGE: run["predictions"]} | {n: fitted[n] for n in FIRST_LEVEL[task.name]}
+    tables = [d["df"]] + ([d["ext_df"]] if d["ext_df"] is not None else [])
+    outcomes = pd.concat([t[["subject_id", "patient_id", *task.columns, *clinical]] for t in tables], ignore_index=True)
+    outcomes["subject_id"] = outcomes["subject_id"].astype(str)
+    val_folds = pd.Series({str(s): k for k, f in enumerate(d["splits"]["folds"]) for s in f["val"]})
+    held_out = [s for s in ("test", "external") if (fitted[FIRST_LEVEL[task.name][0]]["split"] == s).any()]
+    stack_clinical = clinical if args.hybrid_clinical else []
+    pred, stacker, per_fold = stack_predictions(preds, outcomes, task, held_out, stack_clinical, args.seed, val_folds)
+    folder = d["out"] / HYBRID
+    stacker.first_level = {IMAGE: str(run["path"] / "predictions.csv")} | {
+        n: str(d["out"] / n / "predictions.csv") for n in FIRST_LEVEL[task.name]}
+    _write(folder, pred, {**vars(args), "baseline": HYBRID, "clinical_columns": clinical,
+                          "stacker_clinical_columns": stack_clinical, "first_level": stacker.first_level,
+                          "splits_digest": splits_digest(d["splits"]), "models": per_fold})
+    stacker.save(folder / "stacker.json")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,215 @@
+"""finetune.baselines.hybrid and `python -m finetune.baselines --baselines hybrid`: the stacker is sklearn's /
+sksurv's model fitted on the out-of-fold rows, its JSON reloads to the same predictions, no fold's val rows are
+predicted by a stacker that saw them, and the CLI refuses a bad run in one line before writing anything.
+(The leaked-column test is in tests/test_hybrid_stack.py, through the research caller.)"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.special import expit, logit
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
+from sklearn.preprocessing import StandardScaler
+from sksurv.linear_model import CoxPHSurvivalAnalysis
+from sksurv.util import Surv
+
+from finetune.baselines import hybrid
+
+INPUTS = ["image", "radiomics_clinical"]
+
+
+def _rows(n: int = 60, seed: int = 0) -> pd.DataFrame:
+    """Out-of-fold rows: two first-level probabilities and risks that carry the outcome with noise, patients of
+    two lesions each, a numeric and a categorical clinical column."""
+    rng = np.random.default_rng(seed)
+    label = np.tile([0, 1], n // 2)
+    signal = 1.5 * (2 * label - 1)
+    image, rc = signal + rng.normal(0, 2, n), 0.5 * signal + rng.normal(0, 1, n)
+    return pd.DataFrame({"subject_id": [f"s{i:03d}" for i in range(n)], "patient_id": [f"p{i // 2:03d}" for i in range(n)],
+                         "image": expit(image), "radiomics_clinical": expit(rc), "label": label,
+                         "time": np.exp(-0.5 * (image + rc)) * 10, "event": (rng.random(n) < 0.7).astype(int),
+                         "age": rng.normal(60, 10, n).round(1), "sex": rng.choice(["F", "M"], n)})
+
+
+def _by_hand_cv(rows: pd.DataFrame, strata) -> list:
+    return list(StratifiedGroupKFold(5, shuffle=True, random_state=0).split(rows, strata, rows["patient_id"]))
+
+
+def test_label_stacker_is_sklearns_logistic_regression_by_hand():
+    rows = _rows()
+    ours = hybrid.fit_stacker(rows, "classification", INPUTS, [], seed=0)
+    X = StandardScaler().fit_transform(logit(rows[INPUTS].to_numpy()))
+    y = rows["label"].to_numpy()
+    search = GridSearchCV(LogisticRegression(solver="lbfgs", max_iter=2000), {"C": list(hybrid.C_GRID)},
+                          cv=_by_hand_cv(rows, y), scoring="neg_log_loss").fit(X, y)
+    assert ours.penalty == {"C": pytest.approx(search.best_params_["C"])}
+    hand = LogisticRegression(C=search.best_params_["C"], solver="lbfgs", max_iter=2000).fit(X, y)
+    np.testing.assert_allclose(ours.coef, hand.coef_[0], rtol=1e-6)
+    assert ours.intercept == pytest.approx(hand.intercept_[0], abs=1e-6)
+    np.testing.assert_allclose(ours.predict(rows), hand.predict_proba(X)[:, 1], atol=1e-8)
+
+
+def test_survival_stacker_is_sksurvs_ridge_cox_by_hand():
+    rows = _rows()
+    ours = hybrid.fit_stacker(rows, "survival", INPUTS, [], seed=0)
+    X = StandardScaler().fit_transform(rows[INPUTS].to_numpy())  # risks enter as they are, no logit
+    hand = CoxPHSurvivalAnalysis(alpha=ours.penalty["alpha"]).fit(
+        X, Surv.from_arrays(rows["event"].astype(bool), rows["time"]))
+    np.testing.assert_allclose(ours.coef, hand.coef_, rtol=1e-6)
+    np.testing.assert_allclose(ours.predict(rows), hand.predict(X), atol=1e-8)
+
+
+@pytest.mark.parametrize("task", ["classification", "survival"])
+def test_the_saved_json_reloads_to_identical_predictions(tmp_path, task):
+    rows, held = _rows(60, 0), _rows(40, 1)
+    ours = hybrid.fit_stacker(rows, task, INPUTS, ["age", "sex"], seed=0)
+    ours.first_level = {"image": "run/predictions.csv"}
+    ours.save(tmp_path / "stacker.json")
+    back = hybrid.Stacker.load(tmp_path / "stacker.json")
+    assert back.to_dict() == ours.to_dict() and back.feature_names[:2] == INPUTS
+    np.testing.assert_array_equal(back.predict(held), ours.predict(held))
+    # and both are the sklearn pipeline the search fitted, applied to the same rows
+    X = pd.concat([pd.DataFrame(logit(held[INPUTS].to_numpy()) if task == "classification" else held[INPUTS].to_numpy(),
+                                columns=INPUTS), held[["age", "sex"]]], axis=1)
+    pipe = ours.pipeline.predict_proba(X)[:, 1] if task == "classification" else ours.pipeline.predict(X)
+    np.testing.assert_allclose(back.predict(held), pipe, atol=1e-12)
+    with pytest.raises(hybrid.InputError, match="not a mimfm.hybrid_stacker/1 file"):
+        (tmp_path / "other.json").write_text("{}")
+        hybrid.Stacker.load(tmp_path / "other.json")
+
+
+def _preds(rows: pd.DataFrame, folds: np.ndarray) -> dict:
+    return {name: pd.DataFrame({"subject_id": rows["subject_id"], "split": "val", "fold": folds,
+                                "prob": rows[name]}) for name in INPUTS}
+
+
+def test_no_fold_is_predicted_by_a_stacker_that_saw_it():
+    """Each fold's val rows come from a stacker fitted on the other folds: changing fold 0's outcomes leaves
+    fold 0's hybrid predictions as they were and moves the others' (the control that would catch a leak)."""
+    rows = _rows(90, 2)
+    folds = np.arange(len(rows)) % 3
+    val_folds = pd.Series(folds, index=rows["subject_id"])
+    outcomes = rows.drop(columns=INPUTS)
+    before, _, per_fold = hybrid.stack_predictions(_preds(rows, folds), outcomes, "classification", [], seed=0,
+                                                   val_folds=val_folds)
+    assert [p["fold"] for p in per_fold] == [0, 1, 2, -1] and all(p["n_fit"] == 60 for p in per_fold[:3])
+    flipped = outcomes.assign(label=np.where(folds == 0, 1 - outcomes["label"], outcomes["label"]))
+    after, _, _ = hybrid.stack_predictions(_preds(rows, folds), flipped, "classification", [], seed=0,
+                                           val_folds=val_folds)
+    before, after = before.set_index("subject_id")["prob"], after.set_index("subject_id")["prob"]
+    own = rows["subject_id"][folds == 0]
+    np.testing.assert_array_equal(before[own], after[own])
+    others = rows["subject_id"][folds != 0]
+    assert np.max(np.abs(before[others] - after[others])) > 1e-3
+
+
+# ---------------------------------------------------------------- the CLI
+
+def _fake_run(folder, splits: dict, labels: pd.Series, task: str = "classification"):
+    """What python -m finetune leaves in its folder, as far as the hybrid reads it: config.yaml (model.task),
+    splits.json, and predictions.csv with each fold's val rows and the held-out rows by fold and fold ensemble."""
+    import yaml
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"model": {"task": task}, "splits": ""}))
+    (folder / "splits.json").write_text(json.dumps(splits))
+
+    def rows(ids, split, fold):
+        y = labels.loc[list(ids)].to_numpy()
+        return pd.DataFrame({"subject_id": list(ids), "split": split, "fold": fold,
+                             "prob": expit(1.5 * (2 * y - 1) + rng.normal(0, 1, len(y)))})
+    parts = [rows(f["val"], "val", k) for k, f in enumerate(splits["folds"])]
+    parts += [rows(splits["test"], "test", k) for k in range(len(splits["folds"]))] + [rows(splits["test"], "test", -1)]
+    pd.concat(parts).to_csv(folder / "predictions.csv", index=False)
+    return folder
+
+
+def test_cli_stacks_the_runs_image_score_and_evaluate_reads_it(tmp_path, capsys):
+    from finetune.baselines.__main__ import main
+    from finetune.evaluate import main as evaluate_main
+    from tests.test_radiomics import _write_cohort
+
+    manifest = _write_cohort(tmp_path, 24, np.random.default_rng(7))
+    table = pd.read_csv(manifest, dtype={"subject_id": str})
+    table.assign(age=np.random.default_rng(1).normal(60, 10, len(table)).round(1)).to_csv(manifest, index=False)
+    out, splits_path = tmp_path / "baselines", tmp_path / "splits.json"
+    common = ["--manifest", str(manifest), "--cache", str(tmp_path / "cache"), "--out", str(out), "--folds", "2",
+              "--splits", str(splits_path), "--task", "classification", "--clinical_columns", "age",
+              "--test_fraction", "0.25"]
+    assert main(common + ["--baselines", "radiomics_clinical"]) == 0
+    splits = json.loads(splits_path.read_text())
+    run = _fake_run(tmp_path / "run", splits, table.set_index("subject_id")["label"])
+    capsys.readouterr()
+    assert main(common + ["--baselines", "hybrid", "--image_run", str(run)]) == 0
+    assert "reused" in capsys.readouterr().out  # radiomics + clinical was fitted there on these splits
+    pred = pd.read_csv(out / "hybrid" / "predictions.csv", dtype={"subject_id": str})
+    assert list(pred.columns) == ["subject_id", "split", "fold", "prob"]
+    val = pred[pred.split == "val"]
+    assert set(zip(val.subject_id, val.fold)) == {(s, k) for k, f in enumerate(splits["folds"]) for s in f["val"]}
+    test = pred[pred.split == "test"]
+    assert sorted(test.subject_id) == sorted(splits["test"]) and set(test.fold) == {-1}
+    # the saved stacker, applied to the held-out first-level predictions it names, gives the written test rows
+    stacker = hybrid.Stacker.load(out / "hybrid" / "stacker.json")
+    firsts = {name: pd.read_csv(path, dtype={"subject_id": str}) for name, path in stacker.first_level.items()}
+    assert list(firsts) == ["image", "radiomics_clinical"]
+    held = hybrid.stack_inputs(firsts, "prob", "test")
+    np.testing.assert_allclose(stacker.predict(held), test.set_index("subject_id").loc[held.subject_id, "prob"],
+                               atol=1e-12)
+    capsys.readouterr()
+    assert evaluate_main(["--predictions", str(run / "predictions.csv"), "--manifest", str(manifest),
+                          "--baselines", str(out), "--n_boot", "0", "--out", str(tmp_path / "eval")]) == 0
+    assert "baseline hybrid" in capsys.readouterr().out
+
+
+def _refusal_case(tmp_path, case: str) -> tuple[list[str], str]:
+    """A fine-tuning run and baseline flags that differ from it in one way: (argv, what the one line names)."""
+    ids = [f"s{i:02d}" for i in range(12)]
+    splits = {"folds": [{"train": ids[4:8], "val": ids[:4]}, {"train": ids[:4], "val": ids[4:8]}], "test": ids[8:]}
+    ours = tmp_path / "splits.json"
+    ours.write_text(json.dumps(splits))
+    run = _fake_run(tmp_path / "run", splits, pd.Series(np.arange(12) % 2, index=ids))
+    task, expect = "classification", ""
+    if case == "not_a_run":
+        run, expect = tmp_path / "cohort", f"--image_run {tmp_path / 'cohort'}: not a fine-tuning run"
+        run.mkdir()
+    elif case == "task":
+        task, expect = "survival", "--task survival: the fine-tuning run"
+    elif case == "splits":
+        other = {**splits, "folds": splits["folds"][::-1]}
+        ours.write_text(json.dumps(other))
+        expect = f"--splits {ours}: differ from the fine-tuning run's {run / 'splits.json'}"
+    elif case == "in_fold":
+        pred = pd.read_csv(run / "predictions.csv")
+        pred.loc[(pred.split == "val") & (pred.subject_id == "s01"), "fold"] = 1  # scored by the model it trained
+        pred.to_csv(run / "predictions.csv", index=False)
+        expect = f"--image_run {run / 'predictions.csv'}: val rows are not the splits' out-of-fold predictions"
+    argv = ["--manifest", str(tmp_path / "manifest.csv"), "--cache", str(tmp_path / "cache"), "--splits", str(ours),
+            "--task", task, "--out", str(tmp_path / "out"), "--baselines", "hybrid", "--image_run", str(run)]
+    return argv, expect
+
+
+@pytest.mark.parametrize("case", ["not_a_run", "task", "splits", "in_fold"])
+def test_cli_refuses_a_run_it_cannot_stack_in_one_line_writing_nothing(tmp_path, capsys, case):
+    from finetune.baselines.__main__ import main
+    argv, expect = _refusal_case(tmp_path, case)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert expect in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_cli_help_explains_the_hybrid_options(capsys):
+    from finetune.baselines.__main__ import main
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "hybrid" in text and "--image_run" in text and "--hybrid_clinical" in text
+    with pytest.raises(SystemExit):
+        main(["--manifest", "m", "--cache", "c", "--splits", "s", "--task", "survival", "--out", "o",
+              "--image_run", "run"])
+    assert "--image_run / --hybrid_clinical: read by --baselines hybrid only" in capsys.readouterr().err
