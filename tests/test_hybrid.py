@@ -108,9 +108,10 @@ def test_no_fold_is_predicted_by_a_stacker_that_saw_it():
 
 # ---------------------------------------------------------------- the CLI
 
-def _fake_run(folder, splits: dict, labels: pd.Series, task: str = "classification"):
+def _fake_run(folder, splits: dict, labels: pd.Series, task: str = "classification", held: dict | None = None):
     """What python -m finetune leaves in its folder, as far as the hybrid reads it: config.yaml (model.task),
-    splits.json, and predictions.csv with each fold's val rows and the held-out rows by fold and fold ensemble."""
+    splits.json, and predictions.csv with each fold's val rows and the held-out rows (test and `held`: split ->
+    subjects) by fold and fold ensemble."""
     import yaml
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True)
@@ -122,7 +123,8 @@ def _fake_run(folder, splits: dict, labels: pd.Series, task: str = "classificati
         return pd.DataFrame({"subject_id": list(ids), "split": split, "fold": fold,
                              "prob": expit(1.5 * (2 * y - 1) + rng.normal(0, 1, len(y)))})
     parts = [rows(f["val"], "val", k) for k, f in enumerate(splits["folds"])]
-    parts += [rows(splits["test"], "test", k) for k in range(len(splits["folds"]))] + [rows(splits["test"], "test", -1)]
+    for split, ids in ({"test": splits["test"]} | (held or {})).items():
+        parts += [rows(ids, split, k) for k in range(len(splits["folds"]))] + [rows(ids, split, -1)]
     pd.concat(parts).to_csv(folder / "predictions.csv", index=False)
     return folder
 
@@ -135,13 +137,19 @@ def test_cli_stacks_the_runs_image_score_and_evaluate_reads_it(tmp_path, capsys)
     manifest = _write_cohort(tmp_path, 24, np.random.default_rng(7))
     table = pd.read_csv(manifest, dtype={"subject_id": str})
     table.assign(age=np.random.default_rng(1).normal(60, 10, len(table)).round(1)).to_csv(manifest, index=False)
+    (tmp_path / "large").mkdir()
+    large_csv = _write_cohort(tmp_path / "large", 8, np.random.default_rng(8))  # an --eval_sets cohort
+    large = pd.read_csv(large_csv, dtype={"subject_id": str})
+    large = large.assign(subject_id="L" + large["subject_id"], age=np.random.default_rng(2).normal(60, 10, len(large)))
+    large.to_csv(large_csv, index=False)
     out, splits_path = tmp_path / "baselines", tmp_path / "splits.json"
     common = ["--manifest", str(manifest), "--cache", str(tmp_path / "cache"), "--out", str(out), "--folds", "2",
               "--splits", str(splits_path), "--task", "classification", "--clinical_columns", "age",
-              "--test_fraction", "0.25"]
+              "--test_fraction", "0.25", "--eval_sets", f"large={large_csv}"]
     assert main(common + ["--baselines", "radiomics_clinical"]) == 0
     splits = json.loads(splits_path.read_text())
-    run = _fake_run(tmp_path / "run", splits, table.set_index("subject_id")["label"])
+    labels = pd.concat([table, large]).set_index("subject_id")["label"]
+    run = _fake_run(tmp_path / "run", splits, labels, held={"large": list(large["subject_id"])})
     capsys.readouterr()
     assert main(common + ["--baselines", "hybrid", "--image_run", str(run)]) == 0
     assert "reused" in capsys.readouterr().out  # radiomics + clinical was fitted there on these splits
@@ -151,6 +159,7 @@ def test_cli_stacks_the_runs_image_score_and_evaluate_reads_it(tmp_path, capsys)
     assert set(zip(val.subject_id, val.fold)) == {(s, k) for k, f in enumerate(splits["folds"]) for s in f["val"]}
     test = pred[pred.split == "test"]
     assert sorted(test.subject_id) == sorted(splits["test"]) and set(test.fold) == {-1}
+    assert sorted(pred[pred.split == "large"].subject_id) == sorted(large["subject_id"])
     # the saved stacker, applied to the held-out first-level predictions it names, gives the written test rows
     stacker = hybrid.Stacker.load(out / "hybrid" / "stacker.json")
     firsts = {name: pd.read_csv(path, dtype={"subject_id": str}) for name, path in stacker.first_level.items()}
@@ -159,9 +168,12 @@ def test_cli_stacks_the_runs_image_score_and_evaluate_reads_it(tmp_path, capsys)
     np.testing.assert_allclose(stacker.predict(held), test.set_index("subject_id").loc[held.subject_id, "prob"],
                                atol=1e-12)
     capsys.readouterr()
+    # finetune.evaluate has no --eval_sets: the large cohort's outcomes come in through --external
     assert evaluate_main(["--predictions", str(run / "predictions.csv"), "--manifest", str(manifest),
-                          "--baselines", str(out), "--n_boot", "0", "--out", str(tmp_path / "eval")]) == 0
-    assert "baseline hybrid" in capsys.readouterr().out
+                          "--external", str(large_csv), "--baselines", str(out), "--n_boot", "0", "--out", str(tmp_path / "eval")]) == 0
+    report = capsys.readouterr().out
+    hybrid_lines = [line.split()[2] for line in report.splitlines() if line.startswith("baseline hybrid ")]
+    assert {"val", "test", "large"} <= set(hybrid_lines)
 
 
 def _refusal_case(tmp_path, case: str) -> tuple[list[str], str]:

@@ -2,13 +2,14 @@
 and the hybrid (the run's image score stacked with them).
 
     python -m finetune.baselines --manifest manifest.csv --cache cache/ --splits run/splits.json \\
-        --task classification --out baselines/ [--external external.csv] [--baselines clinical_only,radiomics]
+        --task classification --out baselines/ [--external external.csv] [--eval_sets big=big.csv] \\
+        [--baselines clinical_only,radiomics]
     python -m finetune.baselines --manifest manifest.csv --cache cache/ --splits run/splits.json \\
         --task survival --out baselines/ --baselines hybrid --image_run run/
     python -m finetune.evaluate --predictions run/predictions.csv --manifest manifest.csv --baselines baselines/
 
 Each baseline gets OUT/<name>/predictions.csv (one model per CV fold for its val rows, one on all non-test
-rows for test and external, as fine-tuning writes them) and OUT/<name>/baseline.json (each model's tuned
+rows for test, external and each --eval_sets cohort, as fine-tuning writes them) and OUT/<name>/baseline.json (each model's tuned
 penalty and kept features); the radiomics features are cached in OUT/features.csv.
 
 The hybrid (finetune.baselines.hybrid) reads the fine-tuning run's out-of-fold val and fold-ensemble held-out
@@ -19,6 +20,7 @@ others, with the fitted stacker in OUT/hybrid/stacker.json.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pandas as pd
 
@@ -27,11 +29,12 @@ from core.cli import underscore_spellings
 from core.errors import InputError, cli_entry
 from finetune.baselines.clinical_models import BASELINES, make_baseline
 from finetune.baselines.radiomics import FEATURE_VERSION, add_arguments, load_inputs, predict_splits
+from models.tasks import get_task
 
 HYBRID = "hybrid"
 CHOICES = (*BASELINES, HYBRID)
 # baseline.json keys that must match for a fitted baseline in --out to be reused by the hybrid
-REUSE_KEYS = ("task", "seed", "external", "ring_mm", "bins", "clinical_columns", "feature_version", "splits_digest")
+REUSE_KEYS = ("task", "seed", "external", "eval_sets", "ring_mm", "bins", "clinical_columns", "feature_version", "splits_digest")
 
 
 def _table(name: str, features: pd.DataFrame, df: pd.DataFrame, clinical: list[str]) -> pd.DataFrame:
@@ -59,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", default=",".join(BASELINES),
                    help=f"comma-separated, of {list(CHOICES)}; {HYBRID} needs --image_run")
     p.add_argument("--clinical-columns", default="", help="comma-separated; default: the manifest's clinical columns")
+    p.add_argument("--eval_sets", nargs="*", default=[], metavar="NAME=CSV",
+                   help="more held-out cohorts, as python -m finetune --eval_sets: each baseline's all-rows model "
+                        "(and the hybrid's stacker) predicts them under split NAME; never fitted on")
     p.add_argument("--image_run", default="",
                    help=f"for --baselines {HYBRID}: a python -m finetune output folder (config.yaml, predictions.csv, "
                         f"on the same --splits) whose out-of-fold image score the hybrid stacks with the baselines")
@@ -97,29 +103,52 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in CHOICES]
     if unknown or not names:
         raise InputError(f"--baselines {args.baselines!r}: expected a comma-separated subset of {list(CHOICES)}")
+    eval_sets = _eval_sets(args.eval_sets)
     run = None
     if HYBRID in names:
         from finetune.baselines.hybrid import read_image_run
         if not args.image_run:
             raise InputError(f"--baselines {HYBRID}: needs --image_run RUN (a python -m finetune output folder)")
-        run = read_image_run(args.image_run, args.task, args.splits, args.external)  # checked before any work
+        held = ({"external": ("--external", args.external)} if args.external else {}) | {
+            name: (f"--eval_sets {name}", csv) for name, csv in eval_sets.items()}
+        run = read_image_run(args.image_run, args.task, args.splits, held)  # checked before any work
     elif args.image_run or args.hybrid_clinical:
         raise InputError(f"--image_run / --hybrid_clinical: read by --baselines {HYBRID} only; add it to --baselines")
-    d = load_inputs(args)
+    d = load_inputs(args) | _load_eval_sets(args, eval_sets)
     clinical = _clinical(d["df"], args.clinical_columns) if set(names) - {"radiomics"} else []
     if not clinical and set(names) - {"radiomics"}:
         raise InputError(f"{args.manifest}: no clinical columns; pass --baselines radiomics, or --clinical-columns")
-    fitted = _fit_baselines(args, d, names, clinical)
+    held_out = (["test"] if len(d["splits"]["test"]) else []) + (["external"] if d["ext_df"] is not None else [])
+    held_out += list(eval_sets)
+    fitted = _fit_baselines(args, d, names, clinical, held_out)
     if run is not None:
-        _fit_hybrid(args, d, run, fitted, clinical)
+        _fit_hybrid(args, d, run, fitted, clinical, held_out)
     return 0
 
 
-def _fit_baselines(args, d: dict, names: list[str], clinical: list[str]) -> dict[str, pd.DataFrame]:
+def _eval_sets(entries: list[str]) -> dict[str, str]:
+    """--eval_sets NAME=CSV ... as fine-tuning reads them; "internal" also names the development cohort's features."""
+    from finetune.config import parse_eval_sets
+    sets = parse_eval_sets(entries)
+    if "internal" in sets:
+        raise InputError("--eval_sets internal=...: the name 'internal' is the development cohort's; choose another")
+    return sets
+
+
+def _load_eval_sets(args, eval_sets: dict[str, str]) -> dict:
+    """Each --eval_sets cohort prepared and its radiomics features (cached in OUT/features.csv beside the others)."""
+    from finetune.baselines.radiomics import _prepared, extract_table
+    task = get_task(args.task)
+    dfs = {name: _prepared(csv, task, args.cache, args.workers) for name, csv in eval_sets.items()}
+    features = {name: extract_table(df, name, args.ring_mm, args.bins, Path(args.out) / "features.csv")
+                for name, df in dfs.items()}
+    return {"eval_dfs": dfs, "eval_features": features}
+
+
+def _fit_baselines(args, d: dict, names: list[str], clinical: list[str], held_out: list[str]) -> dict[str, pd.DataFrame]:
     """Fit each baseline asked for, and each one the hybrid stacks (reused from --out when fitted there alike)."""
     from finetune.baselines.hybrid import FIRST_LEVEL, splits_digest
     needed = list(FIRST_LEVEL[d["task"].name]) if HYBRID in names else []
-    held_out = (["test"] if len(d["splits"]["test"]) else []) + (["external"] if d["ext_df"] is not None else [])
     fitted = {}
     for name in [n for n in BASELINES if n in names or n in needed]:
         meta = {**vars(args), "baseline": name, "clinical_columns": clinical, "feature_version": FEATURE_VERSION,
@@ -130,23 +159,24 @@ def _fit_baselines(args, d: dict, names: list[str], clinical: list[str]) -> dict
             fitted[name] = reused
             continue
         external = None if d["ext_df"] is None else _table(name, d["external"], d["ext_df"], clinical)
+        more = {s: _table(name, d["eval_features"][s], df, clinical) for s, df in d["eval_dfs"].items()}
         pred, params = predict_splits(_table(name, d["features"], d["df"], clinical), d["targets"], d["splits"],
-                                      d["task"], args.seed, external, make_model=make_baseline(name, clinical))
+                                      d["task"], args.seed, external, eval_sets=more,
+                                      make_model=make_baseline(name, clinical))
         _write(folder, pred, meta | {"models": params})
         fitted[name] = pred
     return fitted
 
 
-def _fit_hybrid(args, d: dict, run: dict, fitted: dict, clinical: list[str]) -> None:
+def _fit_hybrid(args, d: dict, run: dict, fitted: dict, clinical: list[str], held_out: list[str]) -> None:
     """The stacker over the run's image score and the first-level baselines; OUT/hybrid/ as every baseline."""
     from finetune.baselines.hybrid import FIRST_LEVEL, IMAGE, splits_digest, stack_predictions
     task = d["task"]
     preds = {IMAGE: run["predictions"]} | {n: fitted[n] for n in FIRST_LEVEL[task.name]}
-    tables = [d["df"]] + ([d["ext_df"]] if d["ext_df"] is not None else [])
+    tables = [d["df"]] + ([d["ext_df"]] if d["ext_df"] is not None else []) + list(d["eval_dfs"].values())
     outcomes = pd.concat([t[["subject_id", "patient_id", *task.columns, *clinical]] for t in tables], ignore_index=True)
     outcomes["subject_id"] = outcomes["subject_id"].astype(str)
     val_folds = pd.Series({str(s): k for k, f in enumerate(d["splits"]["folds"]) for s in f["val"]})
-    held_out = [s for s in ("test", "external") if (fitted[FIRST_LEVEL[task.name][0]]["split"] == s).any()]
     stack_clinical = clinical if args.hybrid_clinical else []
     pred, stacker, per_fold = stack_predictions(preds, outcomes, task, held_out, stack_clinical, args.seed, val_folds)
     folder = d["out"] / HYBRID

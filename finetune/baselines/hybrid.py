@@ -286,10 +286,12 @@ def _with_outcomes(val: pd.DataFrame, outcomes: pd.DataFrame) -> pd.DataFrame:
 RUN_FILES = ("config.yaml", "predictions.csv")  # what python -m finetune writes; the run's splits.json beside them
 
 
-def read_image_run(run, task: Task | str, splits_path, external=None) -> dict:
+def read_image_run(run, task: Task | str, splits_path, held_out: dict[str, tuple] | None = None) -> dict:
     """The fine-tuning run's predictions for `task`, checked before anything is fitted: it is a run, it predicts
     `task`, its splits are the baselines' (`splits_path`), its val rows are those splits' out-of-fold rows and it
-    predicted every held-out subject. Returns {"predictions", "splits", "path"}; InputError naming flag or file."""
+    predicted every subject of the test set and of each held-out manifest in `held_out` (split name -> the flag
+    that names it and its CSV, e.g. {"external": ("--external", path)}). Returns {"predictions", "splits", "path"};
+    InputError naming the flag or file."""
     from finetune.evaluate import read_predictions, run_config
 
     run, task = Path(run), get_task(task) if isinstance(task, str) else task
@@ -312,16 +314,18 @@ def read_image_run(run, task: Task | str, splits_path, external=None) -> dict:
     if score_of(task) not in pred.columns:
         raise InputError(f"{where}: no {score_of(task)!r} column for --task {task.name}")
     _out_of_fold(pred, splits, where)
-    held = {"test": list(splits["test"])}
-    if external:
-        ids = pd.read_csv(external, usecols=["subject_id"], dtype={"subject_id": str})["subject_id"]
-        held["external"] = list(ids)
-    for split, ids in held.items():
+    held = {"test": ("--splits", list(splits["test"]))}
+    for split, (flag, csv) in (held_out or {}).items():
+        try:
+            ids = pd.read_csv(csv, usecols=["subject_id"], dtype={"subject_id": str})["subject_id"]
+        except (OSError, ValueError) as e:
+            raise InputError(f"{flag} {csv}: cannot read its subject_id column ({type(e).__name__})") from None
+        held[split] = (flag, list(ids))
+    for split, (flag, ids) in held.items():
         have = set(pred["subject_id"][(pred["split"] == split) & (pred["fold"] == -1)])
         lacking = sorted(set(ids) - have)
         if lacking:
-            flag = "--external" if split == "external" else "--splits"
-            raise InputError(f"{flag}: the fine-tuning run {run} has no fold-ensemble {split} prediction for "
+            raise InputError(f"{flag}: the fine-tuning run {run} has no fold-ensemble {split!r} prediction for "
                              f"subject(s) {lacking[:5]}")
     return {"predictions": pred[pred["split"].isin([FIT_SPLIT, *held])], "splits": splits, "path": run}
 
