@@ -145,11 +145,13 @@ def test_cli_stacks_the_runs_image_score_and_evaluate_reads_it(tmp_path, capsys)
     out, splits_path = tmp_path / "baselines", tmp_path / "splits.json"
     common = ["--manifest", str(manifest), "--cache", str(tmp_path / "cache"), "--out", str(out), "--folds", "2",
               "--splits", str(splits_path), "--task", "classification", "--clinical_columns", "age",
-              "--test_fraction", "0.25", "--eval_sets", f"large={large_csv}"]
+              "--test_fraction", "0.25", "--eval_sets", f"large={large_csv}",
+              "--external", str(manifest)]  # a cohort given twice: its subjects' outcomes are read once
     assert main(common + ["--baselines", "radiomics_clinical"]) == 0
     splits = json.loads(splits_path.read_text())
     labels = pd.concat([table, large]).set_index("subject_id")["label"]
-    run = _fake_run(tmp_path / "run", splits, labels, held={"large": list(large["subject_id"])})
+    run = _fake_run(tmp_path / "run", splits, labels,
+                    held={"large": list(large["subject_id"]), "external": list(table["subject_id"])})
     capsys.readouterr()
     assert main(common + ["--baselines", "hybrid", "--image_run", str(run)]) == 0
     assert "reused" in capsys.readouterr().out  # radiomics + clinical was fitted there on these splits

@@ -176,6 +176,7 @@ def _fit_hybrid(args, d: dict, run: dict, fitted: dict, clinical: list[str], hel
     tables = [d["df"]] + ([d["ext_df"]] if d["ext_df"] is not None else []) + list(d["eval_dfs"].values())
     outcomes = pd.concat([t[["subject_id", "patient_id", *task.columns, *clinical]] for t in tables], ignore_index=True)
     outcomes["subject_id"] = outcomes["subject_id"].astype(str)
+    outcomes = outcomes.drop_duplicates("subject_id")  # a cohort given twice (e.g. --external = --manifest)
     val_folds = pd.Series({str(s): k for k, f in enumerate(d["splits"]["folds"]) for s in f["val"]})
     stack_clinical = clinical if args.hybrid_clinical else []
     pred, stacker, per_fold = stack_predictions(preds, outcomes, task, held_out, stack_clinical, args.seed, val_folds)
