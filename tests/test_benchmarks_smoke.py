@@ -124,3 +124,61 @@ def test_finetune_recipe_results_gather_every_invocation(tmp_path):
     assert got == {("mim", "base"): 0.65, ("scratch", "base"): 0.6, ("mim", "lp_ft"): 0.7}
     assert merged["commands"] == ["cmd --variants base", "cmd --variants lp_ft base"]
     assert json.loads(path.read_text())["commands"] == ["cmd --variants base"]
+
+
+def _zero_memory_refusal(capsys, monkeypatch, argv):
+    """zero_memory's main on `argv` with every launch forbidden: (exit code, stderr)."""
+    import pytest
+
+    from benchmarks.speed import zero_memory
+    monkeypatch.setattr(zero_memory, "launch", lambda *a: pytest.fail("a rank started before the flags were checked"))
+    with pytest.raises(SystemExit) as e:
+        zero_memory.main(argv)
+    return e.value.code, capsys.readouterr().err.strip()
+
+
+def test_zero_memory_refuses_a_zero3_config_that_is_not_stage_3(capsys, monkeypatch, tmp_path):
+    from benchmarks.speed import zero_memory
+    zero2 = zero_memory.ROOT / "launch" / "deepspeed" / "zero2.json"
+    code, err = _zero_memory_refusal(capsys, monkeypatch, ["--model", "tiny", "--zero3_config", str(zero2)])
+    assert code == 2 and "\n" not in err and "--zero3_config" in err and str(zero2) in err and "stage 2" in err
+    code, err = _zero_memory_refusal(capsys, monkeypatch, ["--model", "tiny", "--zero3_config", str(tmp_path / "no.json")])
+    assert code == 2 and "\n" not in err and "--zero3_config" in err and "no.json" in err
+
+
+def test_zero_memory_refuses_an_input_edge_off_the_patch_grid(capsys, monkeypatch):
+    # tiny's patch is 12 voxels (launch/pretrain_tiny_cpu.yaml)
+    code, err = _zero_memory_refusal(capsys, monkeypatch, ["--model", "tiny", "--img_size", "20"])
+    assert code == 2 and "\n" not in err and "--img_size" in err and "12" in err
+
+
+def test_zero_memory_refuses_a_model_the_host_cannot_hold(capsys, monkeypatch):
+    from benchmarks.speed import zero_memory
+    monkeypatch.setattr(zero_memory, "_meminfo_mib", lambda field: 4096.0)
+    code, err = _zero_memory_refusal(capsys, monkeypatch, ["--model", "large"])
+    assert code == 2 and "\n" not in err and "--model large" in err and "4,096 MiB available" in err
+
+
+def test_zero_memory_large_is_vit_l_and_its_json_reaches_only_zero3_rows(monkeypatch, tmp_path):
+    from benchmarks.speed import zero_memory
+    monkeypatch.setattr(zero_memory, "_meminfo_mib", lambda field: float("inf"))  # whatever this host has free
+    lean = tmp_path / "zero3_other.json"  # any stage-3 JSON other than the YAML's own
+    lean.write_text((zero_memory.ROOT / "launch" / "deepspeed" / "zero3.json").read_text())
+    args = zero_memory.check_args(zero_memory.parse_args(["--model", "large", "--zero3_config", str(lean)]))
+    enc = zero_memory.encoder_config("large", None)
+    assert (enc.dim, enc.depth, enc.img_size, args.img_size) == (1024, 24, 32, 32)
+    # By hand: patch embedding 16^3*1024 + 1024, learned positions 8 tokens x 1024, 24 blocks of
+    # 12 d^2 + 13 d (qkv, projection, two MLP layers, two norms), final norm 2 d.
+    d = 1024
+    assert zero_memory.trained_params(enc) == 16**3 * d + d + 8 * d + 24 * (12 * d * d + 13 * d) + 2 * d
+    for mode in zero_memory.MODES:
+        cmd, env = zero_memory.launch_command(mode, args, tmp_path)
+        assert cmd[cmd.index("--model") + 1] == "large" and cmd[cmd.index("--img_size") + 1] == "32"
+        assert env["MALLOC_MMAP_THRESHOLD_"] == "131072"  # every row under the same allocator
+        if mode.startswith("zero3"):
+            assert cmd[cmd.index("--deepspeed_config_file") + 1] == str(lean)
+        else:
+            assert "--deepspeed_config_file" not in cmd
+    args.mmap_threshold = 0  # glibc's own sliding threshold, even where the caller's environment sets one
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4096")
+    assert "MALLOC_MMAP_THRESHOLD_" not in zero_memory.launch_command("ddp", args, tmp_path)[1]
