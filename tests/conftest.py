@@ -26,3 +26,11 @@ def synth_cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("cohort") / "cohort"
     generate_cohort(out, n_unlabeled=4, n_labeled=30, n_external=8, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def ds_runs(synth_cohort, tmp_path_factory):
+    """The 2-rank DeepSpeed / DDP pretraining runs of tests/ds_reference.py: each launched once per session, on
+    first use, for tests/test_deepspeed.py and tests/test_deepspeed_faults.py alike."""
+    from ds_reference import ReferenceRuns
+    return ReferenceRuns(tmp_path_factory.mktemp("ds_runs"), synth_cohort)

@@ -5,11 +5,8 @@ with nothing else changed: two real ranks with their own data, written once; sto
 uninterrupted run bit for bit; ZeRO against DDP; the exports against the checkpoint and the engine.
 """
 import json
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,74 +14,19 @@ import torch
 from safetensors.torch import load_file
 
 from core.errors import ConfigError
+from ds_reference import HALF, ROOT, STEPS, launch, losses, pretrain_command, run_env, run_to_end, weights
 from engine.distributed import check_deepspeed_json, configure_deepspeed
-
-ROOT = Path(__file__).resolve().parents[1]
-STEPS = 20  # the ZeRO-vs-DDP comparison covers 20 optimizer steps; the cut runs stop at half
-
-
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
-def command(config: str, *args: str, processes: int = 2) -> tuple[list[str], dict]:
-    """(argv, env) of `accelerate launch` with a shipped config; config "ddp" is the CPU DDP recipe."""
-    env, cmd = _env(), [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-                        "--main_process_port", _port()]
-    if config == "ddp":  # launch/cpu_two_process.sh
-        env["ACCELERATE_USE_CPU"] = "1"
-        cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no"]
-    else:
-        cmd += ["--config_file", f"launch/accelerate/{config}.yaml"]
-    return cmd + list(args), env
-
-
-def launch(config: str, *args: str, processes: int = 2, ok: bool = True) -> subprocess.CompletedProcess:
-    """`accelerate launch` with a shipped config and 2 processes, run to its end."""
-    cmd, env = command(config, *args, processes=processes)
-    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert (res.returncode == 0) == ok, res.stderr[-4000:]
-    return res
-
-
-def pretrain(config: str, cohort: Path, out: Path, *extra: str, **kw) -> subprocess.CompletedProcess:
-    return launch(config, "-m", "pretrain", "--config", "launch/pretrain_tiny_cpu.yaml",
-                  "--data", str(cohort / "unlabeled"), "--cache_dir", str(out.parent / "cache"),
-                  "--output_dir", str(out), "--crop_size", "64", "--batch_size", "1", "--crops_per_volume", "1",
-                  "--preview_every", "0", "--log_every", "1", "--report_to", "none", "--max_steps", str(STEPS),
-                  "--ckpt_every", str(STEPS // 2), *extra, **kw)
 
 
 @pytest.fixture(scope="module")
-def runs(synth_cohort, tmp_path_factory):
-    """DDP, and per ZeRO stage an uninterrupted run and one stopped at half then resumed."""
-    root = tmp_path_factory.mktemp("zero")
-    out = {"ddp": root / "ddp"}
-    pretrain("ddp", synth_cohort, out["ddp"])
+def runs(ds_runs):
+    """DDP, and per ZeRO stage an uninterrupted run and the chain of the same configuration (stopped at half,
+    resumed and killed, resumed to the end): the session's shared runs."""
+    out = {"ddp": ds_runs.full("ddp")}
     for stage in (2, 3):
-        full, cut = root / f"zero{stage}_full", root / f"zero{stage}_cut"
-        pretrain(f"deepspeed_zero{stage}", synth_cohort, full)
-        pretrain(f"deepspeed_zero{stage}", synth_cohort, cut, "--stop_at", str(STEPS // 2))
-        assert not (cut / "encoder").exists()
-        resumed = pretrain(f"deepspeed_zero{stage}", synth_cohort, cut, "--resume", "auto")
-        assert f"resumed from {cut / 'checkpoints' / f'ckpt-{STEPS // 2:07d}'}" in resumed.stdout
-        out[stage], out[f"{stage}_cut"] = full, cut
+        out[stage], out[f"{stage}_chain"] = ds_runs.full(f"deepspeed_zero{stage}"), ds_runs.chain(stage)
+        out[f"{stage}_cut"] = out[f"{stage}_chain"].run
     return out
-
-
-def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["train/loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _weights(run: Path, step: int = STEPS) -> dict:
-    return load_file(str(run / "checkpoints" / f"ckpt-{step:07d}" / "weights.safetensors"))
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -102,17 +44,21 @@ def test_zero_runs_on_two_ranks_and_writes_once(runs, stage):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_resume_equals_uninterrupted(runs, stage):
-    a, b = _weights(runs[stage]), _weights(runs[f"{stage}_cut"])
+    chain = runs[f"{stage}_chain"]
+    assert not chain.encoder_after_stop  # --stop_at is no end of the run: nothing exported
+    assert f"resumed from {chain.run / 'checkpoints' / f'ckpt-{HALF:07d}'}" in chain.killed_log
+    a, b = weights(runs[stage]), weights(runs[f"{stage}_cut"])
     assert a.keys() == b.keys()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []  # bit for bit
-    assert _losses(runs[stage]) == _losses(runs[f"{stage}_cut"])
+    assert losses(runs[stage]) == losses(runs[f"{stage}_cut"])
 
 
 def test_zero_checkpoint_resumed_on_other_ranks_is_one_line(runs, synth_cohort):
     run = runs["2_cut"]
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
-    res = pretrain("deepspeed_zero2", synth_cohort, run, "--resume", "auto", "--max_steps", str(2 * STEPS),
-                   processes=1, ok=False)
+    cmd, env = pretrain_command("deepspeed_zero2", synth_cohort, run, "--resume", "auto", "--max_steps",
+                                str(2 * STEPS), processes=1, tee=False)
+    res = run_to_end(cmd, env, ok=False)
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: {run / 'checkpoints' / f'ckpt-{STEPS:07d}'}: written by 2 DeepSpeed ranks, this run "
                       "has 1; resume it with --num_processes 2 (ZeRO shards the optimizer state per rank)"]
@@ -124,7 +70,7 @@ def test_zero_matches_ddp(runs, stage):
     # Same seed, global batch and clipping. Only the order of the gradient reductions differs (DDP's
     # all-reduce buckets against ZeRO's reduce-scatter), so fp32 rounding is all that may differ:
     # measured at most 3e-7 relative over these 20 steps.
-    zero, ddp = np.array(_losses(runs[stage])), np.array(_losses(runs["ddp"]))
+    zero, ddp = np.array(losses(runs[stage])), np.array(losses(runs["ddp"]))
     assert len(zero) == len(ddp) == STEPS
     np.testing.assert_allclose(zero, ddp, rtol=1e-5)
     assert zero[-5:].mean() < zero[:5].mean()  # and it trains
@@ -134,7 +80,7 @@ def test_zero_matches_ddp(runs, stage):
 def test_zero_export_equals_the_gathered_checkpoint(runs, stage):
     from models.vit3d import ViT3D
     encoder = ViT3D.from_pretrained(runs[stage] / "encoder")  # strict
-    full = _weights(runs[stage])
+    full = weights(runs[stage])
     for k, v in encoder.state_dict().items():
         assert torch.equal(v, full["encoder." + k]), k
     assert full["encoder.pos_embed"].abs().sum() > 0  # a frozen ZeRO-3 parameter, gathered too
@@ -223,7 +169,7 @@ def test_deepspeed_json_a_run_cannot_honour_is_one_line(tmp_path, over, words):
     with pytest.raises(ConfigError, match=words):
         check_deepspeed_json(path)
     # and from the CLI: one line naming the file, exit 2, before anything is built or written
-    env = {**_env(), "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path)}
+    env = {**run_env(), "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path)}
     res = subprocess.run([sys.executable, "-m", "pretrain", "--data", str(tmp_path), "--output_dir",
                           str(tmp_path / "out")], env=env, cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr

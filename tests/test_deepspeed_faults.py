@@ -3,26 +3,20 @@
 - A non-finite loss at a gradient-accumulation boundary micro-batch and at a non-boundary one: the
   spoiled optimizer step changes nothing, and the next good step is the one a run that never saw the bad
   micro-batch takes (issue 32, defect 8).
-- kill -9 at a seeded random moment of a ZeRO-2 run (the whole job, mid-step) and of a ZeRO-3 run (one
-  rank alone, mid-checkpoint), then `--resume auto`: the final checkpoint and the loss curve equal
-  an uninterrupted run's, bit for bit (issue 32, fault tests).
+- kill -9 at a seeded random moment of a resumed ZeRO-2 run (the whole job, mid-step) and of a resumed
+  ZeRO-3 run (one rank alone, mid-checkpoint), then `--resume auto`: the final checkpoint and the loss
+  curve equal an uninterrupted run's, bit for bit (issue 32, fault tests). The runs are the session's
+  shared ones (tests/ds_reference.py): the kill is the middle part of the chain that tests/test_deepspeed.py
+  also holds to the uninterrupted run.
 """
 import json
-import os
-import random
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import ds_nonfinite_script as plan
-from test_deepspeed import ROOT, command, launch
+from ds_reference import HALF, ROOT, STEPS, failure_digest, launch, logged_steps, losses, weights
 
 
 def _reference() -> list[dict[str, torch.Tensor]]:
@@ -48,7 +42,7 @@ def _reference() -> list[dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_nonfinite_micro_batch_skips_the_whole_step_under_zero(stage, tmp_path):
-    launch(f"deepspeed_zero{stage}", str(ROOT / "tests" / "ds_nonfinite_script.py"), str(tmp_path))
+    launch(f"deepspeed_zero{stage}", str(ROOT / "tests" / "ds_nonfinite_script.py"), str(tmp_path), tee=True)
     info = json.loads((tmp_path / "steps.json").read_text())
     assert info["world_size"] == info["num_processes"] == 2 and info["zero_stage"] == stage
     assert info["distributed_type"].endswith("DEEPSPEED") and info["grad_accum"] == 2
@@ -74,114 +68,32 @@ def test_nonfinite_micro_batch_skips_the_whole_step_under_zero(stage, tmp_path):
 
 # --- kill -9, then --resume auto ---------------------------------------------------------------------------
 
-STEPS, EVERY = 8, 2  # 4 checkpoints (the preset keeps 2); each run is mostly start-up
-
-
-@pytest.fixture(scope="module")
-def small_cohort(tmp_path_factory):
-    """Two unlabelled volumes (one per rank) and a cache that every run of this module shares."""
-    root = tmp_path_factory.mktemp("kill")
-    subprocess.run([sys.executable, "-m", "data.synth", "--out", str(root / "cohort"), "--n_unlabeled", "2",
-                    "--n_labeled", "0", "--n_external", "0", "--no_progress"], cwd=ROOT, check=True,
-                   capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return root
-
-
-def _pretrain_cmd(stage: int, root: Path, out: Path, *extra: str) -> tuple[list[str], dict]:
-    return command(f"deepspeed_zero{stage}", "-m", "pretrain", "--config", "launch/pretrain_tiny_cpu.yaml",
-                   "--data", str(root / "cohort" / "unlabeled"), "--cache_dir", str(root / "cache"),
-                   "--output_dir", str(out), "--crop_size", "64", "--batch_size", "1", "--crops_per_volume", "1",
-                   "--preview_every", "0", "--log_every", "1", "--report_to", "none",
-                   "--max_steps", str(STEPS), "--ckpt_every", str(EVERY), *extra)
-
-
-def _logged_steps(run: Path) -> list[int]:
-    if not (run / "metrics.jsonl").is_file():
-        return []
-    steps = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        try:
-            steps.append(json.loads(line)["step"])
-        except json.JSONDecodeError:  # a row being appended right now
-            pass
-    return steps
-
-
-def _reached(run: Path, step: int, phase: str) -> bool:
-    """Has the run reached the moment: step `step` logged ("step"), or its checkpoint being written ("save";
-    also once that checkpoint is done, in case the save fell between two polls)."""
-    done = any(s >= step for s in _logged_steps(run))
-    if phase == "step":
-        return done
-    ckpts = run / "checkpoints"
-    return (ckpts / f".tmp-ckpt-{step:07d}").exists() or (ckpts / f"ckpt-{step:07d}").exists() or \
-        any(s > step for s in _logged_steps(run))
-
-
-def _latest(run: Path) -> Path | None:
-    done = sorted(p for p in (run / "checkpoints").glob("ckpt-*") if (p / "trainer_state.json").is_file())
-    return done[-1] if done else None
-
-
-def _run_and_kill(cmd, env, run: Path, step: int, phase: str, delay: float, who: str, log: Path) -> None:
-    """Start the run, wait for the moment, SIGKILL `who` ("all": the launcher and both ranks, as when a node
-    is lost; "rank0" / "rank1": that rank alone, as the OOM killer does, and the launcher must then end
-    the job by itself), and make sure nothing of it is left running."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    ranks: list[psutil.Process] = []
-    try:
-        t0 = time.monotonic()
-        while not _reached(run, step, phase):
-            assert proc.poll() is None, f"the run ended before step {step} ({phase}): {log.read_text()[-3000:]}"
-            assert time.monotonic() - t0 < 600
-            time.sleep(0.01)
-        time.sleep(delay)
-        launcher = psutil.Process(proc.pid)
-        ranks = [p for p in launcher.children() if "RANK" in p.environ()]  # torchrun's workers
-        assert len(ranks) == 2, ranks
-        for p in [launcher, *ranks] if who == "all" else [p for p in ranks if p.environ()["RANK"] == who[-1]]:
-            p.send_signal(signal.SIGKILL)  # psutil first checks that the pid is still that process
-        assert proc.wait(timeout=180) != 0  # one rank's death ends the whole job, never hangs it
-    finally:  # nothing of this run outlives the test, whatever failed
-        if proc.poll() is None:
-            ranks += psutil.Process(proc.pid).children(recursive=True)
-            proc.kill()
-            proc.wait()
-        for p in ranks:
-            if p.is_running():
-                p.kill()
-        psutil.wait_procs(ranks, timeout=30)
-
-
-def _kill_plan(stage: int) -> list[tuple[int, str, float, str]]:
-    """One seeded kill moment (step, phase, delay s, whom) per stage, so that the two stages together cover
-    both kinds of death and both phases at the cost of one launch each: ZeRO-2 loses the whole job
-    mid-step (a lost node), ZeRO-3 one rank alone in a checkpoint's write (the OOM killer)."""
-    rng = random.Random(f"issue32-kill-zero{stage}")
-    phase, who = ("step", "all") if stage == 2 else ("save", "rank1")
-    step = rng.randint(EVERY + 1, STEPS - 2)  # after the first checkpoint, so that the resumed part resumes
-    step += step % EVERY if phase == "save" else 0  # "save" kills in a checkpoint's write
-    return [(step, phase, rng.uniform(0, 0.3), who)]
-
-
 @pytest.mark.parametrize("stage", [2, 3])
-def test_kill9_at_random_moments_then_resume_equals_uninterrupted(small_cohort, stage):
-    full, cut = small_cohort / f"zero{stage}_full", small_cohort / f"zero{stage}_cut"
-    cmd, env = _pretrain_cmd(stage, small_cohort, full)
-    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=600)
-    for i, (step, phase, delay, who) in enumerate(_kill_plan(stage)):
-        cmd, env = _pretrain_cmd(stage, small_cohort, cut, *(("--resume", "auto") if i else ()))
-        _run_and_kill(cmd, env, cut, step, phase, delay, who, small_cohort / f"zero{stage}_kill{i}.log")
-    assert _latest(cut) is not None and not (cut / "encoder").exists()
-    latest = _latest(cut)
-    cmd, env = _pretrain_cmd(stage, small_cohort, cut, "--resume", "auto")
-    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    assert f"resumed from {latest}" in res.stdout  # the newest complete checkpoint the kills left
-    a, b = (load_file(str(r / "checkpoints" / f"ckpt-{STEPS:07d}" / "weights.safetensors")) for r in (full, cut))
+def test_kill9_at_random_moments_then_resume_equals_uninterrupted(ds_runs, stage):
+    full, chain = ds_runs.full(f"deepspeed_zero{stage}"), ds_runs.chain(stage)
+    cut, kill = chain.run, chain.kill
+    assert HALF < kill.step < STEPS  # in the resumed part, after its restore
+    assert chain.latest_before_resume is not None and not chain.encoder_before_resume
+    assert f"resumed from {chain.latest_before_resume}" in chain.resumed.stdout  # the newest complete one
+    a, b = weights(full), weights(cut)
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []  # bit for bit
-    losses = [[json.loads(line)["train/loss"] for line in (r / "metrics.jsonl").read_text().splitlines()]
-              for r in (full, cut)]
-    assert losses[0] == losses[1] and _logged_steps(cut) == list(range(1, STEPS + 1))
+    assert losses(full) == losses(cut) and logged_steps(cut) == list(range(1, STEPS + 1))
     assert not list((cut / "checkpoints").glob(".tmp-*")) and (cut / "encoder").is_dir()
+
+
+def test_a_failed_launchs_message_keeps_each_ranks_error():
+    # Rank 1 fails first; rank 0's lines and the launcher's summary then fill the end of the output, where a
+    # message of its last 4000 characters once lost rank 1's own error.
+    output = "\n".join(["[default1]:Traceback (most recent call last):", "[default1]:  File \"pretrain.py\"",
+                         "[default1]:RuntimeError: rank 1 ran out of memory",
+                         *[f"[default0]:step {i} still waiting for rank 1" for i in range(200)],
+                         "[default0]:RuntimeError: Connection closed by peer",
+                         "E1207 failed (exitcode: 1) local_rank: 1 (pid: 42) of binary: python",
+                         *["=" * 60] * 20])
+    assert "rank 1 ran out of memory" not in output[-4000:]
+    digest = failure_digest(output).splitlines()
+    assert digest[:2] == ["--- default0: 201 lines", "first error: RuntimeError: Connection closed by peer"]
+    rank1 = digest[digest.index("--- default1: 3 lines"):]
+    assert rank1[1:3] == [f"{which} error: RuntimeError: rank 1 ran out of memory" for which in ("first", "last")]
+    assert "first error: E1207 failed (exitcode: 1) local_rank: 1 (pid: 42) of binary: python" in digest
+    assert len("\n".join(digest)) < 2000
