@@ -110,17 +110,19 @@ def check_memory_fits(params: int, model: str) -> None:
 
 
 def _meminfo_mib(field: str) -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
+    return _proc_mib("/proc/meminfo", field, float("inf"))  # no /proc: nothing to refuse on
+
+
+def _proc_mib(path: str, field: str, missing: float) -> float:
+    """MiB of a `field:  N kB` line of a /proc file (status, meminfo); `missing` where there is none."""
+    for line in Path(path).read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    return float("inf")
+    return missing
 
 
 def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return _proc_mib("/proc/self/status", field, float("nan"))
 
 
 def resident_mib(device: torch.device) -> tuple[float, float]:
