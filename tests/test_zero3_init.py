@@ -81,7 +81,7 @@ def worker(out: Path) -> None:
 
 def test_zero3_builds_partitioned_with_the_weights_of_an_ordinary_build(tmp_path):
     from safetensors.torch import load_file
-    from test_deepspeed import launch
+    from ds_reference import launch
     launch("deepspeed_zero3", str(Path(__file__).resolve()), str(tmp_path))
     whole = load_file(tmp_path / "whole.safetensors")
     ranks = [json.loads((tmp_path / f"partition-rank{r}.json").read_text()) for r in range(WORLD)]

@@ -137,9 +137,9 @@ def _eval_sets(entries: list[str]) -> dict[str, str]:
 
 def _load_eval_sets(args, eval_sets: dict[str, str]) -> dict:
     """Each --eval_sets cohort prepared and its radiomics features (cached in OUT/features.csv beside the others)."""
-    from finetune.baselines.radiomics import _prepared, extract_table
+    from finetune.baselines.radiomics import prepared_table, extract_table
     task = get_task(args.task)
-    dfs = {name: _prepared(csv, task, args.cache, args.workers) for name, csv in eval_sets.items()}
+    dfs = {name: prepared_table(csv, task, args.cache, args.workers) for name, csv in eval_sets.items()}
     features = {name: extract_table(df, name, args.ring_mm, args.bins, Path(args.out) / "features.csv")
                 for name, df in dfs.items()}
     return {"eval_dfs": dfs, "eval_features": features}

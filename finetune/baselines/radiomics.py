@@ -359,7 +359,8 @@ def _targets(df: pd.DataFrame, task: Task) -> pd.DataFrame:
     return df.set_index(df["subject_id"].astype(str))[list(task.columns)]
 
 
-def _prepared(manifest: str, task: Task, cache: str, workers: int) -> pd.DataFrame:
+def prepared_table(manifest: str, task: Task, cache: str, workers: int) -> pd.DataFrame:
+    """`manifest` read for `task` and prepared into `cache`: its rows with their cached arrays' paths."""
     from data.prep_config import PrepConfig
     from data.prepare import prepare_table
 
@@ -373,10 +374,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, help="CSV manifest of the development cohort")
     p.add_argument("--cache", required=True, help="preprocessing cache directory")
     p.add_argument("--splits", required=True, help="splits JSON (made here if absent; shared with the ViT runs)")
-    p.add_argument("--task", required=True, choices=[CLASSIFICATION.name, SURVIVAL.name])
+    p.add_argument("--task", required=True, choices=[CLASSIFICATION.name, SURVIVAL.name],
+                   help="the label (logistic models) or survival (Cox models)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--external", help="CSV manifest of an external test cohort")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits (when made here) and of the models' inner CV")
     # the fine-tuning run's defaults, so a run's splits.json is reused as it is
     ft = FinetuneConfig.__dataclass_fields__
     p.add_argument("--folds", type=int, default=ft["folds"].default,
@@ -395,13 +397,13 @@ def load_inputs(args) -> dict:
     task = get_task(args.task)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    df = _prepared(args.manifest, task, args.cache, args.workers)
+    df = prepared_table(args.manifest, task, args.cache, args.workers)
     splits = load_or_make_splits(args.splits, df, test_fraction=args.test_fraction, folds=args.folds,
                                  stratify=stratify_of(df), seed=args.seed)
     features = extract_table(df, "internal", args.ring_mm, args.bins, out / "features.csv")
     ext_df = external = None
     if args.external:
-        ext_df = _prepared(args.external, task, args.cache, args.workers)
+        ext_df = prepared_table(args.external, task, args.cache, args.workers)
         external = extract_table(ext_df, "external", args.ring_mm, args.bins, out / "features.csv")
     return {"task": task, "out": out, "df": df, "splits": splits, "features": features, "ext_df": ext_df,
             "external": external, "targets": _targets(df, task)}
