@@ -230,6 +230,58 @@ def test_label_curve_fine_tunes_nested_subsets_and_compares_with_scratch(toy_run
     assert point["vs_scratch"]["diff"] is not None and point["n_patients"] == [n]
 
 
+def test_which_model_fits_the_baselines_on_each_subset_and_judges_every_model_against_the_best(toy_run):
+    """At the toy label size, each baseline is fitted on the subset's folds only (its val rows are the subset,
+    its test rows the seed's test set); the best baseline is the one with the highest out-of-fold val AUC
+    (recomputed with sklearn), and each model's difference to it on external_large is the difference of
+    the two AUCs computed here."""
+    from benchmarks.research.ssl_gain.label_curve import baseline_run, subset_paths
+    preset = ssl_gain.resolve_preset("cpu", toy=True)
+    (n,) = preset.label_sizes
+    sub = json.loads(subset_paths(toy_run, 0, n)[1].read_text())
+    trained = {s for fold in sub["folds"] for s in fold["val"]}
+    truth = pd.concat([pd.read_csv(toy_run / "cohort" / "manifest.csv", dtype={"subject_id": str}),
+                       pd.read_csv(toy_run / LARGE_DIR / "external_large.csv", dtype={"subject_id": str})])
+    truth = truth.drop_duplicates("subject_id").set_index("subject_id")
+
+    def auc(model, split):
+        pred = pd.read_csv(toy_run / "seed0" / baseline_run(model, "classification", n) / "predictions.csv",
+                           dtype={"subject_id": str})
+        rows = pred[pred.split == split]
+        if split == "val":
+            assert set(rows.subject_id) == trained, model
+        return roc_auc_score(truth.loc[rows.subject_id, "label"], rows["prob"])
+
+    fitted = {}
+    for model in BASELINES:  # a baseline whose inner CV the subset cannot feed says why, and has no predictions
+        for task in ("classification", "survival"):
+            folder = toy_run / "seed0" / baseline_run(model, task, n)
+            done = json.loads((folder / "done.json").read_text())
+            fitted[model, task] = done["fitted"]
+            if done["fitted"]:
+                pred = pd.read_csv(folder / "predictions.csv", dtype={"subject_id": str})
+                assert set(pred.loc[pred.split == "test", "subject_id"]) == set(sub["test"])
+            else:
+                assert "training rows" in done["reason"] and not (folder / "predictions.csv").exists()
+    val = {m: auc(m, "val") for m in BASELINES if fitted[m, "classification"]}
+    curve = json.loads((toy_run / "label_curve.json").read_text())
+    best = curve["best_baseline"][f"n{n}/auc"]
+    assert best == max(val, key=val.get)
+    point = next(p for p in curve["points"] if (p["n_key"], p["model"], p["split"], p["metric"])
+                 == (f"n{n}", "mim", "external_large", "auc"))
+    assert point["vs_best_baseline"]["diff"] == pytest.approx(point["value"] - auc(best, "external_large"))
+    assert {p["model"] for p in curve["points"] if p["n_key"] == "all"} >= {*BASELINES, default_model(), "mim"}
+    assert "Which model should I use?" in (toy_run / "results.md").read_text()
+    for task in ("classification", "survival"):  # the hybrid: stacked on the subset's out-of-fold rows, or why not
+        done = json.loads((toy_run / "seed0" / f"hybrid_{task}_n{n}" / "done.json").read_text())
+        if done["fitted"]:
+            pred = pd.read_csv(toy_run / "seed0" / f"hybrid_{task}_n{n}" / "predictions.csv", dtype={"subject_id": str})
+            assert set(pred.loc[pred.split == "val", "subject_id"]) == trained
+            assert set(pred.loc[pred.split == "test", "subject_id"]) == set(sub["test"])
+        else:
+            assert done["reason"]
+
+
 def test_pretrained_runs_take_their_own_encoder_rate_and_scratch_the_yamls(tmp_path):
     from dataclasses import replace
 

@@ -1,11 +1,15 @@
-"""Label efficiency: MiM, MAE and scratch fine-tuned on fewer labelled patients, scored on the large sets.
+"""Label efficiency, and which model to use: every model on fewer labelled patients, scored on the large sets.
 
 For each seed and each n in the preset's `label_sizes`, n patients are drawn from that seed's training
 pool (the non-test patients of splits.json) as a nested, stratified subset fixed by the seed
-(data.splits.nested_patient_subsets), and the three image models are fine-tuned on them with the same
-recipe, the same test set and K folds inside the subset. The whole pool is the main runs. Each model
-is compared with scratch at the same n by the paired patient bootstrap (paired.PairedBootstrap) on
-test_large and external_large, AUC and Harrell's C; label_curve.png draws AUC against n.
+(data.splits.nested_patient_subsets). The three image models are fine-tuned on them with the same
+recipe, the same test set and K folds inside the subset, and the baselines a user fits first
+(presets.BASELINES: radiomics, clinical-only, radiomics + clinical) are fitted on the same splits, and the
+hybrid stacks the MiM ViT's score with them on those splits' out-of-fold rows (finetune.baselines.hybrid). The
+whole pool is the main runs (plus the default model, the MiM ViT with clinical fusion). Each model is
+compared on test_large and external_large, AUC and Harrell's C, by the paired patient bootstrap
+(paired.PairedBootstrap) with scratch and with the best baseline at the same n; the best baseline is
+chosen on the pooled out-of-fold val rows, never on a held-out set. label_curve.png draws AUC against n.
 """
 from __future__ import annotations
 
@@ -16,17 +20,29 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.research.ssl_gain.paired import METRICS, PairedBootstrap
-from benchmarks.research.ssl_gain.presets import LARGE_SETS, Preset, Run
+from benchmarks.research.ssl_gain.presets import BASELINES, LARGE_SETS, Preset, Run, default_model
 from core.atomic import atomic_path, write_json
-from models.tasks import CLASSIFICATION, LABEL_REPORT, MULTITASK, SURVIVAL_REPORT
+from finetune.metrics import auc_kernel, harrell_kernel, kernel_values
+from models.tasks import CLASSIFICATION, LABEL_REPORT, MULTITASK, SURVIVAL, SURVIVAL_REPORT
 
 CURVE_MODELS = {"mim": "mim", "mae": "mae", "scratch": ""}  # model -> the pretrained encoder it fine-tunes
 BASELINE = "scratch"
+CHOOSE_ON = "val"  # the best baseline is picked on out-of-fold rows, as finetune.baselines.compare picks it
 
 
 def run_name(model: str, n: int | None) -> str:
     """The fine-tuning run of `model` on n patients; None: the whole pool (the main run)."""
     return f"ft_{model}_none" + (f"_n{n}" if n else "")
+
+
+def baseline_run(model: str, task: str, n: int | None) -> str:
+    """The folder of baseline `model` (presets.BASELINES) fitted for `task` on n patients; None: the whole pool."""
+    return f"{model}_{task}" + (f"_n{n}" if n else "")
+
+
+def hybrid_run(task: str, n: int | None) -> str:
+    """The folder of the hybrid (the MiM ViT's score stacked with the baselines) for `task` on n patients."""
+    return f"hybrid_{task}" + (f"_n{n}" if n else "")
 
 
 def label_runs(preset: Preset) -> list[Run]:
@@ -75,12 +91,23 @@ def curve_scores(preset: Preset, out: Path, seed: int) -> tuple[pd.DataFrame, di
     from benchmarks.research.ssl_gain.evaluation import SCORE_COLUMNS, _outcomes, _predictions, subject_rows
     outcomes = _outcomes(preset, out)
     sizes = {f"n{n}": n for n in preset.label_sizes} | {"all": _pool_patients(out, seed)}
+    sd = out / f"seed{seed}"
     parts = []
     for key, n in sizes.items():
-        for model in CURVE_MODELS:
-            pred = _predictions(out / f"seed{seed}" / run_name(model, None if key == "all" else n))
-            for split in LARGE_SETS:
-                for task, score in ((LABEL_REPORT, "prob"), (SURVIVAL_REPORT, "risk")):
+        k = None if key == "all" else n
+        # model -> {report task: (run folder, score column)}
+        runs = {m: {LABEL_REPORT: (run_name(m, k), "prob"), SURVIVAL_REPORT: (run_name(m, k), "risk")}
+                for m in CURVE_MODELS}
+        runs |= {m: {LABEL_REPORT: (baseline_run(m, CLASSIFICATION.name, k), "prob"),
+                     SURVIVAL_REPORT: (baseline_run(m, SURVIVAL.name, k), "risk")} for m in BASELINES}
+        runs["hybrid"] = {LABEL_REPORT: (hybrid_run(CLASSIFICATION.name, k), "prob"),
+                          SURVIVAL_REPORT: (hybrid_run(SURVIVAL.name, k), "risk")}
+        if k is None:  # the model a user gets without a flag is trained on the whole pool only
+            runs[default_model()] = {t: (f"ft_{default_model()}", c) for t, (_, c) in runs["mim"].items()}
+        for model, tasks in runs.items():
+            for task, (folder, score) in tasks.items():
+                pred = _predictions(sd / folder)
+                for split in (*LARGE_SETS, CHOOSE_ON):
                     rows = subject_rows(pred, split, score, outcomes)
                     if len(rows):
                         parts.append(rows.assign(model=f"{model}@{key}", task=task, split=split)[SCORE_COLUMNS])
@@ -94,20 +121,48 @@ def evaluate_label_curve(preset: Preset, out: Path) -> dict:
     seeds = list(preset.seeds)
     tables, sizes = zip(*(curve_scores(preset, out, s) for s in seeds))
     boot = PairedBootstrap(list(tables), seeds, preset.n_boot)
-    points = []
+    points, best = [], {}
     for key in sizes[0]:
-        for model in CURVE_MODELS:
+        models = list(dict.fromkeys(m.split("@")[0] for m in tables[0]["model"] if m.endswith(f"@{key}")))
+        for metric in METRICS:
+            best[f"{key}/{metric}"] = best_baseline(list(tables), key, metric)
+        for model in models:
             for split in LARGE_SETS:
                 for metric in METRICS:
                     cmp = boot.compare(f"{model}@{key}", f"{BASELINE}@{key}", split, metric)
+                    top = best[f"{key}/{metric}"]
+                    vs_best = None if top in (None, model) else boot.compare(f"{model}@{key}", f"{top}@{key}",
+                                                                              split, metric)
                     points.append({"n_key": key, "n_patients": [s[key] for s in sizes], "model": model,
                                    "split": split, "metric": metric, "value": cmp["a"],
-                                   "vs_scratch": None if model == BASELINE else
-                                   {"diff": cmp["diff"], "ci": cmp["ci"], "reason": cmp.get("reason")}})
+                                   "vs_scratch": None if model == BASELINE else _diff(cmp),
+                                   "vs_best_baseline": None if vs_best is None else _diff(vs_best)})
     result = {"seeds": seeds, "label_sizes": list(preset.label_sizes), "baseline": BASELINE,
-              "n_boot": preset.n_boot, "points": points}
+              "n_boot": preset.n_boot, "best_baseline": best, "best_chosen_on": CHOOSE_ON, "points": points}
     label_curve_figure(result, out / "label_curve.png")
     return result
+
+
+def _diff(cmp: dict) -> dict:
+    return {"diff": cmp["diff"], "ci": cmp["ci"], "reason": cmp.get("reason")}
+
+
+def best_baseline(tables: list[pd.DataFrame], key: str, metric: str) -> str | None:
+    """The baseline with the highest seed-mean value on the out-of-fold val rows at label size `key`."""
+    means = {}
+    for model in BASELINES:
+        values = []
+        for df in tables:
+            rows = df[(df["model"] == f"{model}@{key}") & (df["task"] == METRICS[metric])
+                      & (df["split"] == CHOOSE_ON)]
+            if rows.empty:
+                break
+            kernel = auc_kernel(rows["label"].astype(int), rows["score"]) if metric == "auc" else \
+                harrell_kernel(rows["time"], rows["event"].astype(int), rows["score"])
+            values.append(kernel_values(kernel, np.ones(len(rows)))[0])
+        if len(values) == len(tables) and np.all(np.isfinite(values)):
+            means[model] = float(np.mean(values))
+    return max(means, key=means.get) if means else None
 
 
 def label_curve_figure(result: dict, path: Path) -> None:
@@ -134,31 +189,42 @@ def label_curve_figure(result: dict, path: Path) -> None:
 
 
 def markdown(result: dict) -> list[str]:
-    """results.md's label-efficiency section."""
+    """results.md's label-efficiency section (the image models against scratch) and its "which model" table
+    (every model against the best baseline at the same n)."""
     lines = ["", f"Label efficiency (fine-tuning on nested patient subsets of the training pool; seeds "
              f"{result['seeds']}; Δ = model − scratch at the same n, paired bootstrap 95% CI over patients, "
-             f"{result['n_boot']} resamples; figure label_curve.png):", "",
-             "| labelled patients | model | " + " | ".join(f"{s} AUC (Δ vs scratch)" for s in LARGE_SETS) + " | "
-             + " | ".join(f"{s} C-index (Δ vs scratch)" for s in LARGE_SETS) + " |",
+             f"{result['n_boot']} resamples; figure label_curve.png):", ""]
+    lines += _table(result, list(CURVE_MODELS), "vs_scratch", "Δ vs scratch")
+    lines += ["", "Which model should I use? Every model against the best baseline at the same n (chosen on the "
+              f"out-of-fold {result.get('best_chosen_on', CHOOSE_ON)} rows, per metric; marked *):", ""]
+    models = list(dict.fromkeys(p["model"] for p in result["points"]))
+    return lines + _table(result, models, "vs_best_baseline", "Δ vs best baseline")
+
+
+def _table(result: dict, models: list[str], field: str, title: str) -> list[str]:
+    lines = ["| labelled patients | model | " + " | ".join(f"{s} AUC ({title})" for s in LARGE_SETS) + " | "
+             + " | ".join(f"{s} C-index ({title})" for s in LARGE_SETS) + " |",
              "| --- " * (2 + 2 * len(LARGE_SETS)) + "|"]
-    keys = list(dict.fromkeys(p["n_key"] for p in result["points"]))
-    for key in keys:
-        for model in CURVE_MODELS:
+    for key in dict.fromkeys(p["n_key"] for p in result["points"]):
+        for model in models:
             cells = []
             for metric in METRICS:
                 for split in LARGE_SETS:
-                    p = next(q for q in result["points"] if (q["n_key"], q["model"], q["split"], q["metric"])
-                             == (key, model, split, metric))
-                    cells.append(_cell(p))
+                    p = next((q for q in result["points"] if (q["n_key"], q["model"], q["split"], q["metric"])
+                              == (key, model, split, metric)), None)
+                    star = "*" if result.get("best_baseline", {}).get(f"{key}/{metric}") == model else ""
+                    cells.append("–" if p is None else _cell(p, field) + star)
+            if all(c == "–" for c in cells):
+                continue
             n = next(q["n_patients"] for q in result["points"] if q["n_key"] == key)  # per seed
             lines.append(f"| {key} ({'/'.join(map(str, sorted(set(n))))}) | {model} | " + " | ".join(cells) + " |")
     return lines
 
 
-def _cell(p: dict) -> str:
+def _cell(p: dict, field: str) -> str:
     if p["value"] is None:
         return "n/a"
-    v = p["vs_scratch"]
+    v = p.get(field)
     if not v or v["diff"] is None:
         return f"{p['value']:.3f}"
     ci = v["ci"]

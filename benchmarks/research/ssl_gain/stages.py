@@ -11,7 +11,8 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.research.ssl_gain.evaluation import evaluate_seed
-from benchmarks.research.ssl_gain.label_curve import evaluate_label_curve, label_runs, make_subset, subset_paths
+from benchmarks.research.ssl_gain.label_curve import (baseline_run, evaluate_label_curve, hybrid_run, label_runs,
+                                                      make_subset, run_name, subset_paths)
 from benchmarks.research.ssl_gain.paired import paired_comparisons
 from benchmarks.research.ssl_gain.presets import (BASELINES, BINS, EVAL_SETS, LARGE_DIR, LARGE_PREFIX, LARGE_SEED,
                                                   RING_MM, Preset, Run, finetune_runs, large_manifests)
@@ -210,8 +211,9 @@ def radiomics_features(preset: Preset, out: Path) -> None:
     write_json(target.parent / "done.json", {"ring_mm": RING_MM, "bins": BINS})
 
 
-def baseline_predict(preset: Preset, out: Path, seed: int, task: str, model: str) -> None:
-    """One baseline (presets.BASELINES) on one task: fold models and the all-rows model, as radiomics' CLI fits them."""
+def baseline_predict(preset: Preset, out: Path, seed: int, task: str, model: str, n: int | None = None) -> None:
+    """One baseline (presets.BASELINES) on one task: fold models and the all-rows model, as radiomics' CLI fits them.
+    n: on the label curve's n-patient subset (its splits name only the subset and the seed's test set)."""
     from data.manifest import clinical_columns
     from finetune.baselines.clinical_models import make_baseline
     from finetune.baselines.radiomics import predict_splits
@@ -235,19 +237,60 @@ def baseline_predict(preset: Preset, out: Path, seed: int, task: str, model: str
     internal = table("internal")
     targets = tables["internal"].set_index(tables["internal"]["subject_id"].astype(str))[["label", "time", "event"]]
     sd = out / f"seed{seed}"
-    split_file = sd / ("splits_survival.json" if task == SURVIVAL.name and preset.survival == "separate"
-                       else "splits.json")
+    split_file = subset_paths(out, seed, n)[1] if n else \
+        sd / ("splits_survival.json" if task == SURVIVAL.name and preset.survival == "separate" else "splits.json")
     splits = json.loads(split_file.read_text())
     large = {name: table(name) for name in large_manifests(preset, out)}
-    pred, params = predict_splits(internal, targets, splits, task, seed, table("external"), eval_sets=large,
-                                  make_model=make_baseline(baseline, clinical))
-    folder = sd / f"{model}_{task}"
+    folder = sd / baseline_run(model, task, n)
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        pred, params = predict_splits(internal, targets, splits, task, seed, table("external"), eval_sets=large,
+                                      make_model=make_baseline(baseline, clinical))
+    except InputError as e:
+        if not n:  # the whole pool must fit; a small subset's folds may hold too few of a class or event
+            raise
+        log(f"{folder.name}: not fitted: {e}")
+        write_json(folder / "done.json", {"fitted": False, "reason": str(e)})
+        return
     write_json(folder / "baseline.json", {"baseline": baseline, "task": task, "seed": seed, "splits": str(split_file),
                                           "clinical_columns": clinical, "n_features": internal.shape[1],
                                           "models": params})
     with atomic_path(folder / "predictions.csv") as tmp:
         pred.to_csv(tmp, index=False)
+    if n:
+        write_json(folder / "done.json", {"fitted": True})
+
+
+def hybrid_predict(preset: Preset, out: Path, seed: int, task: str, n: int | None = None) -> None:
+    """The hybrid (finetune.baselines.hybrid) over the MiM ViT's image score and the task's first-level
+    baselines, all trained on the same n patients; each fold's val rows stacked by a stacker fitted on the
+    other folds'. Where the val rows are too few to fit a stacker (the toy size), done.json says why."""
+    from benchmarks.research.ssl_gain.evaluation import _outcomes
+    from finetune.baselines.hybrid import FIRST_LEVEL, IMAGE, stack_predictions
+    from finetune.evaluate import read_predictions
+    sd = out / f"seed{seed}"
+    ours = {baseline: model for model, baseline in BASELINES.items()}  # finetune.baselines name -> ssl_gain model
+    split_file = subset_paths(out, seed, n)[1] if n else sd / "splits.json"
+    splits = json.loads(split_file.read_text())
+    folder = sd / hybrid_run(task, n)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        preds = {IMAGE: read_predictions(sd / run_name("mim", n) / "predictions.csv")}
+        preds |= {b: read_predictions(sd / baseline_run(ours[b], task, n) / "predictions.csv")
+                  for b in FIRST_LEVEL[task]}  # a subset's baseline that could not be fitted has none
+        held_out = [s for s in EVAL_SETS if (preds[IMAGE]["split"] == s).any()]
+        val_folds = pd.Series({str(s): k for k, fold in enumerate(splits["folds"]) for s in fold["val"]})
+        pred, stacker, per_fold = stack_predictions(preds, _outcomes(preset, out), task, held_out, seed=seed,
+                                                    val_folds=val_folds)
+    except InputError as e:  # too few out-of-fold rows of a class or with an event, or a first level missing
+        log(f"{folder.name}: not fitted: {e}")
+        write_json(folder / "done.json", {"fitted": False, "reason": str(e)})
+        return
+    with atomic_path(folder / "predictions.csv") as tmp:
+        pred.to_csv(tmp, index=False)
+    stacker.save(folder / "stacker.json")
+    write_json(folder / "done.json", {"fitted": True, "image_run": run_name("mim", n), "splits": str(split_file),
+                                      "first_level": list(preds), "folds": per_fold})
 
 
 
@@ -309,10 +352,15 @@ def run_seed(preset: Preset, out: Path, seed: int, stages: Stages) -> dict:
     for run in finetune_runs(preset) + label_runs(preset):
         stages.run(tag + f"{run.name} ({run.task})", [sd / run.name / "predictions.csv", sd / run.name / "metrics.json"],
                    lambda r=run: run_finetune(preset, out, seed, r))
-    for model in BASELINES:
+    for n in (None, *preset.label_sizes):  # the whole pool, then each label-curve subset
+        for model in BASELINES:
+            for task in (CLASSIFICATION.name, SURVIVAL.name):
+                name = baseline_run(model, task, n)
+                stages.run(tag + name, [sd / name / ("done.json" if n else "predictions.csv")],
+                           lambda m=model, t=task, k=n: baseline_predict(preset, out, seed, t, m, k))
         for task in (CLASSIFICATION.name, SURVIVAL.name):
-            stages.run(tag + f"{model}_{task}", [sd / f"{model}_{task}" / "predictions.csv"],
-                       lambda m=model, t=task: baseline_predict(preset, out, seed, t, m))
+            name = hybrid_run(task, n)
+            stages.run(tag + name, [sd / name / "done.json"], lambda t=task, k=n: hybrid_predict(preset, out, seed, t, k))
     # Re-evaluate whenever anything it reads was (re)made in this invocation.
     res = stages.run(tag + "evaluate", [sd / "evaluation.json", sd / "scores.csv"],
                      lambda: evaluate_seed(preset, out, seed),
