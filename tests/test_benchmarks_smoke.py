@@ -182,3 +182,63 @@ def test_zero_memory_large_is_vit_l_and_its_json_reaches_only_zero3_rows(monkeyp
     args.mmap_threshold = 0  # glibc's own sliding threshold, even where the caller's environment sets one
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4096")
     assert "MALLOC_MMAP_THRESHOLD_" not in zero_memory.launch_command("ddp", args, tmp_path)[1]
+
+
+def test_prepare_scaling_prepares_each_volume_once_on_1_and_2_ranks(tmp_path, capsys):
+    """4 tiny volumes, an empty cache per rank count: every volume is built exactly once across the ranks,
+    rank r builds rows r::2, and each cache holds one entry per volume, named by its own subject."""
+    import json
+
+    from benchmarks.speed import prepare_scaling
+    out = prepare_scaling.main(["--volumes", "4", "--shape", "12", "14", "10", "--workdir", str(tmp_path),
+                                "--out", str(tmp_path / "scaling.json")])
+    one, two = out["measured"]
+    assert (one["ranks"], one["built"], one["rows"]) == (1, [4], [4])
+    assert (two["ranks"], two["built"], two["rows"]) == (2, [2, 2], [2, 2])
+    assert two["indexed"] == [4, 4]  # after the gather every rank has the whole table
+    for world in (1, 2):
+        metas = list((tmp_path / f"cache-{world}").rglob("meta.json"))
+        assert sorted(json.loads(m.read_text())["subject_id"] for m in metas) == [f"vol{i:04d}" for i in range(4)]
+    assert json.loads((tmp_path / "scaling.json").read_text())["args"]["volumes"] == 4
+    assert "| 2 | 4 |" in capsys.readouterr().out
+
+
+def test_prepare_scaling_projection_by_hand():
+    """The projection's arithmetic on given inputs: a rank hashes its share on one core, then prepares it over
+    its cores; rank 0 alone does everything on one core; the array job's tasks do what a rank does."""
+    from benchmarks.speed.prepare_scaling import ISSUE_SHAPE, ProjectionInputs, inputs_from, project
+    inputs = ProjectionInputs(prepare_s=0.5, hash_s=0.1, gpus=4, array_tasks=2, dist_timeout_min=15.0)
+    small = project(inputs, volumes=10, cores=2)
+    # share ceil(10/4) = 3: 3 x 0.1 hashing + ceil(3/2) = 2 rounds x 0.5; array: 5 x 0.1 + 3 x 0.5
+    assert small["share"] == 3
+    assert abs(small["in_run_s"] - 1.3) < 1e-9 and abs(small["array_s"] - 2.0) < 1e-9
+    assert abs(small["serial_rank0_s"] - 6.0) < 1e-9 and abs(small["gpu_hours_waiting"] - 1.3 * 4 / 3600) < 1e-12
+    big = project(inputs, volumes=10000, cores=2)  # 2500 x 0.1 + 1250 x 0.5 = 875 s: past 600 s, within 15 min
+    assert abs(big["in_run_s"] - 875.0) < 1e-9
+    assert (big["within_nccl_600s"], big["within_dist_timeout"]) == (False, True)
+    # a slow file system: 10 x (2 reads of 100 MB + 50 MB written) at 0.5 GB/s = 5 s, longer than any compute
+    slow_io = ProjectionInputs(prepare_s=0.5, hash_s=0.1, file_mb=100, entry_mb=50, storage_gb_s=0.5, gpus=4)
+    io = project(slow_io, volumes=10, cores=2)
+    assert abs(io["storage_s"] - 5.0) < 1e-9 and abs(io["in_run_s"] - 5.0) < 1e-9
+    assert abs(io["serial_rank0_s"] - 6.0) < 1e-9
+    # scaled by voxel count from a volume of 1/8 the issue's: 0.1 s hashing and 0.2 s preparing each become x8
+    half = tuple(s // 2 for s in ISSUE_SHAPE)
+    scaled = inputs_from({"volumes": 4, "cpu_per_volume_s": 0.3}, {"seconds": 0.4, "bytes": 4e6}, 2e6, half,
+                         gpus=64, array_tasks=64, storage_gb_s=10.0)
+    assert abs(scaled.hash_s - 0.8) < 1e-9 and abs(scaled.prepare_s - 1.6) < 1e-9
+    assert abs(scaled.file_mb - 8.0) < 1e-9 and abs(scaled.entry_mb - 4.0) < 1e-9  # 1 MB and 0.5 MB each, x8
+    assert scaled.dist_timeout_min == 30.0  # engine.config.LoopConfig's default
+
+
+def test_prepare_scaling_names_a_bad_flag_before_writing_anything(tmp_path, capsys):
+    import pytest
+
+    from benchmarks.speed import prepare_scaling
+    with pytest.raises(SystemExit):
+        prepare_scaling.main(["--ranks", "2", "--workdir", str(tmp_path / "w")])
+    assert "--ranks" in capsys.readouterr().err and not (tmp_path / "w").exists()
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "cache-1").mkdir()
+    with pytest.raises(SystemExit):
+        prepare_scaling.main(["--workdir", str(tmp_path / "used")])
+    assert "--workdir" in capsys.readouterr().err
