@@ -212,6 +212,7 @@ def test_prepare_scaling_projection_by_hand():
     # share ceil(10/4) = 3: 3 x 0.1 hashing + ceil(3/2) = 2 rounds x 0.5; array: 5 x 0.1 + 3 x 0.5
     assert small["share"] == 3
     assert abs(small["in_run_s"] - 1.3) < 1e-9 and abs(small["array_s"] - 2.0) < 1e-9
+    assert small["rank_compute_s"] == small["in_run_s"] and small["storage_s"] == 0  # no file sizes given
     assert abs(small["serial_rank0_s"] - 6.0) < 1e-9 and abs(small["gpu_hours_waiting"] - 1.3 * 4 / 3600) < 1e-12
     big = project(inputs, volumes=10000, cores=2)  # 2500 x 0.1 + 1250 x 0.5 = 875 s: past 600 s, within 15 min
     assert abs(big["in_run_s"] - 875.0) < 1e-9
@@ -220,6 +221,7 @@ def test_prepare_scaling_projection_by_hand():
     slow_io = ProjectionInputs(prepare_s=0.5, hash_s=0.1, file_mb=100, entry_mb=50, storage_gb_s=0.5, gpus=4)
     io = project(slow_io, volumes=10, cores=2)
     assert abs(io["storage_s"] - 5.0) < 1e-9 and abs(io["in_run_s"] - 5.0) < 1e-9
+    assert abs(io["rank_compute_s"] - 1.3) < 1e-9
     assert abs(io["serial_rank0_s"] - 6.0) < 1e-9
     # scaled by voxel count from a volume of 1/8 the issue's: 0.1 s hashing and 0.2 s preparing each become x8
     half = tuple(s // 2 for s in ISSUE_SHAPE)

@@ -173,14 +173,17 @@ def project(inputs: ProjectionInputs, volumes: int, cores: int) -> dict:
     one finishes before the shared file system has read every file twice and written every entry (`storage_s`)."""
     storage_s = volumes * (2 * inputs.file_mb + inputs.entry_mb) / 1000 / inputs.storage_gb_s
 
-    def share_s(workers: int, cores_each: int) -> float:
+    def compute_s(workers: int, cores_each: int) -> float:
         share = math.ceil(volumes / workers)
-        return max(share * inputs.hash_s + math.ceil(share / cores_each) * inputs.prepare_s, storage_s)
-    in_run = share_s(inputs.gpus, cores)
+        return share * inputs.hash_s + math.ceil(share / cores_each) * inputs.prepare_s
+
+    in_run = max(compute_s(inputs.gpus, cores), storage_s)
     return {"volumes": volumes, "cores_per_rank": cores, "share": math.ceil(volumes / inputs.gpus),
-            "serial_rank0_s": share_s(1, 1), "storage_s": storage_s, "in_run_s": in_run,
+            "serial_rank0_s": max(compute_s(1, 1), storage_s), "storage_s": storage_s,
+            "rank_compute_s": compute_s(inputs.gpus, cores), "in_run_s": in_run,
             "within_nccl_600s": in_run <= NCCL_TIMEOUT_S, "within_dist_timeout": in_run <= inputs.dist_timeout_min * 60,
-            "gpu_hours_waiting": in_run * inputs.gpus / 3600, "array_s": share_s(inputs.array_tasks, cores)}
+            "gpu_hours_waiting": in_run * inputs.gpus / 3600,
+            "array_s": max(compute_s(inputs.array_tasks, cores), storage_s)}
 
 
 def _duration(s: float) -> str:
@@ -189,14 +192,14 @@ def _duration(s: float) -> str:
 
 def projection_table(inputs: ProjectionInputs, corpus: list[int], cores: list[int]) -> tuple[Table, list[dict]]:
     t = Table(["volumes", "cores per rank", "share per rank", "rank 0 alone, 1 core (before)",
-               f"storage floor at {inputs.storage_gb_s:g} GB/s",
+               f"storage floor at {inputs.storage_gb_s:g} GB/s", "a rank's compute",
                f"in the run, {inputs.gpus} ranks", "within NCCL's 600 s",
                f"within --dist_timeout_min {inputs.dist_timeout_min:g}", "GPU-hours waiting",
                f"--shard array, {inputs.array_tasks} CPU tasks"])
     rows = [project(inputs, n, c) for n in corpus for c in cores]
     for r in rows:
         t.add(f"{r['volumes']:,}", r["cores_per_rank"], r["share"], _duration(r["serial_rank0_s"]),
-              _duration(r["storage_s"]),
+              _duration(r["storage_s"]), _duration(r["rank_compute_s"]),
               _duration(r["in_run_s"]), "yes" if r["within_nccl_600s"] else "no",
               "yes" if r["within_dist_timeout"] else "no", f"{r['gpu_hours_waiting']:.1f}", _duration(r["array_s"]))
     return t, rows
@@ -274,7 +277,7 @@ def run(args) -> dict:
     for world in args.ranks:
         ranks = run_ranks(world, root / "volumes", root / f"cache-{world}", prep)
         measured.append(summarise(world, ranks, args.volumes))
-    entry_bytes = folder_bytes(root / "cache-1")  # the entries alone: the hash memo is a few hundred bytes
+    entry_bytes = folder_bytes(root / "cache-1")  # its entries, and a hash memo of a few KB
     inputs = inputs_from(measured[0], hashing, entry_bytes, args.shape, gpus=args.gpus, array_tasks=args.array_tasks,
                          storage_gb_s=args.storage_gb_s)
     proj_table, proj_rows = projection_table(inputs, args.corpus, args.cores_per_gpu)
