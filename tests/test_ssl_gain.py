@@ -278,8 +278,8 @@ def test_which_model_fits_the_baselines_on_each_subset_and_judges_every_model_ag
             pred = pd.read_csv(toy_run / "seed0" / f"hybrid_{task}_n{n}" / "predictions.csv", dtype={"subject_id": str})
             assert set(pred.loc[pred.split == "val", "subject_id"]) == trained
             assert set(pred.loc[pred.split == "test", "subject_id"]) == set(sub["test"])
-        else:
-            assert done["reason"]
+        else:  # too few rows for the stacker's inner CV, or a first-level baseline the subset could not feed
+            assert any(why in done["reason"] for why in ("at least 2", "file not found", "no penalty")), done["reason"]
 
 
 def test_pretrained_runs_take_their_own_encoder_rate_and_scratch_the_yamls(tmp_path):

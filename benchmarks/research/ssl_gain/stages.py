@@ -243,6 +243,7 @@ def baseline_predict(preset: Preset, out: Path, seed: int, task: str, model: str
     large = {name: table(name) for name in large_manifests(preset, out)}
     folder = sd / baseline_run(model, task, n)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "predictions.csv").unlink(missing_ok=True)  # never a former fit's rows beside this one's done.json
     try:
         pred, params = predict_splits(internal, targets, splits, task, seed, table("external"), eval_sets=large,
                                       make_model=make_baseline(baseline, clinical))
@@ -270,12 +271,17 @@ def hybrid_predict(preset: Preset, out: Path, seed: int, task: str, n: int | Non
     from finetune.evaluate import read_predictions
     sd = out / f"seed{seed}"
     ours = {baseline: model for model, baseline in BASELINES.items()}  # finetune.baselines name -> ssl_gain model
-    split_file = subset_paths(out, seed, n)[1] if n else sd / "splits.json"
+    separate = task == SURVIVAL.name and preset.survival == "separate"  # survival has its own runs and splits
+    split_file = subset_paths(out, seed, n)[1] if n else sd / ("splits_survival.json" if separate else "splits.json")
     splits = json.loads(split_file.read_text())
     folder = sd / hybrid_run(task, n)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "predictions.csv").unlink(missing_ok=True)  # never a former fit's rows beside this one's done.json
+    image_run = "surv_mim_none" if separate and not n else run_name("mim", n)
     try:
-        preds = {IMAGE: read_predictions(sd / run_name("mim", n) / "predictions.csv")}
+        if separate and n:
+            raise InputError(f"the {n}-patient runs are classification-only under a separate survival preset")
+        preds = {IMAGE: read_predictions(sd / image_run / "predictions.csv")}
         preds |= {b: read_predictions(sd / baseline_run(ours[b], task, n) / "predictions.csv")
                   for b in FIRST_LEVEL[task]}  # a subset's baseline that could not be fitted has none
         held_out = [s for s in EVAL_SETS if (preds[IMAGE]["split"] == s).any()]
@@ -289,7 +295,7 @@ def hybrid_predict(preset: Preset, out: Path, seed: int, task: str, n: int | Non
     with atomic_path(folder / "predictions.csv") as tmp:
         pred.to_csv(tmp, index=False)
     stacker.save(folder / "stacker.json")
-    write_json(folder / "done.json", {"fitted": True, "image_run": run_name("mim", n), "splits": str(split_file),
+    write_json(folder / "done.json", {"fitted": True, "image_run": image_run, "splits": str(split_file),
                                       "first_level": list(preds), "folds": per_fold})
 
 
@@ -357,10 +363,14 @@ def run_seed(preset: Preset, out: Path, seed: int, stages: Stages) -> dict:
             for task in (CLASSIFICATION.name, SURVIVAL.name):
                 name = baseline_run(model, task, n)
                 stages.run(tag + name, [sd / name / ("done.json" if n else "predictions.csv")],
-                           lambda m=model, t=task, k=n: baseline_predict(preset, out, seed, t, m, k))
+                           lambda m=model, t=task, k=n: baseline_predict(preset, out, seed, t, m, k),
+                           force=bool(n) and stages.status.get(tag + f"label subset n{n}") == "ran")
         for task in (CLASSIFICATION.name, SURVIVAL.name):
             name = hybrid_run(task, n)
-            stages.run(tag + name, [sd / name / "done.json"], lambda t=task, k=n: hybrid_predict(preset, out, seed, t, k))
+            inputs_ran = stages.ran_any(tag + run_name("mim", n)) or stages.ran_any(tag + "surv_mim_none") or any(
+                stages.status.get(tag + baseline_run(m, task, n)) == "ran" for m in BASELINES)
+            stages.run(tag + name, [sd / name / "done.json"], lambda t=task, k=n: hybrid_predict(preset, out, seed, t, k),
+                       force=inputs_ran)
     # Re-evaluate whenever anything it reads was (re)made in this invocation.
     res = stages.run(tag + "evaluate", [sd / "evaluation.json", sd / "scores.csv"],
                      lambda: evaluate_seed(preset, out, seed),
