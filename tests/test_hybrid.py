@@ -227,3 +227,23 @@ def test_cli_help_explains_the_hybrid_options(capsys):
         main(["--manifest", "m", "--cache", "c", "--splits", "s", "--task", "survival", "--out", "o",
               "--image_run", "run"])
     assert "--image_run / --hybrid_clinical: read by --baselines hybrid only" in capsys.readouterr().err
+
+
+def test_the_hybrid_is_reported_but_never_the_reference_baseline():
+    """finetune.evaluate --baselines OUT reads OUT/hybrid too; it stacks the judged model's own score, so it is
+    reported beside the baselines but the best baseline (picked on val) is chosen among the others only."""
+    from finetune.baselines.compare import compare_baselines
+    rng = np.random.default_rng(0)
+    n = 40
+    ids = [f"s{i}" for i in range(n)]
+    label = rng.integers(0, 2, n)
+    outcomes = pd.DataFrame({"subject_id": ids, "patient_id": ids, "label": label})
+    model = pd.DataFrame({"subject_id": ids, "prob": rng.random(n), "label": label, "patient_id": ids})
+
+    def pred(prob):
+        return pd.DataFrame({"subject_id": ids, "split": "val", "fold": np.arange(n) % 2, "prob": prob})
+    baselines = {"radiomics": pred(np.clip(label * 0.3 + rng.random(n) * 0.7, 0, 1)),
+                 "hybrid": pred(label * 0.9 + 0.05)}  # the better score on val
+    res = compare_baselines({"val": model}, baselines, outcomes, n_boot=0, seed=0)
+    assert res["splits"]["val"]["hybrid"]["auc"]["value"] == pytest.approx(1.0)
+    assert res["best"]["auc"] == "radiomics"

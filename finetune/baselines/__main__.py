@@ -28,13 +28,14 @@ from core.atomic import atomic_path, write_json
 from core.cli import underscore_spellings
 from core.errors import InputError, cli_entry
 from finetune.baselines.clinical_models import BASELINES, make_baseline
+from finetune.baselines.compare import HYBRID
 from finetune.baselines.radiomics import FEATURE_VERSION, add_arguments, load_inputs, predict_splits
 from models.tasks import get_task
 
-HYBRID = "hybrid"
 CHOICES = (*BASELINES, HYBRID)
 # baseline.json keys that must match for a fitted baseline in --out to be reused by the hybrid
-REUSE_KEYS = ("task", "seed", "external", "eval_sets", "ring_mm", "bins", "clinical_columns", "feature_version", "splits_digest")
+REUSE_KEYS = ("task", "seed", "manifest", "external", "eval_sets", "ring_mm", "bins", "clinical_columns",
+              "feature_version", "splits_digest")
 
 
 def _table(name: str, features: pd.DataFrame, df: pd.DataFrame, clinical: list[str]) -> pd.DataFrame:

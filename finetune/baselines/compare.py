@@ -21,6 +21,7 @@ from finetune.metrics import auc_delong, auc_kernel, harrell_kernel, kernel_valu
 # metric -> (score column, outcome columns, pair kernel)
 METRICS = {"auc": ("prob", ("label",), auc_kernel), "harrell_c": ("risk", ("time", "event"), harrell_kernel)}
 CHOOSE_ON = "val"  # the split the best baseline is picked on: out-of-fold rows, never a held-out set
+HYBRID = "hybrid"  # python -m finetune.baselines' name of the stacked model
 
 
 def read_baselines(entries) -> dict[str, pd.DataFrame]:
@@ -107,11 +108,12 @@ def compare_baselines(selected: dict, baselines: dict, outcomes: pd.DataFrame, n
 
 
 def _best(splits: dict) -> dict:
-    """metric -> the baseline with the highest value on CHOOSE_ON (None where not every one has it there)."""
+    """metric -> the baseline with the highest value on CHOOSE_ON (None where not every one has it there). The
+    hybrid is reported but never the reference: it stacks the judged model's own score."""
     best = {}
     for metric in METRICS:
         values = {name: e[metric]["value"] for name, e in splits.get(CHOOSE_ON, {}).items()
-                  if metric in e and e[metric]["value"] is not None}
+                  if metric in e and e[metric]["value"] is not None and name != HYBRID}
         best[metric] = max(values, key=values.get) if values else None
     return best
 

@@ -209,6 +209,9 @@ def fit_stacker(train: pd.DataFrame, task: Task | str, inputs: list[str], clinic
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a near-separable inner fold warns; it scores on and may lose
         search.fit(X, y)
+    if not np.isfinite(search.best_score_):  # every penalty failed in some inner fold (the warning is silenced)
+        raise InputError(f"hybrid {task.name} stacker: no penalty could be fitted on every inner fold of its "
+                         f"{len(train)} {FIT_SPLIT} rows")
     return _as_stacker(search, task, inputs, clinical, n_splits, len(train))
 
 
