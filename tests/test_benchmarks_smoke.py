@@ -244,3 +244,10 @@ def test_prepare_scaling_names_a_bad_flag_before_writing_anything(tmp_path, caps
     with pytest.raises(SystemExit):
         prepare_scaling.main(["--workdir", str(tmp_path / "used")])
     assert "--workdir" in capsys.readouterr().err
+
+
+def test_zero_memory_writes_the_vit_b_section_only_from_a_vit_b_run(capsys, monkeypatch):
+    """--write-docs replaces the "(ViT-B, 2 ranks)" section: another model's table would land under that
+    heading and erase ViT-B's, so it is refused before any rank starts."""
+    code, err = _zero_memory_refusal(capsys, monkeypatch, ["--model", "tiny", "--write-docs"])
+    assert code == 2 and "\n" not in err and "--write-docs" in err and "--model base" in err

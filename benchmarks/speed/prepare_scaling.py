@@ -266,10 +266,16 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
 
 
 def run(args) -> dict:
+    if args.workdir:
+        return measure(args, Path(args.workdir))
+    with tempfile.TemporaryDirectory(prefix="prepare-scaling-") as root:  # gigabytes of volumes and caches
+        return measure(args, Path(root))
+
+
+def measure(args, root: Path) -> dict:
     from core.config import load_config
     from pretrain.config import PretrainConfig
     prep = load_config(PretrainConfig, Path(__file__).resolve().parents[2] / "launch" / "pretrain_cpu.yaml").prep
-    root = Path(args.workdir or tempfile.mkdtemp(prefix="prepare-scaling-"))
     load_before = os.getloadavg()
     files = write_corpus(root / "volumes", args.volumes, args.shape, args.source_mm)
     hashing = hash_rate(files)

@@ -286,6 +286,9 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     if "ddp" not in args.modes:
         raise ConfigError("--modes: include ddp; every ratio is to DDP's row of the same run")
     args.zero3_config = check_zero3_json(args.zero3_config)
+    if args.write_docs and args.model != "base":  # the docs section is ViT-B's; another model's would replace it
+        raise ConfigError(f"--write-docs: writes the '{HEADING}' section, so it needs --model base "
+                          f"(got {args.model}); paste another model's table by hand")
     check_memory_fits(trained_params(enc), args.model)
     return args
 
