@@ -171,16 +171,16 @@ def _fit_baselines(args, d: dict, names: list[str], clinical: list[str], held_ou
 
 def _fit_hybrid(args, d: dict, run: dict, fitted: dict, clinical: list[str], held_out: list[str]) -> None:
     """The stacker over the run's image score and the first-level baselines; OUT/hybrid/ as every baseline."""
-    from finetune.baselines.hybrid import FIRST_LEVEL, IMAGE, splits_digest, stack_predictions
+    from finetune.baselines.hybrid import FIRST_LEVEL, IMAGE, splits_digest, stack_predictions, val_folds
     task = d["task"]
     preds = {IMAGE: run["predictions"]} | {n: fitted[n] for n in FIRST_LEVEL[task.name]}
     tables = [d["df"]] + ([d["ext_df"]] if d["ext_df"] is not None else []) + list(d["eval_dfs"].values())
     outcomes = pd.concat([t[["subject_id", "patient_id", *task.columns, *clinical]] for t in tables], ignore_index=True)
     outcomes["subject_id"] = outcomes["subject_id"].astype(str)
     outcomes = outcomes.drop_duplicates("subject_id")  # a cohort given twice (e.g. --external = --manifest)
-    val_folds = pd.Series({str(s): k for k, f in enumerate(d["splits"]["folds"]) for s in f["val"]})
     stack_clinical = clinical if args.hybrid_clinical else []
-    pred, stacker, per_fold = stack_predictions(preds, outcomes, task, held_out, stack_clinical, args.seed, val_folds)
+    pred, stacker, per_fold = stack_predictions(preds, outcomes, task, held_out, stack_clinical, args.seed,
+                                                val_folds(d["splits"]))
     folder = d["out"] / HYBRID
     stacker.first_level = {IMAGE: str(run["path"] / "predictions.csv")} | {
         n: str(d["out"] / n / "predictions.csv") for n in FIRST_LEVEL[task.name]}

@@ -275,6 +275,11 @@ def stack_predictions(preds: dict[str, pd.DataFrame], outcomes: pd.DataFrame, ta
     return pd.concat(rows, ignore_index=True), final, per_fold
 
 
+def val_folds(splits: dict) -> pd.Series:
+    """subject_id -> the outer fold whose val rows hold it: stack_predictions' `val_folds` from a splits file."""
+    return pd.Series({str(s): k for k, fold in enumerate(splits["folds"]) for s in fold["val"]})
+
+
 def _with_outcomes(val: pd.DataFrame, outcomes: pd.DataFrame) -> pd.DataFrame:
     """val rows with their outcomes; InputError naming subjects the outcomes lack."""
     val = val.merge(outcomes, on="subject_id", how="left", validate="one_to_one")

@@ -211,6 +211,15 @@ def radiomics_features(preset: Preset, out: Path) -> None:
     write_json(target.parent / "done.json", {"ring_mm": RING_MM, "bins": BINS})
 
 
+def task_splits(preset: Preset, out: Path, seed: int, task: str, n: int | None = None) -> Path:
+    """The splits file a model of `task` is fitted on: the n-patient subset's, or the seed's (survival's own
+    under a preset with separate survival runs)."""
+    if n:
+        return subset_paths(out, seed, n)[1]
+    separate = task == SURVIVAL.name and preset.survival == "separate"
+    return out / f"seed{seed}" / ("splits_survival.json" if separate else "splits.json")
+
+
 def baseline_predict(preset: Preset, out: Path, seed: int, task: str, model: str, n: int | None = None) -> None:
     """One baseline (presets.BASELINES) on one task: fold models and the all-rows model, as radiomics' CLI fits them.
     n: on the label curve's n-patient subset (its splits name only the subset and the seed's test set)."""
@@ -237,8 +246,7 @@ def baseline_predict(preset: Preset, out: Path, seed: int, task: str, model: str
     internal = table("internal")
     targets = tables["internal"].set_index(tables["internal"]["subject_id"].astype(str))[["label", "time", "event"]]
     sd = out / f"seed{seed}"
-    split_file = subset_paths(out, seed, n)[1] if n else \
-        sd / ("splits_survival.json" if task == SURVIVAL.name and preset.survival == "separate" else "splits.json")
+    split_file = task_splits(preset, out, seed, task, n)
     splits = json.loads(split_file.read_text())
     large = {name: table(name) for name in large_manifests(preset, out)}
     folder = sd / baseline_run(model, task, n)
@@ -267,12 +275,12 @@ def hybrid_predict(preset: Preset, out: Path, seed: int, task: str, n: int | Non
     baselines, all trained on the same n patients; each fold's val rows stacked by a stacker fitted on the
     other folds'. Where the val rows are too few to fit a stacker (the toy size), done.json says why."""
     from benchmarks.research.ssl_gain.evaluation import _outcomes
-    from finetune.baselines.hybrid import FIRST_LEVEL, IMAGE, stack_predictions
+    from finetune.baselines.hybrid import FIRST_LEVEL, IMAGE, stack_predictions, val_folds
     from finetune.evaluate import read_predictions
     sd = out / f"seed{seed}"
     ours = {baseline: model for model, baseline in BASELINES.items()}  # finetune.baselines name -> ssl_gain model
     separate = task == SURVIVAL.name and preset.survival == "separate"  # survival has its own runs and splits
-    split_file = subset_paths(out, seed, n)[1] if n else sd / ("splits_survival.json" if separate else "splits.json")
+    split_file = task_splits(preset, out, seed, task, n)
     splits = json.loads(split_file.read_text())
     folder = sd / hybrid_run(task, n)
     folder.mkdir(parents=True, exist_ok=True)
@@ -285,9 +293,8 @@ def hybrid_predict(preset: Preset, out: Path, seed: int, task: str, n: int | Non
         preds |= {b: read_predictions(sd / baseline_run(ours[b], task, n) / "predictions.csv")
                   for b in FIRST_LEVEL[task]}  # a subset's baseline that could not be fitted has none
         held_out = [s for s in EVAL_SETS if (preds[IMAGE]["split"] == s).any()]
-        val_folds = pd.Series({str(s): k for k, fold in enumerate(splits["folds"]) for s in fold["val"]})
         pred, stacker, per_fold = stack_predictions(preds, _outcomes(preset, out), task, held_out, seed=seed,
-                                                    val_folds=val_folds)
+                                                    val_folds=val_folds(splits))
     except InputError as e:  # too few out-of-fold rows of a class or with an event, or a first level missing
         log(f"{folder.name}: not fitted: {e}")
         write_json(folder / "done.json", {"fitted": False, "reason": str(e)})
