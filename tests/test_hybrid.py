@@ -81,6 +81,24 @@ def test_the_saved_json_reloads_to_identical_predictions(tmp_path, task):
         hybrid.Stacker.load(tmp_path / "other.json")
 
 
+@pytest.mark.parametrize("edit,names", [
+    (lambda d: d.update(coef=d["coef"][:-1]), "lengths"),           # truncated: numpy would fail on the dot product
+    (lambda d: d.update(mean=d["mean"][:1]), "lengths"),            # one mean broadcasts: it would predict silently
+    (lambda d: d.update(inputs=d["inputs"][:1]), "feature_names"),  # an input dropped, its coefficient kept
+    (lambda d: d.update(clinical_columns=["age"]), "clinical_schema encodes"),
+    (lambda d: d.update(scale=[0.0] * len(d["scale"])), "scale must be positive"),
+])
+def test_a_hand_edited_stacker_is_refused_in_one_line_naming_the_file(tmp_path, edit, names):
+    rows = _rows(60, 0)
+    saved = hybrid.fit_stacker(rows, "classification", INPUTS, ["age", "sex"], seed=0).to_dict()
+    edit(saved)
+    (tmp_path / "stacker.json").write_text(json.dumps(saved))
+    with pytest.raises(hybrid.InputError) as e:
+        hybrid.Stacker.load(tmp_path / "stacker.json")
+    assert str(e.value).startswith(f"stacker {tmp_path / 'stacker.json'}: ") and names in str(e.value)
+    assert "\n" not in str(e.value)
+
+
 def _preds(rows: pd.DataFrame, folds: np.ndarray) -> dict:
     return {name: pd.DataFrame({"subject_id": rows["subject_id"], "split": "val", "fold": folds,
                                 "prob": rows[name]}) for name in INPUTS}

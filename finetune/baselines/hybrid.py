@@ -169,7 +169,41 @@ class Stacker:
         names = set(cls.__dataclass_fields__) - {"pipeline"}
         if set(d) != names:
             raise InputError(f"stacker {path}: keys {sorted(set(d) ^ names)} differ from a {FORMAT} file's")
+        problem = _shape_problem(d)
+        if problem:  # a hand-edited or truncated file would otherwise broadcast, or fail deep in numpy
+            raise InputError(f"stacker {path}: {problem}")
         return cls(**d)
+
+
+def _shape_problem(d: dict) -> str:
+    """Why a stacker JSON's numbers cannot be one linear model over its inputs and clinical columns, or ""."""
+    lists = ("inputs", "clinical_columns", "feature_names", "mean", "scale", "coef")
+    bad = [k for k in lists if not isinstance(d[k], list)]
+    if bad:
+        return f"{bad} must be lists"
+    try:
+        expected = list(d["inputs"])
+        if d["clinical_columns"]:
+            schema = ClinicalSchema.from_dict(d["clinical_schema"])
+            if sorted(schema.columns) != sorted(d["clinical_columns"]):
+                return f"clinical_schema encodes {schema.columns}, not clinical_columns {d['clinical_columns']}"
+            expected += list(schema.feature_names)
+        elif d["clinical_schema"] is not None:
+            return "a clinical_schema without clinical_columns"
+    except (InputError, KeyError, TypeError, ValueError) as e:
+        return f"clinical_schema unreadable ({type(e).__name__}: {e})"
+    if d["feature_names"] != expected:
+        return (f"feature_names ({len(d['feature_names'])}) are not its inputs then its encoded clinical columns "
+                f"({len(expected)}: {expected[:5]})")
+    lengths = {k: len(d[k]) for k in ("mean", "scale", "coef")}
+    if set(lengths.values()) != {len(expected)}:
+        return f"lengths {lengths} differ from its {len(expected)} feature_names"
+    numbers = d["mean"] + d["scale"] + d["coef"] + [d["intercept"]]
+    if not all(type(x) in (int, float) and np.isfinite(x) for x in numbers):
+        return "mean, scale, coef and intercept must be finite numbers"
+    if min(d["scale"], default=1.0) <= 0:
+        return "scale must be positive"
+    return ""
 
 
 def _pipeline(model, inputs: list[str], clinical: list[str]) -> Pipeline:
