@@ -37,9 +37,11 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import Table, machine, today
+from core.atomic import write_text
 
 ISSUE_SHAPE = (180, 216, 176)  # the 1-mm volume issue 36 timed at about 0.35 s per core
 NCCL_TIMEOUT_S = 600.0  # accelerate's and NCCL's default process-group timeout
+RESULT_KEYS = {"measured", "projection_inputs", "projection"}  # what marks --out as this benchmark's JSON
 
 
 def write_corpus(folder: Path, n: int, shape, source_mm: float) -> list[Path]:
@@ -242,7 +244,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--storage_gb_s", type=float, default=10.0,
                    help="the projected cluster's shared file system, aggregate GB/s (default 10)")
     p.add_argument("--workdir", help="a new or empty folder for the volumes and caches (default: a temporary one)")
-    p.add_argument("--out", help="write the inputs, the measurements and the projection here as JSON")
+    p.add_argument("--out", help="write the inputs, the measurements and the projection here as JSON (its folder "
+                                 "must exist; an existing file is replaced only if it is an earlier result of this "
+                                 "benchmark; checked before the work starts)")
     return p
 
 
@@ -263,6 +267,31 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     for flag in ("source_mm", "storage_gb_s"):
         if not getattr(args, flag) > 0:
             p.error(f"--{flag}: expected > 0, got {getattr(args, flag)}")
+    if args.out:
+        problem = out_problem(Path(args.out))
+        if problem:  # checked before minutes of work, not when the JSON is written
+            p.error(f"--out {args.out}: {problem}")
+
+
+def out_problem(out: Path) -> str:
+    """Why --out cannot take this benchmark's JSON, or "": its folder must exist and be writable, and a file
+    already there must be an earlier result of this benchmark (another run's file is never overwritten)."""
+    if not out.parent.is_dir():
+        return f"its folder {out.parent} does not exist"
+    if not os.access(out.parent, os.W_OK):
+        return f"its folder {out.parent} is not writable"
+    if out.is_dir():
+        return "is a folder; expected a JSON file path"
+    if out.exists():
+        try:
+            earlier = json.loads(out.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            earlier = None
+        if not (isinstance(earlier, dict) and RESULT_KEYS <= set(earlier)):
+            return "exists and is not a result of this benchmark; choose another path"
+        if not os.access(out, os.W_OK):
+            return "exists and is not writable"
+    return ""
 
 
 def run(args) -> dict:
@@ -309,7 +338,7 @@ def main(argv=None) -> dict:
           f"hashing; {i['file_mb']:.1f} MB read twice, {i['entry_mb']:.1f} MB written\n\n"
           + result["tables"]["projection"])
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+        write_text(args.out, json.dumps(result, indent=1, default=str))
     return result
 
 
