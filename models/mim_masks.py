@@ -79,10 +79,11 @@ class Level:
     parent_tokens: Tensor | None = None   # [B_l, c^3] long: parent-grid tokens this child covers
     anchor: Tensor | None = None          # [B_l, 3] float64: lesion centre in level-1 crop voxels (NaN: none)
     target: Tensor | None = None          # [B_l, N, C p^3] float32: the loss target (models.mim.patch_targets),
-    #                                       set where the loader builds the levels; None = computed in the loss
+    #                                       set with the levels (pretrain.batches.LevelBuilder);
+    #                                       None = computed in the loss
 
     def to(self, device, non_blocking: bool = False) -> "Level":
-        """The same level on `device` (levels are built on the CPU, in the loader workers)."""
+        """The same level on `device` (for levels built on the CPU, e.g. held-out batches kept ready)."""
         moved = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
                  for k, v in self.__dict__.items()}
         return Level(**moved)

@@ -3,19 +3,23 @@
     accelerate launch -m pretrain --config launch/pretrain_tiny_cpu.yaml --data DIR --output_dir runs/pt
 
 Data -> cache (data.prepare) -> level-1 views (data.views.PretrainCrops: a share centred on lesions,
-from masks or from candidates found without labels, the rest uniform) -> hierarchical masks
-(models.mim_masks; a lesion view's first child holds the lesion), built with their loss targets in the
-DataLoader workers (pretrain.batches) so they overlap the step -> MiMModel (its forward returns a
-MiMOutput: per-level reconstructions and alignment pairs, and the losses). Checkpoints are atomic and
-rotated; `--resume auto` continues exactly; a fresh run refuses an output folder that holds another run's
-checkpoints or log; at the end the checkpoint of this run's last step is exported, with its input contract,
-as a Hugging Face-format folder in `output_dir/encoder`. The configuration is pretrain/config.py.
+from masks or from candidates found without labels, the rest uniform), cut in the DataLoader workers, which
+send only the crops -> hierarchical masks (models.mim_masks; a lesion view's first child holds the lesion),
+built with their loss targets in the loop on the training device (pretrain.batches: on a GPU the CPU-heavy
+resizes leave the loader's cores) -> MiMModel (its forward returns a MiMOutput: per-level reconstructions
+and alignment pairs, and the losses). Checkpoints are atomic and rotated; `--resume auto` continues exactly;
+a fresh run refuses an output folder that holds another run's checkpoints or log; at the end the checkpoint
+of this run's last step is exported, with its input contract, as a Hugging Face-format folder in
+`output_dir/encoder`. The configuration is pretrain/config.py.
 """
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from core.cli import parse_config
 from core.config import absolute_paths, save_config, to_dict
@@ -27,7 +31,7 @@ from engine.distributed import (configure_deepspeed, make_accelerator, prepare, 
 from engine.logs import RunLogger, progress
 from engine.steps import NonFiniteGuard, WarmupCosine, build_optimizer, optimizer_step, reseed_torch
 from models.mim import MiMModel
-from pretrain.batches import HierarchyCollate
+from pretrain.batches import CropCollate, LevelBuilder
 from pretrain.config import PATH_FIELDS, PretrainConfig
 
 
@@ -96,9 +100,9 @@ def lesion_centres(prepared, cfg: PretrainConfig, use_masks: bool, show_progress
 class StepClock:
     """How long the loop waits for data, as a share of the whole step (goal: under 5%).
 
-    window() returns, since its last call: "train/data_wait" (waiting / whole step time), "train/step_s"
-    (mean seconds per step) and "train/hierarchy_s" (mean seconds per step the loader spent building the
-    MiM levels: with workers, off the step's critical path).
+    window() returns, since its last call: "train/data_wait" (waiting for the loader / whole step time),
+    "train/step_s" (mean seconds per step) and "train/hierarchy_s" (mean seconds per step the loop spent
+    building the MiM levels and their targets on the device, inside the step's time).
     """
 
     def __init__(self):
@@ -109,9 +113,17 @@ class StepClock:
     def start(self) -> None:
         self._t0 = time.perf_counter()
 
-    def loaded(self, build_s: float = 0.0) -> None:
+    def loaded(self) -> None:
         self._t1 = time.perf_counter()
-        self.build += build_s
+
+    @contextmanager
+    def building(self, device: torch.device):
+        """Times the block as level building; on a GPU it waits for the block's kernels, so the time is theirs."""
+        t = time.perf_counter()
+        yield
+        if device.type == "cuda":  # kernels run asynchronously: the host clock sees them only once they finish
+            torch.cuda.synchronize(device)
+        self.build += time.perf_counter() - t
 
     def done(self) -> None:
         t2 = time.perf_counter()
@@ -144,9 +156,8 @@ def build(cfg: PretrainConfig, accelerator):
     # Every rank prepares its share of the volumes (rows rank::world), the ranks meet once, and each reads
     # the whole cache: no rank waits for a whole corpus's preparing.
     dataset, subjects = load_training_volumes(cfg, accelerator.is_main_process, accelerator=accelerator)
-    collate = HierarchyCollate(cfg.model, cfg.seed, accelerator.process_index)
     batches = ResumableBatches(dataset, cfg.batch_size, cfg.seed, accelerator.num_processes,
-                               accelerator.process_index, cfg.num_workers, collate=collate)
+                               accelerator.process_index, cfg.num_workers, collate=CropCollate())
     model = build_model(cfg, accelerator)
     # By each parameter's whole shape: under ZeRO-3 the module holds empty placeholders (timm's rule reads ndim).
     groups = weight_decay_groups(model, cfg.optim.weight_decay, model.no_weight_decay())
@@ -229,11 +240,15 @@ def train(cfg: PretrainConfig) -> Path:
     enc = cfg.model.encoder
     unwrapped = accelerator.unwrap_model(model)  # MiMModel: the teacher's schedule and EMA, when distilling
 
+    build_levels = LevelBuilder(cfg.model, cfg.seed, accelerator.process_index)
+    clock = StepClock()
+
     def loss_fn(micro):
         m, batch = micro
-        # dropout / drop-path; the masks came seeded from the loader
+        # dropout / drop-path; the masks have their own generator, of (seed, m, rank)
         reseed_torch(cfg.seed, m, accelerator.process_index)
-        levels = [lvl.to(accelerator.device, non_blocking=True) for lvl in batch["levels"]]  # built in the loader
+        with clock.building(accelerator.device):
+            levels = build_levels(batch, accelerator.device)  # [Level, ...] on the device, with their targets
         names = [subjects[int(i)] for i in batch["index"] for _ in range(cfg.crops_per_volume)]
         out = model(levels)  # MiMOutput
         return {**out.losses, "preds": out.preds, "levels": levels, "subjects": names}
@@ -245,14 +260,13 @@ def train(cfg: PretrainConfig) -> Path:
     last: dict = {}
     final = resume_from  # the checkpoint of this run's current step: what it exports once max_steps is reached
     t0 = time.time()
-    clock = StepClock()
     try:
         while step < last_stop:
             lr = schedule.set_step(step)
             unwrapped.training_step_started(step)
             clock.start()
             micro = [next(stream) for _ in range(cfg.grad_accum)]  # the time spent here is waiting for data
-            clock.loaded(sum(batch["build_s"] for _, batch in micro))
+            clock.loaded()
             terms, step_ok, outputs = optimizer_step(accelerator, model, optimizer, guard, cfg.optim.clip_grad,
                                                      micro, loss_fn)
             clock.done()
