@@ -10,8 +10,9 @@ training after the first epoch. Prints a markdown table and puts it in docs/BENC
 "Data loader" (a rerun on the same machine replaces its own subsection).
 
 `--preset base_gpu` (or `cpu`, `tiny`) measures instead what a pretraining loader worker does at that
-preset's sizes (reads, crops, every MiM level's resize, masks and targets), in level-1 views per second
-per core, beside the views per second a GPU needs at 40% MFU: benchmarks/speed/loader_need.py.
+preset's sizes (reads and crops), in level-1 views per second per core, beside the views per second a GPU
+needs at 40% MFU, and times what the loop then builds on its device (every MiM level's resize, masks and
+targets) on the CPU: benchmarks/speed/loader_need.py.
 """
 from __future__ import annotations
 
@@ -145,8 +146,9 @@ def main(argv=None) -> int:
     p.add_argument("--doc", default=str(Path(__file__).resolve().parents[2] / "docs" / "BENCHMARKS.md"))
     p.add_argument("--no-doc", action="store_true", help="only print the table")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="measure the pretraining loader at this preset's crop size against a GPU's need "
-                        "(benchmarks.speed.loader_need; prints, writes no doc)")
+                   help="measure the pretraining loader's workers (read + crop) at this preset's crop size against "
+                        "a GPU's need, and the loop's level building on the CPU (benchmarks.speed.loader_need; "
+                        "prints, writes no doc)")
     args = p.parse_args(argv)
     if args.preset:
         from benchmarks.speed import loader_need

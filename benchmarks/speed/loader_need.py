@@ -4,21 +4,24 @@
     python -m benchmarks.speed.loader --preset base_gpu      # the same, from the loader benchmark
 
 Two numbers, and their ratio:
-- supply: level-1 views per second per loader core. One process, one torch thread, does what a
-  pretraining DataLoader worker does for a micro-batch: `data.views.PretrainCrops` items (memory-mapped
-  cache reads, crops, lesion-centred boxes) and `pretrain.batches.HierarchyCollate` (every level's cut,
-  trilinear resize to the encoder input, masks, per-patch loss targets). The cache holds synthetic
-  head-sized volumes at the preset's spacing (180 x 216 x 176 mm), warm in the page cache. Each part is
-  timed on its own, so the table says what the loader's time goes to.
+- supply: level-1 views per second per loader core. Pretraining's DataLoader workers only read and cut:
+  `data.views.PretrainCrops` items (memory-mapped cache reads, crops, lesion-centred boxes) stacked by
+  `pretrain.batches.CropCollate`. One process, one torch thread, does that for each micro-batch. The cache
+  holds synthetic head-sized volumes at the preset's spacing (180 x 216 x 176 mm), warm in the page cache.
 - demand: the level-1 views per second a GPU consumes at a model-FLOPs utilisation (default 40%, bf16,
   H100 SXM dense peak 989 TFLOP/s), from `mim_forward_flops` (matmul FLOPs, 2 m n k; attention's QK^T and
   AV included; training = 3x forward). A level-1 view brings 1 + K + ... + K^(L-1) sub-volumes.
 
 Loader cores per GPU = demand / supply.
+
+What the training loop then does on its device, `pretrain.batches.LevelBuilder` (every level's cut, trilinear
+resize to the encoder input, masks, per-patch loss targets), is timed too, part by part, here on the CPU:
+CPU time per view, not a GPU figure.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import statistics
@@ -141,12 +144,13 @@ class Timers:
 
 
 def measure_loader(cfg, paths, steps: int, repeats: int, seed: int = 0) -> dict:
-    """Per repeat: `steps` micro-batches of cfg.batch_size volumes x cfg.crops_per_volume views, in this
-    process with one thread. Returns the median views/s and the median seconds per view of each part."""
+    """Per repeat: `steps` micro-batches of cfg.batch_size volumes x cfg.crops_per_volume views, in this process
+    with one thread: what a worker does (items + CropCollate), then what the loop does (LevelBuilder, on the CPU).
+    Returns the medians of views/s (wall-clock and per CPU-second) of each half and of seconds per view of each part."""
     import models.mim_masks as mm
     import pretrain.batches as pb
     from data.views import PretrainCrops, anchor_fractions
-    from pretrain.batches import HierarchyCollate
+    from pretrain.batches import CropCollate, LevelBuilder
 
     model = cfg.model
     fractions, jitter = anchor_fractions(model.encoder.grid, model.masks.child_patches, model.masks.levels)
@@ -157,10 +161,11 @@ def measure_loader(cfg, paths, steps: int, repeats: int, seed: int = 0) -> dict:
     ds = PretrainCrops(paths, cfg.crop_size, cfg.crops_per_volume, seed, lesion_fraction=cfg.lesion_view_fraction,
                        lesion_centres=centres if cfg.lesion_view_fraction else None,
                        anchor_fractions=fractions, anchor_jitter=jitter)
-    collate = HierarchyCollate(model, seed, rank=0)
+    collate, build = CropCollate(), LevelBuilder(model, seed, rank=0)
     b = cfg.batch_size
     views_per_step = b * cfg.crops_per_volume
     timers = Timers()
+
     def resize_bucket(crops, root, boxes, size):  # level 1: whole crops; deeper levels: children's boxes
         whole = bool((boxes[:, 0] == 0).all()) and bool((boxes[:, 1] == torch.tensor(crops.shape[2:])).all())
         return "resize1" if whole else "resize_children"
@@ -168,46 +173,67 @@ def measure_loader(cfg, paths, steps: int, repeats: int, seed: int = 0) -> dict:
     timers.wrap(mm, "cut_and_resize", resize_bucket)    # level 1's resize and the children's cut + resize
     timers.wrap(pb, "patch_targets", "targets")         # per-patch normalised loss targets
     timers.wrap(pb, "build_hierarchy", "hierarchy")     # resizes + masks + cube choice
-    rates, cpu_rates = [], []
+    runs = {k: [] for k in ("worker_views_s", "worker_cpu_views_s", "build_views_s", "build_cpu_views_s")}
     parts = {k: [] for k in ("read", "resize1", "resize_children", "masks", "targets")}
     m = 0
     try:
         for rep in range(repeats + 1):  # the first pass warms up
             timers.s.clear()
-            read = 0.0
-            t0, c0 = time.perf_counter(), time.process_time()
+            clock = {"worker": [0.0, 0.0], "build": [0.0, 0.0]}  # [wall s, CPU s]
             for _ in range(steps):
-                t = time.perf_counter()
-                items = [ds[(m * b + j) % len(ds)] for j in range(b)]
-                read += time.perf_counter() - t
-                collate(m, items)
+                with _timed(clock["worker"]):
+                    batch = collate(m, [ds[(m * b + j) % len(ds)] for j in range(b)])
+                with _timed(clock["build"]):
+                    build(batch, "cpu")
                 m += 1
-            total, cpu = time.perf_counter() - t0, time.process_time() - c0
             if rep == 0:
                 continue
             n = steps * views_per_step
-            rates.append(n / total)
-            cpu_rates.append(n / cpu)
+            for half, (wall, cpu) in clock.items():
+                runs[f"{half}_views_s"].append(n / wall)
+                runs[f"{half}_cpu_views_s"].append(n / cpu)
             resize = timers.s["resize1"] + timers.s.get("resize_children", 0.0)
-            parts["read"].append(read / n)
+            parts["read"].append(clock["worker"][0] / n)
             parts["resize1"].append(timers.s["resize1"] / n)
             parts["resize_children"].append(timers.s.get("resize_children", 0.0) / n)
             parts["masks"].append((timers.s["hierarchy"] - resize) / n)
             parts["targets"].append(timers.s["targets"] / n)
     finally:
         timers.restore()
-    med = {k: statistics.median(v) for k, v in parts.items()}
-    return {"views_s": statistics.median(rates), "all_views_s": rates, "cpu_views_s": statistics.median(cpu_rates),
-            "all_cpu_views_s": cpu_rates, "parts_s": med,
-            "read_views_s": 1 / med["read"], "views_per_step": views_per_step, "volume_shape": shape}
+    return {**{k: statistics.median(v) for k, v in runs.items()}, "all": runs,
+            "parts_s": {k: statistics.median(v) for k, v in parts.items()},
+            "views_per_step": views_per_step, "volume_shape": shape}
+
+
+@contextlib.contextmanager
+def _timed(acc: list[float]):
+    """Adds the block's wall-clock and CPU seconds (this process) to acc = [wall, cpu]."""
+    t, c = time.perf_counter(), time.process_time()
+    yield
+    acc[0] += time.perf_counter() - t
+    acc[1] += time.process_time() - c
 
 
 def bytes_per_view(cfg) -> tuple[int, int]:
-    """(bytes of one level-1 crop, bytes the loader hands the step per view: every level's input and target)."""
+    """(bytes of one level-1 crop: what a worker sends per view; bytes of every level's input and target built
+    from it on the device, float32)."""
     enc = cfg.model.encoder
     crop = enc.in_channels * cfg.crop_size**3 * 4
     level = enc.in_channels * enc.img_size**3 * 4  # x [C, I, I, I] float32; its target [N, C p^3] is as large
     return crop, 2 * level * subvolumes_per_view(cfg.model.masks)
+
+
+PART_NAMES = {
+    "read": "workers: read + crop from the memory-mapped cache (PretrainCrops), stacked (CropCollate)",
+    "resize1": "loop: level 1's trilinear resize of the crop to the encoder input (cut_and_resize, F.interpolate)",
+    "resize_children": "loop: levels 2..L, the children's cut + separable trilinear resize (cut_and_resize)",
+    "masks": "loop: masks and children's boxes (rest of build_hierarchy)",
+    "targets": "loop: per-patch normalised loss targets (patch_targets)",
+}
+
+
+def _runs(values) -> str:
+    return f"median of {len(values)}: {', '.join(f'{r:.1f}' for r in values)}"
 
 
 def report(cfg, config_path, meas, mfu, peak, node_cores=(12, 16)) -> str:
@@ -215,10 +241,9 @@ def report(cfg, config_path, meas, mfu, peak, node_cores=(12, 16)) -> str:
     model = cfg.model
     fwd = mim_forward_flops(model)
     need = views_needed(model, mfu, peak)
-    cores = need / meas["cpu_views_s"]
-    cores_wall = need / meas["views_s"]
-    cores_read = need / meas["read_views_s"]
-    crop_b, step_b = bytes_per_view(cfg)
+    cores = need / meas["worker_cpu_views_s"]
+    cores_wall = need / meas["worker_views_s"]
+    crop_b, levels_b = bytes_per_view(cfg)
     p = meas["parts_s"]
     tot = sum(p.values())
     enc = model.encoder
@@ -241,30 +266,27 @@ def report(cfg, config_path, meas, mfu, peak, node_cores=(12, 16)) -> str:
         f"| forward FLOPs per level-1 view (matmuls, 2mnk, attention included) | {fwd / 1e9:.1f} GFLOP |",
         f"| training FLOPs per view (3x forward) | {TRAIN_PER_FORWARD * fwd / 1e9:.1f} GFLOP |",
         f"| views/s one GPU needs at {mfu:.0%} MFU of {peak / 1e12:.0f} TFLOP/s (H100 SXM, dense bf16) | {need:,.0f} |",
-        f"| loader: views per CPU-second of one core, whole worker (median of {len(meas['all_cpu_views_s'])}: "
-        f"{', '.join(f'{r:.1f}' for r in meas['all_cpu_views_s'])}) | {meas['cpu_views_s']:.1f} |",
-        f"| loader: views per wall-clock second, one process on the shared host (median of "
-        f"{len(meas['all_views_s'])}: {', '.join(f'{r:.1f}' for r in meas['all_views_s'])}) | {meas['views_s']:.1f} |",
-        f"| **loader cores per GPU** (from CPU-seconds; from wall-clock: {cores_wall:,.0f}) | **{cores:,.0f}** |",
-        f"| loader cores per GPU if the levels were built on the GPU (the worker only reads crops: "
-        f"{meas['read_views_s']:,.0f} views per wall-clock second) | {cores_read:.1f} |",
-        f"| bytes the worker hands the step per view (inputs + targets of every level, float32) | "
-        f"{step_b / 2**20:.1f} MiB ({step_b * need / 1e9:.0f} GB/s at the rate above) |",
-        f"| bytes of one level-1 crop (float32) | {crop_b / 2**20:.2f} MiB ({crop_b * need / 1e9:.1f} GB/s) |",
+        f"| loader worker (read + crop + stack): views per CPU-second of one core "
+        f"({_runs(meas['all']['worker_cpu_views_s'])}) | {meas['worker_cpu_views_s']:,.0f} |",
+        f"| loader worker: views per wall-clock second, one process on the shared host "
+        f"({_runs(meas['all']['worker_views_s'])}) | {meas['worker_views_s']:,.0f} |",
+        f"| **loader cores per GPU** (from CPU-seconds; from wall-clock: {cores_wall:.1f}) | **{cores:.1f}** |",
+        f"| the loop's level building (LevelBuilder) timed on this CPU, not a GPU: views per CPU-second of one core "
+        f"({_runs(meas['all']['build_cpu_views_s'])}) | {meas['build_cpu_views_s']:.1f} |",
+        f"| bytes a worker sends per view: one level-1 crop (float32) | {crop_b / 2**20:.2f} MiB "
+        f"({crop_b * need / 1e9:.1f} GB/s at the rate above) |",
+        f"| bytes the device builds from it: every level's input and target (float32) | "
+        f"{levels_b / 2**20:.1f} MiB ({levels_b * need / 1e9:.0f} GB/s if they were sent instead) |",
         "",
-        "Where a loader core's time goes (ms per level-1 view, median):",
+        "Where the time goes (ms per level-1 view, median; the loop's parts timed on this CPU):",
         "",
         "| part | ms/view | share |",
         "|---|---:|---:|",
     ]
-    names = {"read": "read + crop from the memory-mapped cache (PretrainCrops)",
-             "resize1": "level 1: trilinear resize of the crop to the encoder input (cut_and_resize, F.interpolate)",
-             "resize_children": "levels 2..L: the children's cut + separable trilinear resize (cut_and_resize)",
-             "masks": "masks and children's boxes (rest of build_hierarchy)",
-             "targets": "per-patch normalised loss targets (patch_targets)"}
-    lines += [f"| {names[k]} | {1e3 * v:.2f} | {v / tot:.0%} |" for k, v in p.items()]
-    lines.append("(wall-clock ms inside one process; the parts add up to the whole worker)")
-    verdict = (f"{cores:,.0f} loader cores per GPU is {'more' if cores > node_cores[1] else 'no more'} than the "
+    lines += [f"| {PART_NAMES[k]} | {1e3 * v:.2f} | {v / tot:.0%} |" for k, v in p.items()]
+    lines.append("(wall-clock ms inside one process; the workers' part is their whole work, the loop's parts add up "
+                 "to LevelBuilder)")
+    verdict = (f"{cores:.1f} loader cores per GPU is {'more' if cores > node_cores[1] else 'no more'} than the "
                f"{node_cores[0]}-{node_cores[1]} a GPU node usually has per GPU.")
     return "\n".join(lines) + "\n\n" + verdict + "\n"
 
