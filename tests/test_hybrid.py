@@ -87,6 +87,11 @@ def test_the_saved_json_reloads_to_identical_predictions(tmp_path, task):
         hybrid.Stacker.load(tmp_path / "other.json")
 
 
+@pytest.fixture(scope="module")
+def fitted_with_clinical() -> dict:
+    return hybrid.fit_stacker(_rows(60, 0), "classification", INPUTS, ["age", "sex"], seed=0).to_dict()
+
+
 @pytest.mark.parametrize("edit,names", [
     (lambda d: d.update(coef=d["coef"][:-1]), "lengths"),           # truncated: numpy would fail on the dot product
     (lambda d: d.update(mean=d["mean"][:1]), "lengths"),            # one mean broadcasts: it would predict silently
@@ -94,9 +99,8 @@ def test_the_saved_json_reloads_to_identical_predictions(tmp_path, task):
     (lambda d: d.update(clinical_columns=["age"]), "clinical_schema encodes"),
     (lambda d: d.update(scale=[0.0] * len(d["scale"])), "scale must be positive"),
 ])
-def test_a_hand_edited_stacker_is_refused_in_one_line_naming_the_file(tmp_path, edit, names):
-    rows = _rows(60, 0)
-    saved = hybrid.fit_stacker(rows, "classification", INPUTS, ["age", "sex"], seed=0).to_dict()
+def test_a_hand_edited_stacker_is_refused_in_one_line_naming_the_file(tmp_path, fitted_with_clinical, edit, names):
+    saved = json.loads(json.dumps(fitted_with_clinical))  # a deep copy for this case's edit
     edit(saved)
     (tmp_path / "stacker.json").write_text(json.dumps(saved))
     with pytest.raises(hybrid.InputError) as e:
@@ -202,6 +206,36 @@ def test_cli_stacks_the_runs_image_score_and_evaluate_reads_it(tmp_path, capsys)
     assert {"val", "test", "large"} <= set(hybrid_lines)
 
 
+def test_each_cohort_is_stacked_from_its_own_clinical_values_by_subject_id(tmp_path):
+    """--hybrid_clinical: an --eval_sets cohort whose subject ids are also the development cohort's (as in the
+    synthetic data) is predicted from its own CSV's clinical values, not from the development manifest's."""
+    import argparse
+
+    from finetune.baselines.__main__ import _fit_hybrid
+    from models.tasks import get_task
+    dev, large = _rows(60, 0), _rows(6, 5)  # both s000...: the same ids, other patients and ages
+    assert set(large["subject_id"]) <= set(dev["subject_id"]) and not np.allclose(large["age"], dev["age"][:6])
+    folds = np.arange(len(dev)) // 2 % 2  # a patient's two lesions in one fold, both classes in each
+    splits = {"folds": [{"train": list(dev["subject_id"][folds != k]), "val": list(dev["subject_id"][folds == k])}
+                        for k in (0, 1)], "test": []}
+
+    def preds(name: str) -> pd.DataFrame:
+        return pd.concat([pd.DataFrame({"subject_id": dev["subject_id"], "split": "val", "fold": folds, "prob": dev[name]}),
+                          pd.DataFrame({"subject_id": large["subject_id"], "split": "large", "fold": -1,
+                                        "prob": large[name]})], ignore_index=True)
+    d = {"task": get_task("classification"), "df": dev, "ext_df": None, "eval_dfs": {"large": large},
+         "splits": splits, "out": tmp_path}
+    args = argparse.Namespace(hybrid_clinical=True, seed=0)
+    _fit_hybrid(args, d, {"predictions": preds("image"), "path": tmp_path / "run"},
+                {"radiomics_clinical": preds("radiomics_clinical")}, ["age", "sex"], ["large"])
+    written = pd.read_csv(tmp_path / "hybrid" / "predictions.csv", dtype={"subject_id": str})
+    written = written[written.split == "large"].set_index("subject_id").loc[large["subject_id"], "prob"].to_numpy()
+    stacker = hybrid.Stacker.load(tmp_path / "hybrid" / "stacker.json")
+    np.testing.assert_allclose(written, stacker.predict(large), atol=1e-12)
+    with_dev_values = large[INPUTS + ["subject_id"]].merge(dev[["subject_id", "age", "sex"]], on="subject_id")
+    assert np.max(np.abs(stacker.predict(with_dev_values) - written)) > 1e-3  # the control: the values matter
+
+
 def _refusal_case(tmp_path, case: str) -> tuple[list[str], str]:
     """A fine-tuning run and baseline flags that differ from it in one way: (argv, what the one line names)."""
     ids = [f"s{i:02d}" for i in range(12)]
@@ -233,6 +267,53 @@ def _refusal_case(tmp_path, case: str) -> tuple[list[str], str]:
 def test_cli_refuses_a_run_it_cannot_stack_in_one_line_writing_nothing(tmp_path, capsys, case):
     from finetune.baselines.__main__ import main
     argv, expect = _refusal_case(tmp_path, case)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert expect in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def _cohort_case(tmp_path, case: str) -> tuple[list[str], str]:
+    """A real (tiny) cohort, its splits, a run on them, and one input the hybrid cannot stack that only the
+    cohort's manifests show: (argv, what the one line names)."""
+    from data.splits import make_splits, stratify_of
+    from tests.test_radiomics import _write_cohort
+    manifest = _write_cohort(tmp_path, 12, np.random.default_rng(3))
+    table = pd.read_csv(manifest, dtype={"subject_id": str}).assign(age=np.linspace(40, 80, 12).round(1))
+    splits = make_splits(table, test_fraction=0.25, folds=2, stratify=stratify_of(table), seed=0)
+    (tmp_path / "splits.json").write_text(json.dumps(splits))
+    large = table.assign(subject_id="L" + table["subject_id"])  # an --eval_sets cohort
+    large.drop(columns="age" if case == "clinical_missing" else []).to_csv(tmp_path / "large.csv", index=False)
+    extra, expect = [], ""
+    if case == "clinical_missing":
+        expect = f"{tmp_path / 'large.csv'}: clinical column(s) ['age'] not found"
+    elif case == "one_class":  # fold 1's val rows all of one class: fold 0's stacker, fitted on them, cannot be
+        table.loc[table["subject_id"].isin(splits["folds"][1]["val"]), "label"] = 0
+        expect = "hybrid classification stacker of fold 0 (the other folds' val rows): needs at least 2 rows of each"
+    elif case == "splits_vs_manifest":  # the run's splits, but a subject has left the manifest since
+        expect = f"splits {tmp_path / 'splits.json'}: made for a different set of subjects"
+    elif case == "clinical_named_as_input":
+        extra, expect = ["--hybrid_clinical"], "input(s) ['image'] are also clinical columns"
+    left = (table["subject_id"] == splits["folds"][0]["train"][0]) & (case == "splits_vs_manifest")
+    table[~left].to_csv(manifest, index=False)
+    labels = pd.concat([table, large]).set_index("subject_id")["label"]
+    run = _fake_run(tmp_path / "run", splits, labels, held={"large": list(large["subject_id"])})
+    clinical = "age,image" if case == "clinical_named_as_input" else "age"
+    argv = ["--manifest", str(manifest), "--cache", str(tmp_path / "cache"), "--splits", str(tmp_path / "splits.json"),
+            "--task", "classification", "--out", str(tmp_path / "out"), "--folds", "2", "--test_fraction", "0.25",
+            "--clinical_columns", clinical, "--eval_sets", f"large={tmp_path / 'large.csv'}",
+            "--baselines", "hybrid", "--image_run", str(run), *extra]
+    return argv, expect
+
+
+@pytest.mark.parametrize("case", ["clinical_missing", "one_class", "splits_vs_manifest", "clinical_named_as_input"])
+def test_cli_refuses_an_input_the_manifests_show_it_cannot_stack_before_any_work(tmp_path, capsys, case):
+    """Checked on the manifests before the first volume is prepared: no cache, no --out, no first-level baseline
+    written and then a refusal (or, for a held-out cohort without a clinical column, a traceback)."""
+    from finetune.baselines.__main__ import main
+    argv, expect = _cohort_case(tmp_path, case)
     with pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err.strip()

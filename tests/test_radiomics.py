@@ -254,6 +254,24 @@ def test_cli_writes_predictions_for_every_split(tmp_path, monkeypatch):
     assert e.value.code == 2
 
 
+def test_a_splits_file_for_another_cohort_is_refused_before_any_volume_is_prepared(tmp_path, capsys):
+    """--splits made for other subjects is refused in one line before the cache or --out is written."""
+    from data.splits import make_splits
+    from finetune.baselines import radiomics
+
+    manifest = _write_cohort(tmp_path, 8, np.random.default_rng(0))
+    table = pd.read_csv(manifest, dtype={"subject_id": str})
+    splits = make_splits(table.iloc[1:], test_fraction=0.25, folds=2, seed=0)  # made before s00 joined
+    (tmp_path / "splits.json").write_text(json.dumps(splits))
+    with pytest.raises(SystemExit) as e:
+        radiomics.main(["--manifest", str(manifest), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+                        "--splits", str(tmp_path / "splits.json"), "--task", "classification", "--folds", "2",
+                        "--test_fraction", "0.25"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "made for a different set of subjects" in err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
 def _one_signal_among_noise(n, p, rng):
     X = rng.normal(size=(n, p))  # column 0 drives the outcome, the rest is pure noise
     return pd.DataFrame(X, columns=[f"f{i}" for i in range(p)])

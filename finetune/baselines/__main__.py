@@ -20,7 +20,6 @@ others, with the fitted stacker in OUT/hybrid/stacker.json.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import pandas as pd
 
@@ -29,8 +28,7 @@ from core.cli import underscore_spellings
 from core.errors import InputError, cli_entry
 from finetune.baselines.clinical_models import BASELINES, make_baseline
 from finetune.baselines.compare import HYBRID
-from finetune.baselines.radiomics import FEATURE_VERSION, add_arguments, load_inputs, predict_splits
-from models.tasks import get_task
+from finetune.baselines.radiomics import FEATURE_VERSION, add_arguments, load_inputs, predict_splits, read_cohorts
 
 CHOICES = (*BASELINES, HYBRID)
 # baseline.json keys that must match for a fitted baseline in --out to be reused by the hybrid
@@ -46,13 +44,23 @@ def _table(name: str, features: pd.DataFrame, df: pd.DataFrame, clinical: list[s
     return values if name == "clinical_only" else features.join(values, how="left")
 
 
-def _clinical(df: pd.DataFrame, flag: str) -> list[str]:
+def _clinical(cohorts: dict, flag: str, manifest: str) -> list[str]:
+    """The clinical columns (--clinical-columns, else the development manifest's), checked in every cohort: each
+    held-out one is predicted from its own values of them."""
     from data.manifest import clinical_columns
     from data.prep_config import PrepConfig
+    df = cohorts["df"]
     columns = [c.strip() for c in flag.split(",") if c.strip()] or clinical_columns(df, PrepConfig())
+    if not columns:
+        raise InputError(f"{manifest}: no clinical columns; pass --baselines radiomics, or --clinical-columns")
     absent = [c for c in columns if c not in df.columns]
     if absent:
         raise InputError(f"--clinical-columns: {absent} not in the manifest")
+    for name, table in cohorts["held"].items():
+        absent = [c for c in columns if c not in table.columns]
+        if absent:
+            raise InputError(f"{cohorts['held_paths'][name]}: clinical column(s) {absent} not found (the "
+                             f"baselines predict the {name!r} cohort from its own values of {columns})")
     return columns
 
 
@@ -105,26 +113,35 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not names:
         raise InputError(f"--baselines {args.baselines!r}: expected a comma-separated subset of {list(CHOICES)}")
     eval_sets = _eval_sets(args.eval_sets)
-    run = None
-    if HYBRID in names:
-        from finetune.baselines.hybrid import read_image_run
-        if not args.image_run:
-            raise InputError(f"--baselines {HYBRID}: needs --image_run RUN (a python -m finetune output folder)")
-        held = ({"external": ("--external", args.external)} if args.external else {}) | {
-            name: (f"--eval_sets {name}", csv) for name, csv in eval_sets.items()}
-        run = read_image_run(args.image_run, args.task, args.splits, held)  # checked before any work
-    elif args.image_run or args.hybrid_clinical:
-        raise InputError(f"--image_run / --hybrid_clinical: read by --baselines {HYBRID} only; add it to --baselines")
-    d = load_inputs(args) | _load_eval_sets(args, eval_sets)
-    clinical = _clinical(d["df"], args.clinical_columns) if set(names) - {"radiomics"} else []
-    if not clinical and set(names) - {"radiomics"}:
-        raise InputError(f"{args.manifest}: no clinical columns; pass --baselines radiomics, or --clinical-columns")
+    run = _image_run(args, names, eval_sets)
+    # every check of the whole input comes here, before the first volume is prepared or file written
+    cohorts = read_cohorts(args, eval_sets)
+    clinical = _clinical(cohorts, args.clinical_columns, args.manifest) if set(names) - {"radiomics"} else []
+    if run is not None:
+        from finetune.baselines.hybrid import check_stackable, val_folds
+        check_stackable(cohorts["df"], val_folds(cohorts["splits"]), cohorts["task"],
+                        clinical if args.hybrid_clinical else [])
+    d = load_inputs(args, cohorts)
     held_out = (["test"] if len(d["splits"]["test"]) else []) + (["external"] if d["ext_df"] is not None else [])
     held_out += list(eval_sets)
     fitted = _fit_baselines(args, d, names, clinical, held_out)
     if run is not None:
         _fit_hybrid(args, d, run, fitted, clinical, held_out)
     return 0
+
+
+def _image_run(args, names: list[str], eval_sets: dict[str, str]) -> dict | None:
+    """The fine-tuning run the hybrid stacks, read and checked (hybrid.read_image_run); None without the hybrid."""
+    if HYBRID not in names:
+        if args.image_run or args.hybrid_clinical:
+            raise InputError(f"--image_run / --hybrid_clinical: read by --baselines {HYBRID} only; add it to --baselines")
+        return None
+    from finetune.baselines.hybrid import read_image_run
+    if not args.image_run:
+        raise InputError(f"--baselines {HYBRID}: needs --image_run RUN (a python -m finetune output folder)")
+    held = ({"external": ("--external", args.external)} if args.external else {}) | {
+        name: (f"--eval_sets {name}", csv) for name, csv in eval_sets.items()}
+    return read_image_run(args.image_run, args.task, args.splits, held)
 
 
 def _eval_sets(entries: list[str]) -> dict[str, str]:
@@ -134,16 +151,6 @@ def _eval_sets(entries: list[str]) -> dict[str, str]:
     if "internal" in sets:
         raise InputError("--eval_sets internal=...: the name 'internal' is the development cohort's; choose another")
     return sets
-
-
-def _load_eval_sets(args, eval_sets: dict[str, str]) -> dict:
-    """Each --eval_sets cohort prepared and its radiomics features (cached in OUT/features.csv beside the others)."""
-    from finetune.baselines.radiomics import prepared_table, extract_table
-    task = get_task(args.task)
-    dfs = {name: prepared_table(csv, task, args.cache, args.workers) for name, csv in eval_sets.items()}
-    features = {name: extract_table(df, name, args.ring_mm, args.bins, Path(args.out) / "features.csv")
-                for name, df in dfs.items()}
-    return {"eval_dfs": dfs, "eval_features": features}
 
 
 def _fit_baselines(args, d: dict, names: list[str], clinical: list[str], held_out: list[str]) -> dict[str, pd.DataFrame]:
@@ -174,13 +181,16 @@ def _fit_hybrid(args, d: dict, run: dict, fitted: dict, clinical: list[str], hel
     from finetune.baselines.hybrid import FIRST_LEVEL, IMAGE, splits_digest, stack_predictions, val_folds
     task = d["task"]
     preds = {IMAGE: run["predictions"]} | {n: fitted[n] for n in FIRST_LEVEL[task.name]}
-    tables = [d["df"]] + ([d["ext_df"]] if d["ext_df"] is not None else []) + list(d["eval_dfs"].values())
-    outcomes = pd.concat([t[["subject_id", "patient_id", *task.columns, *clinical]] for t in tables], ignore_index=True)
-    outcomes["subject_id"] = outcomes["subject_id"].astype(str)
-    outcomes = outcomes.drop_duplicates("subject_id")  # a cohort given twice (e.g. --external = --manifest)
+
+    def rows(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+        return table[columns].assign(subject_id=table["subject_id"].astype(str))
+    outcomes = rows(d["df"], ["subject_id", "patient_id", *task.columns, *clinical])
+    # each held-out cohort is stacked from its own clinical values: a subject id may repeat across cohorts
+    cohorts = {"test": d["df"]} | ({"external": d["ext_df"]} if d["ext_df"] is not None else {}) | d["eval_dfs"]
+    held_rows = {split: rows(table, ["subject_id", *clinical]) for split, table in cohorts.items()}
     stack_clinical = clinical if args.hybrid_clinical else []
     pred, stacker, per_fold = stack_predictions(preds, outcomes, task, held_out, stack_clinical, args.seed,
-                                                val_folds(d["splits"]))
+                                                val_folds(d["splits"]), held_rows)
     folder = d["out"] / HYBRID
     stacker.first_level = {IMAGE: str(run["path"] / "predictions.csv")} | {
         n: str(d["out"] / n / "predictions.csv") for n in FIRST_LEVEL[task.name]}

@@ -222,20 +222,14 @@ def fit_stacker(train: pd.DataFrame, task: Task | str, inputs: list[str], clinic
     label, Harrell's C for survival)."""
     task = get_task(task) if isinstance(task, str) else task
     clinical, score = list(clinical), score_of(task)
-    strata = train["label" if task.label else "event"].to_numpy(int)
+    strata = _strata(train, task)
     y = strata if task.label else survival_target(train["event"], train["time"])
     model = LogisticRegression(solver="lbfgs", max_iter=2000) if task.label else CoxPHSurvivalAnalysis()
     grid = {"model__C": list(C_GRID)} if task.label else {"model__alpha": list(ALPHA_GRID)}
-    counts = np.bincount(strata, minlength=2)
-    # logistic needs both classes in every inner fold; Cox needs events (all-event data is fine)
-    n_splits = min(inner_folds, int(counts.min() if task.label else counts[1]))
-    if n_splits < 2:
-        raise InputError(f"hybrid {task.name} stacker: needs at least 2 {'rows of each class' if task.label else 'events'}"
-                         f" among its {len(train)} {FIT_SPLIT} rows (counts {counts.tolist()})")
+    n_splits = _inner_splits(strata, task, inner_folds)
     cv = list(StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)
               .split(train, strata, train["patient_id"].astype(str)))
-    if set(inputs) & set(clinical):
-        raise InputError(f"hybrid stacker: input(s) {sorted(set(inputs) & set(clinical))} are also clinical columns")
+    _distinct(inputs, clinical)
     X = pd.concat([pd.DataFrame(score_features(train, inputs, score), index=train.index, columns=inputs),
                    train[clinical]], axis=1)
     search = GridSearchCV(_pipeline(model, inputs, clinical), grid, cv=cv,
@@ -247,6 +241,42 @@ def fit_stacker(train: pd.DataFrame, task: Task | str, inputs: list[str], clinic
         raise InputError(f"hybrid {task.name} stacker: no penalty could be fitted on every inner fold of its "
                          f"{len(train)} {FIT_SPLIT} rows")
     return _as_stacker(search, task, inputs, clinical, n_splits, len(train))
+
+
+def _strata(rows: pd.DataFrame, task: Task) -> np.ndarray:
+    """What inner CV stratifies on: the label, or the event."""
+    return rows["label" if task.label else "event"].to_numpy(int)
+
+
+def _inner_splits(strata: np.ndarray, task: Task, inner_folds: int = 5, which: str = "") -> int:
+    """Inner folds a stacker fitted on rows of these `strata` gets; InputError where it cannot have 2."""
+    counts = np.bincount(strata, minlength=2)
+    # logistic needs both classes in every inner fold; Cox needs events (all-event data is fine)
+    n_splits = min(inner_folds, int(counts.min() if task.label else counts[1]))
+    if n_splits < 2:
+        raise InputError(f"hybrid {task.name} stacker{which}: needs at least 2 "
+                         f"{'rows of each class' if task.label else 'events'} among its {len(strata)} {FIT_SPLIT} "
+                         f"rows (counts {counts.tolist()})")
+    return n_splits
+
+
+def _distinct(inputs: list[str], clinical: list[str]) -> None:
+    if set(inputs) & set(clinical):
+        raise InputError(f"hybrid stacker: input(s) {sorted(set(inputs) & set(clinical))} are also clinical columns")
+
+
+def check_stackable(outcomes: pd.DataFrame, val_folds: pd.Series, task: Task | str, clinical: list[str] = ()) -> None:
+    """Before anything is fitted: InputError unless every stacker stack_predictions fits has rows enough (each
+    fold's, on the other folds' val rows, and the final one, on all) and no clinical column is named as an input.
+    outcomes: the development cohort's rows (subject_id and the outcome); val_folds: subject_id -> outer fold."""
+    task = get_task(task) if isinstance(task, str) else task
+    _distinct([IMAGE, *FIRST_LEVEL[task.name]], list(clinical))
+    rows = outcomes.assign(subject_id=outcomes["subject_id"].astype(str))
+    rows = rows[rows["subject_id"].isin(val_folds.index)]
+    strata, fold = _strata(rows, task), rows["subject_id"].map(val_folds).to_numpy()
+    for k in sorted(set(fold)):
+        _inner_splits(strata[fold != k], task, which=f" of fold {k} (the other folds' {FIT_SPLIT} rows)")
+    _inner_splits(strata, task)
 
 
 def _as_stacker(search: GridSearchCV, task: Task, inputs: list[str], clinical: list[str], n_splits: int,
@@ -282,14 +312,16 @@ def prediction_rows(stacker: Stacker, table: pd.DataFrame, split: str, fold: int
 # ---------------------------------------------------------------- the hybrid's predictions
 
 def stack_predictions(preds: dict[str, pd.DataFrame], outcomes: pd.DataFrame, task: Task | str, held_out: list[str],
-                      clinical: list[str] = (), seed: int = 0, val_folds: pd.Series | None = None
-                      ) -> tuple[pd.DataFrame, Stacker, list[dict]]:
+                      clinical: list[str] = (), seed: int = 0, val_folds: pd.Series | None = None,
+                      held_rows: dict[str, pd.DataFrame] | None = None) -> tuple[pd.DataFrame, Stacker, list[dict]]:
     """The hybrid's predictions in the baselines' format, its final stacker, and each fold stacker's summary.
 
     preds: input name -> predictions table (subject_id, split, fold, prob | risk); outcomes: subject_id,
     patient_id, the outcome and clinical columns. val_folds: subject_id -> outer fold; where given, each fold's
     val rows are predicted by a stacker fitted on the other folds' val rows (none sees its own fold). The
-    held-out sets are predicted by the stacker fitted on every val row."""
+    held-out sets are predicted by the stacker fitted on every val row, each from the clinical values of its own
+    cohort: held_rows[split] (subject_id and the clinical columns) where given, else `outcomes` (a subject id
+    may repeat across cohorts)."""
     score, inputs = score_of(task), list(preds)
     val = _with_outcomes(stack_inputs(preds, score, FIT_SPLIT), outcomes)
     rows, per_fold = [], []
@@ -304,7 +336,8 @@ def stack_predictions(preds: dict[str, pd.DataFrame], outcomes: pd.DataFrame, ta
     final = fit_stacker(val, task, inputs, clinical, seed)
     per_fold.append({"fold": -1, **final.summary()})
     for split in held_out:
-        held = stack_inputs(preds, score, split).merge(outcomes, on="subject_id", how="left", validate="one_to_one")
+        cohort = (held_rows or {}).get(split, outcomes)
+        held = stack_inputs(preds, score, split).merge(cohort, on="subject_id", how="left", validate="one_to_one")
         rows.append(prediction_rows(final, held, split))
     return pd.concat(rows, ignore_index=True), final, per_fold
 

@@ -359,14 +359,13 @@ def _targets(df: pd.DataFrame, task: Task) -> pd.DataFrame:
     return df.set_index(df["subject_id"].astype(str))[list(task.columns)]
 
 
-def prepared_table(manifest: str, task: Task, cache: str, workers: int) -> pd.DataFrame:
-    """`manifest` read for `task` and prepared into `cache`: its rows with their cached arrays' paths."""
+def prepared(df: pd.DataFrame, cache: str, workers: int) -> pd.DataFrame:
+    """A manifest's rows prepared into `cache`: the rows with their cached arrays' paths."""
     from data.prep_config import PrepConfig
     from data.prepare import prepare_table
 
-    df = task.read_manifest(manifest)
-    prepared, _ = prepare_table(df, PrepConfig(), cache, workers=workers)
-    return prepared
+    table, _ = prepare_table(df, PrepConfig(), cache, workers=workers)
+    return table
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -390,23 +389,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0, help="preprocessing worker processes")
 
 
-def load_inputs(args) -> dict:
-    """Prepared tables, splits and radiomics features (out/features.csv) of the cohort(s) the flags name."""
+def _splits(args, df: pd.DataFrame) -> dict:
     from data.splits import load_or_make_splits, stratify_of
+    return load_or_make_splits(args.splits, df, test_fraction=args.test_fraction, folds=args.folds,
+                               stratify=stratify_of(df), seed=args.seed)
 
+
+def read_cohorts(args, eval_sets: dict[str, str] | None = None) -> dict:
+    """The manifests the flags name, read and checked before any volume is prepared: the task, the development
+    table, its splits where the --splits file exists (one made for another cohort or other settings is refused
+    here), and each held-out manifest by split name (--external as "external", then `eval_sets`: name -> CSV)."""
     task = get_task(args.task)
-    out = Path(args.out)
+    df = task.read_manifest(args.manifest)
+    paths = ({"external": args.external} if args.external else {}) | dict(eval_sets or {})
+    held = {name: task.read_manifest(csv) for name, csv in paths.items()}
+    splits = _splits(args, df) if Path(args.splits).is_file() else None
+    return {"task": task, "df": df, "held": held, "held_paths": paths, "splits": splits}
+
+
+def load_inputs(args, cohorts: dict | None = None) -> dict:
+    """Prepared tables, splits and radiomics features (out/features.csv) of the cohorts `read_cohorts` read
+    (read here when not given); --out is written only once every table is prepared."""
+    c = cohorts or read_cohorts(args)
+    task, out = c["task"], Path(args.out)
+    df = prepared(c["df"], args.cache, args.workers)
+    splits = c["splits"] or _splits(args, df)  # made once the cohort is prepared: a failed run leaves no splits file
+    held = {name: prepared(t, args.cache, args.workers) for name, t in c["held"].items()}
     out.mkdir(parents=True, exist_ok=True)
-    df = prepared_table(args.manifest, task, args.cache, args.workers)
-    splits = load_or_make_splits(args.splits, df, test_fraction=args.test_fraction, folds=args.folds,
-                                 stratify=stratify_of(df), seed=args.seed)
     features = extract_table(df, "internal", args.ring_mm, args.bins, out / "features.csv")
-    ext_df = external = None
-    if args.external:
-        ext_df = prepared_table(args.external, task, args.cache, args.workers)
-        external = extract_table(ext_df, "external", args.ring_mm, args.bins, out / "features.csv")
-    return {"task": task, "out": out, "df": df, "splits": splits, "features": features, "ext_df": ext_df,
-            "external": external, "targets": _targets(df, task)}
+    held_features = {name: extract_table(t, name, args.ring_mm, args.bins, out / "features.csv")
+                     for name, t in held.items()}
+    more = [name for name in held if name != "external"]
+    return {"task": task, "out": out, "df": df, "splits": splits, "features": features,
+            "ext_df": held.get("external"), "external": held_features.get("external"), "targets": _targets(df, task),
+            "eval_dfs": {n: held[n] for n in more}, "eval_features": {n: held_features[n] for n in more}}
 
 
 @cli_entry
