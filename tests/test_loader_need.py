@@ -58,6 +58,8 @@ def test_loader_preset_runs(capsys, monkeypatch):
                              "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "loader cores per GPU" in out and "per-patch normalised loss targets" in out
+    # the split: workers read and crop; the loop's level building is timed apart, as CPU time
+    assert "loader worker (read + crop + stack)" in out and "level building (LevelBuilder) timed on this CPU" in out
     seen = []
     monkeypatch.setattr(loader_need, "main", lambda argv: seen.append(argv) or 0)
     assert loader.main(["--preset", "base_gpu", "--repeats", "2"]) == 0
