@@ -1,14 +1,15 @@
 """A lesion mask for a subject who has none: segment the whole head, score the candidates, write the index lesion.
 
     prepared image [C, X, Y, Z] (data.prepare: RAS, the contract's spacing, normalised, head crop)
-      -> resampled to the model's own voxel (the contract's view: crop_mm / input_size mm)
-      -> MONAI sliding_window_inference of the segmenter, the ViT's head or a CNN (fold ensemble: mean
-         probability; with --tta each model is FlipAveraged: a window's probability is the mean over its 8
-         axis flips)
-      -> back to the prepared grid
       -> the search region: the brain (the manifest's brain_mask column, else data.brain's estimate from the
          first channel), holes filled and grown by BRAIN_TOLERANCE_MM; only when no brain is found, the head
          deeper than `surface_margin_mm` (scalp and skull are bright rims too)
+      -> the region's bounding box grown by BOX_MARGIN_MM, resampled to the model's own voxel (the
+         contract's view: crop_mm / input_size mm; as it is at native scale, crop_mm 0)
+      -> MONAI sliding_window_inference of the segmenter, the ViT's head or a CNN (fold ensemble: mean
+         probability; with --tta each model is FlipAveraged: a window's probability is the mean over its 8
+         axis flips)
+      -> back to the prepared grid (probability 0 outside the box)
       -> candidates (finetune/lesion/candidates.py): components of p > 0.5 in the region, scored, ranked
       -> the index lesion: the best-scoring candidate, or the one nearest a given lesion centre (world RAS
          mm); none when it is below the confidence threshold, unless low confidence is accepted
@@ -20,6 +21,7 @@ candidates table as a CSV beside the masks.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from pathlib import Path
 from typing import NamedTuple
@@ -39,6 +41,11 @@ SURFACE_MARGIN_MM = 10.0  # the fallback region without a brain: scalp + skull l
 BRAIN_TOLERANCE_MM = 5.0  # the brain grows by this: a cortical lesion, its rim at the pia, a lesion by a cistern
 REGION_MM = 4.0  # the brain region is estimated on a grid of about this voxel edge
 OVERLAP = 0.25  # sliding-window overlap (MONAI's default); Gaussian weighting blends the windows
+SW_BATCH_SIZE = 8  # windows per forward pass
+# The sliding window covers the search region's bounding box grown by this, not the whole head crop: a
+# candidate is kept only when most of it lies in the region, so its part outside needs a margin, not the
+# face and neck (a synthetic cohort head: 210 windows instead of 252 at 0.83 mm, 12 instead of 18 at 2 mm).
+BOX_MARGIN_MM = 10.0
 
 
 class LesionSearch(NamedTuple):
@@ -75,24 +82,81 @@ class FlipAveraged:
         return torch.logit(prob, eps=1e-7)
 
 
-@torch.no_grad()
-def lesion_probability(models: list, image: np.ndarray, spec: InputSpec, pad_value: float,
-                       sw_batch_size: int = 8) -> np.ndarray:
-    """image [C, X, Y, Z] on the prepared grid -> the mean lesion probability of `models` [X, Y, Z] there.
-    `pad_value`: the first channel's background (where a window passes the volume's edge; the head crop
-    keeps a margin, so windows seldom do)."""
-    from monai.inferers import sliding_window_inference
+def no_timer(stage: str):
+    """The default `timer` of the search: times nothing (benchmarks/speed/lesion_search.py passes one that
+    records each stage's seconds)."""
+    return contextlib.nullcontext()
+
+
+def search_box(region: np.ndarray | None, spacing_mm, shape) -> tuple[slice, slice, slice]:
+    """The part of a prepared grid of `shape` that the sliding window covers: the bounding box of `region`
+    [X, Y, Z] bool grown by BOX_MARGIN_MM (`spacing_mm`: the grid's voxel edge per axis), clipped to the grid;
+    the whole grid when there is no region or it is empty."""
+    if region is None or not region.any():
+        return tuple(slice(0, int(n)) for n in shape)
+    idx = np.argwhere(region)  # [N, 3]
+    margin = np.ceil(BOX_MARGIN_MM / np.asarray(spacing_mm, dtype=np.float64)).astype(int)  # [3] voxels
+    lo, hi = np.maximum(idx.min(0) - margin, 0), np.minimum(idx.max(0) + 1 + margin, shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def to_model_grid(image: np.ndarray, spec: InputSpec) -> torch.Tensor:
+    """image [C, X, Y, Z] on the prepared grid -> [1, C, X', Y', Z'] float32 at the model's own voxel
+    (model_voxel_mm), trilinear; the image itself at native scale."""
     factor = spec.spacing_mm / model_voxel_mm(spec)  # prepared voxels -> model voxels
     x = torch.from_numpy(np.array(image, dtype=np.float32))[None]  # [1, C, X, Y, Z]
-    shape = x.shape[2:]
-    up = F.interpolate(x, size=[max(1, round(s * factor)) for s in shape], mode="trilinear", align_corners=False)
-    x2 = torch.cat([up, torch.zeros_like(up[:, :1])], dim=1)  # [1, C + 1, X', Y', Z']: the mask channel is unused
+    if factor == 1.0:
+        return x
+    size = [max(1, round(s * factor)) for s in x.shape[2:]]
+    return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+
+
+def slide(models: list, x: torch.Tensor, spec: InputSpec, pad_value: float, overlap: float = OVERLAP,
+          sw_batch_size: int = SW_BATCH_SIZE) -> torch.Tensor:
+    """x [1, C, X', Y', Z'] at the model's voxel -> the mean lesion probability of `models` [1, 1, X', Y', Z']:
+    MONAI's sliding window of the contract's input size, Gaussian-blended, one pass per model. The unused
+    mask channel (zeros) joins each window only as the window is read, so the volume never holds it, and a
+    window that passes the volume's edge pads the image with `pad_value` but the mask with 0."""
+    from monai.inferers import sliding_window_inference
+
+    def probability(model):
+        def predict(window: torch.Tensor) -> torch.Tensor:  # [B, C, s, s, s] -> [B, 1, s, s, s]
+            window = torch.cat([window, torch.zeros_like(window[:, :1])], dim=1)  # [B, C + 1, s, s, s]
+            return torch.sigmoid(model.segment(window).float())
+        return predict
+
     roi = (spec.input_size,) * 3
-    prob = torch.stack([
-        sliding_window_inference(x2, roi, sw_batch_size, lambda w, m=m: torch.sigmoid(m.segment(w).float()),
-                                 overlap=OVERLAP, mode="gaussian", padding_mode="constant", cval=float(pad_value))
+    return torch.stack([
+        sliding_window_inference(x, roi, sw_batch_size, probability(m), overlap=overlap, mode="gaussian",
+                                 padding_mode="constant", cval=float(pad_value))
         for m in models]).mean(0)  # [1, 1, X', Y', Z']
-    return F.interpolate(prob, size=list(shape), mode="trilinear", align_corners=False)[0, 0].numpy()
+
+
+def to_prepared_grid(prob: torch.Tensor, shape) -> np.ndarray:
+    """prob [1, 1, X', Y', Z'] at the model's voxel -> [X, Y, Z] float32 on the prepared grid of `shape`."""
+    if tuple(prob.shape[2:]) != tuple(shape):
+        prob = F.interpolate(prob, size=list(shape), mode="trilinear", align_corners=False)
+    return prob[0, 0].numpy()
+
+
+@torch.no_grad()
+def lesion_probability(models: list, image: np.ndarray, spec: InputSpec, pad_value: float,
+                       sw_batch_size: int = SW_BATCH_SIZE, overlap: float = OVERLAP,
+                       region: np.ndarray | None = None, timer=no_timer) -> np.ndarray:
+    """image [C, X, Y, Z] on the prepared grid -> the mean lesion probability of `models` [X, Y, Z] there,
+    computed over search_box(`region`) and 0 outside it (no window is run where no lesion may lie).
+    `pad_value`: the first channel's background (where a window passes the volume's edge; the head crop
+    keeps a margin, so windows seldom do). `timer(stage)`: a context manager around each stage."""
+    image = np.asarray(image)
+    box = search_box(region, spec.prep.spacing, image.shape[1:])
+    with timer("resample up"):
+        x = to_model_grid(image[(slice(None), *box)], spec)  # [1, C, X', Y', Z']
+    with timer("sliding window"):
+        prob = slide(models, x, spec, pad_value, overlap, sw_batch_size)  # [1, 1, X', Y', Z']
+    with timer("resample down"):
+        out = np.zeros(image.shape[1:], np.float32)  # [X, Y, Z]
+        out[box] = to_prepared_grid(prob, [b.stop - b.start for b in box])
+    return out
 
 
 def head_depth_mm(image: np.ndarray, pad_value: float, spacing) -> np.ndarray:
@@ -194,39 +258,56 @@ def lesion_centre(row) -> list[float] | None:
 
 
 def search_lesion(models: list, row, spec: InputSpec, out_dir: Path, surface_margin_mm: float = SURFACE_MARGIN_MM,
-                  threshold: float = cand.CONFIDENCE_THRESHOLD, accept_low_confidence: bool = False) -> LesionSearch:
+                  threshold: float = cand.CONFIDENCE_THRESHOLD, accept_low_confidence: bool = False,
+                  overlap: float = OVERLAP, timer=no_timer) -> LesionSearch:
     """Search one prepared row (cache_image) and write, into `out_dir`, its candidates as a label map on the
     source grid (<subject>_candidates.nii.gz, voxel value = rank) and, when an index lesion is chosen, that
     lesion (<subject>_pred_mask.nii.gz) with a PNG overlay on the prepared image. InputError when the chosen
-    lesion falls outside the source image's grid."""
+    lesion falls outside the source image's grid. `overlap`: the sliding window's; `timer(stage)`: a context
+    manager around each stage (benchmarks/speed/lesion_search.py times them)."""
     from data.cache import CacheEntry
     entry = CacheEntry.from_path(row["cache_image"])
     affine = np.asarray(entry.meta["affine"], dtype=np.float64)
-    prob = lesion_probability(models, entry.image(), spec, entry.meta.get("pad_value", 0.0))  # [X, Y, Z]
-    region = search_region(entry, row, spec.prep, surface_margin_mm)
-    table, labels = cand.find_candidates(prob, affine, region.mask, region.depth_mm, threshold)
-    centre = lesion_centre(row)
-    label, far = None, False
-    if centre is not None:
-        label, distance = cand.nearest_label(labels, affine, centre)
-        far = distance > cand.CENTRE_TOLERANCE_MM
-    choice = cand.choose_index(table, accept_low_confidence, label, far)
-    sid, source = row["subject_id"], entry.meta["source_image"]  # the first channel's file: masks go on its grid
+    with timer("search region"):  # first: the sliding window covers the region's box alone
+        region = search_region(entry, row, spec.prep, surface_margin_mm)
+    prob = lesion_probability(models, entry.image(), spec, entry.meta.get("pad_value", 0.0), overlap=overlap,
+                              region=region.mask, timer=timer)  # [X, Y, Z]
+    with timer("candidates"):
+        table, labels = cand.find_candidates(prob, affine, region.mask, region.depth_mm, threshold)
+        centre = lesion_centre(row)
+        label, far = None, False
+        if centre is not None:
+            label, distance = cand.nearest_label(labels, affine, centre)
+            far = distance > cand.CENTRE_TOLERANCE_MM
+        choice = cand.choose_index(table, accept_low_confidence, label, far)
+    with timer("writing"):
+        path = write_search(entry, row["subject_id"], table, labels, choice.label, out_dir)
+    if path is None:
+        return LesionSearch(None, float("nan"), choice.status, table, region.source)
+    volume_ml = float(table.loc[table["index_lesion"], "volume_ml"].iloc[0])
+    return LesionSearch(path, volume_ml, choice.status, table, region.source)
+
+
+def write_search(entry, sid, table: pd.DataFrame, labels: np.ndarray, label: int | None, out_dir: Path) -> Path | None:
+    """Write a searched row's candidates (label map [X, Y, Z] -> <sid>_candidates.nii.gz, voxel value = rank)
+    and the index lesion `label` (<sid>_pred_mask.nii.gz, and its PNG overlay) on the source image's grid;
+    the lesion's path, None when no lesion is chosen."""
+    affine = np.asarray(entry.meta["affine"], dtype=np.float64)
+    source = entry.meta["source_image"]  # the first channel's file: masks go on its grid
     out_dir.mkdir(parents=True, exist_ok=True)
     if len(table):
         ranks = np.zeros(labels.max() + 1, np.int16)
         ranks[table["label"].to_numpy()] = table["rank"].to_numpy()
         write_on_source_grid(out_dir / f"{sid}_candidates.nii.gz", ranks[labels], affine, source)
-    if choice.label is None:
-        return LesionSearch(None, float("nan"), choice.status, table, region.source)
-    lesion = labels == choice.label  # [X, Y, Z]
+    if label is None:
+        return None
+    lesion = labels == label  # [X, Y, Z]
     path = out_dir / f"{sid}_pred_mask.nii.gz"
     if not write_on_source_grid(path, lesion.astype(np.uint8), affine, source):
         raise InputError(f"subject {sid}: the lesion found lies outside the image grid of {source}")
     from finetune.figures import save_overlay  # a look at what was found, for quality control
     save_overlay(path.with_name(f"{sid}_pred_mask.png"), np.asarray(entry.image()[0]), None, lesion, title=str(sid))
-    volume_ml = float(table.loc[table["index_lesion"], "volume_ml"].iloc[0])
-    return LesionSearch(path, volume_ml, choice.status, table, region.source)
+    return path
 
 
 def write_on_source_grid(path: Path, volume: np.ndarray, affine: np.ndarray, source: str) -> bool:
