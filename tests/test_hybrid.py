@@ -136,14 +136,15 @@ def test_no_fold_is_predicted_by_a_stacker_that_saw_it():
 
 # ---------------------------------------------------------------- the CLI
 
-def _fake_run(folder, splits: dict, labels: pd.Series, task: str = "classification", held: dict | None = None):
-    """What python -m finetune leaves in its folder, as far as the hybrid reads it: config.yaml (model.task),
-    splits.json, and predictions.csv with each fold's val rows and the held-out rows (test and `held`: split ->
-    subjects) by fold and fold ensemble."""
+def _fake_run(folder, splits: dict, labels: pd.Series, task: str = "classification", held: dict | None = None,
+              config: dict | None = None):
+    """What python -m finetune leaves in its folder, as far as the hybrid reads it: config.yaml (model.task and
+    `config`), splits.json, and predictions.csv with each fold's val rows and the held-out rows (test and `held`:
+    split -> subjects) by fold and fold ensemble."""
     import yaml
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump({"model": {"task": task}, "splits": ""}))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"model": {"task": task}, "splits": ""} | (config or {})))
     (folder / "splits.json").write_text(json.dumps(splits))
 
     def rows(ids, split, fold):
@@ -171,17 +172,20 @@ def test_cli_stacks_the_runs_image_score_and_evaluate_reads_it(tmp_path, capsys)
     large = large.assign(subject_id="L" + large["subject_id"], age=np.random.default_rng(2).normal(60, 10, len(large)))
     large.to_csv(large_csv, index=False)
     out, splits_path = tmp_path / "baselines", tmp_path / "splits.json"
-    common = ["--manifest", str(manifest), "--cache", str(tmp_path / "cache"), "--out", str(out), "--folds", "2",
-              "--splits", str(splits_path), "--task", "classification", "--clinical_columns", "age",
-              "--test_fraction", "0.25", "--eval_sets", f"large={large_csv}",
-              "--external", str(manifest)]  # a cohort given twice: its subjects' outcomes are read once
-    assert main(common + ["--baselines", "radiomics_clinical"]) == 0
+    given = {"manifest": str(manifest), "cache_dir": str(tmp_path / "cache"), "splits": str(splits_path), "folds": 2,
+             "test_fraction": 0.25}  # what the fine-tuning run was given
+    held = ["--out", str(out), "--clinical_columns", "age", "--eval_sets", f"large={large_csv}",
+            "--external", str(manifest)]  # a cohort given twice: each copy is read from its own table
+    assert main(held + ["--manifest", str(manifest), "--cache", str(tmp_path / "cache"), "--folds", "2",
+                        "--splits", str(splits_path), "--task", "classification", "--test_fraction", "0.25",
+                        "--baselines", "radiomics_clinical"]) == 0
     splits = json.loads(splits_path.read_text())
     labels = pd.concat([table, large]).set_index("subject_id")["label"]
-    run = _fake_run(tmp_path / "run", splits, labels,
+    run = _fake_run(tmp_path / "run", splits, labels, config=given,
                     held={"large": list(large["subject_id"]), "external": list(table["subject_id"])})
     capsys.readouterr()
-    assert main(common + ["--baselines", "hybrid", "--image_run", str(run)]) == 0
+    # --manifest, --cache, --splits, --task, --folds, --test_fraction: the run's own
+    assert main(held + ["--baselines", "hybrid", "--image_run", str(run)]) == 0
     assert "reused" in capsys.readouterr().out  # radiomics + clinical was fitted there on these splits
     pred = pd.read_csv(out / "hybrid" / "predictions.csv", dtype={"subject_id": str})
     assert list(pred.columns) == ["subject_id", "split", "fold", "prob"]
@@ -332,6 +336,33 @@ def test_cli_help_explains_the_hybrid_options(capsys):
         main(["--manifest", "m", "--cache", "c", "--splits", "s", "--task", "survival", "--out", "o",
               "--image_run", "run"])
     assert "--image_run / --hybrid_clinical: read by --baselines hybrid only" in capsys.readouterr().err
+
+
+def test_the_flags_default_to_the_image_runs_own_and_a_given_one_wins(tmp_path):
+    """--image_run RUN: --manifest, --cache, --splits, --task, --folds, --test_fraction and --seed from the run's
+    config.yaml (its cache and splits where fine-tuning puts them when given none); a flag given is kept (and
+    checked against the run later, as before); what neither gives is refused in one line naming the flag."""
+    from finetune.baselines.__main__ import _parser, _with_run_defaults
+    from finetune.baselines.radiomics import split_defaults
+    ids = [f"s{i:02d}" for i in range(6)]
+    splits = {"folds": [{"train": ids[2:4], "val": ids[:2]}, {"train": ids[:2], "val": ids[2:4]}], "test": ids[4:]}
+    labels = pd.Series(np.arange(6) % 2, index=ids)
+    run = _fake_run(tmp_path / "runs" / "a", splits, labels, "survival",
+                    config={"manifest": "/data/m.csv", "output_dir": str(tmp_path / "runs" / "a"), "seed": 3, "folds": 2})
+
+    def resolved(*flags):
+        return vars(_with_run_defaults(_parser().parse_args(["--out", "o", "--image_run", str(run), *flags])))
+    got = resolved()
+    assert (got["manifest"], got["task"], got["seed"], got["folds"]) == ("/data/m.csv", "survival", 3, 2)
+    assert got["splits"] == str(run / "splits.json") and got["cache"] == str(tmp_path / "runs" / "cache")
+    assert got["test_fraction"] == split_defaults()["test_fraction"]  # the run's config has none
+    got = resolved("--manifest", "mine.csv", "--seed", "0", "--task", "classification")
+    assert (got["manifest"], got["seed"], got["task"]) == ("mine.csv", 0, "classification")
+    multitask = _fake_run(tmp_path / "runs" / "b", splits, labels, "multitask", config={"manifest": "/data/m.csv"})
+    with pytest.raises(hybrid.InputError, match=r"^--task: required; .*\(a multitask run: pass --task"):
+        _with_run_defaults(_parser().parse_args(["--out", "o", "--image_run", str(multitask)]))
+    with pytest.raises(hybrid.InputError, match=r"^--manifest, --cache, --splits, --task: required, or --image_run"):
+        _with_run_defaults(_parser().parse_args(["--out", "o"]))
 
 
 def test_the_hybrid_is_reported_but_never_the_reference_baseline():

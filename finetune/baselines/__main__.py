@@ -4,8 +4,7 @@ and the hybrid (the run's image score stacked with them).
     python -m finetune.baselines --manifest manifest.csv --cache cache/ --splits run/splits.json \\
         --task classification --out baselines/ [--external external.csv] [--eval_sets big=big.csv] \\
         [--baselines clinical_only,radiomics]
-    python -m finetune.baselines --manifest manifest.csv --cache cache/ --splits run/splits.json \\
-        --task survival --out baselines/ --baselines hybrid --image_run run/
+    python -m finetune.baselines --out baselines/ --baselines hybrid --image_run run/
     python -m finetune.evaluate --predictions run/predictions.csv --manifest manifest.csv --baselines baselines/
 
 Each baseline gets OUT/<name>/predictions.csv (one model per CV fold for its val rows, one on all non-test
@@ -15,7 +14,8 @@ penalty and kept features); the radiomics features are cached in OUT/features.cs
 The hybrid (finetune.baselines.hybrid) reads the fine-tuning run's out-of-fold val and fold-ensemble held-out
 predictions (RUN/predictions.csv), fits the first-level baselines it stacks on the same splits (or reuses them
 from OUT when they were fitted there on those splits with the same settings), and writes OUT/hybrid/ as the
-others, with the fitted stacker in OUT/hybrid/stacker.json.
+others, with the fitted stacker in OUT/hybrid/stacker.json. With --image_run, --manifest, --cache, --splits,
+--task, --folds, --test_fraction and --seed default to the run's own (its config.yaml).
 """
 from __future__ import annotations
 
@@ -28,7 +28,15 @@ from core.cli import underscore_spellings
 from core.errors import InputError, cli_entry
 from finetune.baselines.clinical_models import BASELINES, make_baseline
 from finetune.baselines.compare import HYBRID
-from finetune.baselines.radiomics import FEATURE_VERSION, add_arguments, load_inputs, predict_splits, read_cohorts
+from finetune.baselines.radiomics import (
+    FEATURE_VERSION,
+    REQUIRED,
+    add_arguments,
+    load_inputs,
+    predict_splits,
+    read_cohorts,
+    split_defaults,
+)
 
 CHOICES = (*BASELINES, HYBRID)
 # baseline.json keys that must match for a fitted baseline in --out to be reused by the hybrid
@@ -67,7 +75,7 @@ def _clinical(cohorts: dict, flag: str, manifest: str) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m finetune.baselines",
                                 description=__doc__.split("\n\n")[0])
-    add_arguments(p)
+    add_arguments(p, run_flag="--image_run")
     p.add_argument("--baselines", default=",".join(BASELINES),
                    help=f"comma-separated, of {list(CHOICES)}; {HYBRID} needs --image_run")
     p.add_argument("--clinical-columns", default="", help="comma-separated; default: the manifest's clinical columns")
@@ -76,7 +84,10 @@ def _parser() -> argparse.ArgumentParser:
                         "(and the hybrid's stacker) predicts them under split NAME; never fitted on")
     p.add_argument("--image_run", default="",
                    help=f"for --baselines {HYBRID}: a python -m finetune output folder (config.yaml, predictions.csv, "
-                        f"on the same --splits) whose out-of-fold image score the hybrid stacks with the baselines")
+                        f"on the same --splits) whose out-of-fold image score the hybrid stacks with the baselines; "
+                        f"--manifest, --cache, --splits, --task, --folds, --test_fraction and --seed default to the "
+                        f"run's own (its config.yaml; a multitask run's --task must be given), and a flag given that "
+                        f"contradicts the run (another task or other splits) is refused")
     p.add_argument("--hybrid_clinical", action="store_true",
                    help=f"for --baselines {HYBRID}: also give the stacker the clinical columns themselves, beside "
                         f"the first-level scores (default: the scores only)")
@@ -112,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in CHOICES]
     if unknown or not names:
         raise InputError(f"--baselines {args.baselines!r}: expected a comma-separated subset of {list(CHOICES)}")
+    if HYBRID not in names and (args.image_run or args.hybrid_clinical):
+        raise InputError(f"--image_run / --hybrid_clinical: read by --baselines {HYBRID} only; add it to --baselines")
+    args = _with_run_defaults(args)
     eval_sets = _eval_sets(args.eval_sets)
     run = _image_run(args, names, eval_sets)
     # every check of the whole input comes here, before the first volume is prepared or file written
@@ -130,11 +144,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _with_run_defaults(args):
+    """Flags not given take --image_run's own (hybrid.run_inputs), then the built-in defaults; InputError naming
+    a required flag still missing."""
+    from finetune.baselines.hybrid import run_inputs
+    given = run_inputs(args.image_run) if args.image_run else {}
+    for name, value in ({**split_defaults(), **given}).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    missing = [f"--{name}" for name in REQUIRED if getattr(args, name) is None]
+    if missing:
+        where = (f"; the --image_run {args.image_run} config names no {' or '.join(missing)}"
+                 + (" (a multitask run: pass --task classification or survival)" if "--task" in missing else "")
+                 if args.image_run else ", or --image_run RUN to take them from a fine-tuning run")
+        raise InputError(f"{', '.join(missing)}: required{where}")
+    return args
+
+
 def _image_run(args, names: list[str], eval_sets: dict[str, str]) -> dict | None:
     """The fine-tuning run the hybrid stacks, read and checked (hybrid.read_image_run); None without the hybrid."""
     if HYBRID not in names:
-        if args.image_run or args.hybrid_clinical:
-            raise InputError(f"--image_run / --hybrid_clinical: read by --baselines {HYBRID} only; add it to --baselines")
         return None
     from finetune.baselines.hybrid import read_image_run
     if not args.image_run:

@@ -370,10 +370,7 @@ def read_image_run(run, task: Task | str, splits_path, held_out: dict[str, tuple
     from finetune.evaluate import read_predictions, run_config
 
     run, task = Path(run), get_task(task) if isinstance(task, str) else task
-    absent = [f for f in RUN_FILES if not (run / f).is_file()]
-    if absent:
-        raise InputError(f"--image_run {run}: not a fine-tuning run (no {' or '.join(absent)}; python -m finetune "
-                         f"writes {' and '.join(RUN_FILES)})")
+    _is_run(run)
     cfg, cfg_path = run_config(run)
     run_task = cfg.get("model", {}).get("task") if isinstance(cfg.get("model"), dict) else None
     try:
@@ -405,6 +402,36 @@ def read_image_run(run, task: Task | str, splits_path, held_out: dict[str, tuple
     return {"predictions": pred[pred["split"].isin([FIT_SPLIT, *held])], "splits": splits, "path": run}
 
 
+def _is_run(run: Path) -> None:
+    absent = [f for f in RUN_FILES if not (run / f).is_file()]
+    if absent:
+        raise InputError(f"--image_run {run}: not a fine-tuning run (no {' or '.join(absent)}; python -m finetune "
+                         f"writes {' and '.join(RUN_FILES)})")
+
+
+def run_inputs(run) -> dict:
+    """What the fine-tuning run in folder `run` was given, as python -m finetune.baselines flags (read from its
+    saved config through finetune.evaluate.run_config): manifest, cache, splits, folds, test_fraction, seed, and
+    task where the run's names one baseline task (a multitask run predicts both: no default). Keys it lacks are
+    left out; InputError where `run` is not a fine-tuning run's folder."""
+    from finetune.evaluate import run_config
+    run = Path(run)
+    _is_run(run)
+    cfg, _ = run_config(run)
+    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    out = {"manifest": cfg.get("manifest") or None, "splits": str(_run_splits_path(run, cfg)),
+           # where fine-tuning put its cache when given none (finetune.train.load_cohort)
+           "cache": cfg.get("cache_dir") or str(Path(cfg.get("output_dir") or run).parent / "cache"),
+           "task": model.get("task") if model.get("task") in ("classification", "survival") else None}
+    out |= {k: cfg[k] for k in ("folds", "test_fraction", "seed") if isinstance(cfg.get(k), (int, float))}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _run_splits_path(run: Path, cfg: dict) -> Path:
+    """The splits file a fine-tuning run used: its --splits, else splits.json in its folder."""
+    return Path(cfg["splits"]) if cfg.get("splits") else run / "splits.json"
+
+
 def _splits_content(splits: dict) -> tuple:
     """What makes two splits the same: each fold's train and val subjects, and the test subjects."""
     return ([(sorted(map(str, f["train"])), sorted(map(str, f["val"]))) for f in splits["folds"]],
@@ -413,7 +440,7 @@ def _splits_content(splits: dict) -> tuple:
 
 def _same_splits(run: Path, cfg: dict, splits_path) -> dict:
     """The baselines' splits, refused unless they are the fine-tuning run's."""
-    run_path = Path(cfg["splits"]) if cfg.get("splits") else run / "splits.json"
+    run_path = _run_splits_path(run, cfg)
     ours = Path(splits_path)
     for path, flag in ((run_path, f"--image_run {run}"), (ours, "--splits")):
         if not path.is_file():

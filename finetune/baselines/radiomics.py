@@ -368,22 +368,37 @@ def prepared(df: pd.DataFrame, cache: str, workers: int) -> pd.DataFrame:
     return table
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of every baseline CLI (this one and python -m finetune.baselines)."""
-    p.add_argument("--manifest", required=True, help="CSV manifest of the development cohort")
-    p.add_argument("--cache", required=True, help="preprocessing cache directory")
-    p.add_argument("--splits", required=True, help="splits JSON (made here if absent; shared with the ViT runs)")
-    p.add_argument("--task", required=True, choices=[CLASSIFICATION.name, SURVIVAL.name],
-                   help="the label (logistic models) or survival (Cox models)")
+REQUIRED = ("manifest", "cache", "splits", "task")  # the flags a baseline CLI cannot run without
+
+
+def split_defaults() -> dict:
+    """--seed, --folds and --test_fraction as a default fine-tuning run has them, so its splits.json is reused."""
+    ft = FinetuneConfig.__dataclass_fields__
+    return {"seed": 0, "folds": ft["folds"].default, "test_fraction": ft["test_fraction"].default}
+
+
+def add_arguments(p: argparse.ArgumentParser, run_flag: str = "") -> None:
+    """The flags of every baseline CLI (this one and python -m finetune.baselines). With `run_flag` (the flag
+    naming a fine-tuning run), REQUIRED and split_defaults() default to None, for the caller to fill from the run."""
+    ours = split_defaults()
+    later = bool(run_flag)
+    need = f" (required without {run_flag}; with it, the run's own)" if later else ""
+    note = f"; with {run_flag}: the run's own" if later else ""
+    p.add_argument("--manifest", required=not later, help="CSV manifest of the development cohort" + need)
+    p.add_argument("--cache", required=not later, help="preprocessing cache directory" + need)
+    p.add_argument("--splits", required=not later,
+                   help="splits JSON (made here if absent; shared with the ViT runs)" + need)
+    p.add_argument("--task", required=not later, choices=[CLASSIFICATION.name, SURVIVAL.name],
+                   help="the label (logistic models) or survival (Cox models)" + need)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--external", help="CSV manifest of an external test cohort")
-    p.add_argument("--seed", type=int, default=0, help="seed of the splits (when made here) and of the models' inner CV")
+    p.add_argument("--seed", type=int, default=None if later else ours["seed"],
+                   help=f"seed of the splits (when made here) and of the models' inner CV (default {ours['seed']}{note})")
     # the fine-tuning run's defaults, so a run's splits.json is reused as it is
-    ft = FinetuneConfig.__dataclass_fields__
-    p.add_argument("--folds", type=int, default=ft["folds"].default,
-                   help="CV folds (as the fine-tuning run, for shared splits)")
-    p.add_argument("--test-fraction", type=float, default=ft["test_fraction"].default,
-                   help="held-out test fraction (as the fine-tuning run)")
+    p.add_argument("--folds", type=int, default=None if later else ours["folds"],
+                   help=f"CV folds (as the fine-tuning run, for shared splits; default {ours['folds']}{note})")
+    p.add_argument("--test-fraction", type=float, default=None if later else ours["test_fraction"],
+                   help=f"held-out test fraction (as the fine-tuning run; default {ours['test_fraction']}{note})")
     p.add_argument("--ring-mm", type=float, default=5.0, help="peritumoral ring width (mm)")
     p.add_argument("--bins", type=int, default=32, help="grey levels for texture and entropy")
     p.add_argument("--workers", type=int, default=0, help="preprocessing worker processes")
