@@ -418,7 +418,7 @@ def read_cohorts(args, eval_sets: dict[str, str] | None = None) -> dict:
     df = task.read_manifest(args.manifest)
     paths = ({"external": args.external} if args.external else {}) | dict(eval_sets or {})
     held = {name: task.read_manifest(csv) for name, csv in paths.items()}
-    splits = _splits(args, df) if Path(args.splits).is_file() else None
+    splits = _splits(args, df) if Path(args.splits).exists() else None
     return {"task": task, "df": df, "held": held, "held_paths": paths, "splits": splits}
 
 
