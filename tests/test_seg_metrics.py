@@ -68,3 +68,16 @@ def test_report_puts_the_misses_into_the_mean_and_counts_them():
     assert rep["hd95_mm"]["n"] == 3 and rep["hd95_mm"]["mean"] == pytest.approx((2.0 + 0.0 + diagonal) / 3)
     assert rep["hd95_found_mm"]["n"] == 2 and rep["hd95_found_mm"]["mean"] == pytest.approx(1.0)
     assert rep["dice"]["mean"] == pytest.approx((2 * 48 / 128 + 1.0 + 0.0) / 3)
+
+
+def test_an_anisotropic_grid_counts_each_axis_in_its_own_mm():
+    """Voxels of 1 x 1 x 3 mm (a [B, 3] voxel_mm): a lesion shifted by one voxel along z is 3 mm off, not 1
+    (the hand count: the shifted faces lie one z-voxel apart); a 2^3-voxel lesion is 2 x 2 x 6 mm = 0.024 ml;
+    a miss sits at the diagonal sqrt((1 x 8)^2 + (1 x 8)^2 + (3 x 8)^2) mm."""
+    true = cube(8, (2, 2, 2), (4, 4, 4))
+    shifted = cube(8, (2, 2, 3), (4, 4, 5))
+    m = segmentation_metrics(torch.cat([shifted, torch.zeros_like(true)]), torch.cat([true, true]),
+                             np.array([[1.0, 1.0, 3.0]] * 2))
+    assert m["hd95_mm"][0] == pytest.approx(3.0)
+    assert m["true_volume_ml"] == pytest.approx([0.024, 0.024])
+    assert m["hd95_mm"][1] == pytest.approx(math.sqrt(64 + 64 + 576))

@@ -37,22 +37,26 @@ def dice_scores(pred: Tensor, target: Tensor) -> np.ndarray:
 
 
 def segmentation_metrics(pred: Tensor, target: Tensor, voxel_mm) -> dict[str, np.ndarray]:
-    """pred, target [B, 1, X, Y, Z] binary masks; voxel_mm [B] (isotropic voxel edge of each subject's
-    grid, mm) -> each of SEG_METRICS as [B]. With one mask empty, Dice is 0 and HD95 the grid's diagonal
-    in mm; with both empty, Dice is 1 and HD95 0 (the module's docstring says why)."""
+    """pred, target [B, 1, X, Y, Z] binary masks; voxel_mm: each subject's voxel in mm, either [B] (or one
+    number: an isotropic edge) or [B, 3] (the edges along X, Y, Z of an anisotropic grid) -> each of
+    SEG_METRICS as [B]. With one mask empty, Dice is 0 and HD95 the grid's diagonal in mm; with both empty,
+    Dice is 1 and HD95 0 (the module's docstring says why)."""
     from monai.metrics import compute_hausdorff_distance
     pred, target = binary(pred), binary(target)
-    voxel_mm = np.broadcast_to(np.asarray(voxel_mm, dtype=np.float64), (pred.shape[0],))
+    b = pred.shape[0]
+    voxel = np.asarray(voxel_mm, dtype=np.float64)
+    voxel = voxel.reshape(b, 3) if voxel.ndim == 2 else np.repeat(np.broadcast_to(voxel, (b,))[:, None], 3, 1)  # [B, 3]
     dice = dice_scores(pred, target)  # [B]
     has_pred, has_true = pred.flatten(1).any(1).numpy(), target.flatten(1).any(1).numpy()  # [B], [B]
     # MONAI gives NaN where a mask has no surface, so those are set here
-    hd = np.where(has_pred == has_true, 0.0, voxel_mm * float(np.linalg.norm(pred.shape[2:])))  # [B]
+    diagonal = np.linalg.norm(voxel * np.asarray(pred.shape[2:], dtype=np.float64), axis=1)  # [B] mm
+    hd = np.where(has_pred == has_true, 0.0, diagonal)  # [B]
     for i in np.flatnonzero(has_pred & has_true):
             with warnings.catch_warnings():  # MONAI 1.6 warns about its own internal always_return_as_numpy
                 warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
                 hd[i] = float(compute_hausdorff_distance(pred[i:i + 1], target[i:i + 1], include_background=True,
-                                                         percentile=95, spacing=float(voxel_mm[i]))[0, 0])
-    voxel_ml = voxel_mm ** 3 / 1000.0  # [B]
+                                                         percentile=95, spacing=tuple(voxel[i]))[0, 0])
+    voxel_ml = voxel.prod(axis=1) / 1000.0  # [B]
     true_ml = target.flatten(1).sum(1).double().numpy() * voxel_ml
     pred_ml = pred.flatten(1).sum(1).double().numpy() * voxel_ml
     return {"dice": dice, "hd95_mm": hd, "volume_error_ml": pred_ml - true_ml,

@@ -1,0 +1,69 @@
+"""The lesion finder's measurement (benchmarks.research.lesion_finder) counts what a user would: a head is
+found when the best candidate overlaps the drawn lesion, a patient's second lesion is no false positive, a
+flagged head is a miss in Dice and HD95, and the threshold comes from the validation heads alone."""
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmarks.research.lesion_finder import choose_threshold, head_metrics, score_heads, summarise
+
+
+def box(shape, lo, hi):
+    m = np.zeros(shape, bool)
+    m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+    return m
+
+
+def test_found_means_the_best_candidate_overlaps_the_drawn_lesion():
+    """Rank 1 on the drawn lesion (Dice by hand: 2 x 8 / (16 + 8) = 0.667), rank 2 on the patient's other
+    lesion (touches it: no false positive), rank 3 in empty tissue (a false positive)."""
+    shape = (12, 12, 12)
+    drawn, other = box(shape, (1, 1, 1), (3, 3, 3)), box(shape, (8, 8, 8), (10, 10, 10))
+    labels = np.zeros(shape, np.int32)
+    labels[box(shape, (1, 1, 1), (3, 3, 5))] = 1   # 16 voxels, 8 inside the drawn lesion
+    labels[other] = 2
+    labels[box(shape, (5, 0, 0), (6, 1, 1))] = 3
+    m = head_metrics(labels, drawn, drawn | other, (2.0, 2.0, 2.0))
+    assert m["found"] and m["dice_best"] == pytest.approx(2 * 8 / 24)
+    assert m["touches"] == {1: True, 2: True, 3: False}
+    labels = np.select([labels == 1, labels == 2], [2, 1], labels)  # the other lesion ranked first: not the drawn one
+    assert not head_metrics(labels, drawn, drawn | other, (2.0, 2.0, 2.0))["found"]
+
+
+def test_threshold_is_youdens_point_of_the_validation_heads():
+    """Found heads score 0.9 and 0.7, missed ones 0.3 and 0.6: every threshold in (0.6, 0.7] separates them
+    (J = 1); roc_curve's is the lowest found score, 0.7."""
+    val = pd.DataFrame({"found": [True, True, False, False], "best_score": [0.9, 0.7, 0.3, 0.6]})
+    choice = choose_threshold(val)
+    assert choice["threshold"] == pytest.approx(0.7) and choice["tpr"] == 1.0 and choice["fpr"] == 0.0
+    from finetune.lesion.candidates import CONFIDENCE_THRESHOLD
+    assert choose_threshold(val.assign(found=True))["threshold"] == CONFIDENCE_THRESHOLD
+
+
+def test_a_flagged_head_counts_as_a_miss_and_a_confident_wrong_one_as_silent(tmp_path):
+    """Three heads on a 10^3 grid of 1 x 1 x 3 mm: found and confident (Dice 1, HD95 0), found but flagged
+    (Dice 0, HD95 at the diagonal), wrong and confident (a silent wrong lesion, Dice 0, one false positive)."""
+    shape, affine = (10, 10, 10), np.diag([1.0, 1.0, 3.0, 1.0])
+    lesion = box(shape, (2, 2, 2), (4, 4, 4))
+    wrong = box(shape, (6, 6, 6), (8, 8, 8))
+    rows, cands = [], []
+    for sid, best, score in (("a", lesion, 0.9), ("b", lesion, 0.2), ("c", wrong, 0.8)):
+        nib.save(nib.Nifti1Image(lesion.astype(np.uint8), affine), tmp_path / f"{sid}_mask.nii.gz")
+        nib.save(nib.Nifti1Image(best.astype(np.int16), affine), tmp_path / f"{sid}_candidates.nii.gz")
+        rows.append({"subject_id": sid, "patient_id": sid, "mask": str(tmp_path / f"{sid}_mask.nii.gz")})
+        cands.append({"subject_id": sid, "rank": 1, "score": score})
+    heads = pd.DataFrame(rows)
+    scored = score_heads(heads, heads, pd.DataFrame(cands), tmp_path)
+    assert scored["found"].tolist() == [True, True, False]
+    s = summarise(scored, threshold=0.5, seconds=6.0)
+    diagonal = float(np.sqrt(100 + 100 + 900))
+    assert (s["detected"], s["flagged"], s["flagged_but_found"], s["silent_wrong"]) == (1, 1, 1, 1)
+    assert s["mean_dice"] == pytest.approx(1 / 3) and s["median_dice"] == 0.0
+    # HD95 sorted: 0 (a), the wrong lesion's distance (c), the diagonal (b, flagged); c lies between the
+    # boxes' nearest voxels, (3, 3, 3) voxels = (3, 3, 9) mm apart, and their farthest, (5, 5, 5) = (5, 5, 15) mm
+    assert np.sqrt(9 + 9 + 81) <= s["median_hd95_mm"] <= np.sqrt(25 + 25 + 225) < diagonal
+    assert s["fp_per_head_confident"] == pytest.approx(1 / 3) and s["seconds_per_head"] == 2.0
+    assert json.loads(scored.loc[2, "candidates"]) == [[0.8, False]]
