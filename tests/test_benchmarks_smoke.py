@@ -18,12 +18,29 @@ def test_pretrain_speed_table():
     assert table.column("sub-vols/step") == ["7"] * 6
     assert table.column("ours ÷ MONAI")[0] == "1.00x"
     assert table.column("loader ms")[:2] == ["—", "—"]
-    # our rows' levels come from the loader thread (pretrain.batches), built while the step runs
+    # our rows build their levels inside the step (pretrain.batches.LevelBuilder), as the training loop does
     assert all(float(c) > 0 for c in table.column("loader ms")[2:])
     assert all(c.endswith("%") for c in table.column("data wait")[2:])
     for cell in table.column("step ms") + table.column("sub-vol/s"):
         assert float(cell) > 0
     assert "| model | levels |" in table.markdown()
+
+
+def test_pretrain_speed_builds_the_levels_inside_the_step_from_crops():
+    # As pretrain/train.py: beside the step only crops are collated (CropCollate); the step itself builds the
+    # levels of the micro-batch it was handed (LevelBuilder), on the runner's device.
+    import torch
+    model = pretrain_speed.load_preset(pretrain_speed.PRESETS["tiny"]).model
+    row = pretrain_speed.Row("mimfm MiM", "mim", model.masks.levels)
+    spec = pretrain_speed.spec_for(row, model, 1, config=pretrain_speed.PRESETS["tiny"], device="cpu", crop_size=48)
+    runner = pretrain_speed.PretrainRunner(spec)
+    assert set(runner.ready) == {"crops", "anchors", "index", "m"}
+    built, build = [], runner.build_levels
+    runner.build_levels = lambda batch, device: built.append((batch["m"], device)) or build(batch, device)
+    samples = [runner.step() for _ in range(2)]
+    assert built == [(0, torch.device("cpu")), (1, torch.device("cpu"))]
+    assert all(s["levels"] > 0 for s in samples)
+    assert set(runner.ready) == {"crops", "anchors", "index", "m"} and runner.ready["m"] == 2
 
 
 def test_throughput_table():
@@ -71,7 +88,7 @@ def test_gpu_table_columns():
     rows = pretrain_speed.rows_for(model, "both")
     results = {}
     for r in rows:
-        results[r.name] = common.Measured(samples=[{"step": 0.5, "masks": 0.01}] * 2,
+        results[r.name] = common.Measured(samples=[{"step": 0.5, "levels": 0.01}] * 2,
                                           info={"subvolumes": 224, "flops": 1e14}, memory={"peak_mib": 1000.0})
     table = pretrain_speed.build_table(args, model, rows, results, {pretrain_speed.MONAI: (448, 300.0)})
     assert table.columns[-3:] == ["peak memory MiB", "largest batch (sub-vols)", "sub-vol/s at largest"]

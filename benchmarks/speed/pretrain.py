@@ -3,13 +3,14 @@
     python -m benchmarks.speed.pretrain [--preset tiny|base] [--device cpu|cuda] [--repeats 5] [--write-docs]
 
 One training step = forward + loss + backward + gradient clipping + AdamW step, as pretrain/train.py
-does it. Ours also builds the MiM hierarchy and its loss targets every step (pretrain.batches.HierarchyCollate:
-cut, resize and mask all levels from the level-1 crops; `loader ms` column) where pretrain/train.py builds
-them, beside the step: there a DataLoader worker, here a thread that builds the next step's levels while
-this step runs (a benchmark row lives in a daemon process, which may not start DataLoader workers). A
-step ends when both are done, so a hierarchy slower than the model shows as `data wait`. Both models see the same number of
-sub-volumes of the encoder input size: a batch of B level-1 crops with L levels and K children is
-B (1 + K + ... + K^(L-1)) sub-volumes (B + 2B + 4B for L=3, K=2), so MONAI gets that many volumes.
+does it. Ours also builds the MiM hierarchy and its loss targets inside every step, on the step's device, as
+pretrain/train.py's loop does (pretrain.batches.LevelBuilder: cut, resize and mask all levels from the
+level-1 crops; `loader ms` column). Only the crops come from beside the step: there from DataLoader
+workers (pretrain.batches.CropCollate), here from a thread running the same CropCollate for the next step
+while this step runs (a benchmark row lives in a daemon process, which may not start DataLoader workers).
+A step ends when both are done, so crops slower than the step show as `data wait`. Both models see the
+same number of sub-volumes of the encoder input size: a batch of B level-1 crops with L levels and K children
+is B (1 + K + ... + K^(L-1)) sub-volumes (B + 2B + 4B for L=3, K=2), so MONAI gets that many volumes.
 Our L=1 row (plain MAE) gets the same count of level-1 crops. Sizes come from the pretraining presets
 (launch/pretrain_tiny_cpu.yaml, launch/pretrain_base_gpu.yaml): MONAI gets hidden_size=dim,
 num_layers=depth, num_heads=heads, mlp_dim=dim*mlp_ratio, masking_ratio 0.75, qkv_bias=True, and our
@@ -123,7 +124,7 @@ class PretrainRunner(Runner):
         if self.kind == "mim":
             from concurrent.futures import ThreadPoolExecutor
 
-            from pretrain.batches import HierarchyCollate
+            from pretrain.batches import CropCollate, LevelBuilder
             self.model = MiMModel(self.model_cfg)
             self.model.encoder.set_grad_checkpointing(enc.grad_checkpointing)
             if spec.get("compile"):  # as pretrain/train.py's --torch_compile does it
@@ -135,10 +136,11 @@ class PretrainRunner(Runner):
             # PretrainCrops-like items: one view each, no lesion anchor.
             self.items = [{"crops": crops[i:i + 1], "anchors": torch.full((1, 3), float("nan")), "index": i}
                           for i in range(batch)]
-            self.collate = HierarchyCollate(self.model_cfg, spec.get("seed", 0), 0)
-            self.loader = ThreadPoolExecutor(1)  # the DataLoader worker's stand-in
+            self.crops = CropCollate()
+            self.build_levels = LevelBuilder(self.model_cfg, spec.get("seed", 0), 0)
+            self.loader = ThreadPoolExecutor(1)  # the DataLoader worker's stand-in: it runs CropCollate only
             self.m = 0
-            self.ready = self.collate(0, self.items)
+            self.ready = self._next_crops(0)
             self.subvolumes = batch * subvolumes_per_crop(self.model_cfg.masks)
         else:
             self.model = monai_mae(self.model_cfg, sdpa=self.kind == "monai_sdpa")
@@ -156,11 +158,26 @@ class PretrainRunner(Runner):
         self.optimizer = build_optimizer(groups, cfg.optim)
         self.flops = TRAIN_FLOPS_PER_FORWARD * forward_flops(self.model_cfg, self.kind != "mim") * self.subvolumes
 
-    def _loss(self) -> torch.Tensor:
+    def _next_crops(self, m: int) -> dict:
+        """Micro-batch m's crops as the loader hands them over: CropCollate, then pinned on CUDA
+        (engine.batches.ResumableBatches pins when CUDA is there), so the copy in LevelBuilder is asynchronous."""
+        batch = self.crops(m, self.items)
+        if self.device.type == "cuda":
+            batch["crops"] = batch["crops"].pin_memory()
+        return batch
+
+    def _levels(self) -> tuple[list, float]:
+        """(this step's MiM levels with their targets, on the device; seconds to build them), timed as the
+        training loop times them (pretrain/train.py's StepClock.building: the kernels are waited for)."""
+        t = time.perf_counter()
+        levels = self.build_levels(self.batch, self.device)  # [Level, ...] on self.device
+        sync(self.device)
+        return levels, time.perf_counter() - t
+
+    def _loss(self, levels: list | None) -> torch.Tensor:
         from models.mim import masked_mse, normalised_patches
         from models.vit3d import patchify
         if self.kind == "mim":
-            levels = [lvl.to(self.device, non_blocking=True) for lvl in self.batch["levels"]]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 return self.model(levels).losses["loss"]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -171,13 +188,14 @@ class PretrainRunner(Runner):
     def step(self) -> dict[str, float]:
         sync(self.device)
         t = time.perf_counter()
-        pending = None
-        if self.kind == "mim":  # this step's levels are ready; the next step's are built beside it
-            self.batch, self.m = self.ready, self.m + 1
-            pending = self.loader.submit(self.collate, self.m, self.items)
-        if self.kind == "mim":
+        pending, levels, build_s = None, None, 0.0
+        if self.kind == "mim":  # this step's crops are ready; the next step's are collated beside it
+            self.batch = self.ready
+            self.m = self.batch["m"]
+            pending = self.loader.submit(self._next_crops, self.m + 1)
             self.model.training_step_started(self.m)
-        loss = self._loss()
+            levels, build_s = self._levels()
+        loss = self._loss(levels)
         loss.backward()
         if self.clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
@@ -190,8 +208,7 @@ class PretrainRunner(Runner):
         if pending is not None:
             self.ready = pending.result()  # waiting here is the step waiting for data
         t_end = time.perf_counter()
-        return {"step": t_end - t, "wait": t_end - t_model,
-                "masks": self.batch["build_s"] if self.kind == "mim" else 0.0}
+        return {"step": t_end - t, "wait": t_end - t_model, "levels": build_s}
 
     def info(self) -> dict:
         return {"subvolumes": self.subvolumes, "flops": self.flops,
@@ -291,12 +308,12 @@ def build_table(args, model, rows: list[Row], results: dict[str, Measured],
     for r in rows:
         m = results[r.name]
         n, step = m.info["subvolumes"], m.median()
-        masks = f"{m.median('masks') * 1e3:.0f}" if r.kind == "mim" else "—"
+        levels_ms = f"{m.median('levels') * 1e3:.0f}" if r.kind == "mim" else "—"
         wait = f"{100 * sum(s.get('wait', 0.0) for s in m.samples) / sum(s['step'] for s in m.samples):.1f}%" \
             if r.kind == "mim" else "—"
         ratio = paired_ratio(m, ref, n, ref_n)
         flops = m.info["flops"] / step
-        cells = [r.name, r.levels, n, masks, wait, f"{step * 1e3:.0f}", f"{n / step:.1f}", f"{ratio:.2f}x",
+        cells = [r.name, r.levels, n, levels_ms, wait, f"{step * 1e3:.0f}", f"{n / step:.1f}", f"{ratio:.2f}x",
                  format_flops(flops)]
         if cuda:
             cells += [f"{100 * flops / peak:.1f}%" if peak else "—"]
@@ -318,11 +335,12 @@ def build_table(args, model, rows: list[Row], results: dict[str, Measured],
         f"voxels, resized to {enc.img_size}^3",
         f"step ms: median of {args.repeats} steps after {args.warmup} warm-up steps; forward + loss + backward "
         f"+ grad clipping + AdamW; {'bf16 autocast' if cuda else 'fp32'}",
-        "loader ms: ours only, median time to build a step's MiM levels and loss targets "
-        "(pretrain.batches.HierarchyCollate; build_hierarchy, the level-1 resize, per-patch targets) in a loader "
-        "thread beside the step, as pretrain/train.py does in its DataLoader workers; data wait: the share of "
-        "our step spent waiting for it after the model step was done (sum over timed steps); MONAI is handed "
-        "ready volumes of the encoder size (no loader)",
+        "loader ms: ours only, median time to build a step's MiM levels and loss targets from its level-1 "
+        "crops (pretrain.batches.LevelBuilder; build_hierarchy, the level-1 resize, per-patch targets) inside "
+        "the step, on its device, as pretrain/train.py's loop does (part of step ms); data wait: the share of "
+        "our step spent waiting for the next step's crops (pretrain.batches.CropCollate, in a thread beside the "
+        "step, as in pretrain/train.py's DataLoader workers) after the model step was done (sum over timed "
+        "steps); MONAI is handed ready volumes of the encoder size (no loader)",
         "ours ÷ MONAI: sub-volumes/s over plain MONAI's; "
         + ("median of per-round ratios (all rows timed round-robin in the same rounds)" if not cuda
            else "ratio of medians (rows run one after another)") + "; above 1 = faster than MONAI",
