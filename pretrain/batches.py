@@ -13,8 +13,6 @@ run. On the CPU the levels are bit for bit those the workers used to build.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from engine.steps import step_seed
@@ -59,16 +57,13 @@ class LevelBuilder:
 
 
 class HierarchyCollate:
-    """(m, items) -> {"levels": [Level, ...] (CPU), "index": [B] long, "build_s": seconds of LevelBuilder}: both
-    halves in one call on the CPU, for callers that keep ready micro-batches (benchmarks.research.pretrain_heldout's
-    held-out batches, benchmarks.speed.pretrain's loader thread). Training does not use it: its workers run
-    CropCollate and its loop LevelBuilder."""
+    """(m, items) -> {"levels": [Level, ...] (CPU), "index": [B] long}: both halves in one call on the CPU, for
+    callers that keep ready micro-batches (benchmarks.research.pretrain_heldout's held-out batches, scored by
+    every checkpoint). Training does not use it: its workers run CropCollate and its loop LevelBuilder."""
 
     def __init__(self, model: MiMConfig, seed: int, rank: int):
         self.crops, self.levels = CropCollate(), LevelBuilder(model, seed, rank)
 
     def __call__(self, m: int, items: list[dict]) -> dict:
         batch = self.crops(m, items)
-        t0 = time.perf_counter()
-        levels = self.levels(batch, "cpu")
-        return {"levels": levels, "index": batch["index"], "build_s": time.perf_counter() - t0}
+        return {"levels": self.levels(batch, "cpu"), "index": batch["index"]}
