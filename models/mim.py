@@ -268,8 +268,8 @@ def normalised_patches(patches: Tensor, norm_pix: bool = True) -> Tensor:
 
 
 def patch_targets(x: Tensor, patch_size: int, norm_pix: bool = True) -> Tensor:
-    """A level's reconstruction target [B, N, C p^3] from its input x [B, C, I, I, I]. Built with the levels in
-    the loader's workers (pretrain.batches), so the per-patch statistics stay off the step."""
+    """A level's reconstruction target [B, N, C p^3] from its input x [B, C, I, I, I]. Built with the levels on
+    the step's device, before the forward pass (pretrain.batches.LevelBuilder)."""
     return normalised_patches(patchify(x, patch_size), norm_pix)
 
 
@@ -297,7 +297,7 @@ def mim_losses(out: MiMOutput, levels: Sequence[Level], config: MiMConfig) -> di
     terms: dict[str, Tensor] = {}
     total = 0.0
     for i, (lvl, w) in enumerate(zip(levels, config.weights()), start=1):
-        # The loader builds the target with the levels; a level built elsewhere gets the same one here.
+        # LevelBuilder builds the target with the levels; a level built elsewhere gets the same one here.
         target = lvl.target if lvl.target is not None else patch_targets(lvl.x, p, config.norm_pix_loss)
         rec = masked_mse(out.preds[i - 1], target, lvl.mask)
         terms[f"rec_l{i}"] = rec
