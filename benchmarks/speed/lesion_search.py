@@ -148,7 +148,9 @@ def head_images(args, folder: Path) -> list[tuple[str, str]]:
     """(subject_id, NIfTI path) of the heads to search."""
     import pandas as pd
     if args.manifest:
-        df = pd.read_csv(args.manifest, dtype={"subject_id": str})
+        df = pd.read_csv(args.manifest, dtype={"subject_id": str}) if Path(args.manifest).is_file() else None
+        if df is None or not {"subject_id", "image"} <= set(df.columns):
+            raise SystemExit(f"error: --manifest {args.manifest}: expected a CSV with columns subject_id and image")
         base = Path(args.manifest).resolve().parent
         paths = [p if Path(p).is_absolute() else str(base / p) for p in df["image"]]
         return list(zip(df["subject_id"], paths))[: args.heads]
