@@ -56,8 +56,8 @@ class PretrainConfig(LoopConfig):
     bright_crop_fraction: float = 0.0
     bright_quantile: float = 0.995
     batch_size: int = 4            # volumes per process per micro-batch (x crops_per_volume crops)
-    # DataLoader worker processes; they also build the MiM hierarchy (pretrain.batches), so with >= 1
-    # it overlaps the model step. 0 = load and build in the training process (same code, same masks).
+    # DataLoader worker processes: they read and crop the cache (pretrain.batches.CropCollate), so with >= 1
+    # that overlaps the model step; the loop builds the MiM levels on its device. 0 = read in the training process.
     num_workers: int = 0
     # torch.compile the encoder and the decoder blocks (opt-in; the first steps compile, which takes
     # tens of seconds; see docs/BENCHMARKS.md for what it gains, or costs, on CPU)

@@ -370,7 +370,7 @@ def test_targets_built_with_the_levels_give_the_same_loss_as_targets_built_in_th
     levels = build_hierarchy(torch.rand(2, 1, 24, 24, 24), cfg.masks, 4, 16, torch.Generator().manual_seed(3))
     plain = model(levels).losses
     for lvl in levels:
-        lvl.target = patch_targets(lvl.x, 4)  # as pretrain.batches.HierarchyCollate does in the workers
+        lvl.target = patch_targets(lvl.x, 4)  # as pretrain.batches.LevelBuilder does before the step
     ready = model(levels).losses
     for k in ("loss", "rec_l1", "rec_l2", "align_l2"):
         assert torch.equal(plain[k], ready[k]), k
