@@ -383,3 +383,36 @@ def test_the_hybrid_is_reported_but_never_the_reference_baseline():
     res = compare_baselines({"val": model}, baselines, outcomes, n_boot=0, seed=0)
     assert res["splits"]["val"]["hybrid"]["auc"]["value"] == pytest.approx(1.0)
     assert res["best"]["auc"] == "radiomics"
+
+
+@pytest.mark.parametrize("task", ["classification", "survival"])
+def test_a_score_that_ranks_the_val_rows_the_wrong_way_is_dropped_not_inverted(task, tmp_path):
+    """On these val rows the image's score runs against the outcome (as a useful score can on a few dozen rows
+    by chance): the old stacker gave it a negative weight and so inverted it for every new patient. Now it is
+    dropped, and the stacker is the by-hand fit on the other input alone (sklearn / sksurv, same folds)."""
+    rows = _rows()
+    rows["image"] = 1.0 - rows["image"]  # p -> 1 - p: logit and risk change sign, the ranking inverts
+    ours = hybrid.fit_stacker(rows, task, INPUTS, [], seed=0)
+    assert ours.inputs == ["radiomics_clinical"] and list(ours.dropped) == ["image"] and ours.dropped["image"] < 0
+    rc = rows[["radiomics_clinical"]].to_numpy()
+    if task == "classification":
+        X, y = StandardScaler().fit_transform(logit(rc)), rows["label"].to_numpy()
+        hand = GridSearchCV(LogisticRegression(solver="lbfgs", max_iter=2000), {"C": list(hybrid.C_GRID)},
+                            cv=_by_hand_cv(rows, y), scoring="neg_log_loss").fit(X, y).best_estimator_
+        np.testing.assert_allclose(ours.predict(rows), hand.predict_proba(X)[:, 1], atol=1e-8)
+    else:
+        y = Surv.from_arrays(rows["event"].astype(bool), rows["time"])
+        hand = GridSearchCV(Pipeline([("scale", StandardScaler()), ("cox", CoxPHSurvivalAnalysis())]),
+                            {"cox__alpha": list(np.logspace(-2, 3, 11))}, cv=_by_hand_cv(rows, rows["event"])).fit(rc, y)
+        np.testing.assert_allclose(ours.predict(rows), hand.best_estimator_.predict(rc), atol=1e-8)
+    ours.save(tmp_path / "stacker.json")
+    assert hybrid.Stacker.load(tmp_path / "stacker.json").dropped == ours.dropped
+
+
+def test_a_stacker_json_written_before_dropped_existed_still_loads(tmp_path):
+    fitted = hybrid.fit_stacker(_rows(), "classification", INPUTS, [], seed=0)
+    d = fitted.to_dict()
+    del d["dropped"]
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    old = hybrid.Stacker.load(tmp_path / "old.json")
+    assert old.dropped == {} and np.array_equal(old.predict(_rows()), fitted.predict(_rows()))

@@ -8,7 +8,11 @@ rows only (each row predicted by a fold model that never saw it):
 - survival: ridge Cox over the inputs' risks (sksurv CoxPHSurvivalAnalysis);
 
 optionally with the clinical columns beside them (encoded as every mimfm model encodes them). The penalty is
-chosen by patient-grouped, outcome-stratified inner CV on those rows. The fitted stacker is saved as JSON
+chosen by patient-grouped, outcome-stratified inner CV on those rows. A first-level score never gets a negative
+weight: an input whose weight comes out below 0 is dropped and the stacker refitted (the non-negativity of
+Breiman's stacked regressions and of the super learner): on a few dozen val rows a useful score can rank them
+the wrong way by chance, and an inverted score is then inverted for every new patient (ssl_gain seed 1 at 40
+patients: the image's weight -0.81, the hybrid's test_large AUC about 0.45). The fitted stacker is saved as JSON
 (inputs, standardisation, coefficients, penalty, task, the first-level predictions it reads) and applied from it.
 
 `stack_predictions` writes the hybrid as every baseline is written: each fold's `val` rows by a stacker fitted on
@@ -120,6 +124,7 @@ class Stacker:
     n_fit: int
     fit_split: str = FIT_SPLIT
     first_level: dict = field(default_factory=dict)  # input name -> the predictions file it is read from
+    dropped: dict = field(default_factory=dict)      # input name -> its weight when it came out negative (not used)
     format: str = FORMAT
     pipeline: object = field(default=None, repr=False, compare=False)  # the sklearn fit; not saved
 
@@ -147,7 +152,7 @@ class Stacker:
     def summary(self) -> dict:
         """The fit's numbers for a results JSON: penalty, inner-CV score, coefficients by name, rows."""
         return {"penalty": self.penalty, "inner_cv": self.inner_cv, "coef": dict(zip(self.feature_names, self.coef)),
-                "n_fit": self.n_fit, "fit_split": self.fit_split}
+                "dropped": self.dropped, "n_fit": self.n_fit, "fit_split": self.fit_split}
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -167,8 +172,9 @@ class Stacker:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise InputError(f"stacker {path}: not a {FORMAT} file")
         names = set(cls.__dataclass_fields__) - {"pipeline"}
-        if set(d) != names:
-            raise InputError(f"stacker {path}: keys {sorted(set(d) ^ names)} differ from a {FORMAT} file's")
+        odd = (names - {"dropped"} - set(d)) | (set(d) - names)  # "dropped" came later: absent = none dropped
+        if odd:
+            raise InputError(f"stacker {path}: keys {sorted(odd)} differ from a {FORMAT} file's")
         problem = _shape_problem(d)
         if problem:  # a hand-edited or truncated file would otherwise broadcast, or fail deep in numpy
             raise InputError(f"stacker {path}: {problem}")
@@ -219,7 +225,23 @@ def fit_stacker(train: pd.DataFrame, task: Task | str, inputs: list[str], clinic
                 inner_folds: int = 5) -> Stacker:
     """Fit the task's stacker on `train` (one out-of-fold row per subject: the inputs' scores, patient_id, the
     outcome, the clinical columns); the penalty by patient-grouped, outcome-stratified inner CV (log loss for the
-    label, Harrell's C for survival)."""
+    label, Harrell's C for survival). While more than one input is left, the input with the most negative
+    weight is dropped and the stacker refitted, so no first-level score is inverted (module docstring)."""
+    kept, dropped = list(inputs), {}
+    while True:
+        stacker = _fit_penalised(train, task, kept, clinical, seed, inner_folds)
+        weights = dict(zip(kept, stacker.coef[:len(kept)]))
+        worst = min(weights, key=weights.get)
+        if weights[worst] >= 0 or len(kept) == 1:
+            stacker.dropped = dropped
+            return stacker
+        dropped[worst] = float(weights[worst])
+        kept.remove(worst)
+
+
+def _fit_penalised(train: pd.DataFrame, task: Task | str, inputs: list[str], clinical: list[str], seed: int,
+                   inner_folds: int) -> Stacker:
+    """One penalised fit of the stacker over `inputs` (fit_stacker)."""
     task = get_task(task) if isinstance(task, str) else task
     clinical, score = list(clinical), score_of(task)
     strata = _strata(train, task)
