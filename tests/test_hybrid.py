@@ -269,8 +269,11 @@ def _refusal_case(tmp_path, case: str) -> tuple[list[str], str]:
 
 @pytest.mark.parametrize("case", ["not_a_run", "task", "splits", "in_fold"])
 def test_cli_refuses_a_run_it_cannot_stack_in_one_line_writing_nothing(tmp_path, capsys, case):
+    _refused_in_one_line_writing_nothing(tmp_path, capsys, *_refusal_case(tmp_path, case))
+
+
+def _refused_in_one_line_writing_nothing(tmp_path, capsys, argv: list[str], expect: str) -> None:
     from finetune.baselines.__main__ import main
-    argv, expect = _refusal_case(tmp_path, case)
     with pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err.strip()
@@ -316,14 +319,7 @@ def _cohort_case(tmp_path, case: str) -> tuple[list[str], str]:
 def test_cli_refuses_an_input_the_manifests_show_it_cannot_stack_before_any_work(tmp_path, capsys, case):
     """Checked on the manifests before the first volume is prepared: no cache, no --out, no first-level baseline
     written and then a refusal (or, for a held-out cohort without a clinical column, a traceback)."""
-    from finetune.baselines.__main__ import main
-    argv, expect = _cohort_case(tmp_path, case)
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1
-    assert expect in err
-    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+    _refused_in_one_line_writing_nothing(tmp_path, capsys, *_cohort_case(tmp_path, case))
 
 
 def test_cli_help_explains_the_hybrid_options(capsys):
