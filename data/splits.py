@@ -185,3 +185,14 @@ def load_or_make_splits(path, df: pd.DataFrame, *, test_fraction: float = 0.2, f
                          f"stratify={stratify!r}, test_fraction={test_fraction}, folds={folds}; "
                          f"delete the file or choose another path")
     return saved
+
+
+def splits_content(splits: dict) -> tuple:
+    """What makes two splits the same: each fold's train and val subjects, and the test subjects."""
+    return ([(sorted(map(str, f["train"])), sorted(map(str, f["val"]))) for f in splits["folds"]],
+            sorted(map(str, splits["test"])))
+
+
+def splits_digest(splits: dict) -> str:
+    """A short fingerprint of the splits' content, saved with each baseline so a refit can tell whether to reuse it."""
+    return hashlib.sha1(json.dumps(splits_content(splits)).encode()).hexdigest()[:16]

@@ -412,3 +412,19 @@ def test_a_stacker_json_written_before_dropped_existed_still_loads(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(d))
     old = hybrid.Stacker.load(tmp_path / "old.json")
     assert old.dropped == {} and np.array_equal(old.predict(_rows()), fitted.predict(_rows()))
+
+
+@pytest.mark.parametrize("task", ["classification", "survival"])
+def test_when_every_score_ranks_the_val_rows_the_wrong_way_the_stacker_predicts_one_value(task):
+    """Both inputs inverted: dropping the first leaves the second negative too, and a one-input stacker with a
+    negative weight would still invert it; so every weight is 0 and every patient gets the base rate (label:
+    the val rows' share of label 1, by hand) or one risk (survival)."""
+    rows = _rows()
+    rows[INPUTS] = 1.0 - rows[INPUTS]
+    ours = hybrid.fit_stacker(rows, task, INPUTS, [], seed=0)
+    assert set(ours.dropped) == set(INPUTS) and all(w < 0 for w in ours.dropped.values())
+    assert ours.coef == [0.0] * len(ours.coef)
+    pred = ours.predict(_rows(seed=5))
+    assert np.ptp(pred) == 0.0
+    if task == "classification":
+        assert pred[0] == pytest.approx(rows["label"].mean())

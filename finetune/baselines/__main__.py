@@ -184,7 +184,8 @@ def _eval_sets(entries: list[str]) -> dict[str, str]:
 
 def _fit_baselines(args, d: dict, names: list[str], clinical: list[str], held_out: list[str]) -> dict[str, pd.DataFrame]:
     """Fit each baseline asked for, and each one the hybrid stacks (reused from --out when fitted there alike)."""
-    from finetune.baselines.hybrid import FIRST_LEVEL, splits_digest
+    from data.splits import splits_digest
+    from finetune.baselines.hybrid import FIRST_LEVEL
     needed = list(FIRST_LEVEL[d["task"].name]) if HYBRID in names else []
     fitted = {}
     for name in [n for n in BASELINES if n in names or n in needed]:
@@ -207,7 +208,8 @@ def _fit_baselines(args, d: dict, names: list[str], clinical: list[str], held_ou
 
 def _fit_hybrid(args, d: dict, run: dict, fitted: dict, clinical: list[str], held_out: list[str]) -> None:
     """The stacker over the run's image score and the first-level baselines; OUT/hybrid/ as every baseline."""
-    from finetune.baselines.hybrid import FIRST_LEVEL, IMAGE, splits_digest, stack_predictions, val_folds
+    from data.splits import splits_digest
+    from finetune.baselines.hybrid import FIRST_LEVEL, IMAGE, stack_predictions, val_folds
     task = d["task"]
     preds = {IMAGE: run["predictions"]} | {n: fitted[n] for n in FIRST_LEVEL[task.name]}
 
@@ -221,8 +223,9 @@ def _fit_hybrid(args, d: dict, run: dict, fitted: dict, clinical: list[str], hel
     pred, stacker, per_fold = stack_predictions(preds, outcomes, task, held_out, stack_clinical, args.seed,
                                                 val_folds(d["splits"]), held_rows)
     folder = d["out"] / HYBRID
-    stacker.first_level = {IMAGE: str(run["path"] / "predictions.csv")} | {
+    files = {IMAGE: str(run["path"] / "predictions.csv")} | {
         n: str(d["out"] / n / "predictions.csv") for n in FIRST_LEVEL[task.name]}
+    stacker.first_level = {n: f for n, f in files.items() if n in stacker.inputs}  # a dropped input is not read
     _write(folder, pred, {**vars(args), "baseline": HYBRID, "clinical_columns": clinical,
                           "stacker_clinical_columns": stack_clinical, "first_level": stacker.first_level,
                           "splits_digest": splits_digest(d["splits"]), "models": per_fold})

@@ -8,12 +8,11 @@ rows only (each row predicted by a fold model that never saw it):
 - survival: ridge Cox over the inputs' risks (sksurv CoxPHSurvivalAnalysis);
 
 optionally with the clinical columns beside them (encoded as every mimfm model encodes them). The penalty is
-chosen by patient-grouped, outcome-stratified inner CV on those rows. A first-level score never gets a negative
-weight: an input whose weight comes out below 0 is dropped and the stacker refitted (the non-negativity of
-Breiman's stacked regressions and of the super learner): on a few dozen val rows a useful score can rank them
-the wrong way by chance, and an inverted score is then inverted for every new patient (ssl_gain seed 1 at 40
-patients: the image's weight -0.81, the hybrid's test_large AUC about 0.45). The fitted stacker is saved as JSON
-(inputs, standardisation, coefficients, penalty, task, the first-level predictions it reads) and applied from it.
+chosen by patient-grouped, outcome-stratified inner CV on those rows. No first-level score gets a negative
+weight (Breiman's non-negative stacking): on a few dozen val rows a useful score can rank them the wrong way by
+chance, and inverted it is wrong for every new patient (ssl_gain seed 1, 40 patients: the image's weight -0.81,
+test_large AUC about 0.45), so such an input is dropped and the stacker refitted. The fitted stacker is saved as
+JSON (inputs, standardisation, coefficients, penalty, task, the predictions it reads) and applied from it.
 
 `stack_predictions` writes the hybrid as every baseline is written: each fold's `val` rows by a stacker fitted on
 the other folds' `val` rows (so no stacker sees its own fold), held-out sets by the stacker fitted on all of them.
@@ -41,6 +40,7 @@ from core.errors import InputError
 from finetune.baselines.clinical_models import ClinicalEncoder
 from finetune.baselines.radiomics import survival_target
 from finetune.clinical import ClinicalSchema
+from data.splits import splits_content
 from finetune.evaluate import one_row_per_subject
 from models.tasks import Task, get_task
 
@@ -124,7 +124,7 @@ class Stacker:
     n_fit: int
     fit_split: str = FIT_SPLIT
     first_level: dict = field(default_factory=dict)  # input name -> the predictions file it is read from
-    dropped: dict = field(default_factory=dict)      # input name -> its weight when it came out negative (not used)
+    dropped: dict = field(default_factory=dict)      # input name -> its negative weight when it was dropped
     format: str = FORMAT
     pipeline: object = field(default=None, repr=False, compare=False)  # the sklearn fit; not saved
 
@@ -225,24 +225,31 @@ def fit_stacker(train: pd.DataFrame, task: Task | str, inputs: list[str], clinic
                 inner_folds: int = 5) -> Stacker:
     """Fit the task's stacker on `train` (one out-of-fold row per subject: the inputs' scores, patient_id, the
     outcome, the clinical columns); the penalty by patient-grouped, outcome-stratified inner CV (log loss for the
-    label, Harrell's C for survival). While more than one input is left, the input with the most negative
-    weight is dropped and the stacker refitted, so no first-level score is inverted (module docstring)."""
+    label, Harrell's C for survival). The input with the most negative weight is dropped and the stacker
+    refitted until none is negative, so no first-level score is inverted (module docstring). When the last one
+    left is negative too, no score ranks these rows the right way: every weight is set to 0 and the stacker
+    predicts the base rate (label) or one risk for all (survival), as non-negative least squares would."""
     kept, dropped = list(inputs), {}
     while True:
         stacker = _fit_penalised(train, task, kept, clinical, seed, inner_folds)
         weights = dict(zip(kept, stacker.coef[:len(kept)]))
         worst = min(weights, key=weights.get)
+        if weights[worst] < 0:
+            dropped[worst] = float(weights[worst])
         if weights[worst] >= 0 or len(kept) == 1:
-            stacker.dropped = dropped
-            return stacker
-        dropped[worst] = float(weights[worst])
+            break
         kept.remove(worst)
+    if weights[worst] < 0:
+        stacker.coef = [0.0] * len(stacker.coef)
+        stacker.intercept = float(logit(np.clip(train["label"].mean(), PROB_EPS, 1 - PROB_EPS))) \
+            if stacker.score == "prob" else 0.0
+    stacker.dropped = dropped
+    return stacker
 
 
 def _fit_penalised(train: pd.DataFrame, task: Task | str, inputs: list[str], clinical: list[str], seed: int,
                    inner_folds: int) -> Stacker:
-    """One penalised fit of the stacker over `inputs` (fit_stacker)."""
-    task = get_task(task) if isinstance(task, str) else task
+    task = get_task(task) if isinstance(task, str) else task  # one penalised fit over `inputs` (fit_stacker)
     clinical, score = list(clinical), score_of(task)
     strata = _strata(train, task)
     y = strata if task.label else survival_target(train["event"], train["time"])
@@ -454,12 +461,6 @@ def _run_splits_path(run: Path, cfg: dict) -> Path:
     return Path(cfg["splits"]) if cfg.get("splits") else run / "splits.json"
 
 
-def _splits_content(splits: dict) -> tuple:
-    """What makes two splits the same: each fold's train and val subjects, and the test subjects."""
-    return ([(sorted(map(str, f["train"])), sorted(map(str, f["val"]))) for f in splits["folds"]],
-            sorted(map(str, splits["test"])))
-
-
 def _same_splits(run: Path, cfg: dict, splits_path) -> dict:
     """The baselines' splits, refused unless they are the fine-tuning run's."""
     run_path = _run_splits_path(run, cfg)
@@ -472,10 +473,10 @@ def _same_splits(run: Path, cfg: dict, splits_path) -> dict:
     for path in (run_path, ours):
         try:
             read.append(json.loads(path.read_text()))
-            _splits_content(read[-1])
+            splits_content(read[-1])
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise InputError(f"splits {path}: not a valid splits file ({type(e).__name__}: {e})") from None
-    if _splits_content(read[0]) != _splits_content(read[1]):
+    if splits_content(read[0]) != splits_content(read[1]):
         raise InputError(f"--splits {ours}: differ from the fine-tuning run's {run_path}; the hybrid's first-level "
                          f"models must share the run's folds (pass --splits {run_path})")
     return read[1]
@@ -490,9 +491,3 @@ def _out_of_fold(pred: pd.DataFrame, splits: dict, where: str) -> None:
         wrong = sorted(got ^ expected)[:5]
         raise InputError(f"{where}: {FIT_SPLIT} rows are not the splits' out-of-fold predictions (one per subject, "
                          f"by the fold that held it out); (subject, fold) differing: {wrong}")
-
-
-def splits_digest(splits: dict) -> str:
-    """A short fingerprint of the splits' content, saved with each baseline so a refit can tell whether to reuse it."""
-    import hashlib
-    return hashlib.sha1(json.dumps(_splits_content(splits)).encode()).hexdigest()[:16]
