@@ -109,7 +109,7 @@ def build_fold(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec
     if batch_size < 1:
         raise InputError(f"fold {index}: {len(train_ds)} training subject(s) for {accelerator.num_processes} processes")
     batches = ResumableBatches(train_ds, batch_size, seeds.data, accelerator.num_processes,
-                               accelerator.process_index, cfg.num_workers)
+                               accelerator.process_index, cfg.num_workers, pin_memory=accelerator.device.type == "cuda")
     steps_per_epoch = math.ceil(batches.per_epoch / cfg.grad_accum)
     groups = tag_param_groups(model.param_groups(cfg.optim.lr, cfg.optim.weight_decay, cfg.layer_decay),
                               model.encoder_parameters())

@@ -109,6 +109,7 @@ class StepClock:
         self.wait = self.total = self.build = 0.0
         self.steps = 0
         self._t0 = self._t1 = 0.0
+        self._events: list = []  # (start, end) CUDA events of level building not yet read
 
     def start(self) -> None:
         self._t0 = time.perf_counter()
@@ -118,12 +119,18 @@ class StepClock:
 
     @contextmanager
     def building(self, device: torch.device):
-        """Times the block as level building; on a GPU it waits for the block's kernels, so the time is theirs."""
-        t = time.perf_counter()
+        """Times the block as level building. On a GPU its kernels run asynchronously, so CUDA events around it
+        are read at window() (log steps only): timing never stalls the host between the build and the step."""
+        if device.type != "cuda":
+            t = time.perf_counter()
+            yield
+            self.build += time.perf_counter() - t
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         yield
-        if device.type == "cuda":  # kernels run asynchronously: the host clock sees them only once they finish
-            torch.cuda.synchronize(device)
-        self.build += time.perf_counter() - t
+        end.record()
+        self._events.append((start, end))
 
     def done(self) -> None:
         t2 = time.perf_counter()
@@ -135,6 +142,10 @@ class StepClock:
         return self.wait / self.total if self.total else 0.0
 
     def window(self) -> dict[str, float]:
+        for start, end in self._events:
+            end.synchronize()
+            self.build += start.elapsed_time(end) / 1000.0  # ms -> s
+        self._events.clear()
         n = max(self.steps, 1)
         out = {"train/data_wait": self.share(), "train/step_s": self.total / n, "train/hierarchy_s": self.build / n}
         self.wait = self.total = self.build = 0.0
@@ -157,7 +168,8 @@ def build(cfg: PretrainConfig, accelerator):
     # the whole cache: no rank waits for a whole corpus's preparing.
     dataset, subjects = load_training_volumes(cfg, accelerator.is_main_process, accelerator=accelerator)
     batches = ResumableBatches(dataset, cfg.batch_size, cfg.seed, accelerator.num_processes,
-                               accelerator.process_index, cfg.num_workers, collate=CropCollate())
+                               accelerator.process_index, cfg.num_workers, collate=CropCollate(),
+                               pin_memory=accelerator.device.type == "cuda")  # not on a --cpu run of a GPU host
     model = build_model(cfg, accelerator)
     # By each parameter's whole shape: under ZeRO-3 the module holds empty placeholders (timm's rule reads ndim).
     groups = weight_decay_groups(model, cfg.optim.weight_decay, model.no_weight_decay())
