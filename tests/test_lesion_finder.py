@@ -67,3 +67,20 @@ def test_a_flagged_head_counts_as_a_miss_and_a_confident_wrong_one_as_silent(tmp
     assert np.sqrt(9 + 9 + 81) <= s["median_hd95_mm"] <= np.sqrt(25 + 25 + 225) < diagonal
     assert s["fp_per_head_confident"] == pytest.approx(1 / 3) and s["seconds_per_head"] == 2.0
     assert json.loads(scored.loc[2, "candidates"]) == [[0.8, False]]
+
+
+def test_a_given_lesion_centre_never_reaches_the_search_and_patient_id_is_required(tmp_path):
+    """A manifest's lesion centre would pick the candidate for the search, so the heads drawn leave it out;
+    without patient_id a patient's second lesion would count as a false positive, so it is refused."""
+    from benchmarks.research.lesion_finder import draw_heads
+    from core.errors import InputError
+    from finetune.lesion.search import CENTRE_COLUMNS
+    rows = pd.DataFrame({"subject_id": ["a", "b"], "patient_id": ["p", "p"], "image": ["a.nii.gz", "b.nii.gz"],
+                         "mask": ["am.nii.gz", "bm.nii.gz"]} | {c: ["1.0", "2.0"] for c in CENTRE_COLUMNS})
+    rows.to_csv(tmp_path / "m.csv", index=False)
+    heads, _ = draw_heads(tmp_path / "m.csv", 5, tmp_path / "out" / "heads.csv")
+    assert not set(CENTRE_COLUMNS) & set(pd.read_csv(tmp_path / "out" / "heads.csv").columns)
+    assert heads["image"].iloc[0] == str((tmp_path / "a.nii.gz").resolve())
+    rows.drop(columns="patient_id").to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(InputError, match="patient_id"):
+        draw_heads(tmp_path / "m.csv", 5, tmp_path / "out" / "heads.csv")

@@ -18,7 +18,7 @@ each head's label map, voxel value = rank). Then, per head, against its drawn ma
 The confidence threshold is chosen on the `--val` heads only (Youden's J of the best candidate's score for
 found against not found) and then applied, unchanged, to the other sets, which are for reporting only.
 With `--outcome_model`, predict also scores each set's outcome from the drawn masks and from the found
-ones, paired by patient over the heads that get an outcome (AUC and Harrell's C; paired_runs.outcome_diffs).
+ones, over the heads that get one (AUC and Harrell's C; the bootstrap resamples patients, both masks alike).
 """
 from __future__ import annotations
 
@@ -47,9 +47,13 @@ def read_set(spec: str) -> tuple[str, Path]:
 def draw_heads(csv: Path, n: int, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(the n drawn rows, the whole table) of `csv`; the drawn rows are written to `out` with absolute paths."""
     table = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    for col in ("image", "mask"):
+    for col in ("subject_id", "patient_id", "image", "mask"):
         if col not in table.columns:
-            raise InputError(f"{csv}: needs a {col} column (the drawn masks are the reference)")
+            raise InputError(f"{csv}: needs a {col} column (the drawn masks are the reference; a patient's other "
+                             "lesions are no false positives)")
+    from finetune.lesion.search import CENTRE_COLUMNS  # a given centre would pick the lesion for the search
+    table = table.drop(columns=[c for c in CENTRE_COLUMNS if c in table.columns])
+    for col in ("image", "mask"):
         table[col] = [str((csv.parent / p).resolve()) if p else "" for p in table[col]]
     heads = table.sample(min(n, len(table)), random_state=SAMPLE_SEED).sort_values("subject_id", kind="stable")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +105,10 @@ def score_heads(heads: pd.DataFrame, table: pd.DataFrame, candidates: pd.DataFra
         drawn = np.asanyarray(drawn_img.dataobj) > 0.5
         lesions = drawn.copy()
         for other in table.loc[(table["patient_id"] == h["patient_id"]) & (table["subject_id"] != sid), "mask"]:
-            lesions |= np.asanyarray(nib.load(other).dataobj) > 0.5  # the patient's other lesion(s), same grid
+            img = nib.load(other)  # the patient's other lesion(s): on the head's grid, or no one's
+            if img.shape[:3] != drawn.shape or not np.allclose(img.affine, drawn_img.affine, atol=1e-3):
+                raise InputError(f"{other}: not on the grid of {h['mask']} (same patient {h['patient_id']})")
+            lesions |= np.asanyarray(img.dataobj) > 0.5
         path = masks_dir / f"{sid}_candidates.nii.gz"
         labels = np.asanyarray(nib.load(path).dataobj).astype(np.int32) if path.is_file() else np.zeros(drawn.shape, np.int32)
         voxel_mm = np.linalg.norm(drawn_img.affine[:3, :3], axis=0)
@@ -164,7 +171,8 @@ def _arrays(row) -> tuple[np.ndarray, np.ndarray, list]:
 def outcome_pair(name: str, heads_csv: Path, scored: pd.DataFrame, threshold: float, outcome_model: str,
                  cache: str, out: Path, n_boot: int) -> dict:
     """The outcome from the drawn masks against the found ones, over the heads that get one (confident)."""
-    from benchmarks.research.paired_runs import outcome_diffs
+    from finetune.evaluate import paired_bootstrap_diff
+    from finetune.metrics import auc_kernel, harrell_kernel
     heads = pd.read_csv(heads_csv, dtype=str, keep_default_na=False)
     drawn_csv, found_csv = out / "outcome_drawn.csv", out / "outcome_found.csv"
     run_predict(["--model", outcome_model, "--manifest", str(heads_csv), "--out", str(drawn_csv), "--cache_dir", cache])
@@ -172,14 +180,22 @@ def outcome_pair(name: str, heads_csv: Path, scored: pd.DataFrame, threshold: fl
     found = heads[heads["subject_id"].isin(keep)].copy()
     if not len(found):
         return {"scored_heads": 0}
-    found["mask"] = [str(out / "predicted_masks" / f"{sid}_pred_mask.nii.gz") for sid in found["subject_id"]]
+    found["mask"] = [str((out / "predicted_masks" / f"{sid}_pred_mask.nii.gz").resolve()) for sid in found["subject_id"]]
     found.to_csv(out / "heads_found.csv", index=False)
     run_predict(["--model", outcome_model, "--manifest", str(out / "heads_found.csv"), "--out", str(found_csv),
                  "--cache_dir", cache])
     a = pd.read_csv(found_csv, dtype={"subject_id": str}).set_index("subject_id")
     b = pd.read_csv(drawn_csv, dtype={"subject_id": str}).set_index("subject_id").loc[a.index]
-    outcomes = heads.set_index("subject_id")[["label", "time", "event"]].apply(pd.to_numeric)
-    return {"scored_heads": int(len(a)), "found_minus_drawn": outcome_diffs(a, b, outcomes, n_boot, SAMPLE_SEED)}
+    rows = heads.set_index("subject_id").loc[a.index]
+    groups = [rows["patient_id"].tolist()]  # a patient's lesions are resampled together
+    out = {"scored_heads": int(len(a))}
+    for score, metric, kernel, cols in (("prob", "auc", auc_kernel, ["label"]),
+                                        ("risk", "c_index", harrell_kernel, ["time", "event"])):
+        if score in a and score in b and all(c in rows and (rows[c] != "").all() for c in cols):
+            y = [pd.to_numeric(rows[c]).to_numpy() for c in cols]
+            k = [kernel(*y, r[score].to_numpy()) for r in (a, b)]
+            out[f"{metric}_found_minus_drawn"] = paired_bootstrap_diff([k[0]], [k[1]], groups, n_boot, SAMPLE_SEED)
+    return out
 
 
 def search_set(name: str, csv: Path, args, out: Path) -> pd.DataFrame:
@@ -210,7 +226,7 @@ def parse_args(argv):
     ap.add_argument("--n_heads", type=int, default=40, help="heads drawn from each set (seeded; default 40)")
     ap.add_argument("--cache_dir", required=True, help="the preprocessing cache (finetune.predict --cache_dir)")
     ap.add_argument("--outcome_model", default="", help="an outcome model's folder: also score the outcome from "
-                    "the drawn and the found masks, paired by patient")
+                    "the drawn and the found masks, a bootstrap over patients")
     ap.add_argument("--tta", action="store_true", help="search with test-time flips (finetune.predict --tta)")
     ap.add_argument("--n_boot", type=int, default=1000, help="bootstrap replicates of the paired outcome CIs")
     ap.add_argument("--out", required=True, help="output folder (each set's searches, results.json); a finished "
