@@ -243,6 +243,7 @@ def fit_stacker(train: pd.DataFrame, task: Task | str, inputs: list[str], clinic
         stacker.coef = [0.0] * len(stacker.coef)
         stacker.intercept = float(logit(np.clip(train["label"].mean(), PROB_EPS, 1 - PROB_EPS))) \
             if stacker.score == "prob" else 0.0
+        stacker.pipeline = None  # the sklearn fit is not this stacker any more
     stacker.dropped = dropped
     return stacker
 
