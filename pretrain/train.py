@@ -230,6 +230,24 @@ def export_encoders(cfg: PretrainConfig, final: Path, out: Path, step: int, last
         print(teacher_verdict(last["teacher_entropy"], last["prototype_usage"], cfg.model.distill.prototypes))
 
 
+def micro_batch_loss(cfg: PretrainConfig, accelerator, model, subjects: list[str], clock: StepClock):
+    """The loss of one micro-batch (m, CropCollate batch): its MiM levels built on the device (timed by
+    `clock`), the model's losses, and what previews need."""
+    build_levels = LevelBuilder(cfg.model, cfg.seed, accelerator.process_index)
+
+    def loss_fn(micro):
+        m, batch = micro
+        # dropout / drop-path; the masks have their own generator, of (seed, m, rank)
+        reseed_torch(cfg.seed, m, accelerator.process_index)
+        with clock.building(accelerator.device):
+            levels = build_levels(batch, accelerator.device)  # [Level, ...] on the device, with their targets
+        names = [subjects[int(i)] for i in batch["index"] for _ in range(cfg.crops_per_volume)]
+        out = model(levels)  # MiMOutput
+        return {**out.losses, "preds": out.preds, "levels": levels, "subjects": names}
+
+    return loss_fn
+
+
 def train(cfg: PretrainConfig) -> Path:
     cfg = absolute_paths(cfg, PATH_FIELDS)
     out = Path(cfg.output_dir)
@@ -252,19 +270,8 @@ def train(cfg: PretrainConfig) -> Path:
     enc = cfg.model.encoder
     unwrapped = accelerator.unwrap_model(model)  # MiMModel: the teacher's schedule and EMA, when distilling
 
-    build_levels = LevelBuilder(cfg.model, cfg.seed, accelerator.process_index)
     clock = StepClock()
-
-    def loss_fn(micro):
-        m, batch = micro
-        # dropout / drop-path; the masks have their own generator, of (seed, m, rank)
-        reseed_torch(cfg.seed, m, accelerator.process_index)
-        with clock.building(accelerator.device):
-            levels = build_levels(batch, accelerator.device)  # [Level, ...] on the device, with their targets
-        names = [subjects[int(i)] for i in batch["index"] for _ in range(cfg.crops_per_volume)]
-        out = model(levels)  # MiMOutput
-        return {**out.losses, "preds": out.preds, "levels": levels, "subjects": names}
-
+    loss_fn = micro_batch_loss(cfg, accelerator, model, subjects, clock)
     last_stop = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
     summary = {"volumes": len(subjects), "world_size": accelerator.num_processes}
     bar = progress(cfg.max_steps, step, main, "pretrain")
