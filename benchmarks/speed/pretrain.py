@@ -167,8 +167,8 @@ class PretrainRunner(Runner):
         return batch
 
     def _levels(self) -> tuple[list, float]:
-        """(this step's MiM levels with their targets, on the device; seconds to build them), timed as the
-        training loop times them (pretrain/train.py's StepClock.building: the kernels are waited for)."""
+        """(this step's MiM levels with their targets, on the device; seconds to build them, the kernels waited
+        for: the benchmark times each step whole, where pretrain/train.py's StepClock reads CUDA events)."""
         t = time.perf_counter()
         levels = self.build_levels(self.batch, self.device)  # [Level, ...] on self.device
         sync(self.device)
