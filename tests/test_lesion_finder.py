@@ -84,3 +84,19 @@ def test_a_given_lesion_centre_never_reaches_the_search_and_patient_id_is_requir
     rows.drop(columns="patient_id").to_csv(tmp_path / "m.csv", index=False)
     with pytest.raises(InputError, match="patient_id"):
         draw_heads(tmp_path / "m.csv", 5, tmp_path / "out" / "heads.csv")
+
+
+def test_a_candidate_missing_from_the_label_map_still_counts_as_a_false_positive(tmp_path):
+    """candidates.csv lists ranks 1 and 2; the written label map holds rank 1 only (rank 2's few voxels were lost
+    going back to the source grid). The user still sees rank 2, so it is one false positive, at its score."""
+    shape, affine = (8, 8, 8), np.eye(4)
+    lesion = box(shape, (2, 2, 2), (4, 4, 4))
+    nib.save(nib.Nifti1Image(lesion.astype(np.uint8), affine), tmp_path / "a_mask.nii.gz")
+    nib.save(nib.Nifti1Image(lesion.astype(np.int16), affine), tmp_path / "a_candidates.nii.gz")
+    heads = pd.DataFrame([{"subject_id": "a", "patient_id": "a", "mask": str(tmp_path / "a_mask.nii.gz")}])
+    cands = pd.DataFrame([{"subject_id": "a", "rank": 1, "score": 0.9}, {"subject_id": "a", "rank": 2, "score": 0.7}])
+    scored = score_heads(heads, heads, cands, tmp_path)
+    assert json.loads(scored.loc[0, "candidates"]) == [[0.9, True], [0.7, False]]
+    s = summarise(scored, threshold=0.5, seconds=1.0)
+    assert s["fp_per_head_confident"] == 1.0 and s["fp_per_head_all"] == 1.0
+    assert summarise(scored, threshold=0.8, seconds=1.0)["fp_per_head_confident"] == 0.0

@@ -117,7 +117,9 @@ def score_heads(heads: pd.DataFrame, table: pd.DataFrame, candidates: pd.DataFra
         scores = dict(zip(cand["rank"].astype(int), cand["score"].astype(float)))
         rows.append({"subject_id": sid, "found": m["found"], "dice_best": m["dice_best"],
                      "best_score": scores.get(1, 0.0), "n_candidates": len(scores),
-                     "candidates": json.dumps([[scores.get(r, 0.0), t] for r, t in sorted(m["touches"].items())]),
+                     # every candidate the CSV reports, as the user sees them: one whose voxels were lost when
+                     # its mask went back to the source grid touches no lesion there and counts as a false positive
+                     "candidates": json.dumps([[s, m["touches"].get(r, False)] for r, s in sorted(scores.items())]),
                      "mask": h["mask"], "labels": str(path) if path.is_file() else "",
                      "voxel_mm": json.dumps(m["voxel_mm"])})
     return pd.DataFrame(rows)
