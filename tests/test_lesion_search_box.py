@@ -144,3 +144,50 @@ def test_segmentation_windows_train_at_the_voxel_the_search_slides_at(tmp_path):
             assert float(crops[0]["scale"]) * spec.spacing_mm == pytest.approx(voxel_mm)
         assert search.model_voxel_mm(spec) == voxel_mm
     assert torch.equal(search.to_model_grid(image, NATIVE)[0], torch.from_numpy(image))
+
+
+class WindowMin:
+    """Logits 0; records the smallest image value any window holds (the pad value if MONAI padded one)."""
+    def __init__(self):
+        self.smallest = float("inf")
+
+    def segment(self, x):
+        self.smallest = min(self.smallest, float(x[:, 0].min()))
+        return torch.zeros_like(x[:, :1])
+
+
+def test_a_box_narrower_than_a_window_grows_to_one_inside_the_grid():
+    """A one-voxel region's box is 11 voxels (2 x 5 of margin + 1) at 2 mm; a window of 16 voxels (32 mm)
+    would make MONAI pad the box with the background. The box grows about its centre to 16 voxels instead,
+    shifted inside the grid at an edge, and every window then reads real tissue (value 1, never the pad -5)."""
+    region = np.zeros((40, 30, 20), bool)
+    region[20, 15, 1] = True
+    assert search.search_box(region, (2.0,) * 3, region.shape) == (slice(15, 26), slice(10, 21), slice(0, 7))
+    box = search.search_box(region, (2.0,) * 3, region.shape, min_mm=32.0)
+    # by hand: x [15, 26) -> centre-grown to 16: (15 + 26 - 16) // 2 = 12 -> [12, 28); y [10, 21) -> [7, 23);
+    # z [0, 7) -> (0 + 7 - 16) // 2 < 0 -> shifted to [0, 16)
+    assert box == (slice(12, 28), slice(7, 23), slice(0, 16))
+    assert search.search_box(region, (2.0,) * 3, (40, 30, 12), min_mm=32.0)[2] == slice(0, 12)  # grid < window
+    spec = InputSpec(prep=PREP, input_size=16, channels=("image", "lesion_mask"), view=ViewSpec(crop_mm=0.0))
+    assert search.window_mm(spec) == 32.0
+    model = WindowMin()
+    search.lesion_probability([model], np.ones((1, 40, 30, 20), np.float32), spec, pad_value=-5.0, region=region)
+    assert model.smallest == 1.0
+
+
+def test_a_magnified_view_searches_its_box_as_the_whole_volume_search_does_a_volume():
+    """crop_mm > 0 (model voxel 1.5 mm on a 2 mm grid): inside the box, the probability is exactly the search of
+    the box's image alone (up-sampled, slid, down-sampled to the box's own shape); 0 outside it."""
+    rng = np.random.default_rng(2)
+    image = rng.standard_normal((1, 30, 24, 18)).astype(np.float32)
+    region = np.zeros((30, 24, 18), bool)
+    region[12:16, 10:12, 6:9] = True
+    box = search.search_box(region, (2.0,) * 3, region.shape, search.window_mm(MAGNIFIED))
+    assert box == (slice(7, 21), slice(5, 17), slice(1, 14))  # the 10 mm margin (5 voxels); each axis >= 12 mm
+    model = SmallConv()
+    got = search.lesion_probability([model], image, MAGNIFIED, -1.0, region=region)
+    alone = search.lesion_probability([model], np.ascontiguousarray(image[(slice(None), *box)]), MAGNIFIED, -1.0)
+    np.testing.assert_allclose(got[box], alone, atol=1e-6)
+    outside = np.ones(got.shape, bool)
+    outside[box] = False
+    assert (got[outside] == 0).all() and got[box].min() > 0

@@ -192,7 +192,7 @@ def measure_row(row: Row, rows, models, spec, out: Path, repeats: int) -> Row:
                 entry = CacheEntry.from_path(head["cache_image"])
                 shape = entry.image().shape[1:]
                 region = search.search_region(entry, head, spec.prep)
-                box = search.search_box(region.mask, spec.prep.spacing, shape)
+                box = search.search_box(region.mask, spec.prep.spacing, shape, search.window_mm(spec))
                 row.box = tuple(b.stop - b.start for b in box)
                 row.windows = counted[0].windows
                 factor = spec.spacing_mm / search.model_voxel_mm(spec)

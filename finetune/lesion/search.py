@@ -88,15 +88,27 @@ def no_timer(stage: str):
     return contextlib.nullcontext()
 
 
-def search_box(region: np.ndarray | None, spacing_mm, shape) -> tuple[slice, slice, slice]:
+def window_mm(spec: InputSpec) -> float:
+    """The edge of one sliding window in mm: the contract's input size at the model's voxel."""
+    return spec.input_size * model_voxel_mm(spec)
+
+
+def search_box(region: np.ndarray | None, spacing_mm, shape, min_mm: float = 0.0) -> tuple[slice, slice, slice]:
     """The part of a prepared grid of `shape` that the sliding window covers: the bounding box of `region`
     [X, Y, Z] bool grown by BOX_MARGIN_MM (`spacing_mm`: the grid's voxel edge per axis), clipped to the grid;
-    the whole grid when there is no region or it is empty."""
+    the whole grid when there is no region or it is empty. An axis shorter than `min_mm` (a window: window_mm)
+    grows about its centre to that length, shifted to stay inside the grid: MONAI pads a volume narrower than a
+    window with a constant, and the real tissue beside the box is what the model was trained to see there."""
     if region is None or not region.any():
         return tuple(slice(0, int(n)) for n in shape)
     idx = np.argwhere(region)  # [N, 3]
-    margin = np.ceil(BOX_MARGIN_MM / np.asarray(spacing_mm, dtype=np.float64)).astype(int)  # [3] voxels
+    spacing = np.asarray(spacing_mm, dtype=np.float64)
+    margin = np.ceil(BOX_MARGIN_MM / spacing).astype(int)  # [3] voxels
     lo, hi = np.maximum(idx.min(0) - margin, 0), np.minimum(idx.max(0) + 1 + margin, shape)
+    need = np.minimum(np.ceil(min_mm / spacing - 1e-9).astype(int), shape)  # [3] voxels, at most the grid
+    short = hi - lo < need
+    lo = np.where(short, np.clip((lo + hi - need) // 2, 0, np.asarray(shape) - need), lo)
+    hi = np.where(short, lo + need, hi)
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
@@ -148,7 +160,7 @@ def lesion_probability(models: list, image: np.ndarray, spec: InputSpec, pad_val
     `pad_value`: the first channel's background (where a window passes the volume's edge; the head crop
     keeps a margin, so windows seldom do). `timer(stage)`: a context manager around each stage."""
     image = np.asarray(image)
-    box = search_box(region, spec.prep.spacing, image.shape[1:])
+    box = search_box(region, spec.prep.spacing, image.shape[1:], window_mm(spec))
     with timer("resample up"):
         x = to_model_grid(image[(slice(None), *box)], spec)  # [1, C, X', Y', Z']
     with timer("sliding window"):
