@@ -276,12 +276,14 @@ def survival_target(event, time) -> np.ndarray:
 
 def predict_splits(features: pd.DataFrame, targets: pd.DataFrame, splits: dict, task: Task | str, seed: int = 0,
                    external: pd.DataFrame | None = None, eval_sets: dict[str, pd.DataFrame] | None = None,
-                   make_model: Callable[[Task, int], RadiomicsModel] | None = None) -> tuple[pd.DataFrame, list[dict]]:
+                   make_model: Callable[[Task, int], RadiomicsModel] | None = None,
+                   keep_final: Callable[[RadiomicsModel], None] | None = None) -> tuple[pd.DataFrame, list[dict]]:
     """One model per fold (predicts its val rows) and one on all non-test rows (test, external and each
     further held-out set in `eval_sets`, predicted under its own split name).
 
     features/targets are indexed by subject_id; targets has `label` or `time`/`event`. make_model(task, seed)
     builds an unfitted model (default: RadiomicsModel; finetune.baselines.clinical_models has the others).
+    keep_final, where given, receives the fitted all-non-test-rows model (the one a new patient is scored by).
     Returns predictions (subject_id, split, fold, prob|risk) and each model's chosen parameters.
     """
     task = get_task(task) if isinstance(task, str) else task
@@ -313,6 +315,8 @@ def predict_splits(features: pd.DataFrame, targets: pd.DataFrame, splits: dict, 
     non_test = sorted({s for fold in splits["folds"] for part in ("train", "val") for s in fold[part]})
     model = fit(non_test)
     params.append({"fold": -1, **model.best_params_})
+    if keep_final is not None:
+        keep_final(model)
     if len(splits["test"]):
         emit(model, features.loc[list(splits["test"])], "test", -1)
     held_out = ({"external": external} if external is not None else {}) | dict(eval_sets or {})
