@@ -43,6 +43,19 @@ def test_threshold_is_youdens_point_of_the_validation_heads():
     assert choose_threshold(val.assign(found=True))["threshold"] == CONFIDENCE_THRESHOLD
 
 
+def test_the_no_silent_rule_leaves_no_wrong_validation_head_confident():
+    """Found heads 0.9, 0.55, 0.5, 0.45; missed 0.3 and 0.6. By hand, Youden's J is largest (1 - 0.5) at 0.45
+    (every found head, one missed one confident); no_silent takes 0.9, the only found score above 0.6 (TPR
+    0.25, no missed head confident). When a missed head outscores every found one, nothing may be confident."""
+    val = pd.DataFrame({"found": [True, True, True, True, False, False],
+                        "best_score": [0.9, 0.55, 0.5, 0.45, 0.3, 0.6]})
+    assert choose_threshold(val, "youden")["threshold"] == pytest.approx(0.45)
+    strict = choose_threshold(val, "no_silent")
+    assert strict["threshold"] == pytest.approx(0.9) and strict["tpr"] == 0.25 and strict["fpr"] == 0.0
+    worst = choose_threshold(val.assign(best_score=[0.5, 0.4, 0.3, 0.2, 0.1, 0.95]), "no_silent")
+    assert worst["threshold"] > 0.95 and worst["tpr"] == 0.0
+
+
 def test_a_flagged_head_counts_as_a_miss_and_a_confident_wrong_one_as_silent(tmp_path):
     """Three heads on a 10^3 grid of 1 x 1 x 3 mm: found and confident (Dice 1, HD95 0), found but flagged
     (Dice 0, HD95 at the diagonal), wrong and confident (a silent wrong lesion, Dice 0, one false positive)."""
@@ -67,6 +80,24 @@ def test_a_flagged_head_counts_as_a_miss_and_a_confident_wrong_one_as_silent(tmp
     assert np.sqrt(9 + 9 + 81) <= s["median_hd95_mm"] <= np.sqrt(25 + 25 + 225) < diagonal
     assert s["fp_per_head_confident"] == pytest.approx(1 / 3) and s["seconds_per_head"] == 2.0
     assert json.loads(scored.loc[2, "candidates"]) == [[0.8, False]]
+    assert (s["silent_other_lesion"], s["silent_wrong_tissue"]) == (0, 1)  # c's best touches no lesion of c's
+
+
+def test_the_patients_other_lesion_is_a_silent_miss_but_not_wrong_tissue(tmp_path):
+    """Patient p has two lesions, rows a (drawn: the first) and b (drawn: the second). The best candidate of both
+    heads is the first lesion, confident: b is not found (a silent wrong row) yet its best candidate is a real
+    lesion of the patient, so it counts as another lesion, not as wrong tissue."""
+    shape, affine = (10, 10, 10), np.eye(4)
+    first, second = box(shape, (1, 1, 1), (3, 3, 3)), box(shape, (6, 6, 6), (8, 8, 8))
+    rows, cands = [], []
+    for sid, drawn in (("a", first), ("b", second)):
+        nib.save(nib.Nifti1Image(drawn.astype(np.uint8), affine), tmp_path / f"{sid}_mask.nii.gz")
+        nib.save(nib.Nifti1Image(first.astype(np.int16), affine), tmp_path / f"{sid}_candidates.nii.gz")
+        rows.append({"subject_id": sid, "patient_id": "p", "mask": str(tmp_path / f"{sid}_mask.nii.gz")})
+        cands.append({"subject_id": sid, "rank": 1, "score": 0.9})
+    heads = pd.DataFrame(rows)
+    s = summarise(score_heads(heads, heads, pd.DataFrame(cands), tmp_path), threshold=0.5, seconds=1.0)
+    assert (s["detected"], s["silent_wrong"], s["silent_other_lesion"], s["silent_wrong_tissue"]) == (1, 1, 1, 0)
 
 
 def test_a_given_lesion_centre_never_reaches_the_search_and_patient_id_is_required(tmp_path):

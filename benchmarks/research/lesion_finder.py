@@ -9,14 +9,19 @@ runs on them with the segmenter, so every head's candidates are scored and writt
 each head's label map, voxel value = rank). Then, per head, against its drawn mask:
 - found: the best-ranked candidate overlaps the drawn lesion with Dice > FOUND_DICE;
 - confident: its score reaches the threshold; a confident head that is not found is a wrong lesion that
-  predict would score without a word ("silent wrong");
+  predict would score without a word ("silent wrong"). Of those, "other lesion" counts the heads whose best
+  candidate is another lesion of the same patient (a real lesion, not the drawn one), and "wrong tissue"
+  those whose best candidate touches none of the patient's lesions;
 - false positives: candidates that touch none of the patient's lesions (the built-in cohort gives some
   patients two: each is one subject row of the same patient_id, and the other lesion is no false positive);
 - Dice and HD95 (seg_metrics, on the source grid in mm, per axis) of the chosen lesion, a flagged or missed
   head counted as Dice 0 and HD95 at the grid's diagonal rather than dropped;
 - seconds per head of the whole search (prepare from cache, sliding window, region, candidates, writing).
-The confidence threshold is chosen on the `--val` heads only (Youden's J of the best candidate's score for
-found against not found) and then applied, unchanged, to the other sets, which are for reporting only.
+The confidence threshold is chosen on the `--val` heads only and then applied, unchanged, to the other sets,
+which are for reporting only. Two rules (THRESHOLD_RULES) over the best candidate's score, found against not
+found: `no_silent` (the default), the lowest threshold above every not-found validation head, so no wrong
+lesion is confident there; `youden`, Youden's J. results.json reports the chosen rule's figures, and the
+other rule's under `other_rules`.
 With `--outcome_model`, predict also scores each set's outcome from the drawn masks and from the found
 ones, over the heads that get one (AUC and Harrell's C; the bootstrap resamples patients, both masks alike).
 """
@@ -34,6 +39,7 @@ from core.atomic import write_json
 from core.errors import InputError, cli_entry
 
 FOUND_DICE = 0.1  # the issue's detection criterion: the chosen candidate overlaps the drawn lesion this much
+THRESHOLD_RULES = ("no_silent", "youden")
 SAMPLE_SEED = 0
 
 
@@ -125,18 +131,28 @@ def score_heads(heads: pd.DataFrame, table: pd.DataFrame, candidates: pd.DataFra
     return pd.DataFrame(rows)
 
 
-def choose_threshold(val: pd.DataFrame) -> dict:
-    """Youden's J over the validation heads' best scores, found heads as positives (sklearn's roc_curve);
-    the candidates module's default when the heads are all found or none is."""
+def choose_threshold(val: pd.DataFrame, rule: str = "youden") -> dict:
+    """The threshold on the validation heads' best scores, found heads as positives (sklearn's roc_curve):
+    `youden`, Youden's J; `no_silent`, the highest true-positive rate with no not-found head at or above it
+    (a score above every found head's, so everything is flagged, when a not-found head outscores them all).
+    The candidates module's default when the heads are all found or none is."""
     from sklearn.metrics import roc_curve
     from finetune.lesion.candidates import CONFIDENCE_THRESHOLD
+    if rule not in THRESHOLD_RULES:
+        raise InputError(f"--threshold_rule {rule!r}: expected one of {list(THRESHOLD_RULES)}")
     y, s = val["found"].to_numpy(bool), val["best_score"].to_numpy(float)
     if y.all() or not y.any():
         return {"threshold": CONFIDENCE_THRESHOLD, "rule": "default (validation heads are all one kind)",
                 "n": int(len(y)), "found": int(y.sum())}
     fpr, tpr, thr = roc_curve(y, s)
-    best = int(np.argmax(tpr - fpr))
-    return {"threshold": float(min(thr[best], 1.0)), "rule": "Youden's J on the validation heads",
+    if rule == "youden":
+        best, name = int(np.argmax(tpr - fpr)), "Youden's J on the validation heads"
+    else:  # roc_curve's thresholds fall, so the last with fpr 0 has the highest tpr
+        best, name = int(np.flatnonzero(fpr == 0)[-1]), "no not-found validation head confident"
+    if not np.isfinite(thr[best]):  # tpr 0: only a score above every head's flags nothing wrongly
+        return {"threshold": float(np.nextafter(s.max(), np.inf)), "rule": name, "tpr": 0.0, "fpr": 0.0,
+                "n": int(len(y)), "found": int(y.sum())}
+    return {"threshold": float(min(thr[best], 1.0)), "rule": name,
             "tpr": float(tpr[best]), "fpr": float(fpr[best]), "n": int(len(y)), "found": int(y.sum())}
 
 
@@ -144,6 +160,8 @@ def summarise(scored: pd.DataFrame, threshold: float, seconds: float) -> dict:
     """The set's detection figures at `threshold` (module docstring)."""
     confident = scored["best_score"].to_numpy(float) >= threshold
     found = scored["found"].to_numpy(bool)
+    # the best candidate touches one of the patient's lesions (the drawn one or another)
+    on_lesion = np.array([bool(json.loads(c)[0][1]) if json.loads(c) else False for c in scored["candidates"]])
     chosen = [chosen_metrics(*_arrays(r), c) for (_, r), c in zip(scored.iterrows(), confident)]
     dice = np.array([c["dice"] for c in chosen])
     hd = np.array([c["hd95_mm"] for c in chosen])
@@ -155,6 +173,8 @@ def summarise(scored: pd.DataFrame, threshold: float, seconds: float) -> dict:
             "detection_rate": float((found & confident).mean()) if n else None,
             "flagged": int((~confident).sum()), "flagged_but_found": int((~confident & found).sum()),
             "silent_wrong": int((confident & ~found).sum()),
+            "silent_other_lesion": int((confident & ~found & on_lesion).sum()),
+            "silent_wrong_tissue": int((confident & ~on_lesion).sum()),
             "fp_per_head_confident": float(np.mean(fp_conf)) if n else None,
             "fp_per_head_all": float(np.mean(fp_all)) if n else None,
             "median_dice": float(np.median(dice)) if n else None, "mean_dice": float(dice.mean()) if n else None,
@@ -230,6 +250,9 @@ def parse_args(argv):
     ap.add_argument("--outcome_model", default="", help="an outcome model's folder: also score the outcome from "
                     "the drawn and the found masks, a bootstrap over patients")
     ap.add_argument("--tta", action="store_true", help="search with test-time flips (finetune.predict --tta)")
+    ap.add_argument("--threshold_rule", default="no_silent", choices=THRESHOLD_RULES, help="how the confidence "
+                    "threshold is chosen on the --val heads: no_silent (default), the lowest threshold that leaves no "
+                    "not-found validation head confident; youden, Youden's J. The other rule is reported too")
     ap.add_argument("--n_boot", type=int, default=1000, help="bootstrap replicates of the paired outcome CIs")
     ap.add_argument("--out", required=True, help="output folder (each set's searches, results.json); a finished "
                     "search in it is reused when the settings match")
@@ -255,12 +278,17 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_json(saved, settings)
     val_scored = search_set(val[0], val[1], args, out / val[0])
-    choice = choose_threshold(val_scored)
     seconds = lambda name: json.loads((out / name / "timing.json").read_text())["seconds"]  # noqa: E731
-    results = {"threshold": choice, "val": summarise(val_scored, choice["threshold"], seconds(val[0])), "sets": {}}
+    rules = {rule: choose_threshold(val_scored, rule) for rule in THRESHOLD_RULES}
+    choice = rules[args.threshold_rule]
+    results = {"threshold": choice, "val": summarise(val_scored, choice["threshold"], seconds(val[0])), "sets": {},
+               "other_rules": {rule: {"threshold": c, "sets": {}} for rule, c in rules.items()
+                               if rule != args.threshold_rule}}
     for name, csv in sets:
         scored = search_set(name, csv, args, out / name)
         results["sets"][name] = summarise(scored, choice["threshold"], seconds(name))
+        for other in results["other_rules"].values():
+            other["sets"][name] = summarise(scored, other["threshold"]["threshold"], seconds(name))
         if args.outcome_model:
             results["sets"][name]["outcome"] = outcome_pair(name, out / name / "heads.csv", scored, choice["threshold"],
                                                             args.outcome_model, args.cache_dir, out / name, args.n_boot)
