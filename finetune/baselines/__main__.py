@@ -9,13 +9,16 @@ and the hybrid (the run's image score stacked with them).
 
 Each baseline gets OUT/<name>/predictions.csv (one model per CV fold for its val rows, one on all non-test
 rows for test, external and each --eval_sets cohort, as fine-tuning writes them) and OUT/<name>/baseline.json (each model's tuned
-penalty and kept features); the radiomics features are cached in OUT/features.csv.
+penalty and kept features) and OUT/<name>/model.json (the all-non-test-rows model as numbers,
+finetune.baselines.linear_export); the radiomics features are cached in OUT/features.csv.
 
 The hybrid (finetune.baselines.hybrid) reads the fine-tuning run's out-of-fold val and fold-ensemble held-out
 predictions (RUN/predictions.csv), fits the first-level baselines it stacks on the same splits (or reuses them
 from OUT when they were fitted there on those splits with the same settings), and writes OUT/hybrid/ as the
-others, with the fitted stacker in OUT/hybrid/stacker.json. With --image_run, --manifest, --cache, --splits,
---task, --folds, --test_fraction and --seed default to the run's own (its config.yaml).
+others, with the fitted stacker in OUT/hybrid/stacker.json, and OUT/hybrid/export/ (finetune.baselines.hybrid_export:
+the stacker, each first-level model it reads, the radiomics settings) for
+`python -m finetune.predict --model RUN/model --hybrid OUT/hybrid/export`. With --image_run, --manifest, --cache,
+--splits, --task, --folds, --test_fraction and --seed default to the run's own (its config.yaml).
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from finetune.baselines.radiomics import (
 )
 
 CHOICES = (*BASELINES, HYBRID)
+MODEL_FILE = "model.json"  # OUT/<name>/: the all-non-test-rows model (linear_export.LinearBaseline)
 # baseline.json keys that must match for a fitted baseline in --out to be reused by the hybrid
 REUSE_KEYS = ("task", "seed", "manifest", "external", "eval_sets", "ring_mm", "bins", "clinical_columns",
               "feature_version", "splits_digest")
@@ -103,13 +107,16 @@ def _write(folder, pred: pd.DataFrame, meta: dict) -> None:
 
 
 def _reusable(folder, meta: dict, held_out: list[str]) -> pd.DataFrame | None:
-    """The predictions of a baseline already fitted in `folder` with the same settings and splits, else None."""
+    """The predictions of a baseline already fitted in `folder` with the same settings and splits (and its
+    model.json beside them), else None."""
     import json
 
+    from finetune.baselines.linear_export import LinearBaseline
     from finetune.evaluate import read_predictions
     try:
         saved = json.loads((folder / "baseline.json").read_text())
         pred = read_predictions(folder / "predictions.csv")
+        LinearBaseline.load(folder / MODEL_FILE)  # a folder from before model.json existed is fitted again
     except (OSError, ValueError):
         return None
     same = isinstance(saved, dict) and all(saved.get(k) == meta[k] for k in REUSE_KEYS)
@@ -140,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     held_out += list(eval_sets)
     fitted = _fit_baselines(args, d, names, clinical, held_out)
     if run is not None:
-        _fit_hybrid(args, d, run, fitted, clinical, held_out)
+        _export_hybrid(args, d["out"], _fit_hybrid(args, d, run, fitted, clinical, held_out))
     return 0
 
 
@@ -186,6 +193,7 @@ def _fit_baselines(args, d: dict, names: list[str], clinical: list[str], held_ou
     """Fit each baseline asked for, and each one the hybrid stacks (reused from --out when fitted there alike)."""
     from data.splits import splits_digest
     from finetune.baselines.hybrid import FIRST_LEVEL
+    from finetune.baselines.linear_export import export_model
     needed = list(FIRST_LEVEL[d["task"].name]) if HYBRID in names else []
     fitted = {}
     for name in [n for n in BASELINES if n in names or n in needed]:
@@ -198,16 +206,19 @@ def _fit_baselines(args, d: dict, names: list[str], clinical: list[str], held_ou
             continue
         external = None if d["ext_df"] is None else _table(name, d["external"], d["ext_df"], clinical)
         more = {s: _table(name, d["eval_features"][s], df, clinical) for s, df in d["eval_dfs"].items()}
+        final = []
         pred, params = predict_splits(_table(name, d["features"], d["df"], clinical), d["targets"], d["splits"],
                                       d["task"], args.seed, external, eval_sets=more,
-                                      make_model=make_baseline(name, clinical))
+                                      make_model=make_baseline(name, clinical), keep_final=final.append)
         _write(folder, pred, meta | {"models": params})
+        export_model(final[0]).save(folder / MODEL_FILE)  # last: a folder without it is never reused
         fitted[name] = pred
     return fitted
 
 
-def _fit_hybrid(args, d: dict, run: dict, fitted: dict, clinical: list[str], held_out: list[str]) -> None:
-    """The stacker over the run's image score and the first-level baselines; OUT/hybrid/ as every baseline."""
+def _fit_hybrid(args, d: dict, run: dict, fitted: dict, clinical: list[str], held_out: list[str]):
+    """The stacker over the run's image score and the first-level baselines; OUT/hybrid/ as every baseline.
+    Returns the final stacker (hybrid.Stacker)."""
     from data.splits import splits_digest
     from finetune.baselines.hybrid import FIRST_LEVEL, IMAGE, stack_predictions, val_folds
     task = d["task"]
@@ -230,6 +241,17 @@ def _fit_hybrid(args, d: dict, run: dict, fitted: dict, clinical: list[str], hel
                           "stacker_clinical_columns": stack_clinical, "first_level": stacker.first_level,
                           "splits_digest": splits_digest(d["splits"]), "models": per_fold})
     stacker.save(folder / "stacker.json")
+    return stacker
+
+
+def _export_hybrid(args, out, stacker) -> None:
+    """OUT/hybrid/export/: the stacker and the first-level models it reads, for python -m finetune.predict --hybrid."""
+    from finetune.baselines.hybrid_export import exported_inputs, write_export
+    from finetune.baselines.linear_export import LinearBaseline
+    from finetune.baselines.radiomics import baseline_prep
+    models = {n: LinearBaseline.load(out / n / MODEL_FILE) for n in exported_inputs(stacker) if n in BASELINES}
+    write_export(out / HYBRID / "export", stacker, models, args.ring_mm, args.bins, baseline_prep())
+    print(f"wrote {out / HYBRID / 'export'} (python -m finetune.predict --hybrid reads it)")
 
 
 if __name__ == "__main__":

@@ -363,12 +363,17 @@ def _targets(df: pd.DataFrame, task: Task) -> pd.DataFrame:
     return df.set_index(df["subject_id"].astype(str))[list(task.columns)]
 
 
+def baseline_prep():
+    """The preparation (data.prep_config.PrepConfig) the radiomics features are computed on."""
+    from data.prep_config import PrepConfig
+    return PrepConfig()
+
+
 def prepared(df: pd.DataFrame, cache: str, workers: int) -> pd.DataFrame:
     """A manifest's rows prepared into `cache`: the rows with their cached arrays' paths."""
-    from data.prep_config import PrepConfig
     from data.prepare import prepare_table
 
-    table, _ = prepare_table(df, PrepConfig(), cache, workers=workers)
+    table, _ = prepare_table(df, baseline_prep(), cache, workers=workers)
     return table
 
 
