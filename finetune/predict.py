@@ -20,6 +20,9 @@ column is one line and exit code 2, before any preprocessing, and no output file
 row is validated on its own (files, grids, mask, clinical values against the saved schema); bad rows are
 named on the console and listed with their reasons in `<out>.rejected.csv`, and the good ones are still
 predicted. The crops follow the model's input contract (input_spec.json).
+
+With --hybrid OUT/hybrid/export (python -m finetune.baselines --baselines hybrid, on the run --model comes from),
+each scored row also gets the hybrid's score, hybrid_prob or hybrid_risk (finetune.baselines.hybrid_predict).
 """
 from __future__ import annotations
 
@@ -279,6 +282,11 @@ def main(argv=None) -> int:
                     "is the mean over its 8 axis flips (8x the search's compute). Off by default until measured on "
                     "whole heads")
     ap.add_argument("--cache_dir", default="", help="preprocessing cache (default: a cache/ folder next to --out)")
+    ap.add_argument("--hybrid", default="", help="a hybrid's export folder (python -m finetune.baselines --baselines "
+                    "hybrid writes OUT/hybrid/export, stacked on the run --model comes from): adds hybrid_prob "
+                    "(label) or hybrid_risk (survival), the stacker over this model's score and the baselines' "
+                    "(radiomics of each row's drawn or found lesion, its clinical columns); the manifest then "
+                    "needs the clinical columns the hybrid reads")
     args = ap.parse_args(argv)
     if args.surface_margin_mm < 0:
         raise InputError(f"--surface_margin_mm {args.surface_margin_mm}: must be >= 0")
@@ -291,6 +299,7 @@ def main(argv=None) -> int:
     outcome = first[0].config.predicts_outcome
     if outcome:
         check_manifest(df, first[1], args.manifest)
+    hybrid = read_hybrid(args, df, first[0].config.task)  # checked before any preprocessing; None without --hybrid
     need = np.ones(len(df), bool) if args.segment_all else needs_mask(df)
     if not outcome and not need.any():
         raise InputError(f"{args.model} is a segmentation model and every row of {args.manifest} has a mask: "
@@ -311,12 +320,33 @@ def main(argv=None) -> int:
         rejected += more
         kept = set(outcomes["subject_id"]) | set(df["subject_id"][~df["subject_id"].isin(scored["subject_id"])])
         res = res[res["subject_id"].isin(kept)].merge(outcomes, on="subject_id", how="left")  # flagged: no outcome
+        if hybrid is not None:
+            res = add_hybrid(res, hybrid, scored, outcomes, cache)
     if need.any():
         extra = [c for c in ("mask_source", "lesion_status", "search_region", "predicted_mask", "predicted_volume_ml",
                              "dice_vs_given") if c in df.columns]
         res = res.merge(df[["subject_id", *extra]], on="subject_id")
     write_outputs(res, rejected, args, len(folders))
     return 0
+
+
+def read_hybrid(args, df: pd.DataFrame, model_task: str):
+    """--hybrid's export (finetune.baselines.hybrid_predict.load_hybrid: its files, the manifest's columns and the
+    model's task checked), or None without the flag."""
+    if not args.hybrid:
+        return None
+    from finetune.baselines.hybrid_predict import load_hybrid
+    return load_hybrid(args.hybrid, df, args.manifest, model_task, args.model)
+
+
+def add_hybrid(res: pd.DataFrame, hybrid, scored: pd.DataFrame, outcomes: pd.DataFrame, cache: str) -> pd.DataFrame:
+    """res with the hybrid's score column (finetune.baselines.hybrid_predict); a row it cannot score keeps its
+    image score, and is named on the console."""
+    from finetune.baselines.hybrid_predict import hybrid_scores
+    scores, failed = hybrid_scores(hybrid, scored, outcomes, cache)
+    if failed:
+        print(f"hybrid: no score for {rejected_summary(failed).removeprefix('rejected ')}")
+    return res.merge(scores, on="subject_id", how="left")
 
 
 def write_outputs(res: pd.DataFrame, rejected: list, args, n_models: int) -> None:

@@ -1,0 +1,145 @@
+"""The hybrid exports and predicts like every other model: `python -m finetune.baselines --baselines hybrid` writes
+OUT/hybrid/export/, and `python -m finetune.predict --hybrid` on the run's test rows gives the hybrid scores the
+fit wrote for them; a bad export, manifest or model is refused in one line before any preprocessing."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core.errors import InputError
+from test_finetune_loop import tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def hybrid_run(synth_cohort, tmp_path_factory):
+    """A tiny classification run on the synthetic cohort and the hybrid stacked on it (clinical columns too)."""
+    from finetune.baselines.__main__ import main as baselines_main
+    from finetune.train import run
+    root = tmp_path_factory.mktemp("hybrid_predict")
+    cfg = tiny_cfg(synth_cohort, root / "run", task="classification", fusion="concat", explain=0, figures=False,
+                   n_boot=0)
+    cfg.external = ""
+    run(cfg)
+    assert baselines_main(["--out", str(root / "baselines"), "--baselines", "hybrid", "--image_run",
+                           str(root / "run"), "--hybrid_clinical"]) == 0
+    return root
+
+
+def _test_rows(root, synth_cohort, drop: tuple[str, ...] = ()):
+    """The run's test rows as a new manifest: absolute paths, no outcome columns."""
+    test = json.loads((root / "run" / "splits.json").read_text())["test"]
+    m = pd.read_csv(synth_cohort / "manifest.csv", dtype={"subject_id": str})
+    m = m[m["subject_id"].isin(test)].drop(columns=["label", "time", "event", *drop])
+    for col in ("image", "mask"):
+        m[col] = [str(synth_cohort / p) for p in m[col]]
+    return m
+
+
+def test_the_export_holds_what_the_stacker_reads(hybrid_run):
+    from finetune.baselines.hybrid_export import read_export
+    export = read_export(hybrid_run / "baselines" / "hybrid" / "export")
+    stacker = json.loads((hybrid_run / "baselines" / "hybrid" / "stacker.json").read_text())
+    assert export.stacker.to_dict() == stacker
+    assert export.image and sorted(export.baselines) == ["radiomics_clinical"]  # the label's first level
+    assert export.needs_radiomics() and export.prep.spacing == (2.0, 2.0, 2.0)
+    # each exported baseline is the model.json the baseline's own folder holds
+    assert export.baselines["radiomics_clinical"].to_dict() == json.loads(
+        (hybrid_run / "baselines" / "radiomics_clinical" / "model.json").read_text())
+
+
+def test_predict_with_the_hybrid_gives_the_fits_test_scores(hybrid_run, synth_cohort, tmp_path):
+    from finetune.predict import main as predict_main
+    _test_rows(hybrid_run, synth_cohort).to_csv(tmp_path / "new.csv", index=False)
+    assert predict_main(["--model", str(hybrid_run / "run" / "model"), "--manifest", str(tmp_path / "new.csv"),
+                         "--out", str(tmp_path / "pred.csv"), "--hybrid",
+                         str(hybrid_run / "baselines" / "hybrid" / "export")]) == 0
+    got = pd.read_csv(tmp_path / "pred.csv", dtype={"subject_id": str}).set_index("subject_id")
+    fitted = pd.read_csv(hybrid_run / "baselines" / "hybrid" / "predictions.csv", dtype={"subject_id": str})
+    fitted = fitted[fitted.split == "test"].set_index("subject_id")["prob"]
+    image = pd.read_csv(hybrid_run / "run" / "predictions.csv", dtype={"subject_id": str})
+    image = image[(image.split == "test") & (image.fold == -1)].set_index("subject_id")["prob"]
+    assert sorted(got.index) == sorted(fitted.index) and len(got) >= 4
+    np.testing.assert_allclose(got.loc[fitted.index, "prob"], image.loc[fitted.index], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got.loc[fitted.index, "hybrid_prob"], fitted, rtol=0, atol=1e-6)
+    assert np.ptp(fitted) > 1e-3  # the scores differ by row: the comparison is not of constants
+
+
+@pytest.mark.parametrize("case", ["file_missing", "not_an_export"])
+def test_predict_refuses_a_hybrid_it_cannot_apply_in_one_line_before_any_work(hybrid_run, synth_cohort, tmp_path,
+                                                                              capsys, case):
+    from finetune.predict import main as predict_main
+    export = hybrid_run / "baselines" / "hybrid" / "export"
+    if case == "file_missing":
+        export = shutil.copytree(export, tmp_path / "export")
+        (export / "radiomics_clinical.json").unlink()
+        expect = f"baseline model {export / 'radiomics_clinical.json'}: cannot read"
+    else:
+        export = hybrid_run / "baselines" / "radiomics_clinical"
+        expect = f"--hybrid {export}: not a hybrid export folder"
+    _test_rows(hybrid_run, synth_cohort).to_csv(tmp_path / "new.csv", index=False)
+    with pytest.raises(SystemExit) as e:
+        predict_main(["--model", str(hybrid_run / "run" / "model"), "--manifest", str(tmp_path / "new.csv"),
+                      "--out", str(tmp_path / "out" / "pred.csv"), "--hybrid", str(export)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and expect in err, err
+    assert not (tmp_path / "out").exists()  # no output, no cache: nothing was preprocessed
+
+
+def test_a_manifest_without_a_clinical_column_the_hybrid_reads_is_refused(hybrid_run, synth_cohort):
+    """(Through predict, this fixture's image model reads every clinical column too, and refuses first.)"""
+    from finetune.baselines.hybrid_predict import load_hybrid
+    export = hybrid_run / "baselines" / "hybrid" / "export"
+    column = json.loads((export / "stacker.json").read_text())["clinical_columns"][0]
+    rows = _test_rows(hybrid_run, synth_cohort, drop=(column,))
+    with pytest.raises(InputError, match=rf"^new.csv: column\(s\) \['{column}'\] missing; the hybrid \(--hybrid "):
+        load_hybrid(export, rows, "new.csv", "classification", "m")
+
+
+def test_a_hybrid_of_another_task_than_the_model_is_refused(hybrid_run, synth_cohort):
+    from finetune.baselines.hybrid_predict import load_hybrid
+    export = hybrid_run / "baselines" / "hybrid" / "export"
+    rows = _test_rows(hybrid_run, synth_cohort)
+    with pytest.raises(InputError, match=r"a classification hybrid .*--model m is --task survival, with no 'prob'"):
+        load_hybrid(export, rows, "new.csv", "survival", "m")
+    assert load_hybrid(export, rows, "new.csv", "multitask", "m").task == "classification"  # it predicts both
+
+
+@pytest.mark.parametrize("inverted", [["image"], ["image", "radiomics_clinical"]])
+def test_a_dropped_input_is_not_exported_and_predict_needs_none_of_it(hybrid_run, synth_cohort, tmp_path, inverted):
+    """A stacker that dropped the image score (or every score: it predicts the base rate) exports no such input,
+    and the hybrid's score does not move with the dropped image score."""
+    from data.prep_config import PrepConfig
+    from finetune.baselines import hybrid
+    from finetune.baselines.hybrid_export import read_export, write_export
+    from finetune.baselines.hybrid_predict import hybrid_scores
+    from test_hybrid import INPUTS, _rows
+    rows = _rows()
+    rows[inverted] = 1.0 - rows[inverted]  # ranks the val rows the wrong way: dropped (test_hybrid.py)
+    stacker = hybrid.fit_stacker(rows, "classification", INPUTS, [], seed=0)
+    fitted = read_export(hybrid_run / "baselines" / "hybrid" / "export").baselines
+    write_export(tmp_path / "export", stacker, fitted, 5.0, 32, PrepConfig())
+    export = read_export(tmp_path / "export")
+    kept = [n for n in INPUTS if n not in inverted]
+    assert not export.image and sorted(export.baselines) == kept
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == sorted(
+        ["hybrid.json", "stacker.json", *[f"{n}.json" for n in kept]])
+    new = _test_rows(hybrid_run, synth_cohort)
+    scores = [hybrid_scores(export, new, pd.DataFrame({"subject_id": new["subject_id"], "prob": p}),
+                            str(tmp_path / "cache"))[0]["hybrid_prob"] for p in (0.1, 0.9)]
+    np.testing.assert_array_equal(scores[0], scores[1])
+    if len(inverted) == 2:
+        assert np.ptp(scores[0]) == 0 and scores[0][0] == pytest.approx(rows["label"].mean())
+    else:
+        assert np.ptp(scores[0]) > 0
+
+
+def test_predict_help_explains_the_hybrid_flag(capsys):
+    from finetune.predict import main as predict_main
+    with pytest.raises(SystemExit):
+        predict_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--hybrid HYBRID" in text and "hybrid_prob" in text and "OUT/hybrid/export" in text
