@@ -89,6 +89,12 @@ class FinetuneConfig(LoopConfig):
     # --model.seg_head names), or a MONAI CNN from scratch (models/cnn_segmenter.py: dynunet planned the nnU-Net way, or
     # segresnet; --model.seg_width channels at its finest stage), on the same crops, loss and folds
     seg_arch: Literal["vit", "dynunet", "segresnet"] = "vit"
+    # after the folds, fit the baselines and the hybrid (their image score stacked with radiomics + clinical) on
+    # this run's splits and seed into <output_dir>/hybrid/, as python -m finetune.baselines --baselines hybrid
+    # --image_run <output_dir> would, with the export in <output_dir>/model/hybrid/, which python -m
+    # finetune.predict --model <output_dir>/model then applies (hybrid_prob / hybrid_risk); --task classification
+    # or survival
+    hybrid: bool = False
     prep: PrepConfig = field(default_factory=PrepConfig)
     model: MultimodalConfig = field(default_factory=_default_model)
     optim: OptimConfig = field(default_factory=_default_optim)
@@ -111,6 +117,9 @@ class FinetuneConfig(LoopConfig):
         if self.lp_epochs and (self.lp_epochs >= self.epochs or self.freeze_encoder):
             raise ConfigError(f"--lp_epochs {self.lp_epochs}: needs --epochs above it and no --freeze_encoder")
         self._check_seg_arch()
+        if self.hybrid and self.task.label == self.task.survival:  # the hybrid stacks one score: prob or risk
+            raise ConfigError(f"--hybrid: stacks one outcome score; --task {self.model.task} is not classification "
+                              "or survival")
         parse_eval_sets(self.eval_sets)  # a malformed entry fails at parse time, naming the flag
         if self.crop_mm is not None:
             ViewSpec(crop_mm=self.crop_mm, margin_mm=self.margin_mm)  # a negative value fails here, at parse time

@@ -22,7 +22,8 @@ named on the console and listed with their reasons in `<out>.rejected.csv`, and 
 predicted. The crops follow the model's input contract (input_spec.json).
 
 With --hybrid OUT/hybrid/export (python -m finetune.baselines --baselines hybrid, on the run --model comes from),
-each scored row also gets the hybrid's score, hybrid_prob or hybrid_risk (finetune.baselines.hybrid_predict).
+or without the flag where --model has a hybrid/ folder (python -m finetune --hybrid), each scored row also
+gets the hybrid's score, hybrid_prob or hybrid_risk (finetune.baselines.hybrid_predict).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from models.multimodal import MultimodalModel
 from models.tasks import output_scores
 
 MAX_NAMED = 5  # rejected rows named on the console before "and N more"
+RUN_HYBRID = "hybrid"  # <run>/model/hybrid/: the hybrid's export python -m finetune --hybrid writes beside the folds
 
 
 def model_folders(path: str | Path) -> list[Path]:
@@ -286,7 +288,8 @@ def main(argv=None) -> int:
                     "hybrid writes OUT/hybrid/export, stacked on the run --model comes from): adds hybrid_prob "
                     "(label) or hybrid_risk (survival), the stacker over this model's score and the baselines' "
                     "(radiomics of each row's drawn or found lesion, its clinical columns); the manifest then "
-                    "needs the clinical columns the hybrid reads")
+                    "needs the clinical columns the hybrid reads. Default: --model's hybrid/ folder where it has "
+                    "one (python -m finetune --hybrid writes RUN/model/hybrid)")
     args = ap.parse_args(argv)
     if args.surface_margin_mm < 0:
         raise InputError(f"--surface_margin_mm {args.surface_margin_mm}: must be >= 0")
@@ -331,12 +334,13 @@ def main(argv=None) -> int:
 
 
 def read_hybrid(args, df: pd.DataFrame, model_task: str):
-    """--hybrid's export (finetune.baselines.hybrid_predict.load_hybrid: its files, the manifest's columns and the
-    model's task checked), or None without the flag."""
-    if not args.hybrid:
+    """--hybrid's export, else --model's own hybrid/ folder where it has one (finetune.baselines.hybrid_predict.
+    load_hybrid: its files, the manifest's columns and the model's task checked), or None."""
+    folder = args.hybrid or (Path(args.model) / RUN_HYBRID if (Path(args.model) / RUN_HYBRID).is_dir() else "")
+    if not folder:
         return None
     from finetune.baselines.hybrid_predict import load_hybrid
-    return load_hybrid(args.hybrid, df, args.manifest, model_task, args.model)
+    return load_hybrid(folder, df, args.manifest, model_task, args.model)
 
 
 def add_hybrid(res: pd.DataFrame, hybrid, scored: pd.DataFrame, outcomes: pd.DataFrame, cache: str) -> pd.DataFrame:

@@ -187,7 +187,7 @@ def fold_fingerprint(cfg: FinetuneConfig, splits: dict) -> str:
     """What a finished fold depends on; a fold saved under another fingerprint is retrained, not reused."""
     d = to_dict(cfg)
     for k in ("output_dir", "cache_dir", "n_boot", "explain", "figures", "num_workers", "reuse_folds", "external",
-              "eval_sets", "splits", "prep_workers", "dist_timeout_min"):
+              "eval_sets", "splits", "prep_workers", "dist_timeout_min", "hybrid"):
         d.pop(k, None)
     if d.get("seg_arch") == "vit":  # the default arch leaves the fingerprint of runs made before the flag
         d.pop("seg_arch")
@@ -299,6 +299,9 @@ def run(cfg: FinetuneConfig) -> dict:
     with accelerator.main_process_first():  # one rank writes a new splits file; the others then read it
         splits = load_splits(cfg, df)
     refuse_other_runs_folds(cfg, fold_fingerprint(cfg, splits))
+    if cfg.hybrid:  # what it cannot be fitted on is refused before any fold trains
+        from finetune.baselines.run_hybrid import check_run_hybrid
+        check_run_hybrid(cfg, df, splits, columns, held_out)
     if main:  # only now that the run can start: nothing is written for a refused one
         out.mkdir(parents=True, exist_ok=True)
         save_config(replace(cfg, model=model_cfg, prep=spec.prep, crop_mm=spec.view.crop_mm), out / "config.yaml")
@@ -318,6 +321,9 @@ def run(cfg: FinetuneConfig) -> dict:
     if main:
         print_summary(metrics, out, cfg.figures)
     accelerator.wait_for_everyone()
+    if main and cfg.hybrid:  # after the barrier: the main process alone, no collective left to time out
+        from finetune.baselines.run_hybrid import fit_run_hybrid
+        fit_run_hybrid(cfg, columns)
     return metrics
 
 

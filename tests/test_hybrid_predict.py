@@ -143,3 +143,55 @@ def test_predict_help_explains_the_hybrid_flag(capsys):
         predict_main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--hybrid HYBRID" in text and "hybrid_prob" in text and "OUT/hybrid/export" in text
+
+
+def test_one_command_fits_the_hybrid_and_predict_applies_it_without_a_flag(hybrid_run, synth_cohort, tmp_path):
+    """python -m finetune --hybrid: after the folds (here the fixture's, reused), the baselines and the hybrid on the
+    run's splits into RUN/hybrid/ and the export into RUN/model/hybrid/; predict --model RUN/model applies it."""
+    from finetune.predict import main as predict_main
+    from finetune.train import run
+    out = hybrid_run / "one_command"
+    shutil.copytree(hybrid_run / "run", out)  # its finished folds are reused: only the hybrid is new
+    cfg = tiny_cfg(synth_cohort, out, task="classification", fusion="concat", explain=0, figures=False, n_boot=0)
+    cfg.external, cfg.hybrid = "", True
+    run(cfg)
+    assert (out / "model" / "hybrid" / "hybrid.json").is_file()
+    _test_rows(hybrid_run, synth_cohort).to_csv(tmp_path / "new.csv", index=False)
+    assert predict_main(["--model", str(out / "model"), "--manifest", str(tmp_path / "new.csv"),
+                         "--out", str(tmp_path / "pred.csv")]) == 0
+    got = pd.read_csv(tmp_path / "pred.csv", dtype={"subject_id": str}).set_index("subject_id")["hybrid_prob"]
+    fitted = pd.read_csv(out / "hybrid" / "hybrid" / "predictions.csv", dtype={"subject_id": str})
+    fitted = fitted[fitted.split == "test"].set_index("subject_id")["prob"]
+    assert sorted(got.index) == sorted(fitted.index)
+    np.testing.assert_allclose(got.loc[fitted.index], fitted, rtol=0, atol=1e-6)
+
+
+def test_a_run_the_hybrid_cannot_be_fitted_on_is_refused_before_training(hybrid_run, synth_cohort):
+    from core.cli import parse_config
+    from core.errors import ConfigError
+    from finetune.baselines.run_hybrid import check_run_hybrid
+    from finetune.config import FinetuneConfig
+    with pytest.raises(ConfigError, match="--hybrid: stacks one outcome score; --task multitask"):
+        parse_config(FinetuneConfig, ["--hybrid", "--task", "multitask"])
+    cfg = tiny_cfg(synth_cohort, hybrid_run / "never", task="classification")
+    splits = json.loads((hybrid_run / "run" / "splits.json").read_text())
+    df = pd.read_csv(synth_cohort / "manifest.csv", dtype={"subject_id": str})
+    with pytest.raises(InputError, match="--hybrid: .* has no clinical columns"):
+        check_run_hybrid(cfg, df, splits, [])
+    with pytest.raises(InputError, match=r"the 'large' cohort has no clinical column\(s\) \['age'\]"):
+        check_run_hybrid(cfg, df, splits, ["age"], {"large": df.drop(columns="age")})
+    with pytest.raises(InputError, match="needs at least 2 rows of each class"):
+        check_run_hybrid(cfg, df.assign(label=0), splits, ["age"])
+    check_run_hybrid(cfg, df, splits, ["age"])  # the control: the cohort itself can be stacked
+
+
+def test_the_hybrid_flag_leaves_the_fold_fingerprint_alone():
+    """--hybrid changes nothing a fold trains on: a run's finished folds are reused when it is added (and the
+    fingerprints of runs made before the flag stay as they were)."""
+    from dataclasses import replace
+
+    from finetune.config import FinetuneConfig
+    from finetune.train import fold_fingerprint
+    splits = {"folds": [{"train": ["a"], "val": ["b"]}]}
+    cfg = FinetuneConfig()
+    assert fold_fingerprint(replace(cfg, hybrid=True), splits) == fold_fingerprint(cfg, splits)

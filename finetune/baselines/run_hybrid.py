@@ -1,0 +1,59 @@
+"""The hybrid inside a fine-tuning run: `python -m finetune ... --hybrid` (FinetuneConfig.hybrid).
+
+After the folds, the run fits the baselines and the hybrid on its own splits and seed, exactly as
+`python -m finetune.baselines --out <output_dir>/hybrid --baselines hybrid --image_run <output_dir>` would (with
+the run's --external, --eval_sets and clinical columns), and copies the export to <output_dir>/model/hybrid/,
+where `python -m finetune.predict --model <output_dir>/model` finds it. What the hybrid cannot fit on is refused
+before the first fold trains (check_run_hybrid).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from core.atomic import atomic_dir
+from core.errors import InputError
+
+BASELINES_DIR = "hybrid"  # <output_dir>/hybrid/: the baselines' and the hybrid's folders, as OUT of finetune.baselines
+MODEL_DIR = "hybrid"      # <output_dir>/model/hybrid/: the export, beside the fold models
+
+
+def check_run_hybrid(cfg, df: pd.DataFrame, splits: dict, clinical: list[str],
+                     held_out: dict[str, pd.DataFrame] | None = None) -> None:
+    """Before any fold trains: InputError unless the hybrid can be fitted on this run (clinical columns for its
+    baselines, in every held-out cohort too, the image column the radiomics read, enough val rows of each class /
+    events for every stacker). held_out: split name -> table (--external as external, each --eval_sets)."""
+    from finetune.baselines.hybrid import check_stackable, val_folds
+    from finetune.baselines.radiomics import baseline_prep
+    if not clinical:
+        raise InputError(f"--hybrid: {cfg.manifest} has no clinical columns; the hybrid's baselines need them")
+    absent = [c for c in baseline_prep().image_columns() if c not in df.columns]
+    if absent:
+        raise InputError(f"--hybrid: {cfg.manifest} has no {absent} column; the hybrid's radiomics read it (with the "
+                         f"lesion mask)")
+    for name, table in (held_out or {}).items():
+        absent = [c for c in clinical if c not in table.columns]
+        if absent:
+            raise InputError(f"--hybrid: the {name!r} cohort has no clinical column(s) {absent}; the hybrid's "
+                             f"baselines predict it from its own values")
+    check_stackable(df, val_folds(splits), cfg.task)
+
+
+def fit_run_hybrid(cfg, clinical: list[str]) -> Path:
+    """The baselines and the hybrid of the finished run into <output_dir>/hybrid/, the export copied to
+    <output_dir>/model/hybrid/ (returned)."""
+    from finetune.baselines.__main__ import main
+    from finetune.baselines.compare import HYBRID
+    out = Path(cfg.output_dir)
+    argv = ["--out", str(out / BASELINES_DIR), "--baselines", "hybrid", "--image_run", str(out),
+            "--clinical_columns", ",".join(clinical)]
+    argv += ["--external", cfg.external] if cfg.external else []
+    argv += ["--eval_sets", *cfg.eval_sets] if cfg.eval_sets else []
+    main.__wrapped__(argv)  # InputError reaches the fine-tuning CLI's own one-line handler
+    target = out / "model" / MODEL_DIR
+    with atomic_dir(target) as tmp:
+        shutil.copytree(out / BASELINES_DIR / HYBRID / "export", tmp, dirs_exist_ok=True)
+    print(f"hybrid: {target} (python -m finetune.predict --model {out / 'model'} adds its score)")
+    return target
