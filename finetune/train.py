@@ -154,11 +154,15 @@ def _names_sites(df: pd.DataFrame) -> bool:
     return "site" in df.columns and bool((df["site"].astype(str) != DEFAULT_SITE).any())
 
 
-def load_splits(cfg: FinetuneConfig, df: pd.DataFrame) -> dict:
-    from data.splits import load_or_make_splits, stratify_of
+def load_splits(cfg: FinetuneConfig, df: pd.DataFrame, save: bool = True) -> dict:
+    """The run's splits: its --splits file, else <output_dir>/splits.json, made (and, with `save`, written) when
+    absent."""
+    from data.splits import load_or_make_splits, make_splits, stratify_of
     path = cfg.splits or str(Path(cfg.output_dir) / "splits.json")
-    return load_or_make_splits(path, df, test_fraction=cfg.test_fraction, folds=cfg.folds,
-                               stratify=stratify_of(df), seed=cfg.seed)
+    settings = {"test_fraction": cfg.test_fraction, "folds": cfg.folds, "stratify": stratify_of(df), "seed": cfg.seed}
+    if not save and not Path(path).exists():
+        return make_splits(df, **settings)
+    return load_or_make_splits(path, df, **settings)
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,12 +300,12 @@ def run(cfg: FinetuneConfig) -> dict:
     model_cfg, spec = resolve_inputs(cfg)
     # every rank prepares its share of the cohorts, then reads the whole cache
     df, held_out, columns = load_cohort(cfg, spec.prep, show_progress=main, accelerator=accelerator)
+    if cfg.hybrid:  # what it cannot be fitted on is refused before any file is written or fold trains
+        from finetune.baselines.run_hybrid import check_run_hybrid
+        check_run_hybrid(cfg, df, load_splits(cfg, df, save=False), columns, held_out)
     with accelerator.main_process_first():  # one rank writes a new splits file; the others then read it
         splits = load_splits(cfg, df)
     refuse_other_runs_folds(cfg, fold_fingerprint(cfg, splits))
-    if cfg.hybrid:  # what it cannot be fitted on is refused before any fold trains
-        from finetune.baselines.run_hybrid import check_run_hybrid
-        check_run_hybrid(cfg, df, splits, columns, held_out)
     if main:  # only now that the run can start: nothing is written for a refused one
         out.mkdir(parents=True, exist_ok=True)
         save_config(replace(cfg, model=model_cfg, prep=spec.prep, crop_mm=spec.view.crop_mm), out / "config.yaml")

@@ -145,25 +145,54 @@ def test_predict_help_explains_the_hybrid_flag(capsys):
     assert "--hybrid HYBRID" in text and "hybrid_prob" in text and "OUT/hybrid/export" in text
 
 
+def _survival_cfg(synth_cohort, out, manifest: str):
+    cfg = tiny_cfg(synth_cohort, out, task="survival", fusion="concat", explain=0, figures=False, n_boot=0)
+    cfg.manifest, cfg.external, cfg.hybrid = str(synth_cohort / manifest), "", True
+    return cfg
+
+
 def test_one_command_fits_the_hybrid_and_predict_applies_it_without_a_flag(hybrid_run, synth_cohort, tmp_path):
-    """python -m finetune --hybrid: after the folds (here the fixture's, reused), the baselines and the hybrid on the
-    run's splits into RUN/hybrid/ and the export into RUN/model/hybrid/; predict --model RUN/model applies it."""
+    """python -m finetune --hybrid (a survival run: the other task than the fixture's): after the folds, the
+    baselines and the hybrid on the run's splits into RUN/hybrid/ and the export into RUN/model/hybrid/; predict
+    --model RUN/model applies it without a flag and gives the fit's hybrid_risk of the test rows."""
     from finetune.predict import main as predict_main
     from finetune.train import run
-    out = hybrid_run / "one_command"
-    shutil.copytree(hybrid_run / "run", out)  # its finished folds are reused: only the hybrid is new
-    cfg = tiny_cfg(synth_cohort, out, task="classification", fusion="concat", explain=0, figures=False, n_boot=0)
-    cfg.external, cfg.hybrid = "", True
+    m = pd.read_csv(synth_cohort / "manifest.csv", dtype={"subject_id": str}).set_index("subject_id", drop=False)
+    splits = json.loads((hybrid_run / "run" / "splits.json").read_text())
+    for fold in splits["folds"]:  # each Cox baseline's training rows get a second censored row (the cohort has 5)
+        if (m.loc[fold["train"], "event"] == 0).sum() < 2:
+            m.loc[next(s for s in fold["train"] if m.loc[s, "event"] == 1), "event"] = 0
+    # no tied times: an inner-CV fold of the stacker's 12 val rows with no comparable pair scores NaN and the Cox
+    # stacker refuses (hybrid._fit_penalised), as it did on the cohort's two events at 7.2 months
+    m["time"] += np.arange(len(m)) * 1e-3
+    m.to_csv(synth_cohort / "manifest_censored.csv", index=False)
+    out = hybrid_run / "one_command"  # beside the fixture's run: the same prepared cache
+    cfg = _survival_cfg(synth_cohort, out, "manifest_censored.csv")
+    cfg.splits = str(hybrid_run / "run" / "splits.json")  # the same subjects: the splits whose folds were counted
     run(cfg)
     assert (out / "model" / "hybrid" / "hybrid.json").is_file()
+    assert sorted(p.name for p in (out / "hybrid").iterdir()) == ["clinical_only", "features.csv", "hybrid",
+                                                                  "radiomics_clinical"]
     _test_rows(hybrid_run, synth_cohort).to_csv(tmp_path / "new.csv", index=False)
     assert predict_main(["--model", str(out / "model"), "--manifest", str(tmp_path / "new.csv"),
                          "--out", str(tmp_path / "pred.csv")]) == 0
-    got = pd.read_csv(tmp_path / "pred.csv", dtype={"subject_id": str}).set_index("subject_id")["hybrid_prob"]
+    got = pd.read_csv(tmp_path / "pred.csv", dtype={"subject_id": str}).set_index("subject_id")
     fitted = pd.read_csv(out / "hybrid" / "hybrid" / "predictions.csv", dtype={"subject_id": str})
-    fitted = fitted[fitted.split == "test"].set_index("subject_id")["prob"]
-    assert sorted(got.index) == sorted(fitted.index)
-    np.testing.assert_allclose(got.loc[fitted.index], fitted, rtol=0, atol=1e-6)
+    fitted = fitted[fitted.split == "test"].set_index("subject_id")["risk"]
+    assert sorted(got.index) == sorted(fitted.index) and "risk" in got.columns
+    np.testing.assert_allclose(got.loc[fitted.index, "hybrid_risk"], fitted, rtol=0, atol=1e-6)
+    assert np.ptp(fitted) > 1e-3
+
+
+def test_a_survival_run_whose_baselines_cannot_be_fitted_is_refused_before_any_fold(hybrid_run, synth_cohort):
+    """The synthetic cohort's 30 patients have too few censored rows for a Cox baseline in every fold: the run
+    stops before training, not after it, and writes nothing."""
+    from finetune.train import run
+    out = hybrid_run / "refused"
+    with pytest.raises(InputError, match=r"^--hybrid: the baselines fitted on .* need at least 2 events and 2 "
+                                         r"censored rows"):
+        run(_survival_cfg(synth_cohort, out, "manifest.csv"))
+    assert not out.exists()
 
 
 def test_a_run_the_hybrid_cannot_be_fitted_on_is_refused_before_training(hybrid_run, synth_cohort):
@@ -180,7 +209,7 @@ def test_a_run_the_hybrid_cannot_be_fitted_on_is_refused_before_training(hybrid_
         check_run_hybrid(cfg, df, splits, [])
     with pytest.raises(InputError, match=r"the 'large' cohort has no clinical column\(s\) \['age'\]"):
         check_run_hybrid(cfg, df, splits, ["age"], {"large": df.drop(columns="age")})
-    with pytest.raises(InputError, match="needs at least 2 rows of each class"):
+    with pytest.raises(InputError, match="fold 0.s train rows need at least 2 rows of each class"):
         check_run_hybrid(cfg, df.assign(label=0), splits, ["age"])
     check_run_hybrid(cfg, df, splits, ["age"])  # the control: the cohort itself can be stacked
 

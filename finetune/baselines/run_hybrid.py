@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from core.atomic import atomic_dir
@@ -38,7 +39,22 @@ def check_run_hybrid(cfg, df: pd.DataFrame, splits: dict, clinical: list[str],
         if absent:
             raise InputError(f"--hybrid: the {name!r} cohort has no clinical column(s) {absent}; the hybrid's "
                              f"baselines predict it from its own values")
+    _check_baseline_rows(df, splits, cfg.task)
     check_stackable(df, val_folds(splits), cfg.task)
+
+
+def _check_baseline_rows(df: pd.DataFrame, splits: dict, task) -> None:
+    """The first-level baselines' own rule (RadiomicsModel.fit): each model (one per fold, on its train rows, and
+    one on all non-test rows) needs at least 2 training rows of each class, or of events and of censored rows."""
+    strata = df.set_index(df["subject_id"].astype(str))["label" if task.label else "event"].astype(int)
+    non_test = [s for fold in splits["folds"] for part in ("train", "val") for s in fold[part]]
+    fits = [(f"fold {k}'s train rows", fold["train"]) for k, fold in enumerate(splits["folds"])]
+    for where, ids in fits + [("the non-test rows", non_test)]:
+        counts = np.bincount(strata.loc[[str(s) for s in ids]], minlength=2)
+        if counts.min() < 2:
+            what = "rows of each class" if task.label else "events and 2 censored rows"
+            raise InputError(f"--hybrid: the baselines fitted on {where} need at least 2 {what} (counts "
+                             f"{counts.tolist()}); the hybrid cannot be fitted on this cohort's splits")
 
 
 def fit_run_hybrid(cfg, clinical: list[str]) -> Path:
