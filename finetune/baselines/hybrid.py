@@ -164,21 +164,10 @@ class Stacker:
 
     @classmethod
     def load(cls, path) -> "Stacker":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise InputError(f"stacker {path}: cannot read ({type(e).__name__}: {e})") from None
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise InputError(f"stacker {path}: not a {FORMAT} file")
-        names = set(cls.__dataclass_fields__) - {"pipeline"}
-        odd = (names - {"dropped"} - set(d)) | (set(d) - names)  # "dropped" came later: absent = none dropped
-        if odd:
-            raise InputError(f"stacker {path}: keys {sorted(odd)} differ from a {FORMAT} file's")
-        problem = _shape_problem(d)
-        if problem:  # a hand-edited or truncated file would otherwise broadcast, or fail deep in numpy
-            raise InputError(f"stacker {path}: {problem}")
-        return cls(**d)
+        from finetune.baselines.linear_export import read_model_json
+        # "dropped" came later: a stacker.json without it dropped nothing
+        return cls(**read_model_json(path, "stacker", FORMAT, set(cls.__dataclass_fields__) - {"pipeline"},
+                                     _shape_problem, optional={"dropped"}))
 
 
 def _shape_problem(d: dict) -> str:

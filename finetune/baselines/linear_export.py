@@ -81,20 +81,28 @@ class LinearBaseline:
 
     @classmethod
     def load(cls, path) -> "LinearBaseline":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise InputError(f"baseline model {path}: cannot read ({type(e).__name__}: {e})") from None
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise InputError(f"baseline model {path}: not a {FORMAT} file")
-        odd = set(d) ^ set(cls.__dataclass_fields__)
-        if odd:
-            raise InputError(f"baseline model {path}: keys {sorted(odd)} differ from a {FORMAT} file's")
-        problem = _shape_problem(d)
-        if problem:  # a hand-edited or truncated file would otherwise broadcast, or fail deep in numpy
-            raise InputError(f"baseline model {path}: {problem}")
-        return cls(**d)
+        return cls(**read_model_json(path, "baseline model", FORMAT, set(cls.__dataclass_fields__), _shape_problem))
+
+
+def read_model_json(path, what: str, fmt: str, fields: set[str], shape_problem, optional: set[str] = frozenset()) -> dict:
+    """A saved linear model's JSON (a LinearBaseline's, a hybrid Stacker's) as a dict, checked: it reads, its
+    `format` is `fmt`, its keys are `fields` (those in `optional` may be absent: they came later) and
+    `shape_problem(d)` finds nothing. InputError naming `what` and the file otherwise: a hand-edited or truncated
+    file would broadcast, or fail deep in numpy."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{what} {path}: cannot read ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict) or d.get("format") != fmt:
+        raise InputError(f"{what} {path}: not a {fmt} file")
+    odd = (fields - set(optional) - set(d)) | (set(d) - fields)
+    if odd:
+        raise InputError(f"{what} {path}: keys {sorted(odd)} differ from a {fmt} file's")
+    problem = shape_problem(d)
+    if problem:
+        raise InputError(f"{what} {path}: {problem}")
+    return d
 
 
 def _shape_problem(d: dict) -> str:
