@@ -428,3 +428,25 @@ def test_when_every_score_ranks_the_val_rows_the_wrong_way_the_stacker_predicts_
     assert np.ptp(pred) == 0.0
     if task == "classification":
         assert pred[0] == pytest.approx(rows["label"].mean())
+
+
+def test_an_inner_fold_without_a_comparable_pair_scores_chance_not_nan():
+    """Harrell's C of the Cox stacker's inner folds: sksurv's concordance where a fold has comparable pairs; 0.5
+    where it has none (two events tied at the last time, the censored rows before them), which before voided
+    every penalty and refused the stacker ("no penalty could be fitted")."""
+    from sksurv.metrics import concordance_index_censored
+
+    class Fixed:  # an "estimator" whose risk is its input's first column
+        def predict(self, X):
+            return np.asarray(X)[:, 0]
+    X = np.array([[3.0], [1.0], [2.0], [0.5]])
+    y = Surv.from_arrays([True, True, False, False], [2.0, 5.0, 3.0, 9.0])
+    want = concordance_index_censored(y["event"], y["time"], X[:, 0])[0]
+    assert hybrid.harrell_c_or_chance(Fixed(), X, y) == pytest.approx(want)
+    tied = Surv.from_arrays([True, True, False, False], [7.2, 7.2, 1.0, 2.0])
+    assert hybrid.harrell_c_or_chance(Fixed(), X, tied) == 0.5
+    rows = _rows(20)
+    rows["event"] = np.tile([1, 0, 0, 0, 0], 4)
+    rows["time"] = np.where(rows["event"] == 1, 7.2, rows.index * 0.1 + 0.1)  # every pair tied or censored before
+    stacker = hybrid.fit_stacker(rows, "survival", INPUTS, [], seed=0)
+    assert stacker.inner_cv["score"] == 0.5 and stacker.penalty == {"alpha": pytest.approx(hybrid.ALPHA_GRID[0])}

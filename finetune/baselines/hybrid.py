@@ -252,7 +252,8 @@ def _fit_penalised(train: pd.DataFrame, task: Task | str, inputs: list[str], cli
     X = pd.concat([pd.DataFrame(score_features(train, inputs, score), index=train.index, columns=inputs),
                    train[clinical]], axis=1)
     search = GridSearchCV(_pipeline(model, inputs, clinical), grid, cv=cv,
-                          scoring="neg_log_loss" if task.label else None, error_score=np.nan, refit=True)
+                          scoring="neg_log_loss" if task.label else harrell_c_or_chance, error_score=np.nan,
+                          refit=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a near-separable inner fold warns; it scores on and may lose
         search.fit(X, y)
@@ -260,6 +261,20 @@ def _fit_penalised(train: pd.DataFrame, task: Task | str, inputs: list[str], cli
         raise InputError(f"hybrid {task.name} stacker: no penalty could be fitted on every inner fold of its "
                          f"{len(train)} {FIT_SPLIT} rows")
     return _as_stacker(search, task, inputs, clinical, n_splits, len(train))
+
+
+def harrell_c_or_chance(estimator, X, y) -> float:
+    """Harrell's C of `estimator`'s risk on an inner test fold (the Cox stacker's own score), and 0.5 where the
+    fold has no comparable pair (its events all tied, or every censored row before them): such a fold carries
+    no evidence for any penalty, and its NaN would otherwise void every penalty of the grid."""
+    from sksurv.exceptions import NoComparablePairException
+    from sksurv.metrics import concordance_index_censored
+    event, time = (y[n] for n in y.dtype.names)
+    try:  # sksurv raises, or returns NaN, by version
+        c = float(concordance_index_censored(event.astype(bool), time, estimator.predict(X))[0])
+    except NoComparablePairException:
+        return 0.5
+    return c if np.isfinite(c) else 0.5
 
 
 def _strata(rows: pd.DataFrame, task: Task) -> np.ndarray:
