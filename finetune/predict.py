@@ -38,6 +38,7 @@ import torch
 from core.atomic import atomic_path
 from core.errors import InputError, cli_entry
 from finetune.clinical import unseen_categories_reported_once
+from finetune.lesion.candidates import CONFIDENCE_THRESHOLD
 from models.cnn_segmenter import CNNSegmenter, load_fold_model
 from models.input_spec import load_input_spec
 from models.multimodal import MultimodalModel
@@ -177,12 +178,13 @@ def segmenting_models(path: str | Path) -> list[MultimodalModel | CNNSegmenter]:
 
 def fill_masks(df: pd.DataFrame, need: np.ndarray, models: list, spec, cache_dir: str, masks_dir: Path,
                surface_margin_mm: float, accept_low_confidence: bool = False,
-               tta: bool = False) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+               tta: bool = False, threshold: float = CONFIDENCE_THRESHOLD) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Segment the rows in `need` and point their mask at the written NIfTI; (table, rejected rows).
     The table gains mask_source ("given" / "predicted"), lesion_status (finetune/lesion/candidates.py),
     search_region, predicted_mask and predicted_volume_ml, and, where a row's drawn mask was set aside
     (--segment_all), dice_vs_given. A row with no confident lesion keeps no mask (`scored_rows` leaves it
-    out). Every candidate of every segmented row goes to <masks_dir>/candidates.csv."""
+    out). Every candidate of every segmented row goes to <masks_dir>/candidates.csv; `threshold`: the score the
+    best one must reach to be taken (predict --confidence_threshold)."""
     from data.prepare import prepare_table
     from engine.logs import progress
     from finetune.lesion.search import search_lesion
@@ -204,7 +206,7 @@ def fill_masks(df: pd.DataFrame, need: np.ndarray, models: list, spec, cache_dir
     for _, row in good.iterrows():
         try:
             found.append((row["subject_id"], search_lesion(models, row, spec, masks_dir, surface_margin_mm,
-                                                           accept_low_confidence=accept_low_confidence)))
+                                                           accept_low_confidence=accept_low_confidence, threshold=threshold)))
         except InputError as e:
             rejected.append((row["subject_id"], str(e)))
         bar.update(1)
@@ -254,8 +256,7 @@ def rejected_summary(rejected: list[tuple[str, str]]) -> str:
     return f"rejected {len(rejected)} row(s): {named}{more}"
 
 
-@cli_entry
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m finetune.predict", description=__doc__.splitlines()[0],
                                  allow_abbrev=False)
     ap.add_argument("--model", required=True, help="fine-tuned model folder, or the model/ folder of a run (fold ensemble)")
@@ -290,7 +291,19 @@ def main(argv=None) -> int:
                     "(radiomics of each row's drawn or found lesion, its clinical columns); the manifest then "
                     "needs the clinical columns the hybrid reads. Default: --model's hybrid/ folder where it has "
                     "one (python -m finetune --hybrid writes RUN/model/hybrid)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--confidence_threshold", type=float, default=CONFIDENCE_THRESHOLD, help="the score a row's best "
+                    "lesion candidate must reach to be taken as its lesion (finetune/lesion/candidates.py's score, in "
+                    f"[0, 1); default {CONFIDENCE_THRESHOLD}, a documented default). Choose it for your segmenter on "
+                    "validation heads: python -m benchmarks.research.lesion_finder reports the threshold its rule "
+                    "chose and this flag with it")
+    return ap
+
+
+@cli_entry
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if not 0 <= args.confidence_threshold <= 1:
+        raise InputError(f"--confidence_threshold {args.confidence_threshold}: must lie in [0, 1]")
     if args.surface_margin_mm < 0:
         raise InputError(f"--surface_margin_mm {args.surface_margin_mm}: must be >= 0")
     from data.manifest import read_manifest
@@ -314,7 +327,7 @@ def main(argv=None) -> int:
         seg_spec = load_input_spec(model_folders(args.seg_model or args.model)[0])
         masks_dir = Path(args.out).parent / f"{Path(args.out).stem}_masks"
         df, rejected = fill_masks(df, need, seg_models, seg_spec, cache, masks_dir, args.surface_margin_mm,
-                                  args.accept_low_confidence, args.tta)
+                                  args.accept_low_confidence, args.tta, args.confidence_threshold)
     res = df[["subject_id"]].copy()
     scored = scored_rows(df)
     if outcome and len(scored):

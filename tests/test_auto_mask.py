@@ -172,6 +172,26 @@ def test_accept_low_confidence_takes_the_best_candidate_marked(tmp_path, monkeyp
     assert list(cands.index_lesion) == [True] and list(cands.confident) == [False]
 
 
+def test_the_confidence_threshold_is_the_users_to_set(tmp_path, monkeypatch, capsys):
+    """The faint cube scores 0.447 by hand (0.55 x 0.216 / (0.216 + 0.05)): flagged at the default 0.5, taken
+    as found (not merely accepted) at --confidence_threshold 0.4; a threshold outside [0, 1] is one line."""
+    from finetune import predict
+    _, manifest = three_heads(tmp_path, with_ball=(False,))
+    model = joint_model_and_threshold(tmp_path, monkeypatch)
+    out = tmp_path / "pred.csv"
+    assert predict.main(["--model", str(model), "--manifest", str(manifest), "--out", str(out),
+                         "--confidence_threshold", "0.4"]) == 0
+    res = pd.read_csv(out, dtype={"subject_id": str})
+    assert list(res.lesion_status) == ["found"] and res["prob"].between(0, 1).all()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        predict.main(["--model", str(model), "--manifest", str(manifest), "--out", str(tmp_path / "bad.csv"),
+                      "--confidence_threshold", "1.5"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "\n" not in err and "--confidence_threshold" in err
+    assert not (tmp_path / "bad.csv").exists()
+
+
 def test_a_head_trained_on_lesion_crops_only_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
     from finetune import predict
     _, manifest = three_heads(tmp_path, with_ball=(True,))

@@ -155,7 +155,7 @@ def test_a_row_predicted_without_a_mask_gets_the_tbr_of_its_drawn_mask(tmp_path,
     drawn = _row(tmp_path)
     (want,) = _prepared(tmp_path, [drawn])
 
-    def found_the_drawn_mask(models, row, spec, out_dir, margin, accept_low_confidence=False):
+    def found_the_drawn_mask(models, row, spec, out_dir, margin, accept_low_confidence=False, **kw):
         path = out_dir / f"{row['subject_id']}_pred_mask.nii.gz"
         shutil.copyfile(tmp_path / "s1_mask.nii.gz", path)
         return finetune.lesion.search.LesionSearch(path, 1.0, "found", pd.DataFrame(columns=COLUMNS), "a stand-in")

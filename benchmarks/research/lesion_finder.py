@@ -20,8 +20,8 @@ each head's label map, voxel value = rank). Then, per head, against its drawn ma
 The confidence threshold is chosen on the `--val` heads only and then applied, unchanged, to the other sets,
 which are for reporting only. Two rules (THRESHOLD_RULES) over the best candidate's score, found against not
 found: `no_silent` (the default), the lowest threshold above every not-found validation head, so no wrong
-lesion is confident there; `youden`, Youden's J. results.json reports the chosen rule's figures, and the
-other rule's under `other_rules`.
+lesion is confident there; `youden`, Youden's J. results.json reports the chosen rule's figures, the other
+rule's under `other_rules`, and `predict_flag`: the finetune.predict --confidence_threshold that deploys it.
 With `--outcome_model`, predict also scores each set's outcome from the drawn masks and from the found
 ones, over the heads that get one (AUC and Harrell's C; the bootstrap resamples patients, both masks alike).
 """
@@ -292,8 +292,10 @@ def main(argv=None) -> int:
         if args.outcome_model:
             results["sets"][name]["outcome"] = outcome_pair(name, out / name / "heads.csv", scored, choice["threshold"],
                                                             args.outcome_model, args.cache_dir, out / name, args.n_boot)
+    results["predict_flag"] = f"--confidence_threshold {choice['threshold']:.6g}"  # what deploys the chosen rule
     write_json(out / "results.json", results)
     print(json.dumps(results, indent=1))
+    print(f"finetune.predict with this segmenter, as measured here: {results['predict_flag']}")
     return 0
 
 

@@ -15,8 +15,8 @@ the volume factor takes a few stray voxels down (a component of VOLUME_HALF_ML g
 so a patient with several lesions has them all, ranked.
 
 CONFIDENCE_THRESHOLD (0.5) is a component with p_mean 0.75 over 0.1 ml (a 5.8 mm ball) wholly inside the
-brain. It is a documented default, not yet the threshold chosen on validation heads that issue 35 asks
-for: pass `threshold` (predict: the module constant) once that measurement exists.
+brain. It is a documented default: a segmenter's own threshold is chosen on validation heads by
+benchmarks.research.lesion_finder and given to predict as --confidence_threshold.
 """
 from __future__ import annotations
 
