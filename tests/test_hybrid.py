@@ -450,3 +450,23 @@ def test_an_inner_fold_without_a_comparable_pair_scores_chance_not_nan():
     rows["time"] = np.where(rows["event"] == 1, 7.2, rows.index * 0.1 + 0.1)  # every pair tied or censored before
     stacker = hybrid.fit_stacker(rows, "survival", INPUTS, [], seed=0)
     assert stacker.inner_cv["score"] == 0.5 and stacker.penalty == {"alpha": pytest.approx(hybrid.ALPHA_GRID[0])}
+
+
+def test_a_noise_level_negative_weight_does_not_drop_the_better_score(monkeypatch):
+    """ssl_gain seed 2, 40 patients: under the strongest penalty the fit over both scores gave radiomics + clinical
+    -0.002 and the image +0.003; dropping the most negative weight kept the image alone, a worse stacker. The
+    stacker is now the subset with non-negative weights and the best inner-CV score: radiomics + clinical alone
+    (by hand from the fits below), with the image listed as dropped at its weight in the fit over both."""
+    fits = {("image", "radiomics_clinical"): ([0.003, -0.002], -0.685), ("image",): ([0.002], -0.690),
+            ("radiomics_clinical",): ([0.3], -0.600)}
+
+    def fake(train, task, inputs, clinical, seed, inner_folds):
+        coef, score = fits[tuple(inputs)]
+        return hybrid.Stacker(task="classification", inputs=list(inputs), clinical_columns=[], clinical_schema=None,
+                              feature_names=list(inputs), mean=[0.0] * len(inputs), scale=[1.0] * len(inputs),
+                              coef=list(coef), intercept=0.0, penalty={"C": 0.001}, inner_cv={"score": score},
+                              n_fit=40)
+    monkeypatch.setattr(hybrid, "_fit_penalised", fake)
+    ours = hybrid.fit_stacker(_rows(), "classification", INPUTS, [], seed=0)
+    assert INPUTS == ["image", "radiomics_clinical"]
+    assert ours.inputs == ["radiomics_clinical"] and ours.coef == [0.3] and ours.dropped == {"image": 0.003}

@@ -152,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _with_run_defaults(args):
-    """Flags not given take --image_run's own (hybrid.run_inputs), then the built-in defaults; InputError naming
+    """Flags not given take --image_run's own (image_run.run_inputs), then the built-in defaults; InputError naming
     a required flag still missing."""
-    from finetune.baselines.hybrid import run_inputs
+    from finetune.baselines.image_run import run_inputs
     given = run_inputs(args.image_run) if args.image_run else {}
     for name, value in ({**split_defaults(), **given}).items():
         if getattr(args, name) is None:
@@ -169,10 +169,10 @@ def _with_run_defaults(args):
 
 
 def _image_run(args, names: list[str], eval_sets: dict[str, str]) -> dict | None:
-    """The fine-tuning run the hybrid stacks, read and checked (hybrid.read_image_run); None without the hybrid."""
+    """The fine-tuning run the hybrid stacks, read and checked (image_run.read_image_run); None without the hybrid."""
     if HYBRID not in names:
         return None
-    from finetune.baselines.hybrid import read_image_run
+    from finetune.baselines.image_run import read_image_run
     if not args.image_run:
         raise InputError(f"--baselines {HYBRID}: needs --image_run RUN (a python -m finetune output folder)")
     held = ({"external": ("--external", args.external)} if args.external else {}) | {

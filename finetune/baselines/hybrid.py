@@ -11,7 +11,8 @@ optionally with the clinical columns beside them (encoded as every mimfm model e
 chosen by patient-grouped, outcome-stratified inner CV on those rows. No first-level score gets a negative
 weight (Breiman's non-negative stacking): on a few dozen val rows a useful score can rank them the wrong way by
 chance, and inverted it is wrong for every new patient (ssl_gain seed 1, 40 patients: the image's weight -0.81,
-test_large AUC about 0.45), so such an input is dropped and the stacker refitted. The fitted stacker is saved as
+test_large AUC about 0.45), so the stacker is the best subset of inputs, by inner CV, whose weights are all
+non-negative (fit_stacker). The fitted stacker is saved as
 JSON (inputs, standardisation, coefficients, penalty, task, the predictions it reads) and applied from it.
 
 `stack_predictions` writes the hybrid as every baseline is written: each fold's `val` rows by a stacker fitted on
@@ -20,7 +21,7 @@ the other folds' `val` rows (so no stacker sees its own fold), held-out sets by 
 """
 from __future__ import annotations
 
-import json
+import itertools
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +41,6 @@ from core.errors import InputError
 from finetune.baselines.clinical_models import ClinicalEncoder
 from finetune.baselines.radiomics import survival_target
 from finetune.clinical import ClinicalSchema
-from data.splits import splits_content
 from finetune.evaluate import one_row_per_subject
 from models.tasks import Task, get_task
 
@@ -214,26 +214,38 @@ def fit_stacker(train: pd.DataFrame, task: Task | str, inputs: list[str], clinic
                 inner_folds: int = 5) -> Stacker:
     """Fit the task's stacker on `train` (one out-of-fold row per subject: the inputs' scores, patient_id, the
     outcome, the clinical columns); the penalty by patient-grouped, outcome-stratified inner CV (log loss for the
-    label, Harrell's C for survival). The input with the most negative weight is dropped and the stacker
-    refitted until none is negative, so no first-level score is inverted (module docstring). When the last one
-    left is negative too, no score ranks these rows the right way: every weight is set to 0 and the stacker
-    predicts the base rate (label) or one risk for all (survival), as non-negative least squares would."""
-    kept, dropped = list(inputs), {}
-    while True:
-        stacker = _fit_penalised(train, task, kept, clinical, seed, inner_folds)
-        weights = dict(zip(kept, stacker.coef[:len(kept)]))
-        worst = min(weights, key=weights.get)
-        if weights[worst] < 0:
-            dropped[worst] = float(weights[worst])
-        if weights[worst] >= 0 or len(kept) == 1:
-            break
-        kept.remove(worst)
-    if weights[worst] < 0:
-        stacker.coef = [0.0] * len(stacker.coef)
-        stacker.intercept = float(logit(np.clip(train["label"].mean(), PROB_EPS, 1 - PROB_EPS))) \
-            if stacker.score == "prob" else 0.0
-        stacker.pipeline = None  # the sklearn fit is not this stacker any more
-    stacker.dropped = dropped
+    label, Harrell's C for survival). No score gets a negative weight (module docstring): the fit over every
+    input where its weights are all >= 0, else the subset of inputs whose fit has them all >= 0 with the best
+    inner-CV score (the inputs left out go to `dropped`, with their weights in the fit over all). Choosing by
+    inner CV, not by dropping the most negative weight, keeps a good score whose weight came out at noise level
+    (-0.002 under the strongest penalty) from being dropped for a worse one. When no subset has non-negative
+    weights, no score ranks these rows the right way: every weight is set to 0 and the stacker predicts the base
+    rate (label) or one risk for all (survival), as non-negative least squares would."""
+    def fit(subset) -> Stacker:
+        return _fit_penalised(train, task, list(subset), clinical, seed, inner_folds)
+
+    def non_negative(stacker: Stacker) -> bool:
+        return min(stacker.coef[:len(stacker.inputs)]) >= 0
+
+    full = fit(inputs)
+    weights = dict(zip(inputs, full.coef[:len(inputs)]))
+    if non_negative(full):
+        full.dropped = {}
+        return full
+    subsets = [c for k in range(len(inputs) - 1, 0, -1) for c in itertools.combinations(inputs, k)]
+    fits = [fit(c) for c in subsets]
+    valid = [f for f in fits if non_negative(f)]
+    if valid:  # max keeps the first of equal scores: the larger subset
+        stacker = max(valid, key=lambda f: f.inner_cv["score"])
+        stacker.dropped = {n: float(weights[n]) for n in inputs if n not in stacker.inputs}
+        return stacker
+    stacker = max((f for f in fits if len(f.inputs) == 1), key=lambda f: f.inner_cv["score"])
+    stacker.dropped = {n: float(weights[n]) for n in inputs if n not in stacker.inputs} | {
+        stacker.inputs[0]: float(stacker.coef[0])}
+    stacker.coef = [0.0] * len(stacker.coef)
+    stacker.intercept = float(logit(np.clip(train["label"].mean(), PROB_EPS, 1 - PROB_EPS))) \
+        if stacker.score == "prob" else 0.0
+    stacker.pipeline = None  # the sklearn fit is not this stacker any more
     return stacker
 
 
@@ -388,111 +400,3 @@ def _with_outcomes(val: pd.DataFrame, outcomes: pd.DataFrame) -> pd.DataFrame:
     if unknown:
         raise InputError(f"{FIT_SPLIT} subject(s) {unknown[:5]} not in the cohort's manifests")
     return val
-
-
-# ---------------------------------------------------------------- the fine-tuning run it reads
-
-RUN_FILES = ("config.yaml", "predictions.csv")  # what python -m finetune writes; the run's splits.json beside them
-
-
-def read_image_run(run, task: Task | str, splits_path, held_out: dict[str, tuple] | None = None) -> dict:
-    """The fine-tuning run's predictions for `task`, checked before anything is fitted: it is a run, it predicts
-    `task`, its splits are the baselines' (`splits_path`), its val rows are those splits' out-of-fold rows and it
-    predicted every subject of the test set and of each held-out manifest in `held_out` (split name -> the flag
-    that names it and its CSV, e.g. {"external": ("--external", path)}). Returns {"predictions", "splits", "path"};
-    InputError naming the flag or file."""
-    from finetune.evaluate import read_predictions, run_config
-
-    run, task = Path(run), get_task(task) if isinstance(task, str) else task
-    _is_run(run)
-    cfg, cfg_path = run_config(run)
-    run_task = cfg.get("model", {}).get("task") if isinstance(cfg.get("model"), dict) else None
-    try:
-        run_task = get_task(run_task)
-    except (InputError, KeyError, TypeError, ValueError):
-        raise InputError(f"--image_run {run}: {cfg_path} names no task (model.task); not a fine-tuning run's config")
-    if not (run_task.label if task.label else run_task.survival):
-        raise InputError(f"--task {task.name}: the fine-tuning run {run} was --task {run_task.name} ({cfg_path}), "
-                         f"with no {score_of(task)!r} predictions")
-    splits = _same_splits(run, cfg, splits_path)
-    pred = read_predictions(run / "predictions.csv")
-    where = f"--image_run {run / 'predictions.csv'}"
-    if score_of(task) not in pred.columns:
-        raise InputError(f"{where}: no {score_of(task)!r} column for --task {task.name}")
-    _out_of_fold(pred, splits, where)
-    held = {"test": ("--splits", list(splits["test"]))}
-    for split, (flag, csv) in (held_out or {}).items():
-        try:
-            ids = pd.read_csv(csv, usecols=["subject_id"], dtype={"subject_id": str})["subject_id"]
-        except (OSError, ValueError) as e:
-            raise InputError(f"{flag} {csv}: cannot read its subject_id column ({type(e).__name__})") from None
-        held[split] = (flag, list(ids))
-    for split, (flag, ids) in held.items():
-        have = set(pred["subject_id"][(pred["split"] == split) & (pred["fold"] == -1)])
-        lacking = sorted(set(ids) - have)
-        if lacking:
-            raise InputError(f"{flag}: the fine-tuning run {run} has no fold-ensemble {split!r} prediction for "
-                             f"subject(s) {lacking[:5]}")
-    return {"predictions": pred[pred["split"].isin([FIT_SPLIT, *held])], "splits": splits, "path": run}
-
-
-def _is_run(run: Path) -> None:
-    absent = [f for f in RUN_FILES if not (run / f).is_file()]
-    if absent:
-        raise InputError(f"--image_run {run}: not a fine-tuning run (no {' or '.join(absent)}; python -m finetune "
-                         f"writes {' and '.join(RUN_FILES)})")
-
-
-def run_inputs(run) -> dict:
-    """What the fine-tuning run in folder `run` was given, as python -m finetune.baselines flags (read from its
-    saved config through finetune.evaluate.run_config): manifest, cache, splits, folds, test_fraction, seed, and
-    task where the run's names one baseline task (a multitask run predicts both: no default). Keys it lacks are
-    left out; InputError where `run` is not a fine-tuning run's folder."""
-    from finetune.evaluate import run_config
-    run = Path(run)
-    _is_run(run)
-    cfg, _ = run_config(run)
-    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
-    out = {"manifest": cfg.get("manifest") or None, "splits": str(_run_splits_path(run, cfg)),
-           # where fine-tuning put its cache when given none (finetune.train.load_cohort)
-           "cache": cfg.get("cache_dir") or str(Path(cfg.get("output_dir") or run).parent / "cache"),
-           "task": model.get("task") if model.get("task") in ("classification", "survival") else None}
-    out |= {k: cfg[k] for k in ("folds", "test_fraction", "seed") if isinstance(cfg.get(k), (int, float))}
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def _run_splits_path(run: Path, cfg: dict) -> Path:
-    """The splits file a fine-tuning run used: its --splits, else splits.json in its folder."""
-    return Path(cfg["splits"]) if cfg.get("splits") else run / "splits.json"
-
-
-def _same_splits(run: Path, cfg: dict, splits_path) -> dict:
-    """The baselines' splits, refused unless they are the fine-tuning run's."""
-    run_path = _run_splits_path(run, cfg)
-    ours = Path(splits_path)
-    for path, flag in ((run_path, f"--image_run {run}"), (ours, "--splits")):
-        if not path.is_file():
-            raise InputError(f"{flag}: splits {path} not found (the hybrid fits on the fine-tuning run's splits: "
-                             f"pass --splits {run_path})")
-    read = []
-    for path in (run_path, ours):
-        try:
-            read.append(json.loads(path.read_text()))
-            splits_content(read[-1])
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise InputError(f"splits {path}: not a valid splits file ({type(e).__name__}: {e})") from None
-    if splits_content(read[0]) != splits_content(read[1]):
-        raise InputError(f"--splits {ours}: differ from the fine-tuning run's {run_path}; the hybrid's first-level "
-                         f"models must share the run's folds (pass --splits {run_path})")
-    return read[1]
-
-
-def _out_of_fold(pred: pd.DataFrame, splits: dict, where: str) -> None:
-    """InputError unless the val rows are one per subject, each from the fold model that held it out."""
-    val = pred[pred["split"] == FIT_SPLIT]
-    expected = {(str(s), k) for k, f in enumerate(splits["folds"]) for s in f["val"]}
-    got = set(zip(val["subject_id"], val["fold"].astype(int)))
-    if len(val) != len(got) or got != expected:
-        wrong = sorted(got ^ expected)[:5]
-        raise InputError(f"{where}: {FIT_SPLIT} rows are not the splits' out-of-fold predictions (one per subject, "
-                         f"by the fold that held it out); (subject, fold) differing: {wrong}")
