@@ -361,6 +361,23 @@ def test_the_flags_default_to_the_image_runs_own_and_a_given_one_wins(tmp_path):
         _with_run_defaults(_parser().parse_args(["--out", "o"]))
 
 
+def test_a_moved_runs_cache_default_is_the_cache_beside_it_now(tmp_path):
+    """config.yaml records the run's output folder where it was trained (/old/place/runs/a, gone): its default
+    cache is then the cache/ beside the run's folder now, not /old/place/runs/cache; a recorded cache that still
+    exists is kept."""
+    from finetune.baselines.image_run import run_inputs
+    ids = [f"s{i:02d}" for i in range(6)]
+    splits = {"folds": [{"train": ids[2:4], "val": ids[:2]}, {"train": ids[:2], "val": ids[2:4]}], "test": ids[4:]}
+    run = _fake_run(tmp_path / "moved" / "a", splits, pd.Series(np.arange(6) % 2, index=ids),
+                    config={"output_dir": "/old/place/runs/a"})
+    assert run_inputs(run)["cache"] == str((tmp_path / "moved" / "cache").resolve())
+    kept = tmp_path / "there" / "a"
+    (kept.parent / "cache").mkdir(parents=True)
+    run2 = _fake_run(tmp_path / "moved2" / "a", splits, pd.Series(np.arange(6) % 2, index=ids),
+                     config={"output_dir": str(kept)})
+    assert run_inputs(run2)["cache"] == str(kept.parent / "cache")
+
+
 def test_the_hybrid_is_reported_but_never_the_reference_baseline():
     """finetune.evaluate --baselines OUT reads OUT/hybrid too; it stacks the judged model's own score, so it is
     reported beside the baselines but the best baseline (picked on val) is chosen among the others only."""

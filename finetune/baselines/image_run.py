@@ -75,11 +75,20 @@ def run_inputs(run) -> dict:
     cfg, _ = run_config(run)
     model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
     out = {"manifest": cfg.get("manifest") or None, "splits": str(_run_splits_path(run, cfg)),
-           # where fine-tuning put its cache when given none (finetune.train.load_cohort)
-           "cache": cfg.get("cache_dir") or str(Path(cfg.get("output_dir") or run).parent / "cache"),
+           "cache": _run_cache(run, cfg),
            "task": model.get("task") if model.get("task") in ("classification", "survival") else None}
     out |= {k: cfg[k] for k in ("folds", "test_fraction", "seed") if isinstance(cfg.get(k), (int, float))}
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _run_cache(run: Path, cfg: dict) -> str:
+    """The cache a fine-tuning run read: its --cache_dir, else the cache/ beside its output folder where
+    fine-tuning puts it when given none (finetune.train.load_cohort), as config.yaml recorded that folder; where
+    that cache/ is gone (the run was moved, with its cache beside it), the cache/ beside the run's folder now."""
+    if cfg.get("cache_dir"):
+        return str(cfg["cache_dir"])
+    recorded = Path(cfg.get("output_dir") or run).parent / "cache"
+    return str(recorded if recorded.is_dir() else run.resolve().parent / "cache")
 
 
 def _run_splits_path(run: Path, cfg: dict) -> Path:
