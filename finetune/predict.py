@@ -178,13 +178,15 @@ def segmenting_models(path: str | Path) -> list[MultimodalModel | CNNSegmenter]:
 
 def fill_masks(df: pd.DataFrame, need: np.ndarray, models: list, spec, cache_dir: str, masks_dir: Path,
                surface_margin_mm: float, accept_low_confidence: bool = False,
-               tta: bool = False, threshold: float = CONFIDENCE_THRESHOLD) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+               tta: bool = False, threshold: float = CONFIDENCE_THRESHOLD,
+               overlap: float | None = None) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Segment the rows in `need` and point their mask at the written NIfTI; (table, rejected rows).
     The table gains mask_source ("given" / "predicted"), lesion_status (finetune/lesion/candidates.py),
     search_region, predicted_mask and predicted_volume_ml, and, where a row's drawn mask was set aside
     (--segment_all), dice_vs_given. A row with no confident lesion keeps no mask (`scored_rows` leaves it
     out). Every candidate of every segmented row goes to <masks_dir>/candidates.csv; `threshold`: the score the
-    best one must reach to be taken (predict --confidence_threshold)."""
+    best one must reach to be taken (predict --confidence_threshold); `overlap`: the sliding window's (None:
+    the search's default)."""
     from data.prepare import prepare_table
     from engine.logs import progress
     from finetune.lesion.search import search_lesion
@@ -206,7 +208,8 @@ def fill_masks(df: pd.DataFrame, need: np.ndarray, models: list, spec, cache_dir
     for _, row in good.iterrows():
         try:
             found.append((row["subject_id"], search_lesion(models, row, spec, masks_dir, surface_margin_mm,
-                                                           accept_low_confidence=accept_low_confidence, threshold=threshold)))
+                                                           accept_low_confidence=accept_low_confidence, threshold=threshold,
+                                                           **({} if overlap is None else {"overlap": overlap}))))
         except InputError as e:
             rejected.append((row["subject_id"], str(e)))
         bar.update(1)
@@ -291,6 +294,10 @@ def _parser() -> argparse.ArgumentParser:
                     "(radiomics of each row's drawn or found lesion, its clinical columns); the manifest then "
                     "needs the clinical columns the hybrid reads. Default: --model's hybrid/ folder where it has "
                     "one (python -m finetune --hybrid writes RUN/model/hybrid)")
+    ap.add_argument("--overlap", type=float, default=None, help="the whole-head search's sliding-window overlap, "
+                    "in [0, 1) (default 0.25, MONAI's; finetune/lesion/search.py). 0 runs the fewest windows: about "
+                    "a quarter less time a head at 2 mm (docs/BENCHMARKS.md); what it costs in detection is not "
+                    "measured")
     ap.add_argument("--confidence_threshold", type=float, default=CONFIDENCE_THRESHOLD, help="the score a row's best "
                     "lesion candidate must reach to be taken as its lesion (finetune/lesion/candidates.py's score, in "
                     f"[0, 1); default {CONFIDENCE_THRESHOLD}, a documented default). Choose it for your segmenter on "
@@ -302,6 +309,8 @@ def _parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.overlap is not None and not 0 <= args.overlap < 1:
+        raise InputError(f"--overlap {args.overlap}: must lie in [0, 1)")
     if not 0 <= args.confidence_threshold <= 1:
         raise InputError(f"--confidence_threshold {args.confidence_threshold}: must lie in [0, 1]")
     if args.surface_margin_mm < 0:
@@ -327,7 +336,8 @@ def main(argv=None) -> int:
         seg_spec = load_input_spec(model_folders(args.seg_model or args.model)[0])
         masks_dir = Path(args.out).parent / f"{Path(args.out).stem}_masks"
         df, rejected = fill_masks(df, need, seg_models, seg_spec, cache, masks_dir, args.surface_margin_mm,
-                                  args.accept_low_confidence, args.tta, args.confidence_threshold)
+                                  args.accept_low_confidence, args.tta, args.confidence_threshold,
+                                  args.overlap)
     res = df[["subject_id"]].copy()
     scored = scored_rows(df)
     if outcome and len(scored):

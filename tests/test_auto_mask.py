@@ -192,6 +192,31 @@ def test_the_confidence_threshold_is_the_users_to_set(tmp_path, monkeypatch, cap
     assert not (tmp_path / "bad.csv").exists()
 
 
+def test_the_search_overlap_reaches_the_sliding_window(tmp_path, monkeypatch, capsys):
+    """--overlap 0 is the overlap every search of the run slides with (the default: the search's own); outside
+    [0, 1) it is one line, before any work."""
+    import finetune.lesion.search as search
+    from finetune import predict
+    _, manifest = three_heads(tmp_path, with_ball=(True,))
+    model = joint_model_and_threshold(tmp_path, monkeypatch)
+    seen, real = [], search.lesion_probability
+
+    def spy(models, image, spec, pad_value, **kw):
+        seen.append(kw["overlap"])
+        return real(models, image, spec, pad_value, **kw)
+    monkeypatch.setattr(search, "lesion_probability", spy)
+    for flags, want in (([], search.OVERLAP), (["--overlap", "0"], 0.0)):
+        assert predict.main(["--model", str(model), "--manifest", str(manifest), "--out",
+                             str(tmp_path / "pred.csv"), *flags]) == 0
+        assert seen.pop() == want and not seen
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        predict.main(["--model", str(model), "--manifest", str(manifest), "--out", str(tmp_path / "bad.csv"),
+                      "--overlap", "1"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "\n" not in err and "--overlap" in err and not (tmp_path / "bad.csv").exists()
+
+
 def test_a_head_trained_on_lesion_crops_only_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
     from finetune import predict
     _, manifest = three_heads(tmp_path, with_ball=(True,))
