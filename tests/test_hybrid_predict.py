@@ -162,8 +162,8 @@ def test_one_command_fits_the_hybrid_and_predict_applies_it_without_a_flag(hybri
     for fold in splits["folds"]:  # each Cox baseline's training rows get a second censored row (the cohort has 5)
         if (m.loc[fold["train"], "event"] == 0).sum() < 2:
             m.loc[next(s for s in fold["train"] if m.loc[s, "event"] == 1), "event"] = 0
-    # no tied times: an inner-CV fold of the stacker's 12 val rows with no comparable pair scores NaN and the Cox
-    # stacker refuses (hybrid._fit_penalised), as it did on the cohort's two events at 7.2 months
+    # no tied times, so each inner-CV fold of the stacker's 12 val rows ranks something (a fold without a
+    # comparable pair scores 0.5: test_hybrid.py)
     m["time"] += np.arange(len(m)) * 1e-3
     m.to_csv(synth_cohort / "manifest_censored.csv", index=False)
     out = hybrid_run / "one_command"  # beside the fixture's run: the same prepared cache
