@@ -300,7 +300,7 @@ def _parser() -> argparse.ArgumentParser:
                     "measured")
     ap.add_argument("--confidence_threshold", type=float, default=CONFIDENCE_THRESHOLD, help="the score a row's best "
                     "lesion candidate must reach to be taken as its lesion (finetune/lesion/candidates.py's score, in "
-                    f"[0, 1); default {CONFIDENCE_THRESHOLD}, a documented default). Choose it for your segmenter on "
+                    f"[0, 1]; default {CONFIDENCE_THRESHOLD}, a documented default). Choose it for your segmenter on "
                     "validation heads: python -m benchmarks.research.lesion_finder reports the threshold its rule "
                     "chose and this flag with it")
     return ap

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -309,6 +310,10 @@ def run(cfg: FinetuneConfig) -> dict:
     if main:  # only now that the run can start: nothing is written for a refused one
         out.mkdir(parents=True, exist_ok=True)
         save_config(replace(cfg, model=model_cfg, prep=spec.prep, crop_mm=spec.view.crop_mm), out / "config.yaml")
+        # a hybrid export stacks the fold models it was fitted on; the folds may be retrained now, so an earlier
+        # run's goes (--hybrid writes this run's after the folds), or predict would apply it to other models
+        from finetune.baselines.run_hybrid import MODEL_DIR
+        shutil.rmtree(out / "model" / MODEL_DIR, ignore_errors=True)
     test_df = df.set_index("subject_id", drop=False).loc[splits["test"]].reset_index(drop=True)
     eval_sets = ({"test": test_df} if len(test_df) else {}) | held_out
     logger = RunLogger(accelerator, out)

@@ -487,3 +487,14 @@ def test_a_noise_level_negative_weight_does_not_drop_the_better_score(monkeypatc
     ours = hybrid.fit_stacker(_rows(), "classification", INPUTS, [], seed=0)
     assert INPUTS == ["image", "radiomics_clinical"]
     assert ours.inputs == ["radiomics_clinical"] and ours.coef == [0.3] and ours.dropped == {"image": 0.003}
+
+
+@pytest.mark.parametrize("task", ["classification", "survival"])
+def test_a_single_inverted_input_gives_one_value_not_a_crash(task):
+    """One first-level score, inverted: no subset is left to fall back on, so the stacker predicts one value
+    (before the fix, the subset search found no candidate and raised)."""
+    rows = _rows()
+    rows["image"] = 1.0 - rows["image"]
+    ours = hybrid.fit_stacker(rows, task, ["image"], [], seed=0)
+    assert ours.inputs == ["image"] and ours.coef == [0.0] and ours.dropped["image"] < 0
+    assert np.ptp(ours.predict(_rows(seed=5))) == 0.0

@@ -209,6 +209,8 @@ def test_a_run_the_hybrid_cannot_be_fitted_on_is_refused_before_training(hybrid_
         check_run_hybrid(cfg, df, splits, [])
     with pytest.raises(InputError, match=r"the 'large' cohort has no clinical column\(s\) \['age'\]"):
         check_run_hybrid(cfg, df, splits, ["age"], {"large": df.drop(columns="age")})
+    with pytest.raises(InputError, match=r"the 'large' cohort has no \['image'\] column; the hybrid's radiomics"):
+        check_run_hybrid(cfg, df, splits, ["age"], {"large": df.drop(columns="image")})
     with pytest.raises(InputError, match="fold 0.s train rows need at least 2 rows of each class"):
         check_run_hybrid(cfg, df.assign(label=0), splits, ["age"])
     check_run_hybrid(cfg, df, splits, ["age"])  # the control: the cohort itself can be stacked
@@ -224,3 +226,21 @@ def test_the_hybrid_flag_leaves_the_fold_fingerprint_alone():
     splits = {"folds": [{"train": ["a"], "val": ["b"]}]}
     cfg = FinetuneConfig()
     assert fold_fingerprint(replace(cfg, hybrid=True), splits) == fold_fingerprint(cfg, splits)
+
+
+def test_a_rerun_removes_the_hybrid_export_of_the_models_it_may_replace(hybrid_run, synth_cohort, tmp_path, monkeypatch):
+    """An earlier --hybrid run left RUN/model/hybrid/; a rerun in the same folder may retrain the folds, so the
+    export (stacked on the old fold models) goes as the run starts, before any fold trains, or predict --model
+    RUN/model would apply it to the new models without a word."""
+    import finetune.train as train
+    out = tmp_path / "rerun"
+    shutil.copytree(hybrid_run / "baselines" / "hybrid" / "export", out / "model" / "hybrid")
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("folds would train here")
+    monkeypatch.setattr(train, "run_folds", stop)
+    cfg = tiny_cfg(synth_cohort, out, task="classification", fusion="concat", explain=0, figures=False, n_boot=0)
+    cfg.external = ""
+    with pytest.raises(RuntimeError, match="folds would train here"):
+        train.run(cfg)
+    assert not (out / "model" / "hybrid").exists()

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks.research.lesion_finder import choose_threshold, head_metrics, score_heads, summarise
+from benchmarks.research.lesion_finder import choose_threshold, head_metrics, predict_flag, score_heads, summarise
 
 
 def box(shape, lo, hi):
@@ -131,3 +131,12 @@ def test_a_candidate_missing_from_the_label_map_still_counts_as_a_false_positive
     s = summarise(scored, threshold=0.5, seconds=1.0)
     assert s["fp_per_head_confident"] == 1.0 and s["fp_per_head_all"] == 1.0
     assert summarise(scored, threshold=0.8, seconds=1.0)["fp_per_head_confident"] == 0.0
+
+
+def test_the_printed_predict_flag_keeps_the_threshold_exactly():
+    """no_silent's threshold is the float just above a not-found head's score (0.734512345 here); a flag rounded
+    to 6 digits (0.734512) would make that head confident again in predict."""
+    val = pd.DataFrame({"found": [True, False], "best_score": [0.5, 0.734512345]})
+    t = choose_threshold(val, "no_silent")["threshold"]
+    value = float(predict_flag(t).split()[-1])
+    assert value == t and value > 0.734512345

@@ -156,6 +156,12 @@ def choose_threshold(val: pd.DataFrame, rule: str = "youden") -> dict:
             "tpr": float(tpr[best]), "fpr": float(fpr[best]), "n": int(len(y)), "found": int(y.sum())}
 
 
+def predict_flag(threshold: float) -> str:
+    """The finetune.predict flag that deploys `threshold`: its exact float (repr), since a rounded one can fall
+    below a not-found head's score (no_silent's nextafter) and make that head confident."""
+    return f"--confidence_threshold {float(threshold)!r}"
+
+
 def summarise(scored: pd.DataFrame, threshold: float, seconds: float) -> dict:
     """The set's detection figures at `threshold` (module docstring)."""
     confident = scored["best_score"].to_numpy(float) >= threshold
@@ -251,8 +257,9 @@ def parse_args(argv):
                     "the drawn and the found masks, a bootstrap over patients")
     ap.add_argument("--tta", action="store_true", help="search with test-time flips (finetune.predict --tta)")
     ap.add_argument("--threshold_rule", default="no_silent", choices=THRESHOLD_RULES, help="how the confidence "
-                    "threshold is chosen on the --val heads: no_silent (default), the lowest threshold that leaves no "
-                    "not-found validation head confident; youden, Youden's J. The other rule is reported too")
+                    "threshold is chosen on the --val heads: no_silent (default), the lowest found head's score above "
+                    "every not-found one, so no not-found validation head is confident; youden, Youden's J. The "
+                    "other rule is reported too")
     ap.add_argument("--n_boot", type=int, default=1000, help="bootstrap replicates of the paired outcome CIs")
     ap.add_argument("--out", required=True, help="output folder (each set's searches, results.json); a finished "
                     "search in it is reused when the settings match")
@@ -292,7 +299,7 @@ def main(argv=None) -> int:
         if args.outcome_model:
             results["sets"][name]["outcome"] = outcome_pair(name, out / name / "heads.csv", scored, choice["threshold"],
                                                             args.outcome_model, args.cache_dir, out / name, args.n_boot)
-    results["predict_flag"] = f"--confidence_threshold {choice['threshold']:.6g}"  # what deploys the chosen rule
+    results["predict_flag"] = predict_flag(choice["threshold"])
     write_json(out / "results.json", results)
     print(json.dumps(results, indent=1))
     print(f"finetune.predict with this segmenter, as measured here: {results['predict_flag']}")

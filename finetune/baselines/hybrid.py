@@ -124,7 +124,7 @@ class Stacker:
     n_fit: int
     fit_split: str = FIT_SPLIT
     first_level: dict = field(default_factory=dict)  # input name -> the predictions file it is read from
-    dropped: dict = field(default_factory=dict)      # input name -> its negative weight when it was dropped
+    dropped: dict = field(default_factory=dict)      # input left out -> its weight in the fit over every input
     format: str = FORMAT
     pipeline: object = field(default=None, repr=False, compare=False)  # the sklearn fit; not saved
 
@@ -233,7 +233,7 @@ def fit_stacker(train: pd.DataFrame, task: Task | str, inputs: list[str], clinic
         full.dropped = {}
         return full
     subsets = [c for k in range(len(inputs) - 1, 0, -1) for c in itertools.combinations(inputs, k)]
-    fits = [fit(c) for c in subsets]
+    fits = [fit(c) for c in subsets] or [full]  # one input: only itself to fall back on
     valid = [f for f in fits if non_negative(f)]
     if valid:  # max keeps the first of equal scores: the larger subset
         stacker = max(valid, key=lambda f: f.inner_cv["score"])

@@ -39,6 +39,10 @@ def check_run_hybrid(cfg, df: pd.DataFrame, splits: dict, clinical: list[str],
         if absent:
             raise InputError(f"--hybrid: the {name!r} cohort has no clinical column(s) {absent}; the hybrid's "
                              f"baselines predict it from its own values")
+        absent = [c for c in baseline_prep().image_columns() if c not in table.columns]
+        if absent:
+            raise InputError(f"--hybrid: the {name!r} cohort has no {absent} column; the hybrid's radiomics read "
+                             f"it (with the lesion mask)")
     _check_baseline_rows(df, splits, cfg.task)
     check_stackable(df, val_folds(splits), cfg.task)
 
