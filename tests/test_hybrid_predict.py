@@ -16,13 +16,14 @@ from test_finetune_loop import tiny_cfg
 
 @pytest.fixture(scope="module")
 def hybrid_run(synth_cohort, tmp_path_factory):
-    """A tiny classification run on the synthetic cohort and the hybrid stacked on it (clinical columns too)."""
+    """A tiny classification run on the synthetic cohort with --hybrid (python -m finetune's one command: RUN/hybrid/
+    and RUN/model/hybrid/), and the hybrid stacked on it again by the baselines CLI, clinical columns too."""
     from finetune.baselines.__main__ import main as baselines_main
     from finetune.train import run
     root = tmp_path_factory.mktemp("hybrid_predict")
     cfg = tiny_cfg(synth_cohort, root / "run", task="classification", fusion="concat", explain=0, figures=False,
                    n_boot=0)
-    cfg.external = ""
+    cfg.external, cfg.hybrid = "", True
     run(cfg)
     assert baselines_main(["--out", str(root / "baselines"), "--baselines", "hybrid", "--image_run",
                            str(root / "run"), "--hybrid_clinical"]) == 0
@@ -152,35 +153,22 @@ def _survival_cfg(synth_cohort, out, manifest: str):
 
 
 def test_one_command_fits_the_hybrid_and_predict_applies_it_without_a_flag(hybrid_run, synth_cohort, tmp_path):
-    """python -m finetune --hybrid (a survival run: the other task than the fixture's): after the folds, the
-    baselines and the hybrid on the run's splits into RUN/hybrid/ and the export into RUN/model/hybrid/; predict
-    --model RUN/model applies it without a flag and gives the fit's hybrid_risk of the test rows."""
+    """python -m finetune --hybrid (the fixture's run): after the folds, the baselines and the hybrid on the run's
+    splits into RUN/hybrid/ and the export into RUN/model/hybrid/; predict --model RUN/model applies it without a
+    flag and gives the fit's hybrid_prob of the test rows. (The survival path is the same code with `risk`:
+    test_linear_export.py checks its first-level models, test_hybrid.py its stacker.)"""
     from finetune.predict import main as predict_main
-    from finetune.train import run
-    m = pd.read_csv(synth_cohort / "manifest.csv", dtype={"subject_id": str}).set_index("subject_id", drop=False)
-    splits = json.loads((hybrid_run / "run" / "splits.json").read_text())
-    for fold in splits["folds"]:  # each Cox baseline's training rows get a second censored row (the cohort has 5)
-        if (m.loc[fold["train"], "event"] == 0).sum() < 2:
-            m.loc[next(s for s in fold["train"] if m.loc[s, "event"] == 1), "event"] = 0
-    # no tied times, so each inner-CV fold of the stacker's 12 val rows ranks something (a fold without a
-    # comparable pair scores 0.5: test_hybrid.py)
-    m["time"] += np.arange(len(m)) * 1e-3
-    m.to_csv(synth_cohort / "manifest_censored.csv", index=False)
-    out = hybrid_run / "one_command"  # beside the fixture's run: the same prepared cache
-    cfg = _survival_cfg(synth_cohort, out, "manifest_censored.csv")
-    cfg.splits = str(hybrid_run / "run" / "splits.json")  # the same subjects: the splits whose folds were counted
-    run(cfg)
+    out = hybrid_run / "run"
     assert (out / "model" / "hybrid" / "hybrid.json").is_file()
-    assert sorted(p.name for p in (out / "hybrid").iterdir()) == ["clinical_only", "features.csv", "hybrid",
-                                                                  "radiomics_clinical"]
+    assert sorted(p.name for p in (out / "hybrid").iterdir()) == ["features.csv", "hybrid", "radiomics_clinical"]
     _test_rows(hybrid_run, synth_cohort).to_csv(tmp_path / "new.csv", index=False)
     assert predict_main(["--model", str(out / "model"), "--manifest", str(tmp_path / "new.csv"),
                          "--out", str(tmp_path / "pred.csv")]) == 0
     got = pd.read_csv(tmp_path / "pred.csv", dtype={"subject_id": str}).set_index("subject_id")
     fitted = pd.read_csv(out / "hybrid" / "hybrid" / "predictions.csv", dtype={"subject_id": str})
-    fitted = fitted[fitted.split == "test"].set_index("subject_id")["risk"]
-    assert sorted(got.index) == sorted(fitted.index) and "risk" in got.columns
-    np.testing.assert_allclose(got.loc[fitted.index, "hybrid_risk"], fitted, rtol=0, atol=1e-6)
+    fitted = fitted[fitted.split == "test"].set_index("subject_id")["prob"]
+    assert sorted(got.index) == sorted(fitted.index) and "prob" in got.columns
+    np.testing.assert_allclose(got.loc[fitted.index, "hybrid_prob"], fitted, rtol=0, atol=1e-6)
     assert np.ptp(fitted) > 1e-3
 
 
