@@ -19,6 +19,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pytest
 
 
+def pytest_xdist_make_scheduler(config, log):
+    """Under `pytest -n N` (make test): one test module per work unit, so that a module's fixtures are built
+    once, and the two DeepSpeed modules in one unit, so that their shared 2-rank runs (`ds_runs`, the
+    suite's longest set-up) are launched once."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModuleScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            return "deepspeed" if Path(module).name.startswith("test_deepspeed") else module
+
+    return ModuleScheduling(config, log)
+
+
 @pytest.fixture(scope="session")
 def synth_cohort(tmp_path_factory):
     """A small built-in synthetic cohort shared by the end-to-end tests (generated, never downloaded)."""
