@@ -106,7 +106,8 @@ def test_a_hybrid_of_another_task_than_the_model_is_refused(hybrid_run, synth_co
     rows = _test_rows(hybrid_run, synth_cohort)
     with pytest.raises(InputError, match=r"a classification hybrid .*--model m is --task survival, with no 'prob'"):
         load_hybrid(export, rows, "new.csv", "survival", "m")
-    assert load_hybrid(export, rows, "new.csv", "multitask", "m").task == "classification"  # it predicts both
+    model = hybrid_run / "run" / "model"
+    assert load_hybrid(export, rows, "new.csv", "multitask", model).task == "classification"  # it predicts both
 
 
 @pytest.mark.parametrize("inverted", [["image"], ["image", "radiomics_clinical"]])
@@ -122,7 +123,7 @@ def test_a_dropped_input_is_not_exported_and_predict_needs_none_of_it(hybrid_run
     rows[inverted] = 1.0 - rows[inverted]  # ranks the val rows the wrong way: dropped (test_hybrid.py)
     stacker = hybrid.fit_stacker(rows, "classification", INPUTS, [], seed=0)
     fitted = read_export(hybrid_run / "baselines" / "hybrid" / "export").baselines
-    write_export(tmp_path / "export", stacker, fitted, 5.0, 32, PrepConfig())
+    write_export(tmp_path / "export", stacker, fitted, 5.0, 32, PrepConfig(), image_model=None)
     export = read_export(tmp_path / "export")
     kept = [n for n in INPUTS if n not in inverted]
     assert not export.image and sorted(export.baselines) == kept
@@ -136,6 +137,36 @@ def test_a_dropped_input_is_not_exported_and_predict_needs_none_of_it(hybrid_run
         assert np.ptp(scores[0]) == 0 and scores[0][0] == pytest.approx(rows["label"].mean())
     else:
         assert np.ptp(scores[0]) > 0
+
+
+def test_a_hybrid_stacked_on_another_model_is_refused_and_the_same_model_moved_is_not(hybrid_run, synth_cohort,
+                                                                                       tmp_path, capsys):
+    """The stacker's weights fit one model's scores. A copy of the run's model folder (moved: the same weights) is
+    accepted; with one fold's weights changed (retrained), its own hybrid/ folder is refused in one line before any
+    work, as an explicit --hybrid is, instead of stacking another model's scores."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from finetune.baselines.hybrid_predict import load_hybrid
+    from finetune.predict import main as predict_main
+    rows = _test_rows(hybrid_run, synth_cohort)
+    rows.to_csv(tmp_path / "new.csv", index=False)
+    moved = shutil.copytree(hybrid_run / "run" / "model", tmp_path / "moved")
+    assert load_hybrid(moved / "hybrid", rows, "new.csv", "classification", moved).image
+    weights = sorted(moved.glob("*/model.safetensors"))[-1]
+    with safe_open(str(weights), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    name = next(k for k, t in tensors.items() if t.is_floating_point())
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(weights), metadata=meta)
+    for extra in ([], ["--hybrid", str(hybrid_run / "baselines" / "hybrid" / "export")]):
+        with pytest.raises(SystemExit) as e:
+            predict_main(["--model", str(moved), "--manifest", str(tmp_path / "new.csv"),
+                          "--out", str(tmp_path / "out" / "pred.csv"), *extra])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1, err
+        assert f"stacked on the scores of another image model than --model {moved}" in err, err
+        assert not (tmp_path / "out").exists()
 
 
 def test_predict_help_explains_the_hybrid_flag(capsys):
@@ -155,8 +186,7 @@ def _survival_cfg(synth_cohort, out, manifest: str):
 def test_one_command_fits_the_hybrid_and_predict_applies_it_without_a_flag(hybrid_run, synth_cohort, tmp_path):
     """python -m finetune --hybrid (the fixture's run): after the folds, the baselines and the hybrid on the run's
     splits into RUN/hybrid/ and the export into RUN/model/hybrid/; predict --model RUN/model applies it without a
-    flag and gives the fit's hybrid_prob of the test rows. (The survival path is the same code with `risk`:
-    test_linear_export.py checks its first-level models, test_hybrid.py its stacker.)"""
+    flag and gives the fit's hybrid_prob of the test rows."""
     from finetune.predict import main as predict_main
     out = hybrid_run / "run"
     assert (out / "model" / "hybrid" / "hybrid.json").is_file()
@@ -169,6 +199,38 @@ def test_one_command_fits_the_hybrid_and_predict_applies_it_without_a_flag(hybri
     fitted = fitted[fitted.split == "test"].set_index("subject_id")["prob"]
     assert sorted(got.index) == sorted(fitted.index) and "prob" in got.columns
     np.testing.assert_allclose(got.loc[fitted.index, "hybrid_prob"], fitted, rtol=0, atol=1e-6)
+    assert np.ptp(fitted) > 1e-3
+
+
+def test_one_command_survival_hybrid_predicts_the_fits_risks(hybrid_run, synth_cohort, tmp_path):
+    """The survival path end to end: python -m finetune --task survival --hybrid, then predict --model RUN/model
+    gives the fit's hybrid_risk of the test rows (Cox first-level models and a Cox stacker)."""
+    from finetune.predict import main as predict_main
+    from finetune.train import run
+    m = pd.read_csv(synth_cohort / "manifest.csv", dtype={"subject_id": str}).set_index("subject_id", drop=False)
+    splits = json.loads((hybrid_run / "run" / "splits.json").read_text())
+    for fold in splits["folds"]:  # each Cox baseline's training rows get a second censored row (the cohort has 5)
+        if (m.loc[fold["train"], "event"] == 0).sum() < 2:
+            m.loc[next(s for s in fold["train"] if m.loc[s, "event"] == 1), "event"] = 0
+    # no tied times, so each inner-CV fold of the stacker's 12 val rows ranks something
+    m["time"] += np.arange(len(m)) * 1e-3
+    for col in ("image", "mask"):  # the copy lies elsewhere: absolute paths
+        m[col] = [str(synth_cohort / p) for p in m[col]]
+    m.to_csv(tmp_path / "manifest_censored.csv", index=False)
+    out = hybrid_run / "one_command_survival"  # beside the fixture's run: the same prepared cache
+    cfg = _survival_cfg(synth_cohort, out, str(tmp_path / "manifest_censored.csv"))
+    cfg.splits = str(hybrid_run / "run" / "splits.json")  # the same subjects: the splits whose folds were counted
+    run(cfg)
+    assert sorted(p.name for p in (out / "hybrid").iterdir()) == ["clinical_only", "features.csv", "hybrid",
+                                                                  "radiomics_clinical"]
+    _test_rows(hybrid_run, synth_cohort).to_csv(tmp_path / "new.csv", index=False)
+    assert predict_main(["--model", str(out / "model"), "--manifest", str(tmp_path / "new.csv"),
+                         "--out", str(tmp_path / "pred.csv")]) == 0
+    got = pd.read_csv(tmp_path / "pred.csv", dtype={"subject_id": str}).set_index("subject_id")
+    fitted = pd.read_csv(out / "hybrid" / "hybrid" / "predictions.csv", dtype={"subject_id": str})
+    fitted = fitted[fitted.split == "test"].set_index("subject_id")["risk"]
+    assert sorted(got.index) == sorted(fitted.index) and "risk" in got.columns
+    np.testing.assert_allclose(got.loc[fitted.index, "hybrid_risk"], fitted, rtol=0, atol=1e-6)
     assert np.ptp(fitted) > 1e-3
 
 

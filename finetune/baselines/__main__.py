@@ -23,6 +23,7 @@ the stacker, each first-level model it reads, the radiomics settings) for
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pandas as pd
 
@@ -246,11 +247,12 @@ def _fit_hybrid(args, d: dict, run: dict, fitted: dict, clinical: list[str], hel
 
 def _export_hybrid(args, out, stacker) -> None:
     """OUT/hybrid/export/: the stacker and the first-level models it reads, for python -m finetune.predict --hybrid."""
-    from finetune.baselines.hybrid_export import exported_inputs, write_export
+    from finetune.baselines.hybrid_export import exported_inputs, image_model_digest, write_export
     from finetune.baselines.linear_export import LinearBaseline
     from finetune.baselines.radiomics import baseline_prep
     models = {n: LinearBaseline.load(out / n / MODEL_FILE) for n in exported_inputs(stacker) if n in BASELINES}
-    write_export(out / HYBRID / "export", stacker, models, args.ring_mm, args.bins, baseline_prep())
+    write_export(out / HYBRID / "export", stacker, models, args.ring_mm, args.bins, baseline_prep(),
+                 image_model_digest(Path(args.image_run) / "model"))
     print(f"wrote {out / HYBRID / 'export'} (python -m finetune.predict --hybrid reads it)")
 
 

@@ -1,18 +1,20 @@
 """The hybrid's export folder: everything scoring a new patient with the hybrid needs, as JSON (no pickle).
 
     OUT/hybrid/export/
-        hybrid.json                the folder's index: task, the files below, the radiomics settings
+        hybrid.json                the folder's index: task, the files below, the radiomics settings, the image model
         stacker.json               the final stacker (finetune.baselines.hybrid.Stacker)
         <baseline>.json            each first-level baseline the stacker reads (linear_export.LinearBaseline)
 
 hybrid.json names the radiomics extraction the first-level baselines were fitted on (ring_mm, bins,
 FEATURE_VERSION, the preprocessing, data.prep_config.PrepConfig, of the image and mask they read), and whether
-the stacker reads the fine-tuned model's image score. A first-level input the stacker dropped (Stacker.dropped)
+the stacker reads the fine-tuned model's image score, and which model that is (image_model_digest of the run's
+model/ folder: predict refuses another model's scores, which the stacker's weights were not fitted to). A first-level input the stacker dropped (Stacker.dropped)
 is not exported. `python -m finetune.baselines --baselines hybrid` writes it (write_export);
 `python -m finetune.predict --hybrid` reads it (read_export, then finetune.baselines.hybrid_predict).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +27,9 @@ from finetune.baselines.hybrid import IMAGE, Stacker, score_of
 from finetune.baselines.linear_export import LinearBaseline
 from finetune.baselines.radiomics_features import FEATURE_VERSION
 
-FORMAT = "mimfm.hybrid_export/1"
+FORMAT = "mimfm.hybrid_export/2"
 INDEX, STACKER = "hybrid.json", "stacker.json"
-INDEX_KEYS = {"format", "task", "stacker", "first_level", "image", "radiomics"}
+INDEX_KEYS = {"format", "task", "stacker", "first_level", "image", "image_model", "radiomics"}
 RADIOMICS_KEYS = {"ring_mm", "bins", "feature_version", "prep"}
 
 
@@ -39,6 +41,7 @@ class HybridExport:
     stacker: Stacker
     baselines: dict[str, LinearBaseline]  # stacker input name -> its model (the image score is not one)
     image: bool                           # whether the stacker reads the fine-tuned model's image score
+    image_model: str | None               # image_model_digest of the model whose scores it was fitted on
     ring_mm: float
     bins: int
     prep: PrepConfig
@@ -58,20 +61,41 @@ class HybridExport:
         return any(m.radiomics_columns for m in self.baselines.values())
 
 
+def image_model_digest(model_dir) -> str | None:
+    """sha256 of a fine-tuned model folder's weights: the .safetensors files of each fold folder its ensemble.json
+    lists, in that order (or of the one model folder given); None where `model_dir` holds no model. Content only:
+    a moved or copied run keeps its digest, a retrained fold changes it."""
+    from finetune.predict import model_folders
+    try:
+        folders = model_folders(model_dir)
+    except InputError:
+        return None
+    digest = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            digest.update(path.name.encode())
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
 def exported_inputs(stacker: Stacker) -> list[str]:
     """The stacker inputs an export carries: those it reads and did not drop (a dropped one's weight is 0)."""
     return [n for n in stacker.inputs if n not in stacker.dropped]
 
 
 def write_export(folder, stacker: Stacker, baselines: dict[str, LinearBaseline], ring_mm: float, bins: int,
-                 prep: PrepConfig) -> None:
-    """The export folder, written as a whole (atomic_dir: a reader never sees half of it)."""
+                 prep: PrepConfig, image_model: str | None) -> None:
+    """The export folder, written as a whole (atomic_dir: a reader never sees half of it). image_model: the
+    image_model_digest of the model whose scores the stacker read (None: not known)."""
     names = [n for n in exported_inputs(stacker) if n != IMAGE]
     absent = [n for n in names if n not in baselines]
     if absent:
         raise InputError(f"hybrid export: no fitted model of first-level input(s) {absent}")
     index = {"format": FORMAT, "task": stacker.task, "stacker": STACKER,
              "first_level": {n: f"{n}.json" for n in names}, "image": IMAGE in exported_inputs(stacker),
+             "image_model": image_model,
              "radiomics": {"ring_mm": float(ring_mm), "bins": int(bins), "feature_version": FEATURE_VERSION,
                            "prep": to_dict(prep)}}
     with atomic_dir(folder) as tmp:
@@ -110,5 +134,8 @@ def read_export(folder) -> HybridExport:
         [INDEX] if index["task"] != stacker.task else [])
     if wrong:
         raise InputError(f"{where}: {wrong} predict another task than its stacker's {stacker.task}")
-    return HybridExport(folder, stacker.task, stacker, baselines, bool(index["image"]), float(radiomics["ring_mm"]),
-                        int(radiomics["bins"]), from_dict(PrepConfig, radiomics["prep"], where=f"{where} prep"))
+    if not (index["image_model"] is None or isinstance(index["image_model"], str)):
+        raise InputError(f"{where}: {INDEX}'s image_model is not a digest")
+    return HybridExport(folder, stacker.task, stacker, baselines, bool(index["image"]), index["image_model"],
+                        float(radiomics["ring_mm"]), int(radiomics["bins"]),
+                        from_dict(PrepConfig, radiomics["prep"], where=f"{where} prep"))

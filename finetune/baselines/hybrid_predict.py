@@ -20,7 +20,7 @@ import pandas as pd
 
 from core.errors import InputError
 from finetune.baselines.hybrid import IMAGE
-from finetune.baselines.hybrid_export import HybridExport, read_export
+from finetune.baselines.hybrid_export import HybridExport, image_model_digest, read_export
 from models.tasks import get_task
 
 
@@ -31,7 +31,8 @@ def hybrid_column(export: HybridExport) -> str:
 
 def load_hybrid(folder, df: pd.DataFrame, manifest, model_task: str, model) -> HybridExport:
     """The export folder read, checked against the manifest (the clinical and image columns the hybrid reads)
-    and the model (it predicts the hybrid's score, which the stacker reads); one InputError line each."""
+    and the model (it predicts the hybrid's score, and is the model whose scores the stacker was fitted on); one
+    InputError line each."""
     export = read_export(folder)
     have = get_task(model_task)
     if not (have.label if get_task(export.task).label else have.survival):
@@ -41,6 +42,14 @@ def load_hybrid(folder, df: pd.DataFrame, manifest, model_task: str, model) -> H
     missing = [c for c in needed if c not in df.columns]
     if missing:
         raise InputError(f"{manifest}: column(s) {missing} missing; the hybrid (--hybrid {folder}) reads {needed}")
+    digest = image_model_digest(model) if export.image else None
+    if export.image and digest != export.image_model:
+        # the stacker's weights were fitted to one model's scores: another model's (another run, a retrained or
+        # single fold) would be stacked without an error and give wrong hybrid scores
+        raise InputError(f"--hybrid {folder}: stacked on the scores of another image model than --model {model} "
+                         f"(weights digest {str(export.image_model)[:12]}, --model's {str(digest)[:12]}); use the "
+                         f"export of --model's own run (its hybrid/ folder from python -m finetune --hybrid, or "
+                         f"python -m finetune.baselines --baselines hybrid --image_run on that run)")
     return export
 
 
