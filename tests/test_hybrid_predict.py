@@ -187,25 +187,15 @@ def test_one_command_fits_the_hybrid_and_predict_applies_it_without_a_flag(hybri
     """python -m finetune --hybrid (the fixture's run): after the folds, the baselines and the hybrid on the run's
     splits into RUN/hybrid/ and the export into RUN/model/hybrid/; predict --model RUN/model applies it without a
     flag and gives the fit's hybrid_prob of the test rows."""
-    from finetune.predict import main as predict_main
     out = hybrid_run / "run"
     assert (out / "model" / "hybrid" / "hybrid.json").is_file()
     assert sorted(p.name for p in (out / "hybrid").iterdir()) == ["features.csv", "hybrid", "radiomics_clinical"]
-    _test_rows(hybrid_run, synth_cohort).to_csv(tmp_path / "new.csv", index=False)
-    assert predict_main(["--model", str(out / "model"), "--manifest", str(tmp_path / "new.csv"),
-                         "--out", str(tmp_path / "pred.csv")]) == 0
-    got = pd.read_csv(tmp_path / "pred.csv", dtype={"subject_id": str}).set_index("subject_id")
-    fitted = pd.read_csv(out / "hybrid" / "hybrid" / "predictions.csv", dtype={"subject_id": str})
-    fitted = fitted[fitted.split == "test"].set_index("subject_id")["prob"]
-    assert sorted(got.index) == sorted(fitted.index) and "prob" in got.columns
-    np.testing.assert_allclose(got.loc[fitted.index, "hybrid_prob"], fitted, rtol=0, atol=1e-6)
-    assert np.ptp(fitted) > 1e-3
+    _predict_gives_the_fits_test_scores(out, hybrid_run, synth_cohort, tmp_path, "prob")
 
 
 def test_one_command_survival_hybrid_predicts_the_fits_risks(hybrid_run, synth_cohort, tmp_path):
     """The survival path end to end: python -m finetune --task survival --hybrid, then predict --model RUN/model
     gives the fit's hybrid_risk of the test rows (Cox first-level models and a Cox stacker)."""
-    from finetune.predict import main as predict_main
     from finetune.train import run
     m = pd.read_csv(synth_cohort / "manifest.csv", dtype={"subject_id": str}).set_index("subject_id", drop=False)
     splits = json.loads((hybrid_run / "run" / "splits.json").read_text())
@@ -223,14 +213,20 @@ def test_one_command_survival_hybrid_predicts_the_fits_risks(hybrid_run, synth_c
     run(cfg)
     assert sorted(p.name for p in (out / "hybrid").iterdir()) == ["clinical_only", "features.csv", "hybrid",
                                                                   "radiomics_clinical"]
+    _predict_gives_the_fits_test_scores(out, hybrid_run, synth_cohort, tmp_path, "risk")
+
+
+def _predict_gives_the_fits_test_scores(out, hybrid_run, synth_cohort, tmp_path, score: str):
+    """predict --model RUN/model, with no --hybrid, on the run's test rows gives the hybrid fit's test scores."""
+    from finetune.predict import main as predict_main
     _test_rows(hybrid_run, synth_cohort).to_csv(tmp_path / "new.csv", index=False)
     assert predict_main(["--model", str(out / "model"), "--manifest", str(tmp_path / "new.csv"),
                          "--out", str(tmp_path / "pred.csv")]) == 0
     got = pd.read_csv(tmp_path / "pred.csv", dtype={"subject_id": str}).set_index("subject_id")
     fitted = pd.read_csv(out / "hybrid" / "hybrid" / "predictions.csv", dtype={"subject_id": str})
-    fitted = fitted[fitted.split == "test"].set_index("subject_id")["risk"]
-    assert sorted(got.index) == sorted(fitted.index) and "risk" in got.columns
-    np.testing.assert_allclose(got.loc[fitted.index, "hybrid_risk"], fitted, rtol=0, atol=1e-6)
+    fitted = fitted[fitted.split == "test"].set_index("subject_id")[score]
+    assert sorted(got.index) == sorted(fitted.index) and score in got.columns
+    np.testing.assert_allclose(got.loc[fitted.index, f"hybrid_{score}"], fitted, rtol=0, atol=1e-6)
     assert np.ptp(fitted) > 1e-3
 
 
