@@ -220,11 +220,36 @@ DERIVED_COLUMNS = ("cache_image", "cache_mask")
 
 
 def clinical_columns(df: pd.DataFrame, prep: PrepConfig | None = None) -> list[str]:
-    """Every column that is not a standard, derived, image-channel or PET-acquisition column of `prep`."""
-    skip = set(STANDARD_COLUMNS) | set(DERIVED_COLUMNS)
+    """Every column that is not a standard, derived, image-channel or PET-acquisition column of `prep`, nor a
+    column of image paths (image_path_columns: a sequence this run does not read)."""
+    skip = set(STANDARD_COLUMNS) | set(DERIVED_COLUMNS) | set(image_path_columns(df))
     if prep is not None:
         skip |= set(prep.image_columns()) | set(prep.acquisition_columns())
     return [c for c in df.columns if c not in skip]
+
+
+def check_not_image_paths(df: pd.DataFrame, columns: list[str], where: str) -> None:
+    """ManifestError naming the given clinical columns that hold image paths (image_path_columns)."""
+    paths = [c for c in columns if c in image_path_columns(df[[c for c in columns if c in df.columns]])]
+    if paths:
+        raise ManifestError(f"{where}: column(s) {paths} hold image paths, not clinical values; read them as images "
+                            f"with --images (e.g. --images image,{paths[0]})")
+
+
+def image_path_columns(df: pd.DataFrame) -> list[str]:
+    """The columns whose every non-empty value is a NIfTI file name (data.nifti.NIFTI_SUFFIXES): image channels,
+    such as a FLAIR column a T1-CE-only run leaves unread, never clinical variables. Encoded as one, each path
+    would be a category of its own, a per-subject identifier that a fusion head can memorise."""
+    from data.nifti import NIFTI_SUFFIXES
+    found = []
+    for col in df.columns:
+        if pd.api.types.is_numeric_dtype(df[col]) or pd.api.types.is_bool_dtype(df[col]):
+            continue
+        values = df[col].dropna().astype(str).str.strip()
+        values = values[values != ""]
+        if len(values) and values.str.lower().str.endswith(NIFTI_SUFFIXES).all():
+            found.append(col)
+    return found
 
 
 def _read_csv(path: Path, where: str, strings=()) -> pd.DataFrame:
@@ -332,5 +357,7 @@ def _strip_nifti_suffix(name: str) -> str | None:
 
 
 def _standard_first(df: pd.DataFrame) -> pd.DataFrame:
-    order = [c for c in STANDARD_COLUMNS if c in df.columns] + clinical_columns(df)
+    """The standard columns first, then the others (clinical, image channels) in file order; no derived ones."""
+    skip = set(STANDARD_COLUMNS) | set(DERIVED_COLUMNS)
+    order = [c for c in STANDARD_COLUMNS if c in df.columns] + [c for c in df.columns if c not in skip]
     return df[order].reset_index(drop=True)

@@ -45,7 +45,7 @@ class FinetuneConfig(LoopConfig):
     splits: str = ""                # splits JSON to reuse (default: <output_dir>/splits.json)
     folds: int = 3                  # cross-validation folds on the non-test patients
     test_fraction: float = 0.2      # share of patients held out as the same-site test set
-    clinical_columns: list[str] = field(default_factory=list)   # empty: every non-standard column
+    clinical_columns: list[str] = field(default_factory=list)   # empty: every non-standard column but image paths
     margin_mm: float = 10.0         # peritumoral margin kept around the lesion box
     # 0: one crop per lesion. > 0: a second, wide crop beside it, the lesion box plus this margin in mm,
     # through the same encoder, tokens fused (the PET seed's intra- and peritumoral scales)

@@ -68,7 +68,7 @@ def resolve_inputs(cfg: FinetuneConfig) -> tuple[MultimodalConfig, InputSpec]:
 def load_cohort(cfg: FinetuneConfig, prep: PrepConfig, show_progress: bool, accelerator=None):
     """(training table, held-out tables by split name, clinical columns), prepared into the cache; under an
     `accelerator`, each rank prepares its share of each table and then reads the whole cache (data/shard.py)."""
-    from data.manifest import clinical_columns
+    from data.manifest import check_not_image_paths, clinical_columns
     from data.shard import Shard, of_run, prepare_shared
     if not cfg.manifest:
         raise InputError("--manifest is required")
@@ -78,6 +78,7 @@ def load_cohort(cfg: FinetuneConfig, prep: PrepConfig, show_progress: bool, acce
     missing = [c for c in cols if c not in table.columns]
     if missing:  # checked on the manifests, before any preprocessing
         raise InputError(f"{cfg.manifest}: clinical column(s) {missing} not found")
+    check_not_image_paths(table, cols, f"--clinical_columns ({cfg.manifest})")
     if cfg.model.uses_clinical and not cols:
         raise InputError(f"{cfg.manifest}: --fusion {cfg.model.fusion} needs clinical columns, found none")
     # the held-out cohorts by split name: the external site and every --eval_sets entry

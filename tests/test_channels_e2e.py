@@ -64,6 +64,28 @@ def test_two_images_and_a_mask_train_and_the_contract_names_them(two_image_run):
     assert (out / "explain").is_dir()  # attention and occlusion maps of the three-channel input
 
 
+def test_an_unread_image_column_is_not_a_clinical_column(synth_cohort, tmp_path):
+    """A T1-CE-only run on a manifest that also has FLAIR: flair holds image paths, so it is not encoded as a
+    clinical variable (each path would be its own category, a per-subject identifier a fusion head memorises),
+    and naming it with --clinical_columns is one line, before any preprocessing."""
+    from core.errors import InputError
+    from data.manifest import STANDARD_COLUMNS
+    from finetune.train import load_cohort, resolve_inputs
+    cfg = tiny_cfg(synth_cohort, tmp_path / "run", task="classification", fusion="concat")
+    cfg.manifest, cfg.external = str(_with_flair(synth_cohort, "manifest")), ""
+    _, spec = resolve_inputs(cfg)
+    cfg.clinical_columns = ["age", "flair"]
+    with pytest.raises(InputError, match=r"^--clinical_columns \(.*\): column\(s\) \['flair'\] hold image paths, "
+                                         r"not clinical values; read them as images with --images \(e\.g\. --images "
+                                         r"image,flair\)$"):
+        load_cohort(cfg, spec.prep, show_progress=False)
+    assert not (tmp_path / "cache").exists()  # refused before any preprocessing
+    cfg.clinical_columns = []
+    _, _, columns = load_cohort(cfg, spec.prep, show_progress=False)
+    expected = [c for c in pd.read_csv(synth_cohort / "manifest.csv").columns if c not in STANDARD_COLUMNS]
+    assert columns == expected and "age" in columns
+
+
 def test_predict_reads_channels_by_name_not_by_column_order(two_image_run, synth_cohort, tmp_path):
     out, _ = two_image_run
     m = pd.read_csv(synth_cohort / "external_flair.csv", dtype={"subject_id": str}).head(3)

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from core.errors import ConfigError, ManifestError
-from data.manifest import STANDARD_COLUMNS, clinical_columns, read_any, read_datalist, read_manifest, scan_folder
+from data.manifest import (STANDARD_COLUMNS, clinical_columns, image_path_columns, read_any, read_datalist, read_manifest,
+                           scan_folder)
 from models.tasks import CLASSIFICATION, MULTITASK, SURVIVAL
 
 
@@ -254,6 +255,17 @@ def test_clinical_columns_keep_file_order():
     df = pd.DataFrame(columns=["zeta", "subject_id", "alpha", "image", "kps", "time"])
     assert clinical_columns(df) == ["zeta", "alpha", "kps"]
     assert not set(clinical_columns(pd.DataFrame(columns=list(STANDARD_COLUMNS))))
+
+
+def test_a_column_of_image_paths_is_never_clinical():
+    """A sequence the run does not read (flair) is an image column, not a clinical one; a column that only partly
+    holds NIfTI names, or holds other text, stays clinical."""
+    df = pd.DataFrame({"subject_id": ["a", "b", "c"], "image": ["a.nii.gz"] * 3,
+                       "flair": ["f/a.nii.gz", "", "f/C.NII"],  # one missing, one upper-case suffix
+                       "note": ["x.nii.gz", "seen twice", None], "age": [60, 61, 62], "sex": ["M", "F", "M"],
+                       "empty": [None, None, None]})
+    assert image_path_columns(df) == ["image", "flair"]
+    assert clinical_columns(df) == ["note", "age", "sex", "empty"]
 
 
 def test_an_optional_brain_mask_column_is_a_path_checked_where_given_and_never_clinical(tmp_path):

@@ -60,7 +60,7 @@ def _table(name: str, features: pd.DataFrame, df: pd.DataFrame, clinical: list[s
 def _clinical(cohorts: dict, flag: str, manifest: str) -> list[str]:
     """The clinical columns (--clinical-columns, else the development manifest's), checked in every cohort: each
     held-out one is predicted from its own values of them."""
-    from data.manifest import clinical_columns
+    from data.manifest import check_not_image_paths, clinical_columns
     from data.prep_config import PrepConfig
     df = cohorts["df"]
     columns = [c.strip() for c in flag.split(",") if c.strip()] or clinical_columns(df, PrepConfig())
@@ -69,6 +69,7 @@ def _clinical(cohorts: dict, flag: str, manifest: str) -> list[str]:
     absent = [c for c in columns if c not in df.columns]
     if absent:
         raise InputError(f"--clinical-columns: {absent} not in the manifest")
+    check_not_image_paths(df, columns, f"--clinical-columns ({manifest})")
     for name, table in cohorts["held"].items():
         absent = [c for c in columns if c not in table.columns]
         if absent:
