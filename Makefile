@@ -56,8 +56,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
 
 # The whole pipeline on the built-in synthetic cohort: synth -> prepare -> pretrain -> export ->
-# fine-tune (classification and survival, one held-out test set: the same splits.json) -> evaluate ->
-# predict. Minutes on 2 CPU cores.
+# fine-tune (classification with the hybrid, as the README's first command, and survival, one held-out test
+# set: the same splits.json) -> evaluate -> predict. Minutes on 2 CPU cores.
 # One intra-op thread: on 2 cores beside data workers, two OpenMP threads thrash (4-7x slower, measured).
 demo: export OMP_NUM_THREADS ?= 1
 demo: $(STAMP)
@@ -75,7 +75,7 @@ demo: $(STAMP)
 	    --out $(DEMO)/pretrain/encoder_monai --format monai
 	$(PY) -m finetune --config launch/finetune_tiny_cpu.yaml --manifest $(DEMO)/cohort/manifest.csv \
 	    --external $(DEMO)/cohort/external.csv --pretrained $(DEMO)/pretrain/encoder --cache_dir $(DEMO)/cache \
-	    --splits $(DEMO)/splits.json --task classification --fusion concat --output_dir $(DEMO)/finetune_cls
+	    --splits $(DEMO)/splits.json --task classification --fusion concat --hybrid --output_dir $(DEMO)/finetune_cls
 	$(PY) -m finetune --config launch/finetune_tiny_cpu.yaml --manifest $(DEMO)/cohort/manifest.csv \
 	    --external $(DEMO)/cohort/external.csv --pretrained $(DEMO)/pretrain/encoder --cache_dir $(DEMO)/cache \
 	    --splits $(DEMO)/splits.json --task survival --fusion concat --output_dir $(DEMO)/finetune_surv --explain 0
@@ -103,6 +103,7 @@ demo: $(STAMP)
 	@echo "demo done. Look at:"
 	@echo "  pretraining previews   $(DEMO)/pretrain/previews/*.png   (encoder: $(DEMO)/pretrain/encoder)"
 	@echo "  classification         $(DEMO)/finetune_cls/metrics.json, roc_*.png, calibration_*.png, explain/"
+	@echo "  hybrid (+ baselines)   $(DEMO)/finetune_cls/hybrid/, hybrid_prob in predict/external_predictions.csv"
 	@echo "  survival               $(DEMO)/finetune_surv/metrics.json, km_*.png"
 	@echo "  segmentation           $(DEMO)/finetune_seg/metrics.json, segmentation.csv, segmentation/*.png"
 	@echo "  T1-CE + FLAIR + PET    $(DEMO)/finetune_3ch/metrics.json, explain/, predict/external_3ch.csv"
