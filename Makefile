@@ -49,7 +49,7 @@ install: $(STAMP)
 
 # One pytest worker per core (pytest-xdist; tests/conftest.py keeps each module, and the DeepSpeed modules'
 # shared 2-rank runs, in one worker), at most 4: each worker holds its own torch and test cohort.
-# On 2 cores: 17 min 32 s against 28 min 42 s in one process (2026-12-07). TEST_WORKERS=0: one process.
+# On 2 cores: 17 min 31 s against 28 min 42 s in one process (2026-12-07). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n > 4 ? 4 : n )))
 
 test: $(STAMP)

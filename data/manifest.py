@@ -232,8 +232,9 @@ def check_not_image_paths(df: pd.DataFrame, columns: list[str], where: str) -> N
     """ManifestError naming the given clinical columns that hold image paths (image_path_columns)."""
     paths = [c for c in columns if c in image_path_columns(df[[c for c in columns if c in df.columns]])]
     if paths:
+        other = next((c for c in paths if c != "image"), "")  # `image` is the run's first image already
         raise ManifestError(f"{where}: column(s) {paths} hold image paths, not clinical values; read them as images "
-                            f"with --images (e.g. --images image,{paths[0]})")
+                            f"with --images" + (f" (e.g. --images image,{other})" if other else ""))
 
 
 def image_path_columns(df: pd.DataFrame) -> list[str]:

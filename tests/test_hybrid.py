@@ -289,6 +289,8 @@ def _cohort_case(tmp_path, case: str) -> tuple[list[str], str]:
     from tests.test_radiomics import _write_cohort
     manifest = _write_cohort(tmp_path, 12, np.random.default_rng(3))
     table = pd.read_csv(manifest, dtype={"subject_id": str}).assign(age=np.linspace(40, 80, 12).round(1))
+    if case == "clinical_named_as_input":  # a clinical column with a first-level input's name
+        table["radiomics_clinical"] = np.arange(len(table), dtype=float)
     splits = make_splits(table, test_fraction=0.25, folds=2, stratify=stratify_of(table), seed=0)
     (tmp_path / "splits.json").write_text(json.dumps(splits))
     large = table.assign(subject_id="L" + table["subject_id"])  # an --eval_sets cohort
@@ -301,13 +303,16 @@ def _cohort_case(tmp_path, case: str) -> tuple[list[str], str]:
         expect = "hybrid classification stacker of fold 0 (the other folds' val rows): needs at least 2 rows of each"
     elif case == "splits_vs_manifest":  # the run's splits, but a subject has left the manifest since
         expect = f"splits {tmp_path / 'splits.json'}: made for a different set of subjects"
-    elif case == "clinical_named_as_input":
-        extra, expect = ["--hybrid_clinical"], "input(s) ['image'] are also clinical columns"
+    elif case == "clinical_named_as_input":  # a clinical column with a first-level input's name
+        extra, expect = ["--hybrid_clinical"], "input(s) ['radiomics_clinical'] are also clinical columns"
+    elif case == "clinical_is_an_image":  # the manifest's image paths named as a clinical column
+        expect = "column(s) ['image'] hold image paths, not clinical values; read them as images with --images"
     left = (table["subject_id"] == splits["folds"][0]["train"][0]) & (case == "splits_vs_manifest")
     table[~left].to_csv(manifest, index=False)
     labels = pd.concat([table, large]).set_index("subject_id")["label"]
     run = _fake_run(tmp_path / "run", splits, labels, held={"large": list(large["subject_id"])})
-    clinical = "age,image" if case == "clinical_named_as_input" else "age"
+    clinical = {"clinical_named_as_input": "age,radiomics_clinical", "clinical_is_an_image": "age,image"}.get(case,
+                                                                                                          "age")
     argv = ["--manifest", str(manifest), "--cache", str(tmp_path / "cache"), "--splits", str(tmp_path / "splits.json"),
             "--task", "classification", "--out", str(tmp_path / "out"), "--folds", "2", "--test_fraction", "0.25",
             "--clinical_columns", clinical, "--eval_sets", f"large={tmp_path / 'large.csv'}",
@@ -315,7 +320,8 @@ def _cohort_case(tmp_path, case: str) -> tuple[list[str], str]:
     return argv, expect
 
 
-@pytest.mark.parametrize("case", ["clinical_missing", "one_class", "splits_vs_manifest", "clinical_named_as_input"])
+@pytest.mark.parametrize("case", ["clinical_missing", "one_class", "splits_vs_manifest", "clinical_named_as_input",
+                                  "clinical_is_an_image"])
 def test_cli_refuses_an_input_the_manifests_show_it_cannot_stack_before_any_work(tmp_path, capsys, case):
     """Checked on the manifests before the first volume is prepared: no cache, no --out, no first-level baseline
     written and then a refusal (or, for a held-out cohort without a clinical column, a traceback)."""
