@@ -230,7 +230,8 @@ def clinical_columns(df: pd.DataFrame, prep: PrepConfig | None = None) -> list[s
 
 def check_not_image_paths(df: pd.DataFrame, columns: list[str], where: str) -> None:
     """ManifestError naming the given clinical columns that hold image paths (image_path_columns)."""
-    paths = [c for c in columns if c in image_path_columns(df[[c for c in columns if c in df.columns]])]
+    named = list(dict.fromkeys(c for c in columns if c in df.columns))  # a name given twice is checked once
+    paths = [c for c in named if c in image_path_columns(df[named])]
     if paths:
         other = next((c for c in paths if c != "image"), "")  # `image` is the run's first image already
         raise ManifestError(f"{where}: column(s) {paths} hold image paths, not clinical values; read them as images "

@@ -19,10 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pytest
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest without pytest-xdist (or -p no:xdist) runs on
 def pytest_xdist_make_scheduler(config, log):
     """Under `pytest -n N` (make test): one test module per work unit, so that a module's fixtures are built
     once, and the two DeepSpeed modules in one unit, so that their shared 2-rank runs (`ds_runs`, the
-    suite's longest set-up) are launched once."""
+    suite's longest set-up) are launched once. Another --dist than the default keeps its own scheduler."""
+    if config.getvalue("dist") != "load":
+        return None
     from xdist.scheduler import LoadFileScheduling
 
     class ModuleScheduling(LoadFileScheduling):

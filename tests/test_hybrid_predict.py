@@ -169,6 +169,18 @@ def test_a_hybrid_stacked_on_another_model_is_refused_and_the_same_model_moved_i
         assert not (tmp_path / "out").exists()
 
 
+def test_an_export_from_before_the_image_model_was_recorded_says_how_to_refit(hybrid_run, tmp_path):
+    from finetune.baselines.hybrid_export import INDEX, read_export
+    old = shutil.copytree(hybrid_run / "run" / "model" / "hybrid", tmp_path / "hybrid")
+    index = json.loads((old / INDEX).read_text())
+    index["format"] = "mimfm.hybrid_export/1"
+    del index["image_model"]
+    (old / INDEX).write_text(json.dumps(index))
+    with pytest.raises(InputError, match=r"written before exports recorded the image model .* fit it again .* or "
+                                         rf"remove {old} to predict without the hybrid$"):
+        read_export(old)
+
+
 def test_predict_help_explains_the_hybrid_flag(capsys):
     from finetune.predict import main as predict_main
     with pytest.raises(SystemExit):

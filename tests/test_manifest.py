@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from core.errors import ConfigError, ManifestError
-from data.manifest import (STANDARD_COLUMNS, clinical_columns, image_path_columns, read_any, read_datalist, read_manifest,
-                           scan_folder)
+from data.manifest import (STANDARD_COLUMNS, check_not_image_paths, clinical_columns, image_path_columns, read_any,
+                           read_datalist, read_manifest, scan_folder)
 from models.tasks import CLASSIFICATION, MULTITASK, SURVIVAL
 
 
@@ -266,6 +266,10 @@ def test_a_column_of_image_paths_is_never_clinical():
                        "empty": [None, None, None]})
     assert image_path_columns(df) == ["image", "flair"]
     assert clinical_columns(df) == ["note", "age", "sex", "empty"]
+    check_not_image_paths(df, ["age", "age", "note"], "--clinical_columns")  # a name given twice: no crash
+    assert_error(r"^--clinical_columns: column\(s\) \['flair'\] hold image paths, not clinical values; read them as "
+                 r"images with --images \(e\.g\. --images image,flair\)$", check_not_image_paths, df,
+                 ["flair", "flair", "age"], "--clinical_columns")
 
 
 def test_an_optional_brain_mask_column_is_a_path_checked_where_given_and_never_clinical(tmp_path):

@@ -61,10 +61,13 @@ class HybridExport:
         return any(m.radiomics_columns for m in self.baselines.values())
 
 
+MODEL_FILES = ("config.json", "input_spec.json")  # beside the weights, they shape a fold's prob / risk too
+
+
 def image_model_digest(model_dir) -> str | None:
-    """sha256 of a fine-tuned model folder's weights: the .safetensors files of each fold folder its ensemble.json
-    lists, in that order (or of the one model folder given); None where `model_dir` holds no model. Content only:
-    a moved or copied run keeps its digest, a retrained fold changes it."""
+    """sha256 of a fine-tuned model folder: the .safetensors files, config.json and input_spec.json of each fold
+    folder its ensemble.json lists, in that order (or of the one model folder given); None where `model_dir`
+    holds no model. Content only: a moved or copied run keeps its digest, a retrained fold changes it."""
     from finetune.predict import model_folders
     try:
         folders = model_folders(model_dir)
@@ -72,7 +75,8 @@ def image_model_digest(model_dir) -> str | None:
         return None
     digest = hashlib.sha256()
     for folder in folders:
-        for path in sorted(Path(folder).glob("*.safetensors")):
+        files = sorted(Path(folder).glob("*.safetensors")) + [Path(folder) / n for n in MODEL_FILES]
+        for path in (p for p in files if p.is_file()):
             digest.update(path.name.encode())
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 24), b""):
@@ -114,6 +118,10 @@ def read_export(folder) -> HybridExport:
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"{where}: not a hybrid export folder (no readable {INDEX}: {type(e).__name__}; "
                          f"python -m finetune.baselines --baselines hybrid writes OUT/hybrid/export)") from None
+    if isinstance(index, dict) and index.get("format") == "mimfm.hybrid_export/1":
+        raise InputError(f"{where}: written before exports recorded the image model they were stacked on; fit it "
+                         f"again (python -m finetune.baselines --baselines hybrid --image_run RUN, or python -m "
+                         f"finetune --hybrid), or remove {folder} to predict without the hybrid")
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise InputError(f"{where}: {INDEX} is not a {FORMAT} file")
     radiomics = index.get("radiomics")
