@@ -290,7 +290,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache_dir", default="", help="preprocessing cache (default: a cache/ folder next to --out)")
     ap.add_argument("--hybrid", default="", help="a hybrid's export folder (python -m finetune.baselines --baselines "
                     "hybrid writes OUT/hybrid/export, stacked on the run --model comes from; an export stacked on "
-                    "another model's scores is refused, by a digest of the fold weights): adds hybrid_prob "
+                    "another model's scores is refused, by a digest of the fold models): adds hybrid_prob "
                     "(label) or hybrid_risk (survival), the stacker over this model's score and the baselines' "
                     "(radiomics of each row's drawn or found lesion, its clinical columns); the manifest then "
                     "needs the clinical columns the hybrid reads. Default: --model's hybrid/ folder where it has "
