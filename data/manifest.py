@@ -217,12 +217,13 @@ def one_sample_per_image(df: pd.DataFrame, prep: PrepConfig) -> list[tuple[pd.Da
 
 # Columns that data.prepare adds (cache paths): never clinical features.
 DERIVED_COLUMNS = ("cache_image", "cache_mask")
+NOT_CLINICAL = frozenset(STANDARD_COLUMNS + DERIVED_COLUMNS)  # whatever the manifest's values
 
 
 def clinical_columns(df: pd.DataFrame, prep: PrepConfig | None = None) -> list[str]:
     """Every column that is not a standard, derived, image-channel or PET-acquisition column of `prep`, nor a
     column of image paths (image_path_columns: a sequence this run does not read)."""
-    skip = set(STANDARD_COLUMNS) | set(DERIVED_COLUMNS) | set(image_path_columns(df))
+    skip = NOT_CLINICAL | set(image_path_columns(df))
     if prep is not None:
         skip |= set(prep.image_columns()) | set(prep.acquisition_columns())
     return [c for c in df.columns if c not in skip]
@@ -231,7 +232,7 @@ def clinical_columns(df: pd.DataFrame, prep: PrepConfig | None = None) -> list[s
 def check_not_image_paths(df: pd.DataFrame, columns: list[str], where: str) -> None:
     """ManifestError naming the given clinical columns that hold image paths (image_path_columns)."""
     named = list(dict.fromkeys(c for c in columns if c in df.columns))  # a name given twice is checked once
-    paths = [c for c in named if c in image_path_columns(df[named])]
+    paths = image_path_columns(df[named])
     if paths:
         other = next((c for c in paths if c != "image"), "")  # `image` is the run's first image already
         raise ManifestError(f"{where}: column(s) {paths} hold image paths, not clinical values; read them as images "
@@ -360,6 +361,5 @@ def _strip_nifti_suffix(name: str) -> str | None:
 
 def _standard_first(df: pd.DataFrame) -> pd.DataFrame:
     """The standard columns first, then the others (clinical, image channels) in file order; no derived ones."""
-    skip = set(STANDARD_COLUMNS) | set(DERIVED_COLUMNS)
-    order = [c for c in STANDARD_COLUMNS if c in df.columns] + [c for c in df.columns if c not in skip]
+    order = [c for c in STANDARD_COLUMNS if c in df.columns] + [c for c in df.columns if c not in NOT_CLINICAL]
     return df[order].reset_index(drop=True)

@@ -311,8 +311,8 @@ def _cohort_case(tmp_path, case: str) -> tuple[list[str], str]:
     table[~left].to_csv(manifest, index=False)
     labels = pd.concat([table, large]).set_index("subject_id")["label"]
     run = _fake_run(tmp_path / "run", splits, labels, held={"large": list(large["subject_id"])})
-    clinical = {"clinical_named_as_input": "age,radiomics_clinical", "clinical_is_an_image": "age,image"}.get(case,
-                                                                                                          "age")
+    named = {"clinical_named_as_input": "age,radiomics_clinical", "clinical_is_an_image": "age,image"}
+    clinical = named.get(case, "age")
     argv = ["--manifest", str(manifest), "--cache", str(tmp_path / "cache"), "--splits", str(tmp_path / "splits.json"),
             "--task", "classification", "--out", str(tmp_path / "out"), "--folds", "2", "--test_fraction", "0.25",
             "--clinical_columns", clinical, "--eval_sets", f"large={tmp_path / 'large.csv'}",

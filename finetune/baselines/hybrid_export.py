@@ -9,8 +9,9 @@ hybrid.json names the radiomics extraction the first-level baselines were fitted
 FEATURE_VERSION, the preprocessing, data.prep_config.PrepConfig, of the image and mask they read), and whether
 the stacker reads the fine-tuned model's image score, and which model that is (image_model_digest of the run's
 model/ folder: predict refuses another model's scores, which the stacker's weights were not fitted to). A
-first-level input the stacker dropped (Stacker.dropped) is not exported. `python -m finetune.baselines --baselines hybrid` writes it (write_export);
-`python -m finetune.predict --hybrid` reads it (read_export, then finetune.baselines.hybrid_predict).
+first-level input the stacker dropped (Stacker.dropped) is not exported. `python -m finetune.baselines --baselines
+hybrid` writes it (write_export); `python -m finetune.predict --hybrid` reads it (read_export, then
+finetune.baselines.hybrid_predict).
 """
 from __future__ import annotations
 

@@ -42,8 +42,7 @@ def load_hybrid(folder, df: pd.DataFrame, manifest, model_task: str, model) -> H
     missing = [c for c in needed if c not in df.columns]
     if missing:
         raise InputError(f"{manifest}: column(s) {missing} missing; the hybrid (--hybrid {folder}) reads {needed}")
-    digest = image_model_digest(model) if export.image else None
-    if export.image and digest != export.image_model:
+    if export.image and (digest := image_model_digest(model)) != export.image_model:
         # the stacker's weights were fitted to one model's scores: another model's (another run, a retrained or
         # single fold) would be stacked without an error and give wrong hybrid scores
         raise InputError(f"--hybrid {folder}: stacked on the scores of another image model than --model {model} "
