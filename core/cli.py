@@ -156,7 +156,7 @@ def _metavar(flag: _Flag) -> tuple[str, str | None]:
     if origin in (typing.Union, types.UnionType):  # e.g. float | Literal["auto"] -> FLOAT|auto
         parts = [",".join(map(str, typing.get_args(a))) if typing.get_origin(a) is typing.Literal
                  else _TYPE_NAMES.get(a, "VALUE") for a in args if a is not type(None)]
-        return "|".join(parts), None
+        return "|".join(parts), "?" if bool in args else None  # bool | Literal["auto"]: a bare `--flag` is true
     if tp is bool:
         return _TYPE_NAMES[bool], "?"  # a bare `--flag` means true
     if origin in (tuple, list):

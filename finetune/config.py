@@ -92,9 +92,12 @@ class FinetuneConfig(LoopConfig):
     # after the folds, fit the baselines and the hybrid (their image score stacked with radiomics + clinical) on
     # this run's splits and seed into <output_dir>/hybrid/, as python -m finetune.baselines --baselines hybrid
     # --image_run <output_dir> would, with the export in <output_dir>/model/hybrid/, which python -m
-    # finetune.predict --model <output_dir>/model then applies (hybrid_prob / hybrid_risk); --task classification
-    # or survival
-    hybrid: bool = False
+    # finetune.predict --model <output_dir>/model then applies (hybrid_prob / hybrid_risk). auto: wherever it
+    # can be fitted (--task classification or survival, clinical columns, enough val rows of each class or with
+    # an event), else one line says why not and the run goes on; true (a bare --hybrid): required, a run it
+    # cannot be fitted on is refused before any fold trains; false: never. auto is the default because the
+    # hybrid is the measured best of the image models and the baselines (docs/RESULTS.md, "Which model")
+    hybrid: bool | Literal["auto"] = "auto"
     prep: PrepConfig = field(default_factory=PrepConfig)
     model: MultimodalConfig = field(default_factory=_default_model)
     optim: OptimConfig = field(default_factory=_default_optim)
@@ -117,7 +120,7 @@ class FinetuneConfig(LoopConfig):
         if self.lp_epochs and (self.lp_epochs >= self.epochs or self.freeze_encoder):
             raise ConfigError(f"--lp_epochs {self.lp_epochs}: needs --epochs above it and no --freeze_encoder")
         self._check_seg_arch()
-        if self.hybrid and self.task.label == self.task.survival:  # the hybrid stacks one score: prob or risk
+        if self.hybrid is True and self.task.label == self.task.survival:  # the hybrid stacks one score: prob or risk
             raise ConfigError(f"--hybrid: stacks one outcome score; --task {self.model.task} is not classification "
                               "or survival")
         parse_eval_sets(self.eval_sets)  # a malformed entry fails at parse time, naming the flag

@@ -302,9 +302,10 @@ def run(cfg: FinetuneConfig) -> dict:
     model_cfg, spec = resolve_inputs(cfg)
     # every rank prepares its share of the cohorts, then reads the whole cache
     df, held_out, columns = load_cohort(cfg, spec.prep, show_progress=main, accelerator=accelerator)
-    if cfg.hybrid:  # what it cannot be fitted on is refused before any file is written or fold trains
-        from finetune.baselines.run_hybrid import check_run_hybrid
-        check_run_hybrid(cfg, df, load_splits(cfg, df, save=False), columns, held_out)
+    # decided before any file is written or fold trains: --hybrid true refuses what it cannot be fitted on
+    from finetune.baselines.run_hybrid import hybrid_applies, resolve_hybrid
+    fit_hybrid = hybrid_applies(cfg) and resolve_hybrid(cfg, df, load_splits(cfg, df, save=False), columns,
+                                                        held_out, show=main)
     with accelerator.main_process_first():  # one rank writes a new splits file; the others then read it
         splits = load_splits(cfg, df)
     refuse_other_runs_folds(cfg, fold_fingerprint(cfg, splits))
@@ -331,7 +332,7 @@ def run(cfg: FinetuneConfig) -> dict:
     if main:
         print_summary(metrics, out, cfg.figures)
     accelerator.wait_for_everyone()
-    if main and cfg.hybrid:  # after the barrier: the main process alone, no collective left to time out
+    if main and fit_hybrid:  # after the barrier: the main process alone, no collective left to time out
         from finetune.baselines.run_hybrid import fit_run_hybrid
         fit_run_hybrid(cfg, columns)
     return metrics

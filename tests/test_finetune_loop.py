@@ -24,6 +24,7 @@ def tiny_cfg(cohort, out, **over) -> FinetuneConfig:
     cfg.output_dir, cfg.cache_dir = str(out), str(out.parent / "cache")
     cfg.mixed_precision, cfg.n_boot, cfg.explain, cfg.epochs, cfg.folds = "no", 20, 1, 2, 2
     cfg.model.encoder.depth = 2
+    cfg.hybrid = False  # the hybrid (on by default where it applies) has its own tests: test_hybrid_predict.py
     for k, v in over.items():  # --task and --fusion are stored as model.task and model.fusion
         setattr(cfg.model if k in ("task", "fusion") else cfg, k, v)
     return cfg

@@ -16,14 +16,15 @@ from test_finetune_loop import tiny_cfg
 
 @pytest.fixture(scope="module")
 def hybrid_run(synth_cohort, tmp_path_factory):
-    """A tiny classification run on the synthetic cohort with --hybrid (python -m finetune's one command: RUN/hybrid/
-    and RUN/model/hybrid/), and the hybrid stacked on it again by the baselines CLI, clinical columns too."""
+    """A tiny classification run on the synthetic cohort with the default --hybrid auto (python -m finetune's one
+    command: RUN/hybrid/ and RUN/model/hybrid/), and the hybrid stacked on it again by the baselines CLI, clinical
+    columns too."""
     from finetune.baselines.__main__ import main as baselines_main
     from finetune.train import run
     root = tmp_path_factory.mktemp("hybrid_predict")
     cfg = tiny_cfg(synth_cohort, root / "run", task="classification", fusion="concat", explain=0, figures=False,
-                   n_boot=0)
-    cfg.external, cfg.hybrid = "", True
+                   n_boot=0, hybrid="auto")
+    cfg.external = ""
     run(cfg)
     assert baselines_main(["--out", str(root / "baselines"), "--baselines", "hybrid", "--image_run",
                            str(root / "run"), "--hybrid_clinical"]) == 0
@@ -302,3 +303,51 @@ def test_a_rerun_removes_the_hybrid_export_of_the_models_it_may_replace(hybrid_r
     with pytest.raises(RuntimeError, match="folds would train here"):
         train.run(cfg)
     assert not (out / "model" / "hybrid").exists()
+
+
+def test_the_hybrid_is_on_by_default_where_it_applies_and_a_bare_flag_requires_it(tmp_path, capsys):
+    """--hybrid: auto (the default), true (a bare --hybrid), false; the saved config keeps what was given."""
+    from core.cli import parse_config
+    from core.config import load_config, save_config
+    from finetune.baselines.run_hybrid import hybrid_applies
+    from finetune.config import FinetuneConfig
+    parse = lambda *argv: parse_config(FinetuneConfig, list(argv))[0]  # noqa: E731
+    assert FinetuneConfig().hybrid == parse().hybrid == "auto" and hybrid_applies(parse())
+    assert parse("--hybrid").hybrid is True and parse("--hybrid", "--task", "survival").hybrid is True
+    assert parse("--hybrid", "false").hybrid is False and not hybrid_applies(parse("--hybrid", "false"))
+    auto_multitask = parse("--hybrid", "auto", "--task", "multitask")  # no one score to stack: left out, no error
+    assert not hybrid_applies(auto_multitask) and not hybrid_applies(parse("--task", "segmentation"))
+    for value in ("auto", True, False):
+        save_config(FinetuneConfig(hybrid=value), tmp_path / "c.yaml")
+        assert load_config(FinetuneConfig, tmp_path / "c.yaml").hybrid == value
+    with pytest.raises(SystemExit):
+        parse_config(FinetuneConfig, ["--help"])
+    assert "{true,false}|auto" in capsys.readouterr().out
+
+
+def test_auto_goes_on_without_a_hybrid_it_cannot_fit_and_says_why(hybrid_run, synth_cohort, tmp_path, capsys,
+                                                                  monkeypatch):
+    """The synthetic cohort's survival rows cannot fit the Cox baselines (too few censored rows): --hybrid true
+    refuses the run (test above), auto says why in one line and trains the folds without it; a manifest without
+    clinical columns is the same."""
+    import finetune.train as train
+    from finetune.baselines.run_hybrid import resolve_hybrid
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("folds would train here")
+    monkeypatch.setattr(train, "run_folds", stop)
+    cfg = _survival_cfg(synth_cohort, tmp_path / "auto", "manifest.csv")
+    cfg.hybrid = "auto"
+    with pytest.raises(RuntimeError, match="folds would train here"):
+        train.run(cfg)
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("hybrid (--hybrid auto)")]
+    assert len(line) == 1 and "not fitted: the baselines fitted on" in line[0] and "censored rows" in line[0]
+    cls = tiny_cfg(synth_cohort, tmp_path / "cls", task="classification", hybrid="auto")
+    splits = json.loads((hybrid_run / "run" / "splits.json").read_text())
+    df = pd.read_csv(synth_cohort / "manifest.csv", dtype={"subject_id": str})
+    assert not resolve_hybrid(cls, df, splits, [])
+    assert "not fitted: " in capsys.readouterr().out
+    assert resolve_hybrid(cls, df, splits, ["age"])  # the control: with a clinical column it is fitted
+    cls.hybrid = True
+    with pytest.raises(InputError, match="has no clinical columns"):
+        resolve_hybrid(cls, df, splits, [])

@@ -1,10 +1,11 @@
-"""The hybrid inside a fine-tuning run: `python -m finetune ... --hybrid` (FinetuneConfig.hybrid).
+"""The hybrid inside a fine-tuning run: `python -m finetune ...` (FinetuneConfig.hybrid: auto, the default, true or
+false).
 
-After the folds, the run fits the baselines and the hybrid on its own splits and seed, exactly as
+Where the hybrid is wanted and can be fitted (resolve_hybrid), after the folds the run fits the baselines and the hybrid on its own splits and seed, exactly as
 `python -m finetune.baselines --out <output_dir>/hybrid --baselines hybrid --image_run <output_dir>` would (with
 the run's --external, --eval_sets and clinical columns), and copies the export to <output_dir>/model/hybrid/,
-where `python -m finetune.predict --model <output_dir>/model` finds it. What the hybrid cannot fit on is refused
-before the first fold trains (check_run_hybrid).
+where `python -m finetune.predict --model <output_dir>/model` finds it. With --hybrid true, what the hybrid cannot
+be fitted on is refused before the first fold trains (check_run_hybrid); with auto, the run goes on without it.
 """
 from __future__ import annotations
 
@@ -19,6 +20,32 @@ from core.errors import InputError
 
 BASELINES_DIR = "hybrid"  # <output_dir>/hybrid/: the baselines' and the hybrid's folders, as OUT of finetune.baselines
 MODEL_DIR = "hybrid"      # <output_dir>/model/hybrid/: the export, beside the fold models
+
+
+def hybrid_applies(cfg) -> bool:
+    """--hybrid is not false and the task has one score to stack (a multitask or segmentation run has none: auto
+    leaves the hybrid out without a word, and FinetuneConfig refuses true)."""
+    return cfg.hybrid is not False and cfg.task.label != cfg.task.survival
+
+
+def resolve_hybrid(cfg, df: pd.DataFrame, splits: dict, clinical: list[str],
+                   held_out: dict[str, pd.DataFrame] | None = None, show: bool = True) -> bool:
+    """Whether this run fits the hybrid, decided before any fold trains, where hybrid_applies: --hybrid true
+    (InputError where it cannot be fitted), or auto (the default): where it can be fitted, else one line
+    (`show`) says why not and the run goes on without it."""
+    if not hybrid_applies(cfg):
+        return False
+    try:
+        check_run_hybrid(cfg, df, splits, clinical, held_out)
+    except InputError as e:
+        if cfg.hybrid is True:
+            raise
+        if show:
+            reason = str(e).removeprefix("--hybrid: ")
+            print(f"hybrid (--hybrid auto): not fitted: {reason}. The run goes on without it (--hybrid true "
+                  f"refuses such a run, --hybrid false never fits it)")
+        return False
+    return True
 
 
 def check_run_hybrid(cfg, df: pd.DataFrame, splits: dict, clinical: list[str],

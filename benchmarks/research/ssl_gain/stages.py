@@ -109,7 +109,7 @@ def finetune_config(preset: Preset, out: Path, seed: int, name: str, *, pretrain
                    output_dir=str(out / f"seed{seed}" / name), cache_dir=str(out / "cache"), splits=str(splits),
                    folds=preset.folds, test_fraction=preset.test_fraction, epochs=preset.epochs,
                    patience=preset.patience, seed=seed, n_boot=preset.finetune_n_boot, explain=0,
-                   figures=preset.finetune_figures,
+                   figures=preset.finetune_figures, hybrid=False,  # the hybrids are stages (hybrid_predict)
                    eval_sets=[f"{name}={csv}" for name, csv in large_manifests(preset, out).items()])
 
 
