@@ -215,6 +215,19 @@ def held_out_stamp(frame: pd.DataFrame) -> str:
     return _digest(text)
 
 
+def fold_row_stamps(df: pd.DataFrame, splits: dict, columns: list[str]) -> list[str]:
+    """Per fold, what its training and validation rows hold: outcomes and clinical values as the manifest gives
+    them, each image and mask by its cache entry (a hash of the files' content and the preprocessing, so moving
+    the data or the cache changes nothing), and the clinical columns the fold encodes. The fingerprint holds the
+    subject ids only: a manifest edited under the same ids (a corrected label, a new clinical column) gives
+    another stamp, and the fold is another run's."""
+    from data.manifest import image_path_columns
+    by_id = df.set_index("subject_id", drop=False)
+    rows = [by_id.loc[[str(s) for s in fold["train"] + fold["val"]]].reset_index(drop=True)
+            for fold in splits["folds"]]
+    return [_digest(held_out_stamp(r.drop(columns=image_path_columns(r))) + json.dumps(columns)) for r in rows]
+
+
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -234,26 +247,35 @@ def refuse_zero3(accelerator) -> None:
                           "snapshot and the fold export read); use launch/accelerate/deepspeed_zero2.yaml or DDP")
 
 
-def refuse_other_runs_folds(cfg: FinetuneConfig, fingerprint: str) -> None:
-    """Folds saved under another fingerprint are another run's (other settings, splits or pretrained
-    weights): with reuse_folds (the default) this run would retrain them one by one over that run's models,
-    log and predictions, so the two would mix. Refused, naming the ways out; --reuse_folds false says to
-    train every fold again over them."""
+def refuse_other_runs_folds(cfg: FinetuneConfig, fingerprint: str, row_stamps: list[str]) -> None:
+    """Folds saved under another fingerprint, or trained on other rows (fold_row_stamps), are another run's
+    (other settings, splits, pretrained weights or data): with reuse_folds (the default) this run would retrain
+    them one by one over that run's models, log and predictions, so the two would mix, or reuse a fold trained
+    on what the manifest no longer says. Refused, naming the ways out; --reuse_folds false says to train every
+    fold again over them. A fold saved before the row stamp existed has none and is judged by its fingerprint."""
     folds = Path(cfg.output_dir) / "folds"
     if not cfg.reuse_folds or not folds.is_dir():
         return
-    other = sorted(p.stem for p in folds.glob("fold*.json") if _saved_fingerprint(p) != fingerprint)
+    saved = {p.stem: _saved_fold(p) for p in sorted(folds.glob("fold*.json"))}
+    other = [k for k, d in saved.items() if d.get("fingerprint") != fingerprint]
     if other:
         raise InputError(f"{folds}: {', '.join(other)} are another run's (other settings, splits or pretrained "
                          "weights); start this run in a new --output_dir, or pass --reuse_folds false to train "
                          "every fold again over them")
+    mine = {f"fold{k}": stamp for k, stamp in enumerate(row_stamps)}
+    edited = [k for k, d in saved.items() if "rows" in d and d["rows"] != mine.get(k)]
+    if edited:
+        raise InputError(f"{folds}: {', '.join(edited)} were trained on other rows of {cfg.manifest} under the same "
+                         "subject ids (outcomes, clinical values, images or clinical columns changed since); start "
+                         "this run in a new --output_dir, or pass --reuse_folds false to train every fold again")
 
 
-def _saved_fingerprint(path: Path) -> str | None:
+def _saved_fold(path: Path) -> dict:
     try:
-        return json.loads(path.read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None  # unreadable: not this run's
+        d = json.loads(path.read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}  # unreadable: not this run's
 
 
 def run_folds(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec, df: pd.DataFrame,
@@ -262,12 +284,13 @@ def run_folds(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec,
     out, main = Path(cfg.output_dir), accelerator.is_main_process
     by_id = df.set_index("subject_id", drop=False)
     frames, fold_info = [], []
-    fingerprint = fold_fingerprint(cfg, splits)
+    fingerprint, row_stamps = fold_fingerprint(cfg, splits), fold_row_stamps(df, splits, columns)
     stamps = {name: held_out_stamp(frame) for name, frame in eval_sets.items()}
     for k, fold in enumerate(splits["folds"]):
         done = out / "folds" / f"fold{k}.csv"
         saved = json.loads(done.with_suffix(".json").read_text()) if done.with_suffix(".json").is_file() else {}
-        if cfg.reuse_folds and done.is_file() and saved.get("fingerprint") == fingerprint:
+        if cfg.reuse_folds and done.is_file() and saved.get("fingerprint") == fingerprint \
+                and saved.get("rows", row_stamps[k]) == row_stamps[k]:
             # The held-out sets are not in the fingerprint: keep the rows of this run's sets; a fold that
             # lacks one of them (a set added since) or predicted another version of one (same name, other
             # rows) is retrained rather than reported with stale predictions.
@@ -283,7 +306,7 @@ def run_folds(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec,
                          by_id.loc[fold["val"]].reset_index(drop=True), eval_sets, columns, accelerator, logger)
         fr = pd.concat([prediction_rows(name, k, d, p) for name, (d, p) in res["preds"].items()])
         info = {"fold": k, "best_epoch": res["best_epoch"], "kept": res["kept"], "val_score": res["val_score"],
-                "folder": res["folder"], "fingerprint": fingerprint, "held_out": stamps}
+                "folder": res["folder"], "fingerprint": fingerprint, "rows": row_stamps[k], "held_out": stamps}
         if main:
             with atomic_path(done) as tmp:
                 fr.to_csv(tmp, index=False)
@@ -308,7 +331,7 @@ def run(cfg: FinetuneConfig) -> dict:
                                                         held_out, show=main)
     with accelerator.main_process_first():  # one rank writes a new splits file; the others then read it
         splits = load_splits(cfg, df)
-    refuse_other_runs_folds(cfg, fold_fingerprint(cfg, splits))
+    refuse_other_runs_folds(cfg, fold_fingerprint(cfg, splits), fold_row_stamps(df, splits, columns))
     if main:  # only now that the run can start: nothing is written for a refused one
         out.mkdir(parents=True, exist_ok=True)
         save_config(replace(cfg, model=model_cfg, prep=spec.prep, crop_mm=spec.view.crop_mm), out / "config.yaml")

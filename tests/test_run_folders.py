@@ -85,12 +85,47 @@ def test_fine_tuning_refuses_another_runs_folds_unless_told_to_retrain(tmp_path)
     from finetune.train import refuse_other_runs_folds
     folds = tmp_path / "folds"
     folds.mkdir()
-    (folds / "fold0.json").write_text(json.dumps({"fold": 0, "fingerprint": "mine"}))
+    (folds / "fold0.json").write_text(json.dumps({"fold": 0, "fingerprint": "mine", "rows": "r0"}))
     cfg = FinetuneConfig(output_dir=str(tmp_path))
-    refuse_other_runs_folds(cfg, "mine")  # this run's own folds: reused, not refused
+    stamps = ["r0", "r1", "r2"]
+    refuse_other_runs_folds(cfg, "mine", stamps)  # this run's own folds: reused, not refused
     (folds / "fold1.json").write_text(json.dumps({"fold": 1, "fingerprint": "theirs"}))
     (folds / "fold2.json").write_text("{torn")
     with pytest.raises(InputError, match=r"fold1, fold2 are another run's.*--reuse_folds false"):
-        refuse_other_runs_folds(cfg, "mine")
+        refuse_other_runs_folds(cfg, "mine", stamps)
+    (folds / "fold1.json").write_text(json.dumps({"fold": 1, "fingerprint": "mine"}))  # saved before row stamps
+    (folds / "fold2.json").write_text(json.dumps({"fold": 2, "fingerprint": "mine", "rows": "edited"}))
+    with pytest.raises(InputError, match=r"fold2 were trained on other rows of .* under the same subject ids"):
+        refuse_other_runs_folds(cfg, "mine", stamps)
     cfg.reuse_folds = False
-    refuse_other_runs_folds(cfg, "mine")  # told: every fold is trained again
+    refuse_other_runs_folds(cfg, "mine", stamps)  # told: every fold is trained again
+
+
+def test_a_fold_trained_before_the_manifest_was_edited_is_not_reused(synth_cohort, tmp_path):
+    """The same subject ids, one training label corrected (or a clinical value, or a clinical column added): the
+    finished folds were trained on what the manifest no longer says. Before, the fold fingerprint held the ids
+    only and the rerun reused them without a word; now it is refused before any work, and an unchanged manifest
+    still reuses them."""
+    import pandas as pd
+    from finetune.train import run
+    from test_finetune_loop import tiny_cfg
+    manifest = synth_cohort / "manifest_edited.csv"  # beside the cohort's: its relative image paths hold
+    df = pd.read_csv(synth_cohort / "manifest.csv", dtype={"subject_id": str})
+    df.to_csv(manifest, index=False)
+    cfg = tiny_cfg(synth_cohort, tmp_path / "run", task="classification", epochs=1, explain=0, figures=False,
+                   n_boot=0, manifest=str(manifest), external="")
+    run(cfg)
+    folds = sorted((tmp_path / "run" / "folds").glob("fold*.json"))
+    written = {p.name: p.stat().st_mtime_ns for p in folds}
+    assert len(folds) == 2 and all(json.loads(p.read_text())["rows"] for p in folds)
+    run(cfg)  # unchanged: every fold reused, none retrained (a retrained fold rewrites its json)
+    assert {p.name: p.stat().st_mtime_ns for p in folds} == written
+    train_id = json.loads((tmp_path / "run" / "splits.json").read_text())["folds"][0]["train"][0]
+    df.loc[df["subject_id"] == train_id, "label"] = 1 - df.loc[df["subject_id"] == train_id, "label"]
+    df.to_csv(manifest, index=False)
+    with pytest.raises(InputError, match=r"fold0, fold1 were trained on other rows of .*manifest_edited.csv"):
+        run(cfg)
+    df.loc[df["subject_id"] == train_id, "label"] = 1 - df.loc[df["subject_id"] == train_id, "label"]
+    df.assign(bmi=range(len(df))).to_csv(manifest, index=False)  # a clinical column added
+    with pytest.raises(InputError, match=r"were trained on other rows"):
+        run(cfg)
