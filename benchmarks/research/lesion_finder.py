@@ -89,12 +89,13 @@ def head_metrics(labels: np.ndarray, drawn: np.ndarray, lesions: np.ndarray, vox
             "voxel_mm": [float(v) for v in voxel_mm]}
 
 
-def chosen_metrics(labels: np.ndarray, drawn: np.ndarray, voxel_mm, confident: bool) -> dict:
-    """Dice and HD95 (mm) of what predict would write for the head: the rank-1 candidate when confident,
-    else nothing (a flagged head is a miss here: Dice 0, HD95 the grid's diagonal)."""
+def chosen_metrics(labels: np.ndarray, drawn: np.ndarray, voxel_mm, confident: bool, rank: int = 1) -> dict:
+    """Dice and HD95 (mm) of what predict would write for the head: the candidate of `rank` (the best by the
+    score in use) when confident, else nothing (a flagged head is a miss here: Dice 0, HD95 the grid's
+    diagonal)."""
     import torch
     from finetune.lesion.seg_metrics import segmentation_metrics
-    pred = (labels == 1) if confident else np.zeros_like(drawn)
+    pred = (labels == rank) if confident else np.zeros_like(drawn)
     m = segmentation_metrics(torch.from_numpy(pred)[None, None], torch.from_numpy(drawn)[None, None],
                              np.asarray(voxel_mm, dtype=np.float64)[None])
     return {"dice": float(m["dice"][0]), "hd95_mm": float(m["hd95_mm"][0])}
@@ -163,12 +164,15 @@ def predict_flag(threshold: float) -> str:
 
 
 def summarise(scored: pd.DataFrame, threshold: float, seconds: float) -> dict:
-    """The set's detection figures at `threshold` (module docstring)."""
+    """The set's detection figures at `threshold` (module docstring). `scored` lists each head's candidates best
+    first; its index lesion is the candidate of value `best_rank` in the label map (1, the hand score's best,
+    where the column is absent)."""
     confident = scored["best_score"].to_numpy(float) >= threshold
     found = scored["found"].to_numpy(bool)
     # the best candidate touches one of the patient's lesions (the drawn one or another)
     on_lesion = np.array([bool(json.loads(c)[0][1]) if json.loads(c) else False for c in scored["candidates"]])
-    chosen = [chosen_metrics(*_arrays(r), c) for (_, r), c in zip(scored.iterrows(), confident)]
+    chosen = [chosen_metrics(*_arrays(r), c, int(r.get("best_rank", 1)))
+              for (_, r), c in zip(scored.iterrows(), confident)]
     dice = np.array([c["dice"] for c in chosen])
     hd = np.array([c["hd95_mm"] for c in chosen])
     fp_all = [sum(1 for _, touch in json.loads(c) if not touch) for c in scored["candidates"]]

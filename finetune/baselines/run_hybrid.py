@@ -1,11 +1,12 @@
 """The hybrid inside a fine-tuning run: `python -m finetune ...` (FinetuneConfig.hybrid: auto, the default, true or
 false).
 
-Where the hybrid is wanted and can be fitted (resolve_hybrid), after the folds the run fits the baselines and the hybrid on its own splits and seed, exactly as
-`python -m finetune.baselines --out <output_dir>/hybrid --baselines hybrid --image_run <output_dir>` would (with
-the run's --external, --eval_sets and clinical columns), and copies the export to <output_dir>/model/hybrid/,
-where `python -m finetune.predict --model <output_dir>/model` finds it. With --hybrid true, what the hybrid cannot
-be fitted on is refused before the first fold trains (check_run_hybrid); with auto, the run goes on without it.
+Where the hybrid is wanted and can be fitted (resolve_hybrid), after the folds the run fits the baselines and the
+hybrid on its own splits and seed, exactly as `python -m finetune.baselines --out <output_dir>/hybrid --baselines
+hybrid --image_run <output_dir>` would (with the run's --external, --eval_sets and clinical columns), and copies
+the export to <output_dir>/model/hybrid/, where `python -m finetune.predict --model <output_dir>/model` finds it.
+With --hybrid true, what the hybrid cannot be fitted on is refused before the first fold trains
+(check_run_hybrid); with auto, the run goes on without it.
 """
 from __future__ import annotations
 
