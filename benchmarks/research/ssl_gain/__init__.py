@@ -24,8 +24,9 @@ presets), never used to train or select anything, which are what can order the m
 gets a paired patient-bootstrap CI of its AUC and C-index difference to (1) on all four held-out sets
 (paired.py), and the published claims (mim>scratch, mim>=mae, mim>radiomics, multimodal>=mim,
 radiomics>scratch) are decided by those CIs (">": lower bound > 0; ">=": > -0.02), as are the default model's
-(the MiM ViT with the default --fusion) against the baselines a user fits first: best>radiomics+clinical
-(AUC) and survival>clinical_only (Harrell's C against clinical_linear's Cox model).
+(the hybrid, which python -m finetune fits by default: here the MiM ViT's score stacked with the baselines)
+against the baselines a user fits first: best>radiomics+clinical (AUC) and survival>clinical_only (Harrell's C
+against clinical_linear's Cox model).
 
 Survival: presets with `survival = "multitask"` train every ViT / clinical model with the multitask
 head (BCE + Cox), so one run gives both scores on the same splits; `survival = "separate"` trains

@@ -117,8 +117,8 @@ def evaluate_seed(preset: Preset, out: Path, seed: int) -> dict:
     sd = out / f"seed{seed}"
     outcomes = _outcomes(preset, out)
     preds = {run.name: _predictions(sd / run.name) for run in finetune_runs(preset)}
-    preds |= {f"{m}_{t.name}": _predictions(sd / f"{m}_{t.name}")
-              for m in BASELINES for t in (CLASSIFICATION, SURVIVAL)}
+    preds |= {f"{m}_{t.name}": _predictions(sd / f"{m}_{t.name}")  # a hybrid not fitted has no predictions
+              for m in [*BASELINES, "hybrid"] for t in (CLASSIFICATION, SURVIVAL)}
 
     fusion_val, chosen = _choose_fusion(preset, preds, outcomes)
     cls_run = CLS_RUN | {"multimodal": f"ft_mim_{chosen}"}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.research.ssl_gain.presets import EVAL_SETS, REFERENCE, Preset, default_model
+from benchmarks.research.ssl_gain.presets import EVAL_SETS, REFERENCE, Preset, user_default_model
 from finetune.evaluate import bootstrap_counts, paired_diff_summary
 from finetune.metrics import auc_kernel, harrell_kernel, kernel_values
 from models.tasks import LABEL_REPORT, SURVIVAL_REPORT
@@ -23,9 +23,9 @@ from models.tasks import LABEL_REPORT, SURVIVAL_REPORT
 # A ">=" claim (non-inferiority) holds when the lower 95% bound of a - b is above -margin: a loses at
 # most this much AUC. 0.02 is a common non-inferiority margin for diagnostic AUCs.
 NON_INFERIORITY_MARGIN = 0.02
-# The model a user gets without a flag ("best" and "survival" in issue 33's claims): the MiM ViT with the
-# default --fusion (presets.default_model), its survival score from the same multitask run.
-DEFAULT = default_model()
+# The model a user gets without a flag ("best" and "survival" in issue 33's claims): the hybrid, which
+# python -m finetune fits by default beside the image model (presets.user_default_model).
+DEFAULT = user_default_model()
 # name, model a, model b, ">" (superiority: lower bound > 0) or ">=" (non-inferiority), metric. The last
 # two judge the default model against the baselines a user fits first (finetune.baselines.clinical_models).
 CLAIMS = (("mim>scratch", "mim", "scratch", ">", "auc"), ("mim>=mae", "mim", "mae", ">=", "auc"),
