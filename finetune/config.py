@@ -95,8 +95,8 @@ class FinetuneConfig(LoopConfig):
     # finetune.predict --model <output_dir>/model then applies (hybrid_prob / hybrid_risk). auto: wherever it
     # can be fitted (--task classification or survival, clinical columns, enough val rows of each class or with
     # an event), else one line says why not and the run goes on; true (a bare --hybrid): required, a run it
-    # cannot be fitted on is refused before any fold trains; false: never. auto is the default because the
-    # hybrid is the measured best of the image models and the baselines (docs/RESULTS.md, "Which model")
+    # cannot be fitted on is refused before any fold trains; false: never. auto is the default: on the large
+    # sets the hybrid scored above the image model alone at every size, task and site (docs/RESULTS.md)
     hybrid: bool | Literal["auto"] = "auto"
     prep: PrepConfig = field(default_factory=PrepConfig)
     model: MultimodalConfig = field(default_factory=_default_model)
@@ -120,7 +120,7 @@ class FinetuneConfig(LoopConfig):
         if self.lp_epochs and (self.lp_epochs >= self.epochs or self.freeze_encoder):
             raise ConfigError(f"--lp_epochs {self.lp_epochs}: needs --epochs above it and no --freeze_encoder")
         self._check_seg_arch()
-        if self.hybrid is True and self.task.label == self.task.survival:  # the hybrid stacks one score: prob or risk
+        if self.hybrid is True and self.task.label == self.task.survival:  # it stacks one score: prob or risk
             raise ConfigError(f"--hybrid: stacks one outcome score; --task {self.model.task} is not classification "
                               "or survival")
         parse_eval_sets(self.eval_sets)  # a malformed entry fails at parse time, naming the flag
