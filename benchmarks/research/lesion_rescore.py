@@ -1,17 +1,20 @@
-"""Issue 35, measured before it is built: does a candidate score learned on validation heads tell a lesion from
-the rest better than the hand-made one (finetune/lesion/candidates.py: p_mean x in-region share x a volume
-factor)?
+"""Issue 35, measured before it is built: a lesion-candidate score learned on validation heads, against the hand's.
+
+Does it tell a lesion from the rest better than the hand-made score (finetune/lesion/candidates.py: p_mean x
+in-region share x a volume factor)?
 
 Reads a finished `python -m benchmarks.research.lesion_finder --out FINDER` folder: each set's
-`heads_scored.csv`, `predicted_masks/candidates.csv` and label maps (voxel value = the candidate's rank). On the
-validation heads only it fits a logistic regression (sklearn, standardised FEATURES, the penalty by inner CV
-grouped by head) whose target is "the candidate touches one of the patient's lesions". Then:
+`heads.csv`, `heads_scored.csv`, `predicted_masks/candidates.csv` and label maps (voxel value = the candidate's
+rank). On the validation heads only it fits a logistic regression (sklearn, standardised features, the penalty by
+inner CV grouped by head) whose target is "the candidate touches one of the patient's lesions", once over each
+candidate's own numbers (FEATURES: `learned`) and once with what the image shows of it beside them
+(IMAGE_FEATURES: `learned_image`). Then, for each:
 - each validation head's candidates are scored by a model fitted on the other validation heads (grouped
   K-fold), so the confidence threshold, chosen by lesion_finder's rules on each head's best candidate, is not
   chosen on the rows its model was fitted on;
 - the model fitted on every validation head scores the reported sets; each head's index lesion becomes its best
   candidate by that score.
-Both scores are summarised as lesion_finder summarises them (found, confident, silent wrong, false positives,
+Every score is summarised as lesion_finder summarises them (found, confident, silent wrong, false positives,
 Dice and HD95 of what predict would write) on the same heads. The reported sets are never fitted on.
 
     python -m benchmarks.research.lesion_rescore --finder FINDER --val val --sets test_large external_large
@@ -31,6 +34,11 @@ from core.errors import InputError, cli_entry
 
 # a candidate's own numbers (candidates.csv), and the hand-made score built from them
 FEATURES = ("log_volume_ml", "p_max", "p_mean", "depth_mm", "in_region", "score")
+# what the image shows of it (image_features): its intensity against a shell around it, against the head's,
+# and how much of its bounding box it fills
+IMAGE_FEATURES = ("contrast", "rel_intensity", "extent")
+FEATURE_SETS = {"learned": FEATURES, "learned_image": FEATURES + IMAGE_FEATURES}
+SHELL_VOXELS = 2  # the surround: this many voxels around the candidate, other candidates left out
 C_GRID = np.logspace(-3, 2, 11)
 VAL_FOLDS = 5
 SEED = 0
@@ -47,26 +55,60 @@ def dice_by_rank(labels_path: str, mask_path: str) -> dict[int, float]:
     return {r: float(2 * inter[r] / (size[r] + drawn.sum())) for r in range(1, len(size)) if size[r]}
 
 
+def image_features(image_path: str, labels_path: str) -> dict[int, dict[str, float]]:
+    """rank -> IMAGE_FEATURES of that candidate on the source image's first volume: contrast = (mean inside - mean
+    of the shell around it) / the head's intensity spread (interquartile range of voxels above 0), rel_intensity =
+    mean inside / the head's median, extent = its voxels / its bounding box's."""
+    import nibabel as nib
+    from scipy import ndimage
+    if not labels_path:
+        return {}
+    image = np.asanyarray(nib.load(image_path).dataobj, dtype=np.float32)
+    image = image.reshape(image.shape[:3] + (-1,))[..., 0]  # [X, Y, Z]
+    labels = np.asanyarray(nib.load(labels_path).dataobj).astype(np.int64)  # [X, Y, Z]
+    head = image[image > 0]
+    q1, median, q3 = np.percentile(head, [25, 50, 75]) if head.size else (0.0, 1.0, 1.0)
+    spread = max(float(q3 - q1), 1e-6)
+    out = {}
+    for r, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        grown = tuple(slice(max(b.start - SHELL_VOXELS, 0), b.stop + SHELL_VOXELS) for b in box)
+        inside = labels[grown] == r
+        shell = ndimage.binary_dilation(inside, iterations=SHELL_VOXELS) & (labels[grown] == 0)
+        crop = image[grown]
+        mean_in = float(crop[inside].mean())
+        mean_shell = float(crop[shell].mean()) if shell.any() else mean_in
+        out[r] = {"contrast": (mean_in - mean_shell) / spread, "rel_intensity": mean_in / max(float(median), 1e-6),
+                  "extent": float(inside.sum() / (labels[box] >= 0).sum())}
+    return out
+
+
 def candidate_table(set_dir: Path) -> pd.DataFrame:
     """Every candidate of a searched set with its FEATURES, whether it touches a lesion of the patient, and its
     Dice with the drawn lesion (subject_id, rank: the hand score's rank, the label map's voxel value)."""
     heads = pd.read_csv(set_dir / "heads_scored.csv", dtype={"subject_id": str}, keep_default_na=False)
+    images = pd.read_csv(set_dir / "heads.csv", dtype=str).set_index("subject_id")["image"]
     cand = pd.read_csv(set_dir / "predicted_masks" / "candidates.csv", dtype={"subject_id": str})
     parts = []
     for _, h in heads.iterrows():
         touches = {i + 1: bool(t) for i, (_, t) in enumerate(json.loads(h["candidates"]))}  # listed by rank
         dice = dice_by_rank(h["labels"], h["mask"])
+        seen = image_features(images[h["subject_id"]], h["labels"])
         c = cand[cand["subject_id"] == h["subject_id"]].copy()
-        c["touches"] = c["rank"].astype(int).map(touches).fillna(False).astype(bool)
-        c["dice_drawn"] = c["rank"].astype(int).map(dice).fillna(0.0)
+        ranks = c["rank"].astype(int)
+        c["touches"] = ranks.map(touches).fillna(False).astype(bool)
+        c["dice_drawn"] = ranks.map(dice).fillna(0.0)
+        for name in IMAGE_FEATURES:  # a candidate lost from the label map has none: the set's median below
+            c[name] = ranks.map({r: f[name] for r, f in seen.items()})
         parts.append(c)
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*cand.columns, "touches"])
     table["log_volume_ml"] = np.log(table["volume_ml"].astype(float).clip(lower=1e-6))
     return table
 
 
-def fit_scorer(train: pd.DataFrame, depth_fill: float):
-    """LogisticRegressionCV over the standardised FEATURES, touches as the target, folds grouped by head."""
+def fit_scorer(train: pd.DataFrame, fill: dict, features=FEATURES):
+    """LogisticRegressionCV over the standardised `features`, touches as the target, folds grouped by head."""
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.model_selection import GroupKFold
     from sklearn.pipeline import make_pipeline
@@ -79,21 +121,23 @@ def fit_scorer(train: pd.DataFrame, depth_fill: float):
     cv = list(GroupKFold(folds).split(train, y, groups))
     model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=list(C_GRID), cv=cv, scoring="neg_log_loss",
                                                                  max_iter=2000))
-    return model.fit(_x(train, depth_fill), y)
+    return model.fit(_x(train, fill, features), y)
 
 
-def _x(table: pd.DataFrame, depth_fill: float) -> np.ndarray:
-    return table[list(FEATURES)].astype(float).fillna({"depth_mm": depth_fill}).to_numpy()
+def _x(table: pd.DataFrame, fill: dict, features) -> np.ndarray:
+    """The candidates' `features` [N, F]; a missing value (no depth, a candidate lost from the label map) takes
+    the validation candidates' median (`fill`)."""
+    return table[list(features)].astype(float).fillna(fill).to_numpy()
 
 
-def out_of_fold_scores(val: pd.DataFrame, depth_fill: float) -> np.ndarray:
+def out_of_fold_scores(val: pd.DataFrame, fill: dict, features=FEATURES) -> np.ndarray:
     """Each validation candidate's learned score from a model fitted on the other heads' candidates."""
     from sklearn.model_selection import GroupKFold
     heads = val["subject_id"].to_numpy()
     out = np.full(len(val), np.nan)
     for fit_rows, held in GroupKFold(min(VAL_FOLDS, len(set(heads)))).split(val, groups=heads):
-        model = fit_scorer(val.iloc[fit_rows], depth_fill)
-        out[held] = model.predict_proba(_x(val.iloc[held], depth_fill))[:, 1]
+        model = fit_scorer(val.iloc[fit_rows], fill, features)
+        out[held] = model.predict_proba(_x(val.iloc[held], fill, features))[:, 1]
     return out
 
 
@@ -136,6 +180,30 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
+def learned_scores(val: pd.DataFrame, tables: dict[str, pd.DataFrame], heads: dict[str, pd.DataFrame],
+                   val_heads: pd.DataFrame, features) -> tuple[pd.DataFrame, dict, dict]:
+    """(validation heads rescored out of fold, each reported set's heads rescored by the model fitted on every
+    validation head, that model's summary) for one feature set."""
+    fill = val[list(features)].astype(float).median().to_dict()
+    val_rows = rescored_heads(val_heads, val, out_of_fold_scores(val, fill, features))
+    model = fit_scorer(val, fill, features)
+    sets = {name: rescored_heads(heads[name], t, model.predict_proba(_x(t, fill, features))[:, 1])
+            for name, t in tables.items()}
+    return val_rows, sets, {"features": list(features), "coef": dict(zip(features, model[-1].coef_[0].tolist())),
+                            "C": float(model[-1].C_[0])}
+
+
+def _print(results: dict, names: list[str]) -> None:
+    keys = ("found_best", "detected", "silent_wrong", "silent_wrong_tissue", "flagged", "fp_per_head_confident",
+            "median_dice")
+    for score, rules in results["scores"].items():
+        for rule, r in rules.items():
+            for i, name in enumerate(names):
+                s = r["val" if i == 0 else name]
+                print(f"{score:13s} {rule:9s} {name:15s} " + " ".join(
+                    f"{k}={s[k]:.3g}" if isinstance(s[k], float) else f"{k}={s[k]}" for k in keys))
+
+
 @cli_entry
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -144,19 +212,16 @@ def main(argv=None) -> int:
         if not (finder / name / "heads_scored.csv").is_file():
             raise InputError(f"--finder {finder}: no searched set {name!r} (its heads_scored.csv); run "
                              "benchmarks.research.lesion_finder first")
-    val = candidate_table(finder / args.val)
-    depth_fill = float(val["depth_mm"].median())
-    val_heads = rescored_heads(read_heads(finder / args.val), val, out_of_fold_scores(val, depth_fill))
-    model = fit_scorer(val, depth_fill)
-    hand = {name: read_heads(finder / name) for name in args.sets}
-    learned = {}
-    for name in args.sets:
-        table = candidate_table(finder / name)
-        learned[name] = rescored_heads(hand[name], table, model.predict_proba(_x(table, depth_fill))[:, 1])
-    results = {"features": list(FEATURES), "target": "the candidate touches one of the patient's lesions",
-               "val_candidates": int(len(val)), "val_positives": int(val["touches"].sum()),
-               "coef": dict(zip(FEATURES, model[-1].coef_[0].tolist())), "C": float(model[-1].C_[0]), "scores": {}}
-    for score, val_rows, sets in (("hand", read_heads(finder / args.val), hand), ("learned", val_heads, learned)):
+    val, val_heads = candidate_table(finder / args.val), read_heads(finder / args.val)
+    tables = {name: candidate_table(finder / name) for name in args.sets}
+    heads = {name: read_heads(finder / name) for name in args.sets}
+    results = {"target": "the candidate touches one of the patient's lesions", "val_candidates": int(len(val)),
+               "val_positives": int(val["touches"].sum()), "models": {}, "scores": {}}
+    scored = {"hand": (val_heads, heads)}
+    for score, features in FEATURE_SETS.items():
+        val_rows, sets, results["models"][score] = learned_scores(val, tables, heads, val_heads, features)
+        scored[score] = (val_rows, sets)
+    for score, (val_rows, sets) in scored.items():
         results["scores"][score] = {}
         for rule in THRESHOLD_RULES:
             t = choose_threshold(val_rows, rule)
@@ -165,14 +230,7 @@ def main(argv=None) -> int:
             results["scores"][score][rule] = {"threshold": t, "val": val_figures} | figures
     out = Path(args.out) if args.out else finder / "rescore"
     write_json(out / "results.json", results)
-    keys = ("found_best", "detected", "silent_wrong", "silent_wrong_tissue", "flagged", "fp_per_head_confident",
-            "median_dice")
-    for score, rules in results["scores"].items():
-        for rule, r in rules.items():
-            for name in [args.val, *args.sets]:
-                s = r["val" if name == args.val else name]
-                print(f"{score:8s} {rule:9s} {name:15s} " + " ".join(f"{k}={s[k]:.3g}" if isinstance(s[k], float)
-                                                                         else f"{k}={s[k]}" for k in keys))
+    _print(results, [args.val, *args.sets])
     print(f"results: {out / 'results.json'}")
     return 0
 
