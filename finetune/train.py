@@ -356,8 +356,9 @@ def run(cfg: FinetuneConfig) -> dict:
         print_summary(metrics, out, cfg.figures)
     accelerator.wait_for_everyone()
     if main and fit_hybrid:  # after the barrier: the main process alone, no collective left to time out
-        from finetune.baselines.run_hybrid import fit_run_hybrid
+        from finetune.baselines.run_hybrid import fit_run_hybrid, report_run_hybrid
         fit_run_hybrid(cfg, columns)
+        metrics["baselines"] = report_run_hybrid(cfg, pd.concat([df, *held_out.values()], ignore_index=True))
     return metrics
 
 

@@ -351,3 +351,19 @@ def test_auto_goes_on_without_a_hybrid_it_cannot_fit_and_says_why(hybrid_run, sy
     cls.hybrid = True
     with pytest.raises(InputError, match="has no clinical columns"):
         resolve_hybrid(cls, df, splits, [])
+
+
+def test_the_run_reports_the_hybrid_beside_its_model(hybrid_run, synth_cohort):
+    """The default run prints and keeps, in metrics.json's "baselines", what finetune.evaluate --baselines
+    RUN/hybrid reports: the hybrid's AUC per split (here checked against sklearn on its test predictions) and the
+    model's paired difference to it; the run's own record (its splits' metrics, its folds) stays."""
+    from sklearn.metrics import roc_auc_score
+    metrics = json.loads((hybrid_run / "run" / "metrics.json").read_text())
+    assert metrics["splits"]["test"] and len(metrics["folds"]) == 2
+    entry = metrics["baselines"]["splits"]["test"]["hybrid"]["auc"]
+    pred = pd.read_csv(hybrid_run / "run" / "hybrid" / "hybrid" / "predictions.csv", dtype={"subject_id": str})
+    test = pred[pred["split"] == "test"].merge(
+        pd.read_csv(synth_cohort / "manifest.csv", dtype={"subject_id": str})[["subject_id", "label"]], on="subject_id")
+    assert entry["value"] == pytest.approx(roc_auc_score(test["label"], test["prob"]))
+    assert entry["model_minus_baseline"]["diff"] is not None
+    assert set(metrics["baselines"]["splits"]["val"]) == {"hybrid", "radiomics_clinical"}

@@ -10,13 +10,14 @@ With --hybrid true, what the hybrid cannot be fitted on is refused before the fi
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from core.atomic import atomic_dir
+from core.atomic import atomic_dir, write_json
 from core.errors import InputError
 
 BASELINES_DIR = "hybrid"  # <output_dir>/hybrid/: the baselines' and the hybrid's folders, as OUT of finetune.baselines
@@ -105,3 +106,20 @@ def fit_run_hybrid(cfg, clinical: list[str]) -> Path:
         shutil.copytree(out / BASELINES_DIR / HYBRID / "export", tmp, dirs_exist_ok=True)
     print(f"hybrid: {target} (python -m finetune.predict --model {out / 'model'} adds its score)")
     return target
+
+
+def report_run_hybrid(cfg, outcomes: pd.DataFrame) -> dict:
+    """The run's model against the baselines and the hybrid just fitted, as `python -m finetune.evaluate
+    --baselines <output_dir>/hybrid` reports them: each one's AUC / Harrell's C per split and the model's paired
+    difference to it. Added to <output_dir>/metrics.json as "baselines" and printed, so the run shows what the
+    model a user gets by default scores. outcomes: every cohort's rows (subject_id and the outcome)."""
+    from finetune.baselines.compare import format_lines, read_baselines
+    from finetune.evaluate import evaluate, read_predictions
+    out = Path(cfg.output_dir)
+    result = evaluate(read_predictions(out / "predictions.csv"), outcomes, n_boot=cfg.n_boot, seed=cfg.seed,
+                      baselines=read_baselines([out / BASELINES_DIR]))["baselines"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    write_json(out / "metrics.json", metrics | {"baselines": result})
+    print("\n".join(["the model against its baselines and the hybrid (metrics.json, \"baselines\"):",
+                     *format_lines(result)]))
+    return result
