@@ -215,17 +215,20 @@ def held_out_stamp(frame: pd.DataFrame) -> str:
     return _digest(text)
 
 
+STAMPED_COLUMNS = ("subject_id", "patient_id", "site", "label", "time", "event")  # beside clinical and cache_*
+
+
 def fold_row_stamps(df: pd.DataFrame, splits: dict, columns: list[str]) -> list[str]:
-    """Per fold, what its training and validation rows hold: outcomes and clinical values as the manifest gives
-    them, each image and mask by its cache entry (a hash of the files' content and the preprocessing, so moving
-    the data or the cache changes nothing), and the clinical columns the fold encodes. The fingerprint holds the
-    subject ids only: a manifest edited under the same ids (a corrected label, a new clinical column) gives
-    another stamp, and the fold is another run's."""
-    from data.manifest import image_path_columns
-    by_id = df.set_index("subject_id", drop=False)
+    """Per fold, what its training and validation rows hold of what a fold reads: ids, site, outcomes, the
+    clinical columns it encodes and their values, each image and mask by its cache entry (a hash of the files'
+    content and the preprocessing, so moving the data or the cache changes nothing). Other manifest columns
+    (notes, unread sequences) are left out. The fingerprint holds the subject ids only: a manifest edited under
+    the same ids (a corrected label, a new clinical column) gives another stamp, and the fold is another run's."""
+    keep = [c for c in df.columns if c in STAMPED_COLUMNS or c in columns or c.startswith("cache_")]
+    by_id = df[keep].set_index("subject_id", drop=False)
     rows = [by_id.loc[[str(s) for s in fold["train"] + fold["val"]]].reset_index(drop=True)
             for fold in splits["folds"]]
-    return [_digest(held_out_stamp(r.drop(columns=image_path_columns(r))) + json.dumps(columns)) for r in rows]
+    return [_digest(held_out_stamp(r) + json.dumps(columns)) for r in rows]
 
 
 def _digest(text: str) -> str:
@@ -337,8 +340,9 @@ def run(cfg: FinetuneConfig) -> dict:
         save_config(replace(cfg, model=model_cfg, prep=spec.prep, crop_mm=spec.view.crop_mm), out / "config.yaml")
         # a hybrid export stacks the fold models it was fitted on; the folds may be retrained now, so an earlier
         # run's goes (--hybrid writes this run's after the folds), or predict would apply it to other models
-        from finetune.baselines.run_hybrid import MODEL_DIR
+        from finetune.baselines.run_hybrid import BASELINES_DIR, MODEL_DIR
         shutil.rmtree(out / "model" / MODEL_DIR, ignore_errors=True)
+        shutil.rmtree(out / BASELINES_DIR, ignore_errors=True)  # its baselines and hybrid, stacked on those folds
     test_df = df.set_index("subject_id", drop=False).loc[splits["test"]].reset_index(drop=True)
     eval_sets = ({"test": test_df} if len(test_df) else {}) | held_out
     logger = RunLogger(accelerator, out)
@@ -356,9 +360,9 @@ def run(cfg: FinetuneConfig) -> dict:
         print_summary(metrics, out, cfg.figures)
     accelerator.wait_for_everyone()
     if main and fit_hybrid:  # after the barrier: the main process alone, no collective left to time out
-        from finetune.baselines.run_hybrid import fit_run_hybrid, report_run_hybrid
-        fit_run_hybrid(cfg, columns)
-        metrics["baselines"] = report_run_hybrid(cfg, pd.concat([df, *held_out.values()], ignore_index=True))
+        from finetune.baselines.run_hybrid import fit_and_report_hybrid
+        reported = fit_and_report_hybrid(cfg, columns, pd.concat([df, *held_out.values()], ignore_index=True))
+        metrics |= {"baselines": reported} if reported else {}
     return metrics
 
 

@@ -288,12 +288,14 @@ def test_the_hybrid_flag_leaves_the_fold_fingerprint_alone():
 
 
 def test_a_rerun_removes_the_hybrid_export_of_the_models_it_may_replace(hybrid_run, synth_cohort, tmp_path, monkeypatch):
-    """An earlier --hybrid run left RUN/model/hybrid/; a rerun in the same folder may retrain the folds, so the
-    export (stacked on the old fold models) goes as the run starts, before any fold trains, or predict --model
-    RUN/model would apply it to the new models without a word."""
+    """An earlier --hybrid run left RUN/model/hybrid/ and RUN/hybrid/; a rerun in the same folder may retrain the
+    folds, so both (stacked on the old fold models) go as the run starts, before any fold trains, or predict
+    --model RUN/model (or finetune.evaluate --baselines RUN/hybrid) would pair them with the new models without a
+    word."""
     import finetune.train as train
     out = tmp_path / "rerun"
     shutil.copytree(hybrid_run / "baselines" / "hybrid" / "export", out / "model" / "hybrid")
+    shutil.copytree(hybrid_run / "baselines", out / "hybrid")
 
     def stop(*args, **kwargs):
         raise RuntimeError("folds would train here")
@@ -302,7 +304,7 @@ def test_a_rerun_removes_the_hybrid_export_of_the_models_it_may_replace(hybrid_r
     cfg.external = ""
     with pytest.raises(RuntimeError, match="folds would train here"):
         train.run(cfg)
-    assert not (out / "model" / "hybrid").exists()
+    assert not (out / "model" / "hybrid").exists() and not (out / "hybrid").exists()
 
 
 def test_the_hybrid_is_on_by_default_where_it_applies_and_a_bare_flag_requires_it(tmp_path, capsys):
@@ -367,3 +369,20 @@ def test_the_run_reports_the_hybrid_beside_its_model(hybrid_run, synth_cohort):
     assert entry["value"] == pytest.approx(roc_auc_score(test["label"], test["prob"]))
     assert entry["model_minus_baseline"]["diff"] is not None
     assert set(metrics["baselines"]["splits"]["val"]) == {"hybrid", "radiomics_clinical"}
+
+
+def test_under_auto_a_hybrid_that_fails_after_training_leaves_the_run_its_model(tmp_path, monkeypatch, capsys):
+    """What the checks before training cannot foresee (a radiomics or baseline fit failing): under --hybrid auto
+    one line, and the run returns with its fine-tuned model; under --hybrid true it is the run's error."""
+    import finetune.baselines.run_hybrid as run_hybrid
+    from finetune.config import FinetuneConfig
+
+    def fail(*args, **kwargs):
+        raise ValueError("Input contains NaN")
+    monkeypatch.setattr(run_hybrid, "fit_run_hybrid", fail)
+    cfg = FinetuneConfig(output_dir=str(tmp_path), hybrid="auto")  # --task classification, the default
+    assert run_hybrid.fit_and_report_hybrid(cfg, ["age"], pd.DataFrame()) is None
+    assert "hybrid (--hybrid auto): not fitted: ValueError: Input contains NaN" in capsys.readouterr().out
+    cfg.hybrid = True
+    with pytest.raises(ValueError, match="Input contains NaN"):
+        run_hybrid.fit_and_report_hybrid(cfg, ["age"], pd.DataFrame())

@@ -92,7 +92,8 @@ def candidate_table(set_dir: Path) -> pd.DataFrame:
     cand = pd.read_csv(set_dir / "predicted_masks" / "candidates.csv", dtype={"subject_id": str})
     parts = []
     for _, h in heads.iterrows():
-        touches = {i + 1: bool(t) for i, (_, t) in enumerate(json.loads(h["candidates"]))}  # listed by rank
+        # heads_scored lists every candidate of candidates.csv in rank order, and ranks run 1..K: position i is rank i+1
+        touches = {i + 1: bool(t) for i, (_, t) in enumerate(json.loads(h["candidates"]))}
         dice = dice_by_rank(h["labels"], h["mask"])
         seen = image_features(images[h["subject_id"]], h["labels"])
         c = cand[cand["subject_id"] == h["subject_id"]].copy()
@@ -118,6 +119,8 @@ def fit_scorer(train: pd.DataFrame, fill: dict, features=FEATURES):
         raise InputError(f"{len(train)} validation candidates, all {'touching' if y.any() else 'off'} a lesion: "
                          "nothing to learn a score from")
     folds = min(VAL_FOLDS, len(set(groups[y == 1])))
+    if folds < 2:
+        raise InputError(f"{len(train)} validation candidates touch a lesion in {folds} head(s): inner CV needs 2")
     cv = list(GroupKFold(folds).split(train, y, groups))
     model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=list(C_GRID), cv=cv, scoring="neg_log_loss",
                                                                  max_iter=2000))

@@ -113,13 +113,32 @@ def report_run_hybrid(cfg, outcomes: pd.DataFrame) -> dict:
     --baselines <output_dir>/hybrid` reports them: each one's AUC / Harrell's C per split and the model's paired
     difference to it. Added to <output_dir>/metrics.json as "baselines" and printed, so the run shows what the
     model a user gets by default scores. outcomes: every cohort's rows (subject_id and the outcome)."""
-    from finetune.baselines.compare import format_lines, read_baselines
-    from finetune.evaluate import evaluate, read_predictions
+    from finetune.baselines.compare import compare_baselines, format_lines, read_baselines
+    from finetune.evaluate import check_predictions, join_outcomes, one_row_per_subject, read_predictions
     out = Path(cfg.output_dir)
-    result = evaluate(read_predictions(out / "predictions.csv"), outcomes, n_boot=cfg.n_boot, seed=cfg.seed,
-                      baselines=read_baselines([out / BASELINES_DIR]))["baselines"]
+    pred = join_outcomes(check_predictions(read_predictions(out / "predictions.csv")), outcomes)
+    rows = {split: one_row_per_subject(pred[pred["split"] == split])[0] for split in pred["split"].unique()}
+    result = compare_baselines(rows, read_baselines([out / BASELINES_DIR]), outcomes, cfg.n_boot, cfg.seed)
     metrics = json.loads((out / "metrics.json").read_text())
     write_json(out / "metrics.json", metrics | {"baselines": result})
     print("\n".join(["the model against its baselines and the hybrid (metrics.json, \"baselines\"):",
                      *format_lines(result)]))
     return result
+
+
+def fit_and_report_hybrid(cfg, clinical: list[str], outcomes: pd.DataFrame) -> dict | None:
+    """fit_run_hybrid, then report_run_hybrid (its "baselines" section, or None where it was not fitted). The
+    checks before training cover what the hybrid needs, so a failure here is unexpected; under --hybrid auto it
+    is one line and the run keeps its fine-tuned model (nothing half-written: the export is written whole or
+    not at all), under --hybrid true it is the run's error."""
+    from core.errors import first_line
+    try:
+        fit_run_hybrid(cfg, clinical)
+        return report_run_hybrid(cfg, outcomes)
+    except (InputError, ValueError) as e:
+        if cfg.hybrid is True:
+            raise
+        print(f"hybrid (--hybrid auto): not fitted: {first_line(e, typed=True)}. The fine-tuned model is saved; "
+              f"python -m finetune.baselines --out {Path(cfg.output_dir) / BASELINES_DIR} --baselines hybrid "
+              f"--image_run {cfg.output_dir} fits it on its own")
+        return None

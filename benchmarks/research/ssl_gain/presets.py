@@ -190,6 +190,8 @@ def surv_run(model: str, preset: Preset, chosen_fusion: str | None) -> str | Non
 
 def user_default_model() -> str:
     """The model whose score a user gets without a flag, as issue 33's claims judge it: the hybrid where
-    fine-tuning fits it by default (FinetuneConfig.hybrid auto), else the image model (default_model)."""
+    fine-tuning fits it by default (FinetuneConfig.hybrid auto), else the image model (default_model). The
+    benchmark's hybrid stacks the MiM ViT without fusion (hybrid_predict); a default run stacks its own model,
+    --fusion concat: close, not the same."""
     from finetune.config import FinetuneConfig
-    return "hybrid" if FinetuneConfig().hybrid == "auto" else default_model()
+    return "hybrid" if FinetuneConfig().hybrid is not False else default_model()
