@@ -269,8 +269,9 @@ def refuse_other_runs_folds(cfg: FinetuneConfig, fingerprint: str, row_stamps: l
     edited = [k for k, d in saved.items() if "rows" in d and d["rows"] != mine.get(k)]
     if edited:
         raise InputError(f"{folds}: {', '.join(edited)} were trained on other rows of {cfg.manifest} under the same "
-                         "subject ids (outcomes, clinical values, images or clinical columns changed since); start "
-                         "this run in a new --output_dir, or pass --reuse_folds false to train every fold again")
+                         "subject ids (outcomes, clinical values or columns, images or their preprocessing changed "
+                         "since); start this run in a new --output_dir, or pass --reuse_folds false to train every "
+                         "fold again")
 
 
 def _saved_fold(path: Path) -> dict:
