@@ -56,8 +56,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
 
 # The whole pipeline on the built-in synthetic cohort: synth -> prepare -> pretrain -> export ->
-# fine-tune (classification with the hybrid, as the README's first command, and survival, one held-out test
-# set: the same splits.json) -> evaluate -> predict. Minutes on 2 CPU cores.
+# fine-tune (classification, survival and three channels, each with the hybrid it fits by default; one held-out
+# test set: the same splits.json) -> evaluate -> predict. Minutes on 2 CPU cores.
 # One intra-op thread: on 2 cores beside data workers, two OpenMP threads thrash (4-7x slower, measured).
 demo: export OMP_NUM_THREADS ?= 1
 demo: $(STAMP)
@@ -104,6 +104,7 @@ demo: $(STAMP)
 	@echo "  pretraining previews   $(DEMO)/pretrain/previews/*.png   (encoder: $(DEMO)/pretrain/encoder)"
 	@echo "  classification         $(DEMO)/finetune_cls/metrics.json, roc_*.png, calibration_*.png, explain/"
 	@echo "  hybrid (+ baselines)   $(DEMO)/finetune_cls/hybrid/, hybrid_prob in predict/external_predictions.csv"
+	@echo "                         (fitted by default: also $(DEMO)/finetune_surv/hybrid/, $(DEMO)/finetune_3ch/hybrid/)"
 	@echo "  survival               $(DEMO)/finetune_surv/metrics.json, km_*.png"
 	@echo "  segmentation           $(DEMO)/finetune_seg/metrics.json, segmentation.csv, segmentation/*.png"
 	@echo "  T1-CE + FLAIR + PET    $(DEMO)/finetune_3ch/metrics.json, explain/, predict/external_3ch.csv"

@@ -104,7 +104,8 @@ class FinetuneConfig(LoopConfig):
 
     # What --help says beneath the flags.
     HELP = ("The defaults are the measured recipe of launch/finetune_tiny_cpu.yaml (docs/RESULTS.md): 3 folds "
-            "x 20 epochs, the mean of the weights from epoch 5, mask-weighted pooling, encoder_blr auto. "
+            "x 20 epochs, the mean of the weights from epoch 5, mask-weighted pooling, encoder_blr auto; "
+            "classification and survival runs also fit the hybrid where they can (--hybrid auto). "
             "--config launch/finetune_base_gpu.yaml scales it to a ViT-B on a GPU (not yet measured).")
 
     def __post_init__(self):
