@@ -283,12 +283,14 @@ def _saved_fold(path: Path) -> dict:
 
 
 def run_folds(cfg: FinetuneConfig, model_cfg: MultimodalConfig, spec: InputSpec, df: pd.DataFrame,
-              splits: dict, eval_sets: dict, columns: list[str], accelerator, logger) -> tuple[list, list]:
-    """Train every fold, or reuse a finished one whose fingerprint still matches; (prediction frames, fold info)."""
+              splits: dict, eval_sets: dict, columns: list[str], accelerator, logger,
+              keys: tuple[str, list[str]]) -> tuple[list, list]:
+    """Train every fold, or reuse a finished one whose fingerprint and row stamp still match; (prediction frames,
+    fold info). keys: (fold_fingerprint, fold_row_stamps) of this run."""
     out, main = Path(cfg.output_dir), accelerator.is_main_process
     by_id = df.set_index("subject_id", drop=False)
     frames, fold_info = [], []
-    fingerprint, row_stamps = fold_fingerprint(cfg, splits), fold_row_stamps(df, splits, columns)
+    fingerprint, row_stamps = keys
     stamps = {name: held_out_stamp(frame) for name, frame in eval_sets.items()}
     for k, fold in enumerate(splits["folds"]):
         done = out / "folds" / f"fold{k}.csv"
@@ -330,12 +332,12 @@ def run(cfg: FinetuneConfig) -> dict:
     # every rank prepares its share of the cohorts, then reads the whole cache
     df, held_out, columns = load_cohort(cfg, spec.prep, show_progress=main, accelerator=accelerator)
     # decided before any file is written or fold trains: --hybrid true refuses what it cannot be fitted on
-    from finetune.baselines.run_hybrid import hybrid_applies, resolve_hybrid
-    fit_hybrid = hybrid_applies(cfg) and resolve_hybrid(cfg, df, load_splits(cfg, df, save=False), columns,
-                                                        held_out, show=main)
+    from finetune.baselines.run_hybrid import resolve_hybrid
+    fit_hybrid = resolve_hybrid(cfg, df, load_splits(cfg, df, save=False), columns, held_out, show=main)
     with accelerator.main_process_first():  # one rank writes a new splits file; the others then read it
         splits = load_splits(cfg, df)
-    refuse_other_runs_folds(cfg, fold_fingerprint(cfg, splits), fold_row_stamps(df, splits, columns))
+    keys = fold_fingerprint(cfg, splits), fold_row_stamps(df, splits, columns)
+    refuse_other_runs_folds(cfg, *keys)
     if main:  # only now that the run can start: nothing is written for a refused one
         out.mkdir(parents=True, exist_ok=True)
         save_config(replace(cfg, model=model_cfg, prep=spec.prep, crop_mm=spec.view.crop_mm), out / "config.yaml")
@@ -350,7 +352,8 @@ def run(cfg: FinetuneConfig) -> dict:
     metrics = {}
     with unseen_categories_reported_once():  # once for the run, not once per fold model
         try:
-            frames, fold_info = run_folds(cfg, model_cfg, spec, df, splits, eval_sets, columns, accelerator, logger)
+            frames, fold_info = run_folds(cfg, model_cfg, spec, df, splits, eval_sets, columns, accelerator, logger,
+                                          keys)
         finally:
             logger.close()
         if main:
@@ -362,7 +365,8 @@ def run(cfg: FinetuneConfig) -> dict:
     accelerator.wait_for_everyone()
     if main and fit_hybrid:  # after the barrier: the main process alone, no collective left to time out
         from finetune.baselines.run_hybrid import fit_and_report_hybrid
-        reported = fit_and_report_hybrid(cfg, columns, pd.concat([df, *held_out.values()], ignore_index=True))
+        outcomes = pd.concat([df, *held_out.values()], ignore_index=True)
+        reported = fit_and_report_hybrid(cfg, columns, outcomes, metrics)
         metrics |= {"baselines": reported} if reported else {}
     return metrics
 

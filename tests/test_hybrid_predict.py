@@ -381,8 +381,8 @@ def test_under_auto_a_hybrid_that_fails_after_training_leaves_the_run_its_model(
         raise ValueError("Input contains NaN")
     monkeypatch.setattr(run_hybrid, "fit_run_hybrid", fail)
     cfg = FinetuneConfig(output_dir=str(tmp_path), hybrid="auto")  # --task classification, the default
-    assert run_hybrid.fit_and_report_hybrid(cfg, ["age"], pd.DataFrame()) is None
+    assert run_hybrid.fit_and_report_hybrid(cfg, ["age"], pd.DataFrame(), {}) is None
     assert "hybrid (--hybrid auto): not fitted: ValueError: Input contains NaN" in capsys.readouterr().out
     cfg.hybrid = True
     with pytest.raises(ValueError, match="Input contains NaN"):
-        run_hybrid.fit_and_report_hybrid(cfg, ["age"], pd.DataFrame())
+        run_hybrid.fit_and_report_hybrid(cfg, ["age"], pd.DataFrame(), {})

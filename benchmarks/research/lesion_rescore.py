@@ -87,7 +87,7 @@ def image_features(image_path: str, labels_path: str) -> dict[int, dict[str, flo
 def candidate_table(set_dir: Path) -> pd.DataFrame:
     """Every candidate of a searched set with its FEATURES, whether it touches a lesion of the patient, and its
     Dice with the drawn lesion (subject_id, rank: the hand score's rank, the label map's voxel value)."""
-    heads = pd.read_csv(set_dir / "heads_scored.csv", dtype={"subject_id": str}, keep_default_na=False)
+    heads = read_heads(set_dir)
     images = pd.read_csv(set_dir / "heads.csv", dtype=str).set_index("subject_id")["image"]
     cand = pd.read_csv(set_dir / "predicted_masks" / "candidates.csv", dtype={"subject_id": str})
     parts = []

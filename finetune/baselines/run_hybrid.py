@@ -10,7 +10,6 @@ With --hybrid true, what the hybrid cannot be fitted on is refused before the fi
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -108,25 +107,25 @@ def fit_run_hybrid(cfg, clinical: list[str]) -> Path:
     return target
 
 
-def report_run_hybrid(cfg, outcomes: pd.DataFrame) -> dict:
+def report_run_hybrid(cfg, outcomes: pd.DataFrame, metrics: dict) -> dict:
     """The run's model against the baselines and the hybrid just fitted, as `python -m finetune.evaluate
     --baselines <output_dir>/hybrid` reports them: each one's AUC / Harrell's C per split and the model's paired
     difference to it. Added to <output_dir>/metrics.json as "baselines" and printed, so the run shows what the
-    model a user gets by default scores. outcomes: every cohort's rows (subject_id and the outcome)."""
+    model a user gets by default scores. outcomes: every cohort's rows (subject_id and the outcome); metrics:
+    the run's, as it wrote them. Returns the section."""
     from finetune.baselines.compare import compare_baselines, format_lines, read_baselines
     from finetune.evaluate import check_predictions, join_outcomes, one_row_per_subject, read_predictions
     out = Path(cfg.output_dir)
     pred = join_outcomes(check_predictions(read_predictions(out / "predictions.csv")), outcomes)
     rows = {split: one_row_per_subject(pred[pred["split"] == split])[0] for split in pred["split"].unique()}
     result = compare_baselines(rows, read_baselines([out / BASELINES_DIR]), outcomes, cfg.n_boot, cfg.seed)
-    metrics = json.loads((out / "metrics.json").read_text())
     write_json(out / "metrics.json", metrics | {"baselines": result})
     print("\n".join(["the model against its baselines and the hybrid (metrics.json, \"baselines\"):",
                      *format_lines(result)]))
     return result
 
 
-def fit_and_report_hybrid(cfg, clinical: list[str], outcomes: pd.DataFrame) -> dict | None:
+def fit_and_report_hybrid(cfg, clinical: list[str], outcomes: pd.DataFrame, metrics: dict) -> dict | None:
     """fit_run_hybrid, then report_run_hybrid (its "baselines" section, or None where it was not fitted). The
     checks before training cover what the hybrid needs, so a failure here is unexpected; under --hybrid auto it
     is one line and the run keeps its fine-tuned model (nothing half-written: the export is written whole or
@@ -134,7 +133,7 @@ def fit_and_report_hybrid(cfg, clinical: list[str], outcomes: pd.DataFrame) -> d
     from core.errors import first_line
     try:
         fit_run_hybrid(cfg, clinical)
-        return report_run_hybrid(cfg, outcomes)
+        return report_run_hybrid(cfg, outcomes, metrics)
     except (InputError, ValueError) as e:
         if cfg.hybrid is True:
             raise
